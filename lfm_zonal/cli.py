@@ -1,0 +1,217 @@
+"""Command line: ``lfm-zonal <subcommand> --help``.
+
+A user mistake prints one line ``lfm-zonal: error: ...`` and exits with code 2;
+no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from lfm_zonal import __version__
+from lfm_zonal.errors import LfmError
+from lfm_zonal.grids import available_grids
+from lfm_zonal.scenario import (
+    DEFAULT_SCENARIO,
+    SCHEMA,
+    Scenario,
+    builtin_scenarios,
+    load_scenario,
+    schema_text,
+    validate_values,
+)
+from lfm_zonal.sensitivity import SENSITIVITY_METHODS
+
+log = logging.getLogger("lfm_zonal")
+
+# Command-line flags that override scenario keys: flag -> (section, key).
+OVERRIDES = {
+    "grid": ("grid", "source"),
+    "start": ("horizon", "start"),
+    "n_mtu": ("horizon", "n_mtu"),
+    "mtu_minutes": ("horizon", "mtu_minutes"),
+    "profiles": ("profiles", "csv"),
+    "load_scale": ("profiles", "load_scale"),
+    "sgen_scale": ("profiles", "sgen_scale"),
+    "vm_min_pu": ("grid", "vm_min_pu"),
+    "vm_max_pu": ("grid", "vm_max_pu"),
+    "loading_max_percent": ("grid", "loading_max_percent"),
+    "method": ("sensitivity", "method"),
+}
+
+
+def _add_case_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scenario",
+        default=DEFAULT_SCENARIO,
+        help=f"scenario name or TOML file giving the defaults (default: {DEFAULT_SCENARIO})",
+    )
+    p.add_argument("--grid", help="grid: built-in name, SimBench code or pandapower JSON file")
+    p.add_argument("--start", help="start of the first MTU, e.g. '2016-01-14 00:00'")
+    p.add_argument("--n-mtu", type=int, help="number of MTUs")
+    p.add_argument("--mtu-minutes", type=int, help="MTU length in minutes")
+    p.add_argument("--profiles", help="CSV file of element profiles")
+    p.add_argument("--load-scale", type=float, help="factor on every load")
+    p.add_argument("--sgen-scale", type=float, help="factor on every sgen")
+    p.add_argument("--vm-min-pu", type=float, help="lower voltage limit")
+    p.add_argument("--vm-max-pu", type=float, help="upper voltage limit")
+    p.add_argument("--loading-max-percent", type=float, help="loading limit")
+
+
+def scenario_from_args(args: argparse.Namespace) -> Scenario:
+    """The scenario named by --scenario with every given flag applied on top (validated)."""
+    base = load_scenario(args.scenario)
+    values = {section: dict(keys) for section, keys in base.values.items()}
+    for flag, (section, key) in OVERRIDES.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            values[section][key] = SCHEMA[section][key].kind(value)
+    return Scenario(base.path, validate_values(values, base.path))
+
+
+def cmd_grids(args: argparse.Namespace) -> None:
+    grids = available_grids()
+    width = max(map(len, grids))
+    for name, origin in grids.items():
+        print(f"{name:<{width}}  {origin}")
+
+
+def cmd_scenarios(args: argparse.Namespace) -> None:
+    if args.schema:
+        print(schema_text())
+        return
+    for name, description in builtin_scenarios().items():
+        print(f"{name:<32} {description}")
+
+
+def cmd_powerflow(args: argparse.Namespace) -> None:
+    from lfm_zonal.job import prepare_base_case
+    from lfm_zonal.output import write_csv
+
+    base = prepare_base_case(scenario_from_args(args), progress=True)
+    table = base.powerflow.violations()
+    if args.out:
+        write_csv(table, Path(args.out))
+        print(f"wrote {args.out}")
+    pd.set_option("display.width", 160)
+    print(
+        f"{base.grid.name}: {base.profiles.horizon.n_mtu} MTUs from {base.profiles.horizon.start}, "
+        f"profiles {base.profiles.source}"
+    )
+    print(table.round(4).to_string(max_rows=args.rows))
+    for failure in base.powerflow.failures:
+        print(f"not converged: {failure}")
+
+
+def cmd_sensitivities(args: argparse.Namespace) -> None:
+    from lfm_zonal.job import prepare_base_case, write_sensitivities
+    from lfm_zonal.output import result_folder
+    from lfm_zonal.sensitivity import sensitivities
+
+    scenario = scenario_from_args(args)
+    base = prepare_base_case(scenario, progress=True)
+    mtus = args.mtu if args.mtu else [base.reference_mtu]
+    method = scenario["sensitivity"]["method"]
+    computed = {t: sensitivities(base.powerflow, _mtu(t), method) for t in mtus}
+    with result_folder(args.out, overwrite=args.overwrite) as folder:
+        for t, sens in computed.items():
+            write_sensitivities(
+                sens,
+                folder / f"mtu_{_mtu(t)}"
+                if str(t).isdigit()
+                else folder / pd.Timestamp(t).strftime("%Y%m%dT%H%M"),
+            )
+    print(f"wrote {method} sensitivities of {len(mtus)} MTU(s) to {args.out}")
+
+
+def _mtu(text: str):
+    return int(text) if str(text).isdigit() else text
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from lfm_zonal.job import run_scenario
+
+    scenario = load_scenario(args.scenario)
+    out = run_scenario(scenario, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"results of scenario {scenario.name} in {out}/")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lfm-zonal",
+        description="Zonal and nodal local flexibility markets on distribution grids.",
+    )
+    parser.add_argument("--version", action="version", version=f"lfm-zonal {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the main job: run a scenario into a results folder")
+    p.add_argument(
+        "scenario",
+        nargs="?",
+        default=DEFAULT_SCENARIO,
+        help=f"built-in scenario name or TOML file (default: {DEFAULT_SCENARIO})",
+    )
+    p.add_argument("--out", default="results", help="results folder (default: results)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing results folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("grids", help="list the grids lfm-zonal knows")
+    p.set_defaults(func=cmd_grids)
+
+    p = sub.add_parser("scenarios", help="list built-in scenarios, or print the scenario schema")
+    p.add_argument(
+        "--schema", action="store_true", help="print every scenario key with its default"
+    )
+    p.set_defaults(func=cmd_scenarios)
+
+    p = sub.add_parser("powerflow", help="base-case AC power flow of every MTU, violations per MTU")
+    _add_case_options(p)
+    p.add_argument("--out", help="write the per-MTU table to this CSV file")
+    p.add_argument("--rows", type=int, default=20, help="rows to print (default 20)")
+    p.set_defaults(func=cmd_powerflow)
+
+    p = sub.add_parser(
+        "sensitivities", help="write nodal sensitivity matrices of chosen MTUs as CSV"
+    )
+    _add_case_options(p)
+    p.add_argument("--method", choices=SENSITIVITY_METHODS, help="sensitivity method")
+    p.add_argument(
+        "--mtu",
+        action="append",
+        help="MTU number or start time (repeatable; default: the MTU of highest load)",
+    )
+    p.add_argument("--out", default="sensitivities", help="output folder (default: sensitivities)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_sensitivities)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="lfm-zonal: %(levelname)s: %(message)s",
+    )
+    if not args.verbose:
+        warnings.filterwarnings("ignore")
+    try:
+        args.func(args)
+    except LfmError as exc:
+        print(f"lfm-zonal: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lfm-zonal: interrupted; no results folder was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

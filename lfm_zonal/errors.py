@@ -1,0 +1,17 @@
+"""One exception tree: every error a user can cause names the file, key, row or element."""
+
+
+class LfmError(Exception):
+    """Base class of every error lfm-zonal raises on purpose (printed without traceback)."""
+
+
+class InputError(LfmError, ValueError):
+    """Bad user input: a file, a scenario key, a grid name, a bid row, a horizon."""
+
+
+class GridError(LfmError, ValueError):
+    """A grid that cannot be modelled as asked (names the offending element)."""
+
+
+class PowerFlowNotConverged(LfmError):
+    """An AC power flow did not converge (names the MTU)."""

@@ -1,0 +1,316 @@
+"""Grids: built-in test feeders, SimBench networks by code, pandapower JSON files.
+
+A :class:`Grid` is a private copy of a pandapower network plus what the market
+needs to know about it: where it comes from, which profiles it has, and its
+operating limits (voltage band, loading limit). The caller's network is never
+modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pandapower as pp
+import pandapower.networks as pn
+
+from lfm_zonal.errors import GridError, InputError
+
+log = logging.getLogger(__name__)
+
+#: Default operating limits (a scenario can override each one).
+DEFAULT_VM_MIN_PU = 0.95
+DEFAULT_VM_MAX_PU = 1.05
+DEFAULT_LOADING_MAX_PERCENT = 100.0
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A network and its operating limits.
+
+    ``net`` is lfm-zonal's own copy: stages read it and copy it again before
+    they change anything. Monitored elements are the in-service lines and
+    two-winding transformers (their loading against ``loading_max_percent``)
+    and every energised bus (its voltage against the band).
+    """
+
+    name: str
+    net: pp.pandapowerNet
+    origin: str
+    profile_source: str  # "simbench" or "synthetic"
+    vm_min_pu: float = DEFAULT_VM_MIN_PU
+    vm_max_pu: float = DEFAULT_VM_MAX_PU
+    loading_max_percent: float = DEFAULT_LOADING_MAX_PERCENT
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.vm_min_pu < self.vm_max_pu:
+            raise InputError(
+                f"grid {self.name}: voltage band needs 0 < vm_min_pu < vm_max_pu, "
+                f"got {self.vm_min_pu} .. {self.vm_max_pu}"
+            )
+        if not self.loading_max_percent > 0.0:
+            raise InputError(
+                f"grid {self.name}: loading_max_percent must be > 0, got {self.loading_max_percent}"
+            )
+
+    def with_limits(
+        self,
+        vm_min_pu: float | None = None,
+        vm_max_pu: float | None = None,
+        loading_max_percent: float | None = None,
+    ) -> Grid:
+        """The same grid with other operating limits (None keeps the current one)."""
+        changes = {
+            k: float(v)
+            for k, v in {
+                "vm_min_pu": vm_min_pu,
+                "vm_max_pu": vm_max_pu,
+                "loading_max_percent": loading_max_percent,
+            }.items()
+            if v is not None
+        }
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def monitored_lines(self) -> np.ndarray:
+        return self.net.line.index[self.net.line.in_service.to_numpy(bool)].to_numpy()
+
+    @property
+    def monitored_trafos(self) -> np.ndarray:
+        return self.net.trafo.index[self.net.trafo.in_service.to_numpy(bool)].to_numpy()
+
+    def summary(self) -> dict[str, object]:
+        net = self.net
+        return {
+            "name": self.name,
+            "buses": len(net.bus),
+            "lines": len(net.line),
+            "trafos": len(net.trafo),
+            "switches_open": int((~net.switch.closed.astype(bool)).sum()),
+            "loads": len(net.load),
+            "sgens": len(net.sgen),
+            "voltage_levels_kv": sorted({float(v) for v in net.bus.vn_kv}),
+            "profiles": self.profile_source,
+        }
+
+
+# --------------------------------------------------------------------------- built-in feeders
+
+
+def _cigre_mv() -> pp.pandapowerNet:
+    return pn.create_cigre_network_mv(with_der="pv_wind")
+
+
+def _ieee33() -> pp.pandapowerNet:
+    net = pn.case33bw()
+    # The Baran-Wu data have no thermal ratings (pandapower stores 99999 kA).
+    # Ratings are set to 1.25 x the current of the published base case, rounded
+    # up to 5 A: a documented, synthetic choice (see grids/README.md).
+    pp.runpp(net)
+    i_ka = net.res_line.i_ka.to_numpy()
+    rating_ka = np.ceil(np.maximum(i_ka, 1e-3) * 1.25 / 0.005) * 0.005
+    in_service = net.line.in_service.to_numpy(bool)
+    # Tie lines (open in the published case) get the rating of the weakest branch.
+    rating_ka[~in_service] = rating_ka[in_service].min()
+    net.line["max_i_ka"] = rating_ka
+    for table in ("res_bus", "res_line", "res_ext_grid", "res_load"):
+        net[table] = net[table].iloc[0:0]
+    return net
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    build: Callable[[], pp.pandapowerNet]
+    origin: str
+
+
+BUILTIN_GRIDS: dict[str, _Builtin] = {
+    "cigre_mv": _Builtin(
+        _cigre_mv,
+        "CIGRE TF C6.04.02 (2014) European MV benchmark, 20 kV, with PV and wind "
+        "(pandapower.networks.create_cigre_network_mv(with_der='pv_wind'))",
+    ),
+    "ieee33": _Builtin(
+        _ieee33,
+        "IEEE 33-bus feeder, Baran & Wu (1989), 12.66 kV (pandapower.networks.case33bw); "
+        "line ratings synthetic: 1.25 x base-case current",
+    ),
+}
+
+_SYNTHETIC = re.compile(r"^synthetic_radial_(\d+)(?:_seed(\d+))?$")
+
+
+def synthetic_radial_feeder(n_bus: int = 1000, seed: int = 0) -> pp.pandapowerNet:
+    """A seeded radial 110/20 kV feeder of exactly ``n_bus`` buses (for scaling tests).
+
+    Feeders of about 100 buses leave the MV busbar; each grows as a trunk with
+    laterals (each new bus hangs off the last one with probability 0.75, else off
+    a random earlier bus). Every MV bus has a load, about 30% have PV.
+    """
+    if n_bus < 4:
+        raise InputError(f"synthetic_radial_{n_bus}: needs at least 4 buses")
+    rng = np.random.default_rng(seed)
+    net = pp.create_empty_network(name=f"synthetic_radial_{n_bus}_seed{seed}")
+    hv = pp.create_bus(net, 110.0, name="HV", geodata=(0.0, 0.0))
+    mv = pp.create_bus(net, 20.0, name="MV busbar", geodata=(1.0, 0.0))
+    pp.create_ext_grid(net, hv, vm_pu=1.02)
+    pp.create_transformer(net, hv, mv, std_type="63 MVA 110/20 kV", parallel=2)
+    n_mv = n_bus - 2
+    n_feeders = max(1, round(n_mv / 100))
+    sizes = np.full(n_feeders, n_mv // n_feeders)
+    sizes[: n_mv - sizes.sum()] += 1
+    for f, size in enumerate(sizes):
+        nodes = [mv]
+        depth = {mv: 0}
+        for k in range(size):
+            parent = (
+                nodes[-1]
+                if (rng.random() < 0.75 or len(nodes) == 1)
+                else nodes[int(rng.integers(1, len(nodes)))]
+            )
+            d = depth[parent] + 1
+            b = pp.create_bus(net, 20.0, name=f"F{f}-{k}", geodata=(1.0 + d, f * 10.0 + k % 7))
+            depth[b] = d
+            length_km = float(rng.uniform(0.05, 0.25))
+            std = (
+                "NA2XS2Y 1x240 RM/25 12/20 kV"
+                if parent == mv or d < 10
+                else "NA2XS2Y 1x95 RM/25 12/20 kV"
+            )
+            pp.create_line(net, parent, b, length_km, std_type=std)
+            p_mw = float(rng.uniform(0.04, 0.2))
+            pp.create_load(net, b, p_mw=p_mw, q_mvar=0.33 * p_mw)
+            if rng.random() < 0.3:
+                pp.create_sgen(net, b, p_mw=float(rng.uniform(0.05, 0.25)), type="PV")
+            nodes.append(b)
+    return net
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@cache
+def simbench_codes() -> tuple[str, ...]:
+    import simbench as sb
+
+    return tuple(sb.collect_all_simbench_codes())
+
+
+def available_grids() -> dict[str, str]:
+    """Grid names that :func:`load_grid` accepts, with their origin."""
+    out = {name: b.origin for name, b in BUILTIN_GRIDS.items()}
+    out["synthetic_radial_<N>[_seed<S>]"] = "seeded synthetic radial 110/20 kV feeder of N buses"
+    for code in simbench_codes():
+        if "--0-" in code and ("-MV-" in code or "-LV-" in code):
+            out[code] = "SimBench (Meinecke et al. 2020) with its 2016 15-minute profiles"
+    out["<path>.json"] = (
+        "any pandapower JSON network (profiles from a CSV file or one MTU as stored)"
+    )
+    return out
+
+
+def load_grid(
+    spec: str | Path | pp.pandapowerNet,
+    *,
+    vm_min_pu: float = DEFAULT_VM_MIN_PU,
+    vm_max_pu: float = DEFAULT_VM_MAX_PU,
+    loading_max_percent: float = DEFAULT_LOADING_MAX_PERCENT,
+) -> Grid:
+    """A grid by built-in name, SimBench code, path to a pandapower JSON file, or net.
+
+    Raises :class:`InputError` naming the problem for an unknown name or a
+    missing or malformed file, and :class:`GridError` for a network that
+    cannot be modelled (no slack, ...).
+    """
+    limits = {
+        "vm_min_pu": vm_min_pu,
+        "vm_max_pu": vm_max_pu,
+        "loading_max_percent": loading_max_percent,
+    }
+    if isinstance(spec, pp.pandapowerNet):
+        net = copy.deepcopy(spec)
+        name, origin, profiles = (
+            str(net.name or "custom"),
+            "pandapower net given in Python",
+            "synthetic",
+        )
+    else:
+        text = str(spec)
+        if text in BUILTIN_GRIDS:
+            name, origin, profiles = text, BUILTIN_GRIDS[text].origin, "synthetic"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                net = BUILTIN_GRIDS[text].build()
+        elif m := _SYNTHETIC.match(text):
+            name, profiles = text, "synthetic"
+            origin = "seeded synthetic radial feeder (lfm_zonal.grids.synthetic_radial_feeder)"
+            net = synthetic_radial_feeder(int(m.group(1)), int(m.group(2) or 0))
+        elif text in simbench_codes():
+            import simbench as sb
+
+            name, profiles = text, "simbench"
+            origin = f"SimBench {text} (Meinecke et al. 2020, simbench package)"
+            net = sb.get_simbench_net(text)
+        elif text.lower().endswith(".json") or Path(text).exists():
+            net = _read_json(Path(text))
+            name, origin, profiles = Path(text).stem, f"pandapower JSON file {text}", "synthetic"
+        else:
+            raise InputError(
+                f"unknown grid '{text}': give a built-in name ({', '.join(BUILTIN_GRIDS)}), "
+                "synthetic_radial_<N>, a SimBench code or a path to a pandapower JSON file "
+                "(`lfm-zonal grids` lists them)"
+            )
+    _check_and_normalise(net, name)
+    return Grid(name=name, net=net, origin=origin, profile_source=profiles, **limits)
+
+
+def _read_json(path: Path) -> pp.pandapowerNet:
+    if not path.is_file():
+        raise InputError(f"grid file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = pp.from_json(str(path))
+    except Exception as exc:  # pandapower raises many types for a bad file
+        raise InputError(f"{path}: not a readable pandapower JSON network ({exc})") from None
+    if not isinstance(net, pp.pandapowerNet) or "bus" not in net:
+        raise InputError(f"{path}: not a pandapower network")
+    return net
+
+
+def _check_and_normalise(net: pp.pandapowerNet, name: str) -> None:
+    """Refuse what the engine cannot model; make loads constant-power (documented)."""
+    if len(net.bus) == 0:
+        raise GridError(f"grid {name}: has no bus")
+    slack = net.ext_grid[net.ext_grid.in_service.astype(bool)]
+    if len(slack) == 0 and not (len(net.gen) and net.gen.get("slack", False).any()):
+        raise GridError(f"grid {name}: has no in-service ext_grid (slack)")
+    for table in ("line", "trafo"):
+        for col in ("from_bus", "to_bus") if table == "line" else ("hv_bus", "lv_bus"):
+            missing = ~net[table][col].isin(net.bus.index)
+            if missing.any():
+                idx = net[table].index[missing][0]
+                raise GridError(
+                    f"grid {name}: {table} {idx} refers to unknown bus {net[table].at[idx, col]}"
+                )
+    if len(net.trafo) and (net.trafo.df.astype(float) <= 0).any():
+        idx = net.trafo.index[net.trafo.df.astype(float) <= 0][0]
+        raise GridError(f"grid {name}: trafo {idx} has rating factor df <= 0")
+    volt_dep = [c for c in net.load.columns if c.startswith(("const_z", "const_i"))]
+    if volt_dep and (net.load[volt_dep].fillna(0.0).to_numpy() != 0).any():
+        log.warning("grid %s: voltage-dependent loads are modelled as constant power", name)
+        net.load[volt_dep] = 0.0
+    if len(net.controller):
+        log.warning(
+            "grid %s: %d controllers are ignored (no controller loop in the market model)",
+            name,
+            len(net.controller),
+        )

@@ -1,0 +1,461 @@
+"""AC power flow of every MTU, reusing one network structure over the horizon.
+
+pandapower builds its internal model (``ppci``: Ybus, Yf, Yt, bus types) once,
+at the grid as stored. Every MTU then only changes the bus injections, so a
+Newton-Raphson on the same matrices, warm-started from the previous MTU, gives
+the same answer as ``pandapower.runpp`` (a test checks it to 1e-6) at a fraction
+of the cost (``benchmarks/bench_foundation.py``).
+
+The mapping between pandapower indices and internal matrix indices lives in
+:class:`NetworkModel` and nowhere else: buses merged by closed bus-bus switches
+share one internal index, isolated or out-of-service buses have none.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import pandapower as pp
+import pandas as pd
+import scipy.sparse as sp
+from pandapower.pypower.idx_brch import BR_R, BR_X, F_BUS, T_BUS
+from pandapower.pypower.idx_bus import BASE_KV
+from scipy.sparse.linalg import spsolve
+from tqdm import tqdm
+
+from lfm_zonal.errors import GridError, InputError, PowerFlowNotConverged
+from lfm_zonal.grids import Grid
+from lfm_zonal.profiles import Profiles
+
+log = logging.getLogger(__name__)
+
+#: Row labels of branch tables: (element type, pandapower index).
+BRANCH_INDEX_NAMES = ("element_type", "element")
+
+
+def _runpp(net: pp.pandapowerNet, **kwargs) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pp.runpp(net, **kwargs)
+
+
+@dataclass(frozen=True)
+class NetworkModel:
+    """The grid in pandapower's internal form, with the index maps both ways.
+
+    ``bus_lookup`` maps every energised pandapower bus to its internal index;
+    ``branch_rows`` maps every monitored line and trafo to its internal branch
+    row, with the factors that turn branch-end current (p.u.) into
+    ``loading_percent`` exactly as pandapower does.
+    """
+
+    base_mva: float
+    Ybus: sp.csr_matrix
+    Yf: sp.csr_matrix
+    Yt: sp.csr_matrix
+    ref: np.ndarray
+    pv: np.ndarray
+    pq: np.ndarray
+    V_init: np.ndarray
+    Sbus_init: np.ndarray
+    bus_lookup: pd.Series  # pandapower bus -> internal index (energised buses only)
+    isolated_buses: pd.Index  # in-service buses without connection to a slack
+    branches: pd.MultiIndex  # monitored (element_type, element)
+    branch_rows: np.ndarray  # internal branch row of each monitored branch
+    branch_from: np.ndarray  # internal from/to bus of each monitored branch
+    branch_to: np.ndarray
+    loading_per_i_from: np.ndarray  # loading_percent per p.u. current at the from end
+    loading_per_i_to: np.ndarray
+    load_bus: np.ndarray  # internal bus of each load (-1: not energised)
+    load_factor: np.ndarray  # scaling x in_service of each load at the build point
+    load_p_init: np.ndarray
+    load_q_init: np.ndarray
+    sgen_bus: np.ndarray
+    sgen_factor: np.ndarray
+    sgen_p_init: np.ndarray
+    sgen_q_init: np.ndarray
+    ppci_bus: np.ndarray = field(repr=False)  # pandapower's internal bus and branch tables
+    ppci_branch: np.ndarray = field(repr=False)
+
+    @property
+    def all_branch_from(self) -> np.ndarray:
+        return self.ppci_branch[:, F_BUS].real.astype(np.int64)
+
+    @property
+    def all_branch_to(self) -> np.ndarray:
+        return self.ppci_branch[:, T_BUS].real.astype(np.int64)
+
+    @property
+    def all_branch_r_pu(self) -> np.ndarray:
+        return self.ppci_branch[:, BR_R].real.astype(float)
+
+    @property
+    def all_branch_x_pu(self) -> np.ndarray:
+        return self.ppci_branch[:, BR_X].real.astype(float)
+
+    @cached_property
+    def jacobian(self) -> JacobianBuilder:
+        return JacobianBuilder(self.Ybus, self.pv, self.pq)
+
+    @property
+    def n_bus(self) -> int:
+        return self.Ybus.shape[0]
+
+    @property
+    def buses(self) -> pd.Index:
+        return self.bus_lookup.index
+
+    def sbus(self, load_p_mw, load_q_mvar, sgen_p_mw, sgen_q_mvar) -> np.ndarray:
+        """Complex bus injections (p.u.) for given element powers; rows are MTUs."""
+        dS_load = (np.atleast_2d(load_p_mw) - self.load_p_init) + 1j * (
+            np.atleast_2d(load_q_mvar) - self.load_q_init
+        )
+        dS_sgen = (np.atleast_2d(sgen_p_mw) - self.sgen_p_init) + 1j * (
+            np.atleast_2d(sgen_q_mvar) - self.sgen_q_init
+        )
+        out = np.tile(self.Sbus_init, (dS_load.shape[0], 1))
+        for dS, bus, factor, sign in (
+            (dS_load, self.load_bus, self.load_factor, -1.0),
+            (dS_sgen, self.sgen_bus, self.sgen_factor, 1.0),
+        ):
+            ok = bus >= 0
+            if ok.any():
+                contrib = sign * dS[:, ok] * factor[ok] / self.base_mva
+                np.add.at(out.T, bus[ok], contrib.T)
+        return out
+
+    def branch_currents(self, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Complex from- and to-end currents (p.u.) of the monitored branches."""
+        return self.Yf[self.branch_rows] @ V, self.Yt[self.branch_rows] @ V
+
+    def loading_percent(self, V: np.ndarray) -> np.ndarray:
+        i_f, i_t = self.branch_currents(V)
+        return np.maximum(
+            self.loading_per_i_from * np.abs(i_f), self.loading_per_i_to * np.abs(i_t)
+        )
+
+    def vm_pu(self, V: np.ndarray) -> np.ndarray:
+        return np.abs(V[self.bus_lookup.to_numpy()])
+
+
+def build_network_model(grid: Grid) -> NetworkModel:
+    """Run pandapower once on a copy of the grid and keep its internal model."""
+    net = copy.deepcopy(grid.net)
+    try:
+        _runpp(net)
+    except pp.LoadflowNotConverged:
+        # The structure is all we need: build it at zero load.
+        for element in ("load", "sgen"):
+            net[element][["p_mw", "q_mvar"]] = 0.0
+        try:
+            _runpp(net)
+        except pp.LoadflowNotConverged:
+            raise GridError(
+                f"grid {grid.name}: no AC power flow converges, even at zero load"
+            ) from None
+    ppc = net._ppc
+    internal = ppc["internal"]
+    n_int = internal["Ybus"].shape[0]
+    lookup = np.asarray(net._pd2ppc_lookups["bus"])
+    in_service_bus = net.bus.index[net.bus.in_service.to_numpy(bool)]
+    internal_of = lookup[in_service_bus.to_numpy()]
+    energised = (internal_of >= 0) & (internal_of < n_int)
+    bus_lookup = pd.Series(internal_of[energised], index=in_service_bus[energised], name="internal")
+    isolated = in_service_bus[~energised]
+    if len(isolated):
+        log.info(
+            "grid %s: %d isolated buses have no sensitivity: %s",
+            grid.name,
+            len(isolated),
+            list(isolated[:10]),
+        )
+
+    # Branch rows: pandapower's ppc branch order per element, in-service rows kept in ppci.
+    branch_is = np.asarray(internal["branch_is"], bool)
+    ppci_row = np.cumsum(branch_is) - 1
+    ppci_branch = internal["branch"]
+    base_kv = internal["bus"][:, BASE_KV].real
+    labels, rows, per_from, per_to = [], [], [], []
+    for element in ("line", "trafo"):
+        if element not in net._pd2ppc_lookups["branch"] or len(net[element]) == 0:
+            continue
+        start, _ = net._pd2ppc_lookups["branch"][element]
+        table = net[element]
+        for pos, idx in enumerate(table.index):
+            r = start + pos
+            if not bool(table.at[idx, "in_service"]) or not branch_is[r]:
+                continue
+            row = ppci_row[r]
+            f = int(ppci_branch[row, F_BUS].real)
+            t = int(ppci_branch[row, T_BUS].real)
+            if element == "line":
+                i_max_ka = (
+                    table.at[idx, "max_i_ka"] * table.at[idx, "df"] * table.at[idx, "parallel"]
+                )
+                # loading = 100 i_ka / i_max, i_ka = |I_pu| base_mva / (sqrt(3) base_kv)
+                cf = 100.0 * ppc["baseMVA"] / (np.sqrt(3) * base_kv[f] * i_max_ka)
+                ct = 100.0 * ppc["baseMVA"] / (np.sqrt(3) * base_kv[t] * i_max_ka)
+            else:
+                denom = table.at[idx, "sn_mva"] * table.at[idx, "parallel"] * table.at[idx, "df"]
+                # loading = 100 i_ka vn_kv sqrt(3) / sn_mva (pandapower's trafo_loading="current")
+                cf = 100.0 * ppc["baseMVA"] * table.at[idx, "vn_hv_kv"] / base_kv[f] / denom
+                ct = 100.0 * ppc["baseMVA"] * table.at[idx, "vn_lv_kv"] / base_kv[t] / denom
+            labels.append((element, int(idx)))
+            rows.append(row)
+            per_from.append(cf)
+            per_to.append(ct)
+    rows = np.asarray(rows, dtype=np.int64)
+
+    def element_map(element: str) -> tuple[np.ndarray, ...]:
+        table = net[element]
+        lk = lookup[table.bus.to_numpy()]
+        on = table.in_service.to_numpy(bool) & net.bus.in_service.reindex(table.bus).to_numpy(bool)
+        bus = np.where(on & (lk >= 0) & (lk < n_int), lk, -1).astype(np.int64)
+        factor = table.scaling.to_numpy(float) * on
+        return bus, factor, table.p_mw.to_numpy(float), table.q_mvar.to_numpy(float)
+
+    load_bus, load_factor, load_p, load_q = element_map("load")
+    sgen_bus, sgen_factor, sgen_p, sgen_q = element_map("sgen")
+    return NetworkModel(
+        base_mva=float(ppc["baseMVA"]),
+        Ybus=sp.csr_matrix(internal["Ybus"]),
+        Yf=sp.csr_matrix(internal["Yf"]),
+        Yt=sp.csr_matrix(internal["Yt"]),
+        ref=np.asarray(internal["ref"], np.int64),
+        pv=np.asarray(internal["pv"], np.int64),
+        pq=np.asarray(internal["pq"], np.int64),
+        V_init=np.asarray(internal["V"], complex),
+        Sbus_init=np.asarray(internal["Sbus"], complex),
+        bus_lookup=bus_lookup,
+        isolated_buses=isolated,
+        branches=pd.MultiIndex.from_tuples(labels, names=BRANCH_INDEX_NAMES),
+        branch_rows=rows,
+        branch_from=ppci_branch[rows, F_BUS].real.astype(np.int64),
+        branch_to=ppci_branch[rows, T_BUS].real.astype(np.int64),
+        loading_per_i_from=np.asarray(per_from, float),
+        loading_per_i_to=np.asarray(per_to, float),
+        load_bus=load_bus,
+        load_factor=load_factor,
+        load_p_init=load_p,
+        load_q_init=load_q,
+        sgen_bus=sgen_bus,
+        sgen_factor=sgen_factor,
+        sgen_p_init=sgen_p,
+        sgen_q_init=sgen_q,
+        ppci_bus=np.array(internal["bus"]),
+        ppci_branch=np.array(ppci_branch),
+    )
+
+
+class JacobianBuilder:
+    """The Newton-Raphson Jacobian on a fixed sparsity pattern, filled by vector operations.
+
+    J = d[P(pvpq); Q(pq)] / d[Va(pvpq); Vm(pq)]. With I = Ybus V, its entries are
+    (pypower's dSbus_dV) dS/dVa = j diag(V) conj(diag(I) - Ybus diag(V)) and
+    dS/dVm = diag(V) conj(Ybus diag(V/|V|)) + conj(diag(I)) diag(V/|V|). The
+    pattern of J and where each entry goes are computed once per network; each
+    call only evaluates the entries (scipy's generic slicing costs ~4x more).
+    """
+
+    def __init__(self, Ybus: sp.csr_matrix, pv: np.ndarray, pq: np.ndarray) -> None:
+        Y = sp.csr_matrix(Ybus)
+        Y.sort_indices()
+        n = Y.shape[0]
+        self.Ybus = Y
+        self.rows_y = np.repeat(np.arange(n), np.diff(Y.indptr))
+        self.cols_y = Y.indices.astype(np.int64)
+        self.pvpq = np.r_[pv, pq].astype(np.int64)
+        self.pq = np.asarray(pq, np.int64)
+        n_pvpq = len(self.pvpq)
+        self.n_x = n_pvpq + len(self.pq)
+        pos_pvpq = np.full(n, -1)
+        pos_pvpq[self.pvpq] = np.arange(n_pvpq)
+        pos_pq = np.full(n, -1)
+        pos_pq[self.pq] = n_pvpq + np.arange(len(self.pq))
+        # Entries: every Ybus entry (i, k), then the diagonal terms (i, i).
+        rows = np.r_[self.rows_y, np.arange(n)]
+        cols = np.r_[self.cols_y, np.arange(n)]
+        blocks = []  # (entry ids, J rows, J cols, takes dS/dVa?, takes real part?)
+        for row_pos, col_pos, d_va, real in (
+            (pos_pvpq, pos_pvpq, True, True),
+            (pos_pvpq, pos_pq, False, True),
+            (pos_pq, pos_pvpq, True, False),
+            (pos_pq, pos_pq, False, False),
+        ):
+            ok = (row_pos[rows] >= 0) & (col_pos[cols] >= 0)
+            blocks.append((np.flatnonzero(ok), row_pos[rows[ok]], col_pos[cols[ok]], d_va, real))
+        j_rows = np.concatenate([b[1] for b in blocks])
+        j_cols = np.concatenate([b[2] for b in blocks])
+        keys = j_cols * self.n_x + j_rows  # CSC order: by column, then row
+        unique, self.target = np.unique(keys, return_inverse=True)
+        self.indices = (unique % self.n_x).astype(np.int32)
+        self.indptr = np.searchsorted(unique // self.n_x, np.arange(self.n_x + 1)).astype(np.int32)
+        self.nnz = len(unique)
+        self.blocks = [(ids, d_va, real) for ids, _, _, d_va, real in blocks]
+
+    def __call__(self, V: np.ndarray) -> sp.csc_matrix:
+        yv = self.Ybus.data * V[self.cols_y]
+        i_bus = self.Ybus @ V
+        Vi = V[self.rows_y]
+        unit = V / np.abs(V)
+        d_va = np.r_[-1j * Vi * np.conj(yv), 1j * V * np.conj(i_bus)]
+        d_vm = np.r_[Vi * np.conj(self.Ybus.data * unit[self.cols_y]), np.conj(i_bus) * unit]
+        values = np.concatenate(
+            [
+                (d_va if va else d_vm)[ids].real if real else (d_va if va else d_vm)[ids].imag
+                for ids, va, real in self.blocks
+            ]
+        )
+        data = np.bincount(self.target, weights=values, minlength=self.nnz)
+        return sp.csc_matrix((data, self.indices, self.indptr), shape=(self.n_x, self.n_x))
+
+
+def newton_raphson(
+    model: NetworkModel, Sbus: np.ndarray, V0: np.ndarray, tol_pu: float = 1e-8, max_iter: int = 30
+) -> np.ndarray:
+    """Solve the AC power flow for injections ``Sbus`` from ``V0``; raise if it does not converge."""
+    V = V0.copy()
+    pvpq, pq = model.jacobian.pvpq, model.pq
+    n_pvpq = len(pvpq)
+    for _ in range(max_iter + 1):
+        mis = V * np.conj(model.Ybus @ V) - Sbus
+        F = np.r_[mis[pvpq].real, mis[pq].imag]
+        if not np.all(np.isfinite(F)):
+            break
+        if np.max(np.abs(F), initial=0.0) < tol_pu:
+            return V
+        dx = spsolve(model.jacobian(V), -F)
+        Va, Vm = np.angle(V), np.abs(V)
+        Va[pvpq] += dx[:n_pvpq]
+        Vm[pq] += dx[n_pvpq:]
+        V = Vm * np.exp(1j * Va)
+    raise PowerFlowNotConverged("Newton-Raphson did not converge")
+
+
+@dataclass(frozen=True)
+class HorizonPowerFlow:
+    """Base-case AC power flow of every MTU of a horizon.
+
+    ``vm_pu`` (time x bus) and ``loading_percent`` (time x (element_type, element))
+    are NaN for an MTU that did not converge; ``converged`` says which did, and
+    ``failures`` says why the others did not.
+    """
+
+    grid: Grid
+    profiles: Profiles
+    model: NetworkModel
+    V: np.ndarray  # internal complex voltages, one row per MTU
+    converged: pd.Series
+    vm_pu: pd.DataFrame
+    loading_percent: pd.DataFrame
+    failures: tuple[str, ...]
+
+    @property
+    def times(self) -> pd.DatetimeIndex:
+        return self.profiles.horizon.times
+
+    def mtu_position(self, mtu: int | pd.Timestamp | str) -> int:
+        """Position of an MTU given by number or by start time."""
+        if isinstance(mtu, (int, np.integer)):
+            if not 0 <= mtu < len(self.times):
+                raise InputError(f"MTU {mtu} is outside the horizon (0 .. {len(self.times) - 1})")
+            return int(mtu)
+        try:
+            ts = pd.Timestamp(mtu)
+        except (ValueError, TypeError):
+            raise InputError(f"MTU '{mtu}' is neither a number nor a time") from None
+        if ts not in self.times:
+            raise InputError(f"no MTU of the horizon starts at {ts}")
+        return int(self.times.get_loc(ts))
+
+    def operating_point(self, mtu: int | pd.Timestamp | str) -> pp.pandapowerNet:
+        """A pandapower net with the loads and sgens of one MTU (a copy; not yet solved)."""
+        t = self.mtu_position(mtu)
+        net = copy.deepcopy(self.grid.net)
+        p = self.profiles
+        net.load["p_mw"] = p.load_p_mw.iloc[t].to_numpy()
+        net.load["q_mvar"] = p.load_q_mvar.iloc[t].to_numpy()
+        net.sgen["p_mw"] = p.sgen_p_mw.iloc[t].to_numpy()
+        net.sgen["q_mvar"] = p.sgen_q_mvar.iloc[t].to_numpy()
+        return net
+
+    def violations(self) -> pd.DataFrame:
+        """Base-case violations per MTU: overloads and voltages outside the band."""
+        g = self.grid
+        over = (self.loading_percent - g.loading_max_percent).clip(lower=0.0)
+        under = (g.vm_min_pu - self.vm_pu).clip(lower=0.0)
+        overv = (self.vm_pu - g.vm_max_pu).clip(lower=0.0)
+        return pd.DataFrame(
+            {
+                "converged": self.converged,
+                "loading_max_percent": self.loading_percent.max(axis=1),
+                "overloaded_branches": (over > 0).sum(axis=1),
+                "vm_min_pu": self.vm_pu.min(axis=1),
+                "vm_max_pu": self.vm_pu.max(axis=1),
+                "undervoltage_buses": (under > 0).sum(axis=1),
+                "overvoltage_buses": (overv > 0).sum(axis=1),
+            }
+        )
+
+
+def run_horizon(
+    grid: Grid, profiles: Profiles, model: NetworkModel | None = None, progress: bool = False
+) -> HorizonPowerFlow:
+    """AC power flow of every MTU; an MTU that does not converge is reported and skipped."""
+    model = model or build_network_model(grid)
+    S = model.sbus(
+        profiles.load_p_mw.to_numpy(),
+        profiles.load_q_mvar.to_numpy(),
+        profiles.sgen_p_mw.to_numpy(),
+        profiles.sgen_q_mvar.to_numpy(),
+    )
+    times = profiles.horizon.times
+    V = np.full(S.shape, np.nan + 0j)
+    ok = np.zeros(len(times), bool)
+    failures = []
+    V_prev = model.V_init
+    for t in tqdm(
+        range(len(times)),
+        desc="AC power flow",
+        unit="MTU",
+        disable=None if progress else True,
+        leave=False,
+    ):
+        try:
+            V[t] = newton_raphson(model, S[t], V_prev)
+        except PowerFlowNotConverged:
+            try:  # a warm start can mislead: try once more from the structure's own point
+                V[t] = newton_raphson(model, S[t], model.V_init)
+            except PowerFlowNotConverged:
+                msg = f"MTU {t} ({times[t]}): AC power flow did not converge; skipped"
+                log.warning("grid %s: %s", grid.name, msg)
+                failures.append(msg)
+                continue
+        ok[t] = True
+        V_prev = V[t]
+    vm = np.full((len(times), len(model.buses)), np.nan)
+    loading = np.full((len(times), len(model.branches)), np.nan)
+    if ok.any():
+        vm[ok] = np.abs(V[ok][:, model.bus_lookup.to_numpy()])
+        i_f = (model.Yf[model.branch_rows] @ V[ok].T).T
+        i_t = (model.Yt[model.branch_rows] @ V[ok].T).T
+        loading[ok] = np.maximum(
+            model.loading_per_i_from * np.abs(i_f), model.loading_per_i_to * np.abs(i_t)
+        )
+    vm_df = pd.DataFrame(vm, index=times, columns=model.buses.rename("bus"))
+    loading_df = pd.DataFrame(loading, index=times, columns=model.branches)
+    return HorizonPowerFlow(
+        grid,
+        profiles,
+        model,
+        V,
+        pd.Series(ok, index=times, name="converged"),
+        vm_df,
+        loading_df,
+        tuple(failures),
+    )

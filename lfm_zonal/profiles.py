@@ -1,0 +1,263 @@
+"""Horizons and profiles: the loads and sgens of every market time unit (MTU).
+
+Three sources, one result (:class:`Profiles`, one column per pandapower element):
+
+* SimBench grids use their own 2016 profiles (15-minute, one row per quarter hour);
+* built-in feeders and JSON files get a documented synthetic daily shape
+  (labelled ``synthetic``) applied to the element's stored power;
+* a CSV file with one column per element (``load_<index>_p_mw``,
+  ``load_<index>_q_mvar``, ``sgen_<index>_p_mw``, ``sgen_<index>_q_mvar``), one row
+  per MTU and an optional ``time`` column.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lfm_zonal.errors import InputError
+from lfm_zonal.grids import Grid
+
+SIMBENCH_YEAR_START = pd.Timestamp("2016-01-01 00:00")
+SIMBENCH_STEP_MINUTES = 15
+DEFAULT_START = "2016-01-14 00:00"
+
+# Synthetic daily shapes, hourly values at hh:00, linearly interpolated in between.
+# Load: a residential/commercial mix, evening peak 1.0 at 19:00, night valley 0.45.
+SYNTHETIC_LOAD_SHAPE = np.array([
+    0.55, 0.50, 0.47, 0.45, 0.45, 0.48, 0.58, 0.72, 0.80, 0.80, 0.78, 0.78,
+    0.80, 0.78, 0.74, 0.74, 0.78, 0.88, 0.97, 1.00, 0.95, 0.85, 0.73, 0.62,
+])  # fmt: skip
+# Wind: 0.35 +/- 0.15 over the day, windier at night.
+SYNTHETIC_WIND_SHAPE = 0.35 + 0.15 * np.cos(2 * np.pi * np.arange(24) / 24)
+
+
+def synthetic_pv_shape(hour: np.ndarray) -> np.ndarray:
+    """Clear-sky PV output per unit of installed power: 0 before 06:00 and after 20:00, 1 at 13:00."""
+    x = np.clip((hour - 6.0) / 14.0, 0.0, 1.0)
+    return np.sin(np.pi * x) ** 1.5
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """``n_mtu`` market time units of ``mtu_minutes`` each, from ``start``."""
+
+    start: pd.Timestamp = field(default_factory=lambda: pd.Timestamp(DEFAULT_START))
+    n_mtu: int = 96
+    mtu_minutes: int = 15
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "start", pd.Timestamp(self.start))
+        except (ValueError, TypeError):
+            raise InputError(f"horizon start '{self.start}' is not a date and time") from None
+        if int(self.n_mtu) != self.n_mtu or self.n_mtu < 1:
+            raise InputError(f"horizon needs n_mtu >= 1, got {self.n_mtu}")
+        if int(self.mtu_minutes) != self.mtu_minutes or self.mtu_minutes < 1:
+            raise InputError(f"horizon needs mtu_minutes >= 1, got {self.mtu_minutes}")
+
+    @property
+    def times(self) -> pd.DatetimeIndex:
+        return pd.date_range(
+            self.start, periods=self.n_mtu, freq=f"{self.mtu_minutes}min", name="time"
+        )
+
+    @property
+    def mtu_hours(self) -> float:
+        return self.mtu_minutes / 60.0
+
+
+@dataclass(frozen=True)
+class Profiles:
+    """Active and reactive power of every load and sgen per MTU (index: MTU start time)."""
+
+    horizon: Horizon
+    source: str
+    load_p_mw: pd.DataFrame
+    load_q_mvar: pd.DataFrame
+    sgen_p_mw: pd.DataFrame
+    sgen_q_mvar: pd.DataFrame
+
+    def total_load_mw(self) -> pd.Series:
+        return self.load_p_mw.sum(axis=1)
+
+
+def load_profiles(
+    grid: Grid,
+    horizon: Horizon | None = None,
+    *,
+    csv: str | Path | None = None,
+    load_scale: float = 1.0,
+    sgen_scale: float = 1.0,
+) -> Profiles:
+    """Profiles for ``grid`` over ``horizon``: from ``csv`` if given, else the grid's own source.
+
+    ``load_scale`` and ``sgen_scale`` multiply every load and every sgen (both P and Q).
+    """
+    horizon = horizon or Horizon()
+    if csv is not None:
+        profiles = _from_csv(grid, horizon, Path(csv))
+    elif grid.profile_source == "simbench":
+        profiles = _from_simbench(grid, horizon)
+    else:
+        profiles = _synthetic(grid, horizon)
+    if load_scale != 1.0 or sgen_scale != 1.0:
+        if load_scale < 0 or sgen_scale < 0:
+            raise InputError(
+                f"load_scale and sgen_scale must be >= 0, got {load_scale}, {sgen_scale}"
+            )
+        profiles = Profiles(
+            horizon,
+            f"{profiles.source} (loads x{load_scale:g}, sgens x{sgen_scale:g})",
+            profiles.load_p_mw * load_scale,
+            profiles.load_q_mvar * load_scale,
+            profiles.sgen_p_mw * sgen_scale,
+            profiles.sgen_q_mvar * sgen_scale,
+        )
+    return profiles
+
+
+def _frame(
+    values: np.ndarray, times: pd.DatetimeIndex, columns: pd.Index, name: str
+) -> pd.DataFrame:
+    out = pd.DataFrame(np.asarray(values, dtype=float), index=times, columns=columns.copy())
+    out.columns.name = name
+    return out
+
+
+def _synthetic(grid: Grid, horizon: Horizon) -> Profiles:
+    net = grid.net
+    times = horizon.times
+    hour = (times.hour + times.minute / 60.0).to_numpy()
+    load_f = np.interp(
+        hour, np.arange(25), np.append(SYNTHETIC_LOAD_SHAPE, SYNTHETIC_LOAD_SHAPE[0])
+    )
+    wind_f = np.interp(
+        hour, np.arange(25), np.append(SYNTHETIC_WIND_SHAPE, SYNTHETIC_WIND_SHAPE[0])
+    )
+    pv_f = synthetic_pv_shape(hour)
+    sgen_type = net.sgen.get("type", pd.Series("", index=net.sgen.index)).fillna("").astype(str)
+    is_pv = sgen_type.str.upper().str.contains("PV").to_numpy()
+    is_wind = sgen_type.str.upper().str.contains("WP|WIND|WT").to_numpy()
+    sgen_f = np.where(is_pv, pv_f[:, None], np.where(is_wind, wind_f[:, None], 1.0))
+    lp = load_f[:, None] * net.load.p_mw.to_numpy()[None, :]
+    lq = load_f[:, None] * net.load.q_mvar.to_numpy()[None, :]
+    sp = sgen_f * net.sgen.p_mw.to_numpy()[None, :]
+    sq = sgen_f * net.sgen.q_mvar.to_numpy()[None, :]
+    return Profiles(
+        horizon,
+        "synthetic",
+        _frame(lp, times, net.load.index, "load"),
+        _frame(lq, times, net.load.index, "load"),
+        _frame(sp, times, net.sgen.index, "sgen"),
+        _frame(sq, times, net.sgen.index, "sgen"),
+    )
+
+
+def _simbench_rows(horizon: Horizon) -> np.ndarray:
+    """Row numbers of SimBench's 2016 quarter-hour table covered by each MTU."""
+    if horizon.mtu_minutes % SIMBENCH_STEP_MINUTES:
+        raise InputError(
+            f"SimBench profiles are 15-minute: mtu_minutes must be a multiple of 15, "
+            f"got {horizon.mtu_minutes}"
+        )
+    offset = (horizon.start - SIMBENCH_YEAR_START) / pd.Timedelta(minutes=SIMBENCH_STEP_MINUTES)
+    per_mtu = horizon.mtu_minutes // SIMBENCH_STEP_MINUTES
+    n_rows = 366 * 96
+    first, last = offset, offset + horizon.n_mtu * per_mtu - 1
+    if offset != int(offset) or first < 0 or last >= n_rows:
+        end = SIMBENCH_YEAR_START + pd.Timedelta(minutes=15 * n_rows)
+        raise InputError(
+            f"horizon {horizon.times[0]} .. {horizon.times[-1]} is outside the SimBench profile "
+            f"range {SIMBENCH_YEAR_START} .. {end} on the 15-minute grid"
+        )
+    return (int(offset) + np.arange(horizon.n_mtu * per_mtu)).reshape(horizon.n_mtu, per_mtu)
+
+
+def _from_simbench(grid: Grid, horizon: Horizon) -> Profiles:
+    import simbench as sb
+
+    rows = _simbench_rows(horizon)
+    net = grid.net
+    absolute = sb.get_absolute_values(net, profiles_instead_of_study_cases=True)
+    times = horizon.times
+
+    def pick(element: str, column: str) -> pd.DataFrame:
+        table = net[element]
+        stored = np.broadcast_to(table[column].to_numpy(float), (len(times), len(table)))
+        key = (element, column)
+        if key not in absolute or absolute[key].shape[1] == 0:
+            return _frame(stored, times, table.index, element)
+        values = absolute[key].reindex(columns=table.index).to_numpy(float)
+        mean = values[rows].mean(axis=1)  # average the quarter hours of each MTU
+        return _frame(np.where(np.isnan(mean), stored, mean), times, table.index, element)
+
+    return Profiles(
+        horizon,
+        "simbench",
+        pick("load", "p_mw"),
+        pick("load", "q_mvar"),
+        pick("sgen", "p_mw"),
+        pick("sgen", "q_mvar"),
+    )
+
+
+_CSV_COLUMN = re.compile(r"^(load|sgen)_(\d+)_(p_mw|q_mvar)$")
+
+
+def _from_csv(grid: Grid, horizon: Horizon, path: Path) -> Profiles:
+    if not path.is_file():
+        raise InputError(f"profile file not found: {path}")
+    try:
+        table = pd.read_csv(path)
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable CSV file ({exc})") from None
+    times = horizon.times
+    if "time" in table.columns:
+        try:
+            table.index = pd.DatetimeIndex(pd.to_datetime(table.pop("time")))
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"{path}: column 'time' is not a date and time ({exc})") from None
+        missing = times.difference(table.index)
+        if len(missing):
+            raise InputError(
+                f"{path}: horizon {times[0]} .. {times[-1]} is outside the profile range "
+                f"{table.index.min()} .. {table.index.max()} (first missing MTU {missing[0]})"
+            )
+        table = table.loc[times]
+    else:
+        if len(table) < horizon.n_mtu:
+            raise InputError(f"{path}: {len(table)} rows, but the horizon has {horizon.n_mtu} MTUs")
+        table = table.iloc[: horizon.n_mtu]
+    net = grid.net
+    frames = {}
+    for element, column in (
+        ("load", "p_mw"),
+        ("load", "q_mvar"),
+        ("sgen", "p_mw"),
+        ("sgen", "q_mvar"),
+    ):
+        stored = np.broadcast_to(
+            net[element][column].to_numpy(float), (len(times), len(net[element]))
+        )
+        frames[(element, column)] = _frame(stored.copy(), times, net[element].index, element)
+    for name in table.columns:
+        m = _CSV_COLUMN.match(str(name))
+        if m is None:
+            raise InputError(
+                f"{path}: column '{name}' is not of the form load_<index>_p_mw, "
+                "load_<index>_q_mvar, sgen_<index>_p_mw or sgen_<index>_q_mvar"
+            )
+        element, index, column = m.group(1), int(m.group(2)), m.group(3)
+        if index not in net[element].index:
+            raise InputError(f"{path}: column '{name}': grid {grid.name} has no {element} {index}")
+        values = pd.to_numeric(table[name], errors="coerce").to_numpy(float)
+        if np.isnan(values).any():
+            row = int(np.flatnonzero(np.isnan(values))[0])
+            raise InputError(f"{path}: column '{name}', data row {row + 1}: not a number")
+        frames[(element, column)][index] = values
+    return Profiles(horizon, f"csv:{path}", *frames.values())

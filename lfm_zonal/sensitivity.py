@@ -1,0 +1,305 @@
+"""Nodal sensitivities of branch loading and bus voltage to active and reactive injections.
+
+Injections are *net injections* at a bus (generation positive): flexibility
+"up" raises it. For each MTU, at its solved AC operating point:
+
+* ``loading_p`` = d loading_percent / d P_mw, ``loading_q`` = d loading_percent / d Q_mvar
+  (rows: monitored (element_type, element); columns: pandapower bus),
+* ``vm_p`` = d vm_pu / d P_mw, ``vm_q`` = d vm_pu / d Q_mvar (rows and columns: bus).
+
+Methods:
+
+``jacobian`` (reference)
+    One sparse LU factorisation of the Newton-Raphson Jacobian J at the solved
+    point; the state change of an injection is dx = J^-1 e, loading and voltage
+    follow from the exact derivatives of the branch-end currents. The slack
+    absorbs every injection; a PV bus holds its voltage (so Q injected there moves
+    nothing). Tests compare it with finite differences of real AC power flows.
+``dc_ptdf``
+    DC power transfer distribution factors: loading moves by sign(P) x PTDF x
+    rating factor, at 1 p.u. voltage; voltages and Q are invisible (zero
+    sensitivity). Cheap, and blind to the resistive voltage drop of feeders.
+``lindistflow``
+    Linearised DistFlow for radial feeders: d V_i / d P_j = R_ij / V_i with R_ij
+    the resistance of the path shared by i and j to the slack (X_ij for Q);
+    branch flows are the sums of downstream injections (lossless).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from pandapower.pypower.makePTDF import makePTDF
+from scipy.sparse.linalg import splu
+
+from lfm_zonal.errors import GridError, InputError
+from lfm_zonal.powerflow import HorizonPowerFlow, NetworkModel
+
+SENSITIVITY_METHODS = ("jacobian", "dc_ptdf", "lindistflow")
+
+
+@dataclass(frozen=True)
+class SensitivityArrays:
+    """Sensitivities as arrays, columns in ``model.buses`` order (the engine's fast path)."""
+
+    loading_p: np.ndarray  # (n_branches, n_buses) loading_percent per MW
+    loading_q: np.ndarray  # loading_percent per Mvar
+    vm_p: np.ndarray  # (n_buses, n_buses) p.u. per MW
+    vm_q: np.ndarray  # p.u. per Mvar
+
+
+@dataclass(frozen=True)
+class Sensitivities:
+    """Labelled sensitivity matrices of one MTU (see the module docstring for units)."""
+
+    method: str
+    time: pd.Timestamp
+    loading_p: pd.DataFrame
+    loading_q: pd.DataFrame
+    vm_p: pd.DataFrame
+    vm_q: pd.DataFrame
+    isolated_buses: tuple[int, ...]
+
+
+def sensitivities(
+    pf: HorizonPowerFlow, mtu: int | pd.Timestamp | str, method: str = "jacobian"
+) -> Sensitivities:
+    """Labelled sensitivities at the solved operating point of one MTU."""
+    t = pf.mtu_position(mtu)
+    if not pf.converged.iloc[t]:
+        raise InputError(f"MTU {t} ({pf.times[t]}) has no converged power flow: no sensitivities")
+    arrays = sensitivity_arrays(pf.model, pf.V[t], method)
+    buses = pf.model.buses.rename("bus")
+    branches = pf.model.branches
+
+    def frame(values: np.ndarray, rows: pd.Index) -> pd.DataFrame:
+        return pd.DataFrame(values, index=rows.copy(), columns=buses.copy())
+
+    return Sensitivities(
+        method=method,
+        time=pf.times[t],
+        loading_p=frame(arrays.loading_p, branches),
+        loading_q=frame(arrays.loading_q, branches),
+        vm_p=frame(arrays.vm_p, buses),
+        vm_q=frame(arrays.vm_q, buses),
+        isolated_buses=tuple(int(b) for b in pf.model.isolated_buses),
+    )
+
+
+def sensitivity_arrays(
+    model: NetworkModel, V: np.ndarray, method: str = "jacobian"
+) -> SensitivityArrays:
+    """Sensitivities at internal voltages ``V`` by ``method`` (one of SENSITIVITY_METHODS)."""
+    if method == "jacobian":
+        return _jacobian(model, V)
+    if method == "dc_ptdf":
+        return _dc_ptdf(model, V)
+    if method == "lindistflow":
+        return _lindistflow(model, V)
+    raise InputError(
+        f"unknown sensitivity method '{method}': choose one of {', '.join(SENSITIVITY_METHODS)}"
+    )
+
+
+def _active_end(model: NetworkModel, V: np.ndarray):
+    """Per monitored branch: the end that sets loading_percent, its current, voltage and factor."""
+    i_f, i_t = model.branch_currents(V)
+    from_end = model.loading_per_i_from * np.abs(i_f) >= model.loading_per_i_to * np.abs(i_t)
+    current = np.where(from_end, i_f, i_t)
+    bus = np.where(from_end, model.branch_from, model.branch_to)
+    factor = np.where(from_end, model.loading_per_i_from, model.loading_per_i_to)
+    return from_end, current, bus, factor
+
+
+def _jacobian(model: NetworkModel, V: np.ndarray) -> SensitivityArrays:
+    pv, pq = model.pv, model.pq
+    pvpq = np.r_[pv, pq]
+    n_pvpq, n_x = len(pvpq), len(pvpq) + len(pq)
+    # Inverse of J: column k is the state change of a unit injection in mismatch row k.
+    X = splu(model.jacobian(V)).solve(np.eye(n_x))
+
+    # d|I_end| / d[Va(pvpq), Vm(pq)] of the end that sets each branch's loading.
+    from_end, current, _, factor = _active_end(model, V)
+    rows = model.branch_rows
+    Y_end = sp.csr_matrix(
+        sp.diags(from_end.astype(float)) @ model.Yf[rows]
+        + sp.diags((~from_end).astype(float)) @ model.Yt[rows]
+    )
+    dI_dVa = Y_end @ sp.diags(1j * V)
+    dI_dVm = Y_end @ sp.diags(V / np.abs(V))
+    magnitude = np.abs(current)
+    unit = np.divide(np.conj(current), magnitude, out=np.zeros_like(current), where=magnitude > 0)
+    G = (sp.diags(unit) @ sp.hstack([dI_dVa[:, pvpq], dI_dVm[:, pq]])).real
+    dloading_dx = (sp.diags(factor) @ G) @ X  # loading_percent per p.u. injection
+
+    # Columns of X that belong to a P / Q injection at each internal bus (-1: none).
+    col_p = np.full(model.n_bus, -1)
+    col_p[pvpq] = np.arange(n_pvpq)
+    col_q = np.full(model.n_bus, -1)
+    col_q[pq] = n_pvpq + np.arange(len(pq))
+    row_vm = col_q  # Vm is a state only at PQ buses
+    internal = model.bus_lookup.to_numpy()
+
+    def by_bus(matrix: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        c = cols[internal]
+        out = np.zeros((matrix.shape[0], len(internal)))
+        out[:, c >= 0] = matrix[:, c[c >= 0]]
+        return out / model.base_mva
+
+    vm_rows = np.zeros((len(internal), n_x))
+    r = row_vm[internal]
+    vm_rows[r >= 0] = X[r[r >= 0]]
+    return SensitivityArrays(
+        loading_p=by_bus(dloading_dx, col_p),
+        loading_q=by_bus(dloading_dx, col_q),
+        vm_p=by_bus(vm_rows, col_p),
+        vm_q=by_bus(vm_rows, col_q),
+    )
+
+
+def _flow_based(
+    model: NetworkModel,
+    V: np.ndarray,
+    dflow: np.ndarray,
+    include_q: bool,
+    vm_p: np.ndarray,
+    vm_q: np.ndarray,
+) -> SensitivityArrays:
+    """Loading sensitivities from d P_flow(from end) / d P_injection (internal columns)."""
+    from_end, current, bus, factor = _active_end(model, V)
+    S_end = V[bus] * np.conj(current)  # power entering the branch at its active end
+    sign_end = np.where(from_end, 1.0, -1.0)  # lossless: flow at the to end is -flow at from
+    if include_q:
+        mag = np.abs(S_end)
+        w_p = np.divide(S_end.real, mag, out=np.zeros_like(mag), where=mag > 0)
+        w_q = np.divide(S_end.imag, mag, out=np.zeros_like(mag), where=mag > 0)
+        scale = factor / np.abs(V[bus])
+    else:
+        w_p, w_q, scale = np.sign(S_end.real), np.zeros(len(bus)), factor
+    internal = model.bus_lookup.to_numpy()
+    d = dflow[:, internal] * sign_end[:, None] * scale[:, None] / model.base_mva
+    return SensitivityArrays(
+        loading_p=d * w_p[:, None], loading_q=d * w_q[:, None], vm_p=vm_p, vm_q=vm_q
+    )
+
+
+def _dc_ptdf(model: NetworkModel, V: np.ndarray) -> SensitivityArrays:
+    if len(model.ref) != 1:
+        raise GridError("dc_ptdf sensitivities need exactly one slack bus")
+    ptdf = makePTDF(model.base_mva, model.ppci_bus, model.ppci_branch, slack=int(model.ref[0]))
+    n = len(model.buses)
+    zeros = np.zeros((n, n))
+    return _flow_based(model, V, ptdf[model.branch_rows], False, zeros, zeros.copy())
+
+
+def _lindistflow(model: NetworkModel, V: np.ndarray) -> SensitivityArrays:
+    if len(model.ref) != 1:
+        raise GridError("lindistflow sensitivities need exactly one slack bus")
+    f, t = model.all_branch_from, model.all_branch_to
+    z = model.all_branch_r_pu + 1j * model.all_branch_x_pu
+    # Parallel branches (same two buses) act as one: z_eq = 1 / sum(1/z_k), each
+    # carrying the share |z_eq / z_k| of the flow.
+    pair = np.sort(np.c_[f, t], axis=1)
+    pairs, group = np.unique(pair, axis=0, return_inverse=True)
+    group = group.ravel()
+    y_eq = np.zeros(len(pairs), complex)
+    np.add.at(y_eq, group, 1.0 / np.where(z == 0, 1e-12, z))
+    z_eq = 1.0 / y_eq
+    share = np.abs(z_eq[group] / np.where(z == 0, 1e-12, z))
+    graph = nx.Graph()
+    graph.add_nodes_from(range(model.n_bus))
+    graph.add_edges_from((int(a), int(b), {"k": k}) for k, (a, b) in enumerate(pairs))
+    if not nx.is_tree(graph):
+        cycles = nx.cycle_basis(graph)
+        detail = f"; there is a ring through {len(cycles[0])} buses" if cycles else ""
+        raise GridError(
+            f"lindistflow sensitivities need a radial grid (a tree as switched){detail}"
+        )
+    # Path incidence: A[i, g] = 1 if branch group g lies on the path from the slack to bus i.
+    A = np.zeros((model.n_bus, len(pairs)))
+    for parent, child in nx.bfs_edges(graph, int(model.ref[0])):
+        A[child] = A[parent]
+        A[child, graph[parent][child]["k"]] = 1.0
+    R = (A * z_eq.real) @ A.T
+    X = (A * z_eq.imag) @ A.T
+    internal = model.bus_lookup.to_numpy()
+    vm = np.abs(V)[internal][:, None]
+    vm_p = R[np.ix_(internal, internal)] / vm / model.base_mva
+    vm_q = X[np.ix_(internal, internal)] / vm / model.base_mva
+    # Flow at the from end, oriented from -> to: minus the injections beyond the branch.
+    g = group[model.branch_rows]
+    beyond = A.T[g]  # 1 where a bus lies beyond the branch, seen from the slack
+    from_is_upstream = A[model.branch_to, g] == 1.0
+    orient = np.where(from_is_upstream, -1.0, 1.0) * share[model.branch_rows]
+    return _flow_based(model, V, beyond * orient[:, None], True, vm_p, vm_q)
+
+
+def finite_difference_sensitivities(
+    pf: HorizonPowerFlow, mtu: int | pd.Timestamp | str, buses, delta_mw: float = 1e-5
+) -> Sensitivities:
+    """Sensitivities of the given bus columns by central differences of pandapower AC power flows.
+
+    The reference that every method is tested against: for each bus, a small
+    sgen of +/- ``delta_mw`` (then +/- ``delta_mw`` Mvar) is added and
+    ``pandapower.runpp`` is solved to 1e-10 MVA.
+    """
+    import pandapower as pp
+
+    t = pf.mtu_position(mtu)
+    buses = pd.Index(list(buses), name="bus")
+    branches = pf.model.branches
+
+    def solve(bus: int, p_mw: float, q_mvar: float) -> tuple[np.ndarray, np.ndarray]:
+        net = pf.operating_point(t)
+        pp.create_sgen(net, bus, p_mw=p_mw, q_mvar=q_mvar)
+        pp.runpp(net, tolerance_mva=1e-10)
+        loading = np.array(
+            [net[f"res_{kind}"].at[idx, "loading_percent"] for kind, idx in branches]
+        )
+        return loading, net.res_bus.vm_pu.reindex(pf.model.buses).to_numpy()
+
+    out = {
+        name: np.zeros(
+            (len(branches) if name.startswith("loading") else len(pf.model.buses), len(buses))
+        )
+        for name in ("loading_p", "loading_q", "vm_p", "vm_q")
+    }
+    for j, bus in enumerate(buses):
+        for kind, (dp, dq) in (("p", (delta_mw, 0.0)), ("q", (0.0, delta_mw))):
+            up_l, up_v = solve(int(bus), dp, dq)
+            dn_l, dn_v = solve(int(bus), -dp, -dq)
+            out[f"loading_{kind}"][:, j] = (up_l - dn_l) / (2 * delta_mw)
+            out[f"vm_{kind}"][:, j] = (up_v - dn_v) / (2 * delta_mw)
+    rows = {"loading": branches, "vm": pf.model.buses.rename("bus")}
+    frames = {
+        name: pd.DataFrame(values, index=rows[name.split("_")[0]].copy(), columns=buses)
+        for name, values in out.items()
+    }
+    return Sensitivities(method="finite_difference", time=pf.times[t], isolated_buses=(), **frames)
+
+
+def sensitivity_error(
+    estimate: Sensitivities, reference: Sensitivities, significant: float = 0.05
+) -> dict[str, float]:
+    """Largest relative error of the significant entries, per matrix.
+
+    An entry is significant when its reference magnitude is at least
+    ``significant`` times the largest of that matrix (and above 1e-9). Only the
+    reference's columns are compared. A matrix with no significant entry gives NaN.
+    """
+    out = {}
+    for name in ("loading_p", "loading_q", "vm_p", "vm_q"):
+        ref = getattr(reference, name)
+        est = getattr(estimate, name).reindex(index=ref.index, columns=ref.columns).to_numpy()
+        ref = ref.to_numpy()
+        mask = np.abs(ref) >= max(significant * np.abs(ref).max(initial=0.0), 1e-9)
+        out[name] = (
+            float(np.max(np.abs(est[mask] - ref[mask]) / np.abs(ref[mask])))
+            if mask.any()
+            else float("nan")
+        )
+    return out

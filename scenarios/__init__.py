@@ -1,0 +1,1 @@
+"""Built-in scenario files, installed as the package ``lfm_zonal.scenarios``."""

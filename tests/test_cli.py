@@ -1,0 +1,114 @@
+"""The command line: user mistakes give one clear line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from lfm_zonal.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["powerflow", "--grid", "no_such_grid"], "unknown grid 'no_such_grid'"),
+        (["powerflow", "--grid", "1-MV-nowhere--0-sw"], "unknown grid '1-MV-nowhere--0-sw'"),
+        (["powerflow", "--grid", "missing.json"], "grid file not found: missing.json"),
+        (
+            ["powerflow", "--grid", "1-MV-rural--0-sw", "--start", "2017-03-01 00:00"],
+            "outside the SimBench profile range",
+        ),
+        (["powerflow", "--grid", "1-MV-rural--0-sw", "--mtu-minutes", "20"], "multiple of 15"),
+        (["powerflow", "--n-mtu", "0"], "'horizon.n_mtu' must be > 0"),
+        (["powerflow", "--profiles", "nope.csv"], "profile file not found: nope.csv"),
+        (["run", "no_such_scenario.toml"], "scenario not found: no_such_scenario.toml"),
+        (["sensitivities", "--n-mtu", "4", "--mtu", "9"], "MTU 9 is outside the horizon"),
+    ],
+)
+def test_user_mistakes_give_one_line(capsys, argv, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert expected in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_malformed_json_grid(capsys, tmp_path):
+    bad = tmp_path / "grid.json"
+    bad.write_text("{ this is not json")
+    code, _, err = run_cli(capsys, "powerflow", "--grid", str(bad))
+    assert code == 2 and f"{bad}: not a readable pandapower JSON network" in err
+
+
+def test_bad_profile_column_names_the_column(capsys, tmp_path):
+    csv = tmp_path / "p.csv"
+    pd.DataFrame({"load_999_p_mw": [1.0] * 4}).to_csv(csv, index=False)
+    code, _, err = run_cli(capsys, "powerflow", "--n-mtu", "4", "--profiles", str(csv))
+    assert code == 2 and "column 'load_999_p_mw': grid cigre_mv has no load 999" in err
+
+
+def test_entry_point_prints_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lfm_zonal.cli", "powerflow", "--grid", "nowhere"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("lfm-zonal: error: unknown grid 'nowhere'")
+    assert "Traceback" not in proc.stderr
+
+
+def test_sensitivities_command_writes_labelled_matrices(capsys, tmp_path):
+    out = tmp_path / "sens"
+    code, _, _ = run_cli(
+        capsys,
+        "sensitivities",
+        "--grid",
+        "ieee33",
+        "--n-mtu",
+        "4",
+        "--mtu",
+        "0",
+        "--mtu",
+        "2016-01-14 00:45",
+        "--out",
+        str(out),
+    )
+    assert code == 0
+    vm_p = pd.read_csv(out / "mtu_0" / "vm_p.csv", index_col=0)
+    assert list(vm_p.index) == list(range(33)) and list(vm_p.columns) == [str(b) for b in range(33)]
+    loading = pd.read_csv(out / "20160114T0045" / "loading_p.csv", index_col=[0, 1])
+    assert loading.index.names == ["element_type", "element"] and len(loading) == 32
+    # Injecting at the feeder end raises its own voltage.
+    assert vm_p.at[17, "17"] > 0
+
+
+def test_run_writes_a_complete_folder_only(capsys, tmp_path):
+    out = tmp_path / "results"
+    code, stdout, _ = run_cli(capsys, "run", "--out", str(out), "--quiet")
+    assert code == 0 and str(out) in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["base_case"]["mtus_with_overload"] > 0
+    assert summary["reference_mtu"]["time"] == "2016-01-14 19:00:00"
+    # Refuses to overwrite, leaves the first result alone, and no partial folder is left behind.
+    code, _, err = run_cli(capsys, "run", "--out", str(out), "--quiet")
+    assert code == 2 and "exists and is not empty" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]
+
+
+def test_run_is_deterministic(capsys, tmp_path):
+    for name in ("a", "b"):
+        assert run_cli(capsys, "run", "--out", str(tmp_path / name), "--quiet")[0] == 0
+    for f in sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*")):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f

@@ -1,0 +1,95 @@
+"""Sensitivities against finite differences of real AC power flows (pandapower.runpp)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lfm_zonal import GridError, sensitivities
+from lfm_zonal.sensitivity import finite_difference_sensitivities, sensitivity_error
+
+TOLERANCE = 0.01  # relative error of the significant entries
+
+
+def sample_buses(pf, extra=(), n=6, seed=0):
+    """A seeded sample of energised non-slack buses, plus the ones a test names."""
+    slack = set(pf.grid.net.ext_grid.bus)
+    candidates = [b for b in pf.model.buses if b not in slack]
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(candidates, size=min(n, len(candidates)), replace=False)
+    return sorted({*map(int, picked), *extra})
+
+
+def assert_close_to_fd(pf, mtu, buses, method="jacobian", tolerance=TOLERANCE):
+    fd = finite_difference_sensitivities(pf, mtu, buses)
+    est = sensitivities(pf, mtu, method)
+    err = sensitivity_error(est, fd)
+    assert all(e <= tolerance for e in err.values()), err
+    return err
+
+
+def test_jacobian_cigre_mv(cigre_pf):
+    assert_close_to_fd(cigre_pf, 7, sample_buses(cigre_pf, extra=(1, 12)))
+
+
+def test_jacobian_ieee33(ieee33_pf):
+    assert_close_to_fd(ieee33_pf, 7, sample_buses(ieee33_pf, extra=(17, 32)))
+
+
+def test_jacobian_simbench_mv_with_switches(simbench_mv_pf):
+    net = simbench_mv_pf.grid.net
+    # Buses merged by the bus-bus switches as shipped, and buses behind the HV/MV trafo.
+    merged = [
+        int(b)
+        for b in net.switch.loc[net.switch.et == "b", ["bus", "element"]].to_numpy().ravel()
+        if b in simbench_mv_pf.model.buses and b not in set(net.ext_grid.bus)
+    ]
+    behind_trafo = [int(net.trafo.lv_bus.iloc[0])]
+    assert_close_to_fd(simbench_mv_pf, 1, sample_buses(simbench_mv_pf, extra=merged + behind_trafo))
+
+
+def test_jacobian_two_voltage_levels_and_merged_buses(mixed_pf):
+    net = mixed_pf.grid.net
+    lv = [int(b) for b in net.bus.index[net.bus.vn_kv == 0.4]]
+    merged = int(net.bus.index[net.bus.name == "merged with bus 5"][0])
+    buses = sample_buses(mixed_pf, extra=(*lv, merged, 5), n=3)
+    assert_close_to_fd(mixed_pf, 7, buses)
+    sens = sensitivities(mixed_pf, 7)
+    # Merged buses are one node: identical columns.
+    assert sens.loading_p[merged].equals(sens.loading_p[5])
+    assert set(sens.isolated_buses) and set(sens.isolated_buses).isdisjoint(sens.vm_p.columns)
+
+
+def test_jacobian_ring(ring_pf):
+    assert_close_to_fd(ring_pf, 7, sample_buses(ring_pf))
+
+
+def test_physical_signs(ieee33_pf):
+    """Injecting P at the end of a radial feeder raises every voltage on its path and
+    unloads the first branch; the slack bus column is zero."""
+    sens = sensitivities(ieee33_pf, 7)
+    assert (sens.vm_p[17].drop(0) > 0).all()
+    assert sens.loading_p.loc[("line", 0), 17] < 0
+    assert (sens.vm_p[0] == 0).all() and (sens.loading_p[0] == 0).all()
+
+
+def test_lindistflow_is_close_on_a_radial_feeder(ieee33_pf):
+    """LinDistFlow neglects losses and the voltage in the flow terms: documented error
+    on IEEE 33 (see README), checked here so that a regression shows."""
+    fd = finite_difference_sensitivities(ieee33_pf, 7, sample_buses(ieee33_pf, extra=(17, 32)))
+    err = sensitivity_error(sensitivities(ieee33_pf, 7, "lindistflow"), fd)
+    assert max(err.values()) < 0.25, err
+    assert err["vm_p"] > 1e-3  # an approximation, not the Jacobian
+
+
+def test_dc_ptdf_sees_no_voltage(ieee33_pf):
+    fd = finite_difference_sensitivities(ieee33_pf, 7, [17, 32])
+    dc = sensitivities(ieee33_pf, 7, "dc_ptdf")
+    err = sensitivity_error(dc, fd)
+    assert err["vm_p"] == pytest.approx(1.0) and (dc.vm_p.to_numpy() == 0).all()
+    assert 0.05 < err["loading_p"] < 0.5, err  # sign(P) x PTDF ignores the Q part of |S|
+
+
+def test_lindistflow_refuses_a_ring(ring_pf):
+    with pytest.raises(GridError, match="radial"):
+        sensitivities(ring_pf, 0, "lindistflow")
