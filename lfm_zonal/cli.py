@@ -49,8 +49,8 @@ OVERRIDES = {
 def _add_case_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scenario",
-        default=DEFAULT_SCENARIO,
-        help=f"scenario name or TOML file giving the defaults (default: {DEFAULT_SCENARIO})",
+        help="scenario name or TOML file giving the defaults (default: the schema defaults, "
+        "grid cigre_mv)",
     )
     p.add_argument("--grid", help="grid: built-in name, SimBench code or pandapower JSON file")
     p.add_argument("--start", help="start of the first MTU, e.g. '2016-01-14 00:00'")
@@ -65,14 +65,20 @@ def _add_case_options(p: argparse.ArgumentParser) -> None:
 
 
 def scenario_from_args(args: argparse.Namespace) -> Scenario:
-    """The scenario named by --scenario with every given flag applied on top (validated)."""
-    base = load_scenario(args.scenario)
-    values = {section: dict(keys) for section, keys in base.values.items()}
+    """The scenario named by --scenario (default: schema defaults on cigre_mv) with every
+    given flag applied on top, validated like a file."""
+    if args.scenario is None:
+        values = {"grid": {"source": "cigre_mv"}}
+        origin = "command line"
+    else:
+        base = load_scenario(args.scenario)
+        values = {section: dict(keys) for section, keys in base.values.items()}
+        origin = base.path
     for flag, (section, key) in OVERRIDES.items():
         value = getattr(args, flag, None)
         if value is not None:
-            values[section][key] = SCHEMA[section][key].kind(value)
-    return Scenario(base.path, validate_values(values, base.path))
+            values.setdefault(section, {})[key] = SCHEMA[section][key].kind(value)
+    return Scenario(origin, validate_values(values, origin))
 
 
 def cmd_grids(args: argparse.Namespace) -> None:
