@@ -26,6 +26,7 @@ from lfm_zonal.scenario import (
     schema_text,
     validate_values,
 )
+from lfm_zonal.segmentation import SEGMENTATION_METHODS, WEIGHT_POLICIES
 from lfm_zonal.sensitivity import SENSITIVITY_METHODS
 
 log = logging.getLogger("lfm_zonal")
@@ -43,6 +44,10 @@ OVERRIDES = {
     "vm_max_pu": ("grid", "vm_max_pu"),
     "loading_max_percent": ("grid", "loading_max_percent"),
     "method": ("sensitivity", "method"),
+    "k": ("zones", "k"),
+    "segmentation": ("zones", "method"),
+    "weights": ("zones", "weights"),
+    "reference_mtu": ("zones", "reference_mtu"),
 }
 
 
@@ -77,7 +82,8 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
     for flag, (section, key) in OVERRIDES.items():
         value = getattr(args, flag, None)
         if value is not None:
-            values.setdefault(section, {})[key] = SCHEMA[section][key].kind(value)
+            kind = SCHEMA[section][key].kind
+            values.setdefault(section, {})[key] = kind(value) if isinstance(kind, type) else value
     return Scenario(origin, validate_values(values, origin))
 
 
@@ -140,6 +146,36 @@ def _mtu(text: str):
     return int(text) if str(text).isdigit() else text
 
 
+def cmd_zones(args: argparse.Namespace) -> None:
+    from lfm_zonal.job import prepare_base_case, prepare_segmentation_of, write_zones
+    from lfm_zonal.output import result_folder
+
+    scenario = scenario_from_args(args)
+    base = prepare_base_case(scenario, progress=True)
+    seg = prepare_segmentation_of(base)
+    z = scenario["zones"]
+    zone_sets = [seg.zones(k, z["method"], scenario.seed) for k in z["k"]]
+    with result_folder(args.out, overwrite=args.overwrite) as folder:
+        write_zones(seg, zone_sets, folder, base.grid.name)
+    print(
+        f"{base.grid.name}: {seg.n_buses} buses, zones at MTU {seg.reference_mtu} "
+        f"({base.powerflow.times[seg.reference_mtu]}), method {z['method']}, weights {z['weights']}"
+    )
+    for zones in zone_sets:
+        err = seg.indices(zones).overall_error()
+        print(
+            f"  K = {zones.k:>4}: segmentation error loading {err['loading']:.3f}, "
+            f"voltage {err['vm']:.3f}"
+        )
+    print(
+        f"wrote zones.csv, zone_errors.csv, error_curve.csv, zonal_indices/ and maps to {args.out}"
+    )
+
+
+def _mtu_or_peak(text: str):
+    return int(text) if text.isdigit() else text
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from lfm_zonal.job import run_scenario
 
@@ -197,6 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="sensitivities", help="output folder (default: sensitivities)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_sensitivities)
+
+    p = sub.add_parser(
+        "zones", help="segment the grid into K connected zones; zonal indices, errors, maps"
+    )
+    _add_case_options(p)
+    p.add_argument("--method", choices=SENSITIVITY_METHODS, help="sensitivity method")
+    p.add_argument("--k", type=int, action="append", help="number of zones (repeatable)")
+    p.add_argument("--segmentation", choices=SEGMENTATION_METHODS, help="segmentation method")
+    p.add_argument("--weights", choices=WEIGHT_POLICIES, help="virtual-bus weight policy")
+    p.add_argument(
+        "--reference-mtu",
+        type=_mtu_or_peak,
+        help="MTU number the zones are computed at, or 'peak' (highest total load)",
+    )
+    p.add_argument("--out", default="zones", help="output folder (default: zones)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_zones)
     return parser
 
 

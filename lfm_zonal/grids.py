@@ -149,49 +149,82 @@ _SYNTHETIC = re.compile(r"^synthetic_radial_(\d+)(?:_seed(\d+))?$")
 
 
 def synthetic_radial_feeder(n_bus: int = 1000, seed: int = 0) -> pp.pandapowerNet:
-    """A seeded radial 110/20 kV feeder of exactly ``n_bus`` buses (for scaling tests).
+    """A seeded radial 110/20 kV grid of exactly ``n_bus`` buses (for scaling tests).
 
     Feeders of about 100 buses leave the MV busbar; each grows as a trunk with
     laterals (each new bus hangs off the last one with probability 0.75, else off
-    a random earlier bus). Every MV bus has a load, about 30% have PV.
+    a random earlier bus). Every MV bus has a load, about 30% have PV. Geodata
+    draw each feeder as a fan in its own sector around the substation.
     """
     if n_bus < 4:
         raise InputError(f"synthetic_radial_{n_bus}: needs at least 4 buses")
     rng = np.random.default_rng(seed)
-    net = pp.create_empty_network(name=f"synthetic_radial_{n_bus}_seed{seed}")
-    hv = pp.create_bus(net, 110.0, name="HV", geodata=(0.0, 0.0))
-    mv = pp.create_bus(net, 20.0, name="MV busbar", geodata=(1.0, 0.0))
-    pp.create_ext_grid(net, hv, vm_pu=1.02)
-    pp.create_transformer(net, hv, mv, std_type="63 MVA 110/20 kV", parallel=2)
     n_mv = n_bus - 2
     n_feeders = max(1, round(n_mv / 100))
     sizes = np.full(n_feeders, n_mv // n_feeders)
     sizes[: n_mv - sizes.sum()] += 1
-    for f, size in enumerate(sizes):
-        nodes = [mv]
-        depth = {mv: 0}
-        for k in range(size):
-            parent = (
-                nodes[-1]
-                if (rng.random() < 0.75 or len(nodes) == 1)
-                else nodes[int(rng.integers(1, len(nodes)))]
-            )
-            d = depth[parent] + 1
-            b = pp.create_bus(net, 20.0, name=f"F{f}-{k}", geodata=(1.0 + d, f * 10.0 + k % 7))
-            depth[b] = d
+    # Topology first: parent of every feeder bus (0 = the MV busbar), then positions.
+    feeders = []
+    for size in sizes:
+        parent = [0]
+        for k in range(1, size + 1):
+            parent.append(k - 1 if (rng.random() < 0.75 or k == 1) else int(rng.integers(1, k)))
+        feeders.append(np.array(parent))
+    net = pp.create_empty_network(name=f"synthetic_radial_{n_bus}_seed{seed}")
+    hv = pp.create_bus(net, 110.0, name="HV", geodata=(0.0, -1.0))
+    mv = pp.create_bus(net, 20.0, name="MV busbar", geodata=(0.0, 0.0))
+    pp.create_ext_grid(net, hv, vm_pu=1.02)
+    pp.create_transformer(net, hv, mv, std_type="63 MVA 110/20 kV", parallel=2)
+    for f, parent in enumerate(feeders):
+        xy = _fan_layout(
+            parent, centre_rad=2 * np.pi * f / n_feeders, width_rad=1.6 * np.pi / n_feeders
+        )
+        depth = np.zeros(len(parent), int)
+        bus_of = {0: mv}
+        for k in range(1, len(parent)):
+            depth[k] = depth[parent[k]] + 1
+            bus_of[k] = b = pp.create_bus(net, 20.0, name=f"F{f}-{k}", geodata=tuple(xy[k]))
             length_km = float(rng.uniform(0.05, 0.25))
-            std = (
-                "NA2XS2Y 1x240 RM/25 12/20 kV"
-                if parent == mv or d < 10
-                else "NA2XS2Y 1x95 RM/25 12/20 kV"
-            )
-            pp.create_line(net, parent, b, length_km, std_type=std)
+            std = "NA2XS2Y 1x240 RM/25 12/20 kV" if depth[k] < 10 else "NA2XS2Y 1x95 RM/25 12/20 kV"
+            pp.create_line(net, bus_of[parent[k]], b, length_km, std_type=std)
             p_mw = float(rng.uniform(0.04, 0.2))
             pp.create_load(net, b, p_mw=p_mw, q_mvar=0.33 * p_mw)
             if rng.random() < 0.3:
                 pp.create_sgen(net, b, p_mw=float(rng.uniform(0.05, 0.25)), type="PV")
-            nodes.append(b)
     return net
+
+
+def _fan_layout(parent: np.ndarray, centre_rad: float, width_rad: float) -> np.ndarray:
+    """Tree drawn as a fan: radius = depth, angle = the node's leaf-order position in the sector."""
+    children: dict[int, list[int]] = {}
+    for k in range(1, len(parent)):
+        children.setdefault(int(parent[k]), []).append(k)
+    leaf_pos = np.zeros(len(parent))
+    depth = np.zeros(len(parent))
+    counter = 0.0
+
+    def visit(node: int) -> None:  # iterative: feeders are deeper than the recursion limit
+        nonlocal counter
+        stack = [(node, False)]
+        while stack:
+            n, done = stack.pop()
+            kids = children.get(n, [])
+            if done:
+                leaf_pos[n] = np.mean(leaf_pos[kids])
+                continue
+            if not kids:
+                leaf_pos[n] = counter
+                counter += 1.0
+                continue
+            stack.append((n, True))
+            for c in reversed(kids):
+                depth[c] = depth[n] + 1
+                stack.append((c, False))
+
+    visit(0)
+    angle = centre_rad + width_rad * (leaf_pos / max(counter - 1.0, 1.0) - 0.5)
+    radius = 1.0 + depth
+    return np.c_[radius * np.cos(angle), radius * np.sin(angle)]
 
 
 # --------------------------------------------------------------------------- loading

@@ -17,9 +17,11 @@ import pandas as pd
 from lfm_zonal.errors import PowerFlowNotConverged
 from lfm_zonal.grids import Grid, load_grid
 from lfm_zonal.output import result_folder, write_csv, write_json
+from lfm_zonal.plots import plot_error_curve, plot_zones
 from lfm_zonal.powerflow import HorizonPowerFlow, run_horizon
 from lfm_zonal.profiles import Horizon, Profiles, load_profiles
 from lfm_zonal.scenario import Scenario
+from lfm_zonal.segmentation import Segmentation, Zones, prepare_segmentation
 from lfm_zonal.sensitivity import Sensitivities, sensitivities
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,68 @@ def write_sensitivities(sens: Sensitivities, folder: Path) -> None:
         write_csv(getattr(sens, name), folder / f"{name}.csv")
 
 
+def prepare_segmentation_of(base: BaseCase) -> Segmentation:
+    """Segmentation inputs at the scenario's reference MTU."""
+    z = base.scenario["zones"]
+    ref = base.reference_mtu if z["reference_mtu"] == "peak" else z["reference_mtu"]
+    return prepare_segmentation(
+        base.powerflow,
+        ref,
+        sensitivity_method=base.scenario["sensitivity"]["method"],
+        weight_policy=z["weights"],
+    )
+
+
+def write_zones(seg: Segmentation, zone_sets: list[Zones], folder: Path, grid_name: str) -> None:
+    """zones.csv, zone_errors.csv, zonal indices per K, error curve over every K, zone maps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, errors = [], []
+    for zones in zone_sets:
+        idx = seg.indices(zones)
+        med = seg.medoids(zones)
+        table = pd.DataFrame(
+            {
+                "k": zones.k,
+                "bus": zones.buses,
+                "zone": zones.zone_of_bus.to_numpy(),
+                "medoid": zones.buses.isin(med.to_numpy()),
+                "weight_mw": idx.weights.to_numpy(),
+            }
+        )
+        rows.append(table)
+        errors.append(
+            idx.error[["buses", "weight", "loading_error", "vm_error"]]
+            .assign(k=zones.k, medoid=med)
+            .reset_index()
+        )
+        sub = folder / "zonal_indices" / f"k{zones.k}"
+        sub.mkdir(parents=True, exist_ok=True)
+        for name in ("loading_p", "loading_q", "vm_p", "vm_q"):
+            write_csv(getattr(idx, name), sub / f"{name}.csv")
+        write_csv(idx.element_error, sub / "element_error.csv")
+        err = idx.overall_error()
+        plot_zones(
+            seg.graph,
+            seg.pf.grid.net,
+            zones.zone_of_bus,
+            med,
+            folder / f"zones_k{zones.k}.png",
+            f"{grid_name}: K = {zones.k} zones ({zones.method}), error "
+            f"loading {err['loading']:.2f} / voltage {err['vm']:.2f}",
+        )
+    write_csv(pd.concat(rows, ignore_index=True), folder / "zones.csv", index=False)
+    columns = ["k", "zone", "buses", "weight", "medoid", "loading_error", "vm_error"]
+    write_csv(
+        pd.concat(errors, ignore_index=True)[columns], folder / "zone_errors.csv", index=False
+    )
+    method = zone_sets[0].method
+    curve = seg.error_curve(method=method)
+    write_csv(curve, folder / "error_curve.csv", index=False)
+    plot_error_curve(
+        curve, folder / "error_curve.png", f"{grid_name}: segmentation error against K ({method})"
+    )
+
+
 def run_scenario(
     scenario: Scenario, out: str | Path, *, overwrite: bool = False, progress: bool = False
 ) -> Path:
@@ -87,7 +151,12 @@ def run_scenario(
     base = prepare_base_case(scenario, progress=progress)
     ref = base.reference_mtu
     sens = sensitivities(base.powerflow, ref, scenario["sensitivity"]["method"])
+    seg = prepare_segmentation_of(base)
+    zone_sets = [
+        seg.zones(k, scenario["zones"]["method"], scenario.seed) for k in scenario["zones"]["k"]
+    ]
     with result_folder(out, overwrite=overwrite) as folder:
+        write_zones(seg, zone_sets, folder / "zones", base.grid.name)
         violations = base.powerflow.violations()
         write_csv(violations, folder / "base_case.csv")
         write_csv(
@@ -124,6 +193,14 @@ def run_scenario(
                 ),
             },
             "sensitivity_method": sens.method,
+            "zones": {
+                "method": scenario["zones"]["method"],
+                "weights": scenario["zones"]["weights"],
+                "reference_mtu": seg.reference_mtu,
+                "segmentation_error": {
+                    str(z.k): seg.indices(z).overall_error()["mean"] for z in zone_sets
+                },
+            },
             "isolated_buses": list(sens.isolated_buses),
         }
         write_json(summary, folder / "summary.json")

@@ -17,6 +17,7 @@ from typing import Any
 from lfm_zonal.errors import InputError
 from lfm_zonal.grids import DEFAULT_LOADING_MAX_PERCENT, DEFAULT_VM_MAX_PU, DEFAULT_VM_MIN_PU
 from lfm_zonal.profiles import DEFAULT_START
+from lfm_zonal.segmentation import SEGMENTATION_METHODS, WEIGHT_POLICIES
 from lfm_zonal.sensitivity import SENSITIVITY_METHODS
 
 DEFAULT_SCENARIO = "cigre_mv_evening_peak"
@@ -42,6 +43,22 @@ def _non_negative(v) -> str | None:
 
 def _one_of(options) -> Callable[[Any], str | None]:
     return lambda v: None if v in options else f"must be one of {', '.join(map(str, options))}"
+
+
+def _zone_counts(v) -> str | None:
+    if not v or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in v):
+        return "must be a non-empty list of integers >= 1"
+    return None
+
+
+def _reference_mtu(v) -> str | None:
+    if (
+        isinstance(v, bool)
+        or (isinstance(v, str) and v != "peak")
+        or (isinstance(v, int) and v < 0)
+    ):
+        return 'must be "peak" or an MTU number >= 0'
+    return None
 
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -74,6 +91,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "sensitivity": {
         "method": Key(str, "jacobian", "nodal sensitivity method", _one_of(SENSITIVITY_METHODS)),
+    },
+    "zones": {
+        "k": Key(
+            list, [1, 2, 4, 8], "zone counts to compare (each 1 .. number of buses)", _zone_counts
+        ),
+        "method": Key(str, "agglomerative", "segmentation method", _one_of(SEGMENTATION_METHODS)),
+        "weights": Key(str, "capacity", "weights of the virtual bus", _one_of(WEIGHT_POLICIES)),
+        "reference_mtu": Key(
+            (str, int),
+            "peak",
+            'MTU the zones are computed at ("peak": highest total load)',
+            _reference_mtu,
+        ),
     },
 }
 

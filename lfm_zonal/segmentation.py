@@ -1,0 +1,485 @@
+"""Grid segmentation (seed 000): connected zones, virtual buses, zonal sensitivity indices.
+
+Buses are clustered by *electrical distance*: each bus is described by its column
+of the nodal sensitivity matrices (how an injection there moves every monitored
+loading and voltage), each row scaled to the largest magnitude of that row so
+that every monitored element counts alike, and the loading and voltage blocks
+weighted equally. Zones are connected subgraphs of the grid as switched.
+
+Methods:
+
+``agglomerative`` (default)
+    Ward's agglomerative clustering with the grid's adjacency as connectivity
+    constraint (scikit-learn's ``ward_tree``): only adjacent clusters merge, so
+    every zone is connected. One hierarchy serves every K: :class:`ZoneHierarchy`
+    builds it once and cuts it at any K.
+``spectral``
+    Spectral clustering on a Gaussian affinity of the same distance, restricted to
+    grid edges; a zone that comes out disconnected is split into its connected
+    pieces and the smallest pieces are merged into their most similar neighbour
+    until there are K connected zones.
+
+The **virtual bus** of a zone carries its flexibility; its **sensitivity index** for
+each monitored element is the weighted mean of the nodal sensitivities of the
+zone's buses: S_zone = S_nodal @ W, W[b, z] = w_b / sum of w in z. Weight
+policies: ``capacity`` (flexible capacity at the bus; a zone without any falls
+back to uniform), ``uniform``, ``load`` (peak load at the bus). The zone's
+**medoid** is the real bus nearest to all others (weighted), for maps.
+
+The **approximation error** of a zone is the weighted mean absolute difference
+between its index and its buses' nodal sensitivities, relative to the weighted
+mean absolute nodal sensitivity, over all monitored elements: 0 when every bus
+of the zone acts like the virtual bus, 1 when the error is as large as the
+effect itself. It is computed separately for loading and voltage rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import networkx as nx
+import numpy as np
+import pandapower.topology as top
+import pandas as pd
+import scipy.sparse as sp
+from scipy.spatial.distance import cdist
+
+from lfm_zonal.errors import InputError
+from lfm_zonal.powerflow import HorizonPowerFlow
+from lfm_zonal.sensitivity import SensitivityArrays, sensitivity_arrays
+
+SEGMENTATION_METHODS = ("agglomerative", "spectral")
+WEIGHT_POLICIES = ("capacity", "uniform", "load")
+
+
+@dataclass(frozen=True)
+class Zones:
+    """A partition of the energised buses into ``k`` connected zones numbered 0..k-1.
+
+    Zone numbers follow the smallest pandapower bus index of each zone, so the
+    same partition always gets the same numbers.
+    """
+
+    k: int
+    method: str
+    zone_of_bus: pd.Series  # index: bus, value: zone
+
+    @property
+    def buses(self) -> pd.Index:
+        return self.zone_of_bus.index
+
+    def members(self, zone: int) -> pd.Index:
+        return self.zone_of_bus.index[self.zone_of_bus.to_numpy() == zone]
+
+    def aggregation(self, weights: pd.Series) -> np.ndarray:
+        """W (n_bus x k): W[b, z] = w_b / sum of w over zone z (uniform in a zone whose sum is 0)."""
+        zone = self.zone_of_bus.to_numpy()
+        w = weights.reindex(self.buses).fillna(0.0).to_numpy(float)
+        total = np.bincount(zone, weights=w, minlength=self.k)
+        count = np.bincount(zone, minlength=self.k)
+        share = np.where(
+            total[zone] > 0, w / np.where(total[zone] > 0, total[zone], 1.0), 1.0 / count[zone]
+        )
+        return sp.csr_matrix(
+            (share, (np.arange(len(zone)), zone)), shape=(len(zone), self.k)
+        ).toarray()
+
+
+def _numbered(labels: np.ndarray, buses: pd.Index, k: int, method: str) -> Zones:
+    """Renumber cluster labels by the smallest bus of each cluster."""
+    order = pd.Series(buses.to_numpy(), index=labels).groupby(level=0).min().sort_values()
+    new = pd.Series(np.arange(len(order)), index=order.index)
+    return Zones(
+        k, method, pd.Series(new.loc[labels].to_numpy(), index=buses.rename("bus"), name="zone")
+    )
+
+
+def bus_graph(pf: HorizonPowerFlow) -> nx.Graph:
+    """Graph of the energised buses as switched (open switches and out-of-service elements respected)."""
+    graph = top.create_nxgraph(
+        pf.grid.net, respect_switches=True, include_out_of_service=False, multi=False
+    )
+    return nx.Graph(graph.subgraph(pf.model.buses))
+
+
+def electrical_features(sens: SensitivityArrays) -> np.ndarray:
+    """Bus feature vectors (one row per bus): normalised columns of d loading/dP and d vm/dP."""
+    blocks = []
+    for matrix in (sens.loading_p, sens.vm_p):
+        scale = np.abs(matrix).max(axis=1, keepdims=True)
+        rows = np.divide(matrix, scale, out=np.zeros_like(matrix), where=scale > 0)
+        rows = rows[(scale > 0).ravel()]
+        if len(rows):
+            blocks.append(rows / np.sqrt(len(rows)))  # each block weighs the same
+    return np.vstack(blocks).T if blocks else np.zeros((sens.vm_p.shape[1], 1))
+
+
+def _check_k(k: int, n: int) -> None:
+    if int(k) != k or not 1 <= k <= n:
+        raise InputError(
+            f"number of zones K = {k} is out of range: the grid has {n} energised "
+            f"buses, so 1 <= K <= {n}"
+        )
+
+
+class ZoneHierarchy:
+    """One contiguity-constrained Ward hierarchy of the buses, cut at any K."""
+
+    def __init__(self, buses: pd.Index, features: np.ndarray, graph: nx.Graph) -> None:
+        from sklearn.cluster import ward_tree
+
+        self.buses = pd.Index(buses)
+        n = len(self.buses)
+        position = pd.Series(np.arange(n), index=self.buses)
+        edges = np.array(
+            [(position[a], position[b]) for a, b in graph.edges() if a != b], dtype=np.int64
+        ).reshape(-1, 2)
+        connectivity = sp.coo_matrix(
+            (np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n)
+        )
+        connectivity = (connectivity + connectivity.T + sp.eye(n)).tocsr()
+        n_parts, _ = sp.csgraph.connected_components(connectivity)
+        if n_parts > 1:
+            raise InputError(
+                f"the energised grid has {n_parts} separate parts: zones must be "
+                "connected, segment each part on its own"
+            )
+        if n == 1:
+            self.children = np.zeros((0, 2), dtype=np.int64)
+        else:
+            self.children = ward_tree(features, connectivity=connectivity)[0]
+        self._labels: dict[int, np.ndarray] = {}
+
+    def labels_for_all_k(self) -> dict[int, np.ndarray]:
+        """Cluster labels (internal numbering) of every K from N down to 1, by replaying merges."""
+        if self._labels:
+            return self._labels
+        n = len(self.buses)
+        label = np.arange(n)  # cluster id of each bus: the node id of its cluster
+        members = {i: [i] for i in range(n)}
+        self._labels[n] = label.copy()
+        for step, (a, b) in enumerate(self.children):
+            node = n + step
+            merged = members.pop(int(a)) + members.pop(int(b))
+            members[node] = merged
+            label[merged] = node
+            self._labels[n - step - 1] = label.copy()
+        return self._labels
+
+    def cut(self, k: int) -> Zones:
+        _check_k(k, len(self.buses))
+        return _numbered(self.labels_for_all_k()[k], self.buses, k, "agglomerative")
+
+
+def spectral_zones(
+    buses: pd.Index, features: np.ndarray, graph: nx.Graph, k: int, seed: int = 0
+) -> Zones:
+    """Spectral clustering on grid edges, repaired into exactly k connected zones."""
+    from sklearn.cluster import SpectralClustering
+
+    n = len(buses)
+    _check_k(k, n)
+    if k in (1, n):
+        return _numbered(
+            np.zeros(n, int) if k == 1 else np.arange(n), pd.Index(buses), k, "spectral"
+        )
+    position = pd.Series(np.arange(n), index=buses)
+    a, b = (
+        np.array([position[u] for u, v in graph.edges()]),
+        np.array([position[v] for u, v in graph.edges()]),
+    )
+    dist2 = ((features[a] - features[b]) ** 2).sum(axis=1)
+    sigma2 = np.median(dist2[dist2 > 0]) if (dist2 > 0).any() else 1.0
+    aff = np.exp(-dist2 / sigma2) + 1e-9
+    affinity = sp.coo_matrix((np.r_[aff, aff], (np.r_[a, b], np.r_[b, a])), shape=(n, n)).tocsr()
+    labels = SpectralClustering(
+        n_clusters=k, affinity="precomputed", random_state=seed, assign_labels="cluster_qr"
+    ).fit_predict(affinity)
+    # Repair: split disconnected clusters into connected pieces, then merge the smallest
+    # piece into its most similar neighbouring piece until k pieces remain.
+    g = nx.relabel_nodes(graph, dict(zip(buses, range(n), strict=True)))
+    pieces = []
+    for c in np.unique(labels):
+        pieces += [set(p) for p in nx.connected_components(g.subgraph(np.flatnonzero(labels == c)))]
+    while len(pieces) > k:
+        pieces.sort(key=lambda p: (len(p), min(p)))
+        small = pieces.pop(0)
+        centre = features[list(small)].mean(axis=0)
+        neighbours = [
+            i for i, p in enumerate(pieces) if any(g.has_edge(u, v) for u in small for v in p)
+        ]
+        best = min(
+            neighbours,
+            key=lambda i: (
+                np.linalg.norm(features[list(pieces[i])].mean(axis=0) - centre),
+                min(pieces[i]),
+            ),
+        )
+        pieces[best] |= small
+    out = np.empty(n, int)
+    for i, p in enumerate(pieces):
+        out[list(p)] = i
+    return _numbered(out, pd.Index(buses), k, "spectral")
+
+
+@dataclass(frozen=True)
+class ZonalIndices:
+    """Zonal sensitivity indices of one MTU and the segmentation error behind them.
+
+    ``loading_p``: rows (element_type, element), columns zone; ``vm_p``: rows bus,
+    columns zone (likewise for Q). ``error``: per zone, relative approximation error
+    of loading and voltage rows (see the module docstring) and the zone's weight.
+    """
+
+    zones: Zones
+    weights: pd.Series
+    loading_p: pd.DataFrame
+    loading_q: pd.DataFrame
+    vm_p: pd.DataFrame
+    vm_q: pd.DataFrame
+    error: pd.DataFrame
+    element_error: pd.DataFrame  # (element) x zone: weighted mean |S_zone - S_bus| in native units
+
+    def overall_error(self) -> dict[str, float]:
+        """Weighted over all zones: the relative error of loading rows, of voltage rows, and their mean."""
+        return overall_error(self.error)
+
+
+def overall_error(error: pd.DataFrame) -> dict[str, float]:
+    """Capacity-weighted over zones (by bus count where no zone has any weight)."""
+    zone_weight = error["weight"] if error["weight"].sum() > 0 else error["buses"].astype(float)
+    out = {}
+    for name in ("loading", "vm"):
+        den = float((zone_weight * error[f"{name}_ref"]).sum())
+        out[name] = float((zone_weight * error[f"{name}_abs"]).sum()) / den if den > 0 else 0.0
+    out["mean"] = 0.5 * (out["loading"] + out["vm"])
+    return out
+
+
+def _weighted_error(S: np.ndarray, Sz: np.ndarray, zone: np.ndarray, w: np.ndarray, k: int):
+    """Per zone: sum_b w_b sum_l |S[l,b] - Sz[l,z]| and sum_b w_b sum_l |S[l,b]|; per element too."""
+    diff = np.abs(S - Sz[:, zone])  # rows x buses
+    per_bus_abs = diff.sum(axis=0) * w
+    per_bus_ref = np.abs(S).sum(axis=0) * w
+    abs_z = np.bincount(zone, weights=per_bus_abs, minlength=k)
+    ref_z = np.bincount(zone, weights=per_bus_ref, minlength=k)
+    wz = np.bincount(zone, weights=w, minlength=k)
+    onehot = sp.csr_matrix((w, (np.arange(len(zone)), zone)), shape=(len(zone), k))
+    element = np.asarray(diff @ onehot) / np.where(wz > 0, wz, 1.0)
+    return abs_z, ref_z, element
+
+
+def zonal_indices(
+    zones: Zones, sens: SensitivityArrays, weights: pd.Series, branches: pd.MultiIndex
+) -> ZonalIndices:
+    """Zonal indices as the weighted mean of the nodal sensitivities of each zone's buses."""
+    buses = zones.buses
+    zone = zones.zone_of_bus.to_numpy()
+    W = zones.aggregation(weights)
+    w_eff = W[np.arange(len(zone)), zone]  # each bus's share in its zone (sums to 1 per zone)
+    cols = pd.RangeIndex(zones.k, name="zone")
+    frames = {name: getattr(sens, name) @ W for name in ("loading_p", "loading_q", "vm_p", "vm_q")}
+    abs_l, ref_l, el_l = _weighted_error(sens.loading_p, frames["loading_p"], zone, w_eff, zones.k)
+    abs_v, ref_v, el_v = _weighted_error(sens.vm_p, frames["vm_p"], zone, w_eff, zones.k)
+    error = pd.DataFrame(
+        {
+            "buses": np.bincount(zone, minlength=zones.k),
+            "weight": np.bincount(
+                zone, weights=weights.reindex(buses).fillna(0.0).to_numpy(), minlength=zones.k
+            ),
+            "loading_error": np.divide(abs_l, ref_l, out=np.zeros(zones.k), where=ref_l > 0),
+            "vm_error": np.divide(abs_v, ref_v, out=np.zeros(zones.k), where=ref_v > 0),
+            "loading_abs": abs_l,
+            "loading_ref": ref_l,
+            "vm_abs": abs_v,
+            "vm_ref": ref_v,
+        },
+        index=cols,
+    )
+    element_rows = pd.MultiIndex.from_tuples(
+        [("loading_percent_per_mw", *b) for b in branches]
+        + [("vm_pu_per_mw", "bus", int(b)) for b in buses],
+        names=("quantity", "element_type", "element"),
+    )
+    element_error = pd.DataFrame(np.vstack([el_l, el_v]), index=element_rows, columns=cols)
+    return ZonalIndices(
+        zones=zones,
+        weights=weights.reindex(buses).fillna(0.0).rename("weight"),
+        loading_p=pd.DataFrame(frames["loading_p"], index=branches.copy(), columns=cols),
+        loading_q=pd.DataFrame(frames["loading_q"], index=branches.copy(), columns=cols),
+        vm_p=pd.DataFrame(frames["vm_p"], index=buses.rename("bus"), columns=cols),
+        vm_q=pd.DataFrame(frames["vm_q"], index=buses.rename("bus"), columns=cols),
+        error=error,
+        element_error=element_error,
+    )
+
+
+def medoids(zones: Zones, features: np.ndarray, weights: pd.Series) -> pd.Series:
+    """Per zone: the bus minimising the weighted electrical distance to the zone's buses
+    (uniform weights in a zone without any; ties: the smallest bus)."""
+    zone = zones.zone_of_bus.to_numpy()
+    share = zones.aggregation(weights)[np.arange(len(zone)), zone]
+    out = {}
+    for z in range(zones.k):
+        idx = np.flatnonzero(zone == z)
+        cost = cdist(features[idx], features[idx]) @ share[idx]
+        out[z] = int(zones.buses[idx[np.argmin(cost)]])
+    return pd.Series(out, name="medoid").rename_axis("zone")
+
+
+def bus_weights(
+    pf: HorizonPowerFlow, policy: str = "capacity", flexible_capacity_mw: pd.Series | None = None
+) -> pd.Series:
+    """Per-bus weights of a policy (MW; all buses of ``pf.model.buses``).
+
+    ``capacity`` uses ``flexible_capacity_mw`` when given (the resources' capacity
+    per bus); without it, the flexible potential of the grid: each bus's peak
+    load plus its installed sgen power over the horizon.
+    """
+    if policy not in WEIGHT_POLICIES:
+        raise InputError(
+            f"unknown weight policy '{policy}': choose one of {', '.join(WEIGHT_POLICIES)}"
+        )
+    buses = pf.model.buses
+    net, prof = pf.grid.net, pf.profiles
+    if policy == "uniform":
+        return pd.Series(1.0, index=buses, name="weight")
+    load_peak = prof.load_p_mw.abs().max().groupby(net.load.bus).sum()
+    if policy == "load":
+        return load_peak.reindex(buses).fillna(0.0).rename("weight")
+    if flexible_capacity_mw is not None:
+        return flexible_capacity_mw.reindex(buses).fillna(0.0).rename("weight")
+    sgen_peak = prof.sgen_p_mw.abs().max().groupby(net.sgen.bus).sum()
+    return load_peak.add(sgen_peak, fill_value=0.0).reindex(buses).fillna(0.0).rename("weight")
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Everything segmentation needs at the reference MTU, computed once for any K."""
+
+    pf: HorizonPowerFlow
+    reference_mtu: int
+    sensitivity_method: str
+    sens: SensitivityArrays
+    features: np.ndarray
+    graph: nx.Graph
+    weights: pd.Series
+
+    @property
+    def n_buses(self) -> int:
+        return len(self.pf.model.buses)
+
+    @cached_property
+    def hierarchy(self) -> ZoneHierarchy:
+        """Built on first use, then cut at every K."""
+        return ZoneHierarchy(self.pf.model.buses, self.features, self.graph)
+
+    def zones(self, k: int, method: str = "agglomerative", seed: int = 0) -> Zones:
+        if method == "agglomerative":
+            return self.hierarchy.cut(k)
+        if method == "spectral":
+            return spectral_zones(self.pf.model.buses, self.features, self.graph, k, seed)
+        raise InputError(
+            f"unknown segmentation method '{method}': choose one of "
+            f"{', '.join(SEGMENTATION_METHODS)}"
+        )
+
+    def indices(self, zones: Zones, mtu: int | None = None) -> ZonalIndices:
+        """Zonal indices of ``zones`` at ``mtu`` (default: the reference MTU)."""
+        if mtu is None or mtu == self.reference_mtu:
+            sens = self.sens
+        else:
+            sens = sensitivity_arrays(self.pf.model, self.pf.V[mtu], self.sensitivity_method)
+        return zonal_indices(zones, sens, self.weights, self.pf.model.branches)
+
+    def medoids(self, zones: Zones) -> pd.Series:
+        """Each zone's medoid bus at the reference MTU (for maps)."""
+        return medoids(zones, self.features, self.weights)
+
+    def error_curve(self, ks=None, method: str = "agglomerative") -> pd.DataFrame:
+        """Overall segmentation error against K at the reference MTU (default: every K = 1..N).
+
+        For the agglomerative method the whole curve is one pass over the hierarchy's
+        merges: a merge changes only the merged zone's error terms.
+        """
+        n = self.n_buses
+        if method == "agglomerative" and ks is None:
+            curve = self._merge_sweep()
+        else:
+            ks = range(1, n + 1) if ks is None else ks
+            curve = {k: overall_error(self.indices(self.zones(k, method)).error) for k in ks}
+        return pd.DataFrame(
+            [
+                {
+                    "k": k,
+                    "method": method,
+                    "loading_error": e["loading"],
+                    "vm_error": e["vm"],
+                    "segmentation_error": e["mean"],
+                }
+                for k, e in sorted(curve.items())
+            ]
+        )
+
+    def _merge_sweep(self) -> dict[int, dict[str, float]]:
+        n = self.n_buses
+        w = self.weights.reindex(self.pf.model.buses).fillna(0.0).to_numpy(float)
+        by_count = w.sum() <= 0  # as overall_error: zones weigh by bus count without capacity
+        S = (self.sens.loading_p, self.sens.vm_p)
+
+        def terms(members: np.ndarray) -> np.ndarray:
+            wz = w[members]
+            share = wz / wz.sum() if wz.sum() > 0 else np.full(len(members), 1.0 / len(members))
+            weight = float(len(members)) if by_count else float(wz.sum())
+            out = []
+            for matrix in S:
+                block = matrix[:, members]
+                Sz = block @ share
+                out += [
+                    weight * float(np.abs(block - Sz[:, None]).sum(axis=0) @ share),
+                    weight * float(np.abs(block).sum(axis=0) @ share),
+                ]
+            return np.array(out)  # weighted abs_l, ref_l, abs_v, ref_v
+
+        members = {i: np.array([i]) for i in range(n)}
+        contrib = {i: terms(members[i]) for i in range(n)}
+        total = np.sum(list(contrib.values()), axis=0)
+
+        def as_error(t: np.ndarray) -> dict[str, float]:
+            loading = t[0] / t[1] if t[1] > 0 else 0.0
+            vm = t[2] / t[3] if t[3] > 0 else 0.0
+            return {"loading": float(loading), "vm": float(vm), "mean": 0.5 * float(loading + vm)}
+
+        curve = {n: as_error(total)}
+        for step, (a, b) in enumerate(self.hierarchy.children):
+            a, b, node = int(a), int(b), n + step
+            members[node] = np.concatenate([members.pop(a), members.pop(b)])
+            contrib[node] = terms(members[node])
+            total = total - contrib.pop(a) - contrib.pop(b) + contrib[node]
+            curve[n - step - 1] = as_error(total)
+        return curve
+
+
+def prepare_segmentation(
+    pf: HorizonPowerFlow,
+    reference_mtu: int,
+    *,
+    sensitivity_method: str = "jacobian",
+    weight_policy: str = "capacity",
+    flexible_capacity_mw: pd.Series | None = None,
+) -> Segmentation:
+    """Sensitivities, features and graph at the reference MTU (zones are published from there)."""
+    t = pf.mtu_position(reference_mtu)
+    if not pf.converged.iloc[t]:
+        raise InputError(f"reference MTU {t} ({pf.times[t]}) has no converged power flow")
+    sens = sensitivity_arrays(pf.model, pf.V[t], sensitivity_method)
+    return Segmentation(
+        pf=pf,
+        reference_mtu=t,
+        sensitivity_method=sensitivity_method,
+        sens=sens,
+        features=electrical_features(sens),
+        graph=bus_graph(pf),
+        weights=bus_weights(pf, weight_policy, flexible_capacity_mw),
+    )
