@@ -359,6 +359,17 @@ class HorizonPowerFlow:
     def times(self) -> pd.DatetimeIndex:
         return self.profiles.horizon.times
 
+    @cached_property
+    def Sbus(self) -> np.ndarray:
+        """Complex bus injections (p.u.) of every MTU, internal bus order."""
+        p = self.profiles
+        return self.model.sbus(
+            p.load_p_mw.to_numpy(),
+            p.load_q_mvar.to_numpy(),
+            p.sgen_p_mw.to_numpy(),
+            p.sgen_q_mvar.to_numpy(),
+        )
+
     def mtu_position(self, mtu: int | pd.Timestamp | str) -> int:
         """Position of an MTU given by number or by start time."""
         if isinstance(mtu, (int, np.integer)):

@@ -1,0 +1,163 @@
+"""Bids: each aggregator's stepwise price-quantity curve per market area, direction and MTU.
+
+A market area is a zone of the segmentation; the nodal market is the zonal one
+with one zone per bus. In an area an aggregator offers its resources there as a
+merit order of at most ``max_steps`` steps: resources sorted by cost are grouped
+into consecutive blocks, each block one step at the quantity-weighted mean cost of
+its resources (so a fully accepted step pays exactly their cost) and with their
+quantity-weighted ``tan_phi``. Storage units are energy-limited, so each keeps a
+step of its own, linked to its state of charge.
+
+``Bids.members`` is the aggregator's private side: which resources stand behind
+each step. After clearing, each aggregator dispatches an accepted step to its
+resources cheapest first (``dispatch_steps``): that is what the grid sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from lfm_zonal.resources import Resources
+from lfm_zonal.segmentation import Zones
+
+DEFAULT_MAX_STEPS = 10
+STEP_COLUMNS = [
+    "bid_id",
+    "time",
+    "mtu",
+    "aggregator",
+    "zone",
+    "direction",
+    "step",
+    "quantity_mw",
+    "price_eur_per_mwh",
+    "tan_phi",
+    "resource_id",
+]
+
+
+@dataclass(frozen=True)
+class Bids:
+    """``steps``: one row per bid step (``resource_id`` is set for storage steps only);
+    ``members``: bid_id, resource_id, bus, quantity_mw, cost_eur_per_mwh, tan_phi."""
+
+    steps: pd.DataFrame
+    members: pd.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def _offers(resources: Resources, zones: Zones, times: pd.DatetimeIndex) -> pd.DataFrame:
+    """One row per resource, MTU and direction with available MW."""
+    table = resources.table
+    zone_of = zones.zone_of_bus.reindex(table.bus.to_numpy()).to_numpy()
+    frames = []
+    for direction, avail, cost in (
+        ("up", resources.up_mw, "cost_up_eur_per_mwh"),
+        ("down", resources.down_mw, "cost_down_eur_per_mwh"),
+    ):
+        q = avail[table.index].to_numpy()  # time x resource
+        mtu, res = np.nonzero(q > 1e-9)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "mtu": mtu,
+                    "aggregator": table.aggregator.to_numpy()[res],
+                    "zone": zone_of[res].astype(np.int64),
+                    "direction": direction,
+                    "quantity_mw": q[mtu, res],
+                    "cost_eur_per_mwh": table[cost].to_numpy()[res],
+                    "resource_id": table.index.to_numpy()[res],
+                    "bus": table.bus.to_numpy()[res],
+                    "tan_phi": table.tan_phi.to_numpy()[res],
+                    "storage": (table.kind.to_numpy() == "storage")[res],
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def build_bids(
+    resources: Resources, zones: Zones, times: pd.DatetimeIndex, max_steps: int = DEFAULT_MAX_STEPS
+) -> Bids:
+    """All bid steps of the horizon, in a stable order (see the module docstring)."""
+    if len(resources) == 0:
+        return Bids(
+            pd.DataFrame(columns=STEP_COLUMNS),
+            pd.DataFrame(
+                columns=[
+                    "bid_id",
+                    "resource_id",
+                    "bus",
+                    "quantity_mw",
+                    "cost_eur_per_mwh",
+                    "tan_phi",
+                ]
+            ),
+        )
+    offers = _offers(resources, zones, times)
+    curve = ["mtu", "zone", "direction", "aggregator"]
+    offers = offers.sort_values(
+        [*curve, "storage", "cost_eur_per_mwh", "resource_id"], kind="stable", ignore_index=True
+    )
+    # Block number within each curve: storage units alone, the rest in <= max_steps blocks.
+    plain = ~offers.storage.to_numpy()
+    rank = offers.groupby(curve).cumcount().to_numpy()
+    n_plain = offers.assign(p=plain).groupby(curve).p.transform("sum").to_numpy()
+    block = np.where(
+        plain, (rank * max_steps) // np.maximum(n_plain, 1), max_steps + rank - n_plain
+    )
+    offers["block"] = block
+    offers["qc"] = offers.quantity_mw * offers.cost_eur_per_mwh
+    offers["qt"] = offers.quantity_mw * offers.tan_phi
+    steps = (
+        offers.groupby([*curve, "block"], sort=True)
+        .agg(
+            quantity_mw=("quantity_mw", "sum"),
+            qc=("qc", "sum"),
+            qt=("qt", "sum"),
+            storage=("storage", "first"),
+            first_resource=("resource_id", "first"),
+        )
+        .reset_index()
+    )
+    steps["price_eur_per_mwh"] = np.round(steps.qc / steps.quantity_mw, 4)
+    steps["tan_phi"] = steps.qt / steps.quantity_mw
+    steps["resource_id"] = np.where(steps.storage, steps.first_resource, "")
+    steps = steps.sort_values(
+        [*curve[:3], "price_eur_per_mwh", "aggregator", "block"], kind="stable", ignore_index=True
+    )
+    steps["step"] = steps.groupby(curve).cumcount() + 1
+    steps["bid_id"] = np.arange(len(steps))
+    steps["time"] = times[steps.mtu.to_numpy()]
+    key = pd.MultiIndex.from_frame(steps[[*curve, "block"]])
+    offers["bid_id"] = steps.bid_id.to_numpy()[
+        key.get_indexer(pd.MultiIndex.from_frame(offers[[*curve, "block"]]))
+    ]
+    members = offers[["bid_id", "resource_id", "bus", "quantity_mw", "cost_eur_per_mwh", "tan_phi"]]
+    return Bids(
+        steps[STEP_COLUMNS],
+        members.sort_values(
+            ["bid_id", "cost_eur_per_mwh", "resource_id"], kind="stable", ignore_index=True
+        ),
+    )
+
+
+def dispatch_steps(bids: Bids, accepted_mw: pd.Series) -> pd.DataFrame:
+    """Each aggregator's least-cost dispatch of its accepted steps: cheapest resources first.
+
+    Returns bid_id, resource_id, bus, dispatched_mw, tan_phi (one row per resource used).
+    """
+    members = bids.members
+    take = accepted_mw.reindex(members.bid_id.to_numpy()).fillna(0.0).to_numpy()
+    cum = members.groupby("bid_id").quantity_mw.cumsum().to_numpy()
+    before = cum - members.quantity_mw.to_numpy()
+    dispatched = np.clip(take - before, 0.0, members.quantity_mw.to_numpy())
+    out = members.assign(dispatched_mw=dispatched)
+    return out[out.dispatched_mw > 1e-9][
+        ["bid_id", "resource_id", "bus", "dispatched_mw", "tan_phi"]
+    ]

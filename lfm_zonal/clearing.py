@@ -1,0 +1,625 @@
+"""The clearing LP: one formulation for the nodal and the zonal market (Pyomo, solved by HiGHS).
+
+For the MTUs t to clear, market areas a (zones; one zone per bus is the nodal
+market) and bid steps b::
+
+    min   sum_b price_b dt x_b  +  sum_rows penalty dt s_row / g_row
+    s.t.  0 <= x_b <= q_b                                          (bid steps)
+          p_at = sum_{b in a,t} sigma_b x_b,  q_at = sum sigma_b tan_phi_b x_b   (area injections)
+          L0_lt + sum_a (SLp_lat p_at + SLq_lat q_at) <= Lmax + s_lt            (loading)
+          vmin - s_mt <= V0_mt + sum_a (SVp_mat p_at + SVq_mat q_at) <= vmax + s_mt  (voltage)
+          0 <= soc0_r - dt sum_{tau <= t} (x_up_r,tau / eta_r - eta_r x_down_r,tau) <= E_r   (storage)
+
+sigma_b is +1 for up and -1 for down; S are the zonal sensitivity indices of
+each MTU (the nodal sensitivities when every bus is a zone). g_row, the largest
+|coefficient| of a row, turns a slack into the MW of the most effective
+flexibility that would remove it, so the penalty is a price per MWh of unmet
+need. A slack above zero is unmet need and is reported, never hidden.
+
+Rows are screened: the LP starts with the rows violated or within a margin of
+their limit, and after every solve the linearised state of *every* monitored
+element is checked; rows the activations violate are added and the LP is solved
+again (constraint generation), so no element is dropped and no new congestion
+is created in the linear model.
+
+Coefficients are numpy arrays computed before the model is built; the Pyomo
+model is compiled to one sparse matrix and handed to HiGHS (highspy) once, and
+generated rows are added to it without a rebuild (``ClearingModel``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import highspy
+import numpy as np
+import pandas as pd
+import pyomo.environ as pyo
+from pyomo.core.expr.numeric_expr import LinearExpression
+from pyomo.repn.plugins.standard_form import LinearStandardFormCompiler
+
+from lfm_zonal.errors import LfmError
+from lfm_zonal.powerflow import HorizonPowerFlow
+from lfm_zonal.segmentation import Segmentation, Zones
+from lfm_zonal.sensitivity import sensitivity_arrays
+
+DEFAULT_PENALTY_EUR_PER_MWH = 10_000.0
+SCREEN_LOADING_MARGIN_PERCENT = 5.0
+SCREEN_VM_MARGIN_PU = 0.005
+VIOLATION_TOLERANCE = 1e-6  # loading percent / p.u. in the linear model
+MAX_GENERATION_ROUNDS = 30
+
+
+@dataclass(frozen=True)
+class LinearGrid:
+    """The linearised grid of the MTUs to clear, seen through K market areas.
+
+    Arrays are indexed [MTU position in ``mtus``, element, area].
+    """
+
+    mtus: np.ndarray
+    dt_h: float
+    branches: pd.MultiIndex
+    buses: pd.Index
+    loading0: np.ndarray  # (T, n_branch) loading_percent at the base point
+    vm0: np.ndarray  # (T, n_bus)
+    sl_p: np.ndarray  # (T, n_branch, K) loading_percent per MW
+    sl_q: np.ndarray
+    sv_p: np.ndarray  # (T, n_bus, K) p.u. per MW
+    sv_q: np.ndarray
+    loading_max_percent: float
+    vm_min_pu: float
+    vm_max_pu: float
+
+    @property
+    def k(self) -> int:
+        return self.sl_p.shape[2]
+
+    def after(self, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Linearised loading and voltage after area injections p, q (T x K)."""
+        loading = (
+            self.loading0
+            + np.einsum("tlk,tk->tl", self.sl_p, p)
+            + np.einsum("tlk,tk->tl", self.sl_q, q)
+        )
+        vm = (
+            self.vm0 + np.einsum("tmk,tk->tm", self.sv_p, p) + np.einsum("tmk,tk->tm", self.sv_q, q)
+        )
+        return loading, vm
+
+    def violations(self, loading: np.ndarray, vm: np.ndarray) -> np.ndarray:
+        """Per row (T x (n_branch + 2 n_bus)): how far above its limit (<= 0: satisfied)."""
+        return np.concatenate(
+            [loading - self.loading_max_percent, vm - self.vm_max_pu, self.vm_min_pu - vm], axis=1
+        )
+
+    def shifted(self, p: np.ndarray, q: np.ndarray) -> LinearGrid:
+        """The same grid with the base point moved by area injections p, q."""
+        loading, vm = self.after(p, q)
+        return replace(self, loading0=loading, vm0=vm)
+
+
+def linear_grid(
+    pf: HorizonPowerFlow,
+    seg: Segmentation,
+    zones: Zones,
+    mtus,
+    V: np.ndarray | None = None,
+    p_prev: np.ndarray | None = None,
+    q_prev: np.ndarray | None = None,
+) -> LinearGrid:
+    """The grid of the MTUs to clear, linearised in the market areas of ``zones``.
+
+    By default at the base case; given internal voltages ``V`` (one row per MTU to
+    clear) of an AC point reached with area injections ``p_prev``, ``q_prev``, the
+    linearisation is taken there and shifted so that it is exact at p_prev, q_prev
+    (one step of a sequential LP). Zonal indices are recomputed at every MTU.
+    """
+    mtus = np.asarray(list(mtus), dtype=np.int64)
+    model = pf.model
+    V = pf.V[mtus] if V is None else V
+    W = zones.aggregation(seg.weights)
+    per_mtu = [sensitivity_arrays(model, V[i], seg.sensitivity_method) for i in range(len(mtus))]
+
+    def stack(name: str, rows: int) -> np.ndarray:
+        if not per_mtu:
+            return np.zeros((0, rows, zones.k))
+        return np.stack([getattr(s, name) @ W for s in per_mtu])
+
+    n_l, n_b = len(model.branches), len(model.buses)
+    sl_p, sl_q = stack("loading_p", n_l), stack("loading_q", n_l)
+    sv_p, sv_q = stack("vm_p", n_b), stack("vm_q", n_b)
+    loading0 = np.array([model.loading_percent(v) for v in V]).reshape(len(mtus), n_l)
+    vm0 = np.array([model.vm_pu(v) for v in V]).reshape(len(mtus), n_b)
+    if p_prev is not None:
+        q_prev = np.zeros_like(p_prev) if q_prev is None else q_prev
+        loading0 = (
+            loading0 - np.einsum("tlk,tk->tl", sl_p, p_prev) - np.einsum("tlk,tk->tl", sl_q, q_prev)
+        )
+        vm0 = vm0 - np.einsum("tmk,tk->tm", sv_p, p_prev) - np.einsum("tmk,tk->tm", sv_q, q_prev)
+    g = pf.grid
+    return LinearGrid(
+        mtus=mtus,
+        dt_h=pf.profiles.horizon.mtu_hours,
+        branches=model.branches,
+        buses=model.buses,
+        loading0=loading0,
+        vm0=vm0,
+        sl_p=sl_p,
+        sl_q=sl_q,
+        sv_p=sv_p,
+        sv_q=sv_q,
+        loading_max_percent=g.loading_max_percent,
+        vm_min_pu=g.vm_min_pu,
+        vm_max_pu=g.vm_max_pu,
+    )
+
+
+@dataclass(frozen=True)
+class Solution:
+    """What a clearing LP returns (arrays aligned with its inputs)."""
+
+    status: str
+    accepted_mw: np.ndarray  # per bid
+    p_mw: np.ndarray  # (T, K) net area injections
+    q_mvar: np.ndarray
+    slack_mw: np.ndarray  # (T,) unmet need in MW-equivalent: sum of slack / g per MTU
+    marginal_price: np.ndarray  # (T, K) EUR/MWh of active up injection in each area (from duals)
+    marginal_price_q: np.ndarray  # (T, K) EUR/Mvarh of reactive injection (zero without Q)
+    objective_eur: float
+    stats: dict = field(default_factory=dict)
+
+
+class ClearingModel:
+    """Build the clearing LP in Pyomo, hand it to HiGHS once, extend it row by row.
+
+    The Pyomo model is the formulation (read ``_build``); Pyomo's standard-form
+    compiler turns it into one sparse matrix that highspy receives in a few
+    vectorised calls. Rows found by constraint generation are added to both the
+    Pyomo model and the running HiGHS instance (warm-started), without a rebuild.
+    """
+
+    def __init__(
+        self,
+        grid: LinearGrid,
+        bids: pd.DataFrame,
+        resources_table: pd.DataFrame | None,
+        penalty_eur_per_mwh: float = DEFAULT_PENALTY_EUR_PER_MWH,
+        known_rows: list[tuple[int, int]] | None = None,
+    ) -> None:
+        self.grid = grid
+        self.known_rows = known_rows or []
+        self.penalty = penalty_eur_per_mwh
+        position = pd.Series(np.arange(len(grid.mtus)), index=grid.mtus)
+        t_of_bid = position.reindex(bids.mtu.to_numpy()).to_numpy()
+        if np.isnan(t_of_bid.astype(float)).any():
+            raise LfmError("bids refer to an MTU that is not being cleared")
+        self.t_of_bid = t_of_bid.astype(np.int64)
+        self.area_of_bid = bids.zone.to_numpy(np.int64)
+        self.sign = np.where(bids.direction.to_numpy() == "up", 1.0, -1.0)
+        self.tan_phi = bids.tan_phi.to_numpy(float)
+        self.quantity = bids.quantity_mw.to_numpy(float)
+        self.price = bids.price_eur_per_mwh.to_numpy(float)
+        self.resource = bids.resource_id.to_numpy()
+        self.has_q = bool(np.any(self.tan_phi != 0))
+        self.storage = self._storage_chains(resources_table)
+        self.rows: list[tuple[int, int]] = []  # (t, row number in the violation layout)
+        self.row_set: set[tuple[int, int]] = set()
+        self.stats = {"rounds": 0, "build_s": 0.0, "solve_s": 0.0, "highs_s": 0.0}
+        started = time.perf_counter()
+        self.model = self._build()
+        self.stats["build_s"] += time.perf_counter() - started
+
+    # ------------------------------------------------------------------ formulation
+    def _build(self) -> pyo.ConcreteModel:
+        """The LP as a short list: bids, area injections, storage, grid rows, objective."""
+        m = pyo.ConcreteModel("lfm_clearing")
+        self._define_bid_variables(m)
+        self._define_area_injections(m, len(self.grid.mtus) * self.grid.k)
+        self._define_storage_constraints(m)
+        m.slack = pyo.VarList(domain=pyo.NonNegativeReals)  # one per grid row, in MW-equivalent
+        m.grid_rows = pyo.ConstraintList()
+        m.slack_cost = pyo.Expression(expr=0.0)
+        self._define_objective(m)
+        return m
+
+    def _define_bid_variables(self, m: pyo.ConcreteModel) -> None:
+        """0 <= x_b <= q_b (an infinite quantity is an unbounded bid)."""
+        m.x = pyo.Var(range(len(self.quantity)), domain=pyo.NonNegativeReals)
+        for var, q in zip(m.x.values(), self.quantity, strict=True):
+            if np.isfinite(q):
+                var.setub(float(q))
+
+    def _define_area_injections(self, m: pyo.ConcreteModel, n_at: int) -> None:
+        """p_at = sum sigma_b x_b (and q_at with tan_phi) for every area and MTU."""
+        key = self.t_of_bid * self.grid.k + self.area_of_bid
+        order = np.argsort(key, kind="stable")
+        bounds = np.searchsorted(key[order], np.arange(n_at + 1))
+        members = [order[bounds[i] : bounds[i + 1]] for i in range(n_at)]
+        m.p = pyo.Var(range(n_at))
+        x = m.x
+
+        def balance(coef: np.ndarray, var) -> pyo.Constraint:
+            return pyo.Constraint(
+                range(n_at),
+                rule=lambda _, i: (
+                    LinearExpression(
+                        constant=0.0,
+                        linear_coefs=[1.0, *(-coef[members[i]])],
+                        linear_vars=[var[i], *(x[int(b)] for b in members[i])],
+                    )
+                    == 0.0
+                ),
+            )
+
+        m.balance_p = balance(self.sign, m.p)
+        if self.has_q:
+            m.q = pyo.Var(range(n_at))
+            m.balance_q = balance(self.sign * self.tan_phi, m.q)
+
+    def _storage_chains(self, table: pd.DataFrame | None) -> list:
+        """Per storage resource: its bids, their MTU and the energy each MW takes from the store."""
+        if table is None or not (table.kind == "storage").any():
+            return []
+        chains = []
+        for rid, row in table[table.kind == "storage"].iterrows():
+            idx = np.flatnonzero(self.resource == rid)
+            if len(idx):
+                eta = float(row.efficiency)
+                # Up discharges 1/eta per MW delivered, down charges eta per MW taken.
+                energy = np.where(self.sign[idx] > 0, 1.0 / eta, -eta) * self.grid.dt_h
+                chains.append(
+                    (
+                        idx,
+                        self.t_of_bid[idx],
+                        energy,
+                        float(row.soc_init_mwh),
+                        float(row.energy_mwh),
+                    )
+                )
+        return chains
+
+    def _define_storage_constraints(self, m: pyo.ConcreteModel) -> None:
+        """0 <= soc0 - cumulative energy delivered <= E after every MTU with a bid."""
+        m.soc = pyo.ConstraintList()
+        for idx, t, energy, soc0, capacity in self.storage:
+            for tt in np.unique(t):
+                upto = t <= tt
+                expr = LinearExpression(
+                    constant=0.0,
+                    linear_coefs=list(energy[upto]),
+                    linear_vars=[m.x[int(b)] for b in idx[upto]],
+                )
+                m.soc.add(pyo.inequality(soc0 - capacity, expr, soc0))
+
+    def _define_objective(self, m: pyo.ConcreteModel) -> None:
+        """Pay-as-bid cost of the accepted steps plus the penalised unmet need."""
+        bid_cost = LinearExpression(
+            constant=0.0,
+            linear_coefs=list(self.price * self.grid.dt_h),
+            linear_vars=list(m.x.values()),
+        )
+        m.cost = pyo.Objective(expr=bid_cost + m.slack_cost)
+
+    def _row_coefficients(self, t: int, r: int):
+        """A grid row scaled to MW-equivalent: coefficients on p_t and q_t, rhs and sense."""
+        g = self.grid
+        n_l, n_b = len(g.branches), len(g.buses)
+        if r < n_l:
+            cp, cq, rhs, sense = (
+                g.sl_p[t, r],
+                g.sl_q[t, r],
+                g.loading_max_percent - g.loading0[t, r],
+                1,
+            )
+        elif r < n_l + n_b:
+            b = r - n_l
+            cp, cq, rhs, sense = g.sv_p[t, b], g.sv_q[t, b], g.vm_max_pu - g.vm0[t, b], 1
+        else:
+            b = r - n_l - n_b
+            cp, cq, rhs, sense = g.sv_p[t, b], g.sv_q[t, b], g.vm_min_pu - g.vm0[t, b], -1
+        scale = max(np.abs(cp).max(initial=0.0), np.abs(cq).max(initial=0.0)) or 1.0
+        return cp / scale, cq / scale, rhs / scale, sense
+
+    def _add_grid_rows(self, rows: list[tuple[int, int]]) -> list[tuple]:
+        """Add rows (each with its slack) to the Pyomo model; returns (constraint, slack, coefs)."""
+        m, K = self.model, self.grid.k
+        added = []
+        cost = self.penalty * self.grid.dt_h
+        for t, r in rows:
+            cp, cq, rhs, sense = self._row_coefficients(t, r)
+            s = m.slack.add()
+            areas_p = np.flatnonzero(cp)
+            coefs = list(cp[areas_p])
+            variables = [m.p[t * K + a] for a in areas_p]
+            if self.has_q:
+                areas_q = np.flatnonzero(cq)
+                coefs += list(cq[areas_q])
+                variables += [m.q[t * K + a] for a in areas_q]
+            coefs.append(-float(sense))
+            variables.append(s)
+            expr = LinearExpression(constant=0.0, linear_coefs=coefs, linear_vars=variables)
+            con = m.grid_rows.add(expr <= rhs if sense > 0 else expr >= rhs)
+            added.append((con, s, variables, coefs, rhs, sense))
+            self.rows.append((t, r))
+            self.row_set.add((t, r))
+        slacks = list(m.slack.values())
+        m.slack_cost.expr = LinearExpression(
+            constant=0.0, linear_coefs=[cost] * len(slacks), linear_vars=slacks
+        )
+        return added
+
+    # ------------------------------------------------------------------ solving
+    def initial_rows(self) -> list[tuple[int, int]]:
+        """Rows violated or within a margin of their limit, plus rows an earlier solve needed."""
+        g = self.grid
+        margin = np.concatenate(
+            [
+                np.full(len(g.branches), SCREEN_LOADING_MARGIN_PERCENT),
+                np.full(2 * len(g.buses), SCREEN_VM_MARGIN_PU),
+            ]
+        )
+        over = g.violations(g.loading0, g.vm0) > -margin
+        rows = {(int(t), int(r)) for t, r in zip(*np.nonzero(over), strict=True)}
+        return sorted(rows | set(self.known_rows))
+
+    def _hand_over(self) -> None:
+        """Compile the Pyomo model to standard form and pass it to a new HiGHS instance."""
+        sf = LinearStandardFormCompiler().write(self.model, mixed_form=True, set_sense=None)
+        self.columns = sf.columns
+        self.col_of = {id(v): j for j, v in enumerate(sf.columns)}
+        self.row_of = {}
+        lower = np.empty(len(sf.rows))
+        upper = np.empty(len(sf.rows))
+        for i, (entry, rhs) in enumerate(zip(sf.rows, sf.rhs, strict=True)):
+            kind = entry.bound_type
+            lower[i] = rhs if kind <= 0 else -highspy.kHighsInf
+            upper[i] = rhs if kind >= 0 else highspy.kHighsInf
+            self.row_of.setdefault(id(entry.constraint), i)
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = len(sf.columns), len(sf.rows)
+        lp.col_cost_ = np.asarray(sf.c.toarray()).ravel()
+        lp.col_lower_ = np.array([-highspy.kHighsInf if v.lb is None else v.lb for v in sf.columns])
+        lp.col_upper_ = np.array([highspy.kHighsInf if v.ub is None else v.ub for v in sf.columns])
+        lp.row_lower_, lp.row_upper_ = lower, upper
+        A = sf.A.tocsc()
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
+        self.highs = highspy.Highs()
+        self.highs.setOptionValue("output_flag", False)
+        self.highs.passModel(lp)
+        self.n_rows = len(sf.rows)
+
+    def _extend(self, added: list[tuple]) -> None:
+        """Add new grid rows and their slack columns to the running HiGHS instance."""
+        cost = self.penalty * self.grid.dt_h
+        n = len(added)
+        first = len(self.columns)
+        self.highs.addVars(n, np.zeros(n), np.full(n, highspy.kHighsInf))
+        self.highs.changeColsCost(n, np.arange(first, first + n, dtype=np.int32), np.full(n, cost))
+        starts, index, value = [0], [], []
+        lower, upper = np.empty(n), np.empty(n)
+        for i, (con, s, variables, coefs, rhs, sense) in enumerate(added):
+            self.columns.append(s)
+            self.col_of[id(s)] = first + i
+            index += [self.col_of[id(v)] for v in variables]
+            value += coefs
+            starts.append(len(index))
+            lower[i], upper[i] = (
+                (-highspy.kHighsInf, rhs) if sense > 0 else (rhs, highspy.kHighsInf)
+            )
+            self.row_of[id(con)] = self.n_rows + i
+        self.highs.addRows(
+            n,
+            lower,
+            upper,
+            len(index),
+            np.array(starts[:-1], dtype=np.int32),
+            np.array(index, dtype=np.int32),
+            np.array(value, dtype=float),
+        )
+        self.n_rows += n
+
+    def _run(self) -> str:
+        started = time.perf_counter()
+        self.highs.run()
+        self.stats["solve_s"] += time.perf_counter() - started
+        self.stats["highs_s"] += self.highs.getRunTime()
+        return self.highs.modelStatusToString(self.highs.getModelStatus())
+
+    def solve(self) -> Solution:
+        started = time.perf_counter()
+        self._add_grid_rows(self.initial_rows())
+        self._hand_over()
+        self.stats["build_s"] += time.perf_counter() - started
+        while True:
+            self.stats["rounds"] += 1
+            status = self._run()
+            if status != "Optimal":
+                return self._failed(status)
+            x, p, q = self._values()
+            loading, vm = self.grid.after(p, q)
+            excess = self.grid.violations(loading, vm)
+            candidates = np.argwhere(excess > VIOLATION_TOLERANCE)
+            missing = [
+                (int(t), int(r)) for t, r in candidates if (int(t), int(r)) not in self.row_set
+            ]
+            if not missing or self.stats["rounds"] >= MAX_GENERATION_ROUNDS:
+                break
+            started = time.perf_counter()
+            self._extend(self._add_grid_rows(missing))
+            self.stats["build_s"] += time.perf_counter() - started
+        return self._solution(x, p, q)
+
+    def _column_values(self, variables) -> np.ndarray:
+        values = np.asarray(self.highs.getSolution().col_value)
+        return np.array([values[self.col_of[id(v)]] for v in variables])
+
+    def _values(self):
+        T, K = len(self.grid.mtus), self.grid.k
+        m = self.model
+        x = np.clip(self._column_values(m.x.values()), 0.0, None)
+        p = self._column_values(m.p.values()).reshape(T, K)
+        q = self._column_values(m.q.values()).reshape(T, K) if self.has_q else np.zeros((T, K))
+        return x, p, q
+
+    def _area_prices(self, balance: pyo.Constraint) -> np.ndarray:
+        """-d cost / d rhs of "p - sum sigma x = 0": EUR/MWh of a free injection in the area."""
+        T, K = len(self.grid.mtus), self.grid.k
+        duals = np.asarray(self.highs.getSolution().row_dual)
+        rows = [self.row_of[id(balance[i])] for i in range(T * K)]
+        return -duals[rows].reshape(T, K) / self.grid.dt_h
+
+    def _solution(self, x, p, q) -> Solution:
+        T, K = len(self.grid.mtus), self.grid.k
+        slack = self._column_values(list(self.model.slack.values()))
+        slack_mw = np.zeros(T)
+        for (t, _), s in zip(self.rows, slack, strict=True):
+            slack_mw[t] = max(slack_mw[t], s)  # the worst row: MW the best area would need
+        price = self._area_prices(self.model.balance_p)
+        price_q = self._area_prices(self.model.balance_q) if self.has_q else np.zeros((T, K))
+        info = self.highs.getInfo()
+        self.stats.update(
+            n_variables=self.highs.getNumCol(),
+            n_constraints=self.highs.getNumRow(),
+            n_nonzeros=self.highs.getNumNz(),
+            n_grid_rows=len(self.rows),
+            simplex_iterations=int(info.simplex_iteration_count),
+        )
+        return Solution(
+            "optimal",
+            x,
+            p,
+            q,
+            slack_mw,
+            price,
+            price_q,
+            float(info.objective_function_value),
+            dict(self.stats),
+        )
+
+    def _failed(self, status: str) -> Solution:
+        T, K = len(self.grid.mtus), self.grid.k
+        zeros = np.zeros((T, K))
+        return Solution(
+            status,
+            np.zeros(len(self.quantity)),
+            zeros,
+            zeros.copy(),
+            np.full(T, np.nan),
+            np.full((T, K), np.nan),
+            np.full((T, K), np.nan),
+            float("nan"),
+            dict(self.stats),
+        )
+
+
+def solve_clearing(
+    grid: LinearGrid,
+    bids: pd.DataFrame,
+    resources_table: pd.DataFrame | None = None,
+    penalty_eur_per_mwh: float = DEFAULT_PENALTY_EUR_PER_MWH,
+    quota_mw: np.ndarray | None = None,
+) -> Solution:
+    """Clear ``bids`` against the linearised grid (one LP over all its MTUs).
+
+    With ``quota_mw`` (per MTU), columns are screened too: each group of competing
+    steps (MTU, area, direction) enters the LP with its cheapest steps up to the
+    quota. A group whose steps are all fully accepted while it has more steps gets
+    its quota doubled and the LP is solved again; a group with a step not fully
+    accepted has its marginal price below every step left out, so leaving them out
+    changes nothing (merit-order column generation). The result is the LP optimum
+    over all bids.
+    """
+    bids = bids.reset_index(drop=True)
+    group = bids.groupby(["mtu", "zone", "direction"], sort=False).ngroup().to_numpy()
+    if quota_mw is None:
+        selected = np.ones(len(bids), bool)
+        quota = None
+    else:
+        t = pd.Series(np.arange(len(grid.mtus)), index=grid.mtus).reindex(bids.mtu).to_numpy()
+        quota = np.asarray(quota_mw, float)[t]  # per bid: the quota of its MTU
+        order = np.lexsort(
+            (
+                bids.bid_id.to_numpy() if "bid_id" in bids else np.arange(len(bids)),
+                bids.price_eur_per_mwh.to_numpy(),
+                group,
+            )
+        )
+        selected = _within_quota(bids.quantity_mw.to_numpy(), group, order, quota)
+    rows: list[tuple[int, int]] = []
+    stats = {"rounds": 0, "build_s": 0.0, "solve_s": 0.0, "highs_s": 0.0, "column_rounds": 0}
+    while True:
+        model = ClearingModel(grid, bids[selected], resources_table, penalty_eur_per_mwh, rows)
+        sol = model.solve()
+        rows = model.rows
+        for key in ("rounds", "build_s", "solve_s", "highs_s"):
+            stats[key] += sol.stats[key]
+        stats["column_rounds"] += 1
+        if sol.status != "optimal" or quota is None:
+            break
+        accepted = np.zeros(len(bids))
+        accepted[selected] = sol.accepted_mw
+        full = accepted >= bids.quantity_mw.to_numpy() - 1e-7
+        saturated = np.ones(group.max() + 1, bool)
+        np.logical_and.at(saturated, group[selected], full[selected])
+        grow = saturated[group] & ~selected
+        if not grow.any():
+            break
+        quota = np.where(np.isin(group, np.unique(group[grow])), 2.0 * quota, quota)
+        selected = _within_quota(bids.quantity_mw.to_numpy(), group, order, quota)
+    accepted = np.zeros(len(bids))
+    accepted[selected] = sol.accepted_mw
+    stats.update(
+        {k: sol.stats[k] for k in ("n_variables", "n_constraints", "n_grid_rows") if k in sol.stats}
+    )
+    return replace(sol, accepted_mw=accepted, stats=stats)
+
+
+def _within_quota(
+    quantity: np.ndarray, group: np.ndarray, order: np.ndarray, quota: np.ndarray
+) -> np.ndarray:
+    """Per group, in merit order: the steps needed to reach the quota (at least one)."""
+    q = quantity[order]
+    g = group[order]
+    cum = pd.Series(q).groupby(g).cumsum().to_numpy()
+    before = cum - q
+    keep_sorted = before < quota[order]
+    keep = np.zeros(len(quantity), bool)
+    keep[order] = keep_sorted
+    return keep
+
+
+def unlimited_bids(grid: LinearGrid) -> pd.DataFrame:
+    """One unbounded bid per MTU, area and direction at 1 EUR/MWh: the DSO-needs LP."""
+    T, K = len(grid.mtus), grid.k
+    t, a, d = np.meshgrid(np.arange(T), np.arange(K), [0, 1], indexing="ij")
+    t, a, d = t.ravel(), a.ravel(), d.ravel()
+    return pd.DataFrame(
+        {
+            "mtu": grid.mtus[t],
+            "zone": a,
+            "direction": np.where(d == 0, "up", "down"),
+            "quantity_mw": np.inf,
+            "price_eur_per_mwh": 1.0,
+            "tan_phi": 0.0,
+            "resource_id": "",
+            "aggregator": "DSO",
+        }
+    )
+
+
+def dso_needs(grid: LinearGrid) -> tuple[pd.DataFrame, np.ndarray]:
+    """Per MTU, area and direction: the least total area activation (MW) that removes every
+    linearised violation if each area had unlimited flexibility.
+
+    Returns the needs (columns mtu, zone, direction, need_mw, only positive needs) and,
+    per MTU, what even unlimited flexibility cannot fix (MW-equivalent slack).
+    """
+    if len(grid.mtus) == 0:
+        return pd.DataFrame(columns=["mtu", "zone", "direction", "need_mw"]), np.zeros(0)
+    bids = unlimited_bids(grid)
+    sol = solve_clearing(grid, bids)
+    out = bids[["mtu", "zone", "direction"]].assign(need_mw=sol.accepted_mw)
+    return out[out.need_mw > 1e-6].reset_index(drop=True), sol.slack_mw

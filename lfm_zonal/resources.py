@@ -1,0 +1,350 @@
+"""Flexibility resources: generated from the grid's loads and sgens, or read from a CSV file.
+
+A resource is one flexible unit behind a bus, owned by an aggregator. Its change
+of net injection is "up" (load reduction, generation increase, storage
+discharge) or "down" (load increase, curtailment, storage charge); reactive power
+changes with it by ``tan_phi`` (the power factor of the change). Availability
+is MW per MTU and direction; storage also has an energy capacity, an initial state
+of charge and a one-way efficiency.
+
+CSV columns (one row per resource)::
+
+    resource_id, aggregator, bus, kind (load|sgen|storage), direction (up|down|both),
+    p_max_mw, cost_up_eur_per_mwh, cost_down_eur_per_mwh,
+    [tan_phi], [energy_mwh, soc_init_mwh, efficiency]   (storage)
+
+Every malformed row is refused with a message naming the file, row and column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lfm_zonal.errors import InputError
+from lfm_zonal.powerflow import HorizonPowerFlow
+
+KINDS = ("load", "sgen", "storage")
+DIRECTIONS = ("up", "down", "both")
+TABLE_COLUMNS = [
+    "aggregator",
+    "bus",
+    "kind",
+    "element",
+    "tan_phi",
+    "cost_up_eur_per_mwh",
+    "cost_down_eur_per_mwh",
+    "energy_mwh",
+    "soc_init_mwh",
+    "efficiency",
+]
+
+
+@dataclass(frozen=True)
+class Resources:
+    """``table``: one row per resource (index ``resource_id``, columns TABLE_COLUMNS);
+    ``up_mw`` and ``down_mw``: available MW per MTU (time x resource_id)."""
+
+    table: pd.DataFrame
+    up_mw: pd.DataFrame
+    down_mw: pd.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def is_storage(self) -> pd.Series:
+        return self.table.kind == "storage"
+
+    def capacity_per_bus(self) -> pd.Series:
+        """Largest available MW (up or down) summed per bus: the segmentation's capacity weights."""
+        peak = np.maximum(self.up_mw.max(), self.down_mw.max())
+        return peak.groupby(self.table.bus).sum().rename("flexible_capacity_mw")
+
+
+@dataclass(frozen=True)
+class FlexibilitySpec:
+    """How a scenario turns the grid's loads and sgens into resources (all shares of the element's MW)."""
+
+    load_up_share: float = 0.3
+    load_down_share: float = 0.15
+    sgen_down_share: float = 0.5
+    units_per_element: int = 1
+    n_aggregators: int = 3
+    storage_units: int = 0
+    storage_p_mw: float = 0.5
+    storage_hours: float = 2.0
+    storage_efficiency: float = 0.95
+    cost_load_up: tuple[float, float] = (120.0, 40.0)  # mean, standard deviation (EUR/MWh)
+    cost_load_down: tuple[float, float] = (40.0, 15.0)
+    cost_sgen_down: tuple[float, float] = (60.0, 20.0)
+    cost_storage: tuple[float, float] = (80.0, 20.0)
+
+
+def _costs(rng: np.random.Generator, mean_std: tuple[float, float], n: int) -> np.ndarray:
+    """Normal costs, redrawn until >= 1 EUR/MWh (no free flexibility), rounded to cents."""
+    mean, std = mean_std
+    out = rng.normal(mean, std, n)
+    for _ in range(100):
+        bad = out < 1.0
+        if not bad.any():
+            break
+        out[bad] = rng.normal(mean, std, int(bad.sum()))
+    return np.round(np.maximum(out, 1.0), 2)
+
+
+def generate_resources(pf: HorizonPowerFlow, spec: FlexibilitySpec, seed: int) -> Resources:
+    """Resources from every in-service load and sgen on an energised bus, plus storage units.
+
+    Each element is split into ``units_per_element`` units with random shares
+    (Dirichlet), each owned by a random aggregator: the customers behind one
+    substation do not all sign with the same aggregator.
+    """
+    rng = np.random.default_rng(seed)
+    net, prof = pf.grid.net, pf.profiles
+    energised = set(pf.model.buses)
+    rows, up, down = [], {}, {}
+    aggregators = [f"A{i + 1}" for i in range(spec.n_aggregators)]
+
+    def add_units(
+        kind: str,
+        element: int,
+        bus: int,
+        tan_phi: float,
+        up_mw: np.ndarray,
+        down_mw: np.ndarray,
+        cost_up: tuple,
+        cost_down: tuple,
+    ) -> None:
+        shares = (
+            rng.dirichlet(np.ones(spec.units_per_element))
+            if spec.units_per_element > 1
+            else np.ones(1)
+        )
+        c_up, c_down = _costs(rng, cost_up, len(shares)), _costs(rng, cost_down, len(shares))
+        owner = rng.integers(0, len(aggregators), len(shares))
+        for u, share in enumerate(shares):
+            rid = f"{kind}{element}" + (f"-{u}" if len(shares) > 1 else "")
+            rows.append(
+                {
+                    "resource_id": rid,
+                    "aggregator": aggregators[owner[u]],
+                    "bus": bus,
+                    "kind": kind,
+                    "element": element,
+                    "tan_phi": tan_phi,
+                    "cost_up_eur_per_mwh": c_up[u],
+                    "cost_down_eur_per_mwh": c_down[u],
+                    "energy_mwh": np.nan,
+                    "soc_init_mwh": np.nan,
+                    "efficiency": np.nan,
+                }
+            )
+            up[rid], down[rid] = share * up_mw, share * down_mw
+
+    for kind, table, p_frame, q_frame in (
+        ("load", net.load, prof.load_p_mw, prof.load_q_mvar),
+        ("sgen", net.sgen, prof.sgen_p_mw, prof.sgen_q_mvar),
+    ):
+        for element in table.index:
+            bus = int(table.at[element, "bus"])
+            if not bool(table.at[element, "in_service"]) or bus not in energised:
+                continue
+            scale = float(table.at[element, "scaling"])
+            p = np.clip(p_frame[element].to_numpy() * scale, 0.0, None)
+            if not p.any():
+                continue
+            q = q_frame[element].to_numpy() * scale
+            peak = int(np.argmax(p))
+            tan_phi = float(q[peak] / p[peak]) if p[peak] > 0 else 0.0
+            if kind == "load":
+                add_units(
+                    kind,
+                    element,
+                    bus,
+                    tan_phi,
+                    spec.load_up_share * p,
+                    spec.load_down_share * p,
+                    spec.cost_load_up,
+                    spec.cost_load_down,
+                )
+            else:
+                add_units(
+                    kind,
+                    element,
+                    bus,
+                    tan_phi,
+                    0.0 * p,
+                    spec.sgen_down_share * p,
+                    spec.cost_sgen_down,
+                    spec.cost_sgen_down,
+                )
+    if spec.storage_units:
+        load_buses = sorted({int(b) for b in net.load.bus if b in energised})
+        if not load_buses:
+            raise InputError("storage units need load buses to sit at; the grid has none energised")
+        sites = rng.choice(
+            load_buses, size=spec.storage_units, replace=spec.storage_units > len(load_buses)
+        )
+        costs = _costs(rng, spec.cost_storage, spec.storage_units)
+        owner = rng.integers(0, len(aggregators), spec.storage_units)
+        n = len(prof.horizon.times)
+        for i, bus in enumerate(sites):
+            rid = f"storage{i}"
+            energy = spec.storage_p_mw * spec.storage_hours
+            rows.append(
+                {
+                    "resource_id": rid,
+                    "aggregator": aggregators[owner[i]],
+                    "bus": int(bus),
+                    "kind": "storage",
+                    "element": -1,
+                    "tan_phi": 0.0,
+                    "cost_up_eur_per_mwh": costs[i],
+                    "cost_down_eur_per_mwh": costs[i],
+                    "energy_mwh": energy,
+                    "soc_init_mwh": 0.5 * energy,
+                    "efficiency": spec.storage_efficiency,
+                }
+            )
+            up[rid] = down[rid] = np.full(n, spec.storage_p_mw)
+    return _assemble(pd.DataFrame(rows), up, down, prof.horizon.times)
+
+
+def _assemble(rows: pd.DataFrame, up: dict, down: dict, times: pd.DatetimeIndex) -> Resources:
+    if rows.empty:
+        table = pd.DataFrame(columns=["resource_id", *TABLE_COLUMNS]).set_index("resource_id")
+    else:
+        table = rows.set_index("resource_id")[TABLE_COLUMNS]
+    table = table.astype({"bus": np.int64, "element": np.int64}) if len(table) else table
+    ids = table.index
+    frame = {
+        name: pd.DataFrame(
+            {r: np.broadcast_to(np.asarray(d[r], float), len(times)) for r in ids},
+            index=times,
+            columns=ids,
+        )
+        for name, d in (("up", up), ("down", down))
+    }
+    for f in frame.values():
+        f.columns.name = "resource_id"
+    return Resources(table, frame["up"], frame["down"])
+
+
+def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
+    """Resources from a CSV file (see the module docstring); availability constant over the horizon."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"resource file not found: {path}")
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable CSV file ({exc})") from None
+    required = [
+        "resource_id",
+        "aggregator",
+        "bus",
+        "kind",
+        "direction",
+        "p_max_mw",
+        "cost_up_eur_per_mwh",
+        "cost_down_eur_per_mwh",
+    ]
+    optional = ["tan_phi", "energy_mwh", "soc_init_mwh", "efficiency"]
+    missing = [c for c in required if c not in raw.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    unknown = [c for c in raw.columns if c not in required + optional]
+    if unknown:
+        raise InputError(f"{path}: unknown column(s) {', '.join(unknown)}")
+    energised = set(pf.model.buses)
+    seen: set[str] = set()
+    rows, up, down = [], {}, {}
+
+    def number(
+        row_no: int,
+        rec: dict,
+        column: str,
+        default: float | None = None,
+        allow_negative: bool = False,
+    ) -> float:
+        text = rec.get(column, "").strip()
+        if text == "" and default is not None:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not np.isfinite(value) or (value < 0 and not allow_negative):
+            raise InputError(
+                f"{path}, row {row_no} ({rec['resource_id']!r}): {column} must be a "
+                f"finite number >= 0, got {text!r}"
+            )
+        return value
+
+    for i, rec in enumerate(raw.to_dict("records")):
+        row_no = i + 2  # header is row 1
+        rid = rec["resource_id"].strip()
+        if not rid:
+            raise InputError(f"{path}, row {row_no}: empty resource_id")
+        if rid in seen:
+            raise InputError(f"{path}, row {row_no}: duplicate resource_id {rid!r}")
+        seen.add(rid)
+        kind, direction = rec["kind"].strip(), rec["direction"].strip()
+        if kind not in KINDS:
+            raise InputError(
+                f"{path}, row {row_no} ({rid!r}): unknown kind {kind!r} "
+                f"(expected {', '.join(KINDS)})"
+            )
+        if direction not in DIRECTIONS:
+            raise InputError(
+                f"{path}, row {row_no} ({rid!r}): unknown direction {direction!r} "
+                f"(expected {', '.join(DIRECTIONS)})"
+            )
+        try:
+            bus = int(rec["bus"])
+        except ValueError:
+            raise InputError(
+                f"{path}, row {row_no} ({rid!r}): bus {rec['bus']!r} is not a bus index"
+            ) from None
+        if bus not in energised:
+            where = "not energised" if bus in pf.grid.net.bus.index else "unknown"
+            raise InputError(
+                f"{path}, row {row_no} ({rid!r}): bus {bus} is {where} in grid {pf.grid.name}"
+            )
+        p_max = number(row_no, rec, "p_max_mw")
+        cost_up = number(row_no, rec, "cost_up_eur_per_mwh")
+        cost_down = number(row_no, rec, "cost_down_eur_per_mwh")
+        tan_phi = number(row_no, rec, "tan_phi", 0.0, allow_negative=True)
+        storage = {"energy_mwh": np.nan, "soc_init_mwh": np.nan, "efficiency": np.nan}
+        if kind == "storage":
+            storage = {
+                c: number(row_no, rec, c) for c in ("energy_mwh", "soc_init_mwh", "efficiency")
+            }
+            if (
+                storage["soc_init_mwh"] > storage["energy_mwh"]
+                or not 0 < storage["efficiency"] <= 1
+            ):
+                raise InputError(
+                    f"{path}, row {row_no} ({rid!r}): storage needs "
+                    "0 <= soc_init_mwh <= energy_mwh and 0 < efficiency <= 1"
+                )
+        rows.append(
+            {
+                "resource_id": rid,
+                "aggregator": rec["aggregator"].strip() or "A1",
+                "bus": bus,
+                "kind": kind,
+                "element": -1,
+                "tan_phi": tan_phi,
+                "cost_up_eur_per_mwh": cost_up,
+                "cost_down_eur_per_mwh": cost_down,
+                **storage,
+            }
+        )
+        up[rid] = p_max if direction in ("up", "both") else 0.0
+        down[rid] = p_max if direction in ("down", "both") else 0.0
+    return _assemble(pd.DataFrame(rows), up, down, pf.profiles.horizon.times)
