@@ -191,8 +191,7 @@ class ClearingModel:
         self.grid = grid
         self.known_rows = known_rows or []
         self.penalty = penalty_eur_per_mwh
-        position = pd.Series(np.arange(len(grid.mtus)), index=grid.mtus)
-        t_of_bid = position.reindex(bids.mtu.to_numpy()).to_numpy()
+        t_of_bid = self.t_index(bids.mtu.to_numpy())
         if np.isnan(t_of_bid.astype(float)).any():
             raise LfmError("bids refer to an MTU that is not being cleared")
         self.t_of_bid = t_of_bid.astype(np.int64)
@@ -351,6 +350,12 @@ class ClearingModel:
         return added
 
     # ------------------------------------------------------------------ solving
+    def t_index(self, mtus: np.ndarray) -> np.ndarray:
+        """Position of each MTU in the cleared set."""
+        return (
+            pd.Series(np.arange(len(self.grid.mtus)), index=self.grid.mtus).reindex(mtus).to_numpy()
+        )
+
     def initial_rows(self) -> list[tuple[int, int]]:
         """Rows violated or within a margin of their limit, plus rows an earlier solve needed."""
         g = self.grid
@@ -526,28 +531,23 @@ def solve_clearing(
 
     With ``quota_mw`` (per MTU), columns are screened too: each group of competing
     steps (MTU, area, direction) enters the LP with its cheapest steps up to the
-    quota. A group whose steps are all fully accepted while it has more steps gets
-    its quota doubled and the LP is solved again; a group with a step not fully
-    accepted has its marginal price below every step left out, so leaving them out
-    changes nothing (merit-order column generation). The result is the LP optimum
-    over all bids.
+    quota, storage steps always. After a solve, every step left out is priced with
+    the area's marginal prices (its reduced cost: price - sigma (lambda_p + tan_phi
+    lambda_q)); those that would lower the cost are added and the LP is solved again
+    (column generation). The result is the LP optimum over all bids.
     """
     bids = bids.reset_index(drop=True)
-    group = bids.groupby(["mtu", "zone", "direction"], sort=False).ngroup().to_numpy()
     if quota_mw is None:
         selected = np.ones(len(bids), bool)
-        quota = None
     else:
+        group = bids.groupby(["mtu", "zone", "direction"], sort=False).ngroup().to_numpy()
         t = pd.Series(np.arange(len(grid.mtus)), index=grid.mtus).reindex(bids.mtu).to_numpy()
-        quota = np.asarray(quota_mw, float)[t]  # per bid: the quota of its MTU
-        order = np.lexsort(
-            (
-                bids.bid_id.to_numpy() if "bid_id" in bids else np.arange(len(bids)),
-                bids.price_eur_per_mwh.to_numpy(),
-                group,
-            )
+        order = np.lexsort((np.arange(len(bids)), bids.price_eur_per_mwh.to_numpy(), group))
+        selected = _within_quota(
+            bids.quantity_mw.to_numpy(), group, order, np.asarray(quota_mw, float)[t]
         )
-        selected = _within_quota(bids.quantity_mw.to_numpy(), group, order, quota)
+        selected |= bids.resource_id.to_numpy() != ""  # storage: energy-limited, always in
+    sign = np.where(bids.direction.to_numpy() == "up", 1.0, -1.0)
     rows: list[tuple[int, int]] = []
     stats = {"rounds": 0, "build_s": 0.0, "solve_s": 0.0, "highs_s": 0.0, "column_rounds": 0}
     while True:
@@ -557,22 +557,25 @@ def solve_clearing(
         for key in ("rounds", "build_s", "solve_s", "highs_s"):
             stats[key] += sol.stats[key]
         stats["column_rounds"] += 1
-        if sol.status != "optimal" or quota is None:
+        if sol.status != "optimal" or selected.all():
             break
-        accepted = np.zeros(len(bids))
-        accepted[selected] = sol.accepted_mw
-        full = accepted >= bids.quantity_mw.to_numpy() - 1e-7
-        saturated = np.ones(group.max() + 1, bool)
-        np.logical_and.at(saturated, group[selected], full[selected])
-        grow = saturated[group] & ~selected
-        if not grow.any():
+        t = model.t_index(bids.mtu.to_numpy())
+        a = bids.zone.to_numpy()
+        value = sign * (
+            sol.marginal_price[t, a] + bids.tan_phi.to_numpy() * sol.marginal_price_q[t, a]
+        )
+        improving = ~selected & (bids.price_eur_per_mwh.to_numpy() < value - 1e-7)
+        if not improving.any():
             break
-        quota = np.where(np.isin(group, np.unique(group[grow])), 2.0 * quota, quota)
-        selected = _within_quota(bids.quantity_mw.to_numpy(), group, order, quota)
+        selected |= improving
     accepted = np.zeros(len(bids))
     accepted[selected] = sol.accepted_mw
     stats.update(
-        {k: sol.stats[k] for k in ("n_variables", "n_constraints", "n_grid_rows") if k in sol.stats}
+        {
+            k: sol.stats[k]
+            for k in ("n_variables", "n_constraints", "n_nonzeros", "n_grid_rows")
+            if k in sol.stats
+        }
     )
     return replace(sol, accepted_mw=accepted, stats=stats)
 

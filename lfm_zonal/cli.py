@@ -15,8 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from lfm_zonal import __version__
-from lfm_zonal.errors import LfmError
+from lfm_zonal.errors import InputError, LfmError
 from lfm_zonal.grids import available_grids
+from lfm_zonal.market import MARKET_METHODS, PRICING
 from lfm_zonal.scenario import (
     DEFAULT_SCENARIO,
     SCHEMA,
@@ -48,6 +49,9 @@ OVERRIDES = {
     "segmentation": ("zones", "method"),
     "weights": ("zones", "weights"),
     "reference_mtu": ("zones", "reference_mtu"),
+    "market": ("market", "methods"),
+    "pricing": ("market", "pricing"),
+    "resources": ("flexibility", "csv"),
 }
 
 
@@ -83,6 +87,8 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
         value = getattr(args, flag, None)
         if value is not None:
             kind = SCHEMA[section][key].kind
+            if kind is list and not isinstance(value, list):
+                value = [value]
             values.setdefault(section, {})[key] = kind(value) if isinstance(kind, type) else value
     return Scenario(origin, validate_values(values, origin))
 
@@ -172,6 +178,29 @@ def cmd_zones(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_clear(args: argparse.Namespace) -> None:
+    from lfm_zonal.job import run_scenario
+
+    if args.market != "nodal" and not args.k:
+        raise InputError(f"--market {args.market} needs --k (number of zones)")
+    scenario = scenario_from_args(args)
+    out = run_scenario(scenario, args.out, overwrite=args.overwrite, progress=True)
+    kpis = pd.read_csv(out / "kpis.csv")
+    columns = [
+        "method",
+        "k",
+        "cost_eur",
+        "activated_mwh",
+        "unmet_mwh",
+        "residual_overload_max_percent",
+        "vm_min_after_pu",
+        "vm_max_after_pu",
+        "new_violations",
+    ]
+    print(kpis[columns].to_string(index=False))
+    print(f"wrote bids, activations, needs, unmet need, KPIs and plots to {out}/")
+
+
 def _mtu_or_peak(text: str):
     return int(text) if text.isdigit() else text
 
@@ -250,6 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="zones", help="output folder (default: zones)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_zones)
+
+    p = sub.add_parser(
+        "clear", help="clear one market (nodal, zonal or needs-based) and check it in AC"
+    )
+    _add_case_options(p)
+    p.add_argument(
+        "--market", choices=MARKET_METHODS, default="zonal", help="market (default zonal)"
+    )
+    p.add_argument("--k", type=int, action="append", help="number of zones (repeatable)")
+    p.add_argument("--segmentation", choices=SEGMENTATION_METHODS, help="segmentation method")
+    p.add_argument("--weights", choices=WEIGHT_POLICIES, help="virtual-bus weight policy")
+    p.add_argument("--resources", help="CSV file of flexibility resources (default: generated)")
+    p.add_argument("--pricing", choices=PRICING, help="pay_as_bid (default) or pay_as_clear")
+    p.add_argument("--out", default="clearing", help="output folder (default: clearing)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_clear)
     return parser
 
 

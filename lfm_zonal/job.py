@@ -13,16 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
-from lfm_zonal.errors import PowerFlowNotConverged
+from lfm_zonal.errors import InputError, PowerFlowNotConverged
 from lfm_zonal.grids import Grid, load_grid
+from lfm_zonal.market import MarketResult, clear_market
 from lfm_zonal.output import result_folder, write_csv, write_json
-from lfm_zonal.plots import plot_error_curve, plot_zones
+from lfm_zonal.plots import plot_before_after, plot_error_curve, plot_k_comparison, plot_zones
 from lfm_zonal.powerflow import HorizonPowerFlow, run_horizon
 from lfm_zonal.profiles import Horizon, Profiles, load_profiles
+from lfm_zonal.resources import FlexibilitySpec, Resources, generate_resources, read_resources
 from lfm_zonal.scenario import Scenario
 from lfm_zonal.segmentation import Segmentation, Zones, prepare_segmentation
-from lfm_zonal.sensitivity import Sensitivities, sensitivities
+from lfm_zonal.sensitivity import Sensitivities
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +84,51 @@ def write_sensitivities(sens: Sensitivities, folder: Path) -> None:
         write_csv(getattr(sens, name), folder / f"{name}.csv")
 
 
-def prepare_segmentation_of(base: BaseCase) -> Segmentation:
-    """Segmentation inputs at the scenario's reference MTU."""
+def flexibility_spec(scenario: Scenario) -> FlexibilitySpec:
+    f = scenario["flexibility"]
+    return FlexibilitySpec(
+        load_up_share=f["load_up_share"],
+        load_down_share=f["load_down_share"],
+        sgen_down_share=f["sgen_down_share"],
+        units_per_element=f["units_per_element"],
+        n_aggregators=f["n_aggregators"],
+        storage_units=f["storage_units"],
+        storage_p_mw=f["storage_p_mw"],
+        storage_hours=f["storage_hours"],
+        storage_efficiency=f["storage_efficiency"],
+        cost_load_up=tuple(f["cost_load_up"]),
+        cost_load_down=tuple(f["cost_load_down"]),
+        cost_sgen_down=tuple(f["cost_sgen_down"]),
+        cost_storage=tuple(f["cost_storage"]),
+    )
+
+
+def prepare_resources(base: BaseCase) -> Resources:
+    """The scenario's resources: its CSV file, or generated from the grid with its seed."""
+    csv = base.scenario["flexibility"]["csv"]
+    if csv:
+        return read_resources(base.scenario.resolve_path(csv), base.powerflow)
+    return generate_resources(base.powerflow, flexibility_spec(base.scenario), base.scenario.seed)
+
+
+def prepare_segmentation_of(base: BaseCase, resources: Resources | None = None) -> Segmentation:
+    """Segmentation inputs at the scenario's reference MTU (capacity weights from the resources)."""
     z = base.scenario["zones"]
     ref = base.reference_mtu if z["reference_mtu"] == "peak" else z["reference_mtu"]
-    return prepare_segmentation(
+    seg = prepare_segmentation(
         base.powerflow,
         ref,
         sensitivity_method=base.scenario["sensitivity"]["method"],
         weight_policy=z["weights"],
+        flexible_capacity_mw=None if resources is None else resources.capacity_per_bus(),
     )
+    too_many = [k for k in z["k"] if k > seg.n_buses]
+    if too_many:
+        raise InputError(
+            f"{base.scenario.path}: 'zones.k' = {too_many[0]} is out of range: the grid "
+            f"has {seg.n_buses} energised buses, so 1 <= K <= {seg.n_buses}"
+        )
+    return seg
 
 
 def write_zones(seg: Segmentation, zone_sets: list[Zones], folder: Path, grid_name: str) -> None:
@@ -143,66 +181,265 @@ def write_zones(seg: Segmentation, zone_sets: list[Zones], folder: Path, grid_na
     )
 
 
+def market_cases(scenario: Scenario) -> list[tuple[str, int | None]]:
+    """(method, K) pairs of a scenario: nodal once, zonal and needs-based at every K."""
+    cases = []
+    for method in scenario["market"]["methods"]:
+        if method == "nodal":
+            cases.append(("nodal", None))
+        else:
+            cases += [(method, k) for k in scenario["zones"]["k"]]
+    return cases
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """The main job's results in memory: base case, segmentation, one MarketResult per case."""
+
+    base: BaseCase
+    resources: Resources
+    segmentation: Segmentation
+    markets: list[MarketResult]
+
+    def kpis(self) -> pd.DataFrame:
+        table = pd.DataFrame([m.kpis for m in self.markets])
+        return table[KPI_COLUMNS + [c for c in table.columns if c not in KPI_COLUMNS]]
+
+
+#: kpis.csv: these first, in this order (stable for scripts and golden files).
+KPI_COLUMNS = [
+    "method",
+    "k",
+    "cost_eur",
+    "activated_mwh",
+    "unmet_mwh",
+    "residual_overload_max_percent",
+    "residual_overload_mtu_count",
+    "vm_min_after_pu",
+    "vm_max_after_pu",
+    "new_violations",
+    "segmentation_error",
+    "solve_s",
+    "n_variables",
+    "n_constraints",
+]
+TIMING_COLUMNS = ["solve_s", "build_s", "clear_s"]
+
+
+def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
+    """Every market case of the scenario, from the grid to the AC check (no files written)."""
+    base = prepare_base_case(scenario, progress=progress)
+    resources = prepare_resources(base)
+    seg = prepare_segmentation_of(base, resources)
+    m = scenario["market"]
+    markets = []
+    for method, k in tqdm(
+        market_cases(scenario),
+        desc="markets",
+        unit="case",
+        disable=None if progress else True,
+        leave=False,
+    ):
+        markets.append(
+            clear_market(
+                seg,
+                resources,
+                method,
+                k,
+                segmentation_method=scenario["zones"]["method"],
+                pricing=m["pricing"],
+                penalty_eur_per_mwh=m["penalty_eur_per_mwh"],
+                seed=scenario.seed,
+                max_steps=scenario["flexibility"]["max_steps"],
+            )
+        )
+    return StudyResult(base, resources, seg, markets)
+
+
+def _label(m: MarketResult) -> str:
+    return "nodal" if m.method == "nodal" else f"{m.method}_k{m.k}"
+
+
+def _long(frames: list[tuple[MarketResult, pd.DataFrame]]) -> pd.DataFrame:
+    """Stack per-market tables with method and k in front."""
+    parts = [f.assign(method=m.method, k=m.k) for m, f in frames if len(f)]
+    if not parts:
+        return pd.DataFrame()
+    out = pd.concat(parts, ignore_index=True)
+    return out[["method", "k", *[c for c in out.columns if c not in ("method", "k")]]]
+
+
+def write_results(study: StudyResult, folder: Path) -> None:
+    """Every output file of the main job (listed in the README)."""
+    base, seg = study.base, study.segmentation
+    pf = base.powerflow
+    kpis = study.kpis()
+    write_csv(kpis, folder / "kpis.csv", index=False)
+    write_csv(base.powerflow.violations(), folder / "base_case.csv")
+    write_csv(
+        _long([(m, m.bids.drop(columns=["time"])) for m in study.markets]).assign(
+            time=lambda d: pf.times[d.mtu.to_numpy()]
+        ),
+        folder / "bids.csv",
+        index=False,
+    )
+    write_csv(
+        _long([(m, m.dispatch) for m in study.markets]), folder / "activations.csv", index=False
+    )
+    write_csv(
+        _long([(m, m.activations) for m in study.markets]),
+        folder / "zone_activations.csv",
+        index=False,
+    )
+    write_csv(
+        _long([(m, m.needs) for m in study.markets if m.method != "needs_based"]),
+        folder / "needs.csv",
+        index=False,
+    )
+    write_csv(_long([(m, m.unmet) for m in study.markets]), folder / "unmet.csv", index=False)
+    resources = study.resources.table.reset_index()
+    write_csv(resources, folder / "resources.csv", index=False)
+    zone_sets = sorted(
+        {m.zones.k: m.zones for m in study.markets if m.method != "nodal"}.values(),
+        key=lambda z: z.k,
+    ) or [seg.zones(1)]
+    write_zones(seg, zone_sets, folder / "zones", base.grid.name)
+    plot_k_comparison(kpis, folder / "k_comparison.png", base.grid.name)
+    worst = worst_mtu(pf)
+    if worst is not None:
+        plot_before_after(
+            pf,
+            {_label(m): m.ac for m in study.markets if m.method != "needs_based"},
+            worst,
+            folder / "before_after.png",
+        )
+    summary = {
+        "scenario": base.scenario.name,
+        "scenario_source": base.scenario.path,
+        "seed": base.scenario.seed,
+        "grid": base.grid.summary() | {"origin": base.grid.origin},
+        "limits": {
+            "vm_min_pu": base.grid.vm_min_pu,
+            "vm_max_pu": base.grid.vm_max_pu,
+            "loading_max_percent": base.grid.loading_max_percent,
+        },
+        "horizon": {
+            "start": str(base.profiles.horizon.start),
+            "n_mtu": base.profiles.horizon.n_mtu,
+            "mtu_minutes": base.profiles.horizon.mtu_minutes,
+            "profiles": base.profiles.source,
+        },
+        "mtus_not_converged": list(pf.failures),
+        "reference_mtu": {"position": seg.reference_mtu, "time": str(pf.times[seg.reference_mtu])},
+        "worst_mtu": None if worst is None else {"position": worst, "time": str(pf.times[worst])},
+        "resources": {
+            "count": len(study.resources),
+            "aggregators": int(study.resources.table.aggregator.nunique())
+            if len(study.resources)
+            else 0,
+        },
+        "base_case": base_case_summary(pf),
+        "markets": kpis.drop(columns=[c for c in TIMING_COLUMNS if c in kpis]).to_dict("records"),
+    }
+    write_json(summary, folder / "summary.json")
+    (folder / "report.md").write_text(report_markdown(study, kpis, worst), encoding="utf-8")
+
+
+def base_case_summary(pf: HorizonPowerFlow) -> dict:
+    v = pf.violations()
+    return {
+        "loading_max_percent": float(v.loading_max_percent.max()),
+        "mtus_with_overload": int((v.overloaded_branches > 0).sum()),
+        "vm_min_pu": float(v.vm_min_pu.min()),
+        "vm_max_pu": float(v.vm_max_pu.max()),
+        "mtus_with_voltage_violation": int(
+            ((v.undervoltage_buses + v.overvoltage_buses) > 0).sum()
+        ),
+    }
+
+
+def worst_mtu(pf: HorizonPowerFlow) -> int | None:
+    """The MTU with the largest base-case violation (overload in percent points, voltage x 100)."""
+    g = pf.grid
+    over = (pf.loading_percent - g.loading_max_percent).clip(lower=0).max(axis=1)
+    dev = ((g.vm_min_pu - pf.vm_pu).clip(lower=0) + (pf.vm_pu - g.vm_max_pu).clip(lower=0)).max(
+        axis=1
+    )
+    score = (over + 100 * dev).fillna(0.0)
+    return int(score.to_numpy().argmax()) if score.max() > 0 else None
+
+
+def report_markdown(study: StudyResult, kpis: pd.DataFrame, worst: int | None) -> str:
+    base = study.base
+    pf = base.powerflow
+    b = base_case_summary(pf)
+    cols = [
+        "method",
+        "k",
+        "cost_eur",
+        "activated_mwh",
+        "unmet_mwh",
+        "residual_overload_max_percent",
+        "residual_voltage_max_pu",
+        "new_violations",
+        "segmentation_error",
+    ]
+    table = kpis[cols].copy()
+    lines = [
+        f"# {base.scenario.name}",
+        "",
+        base.scenario.values[""]["description"] or "",
+        "",
+        f"Grid **{base.grid.name}** ({base.grid.origin}); {base.profiles.horizon.n_mtu} MTUs of "
+        f"{base.profiles.horizon.mtu_minutes} min from {base.profiles.horizon.start}, profiles "
+        f"{base.profiles.source}; limits {base.grid.vm_min_pu}-{base.grid.vm_max_pu} p.u., "
+        f"{base.grid.loading_max_percent:g}% loading; {len(study.resources)} resources.",
+        "",
+        f"Base case: max loading {b['loading_max_percent']:.1f}% ({b['mtus_with_overload']} MTUs "
+        f"overloaded), voltage {b['vm_min_pu']:.3f}-{b['vm_max_pu']:.3f} p.u. "
+        f"({b['mtus_with_voltage_violation']} MTUs out of band).",
+        "",
+        "## Markets (after the AC check)",
+        "",
+        _markdown_table(table),
+        "",
+        "Residuals are measured by an AC power flow of the real dispatch; the nodal market is "
+        "the benchmark. Unmet need is the MW the DSO still misses in the linear model after the "
+        "clearing (reported, never hidden).",
+        "",
+        "![cost and residuals against K](k_comparison.png)",
+        "",
+    ]
+    if worst is not None:
+        lines += [
+            f"Worst MTU: {worst} ({pf.times[worst]}).",
+            "",
+            "![before and after](before_after.png)",
+            "",
+        ]
+    lines += ["Zones: see `zones/` (maps `zones_k<K>.png`, error curve `error_curve.png`).", ""]
+    return "\n".join(lines)
+
+
+def _markdown_table(table: pd.DataFrame) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return "" if np.isnan(v) else f"{v:.4g}"
+        return str(v)
+
+    head = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    rows = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([head, rule, *rows])
+
+
 def run_scenario(
     scenario: Scenario, out: str | Path, *, overwrite: bool = False, progress: bool = False
 ) -> Path:
-    """Run the main job of ``scenario`` and write its results folder ``out``."""
+    """Run the main job of ``scenario`` and write its results folder ``out`` (complete or absent)."""
     started = time.perf_counter()
-    base = prepare_base_case(scenario, progress=progress)
-    ref = base.reference_mtu
-    sens = sensitivities(base.powerflow, ref, scenario["sensitivity"]["method"])
-    seg = prepare_segmentation_of(base)
-    zone_sets = [
-        seg.zones(k, scenario["zones"]["method"], scenario.seed) for k in scenario["zones"]["k"]
-    ]
+    study = run_study(scenario, progress=progress)
     with result_folder(out, overwrite=overwrite) as folder:
-        write_zones(seg, zone_sets, folder / "zones", base.grid.name)
-        violations = base.powerflow.violations()
-        write_csv(violations, folder / "base_case.csv")
-        write_csv(
-            tidy(base.powerflow.loading_percent, "loading_percent"),
-            folder / "loading_percent.csv",
-            index=False,
-        )
-        write_csv(tidy(base.powerflow.vm_pu, "vm_pu"), folder / "vm_pu.csv", index=False)
-        write_sensitivities(sens, folder / "sensitivities")
-        summary = {
-            "scenario": scenario.name,
-            "scenario_source": scenario.path,
-            "grid": base.grid.summary() | {"origin": base.grid.origin},
-            "limits": {
-                "vm_min_pu": base.grid.vm_min_pu,
-                "vm_max_pu": base.grid.vm_max_pu,
-                "loading_max_percent": base.grid.loading_max_percent,
-            },
-            "horizon": {
-                "start": str(base.profiles.horizon.start),
-                "n_mtu": base.profiles.horizon.n_mtu,
-                "mtu_minutes": base.profiles.horizon.mtu_minutes,
-                "profiles": base.profiles.source,
-            },
-            "mtus_not_converged": list(base.powerflow.failures),
-            "reference_mtu": {"position": ref, "time": str(base.powerflow.times[ref])},
-            "base_case": {
-                "loading_max_percent": float(violations.loading_max_percent.max()),
-                "mtus_with_overload": int((violations.overloaded_branches > 0).sum()),
-                "vm_min_pu": float(violations.vm_min_pu.min()),
-                "vm_max_pu": float(violations.vm_max_pu.max()),
-                "mtus_with_voltage_violation": int(
-                    ((violations.undervoltage_buses + violations.overvoltage_buses) > 0).sum()
-                ),
-            },
-            "sensitivity_method": sens.method,
-            "zones": {
-                "method": scenario["zones"]["method"],
-                "weights": scenario["zones"]["weights"],
-                "reference_mtu": seg.reference_mtu,
-                "segmentation_error": {
-                    str(z.k): seg.indices(z).overall_error()["mean"] for z in zone_sets
-                },
-            },
-            "isolated_buses": list(sens.isolated_buses),
-        }
-        write_json(summary, folder / "summary.json")
+        write_results(study, folder)
     log.info("finished in %.1f s", time.perf_counter() - started)
     return Path(out)

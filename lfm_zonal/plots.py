@@ -166,11 +166,109 @@ def plot_error_curve(curve: pd.DataFrame, path: Path, title: str) -> None:
     for method, part in curve.groupby("method", sort=True):
         ax.plot(part.k, part.loading_error, "-", label=f"{method}: loading rows")
         ax.plot(part.k, part.vm_error, "--", label=f"{method}: voltage rows")
-    ax.set_xlabel("number of zones K")
+    ax.set_xlabel("number of zones K (log scale)")
     ax.set_ylabel("relative approximation error (capacity-weighted)")
     ax.set_xscale("log")
     ax.set_ylim(bottom=0)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
+    save(fig, path)
+
+
+def plot_k_comparison(kpis: pd.DataFrame, path: Path, grid_name: str) -> None:
+    """Cost and AC residuals against K: one line per zonal method, the nodal market as a line."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    panels = [
+        ("cost_eur", "procurement cost (EUR)"),
+        ("residual_overload_percent_h", "residual overload after AC check (%-points x h)"),
+        ("unmet_mwh", "unmet need (MWh)"),
+    ]
+    nodal = kpis[kpis.method == "nodal"]
+    zonal = kpis[kpis.method != "nodal"]
+    styles = {"zonal": ("tab:blue", "o-"), "needs_based": ("tab:orange", "s--")}
+    for ax, (column, label) in zip(axes, panels, strict=True):
+        for method, part in zonal.groupby("method", sort=True):
+            colour, style = styles.get(method, ("tab:green", "^-"))
+            part = part.sort_values("k")
+            ax.plot(part.k, part[column], style, color=colour, label=method.replace("_", "-"))
+        if len(nodal):
+            ax.axhline(
+                float(nodal[column].iloc[0]),
+                color="black",
+                lw=1.5,
+                ls=":",
+                label=f"nodal (K = {int(nodal.k.iloc[0])})",
+            )
+        ks = sorted({int(k) for k in kpis.k})
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.set_xlabel("number of zones K (log scale)")
+        ax.set_title(label, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_ylim(bottom=0)
+    axes[0].legend(fontsize=8)
+    voltage = kpis.set_index(["method", "k"]).residual_voltage_max_pu
+    if (voltage > 0).any():
+        worst = voltage.idxmax()
+        axes[1].annotate(
+            f"max residual voltage deviation: {voltage.max():.4f} p.u. ({worst[0]}, K={worst[1]})",
+            (0.02, 0.95),
+            xycoords="axes fraction",
+            fontsize=8,
+            va="top",
+        )
+    fig.suptitle(f"{grid_name}: market performance against the number of zones")
+    fig.tight_layout()
+    save(fig, path)
+
+
+def plot_before_after(pf, ac_by_market: dict, mtu: int, path: Path) -> None:
+    """Loading of every monitored branch and voltage of every bus at one MTU: base case and
+    after each market's dispatch (AC), with the limits."""
+    g = pf.grid
+    fig, (ax_l, ax_v) = plt.subplots(2, 1, figsize=(12, 7.5))
+    branches = pf.loading_percent.columns
+    x_l = np.arange(len(branches))
+    ax_l.plot(x_l, pf.loading_percent.iloc[mtu].to_numpy(), "k-", lw=2, label="base case")
+    for i, (label, ac) in enumerate(ac_by_market.items()):
+        ax_l.plot(
+            x_l,
+            ac.loading_percent.iloc[mtu].to_numpy(),
+            lw=1.2,
+            alpha=0.85,
+            color=plt.get_cmap("tab10")(i % 10),
+            label=f"after {label}",
+        )
+    ax_l.axhline(g.loading_max_percent, color="red", ls="--", lw=1, label="limit")
+    ax_l.set_ylabel("loading (%)")
+    ax_l.set_xlabel("monitored line (l) / trafo (t), pandapower index")
+    step = max(1, len(branches) // 25)
+    ax_l.set_xticks(
+        x_l[::step], [f"{t[0][0]}{t[1]}" for t in branches[::step]], fontsize=7, rotation=90
+    )
+    buses = pf.vm_pu.columns
+    x_v = np.arange(len(buses))
+    ax_v.plot(x_v, pf.vm_pu.iloc[mtu].to_numpy(), "k-", lw=2, label="base case")
+    for i, (label, ac) in enumerate(ac_by_market.items()):
+        ax_v.plot(
+            x_v,
+            ac.vm_pu.iloc[mtu].to_numpy(),
+            lw=1.2,
+            alpha=0.85,
+            color=plt.get_cmap("tab10")(i % 10),
+            label=f"after {label}",
+        )
+    ax_v.axhline(g.vm_min_pu, color="red", ls="--", lw=1)
+    ax_v.axhline(g.vm_max_pu, color="red", ls="--", lw=1, label="band")
+    ax_v.set_ylabel("voltage (p.u.)")
+    ax_v.set_xlabel("bus (pandapower index)")
+    step = max(1, len(buses) // 30)
+    ax_v.set_xticks(x_v[::step], [str(b) for b in buses[::step]], fontsize=7, rotation=90)
+    for ax in (ax_l, ax_v):
+        ax.grid(True, alpha=0.3)
+    ax_l.legend(fontsize=7, ncol=3, loc="best")
+    fig.suptitle(f"{g.name}: worst MTU {mtu} ({pf.times[mtu]}) before and after clearing (AC)")
+    fig.tight_layout()
     save(fig, path)

@@ -16,6 +16,7 @@ from typing import Any
 
 from lfm_zonal.errors import InputError
 from lfm_zonal.grids import DEFAULT_LOADING_MAX_PERCENT, DEFAULT_VM_MAX_PU, DEFAULT_VM_MIN_PU
+from lfm_zonal.market import MARKET_METHODS, PRICING
 from lfm_zonal.profiles import DEFAULT_START
 from lfm_zonal.segmentation import SEGMENTATION_METHODS, WEIGHT_POLICIES
 from lfm_zonal.sensitivity import SENSITIVITY_METHODS
@@ -49,6 +50,25 @@ def _zone_counts(v) -> str | None:
     if not v or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in v):
         return "must be a non-empty list of integers >= 1"
     return None
+
+
+def _mean_std(v) -> str | None:
+    ok = len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    return (
+        None
+        if ok and v[0] > 0 and v[1] >= 0
+        else "must be [mean, standard deviation] with mean > 0"
+    )
+
+
+def _methods(v) -> str | None:
+    if not v or any(m not in MARKET_METHODS for m in v) or len(set(v)) != len(v):
+        return f"must be a non-empty list of distinct methods out of {', '.join(MARKET_METHODS)}"
+    return None
+
+
+def _share(v) -> str | None:
+    return None if 0.0 <= v <= 1.0 else "must be between 0 and 1"
 
 
 def _reference_mtu(v) -> str | None:
@@ -103,6 +123,36 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "peak",
             'MTU the zones are computed at ("peak": highest total load)',
             _reference_mtu,
+        ),
+    },
+    "flexibility": {
+        "csv": Key(str, "", "CSV file of resources (empty: generated from the grid)"),
+        "load_up_share": Key(float, 0.3, "share of each load that can be reduced", _share),
+        "load_down_share": Key(float, 0.15, "share of each load that can be increased", _share),
+        "sgen_down_share": Key(float, 0.5, "share of each sgen that can be curtailed", _share),
+        "units_per_element": Key(int, 1, "resources each load/sgen is split into", _positive),
+        "n_aggregators": Key(int, 3, "number of aggregators", _positive),
+        "storage_units": Key(int, 0, "batteries placed at random load buses", _non_negative),
+        "storage_p_mw": Key(float, 0.5, "battery power", _positive),
+        "storage_hours": Key(float, 2.0, "battery energy / power", _positive),
+        "storage_efficiency": Key(float, 0.95, "one-way efficiency", _share),
+        "cost_load_up": Key(
+            list, [120.0, 40.0], "[mean, std] EUR/MWh of load reduction", _mean_std
+        ),
+        "cost_load_down": Key(
+            list, [40.0, 15.0], "[mean, std] EUR/MWh of load increase", _mean_std
+        ),
+        "cost_sgen_down": Key(list, [60.0, 20.0], "[mean, std] EUR/MWh of curtailment", _mean_std),
+        "cost_storage": Key(list, [80.0, 20.0], "[mean, std] EUR/MWh of storage", _mean_std),
+        "max_steps": Key(int, 10, "steps per aggregator curve and area", _positive),
+    },
+    "market": {
+        "methods": Key(
+            list, ["nodal", "zonal", "needs_based"], "markets to run and compare", _methods
+        ),
+        "pricing": Key(str, "pay_as_bid", "pay_as_bid | pay_as_clear", _one_of(PRICING)),
+        "penalty_eur_per_mwh": Key(
+            float, 10000.0, "price of unmet need (slack penalty)", _positive
         ),
     },
 }

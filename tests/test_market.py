@@ -1,0 +1,249 @@
+"""Market clearing: hand-computed optimum, nodal AC residuals, K = N equals nodal, AC truth check."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandapower as pp
+import pandas as pd
+import pytest
+
+from lfm_zonal import Horizon, InputError, load_grid, load_profiles, run_horizon
+from lfm_zonal.market import clear_market
+from lfm_zonal.resources import FlexibilitySpec, generate_resources, read_resources
+from lfm_zonal.segmentation import prepare_segmentation
+from lfm_zonal.validation import dispatched_net
+
+# ----------------------------------------------------------------------------- hand-built feeder
+
+
+def three_bus_feeder() -> pp.pandapowerNet:
+    """Slack - line 0 (strong) - bus 1 - line 1 (150 A) - bus 2 with a 6 MW load: line 1 overloaded."""
+    net = pp.create_empty_network()
+    b0, b1, b2 = (pp.create_bus(net, 20.0) for _ in range(3))
+    pp.create_ext_grid(net, b0, vm_pu=1.0)
+    pp.create_line_from_parameters(
+        net, b0, b1, 2.0, r_ohm_per_km=0.2, x_ohm_per_km=0.12, c_nf_per_km=0.0, max_i_ka=1.0
+    )
+    pp.create_line_from_parameters(
+        net, b1, b2, 2.0, r_ohm_per_km=0.2, x_ohm_per_km=0.12, c_nf_per_km=0.0, max_i_ka=0.15
+    )
+    pp.create_load(net, b2, p_mw=6.0, q_mvar=0.0)
+    return net
+
+
+def ac_relief_needed_mw(net: pp.pandapowerNet) -> float:
+    """By bisection on real AC power flows: the load reduction at bus 2 that brings line 1 to 100%."""
+    lo, hi = 0.0, 6.0
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        n = copy.deepcopy(net)
+        n.load.at[0, "p_mw"] = 6.0 - mid
+        pp.runpp(n)
+        lo, hi = (mid, hi) if n.res_line.at[1, "loading_percent"] > 100.0 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+RESOURCES = """resource_id,aggregator,bus,kind,direction,p_max_mw,cost_up_eur_per_mwh,cost_down_eur_per_mwh,energy_mwh,soc_init_mwh,efficiency
+A,agg1,2,load,up,4,50,0,,,
+B,agg2,2,load,up,4,80,0,,,
+C,agg1,1,load,up,5,20,0,,,
+D,agg2,2,sgen,down,3,0,10,,,
+S,agg1,2,storage,both,4,30,30,1.0,0.5,0.95
+"""
+
+
+@pytest.fixture(scope="module")
+def hand_case(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hand")
+    (folder / "resources.csv").write_text(RESOURCES)
+    pd.DataFrame({"load_0_p_mw": [6.0]}).to_csv(folder / "profiles.csv", index=False)
+    grid = load_grid(three_bus_feeder(), vm_min_pu=0.9, vm_max_pu=1.1)
+    pf = run_horizon(
+        grid, load_profiles(grid, Horizon(n_mtu=1, mtu_minutes=60), csv=folder / "profiles.csv")
+    )
+    res = read_resources(folder / "resources.csv", pf)
+    seg = prepare_segmentation(pf, 0, flexible_capacity_mw=res.capacity_per_bus())
+    return pf, res, seg
+
+
+def test_hand_computed_optimum(hand_case):
+    pf, res, seg = hand_case
+    assert pf.loading_percent.iloc[0][("line", 1)] > 110  # the congestion the market must fix
+    result = clear_market(seg, res, "nodal", pricing="pay_as_clear")
+    x_needed = ac_relief_needed_mw(pf.grid.net)
+    # Merit order among what relieves line 1: storage S (30 EUR/MWh, but 0.5 MWh x 0.95 in one
+    # hour), then A (50); B (80) is not needed, C (bus 1) does not relieve line 1, D (down) worsens it.
+    s_mw = 0.5 * 0.95
+    bids = result.bids.set_index("bid_id")
+    by_resource = result.dispatch.set_index("resource_id").p_mw
+    assert by_resource["S"] == pytest.approx(s_mw, abs=1e-6)
+    assert by_resource["A"] == pytest.approx(x_needed - s_mw, abs=2e-3)
+    assert set(by_resource.index) == {"S", "A"}
+    expected_cost = 30 * s_mw + 50 * (x_needed - s_mw)
+    assert result.kpis["cost_pay_as_bid_eur"] == pytest.approx(expected_cost, abs=0.1)
+    # Binding constraint: line 1 at its limit in the AC check, nothing else violated.
+    assert result.ac.loading_percent.iloc[0][("line", 1)] == pytest.approx(100.0, abs=0.05)
+    assert result.kpis["residual_overload_max_percent"] < 0.05
+    assert result.kpis["unmet_mwh"] == 0.0
+    # Pay-as-clear: A is marginal, so every accepted MW is paid 50 EUR/MWh.
+    accepted = bids[bids.accepted_mw > 0]
+    assert accepted.clearing_price_eur_per_mwh.to_numpy() == pytest.approx(50.0, abs=1e-6)
+    assert set(bids.status) >= {"partial", "rejected"}
+
+
+# ----------------------------------------------------------------------------- real feeders
+
+
+def market_case(
+    name: str,
+    load_scale: float,
+    share: float,
+    n_mtu: int = 12,
+    start: str = "2016-01-14 16:00",
+    **spec,
+):
+    grid = load_grid(name)
+    pf = run_horizon(
+        grid, load_profiles(grid, Horizon(start=start, n_mtu=n_mtu), load_scale=load_scale)
+    )
+    res = generate_resources(
+        pf,
+        FlexibilitySpec(load_up_share=share, load_down_share=share, sgen_down_share=share, **spec),
+        seed=3,
+    )
+    seg = prepare_segmentation(
+        pf,
+        int(pf.profiles.total_load_mw().to_numpy().argmax()),
+        flexible_capacity_mw=res.capacity_per_bus(),
+    )
+    return pf, res, seg
+
+
+@pytest.fixture(scope="module")
+def cigre_market():
+    return market_case("cigre_mv", 1.25, 0.5)
+
+
+@pytest.fixture(scope="module")
+def ieee33_market():
+    return market_case("ieee33", 1.3, 0.8)
+
+
+@pytest.mark.parametrize("case", ["cigre_market", "ieee33_market"])
+def test_nodal_clearing_fixes_overloads_and_voltages_in_ac(case, request):
+    pf, res, seg = request.getfixturevalue(case)
+    v = pf.violations()
+    assert v.overloaded_branches.sum() > 0 and v.undervoltage_buses.sum() > 0  # both problems
+    result = clear_market(seg, res, "nodal")
+    g = pf.grid
+    assert result.kpis["unmet_mwh"] == 0.0
+    assert np.nanmax(result.ac.loading_percent.to_numpy()) <= g.loading_max_percent + 1.0
+    assert np.nanmin(result.ac.vm_pu.to_numpy()) >= g.vm_min_pu - 0.002
+    assert np.nanmax(result.ac.vm_pu.to_numpy()) <= g.vm_max_pu + 0.002
+    assert result.kpis["new_violations"] == 0
+    assert result.kpis["cost_eur"] > 0
+
+
+def test_zonal_with_k_equal_n_is_nodal(cigre_market):
+    _, res, seg = cigre_market
+    nodal = clear_market(seg, res, "nodal")
+    zonal = clear_market(seg, res, "zonal", seg.n_buses)
+    assert zonal.kpis["cost_eur"] == pytest.approx(nodal.kpis["cost_eur"], rel=1e-6)
+    pd.testing.assert_series_equal(zonal.bids.accepted_mw, nodal.bids.accepted_mw, atol=1e-7)
+
+
+def test_zonal_residuals_equal_an_independent_ac_power_flow(cigre_market):
+    pf, res, seg = cigre_market
+    result = clear_market(seg, res, "zonal", 2)
+    for mtu in sorted(result.dispatch.mtu.unique())[:4]:
+        net = dispatched_net(pf, result.dispatch, int(mtu))
+        pp.runpp(net)
+        loading = [net[f"res_{kind}"].at[idx, "loading_percent"] for kind, idx in pf.model.branches]
+        np.testing.assert_allclose(
+            result.ac.loading_percent.iloc[mtu].to_numpy(), loading, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            result.ac.vm_pu.iloc[mtu].to_numpy(),
+            net.res_bus.vm_pu.reindex(pf.model.buses).to_numpy(),
+            atol=1e-7,
+        )
+    # The reported KPIs are those of that AC state.
+    over = (result.ac.loading_percent - pf.grid.loading_max_percent).clip(lower=0).to_numpy().max()
+    assert result.kpis["residual_overload_max_percent"] == pytest.approx(over)
+
+
+def test_zonal_costs_more_or_leaves_more_than_nodal(cigre_market):
+    _, res, seg = cigre_market
+    nodal = clear_market(seg, res, "nodal").kpis
+    for k in (1, 3):
+        zonal = clear_market(seg, res, "zonal", k).kpis
+        worse = (
+            zonal["cost_eur"] >= nodal["cost_eur"] - 1e-6
+            or zonal["residual_overload_percent_h"] > nodal["residual_overload_percent_h"]
+            or zonal["unmet_mwh"] > nodal["unmet_mwh"]
+        )
+        assert worse, (k, zonal, nodal)
+
+
+def test_too_little_flexibility_reports_unmet_need():
+    pf, res, seg = market_case("cigre_mv", 1.25, 0.02)
+    for method, k in (("nodal", None), ("zonal", 3), ("needs_based", 3)):
+        result = clear_market(seg, res, method, k)
+        assert result.kpis["unmet_mwh"] > 0 and result.kpis["unmet_mw_max"] > 0
+        assert len(result.bids) and len(result.dispatch) and len(result.unmet)
+        assert (result.bids.status == "accepted").any()
+
+
+def test_storage_respects_its_state_of_charge():
+    pf, res, seg = market_case(
+        "cigre_mv", 1.25, 0.05, n_mtu=16, storage_units=3, storage_p_mw=2.0, storage_hours=0.5
+    )
+    result = clear_market(seg, res, "nodal")
+    dt = pf.profiles.horizon.mtu_hours
+    for rid, row in res.table[res.table.kind == "storage"].iterrows():
+        d = result.dispatch[result.dispatch.resource_id == rid].groupby("mtu").p_mw.sum()
+        energy = np.where(d > 0, d / row.efficiency, d * row.efficiency) * dt
+        soc = row.soc_init_mwh - np.cumsum(energy)
+        assert (soc >= -1e-6).all() and (soc <= row.energy_mwh + 1e-6).all()
+
+
+def test_needs_based_buys_exactly_the_published_need_when_it_can(cigre_market):
+    _, res, seg = cigre_market
+    result = clear_market(seg, res, "needs_based", 3)
+    bought = result.bids.groupby(["mtu", "zone", "direction"]).accepted_mw.sum()
+    need = result.needs.set_index(["mtu", "zone", "direction"]).need_mw
+    covered = bought.reindex(need.index).fillna(0.0)
+    assert (covered <= need + 1e-9).all()
+    assert result.kpis["need_mwh"] > 0
+
+
+# ----------------------------------------------------------------------------- malformed bids
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("X,a,999,load,up,1,10,10,,,", "row 2 ('X'): bus 999 is unknown"),
+        ("X,a,2,load,up,-1,10,10,,,", "row 2 ('X'): p_max_mw must be a finite number >= 0"),
+        ("X,a,2,load,up,1,nan,10,,,", "row 2 ('X'): cost_up_eur_per_mwh must be a finite number"),
+        ("X,a,2,load,sideways,1,10,10,,,", "row 2 ('X'): unknown direction 'sideways'"),
+        ("X,a,2,battery,up,1,10,10,,,", "row 2 ('X'): unknown kind 'battery'"),
+    ],
+)
+def test_malformed_resources_name_the_row(hand_case, tmp_path, row, message):
+    pf = hand_case[0]
+    header = RESOURCES.splitlines()[0]
+    path = tmp_path / "bad.csv"
+    path.write_text(f"{header}\n{row}\n")
+    with pytest.raises(InputError) as info:
+        read_resources(path, pf)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_duplicate_resource_id_is_refused(hand_case, tmp_path):
+    path = tmp_path / "dup.csv"
+    path.write_text(RESOURCES + "A,agg3,2,load,up,1,10,10,,,\n")
+    with pytest.raises(InputError, match=r"row 7: duplicate resource_id 'A'"):
+        read_resources(path, hand_case[0])
