@@ -213,6 +213,68 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"results of scenario {scenario.name} in {out}/")
 
 
+def _numbers(text: str, kind: type, flag: str) -> tuple:
+    """A comma list ("0,2,5") or an inclusive range "first:last[:step]" of numbers."""
+    try:
+        if ":" in text:
+            parts = [float(v) for v in text.split(":")]
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] <= 0):
+                raise ValueError(text)
+            first, last = parts[0], parts[1]
+            step = parts[2] if len(parts) == 3 else 1.0
+            count = int(round((last - first) / step)) + 1
+            values = [round(first + i * step, 10) for i in range(max(count, 0))]
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        if not values:
+            raise ValueError(text)
+        return tuple(kind(v) if kind is int and float(v).is_integer() else kind(v) for v in values)
+    except ValueError:
+        raise InputError(
+            f"{flag} '{text}': give a comma list (0,2,5) or a range first:last[:step]"
+        ) from None
+
+
+def cmd_tender(args: argparse.Namespace) -> None:
+    from lfm_zonal.output import result_folder
+    from lfm_zonal.tender import load_parameters, parameter_sets, run_tender_studies
+
+    if args.list:
+        for name, description in parameter_sets().items():
+            print(f"{name:<16} {description}")
+        return
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set '{item}': write KEY=VALUE, e.g. --set sigma_mw=3")
+        overrides[key.strip()] = value
+    params = load_parameters(args.params, overrides)
+    seeds = tuple(range(args.seeds))
+    if args.seeds < 1:
+        raise InputError(f"--seeds must be >= 1, got {args.seeds}")
+    ranges = {
+        "sigma_mu_mw": _numbers(args.sigma_mu, float, "--sigma-mu"),
+        "n_mtu": _numbers(args.n_mtu, int, "--n-mtu"),
+        "gini": _numbers(args.gini, float, "--gini"),
+        "n_nodes": _numbers(args.n_nodes, int, "--n-nodes"),
+    }
+    with result_folder(args.out, overwrite=args.overwrite) as folder:
+        tables = run_tender_studies(
+            params, args.study, folder, seeds=seeds, label=args.params or "table1", **ranges
+        )
+    if "deterministic" in tables:
+        rules = tables["deterministic"].groupby("rule", sort=False)
+        print(rules[["q_mw", "cost_eur_per_h", "extra_cost_percent"]].mean().round(2).to_string())
+    for name in ("temporal_summary", "spatial_summary"):
+        if name in tables:
+            s = tables[name]
+            print(
+                f"{name}: c_aggr from {s.c_aggr_percent.min():.2f}% to {s.c_aggr_percent.max():.2f}%"
+            )
+    print(f"wrote {', '.join(sorted(tables))} (CSV) and figures to {args.out}/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lfm-zonal",
@@ -295,6 +357,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="clearing", help="output folder (default: clearing)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_clear)
+
+    p = sub.add_parser(
+        "tender",
+        help="tender sizing under uncertainty (seed 001): optimum, temporal, spatial aggregation",
+    )
+    p.add_argument(
+        "study",
+        nargs="?",
+        default="all",
+        choices=("optimum", "temporal", "spatial", "all"),
+        help="optimum: Eq. 1 against Q and the deterministic rule; temporal: Fig. 3; "
+        "spatial: Fig. 5; all (default)",
+    )
+    p.add_argument(
+        "--params", help="parameter set (see --list) or TOML file of Table I keys (default table1)"
+    )
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)"
+    )
+    p.add_argument("--list", action="store_true", help="list the shipped parameter sets")
+    p.add_argument("--sigma-mu", default="0:10", help="sigma_mu values in MW (default 0:10)")
+    p.add_argument("--n-mtu", default="2:20", help="MTUs per product (default 2:20)")
+    p.add_argument("--gini", default="0:0.7:0.05", help="Gini indices (default 0:0.7:0.05)")
+    p.add_argument("--n-nodes", default="2:20", help="nodes per product (default 2:20)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 averaged (default 5)")
+    p.add_argument("--out", default="tender", help="output folder (default: tender)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_tender)
     return parser
 
 

@@ -272,3 +272,83 @@ def plot_before_after(pf, ac_by_market: dict, mtu: int, path: Path) -> None:
     fig.suptitle(f"{g.name}: worst MTU {mtu} ({pf.times[mtu]}) before and after clearing (AC)")
     fig.tight_layout()
     save(fig, path)
+
+
+def plot_tender_cost_curve(curve: pd.DataFrame, rules: pd.DataFrame, path: Path, title: str):
+    """Eq. 1 and its three terms against the procured quantity, with the chosen quantities."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    terms = [
+        ("availability_eur_per_h", "availability"),
+        ("activation_eur_per_h", "expected activation"),
+        ("unmet_eur_per_h", "expected unmet need x VoLL"),
+    ]
+    for column, label in terms:
+        ax.plot(curve.q_mw, curve[column], lw=1.2, label=label)
+    ax.plot(curve.q_mw, curve.cost_eur_per_h, "k-", lw=2, label="expected cost (Eq. 1)")
+    for i, rec in enumerate(rules.itertuples()):
+        ax.axvline(rec.q_mw, color=plt.get_cmap("tab10")(i + 3), ls="--", lw=1)
+        ax.annotate(
+            f"{rec.rule}\nQ = {rec.q_mw:.2f} MW, {rec.cost_eur_per_h:.0f} EUR/h",
+            (rec.q_mw, 0.97 - 0.12 * i),
+            xycoords=("data", "axes fraction"),
+            fontsize=7,
+            va="top",
+            ha="left",
+        )
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_ylim(0, 2 * float(curve.cost_eur_per_h.max()))
+    ax.set_xlabel("procured availability Q (MW)")
+    ax.set_ylabel("EUR per hour of the window (symlog)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title)
+    save(fig, path)
+
+
+def plot_tender_temporal(summary: pd.DataFrame, path: Path, title: str) -> None:
+    """Fig. 3: c_aggr against the number of MTUs in one product, one line per sigma_mu."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    sigmas = sorted(summary.sigma_mu_mw.unique())
+    colours = plt.get_cmap("viridis")(np.linspace(0, 0.95, len(sigmas)))
+    for colour, s in zip(colours, sigmas, strict=True):
+        part = summary[summary.sigma_mu_mw == s].sort_values("n_mtu")
+        ax.plot(part.n_mtu, part.c_aggr_percent, "o-", ms=3, color=colour, label=f"{s:g} MW")
+    ax.set_xticks(sorted(summary.n_mtu.unique()))
+    ax.set_xlabel("MTUs aggregated in one product")
+    ax.set_ylabel("extra cost of aggregation c_aggr (%)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="sigma_mu", fontsize=7, title_fontsize=8, ncol=2, loc="upper left")
+    ax.set_title(title)
+    save(fig, path)
+
+
+def plot_tender_spatial(summary: pd.DataFrame, path: Path, title: str) -> None:
+    """Fig. 5: c_aggr over (nodes, Gini) as filled contours (log colour scale), the probability
+    that a node's cleared offer misses the median of its need as black lines, and the
+    largest reachable Gini index (every offer at one node) in red."""
+    from matplotlib.colors import LogNorm
+
+    grid = summary.pivot(index="gini", columns="n_nodes", values="c_aggr_percent")
+    miss = summary.pivot(index="gini", columns="n_nodes", values="p_node_below_median")
+    x, y = grid.columns.to_numpy(float), grid.index.to_numpy(float)
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    values = np.ma.masked_invalid(np.clip(grid.to_numpy(), 0.1, None))
+    top = max(float(values.max()) if values.count() else 1.0, 1.0)
+    decades = 10.0 ** np.arange(-1, np.ceil(np.log10(top)) + 1)
+    levels = np.unique(np.outer(decades, [1, 2, 5]).ravel())
+    levels = levels[: np.searchsorted(levels, top) + 1]
+    filled = ax.contourf(x, y, values, levels=levels, norm=LogNorm(), cmap="magma_r", extend="min")
+    fig.colorbar(filled, ax=ax, label="extra cost of aggregation c_aggr (%)", format="%g")
+    miss_values = np.ma.masked_invalid(miss.to_numpy())
+    if miss_values.count() and np.ptp(miss_values.compressed()) > 0:
+        lines = ax.contour(x, y, miss_values, levels=[0.2, 0.5, 0.8], colors="black", linewidths=1)
+        ax.clabel(lines, fmt=lambda v: f"P(miss) {v:.1f}", fontsize=7)
+    n = np.linspace(x.min(), x.max(), 200)
+    ax.plot(n, (n - 1) / n, "r-", lw=1.5, label="largest Gini: every offer at one node")
+    ax.set_ylim(y.min(), y.max())
+    ax.set_xlabel("grid nodes aggregated in one product")
+    ax.set_ylabel("Gini index of the number of offers per node")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title)
+    save(fig, path)
