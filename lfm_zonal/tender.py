@@ -644,26 +644,42 @@ class SpatialCase:
     cost_separate_eur_per_h: float
     cost_pooled_eur_per_h: float
     nodes_below_median: int  # nodes whose cleared volume misses the median of their need
+    median_need_mw: np.ndarray  # per node
 
 
 def spatial_case(params: TenderParameters, counts, rng: np.random.Generator) -> SpatialCase:
-    """Separate tenders per node against one merit order over the pooled offers.
-
-    Each node keeps the volume cleared at it in the pooled tender; its activation
-    and unmet need are evaluated there (true nodal costs). The pooled Q follows the
-    sizing rule: A, the Q that minimises the sum of true nodal costs; B, the Q that
-    minimises Eq. 1 for the pooled need (sum of the nodal needs, Monte Carlo) on the
-    pooled offers, with no nodal steering.
-    """
+    """Table I offers at nodes with ``counts`` bids each and the Table I need at every node:
+    separate tenders per node against one pooled tender (``pooled_tender``)."""
     counts = np.asarray(counts, np.int64)
-    n_nodes = len(counts)
     offers = generate_offers(params, counts, rng)
     need = need_of(params, params.mu_mu_mw, rng)
+    return pooled_tender(params, offers, [need] * len(counts), rng)
+
+
+def pooled_tender(
+    params: TenderParameters,
+    offers: Offers,
+    needs: list[Need],
+    rng: np.random.Generator,
+    correlated: bool = False,
+) -> SpatialCase:
+    """Separate tenders per node against one merit order over the pooled offers.
+
+    Node n has the offers with ``offers.node == n`` and the need ``needs[n]``. Each
+    node keeps the volume cleared at it in the pooled tender; its activation and
+    unmet need are evaluated there (true nodal costs). The pooled Q follows the
+    sizing rule: A, the Q that minimises the sum of true nodal costs; B, the Q that
+    minimises Eq. 1 for the pooled need (sum of the nodal needs, Monte Carlo, the
+    nodes' loads independent or, with ``correlated``, moving together) on the pooled
+    offers, with no nodal steering.
+    """
+    n_nodes = len(needs)
+    counts = np.bincount(offers.node, minlength=n_nodes)
     m = params.points_per_offer
     # Every node's own curve; the pooled merit order visits each node's offers in its own order.
     node_costs, offsets = [], [0]
     for n in range(n_nodes):
-        c = expected_cost(params, clear_curve(offers.at(n), m), need)
+        c = expected_cost(params, clear_curve(offers.at(n), m), needs[n])
         node_costs.append(np.asarray(c).ravel())
         offsets.append(offsets[-1] + len(node_costs[-1]))
     flat = np.concatenate(node_costs)
@@ -695,12 +711,15 @@ def spatial_case(params: TenderParameters, counts, rng: np.random.Generator) -> 
     if params.sizing_rule == "A":
         j = int(np.argmin(regret))
     else:
-        samples = rng.standard_normal((params.mc_samples, n_nodes))
-        if need.samples is not None:
-            samples = rng.choice(need.samples, size=(params.mc_samples, n_nodes))
-        pooled_need = np.maximum(
-            params.mu_mu_mw + params.sigma_mw * samples - params.capacity_mw, 0.0
-        ).sum(axis=1)
+        shape = (params.mc_samples, 1 if correlated else n_nodes)
+        z = np.broadcast_to(rng.standard_normal(shape), (params.mc_samples, n_nodes))
+        pooled_need = np.zeros(params.mc_samples)
+        for n, need in enumerate(needs):
+            # A non-normal need: its own quantiles at the normal draws (a Gaussian copula).
+            draws = z[:, n] if need.samples is None else np.quantile(need.samples, ndtr(z[:, n]))
+            pooled_need += np.maximum(
+                np.asarray(need.mu_mw) + need.sigma_mw * draws - need.capacity_mw, 0.0
+            )
         mean, std = pooled_need.mean(), pooled_need.std()
         as_need = Need(mean, std, 0.0, (pooled_need - mean) / max(std, 1e-12))
         j = int(np.argmin(expected_cost(params, pooled, as_need)))
@@ -711,7 +730,7 @@ def spatial_case(params: TenderParameters, counts, rng: np.random.Generator) -> 
         taken = offers.quantity_mw[pooled.order]
         np.add.at(cleared, node_of[:i], taken[:i])
         cleared[node_of[i]] += taken[i] * (f + 1) / m
-    median = float(need.quantile(0.5))
+    median = np.array([float(need.quantile(0.5)) for need in needs])
     separate_q = np.array([clear_curve(offers.at(n), m).q_mw[best[n]] for n in range(n_nodes)])
     return SpatialCase(
         gini_achieved=gini_index(counts),
@@ -723,6 +742,7 @@ def spatial_case(params: TenderParameters, counts, rng: np.random.Generator) -> 
         cost_separate_eur_per_h=float(c_min.sum()),
         cost_pooled_eur_per_h=float(c_min.sum() + regret[j]),
         nodes_below_median=int((cleared < median - 1e-9).sum()),
+        median_need_mw=median,
     )
 
 
