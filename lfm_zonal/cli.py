@@ -259,6 +259,9 @@ def cmd_tender(args: argparse.Namespace) -> None:
         "gini": _numbers(args.gini, float, "--gini"),
         "n_nodes": _numbers(args.n_nodes, int, "--n-nodes"),
     }
+    if args.study == "grid":
+        _tender_grid(args, params, seeds)
+        return
     with result_folder(args.out, overwrite=args.overwrite) as folder:
         tables = run_tender_studies(
             params, args.study, folder, seeds=seeds, label=args.params or "table1", **ranges
@@ -273,6 +276,42 @@ def cmd_tender(args: argparse.Namespace) -> None:
                 f"{name}: c_aggr from {s.c_aggr_percent.min():.2f}% to {s.c_aggr_percent.max():.2f}%"
             )
     print(f"wrote {', '.join(sorted(tables))} (CSV) and figures to {args.out}/")
+
+
+def _tender_grid(args: argparse.Namespace, params, seeds: tuple) -> None:
+    """One tender per zone of a scenario's feeder, for every K."""
+    from lfm_zonal.job import prepare_base_case, prepare_resources, prepare_segmentation_of
+    from lfm_zonal.output import result_folder
+    from lfm_zonal.tender_grid import write_zonal_tenders, zonal_tender_study
+
+    scenario = load_scenario(args.scenario)
+    base = prepare_base_case(scenario, progress=True)
+    resources = prepare_resources(base)
+    seg = prepare_segmentation_of(base, resources)
+    ks = _numbers(args.k, int, "--k") if args.k else tuple(range(1, seg.n_buses + 1))
+    bad = [k for k in ks if not 1 <= k <= seg.n_buses]
+    if bad:
+        raise InputError(f"--k {bad[0]} is out of range: 1 <= K <= {seg.n_buses}")
+    table, congestion = zonal_tender_study(
+        seg,
+        resources,
+        ks,
+        params,
+        forecast_error=args.forecast_error,
+        seeds=seeds,
+        segmentation_method=scenario["zones"]["method"],
+    )
+    with result_folder(args.out, overwrite=args.overwrite) as folder:
+        summary = write_zonal_tenders(table, congestion, folder, base.grid.name)
+    print(
+        f"{base.grid.name}: {congestion.element[0]} {congestion.element[1]} at "
+        f"{congestion.loading_percent:.1f}% +/- {congestion.loading_sd_percent:.1f} "
+        f"({congestion.time}), {len(congestion.nodes)} buses with {congestion.direction} flexibility"
+    )
+    print(
+        summary[["k", "tenders", "c_aggr_percent", "q_procured_mw"]].round(3).to_string(index=False)
+    )
+    print(f"wrote zonal_tenders.csv, zonal_tender_needs.csv and zonal_tenders.png to {args.out}/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,10 +405,22 @@ def build_parser() -> argparse.ArgumentParser:
         "study",
         nargs="?",
         default="all",
-        choices=("optimum", "temporal", "spatial", "all"),
+        choices=("optimum", "temporal", "spatial", "all", "grid"),
         help="optimum: Eq. 1 against Q and the deterministic rule; temporal: Fig. 3; "
-        "spatial: Fig. 5; all (default)",
+        "spatial: Fig. 5; all (default); grid: one tender per zone of a scenario's feeder",
     )
+    p.add_argument(
+        "--scenario",
+        default=DEFAULT_SCENARIO,
+        help=f"grid study: the scenario whose feeder and resources are used (default {DEFAULT_SCENARIO})",
+    )
+    p.add_argument(
+        "--forecast-error",
+        type=float,
+        default=0.1,
+        help="grid study: load forecast error, standard deviation / MW (default 0.1)",
+    )
+    p.add_argument("--k", help="grid study: zone counts (default every K from 1 to N)")
     p.add_argument(
         "--params", help="parameter set (see --list) or TOML file of Table I keys (default table1)"
     )

@@ -352,3 +352,19 @@ def plot_tender_spatial(summary: pd.DataFrame, path: Path, title: str) -> None:
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title)
     save(fig, path)
+
+
+def plot_zonal_tenders(summary: pd.DataFrame, path: Path, title: str) -> None:
+    """Extra cost of one tender per zone over one per bus, against K, with the number of tenders."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(summary.k, summary.c_aggr_percent, "o-", ms=3, color="tab:red", label="c_aggr")
+    ax.set_xlabel("number of zones K")
+    ax.set_ylabel("extra cost of zonal tenders over per-bus tenders (%)", color="tab:red")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    twin = ax.twinx()
+    twin.step(summary.k, summary.tenders, where="post", color="grey", lw=1, label="tenders")
+    twin.set_ylabel("zones with a need (tenders)", color="grey")
+    twin.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=10)
+    save(fig, path)

@@ -190,3 +190,63 @@ def test_tender_command_writes_tables_and_figures(tmp_path):
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "'gini' must be in [0, 1)" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- bridge to the grid
+
+
+@pytest.fixture(scope="module")
+def cigre_congestion():
+    from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
+    from lfm_zonal.resources import FlexibilitySpec, generate_resources
+    from lfm_zonal.segmentation import prepare_segmentation
+
+    grid = load_grid("cigre_mv")
+    pf = run_horizon(
+        grid, load_profiles(grid, Horizon(start="2016-01-14 17:00", n_mtu=12), load_scale=1.25)
+    )
+    res = generate_resources(pf, FlexibilitySpec(units_per_element=2), seed=1)
+    seg = prepare_segmentation(pf, 8, flexible_capacity_mw=res.capacity_per_bus())
+    return seg, res
+
+
+def test_nodal_needs_add_up_to_the_overload(cigre_congestion):
+    from lfm_zonal.tender_grid import congestion_needs
+
+    seg, res = cigre_congestion
+    c = congestion_needs(seg, res, forecast_error=0.1)
+    assert c.loading_percent > c.limit_percent and c.direction == "up"
+    nodes = c.nodes
+    relief = (nodes.effect_percent_per_mw * nodes.need_mw).sum()
+    assert relief == pytest.approx(c.loading_percent - c.limit_percent, rel=1e-9)
+    # Each node's need is its share of the same normal loading, in MW at its bus.
+    np.testing.assert_allclose(
+        nodes.sigma_mw * nodes.effect_percent_per_mw / nodes.share, c.loading_sd_percent
+    )
+    assert c.loading_sd_percent > 0
+
+
+def test_zonal_tender_extra_cost_is_zero_per_bus_and_never_negative(cigre_congestion):
+    from lfm_zonal.tender_grid import zonal_tender_study
+
+    seg, res = cigre_congestion
+    ks = (1, 3, seg.n_buses)
+    table, c = zonal_tender_study(seg, res, ks, TABLE_I, seeds=(0, 1))
+    assert (table.c_aggr_percent >= 0).all()
+    nodal = table[table.k == seg.n_buses]
+    assert (nodal.c_aggr_percent == 0).all() and (nodal.tenders == len(c.nodes)).all()
+    assert (table[table.k == 1].tenders == 1).all()
+    # One per-bus benchmark per seed, whatever K (summed in another order).
+    spread = table.groupby("seed").cost_per_bus_eur_per_h.agg(np.ptp)
+    assert (spread < 1e-9 * table.cost_per_bus_eur_per_h.max()).all()
+
+
+def test_zonal_tender_needs_a_congestion(ieee33_pf):
+    from lfm_zonal.resources import FlexibilitySpec, generate_resources
+    from lfm_zonal.segmentation import prepare_segmentation
+    from lfm_zonal.tender_grid import congestion_needs
+
+    res = generate_resources(ieee33_pf, FlexibilitySpec(), seed=0)
+    seg = prepare_segmentation(ieee33_pf, 0)
+    with pytest.raises(InputError, match="no monitored line or trafo is overloaded"):
+        congestion_needs(seg, res)
