@@ -314,6 +314,23 @@ def _tender_grid(args: argparse.Namespace, params, seeds: tuple) -> None:
     print(f"wrote zonal_tenders.csv, zonal_tender_needs.csv and zonal_tenders.png to {args.out}/")
 
 
+def cmd_golden(args: argparse.Namespace) -> None:
+    from lfm_zonal.regression import check, refresh
+
+    if args.refresh:
+        for path in refresh(Path(args.dir), args.scenario):
+            print(f"wrote {path}")
+        return
+    failed = False
+    for name, lines in check(Path(args.dir), args.scenario).items():
+        print(f"{name}: {'agrees with the golden nodal results' if not lines else 'DIFFERS'}")
+        for line in lines:
+            print(f"  {line}")
+        failed |= bool(lines)
+    if failed:
+        raise LfmError("nodal results differ from the golden files (see above)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lfm-zonal",
@@ -396,6 +413,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="clearing", help="output folder (default: clearing)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_clear)
+
+    p = sub.add_parser(
+        "golden", help="compare the nodal results of the built-in scenarios with golden files"
+    )
+    p.add_argument("scenario", nargs="*", help="built-in scenarios (default: all)")
+    p.add_argument(
+        "--dir", default="tests/golden", help="folder of the golden files (default tests/golden)"
+    )
+    p.add_argument("--refresh", action="store_true", help="rewrite the golden files on purpose")
+    p.set_defaults(func=cmd_golden)
 
     p = sub.add_parser(
         "tender",

@@ -1,0 +1,109 @@
+"""Regression against the nodal model: golden nodal results of the shipped scenarios.
+
+For every built-in scenario the nodal market is cleared over its whole horizon and
+checked in AC; the KPIs below are stored as JSON (``tests/golden/<scenario>.json``)
+and compared with tolerances on every change (``tests/test_regression.py``, in CI).
+``lfm-zonal golden`` compares; ``lfm-zonal golden --refresh`` rewrites them on purpose.
+
+Tolerances: LP optima are unique in cost but not always in dispatch (ties between
+equal-price steps), so cost and need are tight, volumes looser, and the AC residuals
+are compared in absolute terms at the resolution the market promises.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from lfm_zonal.errors import InputError
+from lfm_zonal.scenario import Scenario, builtin_scenarios, load_scenario
+
+#: KPI -> (relative tolerance, absolute tolerance)
+GOLDEN_KPIS: dict[str, tuple[float, float]] = {
+    "base_loading_max_percent": (1e-6, 1e-6),
+    "base_vm_min_pu": (0.0, 1e-7),
+    "base_vm_max_pu": (0.0, 1e-7),
+    "need_mwh": (1e-4, 1e-6),
+    "cost_eur": (1e-4, 1e-4),
+    "activated_mwh": (1e-3, 1e-4),
+    "unmet_mwh": (0.0, 1e-3),
+    "residual_overload_max_percent": (0.0, 0.05),
+    "residual_voltage_max_pu": (0.0, 2e-4),
+    "vm_min_after_pu": (0.0, 2e-4),
+    "vm_max_after_pu": (0.0, 2e-4),
+    "new_violations": (0.0, 0.0),
+}
+
+
+def nodal_kpis(scenario: Scenario) -> dict[str, float]:
+    """The golden KPIs of one scenario: its nodal market over the whole horizon."""
+    from lfm_zonal.job import base_case_summary, run_study
+
+    values = {section: dict(keys) for section, keys in scenario.values.items()}
+    values["market"]["methods"] = ["nodal"]
+    study = run_study(Scenario(scenario.path, values))
+    kpis = study.markets[0].kpis
+    base = base_case_summary(study.base.powerflow)
+    out = {
+        "base_loading_max_percent": base["loading_max_percent"],
+        "base_vm_min_pu": base["vm_min_pu"],
+        "base_vm_max_pu": base["vm_max_pu"],
+    }
+    out |= {key: kpis[key] for key in GOLDEN_KPIS if key in kpis}
+    return {key: float(f"{float(v):.10g}") for key, v in out.items()}
+
+
+def differences(expected: dict[str, float], actual: dict[str, float]) -> list[str]:
+    """Every golden KPI outside its tolerance, as readable lines (empty: all agree)."""
+    lines = []
+    for key, (rel, abs_) in GOLDEN_KPIS.items():
+        if key not in expected:
+            lines.append(f"{key}: missing in the golden file (refresh it)")
+            continue
+        e, a = expected[key], actual[key]
+        if not math.isclose(a, e, rel_tol=rel, abs_tol=abs_):
+            lines.append(f"{key}: {a:.10g} against golden {e:.10g} (rel {rel:g}, abs {abs_:g})")
+    return lines
+
+
+def golden_file(folder: Path, name: str) -> Path:
+    return Path(folder) / f"{name}.json"
+
+
+def read_golden(folder: Path, name: str) -> dict[str, float]:
+    path = golden_file(folder, name)
+    if not path.is_file():
+        raise InputError(f"{path}: no golden file (run 'lfm-zonal golden --refresh')")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_golden(folder: Path, name: str, kpis: dict[str, float]) -> Path:
+    path = golden_file(folder, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(kpis, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def scenario_names(names: list[str] | None) -> list[str]:
+    known = list(builtin_scenarios())
+    for name in names or []:
+        if name not in known:
+            raise InputError(f"unknown built-in scenario '{name}' (known: {', '.join(known)})")
+    return list(names) if names else known
+
+
+def check(folder: Path, names: list[str] | None = None) -> dict[str, list[str]]:
+    """Differences per scenario between its nodal run now and its golden file."""
+    return {
+        name: differences(read_golden(folder, name), nodal_kpis(load_scenario(name)))
+        for name in scenario_names(names)
+    }
+
+
+def refresh(folder: Path, names: list[str] | None = None) -> list[Path]:
+    """Rewrite the golden files from the current code (on purpose: review the diff)."""
+    return [
+        write_golden(folder, name, nodal_kpis(load_scenario(name)))
+        for name in scenario_names(names)
+    ]
