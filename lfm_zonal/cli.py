@@ -331,6 +331,48 @@ def cmd_golden(args: argparse.Namespace) -> None:
         raise LfmError("nodal results differ from the golden files (see above)")
 
 
+def _days(text: str) -> list[str]:
+    """Days as a comma list or an inclusive range first:last (daily)."""
+    try:
+        if ":" in text:
+            first, last = text.split(":")
+            days = pd.date_range(first, last, freq="D")
+        else:
+            days = pd.DatetimeIndex([d.strip() for d in text.split(",") if d.strip()])
+    except (ValueError, TypeError):
+        raise InputError(
+            f"--days '{text}': give dates as a comma list or a range, e.g. 2016-04-10:2016-04-16"
+        ) from None
+    if len(days) == 0:
+        raise InputError(f"--days '{text}': no day in that range")
+    return [f"{d:%Y-%m-%d}" for d in days]
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from lfm_zonal.sweep import run_sweep
+
+    scenario = load_scenario(args.scenario)
+    ks = _numbers(args.k, int, "--k") if args.k else tuple(scenario["zones"]["k"])
+    seeds = _numbers(args.seeds, int, "--seeds")
+    methods = args.methods.split(",") if args.methods else None
+    table = run_sweep(
+        scenario,
+        _days(args.days),
+        ks,
+        seeds,
+        args.out,
+        methods=methods,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        progress=not args.quiet,
+    )
+    summary = table.groupby(["method", "k"], sort=True)[
+        ["cost_eur", "unmet_mwh", "residual_overload_max_percent", "residual_voltage_max_pu"]
+    ].mean()
+    print(summary.round(4).to_string())
+    print(f"sweep of {table.day.nunique()} days x {len(seeds)} seeds: {args.out}/sweep.csv")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lfm-zonal",
@@ -413,6 +455,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="clearing", help="output folder (default: clearing)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_clear)
+
+    p = sub.add_parser(
+        "sweep", help="many days x zone counts x seeds of a scenario into one tidy table (Dask)"
+    )
+    p.add_argument(
+        "scenario",
+        nargs="?",
+        default=DEFAULT_SCENARIO,
+        help=f"built-in scenario name or TOML file (default: {DEFAULT_SCENARIO})",
+    )
+    p.add_argument(
+        "--days", required=True, help="days: comma list or range, e.g. 2016-04-10:2016-04-16"
+    )
+    p.add_argument("--k", help="zone counts, e.g. 1,2,4,8,16 (default: the scenario's)")
+    p.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 or 0:4 (default 0)")
+    p.add_argument("--methods", help="markets, e.g. nodal,zonal (default: the scenario's)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="local Dask worker processes (default: one per core; 0: no Dask, one by one)",
+    )
+    p.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:port)")
+    p.add_argument("--out", default="sweep", help="sweep folder, resumed if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "golden", help="compare the nodal results of the built-in scenarios with golden files"

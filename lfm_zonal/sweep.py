@@ -1,0 +1,220 @@
+"""Sweeps for researchers: many days x zone counts x seeds of one scenario into one tidy table.
+
+A **case** is one day and one seed of the scenario: its base case, resources and
+segmentation are shared by every zone count, so a case clears the nodal market once
+and every market method at every K. Cases run in parallel on Dask (a local cluster
+of one process per core by default, or an existing scheduler given by address), each
+writing ``cases/<day>_seed<seed>.csv`` atomically when it finishes. A sweep is
+resumable: a case whose file holds every requested (method, K) row is not run
+again, so an interrupted sweep picks up where it stopped. ``sweep.csv`` (the tidy
+table: day, seed, method, k, KPIs) is written when every case is done.
+
+Wall-clock timing columns are left out of the table, so the same sweep gives the
+same bytes; ``timings.csv`` has them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from lfm_zonal.errors import InputError
+from lfm_zonal.scenario import Scenario, validate_values
+
+CASES = "cases"
+MANIFEST = "sweep.json"
+
+
+def case_scenario(scenario: Scenario, day: str, seed: int, ks, methods) -> Scenario:
+    """The scenario moved to ``day`` (same time of day) with ``seed``, zone counts and methods."""
+    values = {section: dict(keys) for section, keys in scenario.values.items()}
+    try:
+        start = pd.Timestamp(values["horizon"]["start"])
+        day_start = pd.Timestamp(day)
+    except ValueError as exc:
+        raise InputError(f"sweep day '{day}': not a date ({exc})") from None
+    values["horizon"]["start"] = str(day_start.normalize() + (start - start.normalize()))
+    values[""]["seed"] = int(seed)
+    values["zones"]["k"] = [int(k) for k in ks]
+    values["market"]["methods"] = list(methods)
+    return Scenario(f"{scenario.path} [{day}, seed {seed}]", validate_values(values, scenario.path))
+
+
+def case_name(day: str, seed: int) -> str:
+    return f"{pd.Timestamp(day):%Y-%m-%d}_seed{seed}"
+
+
+def expected_rows(ks, methods) -> set[tuple[str, int]]:
+    """(method, k) rows a finished case holds (nodal once, with k = number of buses)."""
+    return {(m, int(k)) for m in methods if m != "nodal" for k in ks}
+
+
+def run_case(scenario: Scenario, day: str, seed: int, ks, methods, folder: str) -> str:
+    """Run one case and write its rows (atomically); returns the case file's path."""
+    import warnings
+
+    from lfm_zonal.job import run_study
+
+    warnings.filterwarnings("ignore")
+    study = run_study(case_scenario(scenario, day, seed, ks, methods))
+    kpis = study.kpis()
+    rows = kpis.assign(day=f"{pd.Timestamp(day):%Y-%m-%d}", seed=seed)
+    rows = rows[["day", "seed", *[c for c in kpis.columns]]]
+    path = Path(folder) / CASES / f"{case_name(day, seed)}.csv"
+    partial = path.with_suffix(f".partial-{os.getpid()}")
+    rows.to_csv(partial, index=False, float_format="%.10g", lineterminator="\n")
+    partial.replace(path)
+    return str(path)
+
+
+def finished(path: Path, ks, methods) -> bool:
+    """A case file that holds every requested row."""
+    if not path.is_file():
+        return False
+    rows = pd.read_csv(path)
+    have = {(m, int(k)) for m, k in zip(rows.method, rows.k, strict=True)}
+    nodal_ok = "nodal" not in methods or (rows.method == "nodal").any()
+    return nodal_ok and expected_rows(ks, methods) <= have
+
+
+def run_sweep(
+    scenario: Scenario,
+    days,
+    ks,
+    seeds,
+    out: str | Path,
+    *,
+    methods=None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    progress: bool = False,
+    on_case: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Run every (day, seed) case not yet finished in ``out``; write and return sweep.csv.
+
+    ``workers``: local Dask worker processes (default: one per core; 0 runs the cases
+    one after the other in this process, without Dask). ``scheduler``: address of an
+    existing Dask scheduler (then ``workers`` is ignored).
+    """
+    from tqdm import tqdm
+
+    methods = list(methods or scenario["market"]["methods"])
+    days = [f"{pd.Timestamp(d):%Y-%m-%d}" for d in _dates(days)]
+    ks, seeds = [int(k) for k in ks], [int(s) for s in seeds]
+    if not days or not ks or not seeds:
+        raise InputError("a sweep needs at least one day, one zone count and one seed")
+    out = Path(out)
+    (out / CASES).mkdir(parents=True, exist_ok=True)
+    manifest = {"scenario": scenario.values, "methods": methods}
+    _check_manifest(out / MANIFEST, manifest)
+    cases = [(d, s) for d in days for s in seeds]
+    todo = [
+        (d, s)
+        for d, s in cases
+        if not finished(out / CASES / f"{case_name(d, s)}.csv", ks, methods)
+    ]
+    bar = tqdm(
+        total=len(cases),
+        initial=len(cases) - len(todo),
+        desc="sweep",
+        unit="case",
+        disable=None if progress else True,
+    )
+    if todo:
+        if workers == 0 and scheduler is None:
+            for d, s in todo:
+                path = run_case(scenario, d, s, ks, methods, str(out))
+                bar.update()
+                if on_case:
+                    on_case(path)
+        else:
+            _run_on_dask(scenario, todo, ks, methods, out, workers, scheduler, bar, on_case)
+    bar.close()
+    return collect(out, cases, ks, methods)
+
+
+def _run_on_dask(scenario, todo, ks, methods, out, workers, scheduler, bar, on_case) -> None:
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # the scheduler runs in this process
+    if scheduler:
+        client = Client(scheduler)
+        cluster = None
+    else:
+        n = workers or os.cpu_count() or 1
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            silence_logs=logging.ERROR,
+        )
+        client = Client(cluster)
+    try:
+        futures = [
+            client.submit(run_case, scenario, d, s, ks, methods, str(out.resolve()), pure=False)
+            for d, s in todo
+        ]
+        for future in as_completed(futures):
+            path = future.result()  # re-raises a case's error (an LfmError names it)
+            bar.update()
+            if on_case:
+                on_case(path)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def collect(out: Path, cases, ks, methods) -> pd.DataFrame:
+    """Stack the finished cases into sweep.csv (timing columns into timings.csv)."""
+    from lfm_zonal.job import TIMING_COLUMNS
+
+    frames = []
+    for d, s in cases:
+        rows = pd.read_csv(out / CASES / f"{case_name(d, s)}.csv")
+        keep = rows.method.eq("nodal") & ("nodal" in methods)
+        keep |= [
+            (m, int(k)) in expected_rows(ks, methods)
+            for m, k in zip(rows.method, rows.k, strict=True)
+        ]
+        frames.append(rows[keep])
+    table = pd.concat(frames, ignore_index=True).sort_values(
+        ["day", "seed", "method", "k"], kind="stable", ignore_index=True
+    )
+    timing = [c for c in TIMING_COLUMNS if c in table]
+    table[["day", "seed", "method", "k", *timing]].to_csv(
+        out / "timings.csv", index=False, float_format="%.10g", lineterminator="\n"
+    )
+    tidy = table.drop(columns=timing)
+    partial = out / "sweep.csv.partial"
+    tidy.to_csv(partial, index=False, float_format="%.10g", lineterminator="\n")
+    partial.replace(out / "sweep.csv")
+    return tidy
+
+
+def _dates(days) -> list[pd.Timestamp]:
+    out = []
+    for d in days:
+        try:
+            out.append(pd.Timestamp(d))
+        except ValueError as exc:
+            raise InputError(f"sweep day '{d}': not a date ({exc})") from None
+    return out
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    """A sweep folder belongs to one scenario: refuse to resume another one into it."""
+    text = json.dumps(manifest, sort_keys=True, indent=1, default=str)
+    if path.is_file() and path.read_text(encoding="utf-8") != text + "\n":
+        raise InputError(
+            f"{path.parent}: holds a sweep of another scenario or method set "
+            "(choose another --out, or delete the folder to start over)"
+        )
+    path.write_text(text + "\n", encoding="utf-8")

@@ -1,0 +1,75 @@
+"""Sweeps: a tidy table over days x zone counts x seeds, resumable, the same on Dask as serial."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from lfm_zonal import InputError
+from lfm_zonal.scenario import Scenario, load_scenario, validate_values
+from lfm_zonal.sweep import run_sweep
+
+DAYS = ["2016-01-13", "2016-01-14"]
+
+
+@pytest.fixture(scope="module")
+def short_scenario() -> Scenario:
+    """The default scenario on the two evening hours around its peak."""
+    base = load_scenario("cigre_mv_evening_peak")
+    values = {s: dict(v) for s, v in base.values.items()}
+    values["horizon"] |= {"start": "2016-01-14 17:00", "n_mtu": 8}
+    return Scenario(base.path, validate_values(values, base.path))
+
+
+def test_an_interrupted_sweep_resumes_without_recomputing(short_scenario, tmp_path):
+    done: list[str] = []
+
+    def interrupt_after_first(path: str) -> None:
+        done.append(path)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(
+            short_scenario, DAYS, [1, 3], [0], tmp_path, workers=0,
+            methods=["nodal", "zonal"], on_case=interrupt_after_first,
+        )  # fmt: skip
+    assert not (tmp_path / "sweep.csv").exists()  # nothing that looks complete
+    first = tmp_path / "cases" / "2016-01-13_seed0.csv"
+    stamp = first.stat().st_mtime_ns
+    recomputed: list[str] = []
+    table = run_sweep(
+        short_scenario, DAYS, [1, 3], [0], tmp_path, workers=0,
+        methods=["nodal", "zonal"], on_case=recomputed.append,
+    )  # fmt: skip
+    assert [p.rsplit("/", 1)[-1] for p in recomputed] == ["2016-01-14_seed0.csv"]
+    assert first.stat().st_mtime_ns == stamp
+    assert len(table) == 2 * 3  # per day: nodal, zonal K=1, zonal K=3
+    assert set(table.day) == set(DAYS) and set(table.k) == {1, 3, 15}
+    # Every row is a real market: zonal K = 1 never beats the nodal cost on the same day.
+    cost = table.set_index(["day", "method", "k"]).cost_eur
+    for day in DAYS:
+        assert cost[(day, "zonal", 1)] >= cost[(day, "nodal", 15)] - 1e-6
+    # A larger sweep in the same folder only runs what is new.
+    recomputed.clear()
+    run_sweep(
+        short_scenario, DAYS, [1, 3, 5], [0], tmp_path, workers=0,
+        methods=["nodal", "zonal"], on_case=recomputed.append,
+    )  # fmt: skip
+    assert len(recomputed) == 2  # K = 5 is new for both days
+
+
+@pytest.mark.slow
+def test_dask_workers_give_the_same_table_as_one_process(short_scenario, tmp_path):
+    serial = run_sweep(short_scenario, DAYS, [2], [0, 1], tmp_path / "a", workers=0)
+    parallel = run_sweep(short_scenario, DAYS, [2], [0, 1], tmp_path / "b", workers=2)
+    assert (tmp_path / "a" / "sweep.csv").read_bytes() == (
+        tmp_path / "b" / "sweep.csv"
+    ).read_bytes()
+    assert len(parallel) == len(serial) == 2 * 2 * 3  # days x seeds x (nodal, zonal, needs)
+    assert set(pd.unique(parallel.seed)) == {0, 1}
+
+
+def test_a_folder_of_another_sweep_is_refused(short_scenario, tmp_path):
+    run_sweep(short_scenario, DAYS[:1], [1], [0], tmp_path, workers=0, methods=["zonal"])
+    with pytest.raises(InputError, match="holds a sweep of another scenario"):
+        run_sweep(short_scenario, DAYS[:1], [1], [0], tmp_path, workers=0, methods=["nodal"])
