@@ -431,7 +431,10 @@ class ClearingModel:
         self.highs.run()
         self.stats["solve_s"] += time.perf_counter() - started
         self.stats["highs_s"] += self.highs.getRunTime()
-        return self.highs.modelStatusToString(self.highs.getModelStatus())
+        status = self.highs.getModelStatus()
+        if status == highspy.HighsModelStatus.kModelEmpty:
+            return "Optimal"  # nothing to clear (no MTU with a violation): trivially optimal
+        return self.highs.modelStatusToString(status)
 
     def solve(self) -> Solution:
         started = time.perf_counter()
@@ -621,7 +624,15 @@ def dso_needs(grid: LinearGrid) -> tuple[pd.DataFrame, np.ndarray]:
     per MTU, what even unlimited flexibility cannot fix (MW-equivalent slack).
     """
     if len(grid.mtus) == 0:
-        return pd.DataFrame(columns=["mtu", "zone", "direction", "need_mw"]), np.zeros(0)
+        empty = pd.DataFrame(
+            {
+                "mtu": np.zeros(0, np.int64),
+                "zone": np.zeros(0, np.int64),
+                "direction": np.zeros(0, object),
+                "need_mw": np.zeros(0),
+            }
+        )
+        return empty, np.zeros(0)
     bids = unlimited_bids(grid)
     sol = solve_clearing(grid, bids)
     out = bids[["mtu", "zone", "direction"]].assign(need_mw=sol.accepted_mw)

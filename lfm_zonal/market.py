@@ -108,7 +108,10 @@ def clear_market(
     active = bids.steps[bids.steps.mtu.isin(grid.mtus)]
     kwargs = {} if penalty_eur_per_mwh is None else {"penalty_eur_per_mwh": penalty_eur_per_mwh}
     started = time.perf_counter()
-    if method == "needs_based":
+    if len(grid.mtus) == 0:  # no MTU with a violation: nothing to buy
+        accepted, price = np.zeros(len(active)), np.full(len(active), np.nan)
+        stats = {"status": "nothing to clear", "n_variables": 0, "n_constraints": 0}
+    elif method == "needs_based":
         accepted, price = _merit_order_to_needs(active, needs, grid)
         stats = {"status": "merit order", "n_variables": 0, "n_constraints": 0}
     else:

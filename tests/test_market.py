@@ -247,3 +247,14 @@ def test_duplicate_resource_id_is_refused(hand_case, tmp_path):
     path.write_text(RESOURCES + "A,agg3,2,load,up,1,10,10,,,\n")
     with pytest.raises(InputError, match=r"row 7: duplicate resource_id 'A'"):
         read_resources(path, hand_case[0])
+
+
+def test_a_horizon_without_violations_buys_nothing():
+    pf, res, seg = market_case("cigre_mv", 1.0, 0.5, n_mtu=4, start="2016-01-14 03:00")
+    assert pf.violations()[["overloaded_branches", "undervoltage_buses"]].to_numpy().sum() == 0
+    for method, k in (("nodal", None), ("zonal", 2), ("needs_based", 2)):
+        result = clear_market(seg, res, method, k)
+        assert result.kpis["cost_eur"] == 0 and result.kpis["activated_mwh"] == 0
+        assert result.needs.empty and result.dispatch.empty
+        assert result.kpis["new_violations"] == 0
+        assert (result.bids.status == "rejected").all()
