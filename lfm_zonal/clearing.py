@@ -94,6 +94,11 @@ class LinearGrid:
             [loading - self.loading_max_percent, vm - self.vm_max_pu, self.vm_min_pu - vm], axis=1
         )
 
+    def select(self, keep: np.ndarray) -> LinearGrid:
+        """The same grid on the MTUs where ``keep`` (one flag per MTU) is true."""
+        arrays = ("mtus", "loading0", "vm0", "sl_p", "sl_q", "sv_p", "sv_q")
+        return replace(self, **{name: getattr(self, name)[keep] for name in arrays})
+
     def shifted(self, p: np.ndarray, q: np.ndarray) -> LinearGrid:
         """The same grid with the base point moved by area injections p, q."""
         loading, vm = self.after(p, q)
@@ -623,7 +628,8 @@ def dso_needs(grid: LinearGrid) -> tuple[pd.DataFrame, np.ndarray]:
     Returns the needs (columns mtu, zone, direction, need_mw, only positive needs) and,
     per MTU, what even unlimited flexibility cannot fix (MW-equivalent slack).
     """
-    if len(grid.mtus) == 0:
+    violated = (grid.violations(grid.loading0, grid.vm0) > VIOLATION_TOLERANCE).any(axis=1)
+    if not violated.any():  # no linearised violation: no need, no LP
         empty = pd.DataFrame(
             {
                 "mtu": np.zeros(0, np.int64),
@@ -632,8 +638,11 @@ def dso_needs(grid: LinearGrid) -> tuple[pd.DataFrame, np.ndarray]:
                 "need_mw": np.zeros(0),
             }
         )
-        return empty, np.zeros(0)
-    bids = unlimited_bids(grid)
-    sol = solve_clearing(grid, bids)
+        return empty, np.zeros(len(grid.mtus))
+    # MTUs without a violation need nothing: the LP covers the others only.
+    bids = unlimited_bids(grid.select(violated))
+    sol = solve_clearing(grid.select(violated), bids)
     out = bids[["mtu", "zone", "direction"]].assign(need_mw=sol.accepted_mw)
-    return out[out.need_mw > 1e-6].reset_index(drop=True), sol.slack_mw
+    unfixable = np.zeros(len(grid.mtus))
+    unfixable[violated] = sol.slack_mw
+    return out[out.need_mw > 1e-6].reset_index(drop=True), unfixable

@@ -115,7 +115,7 @@ def clear_market(
         accepted, price = _merit_order_to_needs(active, needs, grid)
         stats = {"status": "merit order", "n_variables": 0, "n_constraints": 0}
     else:
-        sol, grid, stats = _sequential_clearing(seg, zones, grid, active, resources, kwargs)
+        sol, grid, stats = _sequential_clearing(seg, zones, grid, active, resources, kwargs, needs)
         accepted, price = sol.accepted_mw, _bid_prices(active, sol, grid)
     stats["clear_s"] = time.perf_counter() - started
     stats["grid_s"] = t_grid
@@ -152,6 +152,7 @@ def _sequential_clearing(
     active: pd.DataFrame,
     resources: Resources,
     kwargs: dict,
+    needs: pd.DataFrame,
 ):
     """Clear, then re-linearise at the AC point of the market's own model of the result
     and clear again, until that model has no violation (sequential LP).
@@ -176,7 +177,8 @@ def _sequential_clearing(
     worst = np.inf
     for ac_round in range(AC_ROUNDS):
         # Column quota per MTU: the DSO need of the MTU at this linearisation, with margin.
-        needs, _ = dso_needs(grid)
+        if ac_round > 0:  # re-linearised: the needs of the new linearisation
+            needs, _ = dso_needs(grid)
         quota = (
             1.5 * needs.groupby("mtu").need_mw.sum().reindex(grid.mtus, fill_value=0.0).to_numpy()
         )
