@@ -114,7 +114,7 @@ def _ieee33() -> pp.pandapowerNet:
     # The Baran-Wu data have no thermal ratings (pandapower stores 99999 kA).
     # Ratings are set to 1.25 x the current of the published base case, rounded
     # up to 5 A: a documented, synthetic choice (see grids/README.md).
-    pp.runpp(net)
+    pp.runpp(net, numba=False)
     i_ka = net.res_line.i_ka.to_numpy()
     rating_ka = np.ceil(np.maximum(i_ka, 1e-3) * 1.25 / 0.005) * 0.005
     in_service = net.line.in_service.to_numpy(bool)

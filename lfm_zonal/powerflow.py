@@ -39,9 +39,11 @@ BRANCH_INDEX_NAMES = ("element_type", "element")
 
 
 def _runpp(net: pp.pandapowerNet, **kwargs) -> None:
+    """pandapower's power flow without numba: the engine runs it once per grid for the
+    structure, and compiling pandapower's kernels for that costs seconds per process."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pp.runpp(net, **kwargs)
+        pp.runpp(net, numba=False, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,93 @@
+"""Main-job benchmark: `lfm-zonal run` in a fresh process, as a user runs it, on the SimBench MV
+scenario and on the synthetic 1000-bus feeder (96 MTUs, nodal plus four zone counts, AC check).
+
+    python benchmarks/bench_main_job.py [--skip-1000]
+
+Targets (issue): SimBench MV under 15 s, synthetic 1000-bus under 60 s on the 2-core
+machine. Prints the wall time of each stage and of the whole command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+CASES = {
+    "SimBench MV (simbench_mv_windy_day)": """
+name = "bench_simbench_mv"
+seed = 42
+[grid]
+source = "1-MV-rural--0-sw"
+[horizon]
+start = "2016-04-16 00:00"
+n_mtu = 96
+[profiles]
+sgen_scale = 1.8
+[flexibility]
+load_up_share = 0.4
+load_down_share = 0.3
+sgen_down_share = 0.8
+units_per_element = 3
+[zones]
+k = [2, 4, 8, 16]
+[market]
+methods = ["nodal", "zonal"]
+""",
+    "synthetic_radial_1000": """
+name = "bench_synthetic_1000"
+seed = 42
+[grid]
+source = "synthetic_radial_1000"
+[horizon]
+start = "2016-01-14 00:00"
+n_mtu = 96
+[zones]
+k = [2, 4, 8, 16]
+[market]
+methods = ["nodal", "zonal"]
+""",
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip-1000", action="store_true", help="only the SimBench MV case")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per case")
+    args = parser.parse_args()
+    for label, text in CASES.items():
+        if args.skip_1000 and "1000" in label:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "case.toml"
+            path.write_text(text)
+            started = time.perf_counter()
+            try:
+                done = subprocess.run(
+                    ["lfm-zonal", "run", str(path), "--out", f"{tmp}/out", "--quiet"],
+                    capture_output=True, text=True, timeout=args.timeout,
+                )  # fmt: skip
+            except subprocess.TimeoutExpired:
+                print(f"{label}: not finished after {args.timeout:.0f} s")
+                continue
+            wall = time.perf_counter() - started
+            if done.returncode != 0:
+                print(f"{label}: failed: {done.stderr.strip()[-300:]}")
+                continue
+            kpis = pd.read_csv(f"{tmp}/out/kpis.csv")
+            clear = kpis.clear_s.sum()
+            print(
+                f"{label}: whole command {wall:.1f} s, of which clearing + AC check "
+                f"{clear:.1f} s ({len(kpis)} markets; nodal {kpis.clear_s.iloc[0]:.1f} s, "
+                f"largest LP {kpis.n_variables.max()} columns)"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
