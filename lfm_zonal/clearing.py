@@ -22,9 +22,14 @@ element is checked; rows the activations violate are added and the LP is solved
 again (constraint generation), so no element is dropped and no new congestion
 is created in the linear model.
 
-Coefficients are numpy arrays computed before the model is built; the Pyomo
-model is compiled to one sparse matrix and handed to HiGHS (highspy) once, and
-generated rows are added to it without a rebuild (``ClearingModel``).
+Coefficients are numpy arrays computed before the model is built. The market
+side (bids, area injections, storage, bid cost) is a Pyomo model, compiled to one
+sparse matrix and handed to HiGHS (highspy) once. The grid rows are the
+sensitivity arrays themselves: they join the persistent HiGHS instance as sparse
+blocks with their slack columns (``ClearingModel._add_grid_rows``), the screened
+ones first and the generated ones later, without a rebuild. Building them as Pyomo
+expressions (one object per nonzero, dense rows over areas) cost more than HiGHS's
+solve on SimBench MV.
 """
 
 from __future__ import annotations
@@ -217,14 +222,13 @@ class ClearingModel:
 
     # ------------------------------------------------------------------ formulation
     def _build(self) -> pyo.ConcreteModel:
-        """The LP as a short list: bids, area injections, storage, grid rows, objective."""
+        """The market side of the LP: bids, area injections, storage, bid cost.
+
+        The grid rows and their slacks (``_grid_row_block``) join it in HiGHS."""
         m = pyo.ConcreteModel("lfm_clearing")
         self._define_bid_variables(m)
         self._define_area_injections(m, len(self.grid.mtus) * self.grid.k)
         self._define_storage_constraints(m)
-        m.slack = pyo.VarList(domain=pyo.NonNegativeReals)  # one per grid row, in MW-equivalent
-        m.grid_rows = pyo.ConstraintList()
-        m.slack_cost = pyo.Expression(expr=0.0)
         self._define_objective(m)
         return m
 
@@ -298,61 +302,77 @@ class ClearingModel:
                 m.soc.add(pyo.inequality(soc0 - capacity, expr, soc0))
 
     def _define_objective(self, m: pyo.ConcreteModel) -> None:
-        """Pay-as-bid cost of the accepted steps plus the penalised unmet need."""
+        """Pay-as-bid cost of the accepted steps (the slacks of the grid rows add theirs)."""
         bid_cost = LinearExpression(
             constant=0.0,
             linear_coefs=list(self.price * self.grid.dt_h),
             linear_vars=list(m.x.values()),
         )
-        m.cost = pyo.Objective(expr=bid_cost + m.slack_cost)
+        m.cost = pyo.Objective(expr=bid_cost)
 
-    def _row_coefficients(self, t: int, r: int):
-        """A grid row scaled to MW-equivalent: coefficients on p_t and q_t, rhs and sense."""
+    def _grid_row_block(self, rows: list[tuple[int, int]]):
+        """Grid rows in MW-equivalent, as a sparse block on the area-injection columns.
+
+        Row (t, r) of the violation layout (loadings, then upper, then lower voltage
+        limits) reads ``sum_a cp_a p_ta + cq_a q_ta - sense s <= or >= rhs``, every
+        coefficient divided by the row's largest |coefficient| g so that its slack s is
+        the MW of the most effective flexibility that would remove it. Returns the
+        CSR arrays over (p, q) columns, the right-hand sides and the senses.
+        """
         g = self.grid
         n_l, n_b = len(g.branches), len(g.buses)
-        if r < n_l:
-            cp, cq, rhs, sense = (
-                g.sl_p[t, r],
-                g.sl_q[t, r],
-                g.loading_max_percent - g.loading0[t, r],
-                1,
-            )
-        elif r < n_l + n_b:
-            b = r - n_l
-            cp, cq, rhs, sense = g.sv_p[t, b], g.sv_q[t, b], g.vm_max_pu - g.vm0[t, b], 1
-        else:
-            b = r - n_l - n_b
-            cp, cq, rhs, sense = g.sv_p[t, b], g.sv_q[t, b], g.vm_min_pu - g.vm0[t, b], -1
-        scale = max(np.abs(cp).max(initial=0.0), np.abs(cq).max(initial=0.0)) or 1.0
-        return cp / scale, cq / scale, rhs / scale, sense
+        t = np.array([row[0] for row in rows], np.int64)
+        r = np.array([row[1] for row in rows], np.int64)
+        is_line = r < n_l
+        upper = r < n_l + n_b
+        lt, line = t[is_line], r[is_line]
+        bt, bus = t[~is_line], (r[~is_line] - n_l) % n_b
+        cp, cq = np.empty((len(rows), g.k)), np.empty((len(rows), g.k))
+        cp[is_line], cq[is_line] = g.sl_p[lt, line], g.sl_q[lt, line]
+        cp[~is_line], cq[~is_line] = g.sv_p[bt, bus], g.sv_q[bt, bus]
+        base = np.empty(len(rows))
+        base[is_line], base[~is_line] = g.loading0[lt, line], g.vm0[bt, bus]
+        limit = np.where(is_line, g.loading_max_percent, np.where(upper, g.vm_max_pu, g.vm_min_pu))
+        scale = np.maximum(np.abs(cp).max(axis=1), np.abs(cq).max(axis=1))
+        scale[scale == 0] = 1.0
+        sense = np.where(upper, 1.0, -1.0)
+        return cp / scale[:, None], cq / scale[:, None], (limit - base) / scale, sense
 
-    def _add_grid_rows(self, rows: list[tuple[int, int]]) -> list[tuple]:
-        """Add rows (each with its slack) to the Pyomo model; returns (constraint, slack, coefs)."""
-        m, K = self.model, self.grid.k
-        added = []
+    def _add_grid_rows(self, rows: list[tuple[int, int]]) -> None:
+        """Add grid rows, each with its slack column (penalised), to the HiGHS instance."""
+        if not rows:
+            return
+        cp, cq, rhs, sense = self._grid_row_block(rows)
+        n, K = len(rows), self.grid.k
+        t = np.array([row[0] for row in rows], np.int64)
+        first = self.highs.getNumCol()
         cost = self.penalty * self.grid.dt_h
-        for t, r in rows:
-            cp, cq, rhs, sense = self._row_coefficients(t, r)
-            s = m.slack.add()
-            areas_p = np.flatnonzero(cp)
-            coefs = list(cp[areas_p])
-            variables = [m.p[t * K + a] for a in areas_p]
-            if self.has_q:
-                areas_q = np.flatnonzero(cq)
-                coefs += list(cq[areas_q])
-                variables += [m.q[t * K + a] for a in areas_q]
-            coefs.append(-float(sense))
-            variables.append(s)
-            expr = LinearExpression(constant=0.0, linear_coefs=coefs, linear_vars=variables)
-            con = m.grid_rows.add(expr <= rhs if sense > 0 else expr >= rhs)
-            added.append((con, s, variables, coefs, rhs, sense))
-            self.rows.append((t, r))
-            self.row_set.add((t, r))
-        slacks = list(m.slack.values())
-        m.slack_cost.expr = LinearExpression(
-            constant=0.0, linear_coefs=[cost] * len(slacks), linear_vars=slacks
+        self.highs.addVars(n, np.zeros(n), np.full(n, highspy.kHighsInf))
+        self.highs.changeColsCost(n, np.arange(first, first + n, dtype=np.int32), np.full(n, cost))
+        area_cols = t[:, None] * K + np.arange(K)[None, :]
+        blocks = [(cp, self.p_col[area_cols])]
+        if self.has_q:
+            blocks.append((cq, self.q_col[area_cols]))
+        coef = np.concatenate([c for c, _ in blocks] + [-sense[:, None]], axis=1)
+        cols = np.concatenate(
+            [c for _, c in blocks] + [np.arange(first, first + n)[:, None]], axis=1
         )
-        return added
+        keep = coef != 0
+        starts = np.concatenate([[0], np.cumsum(keep.sum(axis=1))[:-1]]).astype(np.int32)
+        lower = np.where(sense > 0, -highspy.kHighsInf, rhs)
+        upper = np.where(sense > 0, rhs, highspy.kHighsInf)
+        self.highs.addRows(
+            n,
+            lower,
+            upper,
+            int(keep.sum()),
+            starts,
+            cols[keep].astype(np.int32),
+            coef[keep].astype(float),
+        )
+        self.slack_cols = np.concatenate([self.slack_cols, np.arange(first, first + n)])
+        self.rows += rows
+        self.row_set.update(rows)
 
     # ------------------------------------------------------------------ solving
     def t_index(self, mtus: np.ndarray) -> np.ndarray:
@@ -399,37 +419,11 @@ class ClearingModel:
         self.highs = highspy.Highs()
         self.highs.setOptionValue("output_flag", False)
         self.highs.passModel(lp)
-        self.n_rows = len(sf.rows)
-
-    def _extend(self, added: list[tuple]) -> None:
-        """Add new grid rows and their slack columns to the running HiGHS instance."""
-        cost = self.penalty * self.grid.dt_h
-        n = len(added)
-        first = len(self.columns)
-        self.highs.addVars(n, np.zeros(n), np.full(n, highspy.kHighsInf))
-        self.highs.changeColsCost(n, np.arange(first, first + n, dtype=np.int32), np.full(n, cost))
-        starts, index, value = [0], [], []
-        lower, upper = np.empty(n), np.empty(n)
-        for i, (con, s, variables, coefs, rhs, sense) in enumerate(added):
-            self.columns.append(s)
-            self.col_of[id(s)] = first + i
-            index += [self.col_of[id(v)] for v in variables]
-            value += coefs
-            starts.append(len(index))
-            lower[i], upper[i] = (
-                (-highspy.kHighsInf, rhs) if sense > 0 else (rhs, highspy.kHighsInf)
-            )
-            self.row_of[id(con)] = self.n_rows + i
-        self.highs.addRows(
-            n,
-            lower,
-            upper,
-            len(index),
-            np.array(starts[:-1], dtype=np.int32),
-            np.array(index, dtype=np.int32),
-            np.array(value, dtype=float),
-        )
-        self.n_rows += n
+        T, K = len(self.grid.mtus), self.grid.k
+        self.p_col = np.array([self.col_of[id(self.model.p[i])] for i in range(T * K)], np.int64)
+        if self.has_q:
+            self.q_col = np.array([self.col_of[id(self.model.q[i])] for i in range(T * K)])
+        self.slack_cols = np.zeros(0, np.int64)
 
     def _run(self) -> str:
         started = time.perf_counter()
@@ -443,8 +437,8 @@ class ClearingModel:
 
     def solve(self) -> Solution:
         started = time.perf_counter()
-        self._add_grid_rows(self.initial_rows())
         self._hand_over()
+        self._add_grid_rows(self.initial_rows())
         self.stats["build_s"] += time.perf_counter() - started
         while True:
             self.stats["rounds"] += 1
@@ -461,7 +455,7 @@ class ClearingModel:
             if not missing or self.stats["rounds"] >= MAX_GENERATION_ROUNDS:
                 break
             started = time.perf_counter()
-            self._extend(self._add_grid_rows(missing))
+            self._add_grid_rows(missing)
             self.stats["build_s"] += time.perf_counter() - started
         return self._solution(x, p, q)
 
@@ -486,7 +480,7 @@ class ClearingModel:
 
     def _solution(self, x, p, q) -> Solution:
         T, K = len(self.grid.mtus), self.grid.k
-        slack = self._column_values(list(self.model.slack.values()))
+        slack = np.asarray(self.highs.getSolution().col_value)[self.slack_cols]
         slack_mw = np.zeros(T)
         for (t, _), s in zip(self.rows, slack, strict=True):
             slack_mw[t] = max(slack_mw[t], s)  # the worst row: MW the best area would need
