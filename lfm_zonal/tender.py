@@ -341,9 +341,11 @@ class Offers:
 
 
 def _truncated_normal(
-    rng: np.random.Generator, mean: float, std: float, cap: float, n: int, how: str
+    rng: np.random.Generator, cap: float, mean_ratio: float, std_ratio: float, n: int, how: str
 ) -> np.ndarray:
-    """n prices N(mean, std) kept within [0, cap]: resampled until inside, or clipped."""
+    """n prices N(mean_ratio cap, std_ratio cap) kept within [0, cap]: resampled until
+    inside, or clipped."""
+    mean, std = mean_ratio * cap, std_ratio * cap
     x = rng.normal(mean, std, n)
     if how == "clip" or std == 0:
         return np.clip(x, 0.0, cap)
@@ -357,22 +359,9 @@ def _truncated_normal(
 def price_draws(params: TenderParameters, n: int, rng: np.random.Generator):
     """n independent (availability, activation) price pairs of Table I."""
     p = params
-    av = _truncated_normal(
-        rng,
-        p.p_av_mean_ratio * p.p_av_cap_eur_per_mw_year,
-        p.p_av_std_ratio * p.p_av_cap_eur_per_mw_year,
-        p.p_av_cap_eur_per_mw_year,
-        n,
-        p.truncation,
-    )
-    act = _truncated_normal(
-        rng,
-        p.p_act_mean_ratio * p.p_act_cap_eur_per_mwh,
-        p.p_act_std_ratio * p.p_act_cap_eur_per_mwh,
-        p.p_act_cap_eur_per_mwh,
-        n,
-        p.truncation,
-    )
+    av_cap, act_cap = p.p_av_cap_eur_per_mw_year, p.p_act_cap_eur_per_mwh
+    av = _truncated_normal(rng, av_cap, p.p_av_mean_ratio, p.p_av_std_ratio, n, p.truncation)
+    act = _truncated_normal(rng, act_cap, p.p_act_mean_ratio, p.p_act_std_ratio, n, p.truncation)
     return av, act
 
 
@@ -894,26 +883,20 @@ def run_tender_studies(
             f"Expected cost of one tender against the procured quantity{tag}, seed {seeds[0]}",
         )
         out |= {"cost_curve": curve, "deterministic": rules}
+
+    def write_study(name: str, table: pd.DataFrame, summary: pd.DataFrame, plot, title: str):
+        write_csv(table, folder / f"{name}.csv", index=False)
+        write_csv(summary, folder / f"{name}_summary.csv", index=False)
+        plot(summary, folder / f"{name}.png", f"{title}: mean of {len(seeds)} seeds")
+        out.update({name: table, f"{name}_summary": summary})
+
     if study in ("temporal", "all"):
         table = temporal_study(params, sigma_mu_mw, n_mtu, seeds)
         summary = summarise(table, ["sigma_mu_mw", "n_mtu"])
-        write_csv(table, folder / "temporal.csv", index=False)
-        write_csv(summary, folder / "temporal_summary.csv", index=False)
-        plot_tender_temporal(
-            summary,
-            folder / "temporal.png",
-            f"Temporal aggregation{tag}: mean of {len(seeds)} seeds",
-        )
-        out |= {"temporal": table, "temporal_summary": summary}
+        write_study("temporal", table, summary, plot_tender_temporal, f"Temporal aggregation{tag}")
     if study in ("spatial", "all"):
         table = spatial_study(params, gini, n_nodes, seeds)
         summary = summarise(table[table.reachable], ["gini", "n_nodes"])
-        write_csv(table, folder / "spatial.csv", index=False)
-        write_csv(summary, folder / "spatial_summary.csv", index=False)
-        plot_tender_spatial(
-            summary,
-            folder / "spatial.png",
-            f"Spatial aggregation{tag}, sizing rule {params.sizing_rule}: mean of {len(seeds)} seeds",
-        )
-        out |= {"spatial": table, "spatial_summary": summary}
+        title = f"Spatial aggregation{tag}, sizing rule {params.sizing_rule}"
+        write_study("spatial", table, summary, plot_tender_spatial, title)
     return out
