@@ -317,7 +317,7 @@ class ClearingModel:
         limits) reads ``sum_a cp_a p_ta + cq_a q_ta - sense s <= or >= rhs``, every
         coefficient divided by the row's largest |coefficient| g so that its slack s is
         the MW of the most effective flexibility that would remove it. Returns the
-        CSR arrays over (p, q) columns, the right-hand sides and the senses.
+        scaled coefficients on p and q (rows x areas), the right-hand sides and senses.
         """
         g = self.grid
         n_l, n_b = len(g.branches), len(g.buses)
@@ -430,10 +430,7 @@ class ClearingModel:
         self.highs.run()
         self.stats["solve_s"] += time.perf_counter() - started
         self.stats["highs_s"] += self.highs.getRunTime()
-        status = self.highs.getModelStatus()
-        if status == highspy.HighsModelStatus.kModelEmpty:
-            return "Optimal"  # nothing to clear (no MTU with a violation): trivially optimal
-        return self.highs.modelStatusToString(status)
+        return self.highs.modelStatusToString(self.highs.getModelStatus())
 
     def solve(self) -> Solution:
         started = time.perf_counter()

@@ -226,12 +226,13 @@ def _numbers(text: str, kind: type, flag: str) -> tuple:
             values = [round(first + i * step, 10) for i in range(max(count, 0))]
         else:
             values = [float(v) for v in text.split(",") if v.strip()]
-        if not values:
+        if not values or (kind is int and not all(float(v).is_integer() for v in values)):
             raise ValueError(text)
-        return tuple(kind(v) if kind is int and float(v).is_integer() else kind(v) for v in values)
+        return tuple(kind(v) for v in values)
     except ValueError:
         raise InputError(
             f"{flag} '{text}': give a comma list (0,2,5) or a range first:last[:step]"
+            + (" of whole numbers" if kind is int else "")
         ) from None
 
 

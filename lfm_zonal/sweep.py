@@ -64,7 +64,7 @@ def run_case(scenario: Scenario, day: str, seed: int, ks, methods, folder: str) 
     study = run_study(case_scenario(scenario, day, seed, ks, methods))
     kpis = study.kpis()
     rows = kpis.assign(day=f"{pd.Timestamp(day):%Y-%m-%d}", seed=seed)
-    rows = rows[["day", "seed", *[c for c in kpis.columns]]]
+    rows = rows[["day", "seed", *kpis.columns]]
     path = Path(folder) / CASES / f"{case_name(day, seed)}.csv"
     partial = path.with_suffix(f".partial-{os.getpid()}")
     rows.to_csv(partial, index=False, float_format="%.10g", lineterminator="\n")

@@ -541,8 +541,9 @@ def temporal_study(
         offers = generate_offers(params, [params.bids_per_node], rng)
         curve = clear_curve(offers, params.points_per_offer)
         z = rng.standard_normal(int(n_mtu.max()))
+        shape = need_of(params, params.mu_mu_mw, rng)  # Monte Carlo samples drawn once per seed
         for s in sigma_mu_mw:
-            need = need_of(params, params.mu_mu_mw + s * z, rng)
+            need = dataclasses.replace(shape, mu_mw=params.mu_mu_mw + s * z)
             costs = expected_cost(params, curve, need)
             for n in n_mtu:
                 c_aggr, j = aggregation_extra_cost(costs[:n])
