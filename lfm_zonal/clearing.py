@@ -181,26 +181,25 @@ class Solution:
     stats: dict = field(default_factory=dict)
 
 
-class ClearingModel:
-    """Build the clearing LP in Pyomo, hand it to HiGHS once, extend it row by row.
+class MarketLP:
+    """The market side of the clearing LP, in Pyomo: bid steps, area injections, storage, bid cost.
 
-    The Pyomo model is the formulation (read ``_build``); Pyomo's standard-form
-    compiler turns it into one sparse matrix that highspy receives in a few
-    vectorised calls. Rows found by constraint generation are added to both the
-    Pyomo model and the running HiGHS instance (warm-started), without a rebuild.
+    It depends on the bids and the MTUs only, not on the linearisation, so a market
+    builds and compiles it once (Pyomo's standard-form compiler, one sparse matrix)
+    and every LP it solves (sequential AC rounds, column generation) takes its
+    columns from that matrix. The grid rows join each LP in HiGHS
+    (``ClearingModel._add_grid_rows``).
     """
 
     def __init__(
         self,
-        grid: LinearGrid,
+        mtus: np.ndarray,
+        k: int,
+        dt_h: float,
         bids: pd.DataFrame,
         resources_table: pd.DataFrame | None,
-        penalty_eur_per_mwh: float = DEFAULT_PENALTY_EUR_PER_MWH,
-        known_rows: list[tuple[int, int]] | None = None,
     ) -> None:
-        self.grid = grid
-        self.known_rows = known_rows or []
-        self.penalty = penalty_eur_per_mwh
+        self.mtus, self.k, self.dt_h = np.asarray(mtus), k, dt_h
         t_of_bid = self.t_index(bids.mtu.to_numpy())
         if np.isnan(t_of_bid.astype(float)).any():
             raise LfmError("bids refer to an MTU that is not being cleared")
@@ -213,21 +212,20 @@ class ClearingModel:
         self.resource = bids.resource_id.to_numpy()
         self.has_q = bool(np.any(self.tan_phi != 0))
         self.storage = self._storage_chains(resources_table)
-        self.rows: list[tuple[int, int]] = []  # (t, row number in the violation layout)
-        self.row_set: set[tuple[int, int]] = set()
-        self.stats = {"rounds": 0, "build_s": 0.0, "solve_s": 0.0, "highs_s": 0.0}
         started = time.perf_counter()
         self.model = self._build()
-        self.stats["build_s"] += time.perf_counter() - started
+        self._compile()
+        self.build_s = time.perf_counter() - started
+
+    def t_index(self, mtus: np.ndarray) -> np.ndarray:
+        """Position of each MTU in the cleared set."""
+        return pd.Series(np.arange(len(self.mtus)), index=self.mtus).reindex(mtus).to_numpy()
 
     # ------------------------------------------------------------------ formulation
     def _build(self) -> pyo.ConcreteModel:
-        """The market side of the LP: bids, area injections, storage, bid cost.
-
-        The grid rows and their slacks (``_grid_row_block``) join it in HiGHS."""
         m = pyo.ConcreteModel("lfm_clearing")
         self._define_bid_variables(m)
-        self._define_area_injections(m, len(self.grid.mtus) * self.grid.k)
+        self._define_area_injections(m, len(self.mtus) * self.k)
         self._define_storage_constraints(m)
         self._define_objective(m)
         return m
@@ -241,7 +239,7 @@ class ClearingModel:
 
     def _define_area_injections(self, m: pyo.ConcreteModel, n_at: int) -> None:
         """p_at = sum sigma_b x_b (and q_at with tan_phi) for every area and MTU."""
-        key = self.t_of_bid * self.grid.k + self.area_of_bid
+        key = self.t_of_bid * self.k + self.area_of_bid
         order = np.argsort(key, kind="stable")
         bounds = np.searchsorted(key[order], np.arange(n_at + 1))
         members = [order[bounds[i] : bounds[i + 1]] for i in range(n_at)]
@@ -276,7 +274,7 @@ class ClearingModel:
             if len(idx):
                 eta = float(row.efficiency)
                 # Up discharges 1/eta per MW delivered, down charges eta per MW taken.
-                energy = np.where(self.sign[idx] > 0, 1.0 / eta, -eta) * self.grid.dt_h
+                energy = np.where(self.sign[idx] > 0, 1.0 / eta, -eta) * self.dt_h
                 chains.append(
                     (
                         idx,
@@ -305,10 +303,89 @@ class ClearingModel:
         """Pay-as-bid cost of the accepted steps (the slacks of the grid rows add theirs)."""
         bid_cost = LinearExpression(
             constant=0.0,
-            linear_coefs=list(self.price * self.grid.dt_h),
+            linear_coefs=list(self.price * self.dt_h),
             linear_vars=list(m.x.values()),
         )
         m.cost = pyo.Objective(expr=bid_cost)
+
+    def _compile(self) -> None:
+        """Standard form of the Pyomo model, and where its variables and balances sit."""
+        sf = LinearStandardFormCompiler().write(self.model, mixed_form=True, set_sense=None)
+        col_of = {id(v): j for j, v in enumerate(sf.columns)}
+        row_of: dict[int, int] = {}
+        for i, entry in enumerate(sf.rows):
+            row_of.setdefault(id(entry.constraint), i)
+        kind = np.array([entry.bound_type for entry in sf.rows], np.int64).reshape(-1)
+        rhs = np.asarray(sf.rhs, float).reshape(-1)
+        self.row_lower = np.where(kind <= 0, rhs, -highspy.kHighsInf)
+        self.row_upper = np.where(kind >= 0, rhs, highspy.kHighsInf)
+        self.col_cost = np.asarray(sf.c.toarray()).ravel()
+        self.col_lower = np.array(
+            [-highspy.kHighsInf if v.lb is None else v.lb for v in sf.columns]
+        )
+        self.col_upper = np.array([highspy.kHighsInf if v.ub is None else v.ub for v in sf.columns])
+        self.A = sf.A.tocsc()
+        m, n_at = self.model, len(self.mtus) * self.k
+
+        def cols(var) -> np.ndarray:
+            return np.array([col_of[id(v)] for v in var.values()], np.int64)
+
+        def rows(con) -> np.ndarray:
+            return np.array([row_of[id(con[i])] for i in range(n_at)], np.int64)
+
+        self.x_col, self.p_col = cols(m.x), cols(m.p)
+        self.balance_p_row = rows(m.balance_p)
+        if self.has_q:
+            self.q_col, self.balance_q_row = cols(m.q), rows(m.balance_q)
+
+    def highs_for(self, selected: np.ndarray) -> tuple[highspy.Highs, np.ndarray]:
+        """A new HiGHS instance holding the market side with the ``selected`` bid steps only.
+
+        Returns it and the new column of every compiled column (-1 where left out)."""
+        keep = np.ones(self.A.shape[1], bool)
+        keep[self.x_col[~selected]] = False
+        new_col = np.cumsum(keep) - 1
+        new_col[~keep] = -1
+        A = self.A[:, keep]
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = int(keep.sum()), A.shape[0]
+        lp.col_cost_ = self.col_cost[keep]
+        lp.col_lower_, lp.col_upper_ = self.col_lower[keep], self.col_upper[keep]
+        lp.row_lower_, lp.row_upper_ = self.row_lower, self.row_upper
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
+        highs = highspy.Highs()
+        highs.setOptionValue("output_flag", False)
+        highs.passModel(lp)
+        return highs, new_col
+
+
+class ClearingModel:
+    """One clearing LP: the market side's selected steps in a HiGHS instance, plus grid rows.
+
+    The grid rows start from a screen (``initial_rows``) and grow by constraint
+    generation, added to the running (warm-started) HiGHS instance without a rebuild.
+    """
+
+    def __init__(
+        self,
+        grid: LinearGrid,
+        market: MarketLP,
+        selected: np.ndarray,
+        penalty_eur_per_mwh: float = DEFAULT_PENALTY_EUR_PER_MWH,
+        known_rows: list[tuple[int, int]] | None = None,
+    ) -> None:
+        if not np.array_equal(grid.mtus, market.mtus) or grid.k != market.k:
+            raise LfmError("the market side was built for other MTUs or areas than the grid")
+        self.grid = grid
+        self.market = market
+        self.selected = selected
+        self.known_rows = known_rows or []
+        self.penalty = penalty_eur_per_mwh
+        self.has_q = market.has_q
+        self.rows: list[tuple[int, int]] = []  # (t, row number in the violation layout)
+        self.row_set: set[tuple[int, int]] = set()
+        self.stats = {"rounds": 0, "build_s": 0.0, "solve_s": 0.0, "highs_s": 0.0}
 
     def _grid_row_block(self, rows: list[tuple[int, int]]):
         """Grid rows in MW-equivalent, as a sparse block on the area-injection columns.
@@ -375,12 +452,6 @@ class ClearingModel:
         self.row_set.update(rows)
 
     # ------------------------------------------------------------------ solving
-    def t_index(self, mtus: np.ndarray) -> np.ndarray:
-        """Position of each MTU in the cleared set."""
-        return (
-            pd.Series(np.arange(len(self.grid.mtus)), index=self.grid.mtus).reindex(mtus).to_numpy()
-        )
-
     def initial_rows(self) -> list[tuple[int, int]]:
         """Rows violated or within a margin of their limit, plus rows an earlier solve needed."""
         g = self.grid
@@ -395,34 +466,12 @@ class ClearingModel:
         return sorted(rows | set(self.known_rows))
 
     def _hand_over(self) -> None:
-        """Compile the Pyomo model to standard form and pass it to a new HiGHS instance."""
-        sf = LinearStandardFormCompiler().write(self.model, mixed_form=True, set_sense=None)
-        self.columns = sf.columns
-        self.col_of = {id(v): j for j, v in enumerate(sf.columns)}
-        self.row_of = {}
-        lower = np.empty(len(sf.rows))
-        upper = np.empty(len(sf.rows))
-        for i, (entry, rhs) in enumerate(zip(sf.rows, sf.rhs, strict=True)):
-            kind = entry.bound_type
-            lower[i] = rhs if kind <= 0 else -highspy.kHighsInf
-            upper[i] = rhs if kind >= 0 else highspy.kHighsInf
-            self.row_of.setdefault(id(entry.constraint), i)
-        lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = len(sf.columns), len(sf.rows)
-        lp.col_cost_ = np.asarray(sf.c.toarray()).ravel()
-        lp.col_lower_ = np.array([-highspy.kHighsInf if v.lb is None else v.lb for v in sf.columns])
-        lp.col_upper_ = np.array([highspy.kHighsInf if v.ub is None else v.ub for v in sf.columns])
-        lp.row_lower_, lp.row_upper_ = lower, upper
-        A = sf.A.tocsc()
-        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
-        self.highs = highspy.Highs()
-        self.highs.setOptionValue("output_flag", False)
-        self.highs.passModel(lp)
-        T, K = len(self.grid.mtus), self.grid.k
-        self.p_col = np.array([self.col_of[id(self.model.p[i])] for i in range(T * K)], np.int64)
-        if self.has_q:
-            self.q_col = np.array([self.col_of[id(self.model.q[i])] for i in range(T * K)])
+        """A HiGHS instance with the market side's selected steps; where its columns sit."""
+        mk = self.market
+        self.highs, new_col = mk.highs_for(self.selected)
+        self.x_col = new_col[mk.x_col[self.selected]]
+        self.p_col = new_col[mk.p_col]
+        self.q_col = new_col[mk.q_col] if self.has_q else None
         self.slack_cols = np.zeros(0, np.int64)
 
     def _run(self) -> str:
@@ -456,33 +505,30 @@ class ClearingModel:
             self.stats["build_s"] += time.perf_counter() - started
         return self._solution(x, p, q)
 
-    def _column_values(self, variables) -> np.ndarray:
-        values = np.asarray(self.highs.getSolution().col_value)
-        return np.array([values[self.col_of[id(v)]] for v in variables])
-
     def _values(self):
+        """Accepted MW of the selected steps, area injections p and q (T x K)."""
         T, K = len(self.grid.mtus), self.grid.k
-        m = self.model
-        x = np.clip(self._column_values(m.x.values()), 0.0, None)
-        p = self._column_values(m.p.values()).reshape(T, K)
-        q = self._column_values(m.q.values()).reshape(T, K) if self.has_q else np.zeros((T, K))
+        values = np.asarray(self.highs.getSolution().col_value)
+        x = np.clip(values[self.x_col], 0.0, None)
+        p = values[self.p_col].reshape(T, K)
+        q = values[self.q_col].reshape(T, K) if self.has_q else np.zeros((T, K))
         return x, p, q
 
-    def _area_prices(self, balance: pyo.Constraint) -> np.ndarray:
+    def _area_prices(self, balance_rows: np.ndarray) -> np.ndarray:
         """-d cost / d rhs of "p - sum sigma x = 0": EUR/MWh of a free injection in the area."""
         T, K = len(self.grid.mtus), self.grid.k
         duals = np.asarray(self.highs.getSolution().row_dual)
-        rows = [self.row_of[id(balance[i])] for i in range(T * K)]
-        return -duals[rows].reshape(T, K) / self.grid.dt_h
+        return -duals[balance_rows].reshape(T, K) / self.grid.dt_h
 
     def _solution(self, x, p, q) -> Solution:
         T, K = len(self.grid.mtus), self.grid.k
         slack = np.asarray(self.highs.getSolution().col_value)[self.slack_cols]
         slack_mw = np.zeros(T)
-        for (t, _), s in zip(self.rows, slack, strict=True):
-            slack_mw[t] = max(slack_mw[t], s)  # the worst row: MW the best area would need
-        price = self._area_prices(self.model.balance_p)
-        price_q = self._area_prices(self.model.balance_q) if self.has_q else np.zeros((T, K))
+        if len(self.rows):  # the worst row of each MTU: MW the best area would need
+            t = np.array([row[0] for row in self.rows], np.int64)
+            np.maximum.at(slack_mw, t, slack)
+        price = self._area_prices(self.market.balance_p_row)
+        price_q = self._area_prices(self.market.balance_q_row) if self.has_q else np.zeros((T, K))
         info = self.highs.getInfo()
         self.stats.update(
             n_variables=self.highs.getNumCol(),
@@ -491,9 +537,11 @@ class ClearingModel:
             n_grid_rows=len(self.rows),
             simplex_iterations=int(info.simplex_iteration_count),
         )
+        accepted = np.zeros(len(self.selected))
+        accepted[self.selected] = x
         return Solution(
             "optimal",
-            x,
+            accepted,
             p,
             q,
             slack_mw,
@@ -508,7 +556,7 @@ class ClearingModel:
         zeros = np.zeros((T, K))
         return Solution(
             status,
-            np.zeros(len(self.quantity)),
+            np.zeros(len(self.selected)),
             zeros,
             zeros.copy(),
             np.full(T, np.nan),
@@ -525,6 +573,7 @@ def solve_clearing(
     resources_table: pd.DataFrame | None = None,
     penalty_eur_per_mwh: float = DEFAULT_PENALTY_EUR_PER_MWH,
     quota_mw: np.ndarray | None = None,
+    market: MarketLP | None = None,
 ) -> Solution:
     """Clear ``bids`` against the linearised grid (one LP over all its MTUs).
 
@@ -534,23 +583,30 @@ def solve_clearing(
     the area's marginal prices (its reduced cost: price - sigma (lambda_p + tan_phi
     lambda_q)); those that would lower the cost are added and the LP is solved again
     (column generation). The result is the LP optimum over all bids.
+
+    ``market``, the compiled market side of these bids on these MTUs, saves its
+    rebuild when the same bids are cleared against several linearisations.
     """
     bids = bids.reset_index(drop=True)
+    stats = {"rounds": 0, "build_s": 0.0, "solve_s": 0.0, "highs_s": 0.0, "column_rounds": 0}
+    if market is None:
+        market = MarketLP(grid.mtus, grid.k, grid.dt_h, bids, resources_table)
+        stats["build_s"] += market.build_s
     if quota_mw is None:
         selected = np.ones(len(bids), bool)
     else:
         group = bids.groupby(["mtu", "zone", "direction"], sort=False).ngroup().to_numpy()
-        t = pd.Series(np.arange(len(grid.mtus)), index=grid.mtus).reindex(bids.mtu).to_numpy()
         order = np.lexsort((np.arange(len(bids)), bids.price_eur_per_mwh.to_numpy(), group))
         selected = _within_quota(
-            bids.quantity_mw.to_numpy(), group, order, np.asarray(quota_mw, float)[t]
+            bids.quantity_mw.to_numpy(),
+            group,
+            order,
+            np.asarray(quota_mw, float)[market.t_of_bid],
         )
         selected |= bids.resource_id.to_numpy() != ""  # storage: energy-limited, always in
-    sign = np.where(bids.direction.to_numpy() == "up", 1.0, -1.0)
     rows: list[tuple[int, int]] = []
-    stats = {"rounds": 0, "build_s": 0.0, "solve_s": 0.0, "highs_s": 0.0, "column_rounds": 0}
     while True:
-        model = ClearingModel(grid, bids[selected], resources_table, penalty_eur_per_mwh, rows)
+        model = ClearingModel(grid, market, selected.copy(), penalty_eur_per_mwh, rows)
         sol = model.solve()
         rows = model.rows
         for key in ("rounds", "build_s", "solve_s", "highs_s"):
@@ -558,17 +614,14 @@ def solve_clearing(
         stats["column_rounds"] += 1
         if sol.status != "optimal" or selected.all():
             break
-        t = model.t_index(bids.mtu.to_numpy())
-        a = bids.zone.to_numpy()
-        value = sign * (
-            sol.marginal_price[t, a] + bids.tan_phi.to_numpy() * sol.marginal_price_q[t, a]
+        t, a = market.t_of_bid, market.area_of_bid
+        value = market.sign * (
+            sol.marginal_price[t, a] + market.tan_phi * sol.marginal_price_q[t, a]
         )
-        improving = ~selected & (bids.price_eur_per_mwh.to_numpy() < value - 1e-7)
+        improving = ~selected & (market.price < value - 1e-7)
         if not improving.any():
             break
         selected |= improving
-    accepted = np.zeros(len(bids))
-    accepted[selected] = sol.accepted_mw
     stats.update(
         {
             k: sol.stats[k]
@@ -576,7 +629,7 @@ def solve_clearing(
             if k in sol.stats
         }
     )
-    return replace(sol, accepted_mw=accepted, stats=stats)
+    return replace(sol, stats=stats)
 
 
 def _within_quota(

@@ -33,7 +33,14 @@ import numpy as np
 import pandas as pd
 
 from lfm_zonal.bids import DEFAULT_MAX_STEPS, Bids, build_bids, dispatch_steps
-from lfm_zonal.clearing import LinearGrid, Solution, dso_needs, linear_grid, solve_clearing
+from lfm_zonal.clearing import (
+    LinearGrid,
+    MarketLP,
+    Solution,
+    dso_needs,
+    linear_grid,
+    solve_clearing,
+)
 from lfm_zonal.errors import InputError
 from lfm_zonal.powerflow import HorizonPowerFlow
 from lfm_zonal.resources import Resources
@@ -175,6 +182,9 @@ def _sequential_clearing(
     }
     sol = None
     worst = np.inf
+    # The market side (bids, balances, storage) is the same in every round: built once.
+    market = MarketLP(grid.mtus, grid.k, grid.dt_h, active.reset_index(drop=True), resources.table)
+    totals["build_s"] += market.build_s
     for ac_round in range(AC_ROUNDS):
         # Column quota per MTU: the DSO need of the MTU at this linearisation, with margin.
         if ac_round > 0:  # re-linearised: the needs of the new linearisation
@@ -182,7 +192,7 @@ def _sequential_clearing(
         quota = (
             1.5 * needs.groupby("mtu").need_mw.sum().reindex(grid.mtus, fill_value=0.0).to_numpy()
         )
-        sol = solve_clearing(grid, active, resources.table, quota_mw=quota, **kwargs)
+        sol = solve_clearing(grid, active, resources.table, quota_mw=quota, market=market, **kwargs)
         if sol.status != "optimal":
             raise InputError(f"clearing with K = {zones.k}: solver status {sol.status}")
         for key in ("rounds", "build_s", "solve_s", "highs_s"):
