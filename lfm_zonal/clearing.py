@@ -41,6 +41,7 @@ import highspy
 import numpy as np
 import pandas as pd
 import pyomo.environ as pyo
+from pyomo.common.gc_manager import PauseGC
 from pyomo.core.expr.numeric_expr import LinearExpression
 from pyomo.repn.plugins.standard_form import LinearStandardFormCompiler
 
@@ -213,8 +214,11 @@ class MarketLP:
         self.has_q = bool(np.any(self.tan_phi != 0))
         self.storage = self._storage_chains(resources_table)
         started = time.perf_counter()
-        self.model = self._build()
-        self._compile()
+        # Tens of thousands of small Pyomo objects: the cyclic garbage collector, run on
+        # every allocation burst, would take most of the build time (measured 2.7-5x).
+        with PauseGC():
+            self.model = self._build()
+            self._compile()
         self.build_s = time.perf_counter() - started
 
     def t_index(self, mtus: np.ndarray) -> np.ndarray:

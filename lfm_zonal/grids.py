@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
+import pickle
 import re
 import warnings
 from collections.abc import Callable
@@ -237,6 +239,48 @@ def simbench_codes() -> tuple[str, ...]:
     return tuple(sb.collect_all_simbench_codes())
 
 
+def simbench_net(code: str) -> pp.pandapowerNet:
+    """SimBench network ``code`` with its profiles, through a cache.
+
+    SimBench extracts a network from its CSV tables in about 3 s, in every process
+    that asks. The extracted network is kept as a pickle in the user's cache folder
+    (``$LFM_ZONAL_CACHE``, else ``$XDG_CACHE_HOME/lfm-zonal``, else
+    ``~/.cache/lfm-zonal``), keyed by the code and the simbench and pandapower
+    versions; ``LFM_ZONAL_CACHE=off`` turns it off. A cache that cannot be read or
+    written is skipped, never an error.
+    """
+    import simbench as sb
+
+    folder = _cache_folder()
+    if folder is None:
+        return sb.get_simbench_net(code)
+    path = folder / f"simbench-{code}-sb{sb.__version__}-pp{pp.__version__}.pickle"
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f)
+    except Exception:  # missing, truncated or from other package internals: extract again
+        pass
+    net = sb.get_simbench_net(code)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_bytes(pickle.dumps(net, protocol=pickle.HIGHEST_PROTOCOL))
+        partial.replace(path)  # atomic: parallel workers never read half a file
+    except OSError as err:
+        log.info("SimBench cache not written (%s)", err)
+    return net
+
+
+def _cache_folder() -> Path | None:
+    setting = os.environ.get("LFM_ZONAL_CACHE", "")
+    if setting.lower() == "off":
+        return None
+    if setting:
+        return Path(setting)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lfm-zonal"
+
+
 def available_grids() -> dict[str, str]:
     """Grid names that :func:`load_grid` accepts, with their origin."""
     out = {name: b.origin for name, b in BUILTIN_GRIDS.items()}
@@ -287,11 +331,9 @@ def load_grid(
             origin = "seeded synthetic radial feeder (lfm_zonal.grids.synthetic_radial_feeder)"
             net = synthetic_radial_feeder(int(m.group(1)), int(m.group(2) or 0))
         elif text in simbench_codes():
-            import simbench as sb
-
             name, profiles = text, "simbench"
             origin = f"SimBench {text} (Meinecke et al. 2020, simbench package)"
-            net = sb.get_simbench_net(text)
+            net = simbench_net(text)
         elif text.lower().endswith(".json") or Path(text).exists():
             net = _read_json(Path(text))
             name, origin, profiles = Path(text).stem, f"pandapower JSON file {text}", "synthetic"

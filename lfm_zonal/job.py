@@ -277,10 +277,10 @@ def write_results(study: StudyResult, folder: Path) -> None:
     write_csv(kpis, folder / "kpis.csv", index=False)
     write_csv(base.powerflow.violations(), folder / "base_case.csv")
     write_csv(
-        _long([(m, m.bids.drop(columns=["time"])) for m in study.markets]).assign(
-            time=lambda d: pf.times[d.mtu.to_numpy()]
-        ),
-        folder / "bids.csv",
+        _long(
+            [(m, m.bids[m.bids.accepted_mw > 0].drop(columns=["time"])) for m in study.markets]
+        ).assign(time=lambda d: pf.times[d.mtu.to_numpy()]),
+        folder / "accepted_bids.csv",
         index=False,
     )
     write_csv(

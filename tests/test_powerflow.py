@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
+from lfm_zonal.grids import simbench_net
 
 
 def runpp_results(pf, mtu):
@@ -84,6 +85,28 @@ def test_simbench_profiles_follow_the_2016_table():
     expected = absolute[("load", "p_mw")].iloc[row : row + 2].mean()  # a 30-min MTU: mean of two
     np.testing.assert_allclose(profiles.load_p_mw.iloc[0].to_numpy(), expected.to_numpy())
     assert profiles.source == "simbench"
+
+
+def test_simbench_cache_returns_the_extracted_network(tmp_path, monkeypatch):
+    import simbench as sb
+
+    code = "1-LV-rural1--0-sw"
+    monkeypatch.setenv("LFM_ZONAL_CACHE", str(tmp_path))
+    first = simbench_net(code)  # extracted, then written
+    (written,) = tmp_path.glob(f"simbench-{code}-*.pickle")
+    cached = simbench_net(code)  # read back
+    fresh = sb.get_simbench_net(code)
+    for table in ("bus", "line", "trafo", "load", "sgen", "ext_grid"):
+        pd.testing.assert_frame_equal(cached[table], fresh[table])
+    for name, frame in fresh.profiles.items():
+        pd.testing.assert_frame_equal(cached.profiles[name], frame)
+    assert cached is not first
+    # A damaged cache file is extracted again and rewritten, not an error.
+    written.write_bytes(b"not a pickle")
+    pd.testing.assert_frame_equal(simbench_net(code).line, fresh.line)
+    assert written.stat().st_size > 1000
+    monkeypatch.setenv("LFM_ZONAL_CACHE", "off")
+    pd.testing.assert_frame_equal(simbench_net(code).bus, fresh.bus)
 
 
 def test_synthetic_profile_peaks_in_the_evening(cigre):
