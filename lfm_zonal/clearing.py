@@ -53,6 +53,10 @@ from lfm_zonal.sensitivity import sensitivity_arrays
 DEFAULT_PENALTY_EUR_PER_MWH = 10_000.0
 SCREEN_LOADING_MARGIN_PERCENT = 5.0
 SCREEN_VM_MARGIN_PU = 0.005
+#: Rows an MTU brings into the LP at once (screen, then each generation round): the most
+#: violated ones in MW-equivalent. On a long radial feeder hundreds of buses can be below
+#: the band in one MTU, each row dense over the areas; fixing the worst usually fixes most.
+ROWS_PER_MTU_AND_ROUND = 20
 VIOLATION_TOLERANCE = 1e-6  # loading percent / p.u. in the linear model
 MAX_GENERATION_ROUNDS = 30
 
@@ -131,12 +135,12 @@ def linear_grid(
     model = pf.model
     V = pf.V[mtus] if V is None else V
     W = zones.aggregation(seg.weights)
-    per_mtu = [sensitivity_arrays(model, V[i], seg.sensitivity_method) for i in range(len(mtus))]
+    per_mtu = [sensitivity_arrays(model, V[i], seg.sensitivity_method, W) for i in range(len(mtus))]
 
     def stack(name: str, rows: int) -> np.ndarray:
         if not per_mtu:
             return np.zeros((0, rows, zones.k))
-        return np.stack([getattr(s, name) @ W for s in per_mtu])
+        return np.stack([getattr(s, name) for s in per_mtu])
 
     n_l, n_b = len(model.branches), len(model.buses)
     sl_p, sl_q = stack("loading_p", n_l), stack("loading_q", n_l)
@@ -388,7 +392,6 @@ class ClearingModel:
         self.penalty = penalty_eur_per_mwh
         self.has_q = market.has_q
         self.rows: list[tuple[int, int]] = []  # (t, row number in the violation layout)
-        self.row_set: set[tuple[int, int]] = set()
         self.stats = {"rounds": 0, "build_s": 0.0, "solve_s": 0.0, "highs_s": 0.0}
 
     def _grid_row_block(self, rows: list[tuple[int, int]]):
@@ -400,24 +403,45 @@ class ClearingModel:
         the MW of the most effective flexibility that would remove it. Returns the
         scaled coefficients on p and q (rows x areas), the right-hand sides and senses.
         """
-        g = self.grid
-        n_l, n_b = len(g.branches), len(g.buses)
         t = np.array([row[0] for row in rows], np.int64)
         r = np.array([row[1] for row in rows], np.int64)
-        is_line = r < n_l
-        upper = r < n_l + n_b
-        lt, line = t[is_line], r[is_line]
-        bt, bus = t[~is_line], (r[~is_line] - n_l) % n_b
-        cp, cq = np.empty((len(rows), g.k)), np.empty((len(rows), g.k))
-        cp[is_line], cq[is_line] = g.sl_p[lt, line], g.sl_q[lt, line]
-        cp[~is_line], cq[~is_line] = g.sv_p[bt, bus], g.sv_q[bt, bus]
+        g = self.grid
+        n_l, n_b = len(g.branches), len(g.buses)
+        is_line, upper = r < n_l, r < n_l + n_b
+        cp, cq = self._row_coefficients(t, r)
         base = np.empty(len(rows))
-        base[is_line], base[~is_line] = g.loading0[lt, line], g.vm0[bt, bus]
+        base[is_line] = g.loading0[t[is_line], r[is_line]]
+        base[~is_line] = g.vm0[t[~is_line], (r[~is_line] - n_l) % n_b]
         limit = np.where(is_line, g.loading_max_percent, np.where(upper, g.vm_max_pu, g.vm_min_pu))
-        scale = np.maximum(np.abs(cp).max(axis=1), np.abs(cq).max(axis=1))
-        scale[scale == 0] = 1.0
+        scale = _row_scale(cp, cq)
         sense = np.where(upper, 1.0, -1.0)
         return cp / scale[:, None], cq / scale[:, None], (limit - base) / scale, sense
+
+    def _row_coefficients(self, t: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sensitivities of rows (t, r) to area injections p and q (rows x areas)."""
+        g = self.grid
+        n_l, n_b = len(g.branches), len(g.buses)
+        is_line = r < n_l
+        lt, line = t[is_line], r[is_line]
+        bt, bus = t[~is_line], (r[~is_line] - n_l) % n_b
+        cp, cq = np.empty((len(t), g.k)), np.empty((len(t), g.k))
+        cp[is_line], cq[is_line] = g.sl_p[lt, line], g.sl_q[lt, line]
+        cp[~is_line], cq[~is_line] = g.sv_p[bt, bus], g.sv_q[bt, bus]
+        return cp, cq
+
+    def _worst_rows(self, excess: np.ndarray, candidate: np.ndarray) -> list[tuple[int, int]]:
+        """Of the candidate rows (T x rows mask), per MTU the ROWS_PER_MTU_AND_ROUND with
+        the largest excess in MW-equivalent (excess / the row's largest coefficient)."""
+        t, r = np.nonzero(candidate)
+        if len(t) == 0:
+            return []
+        cp, cq = self._row_coefficients(t, r)
+        need_mw = excess[t, r] / _row_scale(cp, cq)
+        order = np.lexsort((r, -need_mw, t))  # per MTU, the largest need first
+        t, r = t[order], r[order]
+        first = np.searchsorted(t, t, side="left")
+        keep = np.arange(len(t)) - first < ROWS_PER_MTU_AND_ROUND
+        return list(zip(t[keep].tolist(), r[keep].tolist(), strict=True))
 
     def _add_grid_rows(self, rows: list[tuple[int, int]]) -> None:
         """Add grid rows, each with its slack column (penalised), to the HiGHS instance."""
@@ -453,7 +477,6 @@ class ClearingModel:
         )
         self.slack_cols = np.concatenate([self.slack_cols, np.arange(first, first + n)])
         self.rows += rows
-        self.row_set.update(rows)
 
     # ------------------------------------------------------------------ solving
     def initial_rows(self) -> list[tuple[int, int]]:
@@ -465,8 +488,8 @@ class ClearingModel:
                 np.full(2 * len(g.buses), SCREEN_VM_MARGIN_PU),
             ]
         )
-        over = g.violations(g.loading0, g.vm0) > -margin
-        rows = {(int(t), int(r)) for t, r in zip(*np.nonzero(over), strict=True)}
+        excess = g.violations(g.loading0, g.vm0)
+        rows = set(self._worst_rows(excess, excess > -margin))
         return sorted(rows | set(self.known_rows))
 
     def _hand_over(self) -> None:
@@ -498,10 +521,10 @@ class ClearingModel:
             x, p, q = self._values()
             loading, vm = self.grid.after(p, q)
             excess = self.grid.violations(loading, vm)
-            candidates = np.argwhere(excess > VIOLATION_TOLERANCE)
-            missing = [
-                (int(t), int(r)) for t, r in candidates if (int(t), int(r)) not in self.row_set
-            ]
+            candidate = excess > VIOLATION_TOLERANCE
+            if self.rows:
+                candidate[tuple(np.array(self.rows).T)] = False
+            missing = self._worst_rows(excess, candidate)
             if not missing or self.stats["rounds"] >= MAX_GENERATION_ROUNDS:
                 break
             started = time.perf_counter()
@@ -569,6 +592,12 @@ class ClearingModel:
             float("nan"),
             dict(self.stats),
         )
+
+
+def _row_scale(cp: np.ndarray, cq: np.ndarray) -> np.ndarray:
+    """Per row, its largest |coefficient| (1 for a row without any)."""
+    scale = np.maximum(np.abs(cp).max(axis=1, initial=0.0), np.abs(cq).max(axis=1, initial=0.0))
+    return np.where(scale > 0, scale, 1.0)
 
 
 def solve_clearing(

@@ -177,22 +177,42 @@ def synthetic_radial_feeder(n_bus: int = 1000, seed: int = 0) -> pp.pandapowerNe
     mv = pp.create_bus(net, 20.0, name="MV busbar", geodata=(0.0, 0.0))
     pp.create_ext_grid(net, hv, vm_pu=1.02)
     pp.create_transformer(net, hv, mv, std_type="63 MVA 110/20 kV", parallel=2)
+    # Draw every element first (same order of draws per bus), then create them in bulk:
+    # pandapower's one-element create functions take milliseconds each.
+    names, geo, parents, lengths, stds, loads, pvs = [], [], [], [], [], [], []
     for f, parent in enumerate(feeders):
         xy = _fan_layout(
             parent, centre_rad=2 * np.pi * f / n_feeders, width_rad=1.6 * np.pi / n_feeders
         )
         depth = np.zeros(len(parent), int)
-        bus_of = {0: mv}
+        offset = len(names) - 1  # position of this feeder's bus k is offset + k
         for k in range(1, len(parent)):
             depth[k] = depth[parent[k]] + 1
-            bus_of[k] = b = pp.create_bus(net, 20.0, name=f"F{f}-{k}", geodata=tuple(xy[k]))
-            length_km = float(rng.uniform(0.05, 0.25))
-            std = "NA2XS2Y 1x240 RM/25 12/20 kV" if depth[k] < 10 else "NA2XS2Y 1x95 RM/25 12/20 kV"
-            pp.create_line(net, bus_of[parent[k]], b, length_km, std_type=std)
+            names.append(f"F{f}-{k}")
+            geo.append(tuple(xy[k]))
+            parents.append(-1 if parent[k] == 0 else offset + int(parent[k]))
+            lengths.append(float(rng.uniform(0.05, 0.25)))
+            stds.append(
+                "NA2XS2Y 1x240 RM/25 12/20 kV" if depth[k] < 10 else "NA2XS2Y 1x95 RM/25 12/20 kV"
+            )
             p_mw = float(rng.uniform(0.04, 0.2))
-            pp.create_load(net, b, p_mw=p_mw, q_mvar=0.33 * p_mw)
+            loads.append(p_mw)
             if rng.random() < 0.3:
-                pp.create_sgen(net, b, p_mw=float(rng.uniform(0.05, 0.25)), type="PV")
+                pvs.append((len(names) - 1, float(rng.uniform(0.05, 0.25))))
+    buses = np.asarray(pp.create_buses(net, len(names), 20.0, name=names, geodata=geo))
+    parents_arr = np.asarray(parents)
+    from_bus = np.where(parents_arr < 0, mv, buses[np.maximum(parents_arr, 0)])
+    for std in sorted(set(stds)):  # create_lines takes one standard type per call
+        idx = [i for i, s in enumerate(stds) if s == std]
+        pp.create_lines(
+            net, from_bus[idx], buses[idx], np.asarray(lengths)[idx], std_type=std, index=idx
+        )
+    net.line.sort_index(inplace=True)  # line i feeds bus i, as drawn
+    p_load = np.asarray(loads)
+    pp.create_loads(net, buses, p_mw=p_load, q_mvar=0.33 * p_load)
+    if pvs:
+        at, p_pv = zip(*pvs, strict=True)
+        pp.create_sgens(net, buses[list(at)], p_mw=list(p_pv), type="PV")
     return net
 
 

@@ -72,18 +72,22 @@ class Zones:
     def members(self, zone: int) -> pd.Index:
         return self.zone_of_bus.index[self.zone_of_bus.to_numpy() == zone]
 
-    def aggregation(self, weights: pd.Series) -> np.ndarray:
-        """W (n_bus x k): W[b, z] = w_b / sum of w over zone z (uniform in a zone whose sum is 0)."""
+    def shares(self, weights: pd.Series) -> np.ndarray:
+        """Each bus's share in its zone: w_b / sum of w over its zone (uniform where that sum is 0)."""
         zone = self.zone_of_bus.to_numpy()
         w = weights.reindex(self.buses).fillna(0.0).to_numpy(float)
         total = np.bincount(zone, weights=w, minlength=self.k)
         count = np.bincount(zone, minlength=self.k)
-        share = np.where(
+        return np.where(
             total[zone] > 0, w / np.where(total[zone] > 0, total[zone], 1.0), 1.0 / count[zone]
         )
+
+    def aggregation(self, weights: pd.Series) -> sp.csr_matrix:
+        """W (n_bus x k, sparse: one entry per bus): W[b, z] = the share of bus b in zone z."""
+        zone = self.zone_of_bus.to_numpy()
         return sp.csr_matrix(
-            (share, (np.arange(len(zone)), zone)), shape=(len(zone), self.k)
-        ).toarray()
+            (self.shares(weights), (np.arange(len(zone)), zone)), shape=(len(zone), self.k)
+        )
 
 
 def _numbered(labels: np.ndarray, buses: pd.Index, k: int, method: str) -> Zones:
@@ -277,7 +281,7 @@ def zonal_indices(
     buses = zones.buses
     zone = zones.zone_of_bus.to_numpy()
     W = zones.aggregation(weights)
-    w_eff = W[np.arange(len(zone)), zone]  # each bus's share in its zone (sums to 1 per zone)
+    w_eff = zones.shares(weights)  # each bus's share in its zone (sums to 1 per zone)
     cols = pd.RangeIndex(zones.k, name="zone")
     frames = {name: getattr(sens, name) @ W for name in ("loading_p", "loading_q", "vm_p", "vm_q")}
     abs_l, ref_l, el_l = _weighted_error(sens.loading_p, frames["loading_p"], zone, w_eff, zones.k)
@@ -319,7 +323,7 @@ def medoids(zones: Zones, features: np.ndarray, weights: pd.Series) -> pd.Series
     """Per zone: the bus minimising the weighted electrical distance to the zone's buses
     (uniform weights in a zone without any; ties: the smallest bus)."""
     zone = zones.zone_of_bus.to_numpy()
-    share = zones.aggregation(weights)[np.arange(len(zone)), zone]
+    share = zones.shares(weights)
     out = {}
     for z in range(zones.k):
         idx = np.flatnonzero(zone == z)

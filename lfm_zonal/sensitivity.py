@@ -91,17 +91,32 @@ def sensitivities(
 
 
 def sensitivity_arrays(
-    model: NetworkModel, V: np.ndarray, method: str = "jacobian"
+    model: NetworkModel,
+    V: np.ndarray,
+    method: str = "jacobian",
+    patterns: sp.spmatrix | None = None,
 ) -> SensitivityArrays:
-    """Sensitivities at internal voltages ``V`` by ``method`` (one of SENSITIVITY_METHODS)."""
+    """Sensitivities at internal voltages ``V`` by ``method`` (one of SENSITIVITY_METHODS).
+
+    Columns are the buses, or with ``patterns`` (n_buses x m, column j spreads 1 MW
+    over buses, as a zone's aggregation does) the m injection patterns: the result
+    is then the bus sensitivities @ patterns. The Jacobian method solves for the m
+    patterns directly (m right-hand sides instead of two per bus).
+    """
     if method == "jacobian":
-        return _jacobian(model, V)
+        return _jacobian(model, V, patterns)
     if method == "dc_ptdf":
-        return _dc_ptdf(model, V)
-    if method == "lindistflow":
-        return _lindistflow(model, V)
-    raise InputError(
-        f"unknown sensitivity method '{method}': choose one of {', '.join(SENSITIVITY_METHODS)}"
+        arrays = _dc_ptdf(model, V)
+    elif method == "lindistflow":
+        arrays = _lindistflow(model, V)
+    else:
+        raise InputError(
+            f"unknown sensitivity method '{method}': choose one of {', '.join(SENSITIVITY_METHODS)}"
+        )
+    if patterns is None:
+        return arrays
+    return SensitivityArrays(
+        **{name: getattr(arrays, name) @ patterns for name in SensitivityArrays.__annotations__}
     )
 
 
@@ -115,12 +130,32 @@ def _active_end(model: NetworkModel, V: np.ndarray):
     return from_end, current, bus, factor
 
 
-def _jacobian(model: NetworkModel, V: np.ndarray) -> SensitivityArrays:
+def _jacobian(
+    model: NetworkModel, V: np.ndarray, patterns: sp.spmatrix | None
+) -> SensitivityArrays:
     pv, pq = model.pv, model.pq
     pvpq = np.r_[pv, pq]
     n_pvpq, n_x = len(pvpq), len(pvpq) + len(pq)
-    # Inverse of J: column k is the state change of a unit injection in mismatch row k.
-    X = splu(model.jacobian(V)).solve(np.eye(n_x))
+    # Mismatch row of a P / Q injection at each pandapower bus (-1: none, e.g. the slack).
+    internal = model.bus_lookup.to_numpy()
+    row_p = np.full(model.n_bus, -1)
+    row_p[pvpq] = np.arange(n_pvpq)
+    row_q = np.full(model.n_bus, -1)
+    row_q[pq] = n_pvpq + np.arange(len(pq))
+    row_p, row_q = row_p[internal], row_q[internal]
+
+    def selector(rows: np.ndarray) -> sp.csr_matrix:  # n_x x n_buses, one 1 per bus with a row
+        buses = np.flatnonzero(rows >= 0)
+        return sp.csr_matrix(
+            (np.ones(len(buses)), (rows[buses], buses)), shape=(n_x, len(internal))
+        )
+
+    E_p, E_q = selector(row_p), selector(row_q)
+    if patterns is not None:
+        E_p, E_q = E_p @ patterns, E_q @ patterns
+    m = E_p.shape[1]
+    # State change of each injection (column): dx = J^-1 e, for P and Q injections.
+    dx = splu(model.jacobian(V)).solve(sp.hstack([E_p, E_q]).toarray()) / model.base_mva
 
     # d|I_end| / d[Va(pvpq), Vm(pq)] of the end that sets each branch's loading.
     from_end, current, _, factor = _active_end(model, V)
@@ -134,30 +169,14 @@ def _jacobian(model: NetworkModel, V: np.ndarray) -> SensitivityArrays:
     magnitude = np.abs(current)
     unit = np.divide(np.conj(current), magnitude, out=np.zeros_like(current), where=magnitude > 0)
     G = (sp.diags(unit) @ sp.hstack([dI_dVa[:, pvpq], dI_dVm[:, pq]])).real
-    dloading_dx = (sp.diags(factor) @ G) @ X  # loading_percent per p.u. injection
-
-    # Columns of X that belong to a P / Q injection at each internal bus (-1: none).
-    col_p = np.full(model.n_bus, -1)
-    col_p[pvpq] = np.arange(n_pvpq)
-    col_q = np.full(model.n_bus, -1)
-    col_q[pq] = n_pvpq + np.arange(len(pq))
-    row_vm = col_q  # Vm is a state only at PQ buses
-    internal = model.bus_lookup.to_numpy()
-
-    def by_bus(matrix: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        c = cols[internal]
-        out = np.zeros((matrix.shape[0], len(internal)))
-        out[:, c >= 0] = matrix[:, c[c >= 0]]
-        return out / model.base_mva
-
-    vm_rows = np.zeros((len(internal), n_x))
-    r = row_vm[internal]
-    vm_rows[r >= 0] = X[r[r >= 0]]
+    dloading = (sp.diags(factor) @ G) @ dx  # loading_percent per MW
+    # Vm is a state only at PQ buses (the Q row of a bus is its Vm column).
+    dvm = selector(row_q).T @ dx
     return SensitivityArrays(
-        loading_p=by_bus(dloading_dx, col_p),
-        loading_q=by_bus(dloading_dx, col_q),
-        vm_p=by_bus(vm_rows, col_p),
-        vm_q=by_bus(vm_rows, col_q),
+        loading_p=dloading[:, :m],
+        loading_q=dloading[:, m:],
+        vm_p=dvm[:, :m],
+        vm_q=dvm[:, m:],
     )
 
 

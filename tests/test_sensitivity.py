@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from lfm_zonal import GridError, sensitivities
@@ -93,3 +94,22 @@ def test_dc_ptdf_sees_no_voltage(ieee33_pf):
 def test_lindistflow_refuses_a_ring(ring_pf):
     with pytest.raises(GridError, match="radial"):
         sensitivities(ring_pf, 0, "lindistflow")
+
+
+@pytest.mark.parametrize("method", ["jacobian", "lindistflow"])
+def test_zone_patterns_equal_bus_sensitivities_aggregated(mixed_pf, ieee33_pf, method):
+    """Solving for the zones' injection patterns gives the bus sensitivities @ W."""
+    from lfm_zonal.segmentation import Zones
+    from lfm_zonal.sensitivity import sensitivity_arrays
+
+    pf = mixed_pf if method == "jacobian" else ieee33_pf  # merged buses, two levels
+    buses = pf.model.buses
+    rng = np.random.default_rng(3)
+    zones = Zones(3, "test", pd.Series(np.arange(len(buses)) % 3, index=buses.rename("bus")))
+    W = zones.aggregation(pd.Series(rng.uniform(0.0, 2.0, len(buses)), index=buses))
+    full = sensitivity_arrays(pf.model, pf.V[7], method)
+    zonal = sensitivity_arrays(pf.model, pf.V[7], method, W)
+    for name in ("loading_p", "loading_q", "vm_p", "vm_q"):
+        expected = getattr(full, name) @ W
+        assert getattr(zonal, name).shape == (getattr(full, name).shape[0], 3)
+        np.testing.assert_allclose(getattr(zonal, name), expected, rtol=1e-9, atol=1e-12)
