@@ -42,7 +42,7 @@ _solve = clearing_module.ClearingModel.solve
 
 def _capturing_solve(self):
     sol = _solve(self)
-    needs_lp = bool(np.isinf(self.quantity).all())  # the DSO-needs LP: unbounded unit-price bids
+    needs_lp = bool(np.isinf(self.market.quantity).all())  # DSO-needs LP: unbounded unit bids
     captured.append((needs_lp, self.highs.getLp()))
     return sol
 

@@ -17,14 +17,16 @@ flexibility that would remove it, so the penalty is a price per MWh of unmet
 need. A slack above zero is unmet need and is reported, never hidden.
 
 Rows are screened: the LP starts with the rows violated or within a margin of
-their limit, and after every solve the linearised state of *every* monitored
-element is checked; rows the activations violate are added and the LP is solved
-again (constraint generation), so no element is dropped and no new congestion
-is created in the linear model.
+their limit (at most ROWS_PER_MTU_AND_ROUND per MTU, the most violated first),
+and after every solve the linearised state of *every* monitored element is
+checked; rows the activations violate are added (the same cap per round) and the
+LP is solved again (constraint generation), so no element is dropped and no new
+congestion is created in the linear model.
 
 Coefficients are numpy arrays computed before the model is built. The market
-side (bids, area injections, storage, bid cost) is a Pyomo model, compiled to one
-sparse matrix and handed to HiGHS (highspy) once. The grid rows are the
+side (bids, area injections, storage, bid cost) is a Pyomo model (``MarketLP``),
+built and compiled to one sparse matrix once per market: every LP of that market
+takes its columns from it. The grid rows are the
 sensitivity arrays themselves: they join the persistent HiGHS instance as sparse
 blocks with their slack columns (``ClearingModel._add_grid_rows``), the screened
 ones first and the generated ones later, without a rebuild. Building them as Pyomo
@@ -34,6 +36,7 @@ solve on SimBench MV.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
@@ -49,6 +52,8 @@ from lfm_zonal.errors import LfmError
 from lfm_zonal.powerflow import HorizonPowerFlow
 from lfm_zonal.segmentation import Segmentation, Zones
 from lfm_zonal.sensitivity import sensitivity_arrays
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PENALTY_EUR_PER_MWH = 10_000.0
 SCREEN_LOADING_MARGIN_PERCENT = 5.0
@@ -525,7 +530,15 @@ class ClearingModel:
             if self.rows:
                 candidate[tuple(np.array(self.rows).T)] = False
             missing = self._worst_rows(excess, candidate)
-            if not missing or self.stats["rounds"] >= MAX_GENERATION_ROUNDS:
+            if not missing:
+                break
+            if self.stats["rounds"] >= MAX_GENERATION_ROUNDS:
+                log.warning(
+                    "constraint generation stopped after %d rounds with %d violated rows "
+                    "of the linear model not in the LP",
+                    MAX_GENERATION_ROUNDS,
+                    int(candidate.sum()),
+                )
                 break
             started = time.perf_counter()
             self._add_grid_rows(missing)
