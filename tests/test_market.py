@@ -146,6 +146,20 @@ def test_nodal_clearing_fixes_overloads_and_voltages_in_ac(case, request):
     assert result.kpis["cost_eur"] > 0
 
 
+def test_row_screening_is_only_a_speed_device(ieee33_market, monkeypatch):
+    """One grid row per MTU and round at a time: constraint generation reaches the same
+    optimum (IEEE 33 has up to 21 buses below the band and 16 overloads in one MTU)."""
+    from lfm_zonal import clearing
+
+    pf, res, seg = ieee33_market
+    full = clear_market(seg, res, "nodal")
+    monkeypatch.setattr(clearing, "ROWS_PER_MTU_AND_ROUND", 1)
+    one_at_a_time = clear_market(seg, res, "nodal")
+    assert one_at_a_time.kpis["generation_rounds"] > full.kpis["generation_rounds"]
+    assert one_at_a_time.kpis["cost_eur"] == pytest.approx(full.kpis["cost_eur"], rel=1e-6)
+    assert np.nanmin(one_at_a_time.ac.vm_pu.to_numpy()) >= pf.grid.vm_min_pu - 0.002
+
+
 def test_zonal_with_k_equal_n_is_nodal(cigre_market):
     _, res, seg = cigre_market
     nodal = clear_market(seg, res, "nodal")
