@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from pandapower.pypower.makePTDF import makePTDF
-from scipy.sparse.linalg import splu
+from scipy.sparse.linalg import SuperLU, splu
 
 from lfm_zonal.errors import GridError, InputError
 from lfm_zonal.powerflow import HorizonPowerFlow, NetworkModel
@@ -130,9 +130,56 @@ def _active_end(model: NetworkModel, V: np.ndarray):
     return from_end, current, bus, factor
 
 
+#: Linearisations kept per network (an MTU's base point is linearised once for every
+#: market and zone count of a study; each holds a sparse LU and sparse derivatives).
+LINEARISATION_CACHE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class JacobianLinearisation:
+    """The AC power flow linearised at one operating point.
+
+    State x = [Va(pv, pq), Vm(pq)]; a unit injection in mismatch row k moves it by
+    column k of J^-1 (``lu`` solves with J).
+    """
+
+    lu: SuperLU
+    dloading_dx: sp.csr_matrix  # loading_percent per unit state change (branches x states)
+    E_p: sp.csr_matrix  # states x buses: the P mismatch row of each pandapower bus
+    E_q: sp.csr_matrix  # the Q mismatch row (also the bus's Vm state; PQ buses only)
+    base_mva: float
+
+    def sensitivities(self, patterns: sp.spmatrix | None) -> SensitivityArrays:
+        E_p, E_q = self.E_p, self.E_q
+        if patterns is not None:
+            E_p, E_q = E_p @ patterns, E_q @ patterns
+        m = E_p.shape[1]
+        dx = self.lu.solve(sp.hstack([E_p, E_q]).toarray()) / self.base_mva
+        dloading = self.dloading_dx @ dx  # loading_percent per MW (Mvar)
+        dvm = self.E_q.T @ dx
+        return SensitivityArrays(
+            loading_p=dloading[:, :m],
+            loading_q=dloading[:, m:],
+            vm_p=dvm[:, :m],
+            vm_q=dvm[:, m:],
+        )
+
+
 def _jacobian(
     model: NetworkModel, V: np.ndarray, patterns: sp.spmatrix | None
 ) -> SensitivityArrays:
+    cache = model.linearisations
+    key = np.ascontiguousarray(V).tobytes()
+    if key in cache:
+        cache.move_to_end(key)
+    else:
+        cache[key] = _linearise(model, V)
+        if len(cache) > LINEARISATION_CACHE_SIZE:
+            cache.popitem(last=False)
+    return cache[key].sensitivities(patterns)
+
+
+def _linearise(model: NetworkModel, V: np.ndarray) -> JacobianLinearisation:
     pv, pq = model.pv, model.pq
     pvpq = np.r_[pv, pq]
     n_pvpq, n_x = len(pvpq), len(pvpq) + len(pq)
@@ -142,20 +189,12 @@ def _jacobian(
     row_p[pvpq] = np.arange(n_pvpq)
     row_q = np.full(model.n_bus, -1)
     row_q[pq] = n_pvpq + np.arange(len(pq))
-    row_p, row_q = row_p[internal], row_q[internal]
 
     def selector(rows: np.ndarray) -> sp.csr_matrix:  # n_x x n_buses, one 1 per bus with a row
         buses = np.flatnonzero(rows >= 0)
         return sp.csr_matrix(
             (np.ones(len(buses)), (rows[buses], buses)), shape=(n_x, len(internal))
         )
-
-    E_p, E_q = selector(row_p), selector(row_q)
-    if patterns is not None:
-        E_p, E_q = E_p @ patterns, E_q @ patterns
-    m = E_p.shape[1]
-    # State change of each injection (column): dx = J^-1 e, for P and Q injections.
-    dx = splu(model.jacobian(V)).solve(sp.hstack([E_p, E_q]).toarray()) / model.base_mva
 
     # d|I_end| / d[Va(pvpq), Vm(pq)] of the end that sets each branch's loading.
     from_end, current, _, factor = _active_end(model, V)
@@ -169,14 +208,12 @@ def _jacobian(
     magnitude = np.abs(current)
     unit = np.divide(np.conj(current), magnitude, out=np.zeros_like(current), where=magnitude > 0)
     G = (sp.diags(unit) @ sp.hstack([dI_dVa[:, pvpq], dI_dVm[:, pq]])).real
-    dloading = (sp.diags(factor) @ G) @ dx  # loading_percent per MW
-    # Vm is a state only at PQ buses (the Q row of a bus is its Vm column).
-    dvm = selector(row_q).T @ dx
-    return SensitivityArrays(
-        loading_p=dloading[:, :m],
-        loading_q=dloading[:, m:],
-        vm_p=dvm[:, :m],
-        vm_q=dvm[:, m:],
+    return JacobianLinearisation(
+        lu=splu(model.jacobian(V)),
+        dloading_dx=sp.csr_matrix(sp.diags(factor) @ G),
+        E_p=selector(row_p[internal]),
+        E_q=selector(row_q[internal]),
+        base_mva=model.base_mva,
     )
 
 

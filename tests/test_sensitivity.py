@@ -113,3 +113,24 @@ def test_zone_patterns_equal_bus_sensitivities_aggregated(mixed_pf, ieee33_pf, m
         expected = getattr(full, name) @ W
         assert getattr(zonal, name).shape == (getattr(full, name).shape[0], 3)
         np.testing.assert_allclose(getattr(zonal, name), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_linearisation_is_reused_for_the_same_operating_point(cigre_pf):
+    """A study linearises each MTU's base point once; the cached linearisation gives the
+    same sensitivities as a fresh one, and the cache stays bounded."""
+    from lfm_zonal import sensitivity as sens
+
+    model = cigre_pf.model
+    model.linearisations.clear()
+    first = sens.sensitivity_arrays(model, cigre_pf.V[7])
+    assert len(model.linearisations) == 1
+    again = sens.sensitivity_arrays(model, cigre_pf.V[7])
+    assert len(model.linearisations) == 1
+    fresh = sens._linearise(model, cigre_pf.V[7]).sensitivities(None)
+    for name in ("loading_p", "loading_q", "vm_p", "vm_q"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(first, name))
+        np.testing.assert_allclose(getattr(fresh, name), getattr(first, name), rtol=1e-12)
+    for t in range(sens.LINEARISATION_CACHE_SIZE + 3):
+        sens.sensitivity_arrays(model, cigre_pf.V[t % len(cigre_pf.V)] * (1 + 1e-9 * t))
+    assert len(model.linearisations) == sens.LINEARISATION_CACHE_SIZE
+    model.linearisations.clear()
