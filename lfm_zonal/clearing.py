@@ -111,6 +111,8 @@ class LinearGrid:
 
     def select(self, keep: np.ndarray) -> LinearGrid:
         """The same grid on the MTUs where ``keep`` (one flag per MTU) is true."""
+        if np.all(keep):
+            return self
         arrays = ("mtus", "loading0", "vm0", "sl_p", "sl_q", "sv_p", "sv_q")
         return replace(self, **{name: getattr(self, name)[keep] for name in arrays})
 
@@ -140,16 +142,13 @@ def linear_grid(
     model = pf.model
     V = pf.V[mtus] if V is None else V
     W = zones.aggregation(seg.weights)
-    per_mtu = [sensitivity_arrays(model, V[i], seg.sensitivity_method, W) for i in range(len(mtus))]
-
-    def stack(name: str, rows: int) -> np.ndarray:
-        if not per_mtu:
-            return np.zeros((0, rows, zones.k))
-        return np.stack([getattr(s, name) for s in per_mtu])
-
-    n_l, n_b = len(model.branches), len(model.buses)
-    sl_p, sl_q = stack("loading_p", n_l), stack("loading_q", n_l)
-    sv_p, sv_q = stack("vm_p", n_b), stack("vm_q", n_b)
+    T, n_l, n_b = len(mtus), len(model.branches), len(model.buses)
+    # Filled MTU by MTU (nodal on 1000 buses: 168 MB per array and 21 MTUs, no copies).
+    sl_p, sl_q = np.empty((T, n_l, zones.k)), np.empty((T, n_l, zones.k))
+    sv_p, sv_q = np.empty((T, n_b, zones.k)), np.empty((T, n_b, zones.k))
+    for i in range(T):
+        s = sensitivity_arrays(model, V[i], seg.sensitivity_method, W)
+        sl_p[i], sl_q[i], sv_p[i], sv_q[i] = s.loading_p, s.loading_q, s.vm_p, s.vm_q
     loading0 = np.array([model.loading_percent(v) for v in V]).reshape(len(mtus), n_l)
     vm0 = np.array([model.vm_pu(v) for v in V]).reshape(len(mtus), n_b)
     if p_prev is not None:
