@@ -28,11 +28,15 @@ def save(fig: plt.Figure, path: Path) -> None:
 
 
 def zone_colours(k: int) -> np.ndarray:
-    """k distinguishable colours: tab10/tab20 up to 20 zones, then evenly spaced hues."""
+    """k distinguishable colours, none pale on white: tab10 up to 10 zones, then tab10
+    followed by its darkened shades up to 20, then evenly spaced hues."""
+    tab10 = plt.get_cmap("tab10")(np.arange(10))
     if k <= 10:
-        return plt.get_cmap("tab10")(np.arange(k))
+        return tab10[:k]
     if k <= 20:
-        return plt.get_cmap("tab20")(np.arange(k))
+        dark = tab10.copy()
+        dark[:, :3] *= 0.55
+        return np.vstack([tab10, dark])[:k]
     return plt.get_cmap("hsv")(np.linspace(0, 1, k, endpoint=False))
 
 
@@ -155,8 +159,10 @@ def plot_zones(
             label="medoid (virtual bus location)",
         )
     )
-    if k <= 20:
-        ax.legend(handles=handles, loc="best", fontsize=8, framealpha=0.9)
+    if k <= 20:  # beside the map, never over a zone
+        ax.legend(
+            handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False
+        )
     save(fig, path)
 
 
