@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandapower as pp
 import pandapower.networks as pn
+import pandas as pd
 
 from lfm_zonal.errors import GridError, InputError
 
@@ -207,7 +208,7 @@ def synthetic_radial_feeder(n_bus: int = 1000, seed: int = 0) -> pp.pandapowerNe
         pp.create_lines(
             net, from_bus[idx], buses[idx], np.asarray(lengths)[idx], std_type=std, index=idx
         )
-    net.line.sort_index(inplace=True)  # line i feeds bus i, as drawn
+    net.line = net.line.sort_index()  # line i feeds bus i, as drawn
     p_load = np.asarray(loads)
     pp.create_loads(net, buses, p_mw=p_load, q_mvar=0.33 * p_load)
     if pvs:
@@ -265,8 +266,8 @@ def simbench_net(code: str) -> pp.pandapowerNet:
     SimBench extracts a network from its CSV tables in about 3 s, in every process
     that asks. The extracted network is kept as a pickle in the user's cache folder
     (``$LFM_ZONAL_CACHE``, else ``$XDG_CACHE_HOME/lfm-zonal``, else
-    ``~/.cache/lfm-zonal``), keyed by the code and the simbench and pandapower
-    versions; ``LFM_ZONAL_CACHE=off`` turns it off. A cache that cannot be read or
+    ``~/.cache/lfm-zonal``), keyed by the code and the simbench, pandapower and
+    pandas versions; ``LFM_ZONAL_CACHE=off`` turns it off. A cache that cannot be read or
     written is skipped, never an error.
     """
     import simbench as sb
@@ -274,7 +275,8 @@ def simbench_net(code: str) -> pp.pandapowerNet:
     folder = _cache_folder()
     if folder is None:
         return sb.get_simbench_net(code)
-    path = folder / f"simbench-{code}-sb{sb.__version__}-pp{pp.__version__}.pickle"
+    versions = f"sb{sb.__version__}-pp{pp.__version__}-pd{pd.__version__}"
+    path = folder / f"simbench-{code}-{versions}.pickle"
     try:
         with path.open("rb") as f:
             return pickle.load(f)
