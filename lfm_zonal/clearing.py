@@ -632,23 +632,25 @@ def solve_clearing(
     ``market``, the compiled market side of these bids on these MTUs, saves its
     rebuild when the same bids are cleared against several linearisations.
     """
-    bids = bids.reset_index(drop=True)
     stats = {"rounds": 0, "build_s": 0.0, "solve_s": 0.0, "highs_s": 0.0, "column_rounds": 0}
     if market is None:
-        market = MarketLP(grid.mtus, grid.k, grid.dt_h, bids, resources_table)
-        stats["build_s"] += market.build_s
-    if quota_mw is None:
-        selected = np.ones(len(bids), bool)
-    else:
-        group = bids.groupby(["mtu", "zone", "direction"], sort=False).ngroup().to_numpy()
-        order = np.lexsort((np.arange(len(bids)), bids.price_eur_per_mwh.to_numpy(), group))
-        selected = _within_quota(
-            bids.quantity_mw.to_numpy(),
-            group,
-            order,
-            np.asarray(quota_mw, float)[market.t_of_bid],
+        market = MarketLP(
+            grid.mtus, grid.k, grid.dt_h, bids.reset_index(drop=True), resources_table
         )
-        selected |= bids.resource_id.to_numpy() != ""  # storage: energy-limited, always in
+        stats["build_s"] += market.build_s
+    elif len(market.quantity) != len(bids):
+        raise LfmError("the market side was built for other bids")
+    n_bids = len(market.quantity)
+    if quota_mw is None:
+        selected = np.ones(n_bids, bool)
+    else:
+        # Competing steps: same MTU, area and direction.
+        group = (market.t_of_bid * grid.k + market.area_of_bid) * 2 + (market.sign > 0)
+        order = np.lexsort((np.arange(n_bids), market.price, group))
+        selected = _within_quota(
+            market.quantity, group, order, np.asarray(quota_mw, float)[market.t_of_bid]
+        )
+        selected |= market.resource != ""  # storage: energy-limited, always in
     rows: list[tuple[int, int]] = []
     while True:
         model = ClearingModel(grid, market, selected.copy(), penalty_eur_per_mwh, rows)
