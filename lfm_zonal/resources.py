@@ -14,10 +14,22 @@ CSV columns (one row per resource)::
     [tan_phi], [energy_mwh, soc_init_mwh, efficiency]   (storage)
 
 Every malformed row is refused with a message naming the file, row and column.
+
+**Within physics.** A load's up flexibility (its reduction) never exceeds what it
+consumes, and an sgen's down flexibility (curtailment) never exceeds what it
+produces, in every MTU. Generated resources are shares (at most 1) of their
+element's own profile. A CSV load or sgen resource stands for no single element:
+per MTU, the up availability of the load resources at a bus is capped at the
+bus's load consumption (profile x scaling, summed over its in-service loads), and
+the down availability of its sgen resources at the bus's sgen output; several
+resources at one bus share the cap pro rata. A capped resource is named in a
+warning with its bus and largest excess. A load's increase (down) and an sgen's
+increase (up) are left as offered.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +38,8 @@ import pandas as pd
 
 from lfm_zonal.errors import InputError
 from lfm_zonal.powerflow import HorizonPowerFlow
+
+log = logging.getLogger(__name__)
 
 KINDS = ("load", "sgen", "storage")
 DIRECTIONS = ("up", "down", "both")
@@ -108,6 +122,16 @@ def generate_resources(pf: HorizonPowerFlow, spec: FlexibilitySpec, seed: int) -
     energised = set(pf.model.buses)
     rows, up, down = [], {}, {}
     aggregators = [f"A{i + 1}" for i in range(spec.n_aggregators)]
+    # A load cannot reduce more than it consumes, an sgen not curtail more than it produces.
+    load_up_share = min(spec.load_up_share, 1.0)
+    sgen_down_share = min(spec.sgen_down_share, 1.0)
+    if (load_up_share, sgen_down_share) != (spec.load_up_share, spec.sgen_down_share):
+        log.warning(
+            "load_up_share %g and sgen_down_share %g capped at 1: a load cannot reduce more "
+            "than it consumes, an sgen cannot curtail more than it produces",
+            spec.load_up_share,
+            spec.sgen_down_share,
+        )
 
     def add_units(
         kind: str,
@@ -166,7 +190,7 @@ def generate_resources(pf: HorizonPowerFlow, spec: FlexibilitySpec, seed: int) -
                     element,
                     bus,
                     tan_phi,
-                    spec.load_up_share * p,
+                    load_up_share * p,
                     spec.load_down_share * p,
                     spec.cost_load_up,
                     spec.cost_load_down,
@@ -178,7 +202,7 @@ def generate_resources(pf: HorizonPowerFlow, spec: FlexibilitySpec, seed: int) -
                     bus,
                     tan_phi,
                     0.0 * p,
-                    spec.sgen_down_share * p,
+                    sgen_down_share * p,
                     spec.cost_sgen_down,
                     spec.cost_sgen_down,
                 )
@@ -347,4 +371,59 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
         )
         up[rid] = p_max if direction in ("up", "both") else 0.0
         down[rid] = p_max if direction in ("down", "both") else 0.0
-    return _assemble(pd.DataFrame(rows), up, down, pf.profiles.horizon.times)
+    rows = pd.DataFrame(rows)
+    _cap_at_bus_totals(rows, up, down, pf)
+    return _assemble(rows, up, down, pf.profiles.horizon.times)
+
+
+def bus_power_mw(pf: HorizonPowerFlow, element: str) -> pd.DataFrame:
+    """What the in-service loads (``element="load"``) consume or the sgens (``"sgen"``)
+    produce at each bus, per MTU (time x bus, MW >= 0, profile x scaling)."""
+    table = pf.grid.net[element]
+    frame = pf.profiles.load_p_mw if element == "load" else pf.profiles.sgen_p_mw
+    factor = table.scaling.to_numpy(float) * table.in_service.to_numpy(bool)
+    p = np.clip(frame[table.index].to_numpy(float) * factor, 0.0, None)
+    out = pd.DataFrame(p, index=frame.index, columns=table.bus.to_numpy(np.int64))
+    return out.T.groupby(level=0).sum().T
+
+
+def _cap_at_bus_totals(rows: pd.DataFrame, up: dict, down: dict, pf: HorizonPowerFlow) -> None:
+    """Cap (in place) the CSV load resources' up and sgen resources' down availability per MTU
+    at what the bus's loads consume / sgens produce, pro rata; a warning names the capped ones."""
+    if rows.empty:
+        return
+    n = len(pf.profiles.horizon.times)
+    for kind, avail, what in (
+        ("load", up, "up flexibility (load reduction) but its loads consume"),
+        ("sgen", down, "down flexibility (curtailment) but its sgens produce"),
+    ):
+        mine = rows[(rows.kind == kind) & (rows.element == -1)]
+        if mine.empty:
+            continue
+        have = bus_power_mw(pf, kind)
+        for bus, group in mine.groupby("bus", sort=True):
+            ids = [rid for rid in group.resource_id if np.any(np.asarray(avail[rid]) > 0)]
+            if not ids:
+                continue
+            offered = np.array([np.broadcast_to(np.asarray(avail[r], float), n) for r in ids])
+            total = offered.sum(axis=0)
+            limit = have[bus].to_numpy() if bus in have.columns else np.zeros(n)
+            excess = total - limit
+            if excess.max() <= 1e-9:
+                continue
+            factor = np.where(total > limit, limit / np.where(total > 0, total, 1.0), 1.0)
+            for r, o in zip(ids, offered, strict=True):
+                avail[r] = o * factor
+            worst = int(np.argmax(excess))
+            log.warning(
+                "resource(s) %s (%s) at bus %d offer %.4g MW of %s %.4g MW in MTU %d: capped "
+                "at it in every MTU (largest excess %.4g MW)",
+                ", ".join(ids),
+                kind,
+                bus,
+                total[worst],
+                what,
+                limit[worst],
+                worst,
+                excess[worst],
+            )

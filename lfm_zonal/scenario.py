@@ -16,7 +16,7 @@ from typing import Any
 
 from lfm_zonal.errors import InputError
 from lfm_zonal.grids import DEFAULT_LOADING_MAX_PERCENT, DEFAULT_VM_MAX_PU, DEFAULT_VM_MIN_PU
-from lfm_zonal.market import MARKET_METHODS, PRICING
+from lfm_zonal.market import MARKET_METHODS, NEEDS_RULES, PRICING
 from lfm_zonal.profiles import DEFAULT_START
 from lfm_zonal.segmentation import SEGMENTATION_METHODS, WEIGHT_POLICIES
 from lfm_zonal.sensitivity import SENSITIVITY_METHODS
@@ -153,6 +153,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "pricing": Key(str, "pay_as_bid", "pay_as_bid | pay_as_clear", _one_of(PRICING)),
         "penalty_eur_per_mwh": Key(
             float, 10000.0, "price of unmet need (slack penalty)", _positive
+        ),
+        "needs": Key(
+            str,
+            "registered_capacity",
+            "DSO needs: registered_capacity (each zone capped at its offers) | unlimited",
+            _one_of(NEEDS_RULES),
         ),
     },
 }
