@@ -47,6 +47,7 @@ import pyomo.environ as pyo
 from pyomo.common.gc_manager import PauseGC
 from pyomo.core.expr.numeric_expr import LinearExpression
 from pyomo.repn.plugins.standard_form import LinearStandardFormCompiler
+from threadpoolctl import threadpool_limits
 
 from lfm_zonal.errors import LfmError
 from lfm_zonal.powerflow import HorizonPowerFlow
@@ -62,7 +63,11 @@ SCREEN_VM_MARGIN_PU = 0.005
 #: violated ones in MW-equivalent. On a long radial feeder hundreds of buses can be below
 #: the band in one MTU, each row dense over the areas; fixing the worst usually fixes most.
 ROWS_PER_MTU_AND_ROUND = 20
-VIOLATION_TOLERANCE = 1e-6  # loading percent / p.u. in the linear model
+VIOLATION_TOLERANCE = 1e-6  # loading percent / p.u.: constraint generation in the linear model
+#: The one tolerance of "violated" for results (AC check, KPIs, DSO needs, the sequential LP's
+#: "within limits"): an element within it of its limit is not counted as violated.
+TOLERANCE_LOADING_PERCENT = 0.01
+TOLERANCE_VM_PU = 1e-5
 MAX_GENERATION_ROUNDS = 30
 
 
@@ -109,6 +114,29 @@ class LinearGrid:
             [loading - self.loading_max_percent, vm - self.vm_max_pu, self.vm_min_pu - vm], axis=1
         )
 
+    def row_tolerances(self) -> np.ndarray:
+        """TOLERANCE_LOADING_PERCENT / TOLERANCE_VM_PU per row of the violation layout."""
+        return np.r_[
+            np.full(len(self.branches), TOLERANCE_LOADING_PERCENT),
+            np.full(2 * len(self.buses), TOLERANCE_VM_PU),
+        ]
+
+    def tolerated(self) -> LinearGrid:
+        """The same grid with every limit widened by its tolerance."""
+        return replace(
+            self,
+            loading_max_percent=self.loading_max_percent + TOLERANCE_LOADING_PERCENT,
+            vm_max_pu=self.vm_max_pu + TOLERANCE_VM_PU,
+            vm_min_pu=self.vm_min_pu - TOLERANCE_VM_PU,
+        )
+
+    def row_scales(self) -> np.ndarray:
+        """Per MTU and row of the violation layout (T x (n_branch + 2 n_bus)): the row's largest
+        |sensitivity| to an area injection, so that an excess / scale is the MW of the most
+        effective flexibility that would remove it (the unit of the LP's slacks)."""
+        sv = _row_scale(self.sv_p, self.sv_q)
+        return np.concatenate([_row_scale(self.sl_p, self.sl_q), sv, sv], axis=1)
+
     def select(self, keep: np.ndarray) -> LinearGrid:
         """The same grid on the MTUs where ``keep`` (one flag per MTU) is true."""
         if np.all(keep):
@@ -146,9 +174,13 @@ def linear_grid(
     # Filled MTU by MTU (nodal on 1000 buses: 168 MB per array and 21 MTUs, no copies).
     sl_p, sl_q = np.empty((T, n_l, zones.k)), np.empty((T, n_l, zones.k))
     sv_p, sv_q = np.empty((T, n_b, zones.k)), np.empty((T, n_b, zones.k))
-    for i in range(T):
-        s = sensitivity_arrays(model, V[i], seg.sensitivity_method, W)
-        sl_p[i], sl_q[i], sv_p[i], sv_q[i] = s.loading_p, s.loading_q, s.vm_p, s.vm_q
+    # One BLAS thread: the solves are small (a few hundred states), and OpenBLAS's threads,
+    # spinning for a core on a busy 2-core machine, made them 400x slower (0.2 s instead of
+    # 0.5 ms per MTU on SimBench MV, measured with other processes running).
+    with threadpool_limits(1, user_api="blas"):
+        for i in range(T):
+            s = sensitivity_arrays(model, V[i], seg.sensitivity_method, W)
+            sl_p[i], sl_q[i], sv_p[i], sv_q[i] = s.loading_p, s.loading_q, s.vm_p, s.vm_q
     loading0 = np.array([model.loading_percent(v) for v in V]).reshape(len(mtus), n_l)
     vm0 = np.array([model.vm_pu(v) for v in V]).reshape(len(mtus), n_b)
     if p_prev is not None:
@@ -188,6 +220,20 @@ class Solution:
     marginal_price_q: np.ndarray  # (T, K) EUR/Mvarh of reactive injection (zero without Q)
     objective_eur: float
     stats: dict = field(default_factory=dict)
+    basis: MarketBasis | None = None  # where the LP ended, to warm-start the next one
+
+
+@dataclass(frozen=True)
+class MarketBasis:
+    """Simplex basis status (HiGHS codes) of the market side's compiled columns and rows.
+
+    An LP of the same market against another linearisation starts from it (HiGHS
+    completes it into a valid basis: new grid rows basic, new columns at a bound), so a
+    sequential-LP round or a column-generation round re-optimises instead of
+    solving from scratch."""
+
+    col_status: np.ndarray  # one per compiled column of the market side
+    row_status: np.ndarray  # one per market row
 
 
 class MarketLP:
@@ -386,6 +432,8 @@ class ClearingModel:
         selected: np.ndarray,
         penalty_eur_per_mwh: float = DEFAULT_PENALTY_EUR_PER_MWH,
         known_rows: list[tuple[int, int]] | None = None,
+        p_bounds: tuple[np.ndarray, np.ndarray] | None = None,
+        basis: MarketBasis | None = None,
     ) -> None:
         if not np.array_equal(grid.mtus, market.mtus) or grid.k != market.k:
             raise LfmError("the market side was built for other MTUs or areas than the grid")
@@ -393,6 +441,8 @@ class ClearingModel:
         self.market = market
         self.selected = selected
         self.known_rows = known_rows or []
+        self.p_bounds = p_bounds
+        self.start_basis = basis
         self.penalty = penalty_eur_per_mwh
         self.has_q = market.has_q
         self.rows: list[tuple[int, int]] = []  # (t, row number in the violation layout)
@@ -500,10 +550,14 @@ class ClearingModel:
         """A HiGHS instance with the market side's selected steps; where its columns sit."""
         mk = self.market
         self.highs, new_col = mk.highs_for(self.selected)
+        self.new_col = new_col
         self.x_col = new_col[mk.x_col[self.selected]]
         self.p_col = new_col[mk.p_col]
         self.q_col = new_col[mk.q_col] if self.has_q else None
         self.slack_cols = np.zeros(0, np.int64)
+        if self.p_bounds is not None:  # trust region of a sequential-LP round
+            lower, upper = (np.asarray(b, float).ravel() for b in self.p_bounds)
+            self.highs.changeColsBounds(len(self.p_col), self.p_col.astype(np.int32), lower, upper)
 
     def _run(self) -> str:
         started = time.perf_counter()
@@ -516,6 +570,8 @@ class ClearingModel:
         started = time.perf_counter()
         self._hand_over()
         self._add_grid_rows(self.initial_rows())
+        if self.start_basis is not None:
+            self._set_basis(self.start_basis)
         self.stats["build_s"] += time.perf_counter() - started
         while True:
             self.stats["rounds"] += 1
@@ -543,6 +599,31 @@ class ClearingModel:
             self._add_grid_rows(missing)
             self.stats["build_s"] += time.perf_counter() - started
         return self._solution(x, p, q)
+
+    def _set_basis(self, basis: MarketBasis) -> None:
+        """Start from a market basis: grid rows basic, their slacks at zero (HiGHS makes the
+        rest of it valid, as an alien basis)."""
+        n_col, n_row = self.highs.getNumCol(), self.highs.getNumRow()
+        col = np.full(n_col, int(highspy.HighsBasisStatus.kLower))
+        kept = self.new_col >= 0
+        col[self.new_col[kept]] = basis.col_status[kept]
+        row = np.full(n_row, int(highspy.HighsBasisStatus.kBasic))
+        row[: len(basis.row_status)] = basis.row_status
+        start = highspy.HighsBasis()
+        start.col_status = [highspy.HighsBasisStatus(v) for v in col.tolist()]
+        start.row_status = [highspy.HighsBasisStatus(v) for v in row.tolist()]
+        start.alien = True
+        self.highs.setBasis(start)
+
+    def _basis(self) -> MarketBasis:
+        """The market side's part of the final basis, in compiled columns."""
+        basis = self.highs.getBasis()
+        col = np.fromiter((int(v) for v in basis.col_status), np.int8, self.highs.getNumCol())
+        row = np.fromiter((int(v) for v in basis.row_status), np.int8, self.highs.getNumRow())
+        compiled = np.full(len(self.new_col), int(highspy.HighsBasisStatus.kLower), np.int8)
+        kept = self.new_col >= 0
+        compiled[kept] = col[self.new_col[kept]]
+        return MarketBasis(compiled, row[: self.market.A.shape[0]])
 
     def _values(self):
         """Accepted MW of the selected steps, area injections p and q (T x K)."""
@@ -588,6 +669,7 @@ class ClearingModel:
             price_q,
             float(info.objective_function_value),
             dict(self.stats),
+            self._basis(),
         )
 
     def _failed(self, status: str) -> Solution:
@@ -607,8 +689,8 @@ class ClearingModel:
 
 
 def _row_scale(cp: np.ndarray, cq: np.ndarray) -> np.ndarray:
-    """Per row, its largest |coefficient| (1 for a row without any)."""
-    scale = np.maximum(np.abs(cp).max(axis=1, initial=0.0), np.abs(cq).max(axis=1, initial=0.0))
+    """Per row, its largest |coefficient| over the areas, the last axis (1 for a row without any)."""
+    scale = np.maximum(np.abs(cp).max(axis=-1, initial=0.0), np.abs(cq).max(axis=-1, initial=0.0))
     return np.where(scale > 0, scale, 1.0)
 
 
@@ -619,6 +701,9 @@ def solve_clearing(
     penalty_eur_per_mwh: float = DEFAULT_PENALTY_EUR_PER_MWH,
     quota_mw: np.ndarray | None = None,
     market: MarketLP | None = None,
+    p_bounds: tuple[np.ndarray, np.ndarray] | None = None,
+    include: np.ndarray | None = None,
+    basis: MarketBasis | None = None,
 ) -> Solution:
     """Clear ``bids`` against the linearised grid (one LP over all its MTUs).
 
@@ -631,6 +716,11 @@ def solve_clearing(
 
     ``market``, the compiled market side of these bids on these MTUs, saves its
     rebuild when the same bids are cleared against several linearisations.
+    ``p_bounds`` (lower, upper; T x K) bound the area injections (the trust region of a
+    sequential-LP round); ``include`` (one flag per bid) puts steps in the LP from the
+    start whatever the quota (the steps of the point the trust region is centred on, so
+    that it stays reachable). ``basis`` warm-starts the first LP (each column-generation
+    round starts from the one before).
     """
     stats = {"rounds": 0, "build_s": 0.0, "solve_s": 0.0, "highs_s": 0.0, "column_rounds": 0}
     if market is None:
@@ -651,10 +741,15 @@ def solve_clearing(
             market.quantity, group, order, np.asarray(quota_mw, float)[market.t_of_bid]
         )
         selected |= market.resource != ""  # storage: energy-limited, always in
+    if include is not None:
+        selected |= np.asarray(include, bool)
     rows: list[tuple[int, int]] = []
     while True:
-        model = ClearingModel(grid, market, selected.copy(), penalty_eur_per_mwh, rows)
+        model = ClearingModel(
+            grid, market, selected.copy(), penalty_eur_per_mwh, rows, p_bounds, basis
+        )
         sol = model.solve()
+        basis = sol.basis
         rows = model.rows
         for key in ("rounds", "build_s", "solve_s", "highs_s"):
             stats[key] += sol.stats[key]
@@ -693,8 +788,9 @@ def _within_quota(
     return keep
 
 
-def unlimited_bids(grid: LinearGrid) -> pd.DataFrame:
-    """One unbounded bid per MTU, area and direction at 1 EUR/MWh: the DSO-needs LP."""
+def unlimited_bids(grid: LinearGrid, capacity_mw: np.ndarray | None = None) -> pd.DataFrame:
+    """One bid per MTU, area and direction at 1 EUR/MWh: the DSO-needs LP. Unbounded, or
+    bounded by ``capacity_mw`` (T x K x 2, up then down)."""
     T, K = len(grid.mtus), grid.k
     t, a, d = np.meshgrid(np.arange(T), np.arange(K), [0, 1], indexing="ij")
     t, a, d = t.ravel(), a.ravel(), d.ravel()
@@ -703,7 +799,7 @@ def unlimited_bids(grid: LinearGrid) -> pd.DataFrame:
             "mtu": grid.mtus[t],
             "zone": a,
             "direction": np.where(d == 0, "up", "down"),
-            "quantity_mw": np.inf,
+            "quantity_mw": np.inf if capacity_mw is None else capacity_mw[t, a, d],
             "price_eur_per_mwh": 1.0,
             "tan_phi": 0.0,
             "resource_id": "",
@@ -712,14 +808,27 @@ def unlimited_bids(grid: LinearGrid) -> pd.DataFrame:
     )
 
 
-def dso_needs(grid: LinearGrid) -> tuple[pd.DataFrame, np.ndarray]:
+def dso_needs(
+    grid: LinearGrid, registered: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Per MTU, area and direction: the least total area activation (MW) that removes every
-    linearised violation if each area had unlimited flexibility.
+    linearised violation.
+
+    Without ``registered`` (the "unlimited" rule), each area has unlimited flexibility.
+    With ``registered`` (the bids offered: mtu, zone, direction, quantity_mw; the
+    "registered_capacity" rule), each area's activation per MTU and direction is capped at
+    the MW offered there, so no need is published where nothing can meet it. In an MTU
+    where the offers cannot remove every violation, the need is what they can do: the
+    same LP minimises first the violation left (the slack penalty) and then the MW, so
+    the need is at most the registered capacity, everywhere.
 
     Returns the needs (columns mtu, zone, direction, need_mw, only positive needs) and,
-    per MTU, what even unlimited flexibility cannot fix (MW-equivalent slack).
+    per MTU, what the flexibility of the rule cannot fix (MW-equivalent slack; with
+    ``registered``: what the offers cannot fix).
     """
-    violated = (grid.violations(grid.loading0, grid.vm0) > VIOLATION_TOLERANCE).any(axis=1)
+    excess = grid.violations(grid.loading0, grid.vm0)
+    violated = (excess > grid.row_tolerances()).any(axis=1)
+    grid = grid.tolerated()  # what is within the tolerance of its limit needs nothing
     if not violated.any():  # no linearised violation: no need, no LP
         empty = pd.DataFrame(
             {
@@ -731,8 +840,23 @@ def dso_needs(grid: LinearGrid) -> tuple[pd.DataFrame, np.ndarray]:
         )
         return empty, np.zeros(len(grid.mtus))
     # MTUs without a violation need nothing: the LP covers the others only.
-    bids = unlimited_bids(grid.select(violated))
-    sol = solve_clearing(grid.select(violated), bids)
+    sub = grid.select(violated)
+    capacity = None
+    if registered is not None:  # MW offered per MTU, area and direction (up, down)
+        capacity = np.zeros((len(sub.mtus), sub.k, 2))
+        t = pd.Series(np.arange(len(sub.mtus)), index=sub.mtus).reindex(registered.mtu)
+        keep = t.notna().to_numpy()
+        np.add.at(
+            capacity,
+            (
+                t.to_numpy()[keep].astype(np.int64),
+                registered.zone.to_numpy(np.int64)[keep],
+                (registered.direction.to_numpy() != "up")[keep].astype(np.int64),
+            ),
+            registered.quantity_mw.to_numpy(float)[keep],
+        )
+    bids = unlimited_bids(sub, capacity)
+    sol = solve_clearing(sub, bids)
     out = bids[["mtu", "zone", "direction"]].assign(need_mw=sol.accepted_mw)
     unfixable = np.zeros(len(grid.mtus))
     unfixable[violated] = sol.slack_mw

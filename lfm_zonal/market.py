@@ -13,8 +13,11 @@ Methods:
                 substitution across zones (the simplest zonal market).
 
 **DSO need** (published per MTU, zone and direction): the least total zonal
-activation, in MW, that removes every linearised violation of the MTU if each
-zone had unlimited flexibility at its virtual bus (``clearing.dso_needs``).
+activation, in MW, that removes every linearised violation of the MTU with each
+zone's activation capped at the flexibility offered there (``needs_rule =
+"registered_capacity"``, the default; where the offers cannot remove every
+violation, what they can do) or with unlimited flexibility at every zone's virtual
+bus (``"unlimited"``) (``clearing.dso_needs``).
 **Unmet need** after a clearing is the same quantity on the linearised state left
 by the accepted bids: the MW the DSO still misses.
 
@@ -26,6 +29,7 @@ to the resource behind it, at its real bus. That is what the AC check sees.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +38,7 @@ import pandas as pd
 
 from lfm_zonal.bids import DEFAULT_MAX_STEPS, Bids, build_bids, dispatch_steps
 from lfm_zonal.clearing import (
+    DEFAULT_PENALTY_EUR_PER_MWH,
     LinearGrid,
     MarketLP,
     Solution,
@@ -45,14 +50,27 @@ from lfm_zonal.errors import InputError
 from lfm_zonal.powerflow import HorizonPowerFlow
 from lfm_zonal.resources import Resources
 from lfm_zonal.segmentation import Segmentation, Zones, overall_error
-from lfm_zonal.validation import ACCheck, ac_check, solve_with_injections, violation_kpis
+from lfm_zonal.validation import (
+    RESIDUAL_COLUMNS,
+    ACCheck,
+    ac_check,
+    residual_mw_per_mtu,
+    residual_violations,
+    solve_with_injections,
+    violation_kpis,
+)
+
+log = logging.getLogger(__name__)
 
 MARKET_METHODS = ("nodal", "zonal", "needs_based")
-#: Sequential-LP rounds: re-linearise at the AC point of the market's own model of the dispatch.
-AC_ROUNDS = 6
-AC_TOLERANCE_LOADING_PERCENT = 0.05
-AC_TOLERANCE_VM_PU = 2e-4
+#: Sequential LP (``_sequential_clearing``): its round cap, the relative change of cost (plus
+#: priced residual) under which it has converged, and the smallest trust region worth a round.
+SLP_MAX_ROUNDS = 12
+SLP_COST_RTOL = 5e-4
+SLP_MIN_STEP_MW = 1e-4
 PRICING = ("pay_as_bid", "pay_as_clear")
+#: DSO-needs rules (``clearing.dso_needs``): capped at the flexibility offered per zone, or not.
+NEEDS_RULES = ("registered_capacity", "unlimited")
 
 
 @dataclass(frozen=True)
@@ -66,9 +84,11 @@ class MarketResult:
     bids: pd.DataFrame  # every bid with accepted_mw, status, clearing price and cost
     activations: pd.DataFrame  # time, mtu, zone, p_mw, q_mvar (net per zone)
     dispatch: pd.DataFrame  # time, mtu, resource_id, aggregator, bus, direction, p_mw, q_mvar
-    unmet: pd.DataFrame  # time, mtu, unmet_mw, unfixable_mw
+    unmet: pd.DataFrame  # time, mtu, unmet_mw, unfixable_mw, unmet_linear_mw, unmet_ac_mw
     ac: ACCheck
     kpis: dict = field(default_factory=dict)
+    #: (MTU, element) still violated after the AC check: validation.residual_violations
+    residual: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=RESIDUAL_COLUMNS))
 
 
 def mtus_to_clear(pf: HorizonPowerFlow) -> np.ndarray:
@@ -100,20 +120,25 @@ def clear_market(
     seed: int = 0,
     max_steps: int = DEFAULT_MAX_STEPS,
     grid: LinearGrid | None = None,
+    needs_rule: str = "registered_capacity",
 ) -> MarketResult:
     """Clear one market (``method`` with ``k`` zones; nodal ignores ``k``) and check it in AC."""
     if pricing not in PRICING:
         raise InputError(f"unknown pricing '{pricing}': choose one of {', '.join(PRICING)}")
+    if needs_rule not in NEEDS_RULES:
+        raise InputError(
+            f"unknown needs rule '{needs_rule}': choose one of {', '.join(NEEDS_RULES)}"
+        )
     pf = seg.pf
     zones = market_zones(seg, method, k or seg.n_buses, segmentation_method, seed)
     started = time.perf_counter()
     grid = grid or linear_grid(pf, seg, zones, mtus_to_clear(pf))
     t_grid = time.perf_counter() - started
     times = pf.times
-    needs, unfixable = dso_needs(grid)
     bids = build_bids(resources, zones, times, max_steps)
     active = bids.steps[bids.steps.mtu.isin(grid.mtus)]
-    kwargs = {} if penalty_eur_per_mwh is None else {"penalty_eur_per_mwh": penalty_eur_per_mwh}
+    needs, unfixable = dso_needs(grid, active if needs_rule == "registered_capacity" else None)
+    penalty = DEFAULT_PENALTY_EUR_PER_MWH if penalty_eur_per_mwh is None else penalty_eur_per_mwh
     started = time.perf_counter()
     if len(grid.mtus) == 0:  # no MTU with a violation: nothing to buy
         accepted, price = np.zeros(len(active)), np.full(len(active), np.nan)
@@ -122,7 +147,7 @@ def clear_market(
         accepted, price = _merit_order_to_needs(active, needs, grid)
         stats = {"status": "merit order", "n_variables": 0, "n_constraints": 0}
     else:
-        sol, grid, stats = _sequential_clearing(seg, zones, grid, active, resources, kwargs, needs)
+        sol, grid, stats = _sequential_clearing(seg, zones, grid, active, resources, penalty, needs)
         accepted, price = sol.accepted_mw, _bid_prices(active, sol, grid)
     stats["clear_s"] = time.perf_counter() - started
     stats["grid_s"] = t_grid
@@ -131,9 +156,10 @@ def clear_market(
     )
     p, q = _area_injections(active, accepted, grid)
     residual, still_unfixable = dso_needs(grid.shifted(p, q))
-    unmet = _unmet_table(grid, residual, still_unfixable, unfixable, times)
     dispatch = _dispatch(bids, result_bids)
     ac = ac_check(pf, dispatch)
+    left = residual_violations(pf, ac, resources, dispatch)
+    unmet = _unmet_table(grid, residual, still_unfixable, unfixable, times, left)
     res = MarketResult(
         method=method,
         k=zones.k,
@@ -146,10 +172,28 @@ def clear_market(
         dispatch=dispatch,
         unmet=unmet,
         ac=ac,
+        residual=left,
     )
     err = overall_error(seg.indices(zones).error)["mean"]
-    kpis = _kpis(res, pf, pricing, stats, err)
+    kpis = _kpis(res, pf, pricing, stats, err, penalty)
     return MarketResult(**{**res.__dict__, "kpis": kpis})
+
+
+@dataclass(frozen=True)
+class _Round:
+    """One sequential-LP round judged in AC: its LP solution and the AC point it reaches."""
+
+    number: int
+    sol: Solution
+    V: np.ndarray  # internal voltages of the market's model of the dispatch (NaN: diverged)
+    converged: np.ndarray  # per MTU
+    merit_eur: np.ndarray  # per MTU: bid cost plus the AC residual priced at the penalty
+    as_modelled: np.ndarray  # per MTU: AC no worse than the round's linear model, to tolerance
+    grid: LinearGrid  # the linearisation the round's LP was solved on
+
+    @property
+    def merit(self) -> float:
+        return float(self.merit_eur.sum())
 
 
 def _sequential_clearing(
@@ -158,17 +202,33 @@ def _sequential_clearing(
     grid: LinearGrid,
     active: pd.DataFrame,
     resources: Resources,
-    kwargs: dict,
+    penalty_eur_per_mwh: float,
     needs: pd.DataFrame,
 ):
-    """Clear, then re-linearise at the AC point of the market's own model of the result
-    and clear again, until that model has no violation (sequential LP).
+    """Sequential LP: clear, re-linearise at the AC point of the market's own model of the
+    result, clear again, until the rounds agree with AC.
 
     The market's model injects each area's activation at its virtual bus, spread over
     the area's buses by the segmentation weights: for the nodal market (one bus per
-    area) that is the real dispatch, so nodal clearing converges to an AC-feasible
-    dispatch; for a zonal market it is the DSO's zonal view, and the AC check of the
+    area) that is the real dispatch, so the nodal loop converges to the AC optimum of
+    the bids; for a zonal market it is the DSO's zonal view, and the AC check of the
     real dispatch measures what that view misses.
+
+    Every round is judged by its merit: bid cost plus the AC excess over the limits,
+    in MW-equivalent as the LP's slacks, priced at the penalty. A round better than
+    the best so far is accepted and the grid is re-linearised at its AC point (exact
+    there). A worse one is rejected, and the next LP is solved again around the best
+    point. The LP's area injections stay in a trust region around the best point,
+    per MTU: unbounded at first, half the last step in an MTU whose AC point came
+    out worse than its linear model said (a step too long for the linearisation, or
+    an LP oscillating between near-equal dispatches) or whose merit got worse, twice
+    as wide after a step the model predicted. The loop has converged when an accepted
+    round moves the merit by less than SLP_COST_RTOL and every MTU's AC point is as
+    its model said to the tolerances (within limits, or short by exactly the unmet
+    need the model reports), or when a rejected round is that close to a best round
+    that is as modelled. It also stops when the trust region has shrunk below
+    SLP_MIN_STEP_MW, and at SLP_MAX_ROUNDS (both with a warning when not converged).
+    The best round is returned, never a worse later one.
     """
     pf = seg.pf
     W = zones.aggregation(seg.weights)
@@ -179,46 +239,105 @@ def _sequential_clearing(
         "build_s": 0.0,
         "solve_s": 0.0,
         "highs_s": 0.0,
+        "column_rounds": 0,
     }
-    sol = None
-    worst = np.inf
     # The market side (bids, balances, storage) is the same in every round: built once.
     market = MarketLP(grid.mtus, grid.k, grid.dt_h, active.reset_index(drop=True), resources.table)
     totals["build_s"] += market.build_s
-    for ac_round in range(AC_ROUNDS):
-        # Column quota per MTU: the DSO need of the MTU at this linearisation, with margin.
-        if ac_round > 0:  # re-linearised: the needs of the new linearisation
-            needs, _ = dso_needs(grid)
-        quota = (
-            1.5 * needs.groupby("mtu").need_mw.sum().reindex(grid.mtus, fill_value=0.0).to_numpy()
+    scale = grid.row_scales()  # MW-equivalent of an excess, fixed for every round's merit
+    T = len(grid.mtus)
+    best: _Round | None = None
+    lp_grid = grid  # the linearisation at the best point (the base case before round 1)
+    radius = np.full(T, np.inf)  # trust region on the area injections, MW per MTU
+    converged = False
+    # Column quota per MTU: the DSO need of the base case, with margin (later rounds also take
+    # the steps of the best round; column generation brings in whatever else pays).
+    quota = 1.5 * needs.groupby("mtu").need_mw.sum().reindex(grid.mtus, fill_value=0.0)
+    for number in range(1, SLP_MAX_ROUNDS + 1):
+        p0 = np.zeros((T, grid.k)) if best is None else best.sol.p_mw
+        sol = solve_clearing(
+            lp_grid,
+            active,
+            resources.table,
+            penalty_eur_per_mwh=penalty_eur_per_mwh,
+            quota_mw=quota.to_numpy(),
+            market=market,
+            p_bounds=(p0 - radius[:, None], p0 + radius[:, None]) if best else None,
+            include=None if best is None else best.sol.accepted_mw > 0,
+            basis=None if best is None else best.sol.basis,
         )
-        sol = solve_clearing(grid, active, resources.table, quota_mw=quota, market=market, **kwargs)
         if sol.status != "optimal":
             raise InputError(f"clearing with K = {zones.k}: solver status {sol.status}")
-        for key in ("rounds", "build_s", "solve_s", "highs_s"):
+        for key in ("rounds", "build_s", "solve_s", "highs_s", "column_rounds"):
             totals[key] += sol.stats[key]
-        totals["column_rounds"] = totals.get("column_rounds", 0) + sol.stats["column_rounds"]
         totals.update({k: sol.stats[k] for k in ("n_variables", "n_constraints", "n_grid_rows")})
-        totals["ac_rounds"] = ac_round + 1
-        V, ok = solve_with_injections(pf, grid.mtus, sol.p_mw @ W.T, sol.q_mvar @ W.T)
-        if not ok.all():
+        totals["ac_rounds"] = number
+        this = _judge(pf, lp_grid, market, sol, W, scale, penalty_eur_per_mwh, number)
+        step = np.abs(sol.p_mw - p0).max(axis=1, initial=0.0)
+        if best is None or this.merit < best.merit:
+            settled = best is not None and _close(best.merit, this.merit)
+            best = this
+            converged = settled and bool(this.as_modelled.all())
+            if number > 1:  # the base point's first step is taken whole
+                radius = np.where(this.as_modelled, 2.0 * radius, 0.5 * step)
+            if converged:
+                break
+            # Re-linearised at the new AC point, exact there (MTUs that diverged: base case).
+            keep = this.converged[:, None]
+            lp_grid = linear_grid(
+                pf,
+                seg,
+                zones,
+                grid.mtus,
+                np.where(keep, this.V, pf.V[grid.mtus]),
+                np.where(keep, sol.p_mw, 0.0),
+                np.where(keep, sol.q_mvar, 0.0),
+            )
+        else:
+            if _close(best.merit, this.merit) and best.as_modelled.all():
+                converged = True
+                break
+            worse = this.merit_eur > best.merit_eur + 1e-9
+            radius = np.where(worse | ~this.as_modelled, 0.5 * step, radius)
+        if np.all(radius < SLP_MIN_STEP_MW):
             break
-        model = pf.model
-        loading = np.array([model.loading_percent(v) for v in V])
-        vm = np.array([model.vm_pu(v) for v in V])
-        excess = grid.violations(loading, vm)
-        tol = np.r_[
-            np.full(len(grid.branches), AC_TOLERANCE_LOADING_PERCENT),
-            np.full(2 * len(grid.buses), AC_TOLERANCE_VM_PU),
-        ]
-        # Stop when the model is AC-feasible, or when another round no longer helps (what is
-        # left is unmet need that the slack pays for).
-        now = float(np.max(excess - tol, initial=0.0))
-        if now <= 0 or now > 0.9 * worst or ac_round == AC_ROUNDS - 1:
-            break
-        worst = now
-        grid = linear_grid(pf, seg, zones, grid.mtus, V, sol.p_mw, sol.q_mvar)
-    return sol, grid, totals
+    if not converged:
+        log.warning(
+            "sequential LP (K = %d) stopped after %d rounds before converging; "
+            "returning its best round (%d)",
+            zones.k,
+            totals["ac_rounds"],
+            best.number,
+        )
+    totals.update(ac_converged=converged, ac_best_round=best.number)
+    return best.sol, best.grid, totals
+
+
+def _judge(pf, lp_grid, market, sol, W, scale, penalty_eur_per_mwh, number) -> _Round:
+    """AC power flow of a round's market model, its merit per MTU (bid cost plus the AC
+    residual priced at the penalty; inf where the flow diverged) and whether AC is as
+    the round's linear model said."""
+    V, ok = solve_with_injections(pf, lp_grid.mtus, sol.p_mw @ W.T, sol.q_mvar @ W.T)
+    excess = np.full((len(lp_grid.mtus), scale.shape[1]), np.inf)
+    model = pf.model
+    for i in np.flatnonzero(ok):
+        loading, vm = model.loading_percent(V[i])[None], model.vm_pu(V[i])[None]
+        excess[i] = lp_grid.violations(loading, vm)[0]
+    cost = np.zeros(len(lp_grid.mtus))
+    np.add.at(cost, market.t_of_bid, market.price * sol.accepted_mw * lp_grid.dt_h)
+    # Priced as the LP prices its slacks: every row's excess over the limit itself (the
+    # tolerance only says "converged"), in MW-equivalent, summed.
+    residual_mw = (np.clip(excess, 0.0, None) / scale).sum(axis=1)
+    predicted = lp_grid.violations(*lp_grid.after(sol.p_mw, sol.q_mvar))
+    tol = lp_grid.row_tolerances()
+    as_modelled = (excess <= np.maximum(predicted, 0.0) + tol).all(axis=1)
+    merit = cost + penalty_eur_per_mwh * lp_grid.dt_h * residual_mw
+    return _Round(number, sol, V, ok, merit, as_modelled, lp_grid)
+
+
+def _close(a: float, b: float) -> bool:
+    """Merits equal to the sequential LP's relative tolerance."""
+    return abs(a - b) <= SLP_COST_RTOL * max(abs(a), abs(b), 1e-9)
 
 
 def _bid_prices(active: pd.DataFrame, sol: Solution, grid: LinearGrid) -> np.ndarray:
@@ -301,16 +420,29 @@ def _unmet_table(
     still_unfixable: np.ndarray,
     unfixable_before: np.ndarray,
     times,
+    ac_residual: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    unmet = residual.groupby("mtu").need_mw.sum().reindex(grid.mtus, fill_value=0.0).to_numpy()
+    """Unmet need per MTU: the larger of the linear model's (``unmet_linear_mw``) and the AC
+    check's residual MW (``unmet_ac_mw``, validation.residual_violations), so it is never 0
+    while an element stays violated in AC."""
+    linear = residual.groupby("mtu").need_mw.sum().reindex(grid.mtus, fill_value=0.0)
+    unfixable = pd.Series(
+        np.maximum(still_unfixable, unfixable_before) if len(grid.mtus) else np.zeros(0),
+        index=grid.mtus,
+        dtype=float,
+    )
+    ac = residual_mw_per_mtu(ac_residual) if ac_residual is not None else pd.Series(dtype=float)
+    mtus = np.union1d(grid.mtus, ac.index.to_numpy(np.int64)).astype(np.int64)
+    linear = linear.reindex(mtus, fill_value=0.0).to_numpy(float)
+    ac_mw = ac.reindex(mtus, fill_value=0.0).to_numpy(float)
     return pd.DataFrame(
         {
-            "time": times[grid.mtus],
-            "mtu": grid.mtus,
-            "unmet_mw": unmet,
-            "unfixable_mw": np.maximum(still_unfixable, unfixable_before)
-            if len(grid.mtus)
-            else np.zeros(0),
+            "time": times[mtus],
+            "mtu": mtus,
+            "unmet_mw": np.maximum(linear, ac_mw),
+            "unfixable_mw": unfixable.reindex(mtus, fill_value=0.0).to_numpy(float),
+            "unmet_linear_mw": linear,
+            "unmet_ac_mw": ac_mw,
         }
     )
 
@@ -338,17 +470,33 @@ def _dispatch(bids: Bids, result: pd.DataFrame) -> pd.DataFrame:
 
 
 def _kpis(
-    res: MarketResult, pf: HorizonPowerFlow, pricing: str, stats: dict, segmentation_error: float
+    res: MarketResult,
+    pf: HorizonPowerFlow,
+    pricing: str,
+    stats: dict,
+    segmentation_error: float,
+    penalty_eur_per_mwh: float = DEFAULT_PENALTY_EUR_PER_MWH,
 ) -> dict:
     dt = pf.profiles.horizon.mtu_hours
     bids = res.bids
     cost_bid = float(bids.cost_pay_as_bid_eur.sum())
     cost_clear = float(bids.cost_pay_as_clear_eur.sum())
+    cost = cost_bid if pricing == "pay_as_bid" else cost_clear
+    left = res.residual
+    # Residual after the AC check in MW-equivalent (validation.residual_violations), priced
+    # at the penalty of unmet need: a cheaper market that leaves more cannot look better.
+    residual_mwh = float(residual_mw_per_mtu(left).sum() * dt)
     return {
         "method": res.method,
         "k": res.k,
         "pricing": pricing,
-        "cost_eur": cost_bid if pricing == "pay_as_bid" else cost_clear,
+        "cost_eur": cost,
+        "security_adjusted_cost_eur": cost + penalty_eur_per_mwh * residual_mwh,
+        "residual_mwh": residual_mwh,
+        "penalty_eur_per_mwh": float(penalty_eur_per_mwh),
+        "residual_violations": len(left),
+        "residual_elements": int(left[["element_type", "element"]].drop_duplicates().shape[0]),
+        "residual_offers_exhausted": int(left.offers_exhausted.fillna(False).astype(bool).sum()),
         "cost_pay_as_bid_eur": cost_bid,
         "cost_pay_as_clear_eur": cost_clear,
         "activated_mwh": float(bids.accepted_mw.sum() * dt),
@@ -366,5 +514,7 @@ def _kpis(
         "n_constraints": stats.get("n_constraints", 0),
         "generation_rounds": stats.get("rounds", 0),
         "ac_rounds": stats.get("ac_rounds", 0),
+        "ac_best_round": stats.get("ac_best_round", 0),
+        "ac_converged": int(stats.get("ac_converged", True)),
         "column_rounds": stats.get("column_rounds", 0),
     }

@@ -1,0 +1,100 @@
+"""The sequential LP: its objective, convergence to the AC optimum, and never a worse round."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_market import hand_case, market_case  # noqa: F401  (module fixture)
+
+import lfm_zonal.market as market_module
+from lfm_zonal.clearing import DEFAULT_PENALTY_EUR_PER_MWH, linear_grid, solve_clearing
+from lfm_zonal.market import clear_market, mtus_to_clear
+
+
+def test_lp_objective_is_bid_cost_plus_slack_penalty(hand_case):  # noqa: F811
+    """One bid too small for the overload on line 1: the LP buys it and pays the rest as slack.
+
+    By hand on the linearised grid: the slack of line 1's row, in MW of the most effective
+    injection (bus 2), is excess / g - 0.5 MW, and the objective is
+    80 EUR/MWh x 0.5 MW x 1 h + penalty x 1 h x slack."""
+    pf, _, seg = hand_case
+    zones = seg.zones(seg.n_buses)
+    grid = linear_grid(pf, seg, zones, mtus_to_clear(pf))
+    zone2 = int(zones.zone_of_bus.loc[2])
+    bids = pd.DataFrame(
+        {
+            "mtu": [0],
+            "zone": [zone2],
+            "direction": ["up"],
+            "quantity_mw": [0.5],
+            "price_eur_per_mwh": [80.0],
+            "tan_phi": [0.0],
+            "resource_id": ["B"],
+            "aggregator": ["agg2"],
+        }
+    )
+    sol = solve_clearing(grid, bids)
+    line1 = list(grid.branches).index(("line", 1))
+    coef = grid.sl_p[0, line1]
+    g = max(np.abs(coef).max(), np.abs(grid.sl_q[0, line1]).max())
+    excess = grid.loading0[0, line1] - grid.loading_max_percent
+    slack = excess / g - 0.5 * abs(coef[zone2]) / g
+    assert sol.accepted_mw[0] == pytest.approx(0.5)
+    assert sol.slack_mw[0] == pytest.approx(slack, rel=1e-6)
+    expected = 80.0 * 0.5 * grid.dt_h + DEFAULT_PENALTY_EUR_PER_MWH * grid.dt_h * slack
+    assert sol.objective_eur == pytest.approx(expected, rel=1e-7)
+
+
+def test_a_worse_second_round_returns_the_first(hand_case, monkeypatch):  # noqa: F811
+    """Round 2's linearisation is made wrong (line 1 seen 30 pp lower than it is): the LP
+    sells back flexibility, AC overloads line 1 again, and every later round inside the
+    shrinking trust region is worse too. The market must return round 1's dispatch."""
+    pf, res, seg = hand_case
+    monkeypatch.setattr(market_module, "SLP_MAX_ROUNDS", 1)
+    first = clear_market(seg, res, "nodal")
+    monkeypatch.undo()
+
+    real = market_module.linear_grid
+    calls = []
+
+    def misleading(*args, **kwargs):  # the base case right, every re-linearisation wrong
+        grid = real(*args, **kwargs)
+        calls.append(1)
+        return grid if len(calls) == 1 else dataclasses.replace(grid, loading0=grid.loading0 - 30)
+
+    monkeypatch.setattr(market_module, "linear_grid", misleading)
+    result = clear_market(seg, res, "nodal")
+    assert result.kpis["ac_rounds"] > 1
+    assert result.kpis["ac_best_round"] == 1
+    pd.testing.assert_frame_equal(result.dispatch, first.dispatch)
+    assert result.kpis["cost_eur"] == pytest.approx(first.kpis["cost_eur"])
+
+
+def test_nodal_clearing_converges_to_the_ac_band_edge():
+    """IEEE 33 at a heavy evening: the first round, linearised at the base case, is off
+    (its AC point leaves the band); the loop goes on until the binding voltages sit at
+    the limit: within the band to the tolerance and not over-bought inside it."""
+    pf, res, seg = market_case("ieee33", 1.3, 0.8, n_mtu=4)
+    one = _clear_with_rounds(seg, res, 1)
+    full = clear_market(seg, res, "nodal")
+    vmin = pf.grid.vm_min_pu
+    assert full.kpis["ac_converged"] == 1
+    assert full.kpis["ac_rounds"] >= 2
+    assert full.kpis["vm_min_after_pu"] == pytest.approx(vmin, abs=1e-5)
+    assert full.kpis["unmet_mwh"] == 0.0
+    # One round is either outside the band or dearer: the loop never trades one for the other.
+    assert one.kpis["vm_min_after_pu"] < vmin - 1e-5 or one.kpis["cost_eur"] >= full.kpis[
+        "cost_eur"
+    ] * (1 - 5e-4)
+
+
+def _clear_with_rounds(seg, res, rounds: int):
+    saved = market_module.SLP_MAX_ROUNDS
+    market_module.SLP_MAX_ROUNDS = rounds
+    try:
+        return clear_market(seg, res, "nodal")
+    finally:
+        market_module.SLP_MAX_ROUNDS = saved
