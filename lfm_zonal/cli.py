@@ -199,6 +199,17 @@ def cmd_clear(args: argparse.Namespace) -> None:
     ]
     print(kpis[columns].to_string(index=False))
     print(f"wrote bids, activations, needs, unmet need, KPIs and plots to {out}/")
+    _warn_residuals(out)
+
+
+def _warn_residuals(out: Path) -> None:
+    """One warning line (stderr) per market that leaves a violation after the AC check."""
+    from lfm_zonal.job import residual_warnings
+
+    kpis = pd.read_csv(out / "kpis.csv")
+    residual = pd.read_csv(out / "residual_violations.csv")
+    for line in residual_warnings(kpis, residual):
+        print(f"lfm-zonal: warning: {line} (see residual_violations.csv)", file=sys.stderr)
 
 
 def _mtu_or_peak(text: str):
@@ -211,6 +222,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     scenario = load_scenario(args.scenario)
     out = run_scenario(scenario, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"results of scenario {scenario.name} in {out}/")
+    _warn_residuals(out)
 
 
 def _numbers(text: str, kind: type, flag: str) -> tuple:

@@ -26,6 +26,11 @@ from lfm_zonal.resources import FlexibilitySpec, Resources, generate_resources, 
 from lfm_zonal.scenario import Scenario
 from lfm_zonal.segmentation import Segmentation, Zones, prepare_segmentation
 from lfm_zonal.sensitivity import Sensitivities
+from lfm_zonal.validation import (
+    RESIDUAL_COLUMNS,
+    VIOLATION_TOLERANCE_LOADING_PERCENT,
+    VIOLATION_TOLERANCE_VM_PU,
+)
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +216,7 @@ KPI_COLUMNS = [
     "method",
     "k",
     "cost_eur",
+    "security_adjusted_cost_eur",
     "activated_mwh",
     "unmet_mwh",
     "residual_overload_max_percent",
@@ -249,6 +255,7 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
                 segmentation_method=scenario["zones"]["method"],
                 pricing=m["pricing"],
                 penalty_eur_per_mwh=m["penalty_eur_per_mwh"],
+                needs_rule=m["needs"],
                 seed=scenario.seed,
                 max_steps=scenario["flexibility"]["max_steps"],
             )
@@ -297,6 +304,8 @@ def write_results(study: StudyResult, folder: Path) -> None:
         index=False,
     )
     write_csv(_long([(m, m.unmet) for m in study.markets]), folder / "unmet.csv", index=False)
+    residual = residual_table(study.markets)
+    write_csv(residual, folder / "residual_violations.csv", index=False)
     resources = study.resources.table.reset_index()
     write_csv(resources, folder / "resources.csv", index=False)
     zone_sets = sorted(
@@ -342,7 +351,59 @@ def write_results(study: StudyResult, folder: Path) -> None:
         "markets": kpis.drop(columns=[c for c in TIMING_COLUMNS if c in kpis]).to_dict("records"),
     }
     write_json(summary, folder / "summary.json")
-    (folder / "report.md").write_text(report_markdown(study, kpis, worst), encoding="utf-8")
+    (folder / "report.md").write_text(
+        report_markdown(study, kpis, worst, residual), encoding="utf-8"
+    )
+
+
+def residual_table(markets: list[MarketResult]) -> pd.DataFrame:
+    """residual_violations.csv: every market's (MTU, element) still violated after the AC check
+    (``validation.residual_violations``), with method and k in front; the header alone if none."""
+    table = _long([(m, m.residual) for m in markets])
+    if table.empty:
+        return pd.DataFrame(columns=["method", "k", *RESIDUAL_COLUMNS])
+    return table
+
+
+def residual_warnings(kpis: pd.DataFrame, residual: pd.DataFrame, limit: int = 4) -> list[str]:
+    """One line per market that leaves a violation after the AC check (or an MTU whose AC
+    check did not converge): how many, where (elements named, worst first), whether the
+    offers there were exhausted, and the residual MW-equivalent it leaves."""
+    lines = []
+    for rec in kpis.itertuples(index=False):
+        label = "nodal" if rec.method == "nodal" else f"{rec.method} K = {rec.k}"
+        rows = (
+            residual[(residual.method == rec.method) & (residual.k == rec.k)]
+            if len(residual)
+            else residual
+        )
+        failed = int(getattr(rec, "mtus_not_converged_after", 0))
+        if rows.empty and not failed:
+            continue
+        parts = []
+        if len(rows):
+            worst = rows.sort_values("residual_mw", ascending=False, kind="stable").drop_duplicates(
+                ["element_type", "element", "violation"]
+            )
+            named = [
+                f"{r.element_type} {int(r.element)} ({r.violation} "
+                + (f"{r.excess:.3g} pp" if r.violation == "overload" else f"{r.excess:.3g} p.u.")
+                + ")"
+                for r in worst.head(limit).itertuples(index=False)
+            ]
+            more = len(worst) - len(named)
+            exhausted = rows.offers_exhausted.eq(True)
+            parts.append(
+                f"{len(rows)} violation(s) left after the AC check in {rows.mtu.nunique()} MTU(s): "
+                + ", ".join(named)
+                + (f" and {more} more" if more > 0 else "")
+                + f"; offers exhausted for {int(exhausted.sum())} of them"
+                + f"; residual {float(rec.residual_mwh):.3g} MWh-equivalent"
+            )
+        if failed:
+            parts.append(f"AC check did not converge in {failed} MTU(s)")
+        lines.append(f"{label}: " + "; ".join(parts))
+    return lines
 
 
 def base_case_summary(pf: HorizonPowerFlow) -> dict:
@@ -369,7 +430,9 @@ def worst_mtu(pf: HorizonPowerFlow) -> int | None:
     return int(score.to_numpy().argmax()) if score.max() > 0 else None
 
 
-def report_markdown(study: StudyResult, kpis: pd.DataFrame, worst: int | None) -> str:
+def report_markdown(
+    study: StudyResult, kpis: pd.DataFrame, worst: int | None, residual: pd.DataFrame | None = None
+) -> str:
     base = study.base
     pf = base.powerflow
     b = base_case_summary(pf)
@@ -377,6 +440,7 @@ def report_markdown(study: StudyResult, kpis: pd.DataFrame, worst: int | None) -
         "method",
         "k",
         "cost_eur",
+        "security_adjusted_cost_eur",
         "activated_mwh",
         "unmet_mwh",
         "residual_overload_max_percent",
@@ -404,12 +468,35 @@ def report_markdown(study: StudyResult, kpis: pd.DataFrame, worst: int | None) -
         _markdown_table(table),
         "",
         "Residuals are measured by an AC power flow of the real dispatch; the nodal market is "
-        "the benchmark. Unmet need is the MW the DSO still misses in the linear model after the "
-        "clearing (reported, never hidden).",
+        "the benchmark. A row is violated beyond "
+        f"{VIOLATION_TOLERANCE_LOADING_PERCENT:g} pp of loading or {VIOLATION_TOLERANCE_VM_PU:g} "
+        "p.u. of voltage. Unmet need is the larger of the MW the DSO still misses in the linear "
+        "model after the clearing and the AC residual in MW-equivalent (reported, never hidden). "
+        "The security-adjusted cost adds that AC residual priced at the penalty of unmet need "
+        f"({_penalty(kpis)}).",
         "",
         "![cost and residuals against K](k_comparison.png)",
         "",
+        "## Violations left after the AC check",
+        "",
     ]
+    if residual is None:
+        residual = residual_table(study.markets)
+    warnings = residual_warnings(kpis, residual, limit=8)
+    if warnings:
+        lines += [f"* {w}" for w in warnings]
+        lines += [
+            "",
+            "Each (MTU, element) is in `residual_violations.csv`, with its excess, its residual MW "
+            "(excess over the element's largest nodal sensitivity to an injection) and whether "
+            "the offers there were exhausted: every resource whose activation relieves the "
+            "element was dispatched to its full offer in that MTU. Offers exhausted: the "
+            "flexibility offered cannot fix it; not exhausted: the market chose not to, or its "
+            "model did not see it.",
+            "",
+        ]
+    else:
+        lines += ["None: every market leaves every element within its limits.", ""]
     if worst is not None:
         lines += [
             f"Worst MTU: {worst} ({pf.times[worst]}).",
@@ -419,6 +506,11 @@ def report_markdown(study: StudyResult, kpis: pd.DataFrame, worst: int | None) -
         ]
     lines += ["Zones: see `zones/` (maps `zones_k<K>.png`, error curve `error_curve.png`).", ""]
     return "\n".join(lines)
+
+
+def _penalty(kpis: pd.DataFrame) -> str:
+    values = sorted(set(kpis.penalty_eur_per_mwh)) if "penalty_eur_per_mwh" in kpis else []
+    return ", ".join(f"{v:g} EUR/MWh" for v in values) or "none"
 
 
 def _markdown_table(table: pd.DataFrame) -> str:

@@ -183,13 +183,19 @@ def plot_error_curve(curve: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def plot_k_comparison(kpis: pd.DataFrame, path: Path, grid_name: str) -> None:
-    """Cost and AC residuals against K: one line per zonal method, the nodal market as a line."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    """Cost, security-adjusted cost (cost plus the AC residual priced at the penalty) and AC
+    residuals against K: one line per zonal method, the nodal market as a line."""
     panels = [
         ("cost_eur", "procurement cost (EUR)"),
+        (
+            "security_adjusted_cost_eur",
+            "security-adjusted cost: cost + penalty x AC residual (EUR)",
+        ),
         ("residual_overload_percent_h", "residual overload after AC check (%-points x h)"),
-        ("unmet_mwh", "unmet need (MWh)"),
+        ("unmet_mwh", "unmet need, linear model or AC (MWh)"),
     ]
+    panels = [p for p in panels if p[0] in kpis]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.3))
     nodal = kpis[kpis.method == "nodal"]
     zonal = kpis[kpis.method != "nodal"]
     styles = {"zonal": ("tab:blue", "o-"), "needs_based": ("tab:orange", "s--")}
@@ -218,7 +224,7 @@ def plot_k_comparison(kpis: pd.DataFrame, path: Path, grid_name: str) -> None:
     voltage = kpis.set_index(["method", "k"]).residual_voltage_max_pu
     if (voltage > 0).any():
         worst = voltage.idxmax()
-        axes[1].annotate(
+        axes[-2].annotate(
             f"max residual voltage deviation: {voltage.max():.4f} p.u. ({worst[0]}, K={worst[1]})",
             (0.02, 0.95),
             xycoords="axes fraction",

@@ -3,6 +3,16 @@
 The grid sees resources at their real buses, whatever market area they were
 cleared in: a zonal market's approximation shows up here as residual overloads,
 voltage violations, or violations created where there were none.
+
+**Violated** means beyond one tolerance, the same in every KPI and table:
+``VIOLATION_TOLERANCE_LOADING_PERCENT`` (0.01 percentage points of loading) and
+``VIOLATION_TOLERANCE_VM_PU`` (1e-5 p.u.). An excess within it is reported as 0.
+
+**Residual MW** of a violated row (``residual_violations``), like the clearing
+LP's slack: its AC excess beyond the limit divided by the row's largest
+|d row / d P| over the buses (nodal Jacobian sensitivity at the MTU's base point),
+i.e. the MW of the most effective flexibility that would remove it. The residual
+MW of an MTU is the largest over its violated rows.
 """
 
 from __future__ import annotations
@@ -15,6 +25,31 @@ import pandas as pd
 
 from lfm_zonal.errors import PowerFlowNotConverged
 from lfm_zonal.powerflow import HorizonPowerFlow, newton_raphson
+from lfm_zonal.sensitivity import LINEARISATION_CACHE_SIZE, _linearise
+
+#: One tolerance for "violated" (every KPI, the residual table, the CLI warning):
+#: loading in percentage points, voltage in p.u.
+VIOLATION_TOLERANCE_LOADING_PERCENT = 0.01
+VIOLATION_TOLERANCE_VM_PU = 1e-5
+#: Relative size below which a resource's effect on a row counts as none (numerical noise).
+_EFFECT_NOISE = 1e-6
+
+RESIDUAL_COLUMNS = [
+    "time",
+    "mtu",
+    "element_type",
+    "element",
+    "violation",
+    "value",
+    "limit",
+    "excess",
+    "ac_converged",
+    "sensitivity_per_mw",
+    "residual_mw",
+    "relieving_offered_mw",
+    "relieving_dispatched_mw",
+    "offers_exhausted",
+]
 
 
 @dataclass(frozen=True)
@@ -98,31 +133,217 @@ def dispatched_net(pf: HorizonPowerFlow, dispatch: pd.DataFrame, mtu: int) -> pp
     return net
 
 
-def violation_kpis(pf: HorizonPowerFlow, ac: ACCheck) -> dict[str, float]:
-    """Residual overloads and voltage violations after the AC check, and violations created."""
+def _excess(pf: HorizonPowerFlow, loading: pd.DataFrame, vm: pd.DataFrame):
+    """Overload (pp), undervoltage and overvoltage (p.u.) beyond the limits, 0 within them."""
     g = pf.grid
+    over = (loading - g.loading_max_percent).clip(lower=0.0)
+    under = (g.vm_min_pu - vm).clip(lower=0.0)
+    overv = (vm - g.vm_max_pu).clip(lower=0.0)
+    return over, under, overv
+
+
+def _violated(excess: pd.DataFrame, tol: float) -> pd.DataFrame:
+    """The excess where it is beyond the tolerance, else 0 (NaN stays NaN: not converged)."""
+    return excess.where(~(excess <= tol), 0.0)
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    return values[np.isfinite(values)]
+
+
+def violation_kpis(pf: HorizonPowerFlow, ac: ACCheck) -> dict[str, float]:
+    """Residual overloads and voltage violations after the AC check, and violations created.
+
+    Every count and size uses the one tolerance of this module; MTUs whose AC check did not
+    converge (NaN rows) are left out of the maxima and sums and counted in
+    ``mtus_not_converged_after`` (they never turn a KPI into 0, and no KPI is NaN or inf).
+    """
     dt = pf.profiles.horizon.mtu_hours
-    over_after = (ac.loading_percent - g.loading_max_percent).clip(lower=0.0)
-    over_before = (pf.loading_percent - g.loading_max_percent).clip(lower=0.0)
-    dev_after = (g.vm_min_pu - ac.vm_pu).clip(lower=0.0) + (ac.vm_pu - g.vm_max_pu).clip(lower=0.0)
-    dev_before = (g.vm_min_pu - pf.vm_pu).clip(lower=0.0) + (pf.vm_pu - g.vm_max_pu).clip(lower=0.0)
-    tol_l, tol_v = 1e-6, 1e-9
+    tol_l, tol_v = VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
+    over_a, under_a, overv_a = _excess(pf, ac.loading_percent, ac.vm_pu)
+    over_b, under_b, overv_b = _excess(pf, pf.loading_percent, pf.vm_pu)
+    over_after = _violated(over_a, tol_l)
+    dev_after = _violated(under_a, tol_v) + _violated(overv_a, tol_v)
     created = int(
-        ((over_after > tol_l) & ~(over_before > tol_l)).to_numpy().sum()
-        + ((dev_after > tol_v) & ~(dev_before > tol_v)).to_numpy().sum()
+        ((over_a > tol_l) & ~(over_b > tol_l)).to_numpy().sum()
+        + ((under_a > tol_v) & ~(under_b > tol_v)).to_numpy().sum()
+        + ((overv_a > tol_v) & ~(overv_b > tol_v)).to_numpy().sum()
     )
+    over, dev = over_after.to_numpy(), dev_after.to_numpy()
+    loading, vm = _finite(ac.loading_percent.to_numpy()), _finite(ac.vm_pu.to_numpy())
+    not_converged = int((pf.converged.to_numpy() & ~ac.converged.to_numpy()).sum())
     return {
-        "residual_overload_max_percent": float(
-            np.nan_to_num(over_after.to_numpy().max(initial=0.0))
-        ),
-        "residual_overload_mtu_count": int((over_after > tol_l).any(axis=1).sum()),
-        "residual_overload_percent_h": float(over_after.to_numpy().sum() * dt),
-        "loading_max_after_percent": float(np.nanmax(ac.loading_percent.to_numpy(), initial=0.0)),
-        "vm_min_after_pu": float(np.nanmin(ac.vm_pu.to_numpy(), initial=np.inf)),
-        "vm_max_after_pu": float(np.nanmax(ac.vm_pu.to_numpy(), initial=0.0)),
-        "residual_voltage_max_pu": float(np.nan_to_num(dev_after.to_numpy().max(initial=0.0))),
-        "residual_voltage_mtu_count": int((dev_after > tol_v).any(axis=1).sum()),
-        "residual_voltage_pu_h": float(dev_after.to_numpy().sum() * dt),
+        "residual_overload_max_percent": float(_finite(over).max(initial=0.0)),
+        "residual_overload_mtu_count": int((over_after > 0).any(axis=1).sum()),
+        "residual_overload_percent_h": float(np.nansum(over) * dt),
+        "loading_max_after_percent": float(loading.max(initial=0.0)),
+        # No converged bus at all (every MTU failed): 0, and mtus_not_converged_after says why.
+        "vm_min_after_pu": float(vm.min()) if len(vm) else 0.0,
+        "vm_max_after_pu": float(vm.max(initial=0.0)),
+        "residual_voltage_max_pu": float(_finite(dev).max(initial=0.0)),
+        "residual_voltage_mtu_count": int((dev_after > 0).any(axis=1).sum()),
+        "residual_voltage_pu_h": float(np.nansum(dev) * dt),
         "new_violations": created,
-        "mtus_not_converged_after": len(ac.failures),
+        "mtus_not_converged_after": max(len(ac.failures), not_converged),
     }
+
+
+def residual_violations(
+    pf: HorizonPowerFlow,
+    ac: ACCheck,
+    resources=None,
+    dispatch: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Every (MTU, element) still violated after the AC check, with its residual MW.
+
+    One row per violated loading or voltage row (``violation``: overload, undervoltage,
+    overvoltage; ``element_type`` line / trafo / bus, ``element`` its pandapower index).
+    ``excess`` is beyond the limit (pp or p.u.); ``sensitivity_per_mw`` g is the row's
+    largest |d row / d P| over the buses at the MTU's base point (Jacobian, nodal);
+    ``residual_mw`` = excess / g. An MTU whose AC check did not converge is listed with its
+    base-case violations (``ac_converged`` False): its state after the dispatch is unknown.
+
+    With ``resources`` (and the market's ``dispatch``): ``relieving_offered_mw`` is the MW
+    offered in that MTU by every resource whose effect on the row relieves it (up raises its
+    bus's net injection, down lowers it; P plus tan_phi Q), ``relieving_dispatched_mw`` what
+    of it was dispatched, and ``offers_exhausted`` is True when each of those resources was
+    dispatched to its full offer (also when none relieves the row).
+    """
+    tol_l, tol_v = VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
+    g = pf.grid
+    model = pf.model
+    failed = pf.converged.to_numpy() & ~ac.converged.to_numpy()
+    # After the AC check where it converged, the base case where it did not.
+    loading = ac.loading_percent.copy()
+    vm = ac.vm_pu.copy()
+    loading.iloc[failed] = pf.loading_percent.iloc[failed].to_numpy()
+    vm.iloc[failed] = pf.vm_pu.iloc[failed].to_numpy()
+    over, under, overv = _excess(pf, loading, vm)
+    rows = []  # (mtu, kind, row position, excess, relieving sign of an injection's effect)
+    for kind, excess, tol, sign in (
+        ("overload", over, tol_l, -1.0),
+        ("undervoltage", under, tol_v, 1.0),
+        ("overvoltage", overv, tol_v, -1.0),
+    ):
+        t, r = np.nonzero(excess.to_numpy() > tol)
+        rows += [
+            (int(a), kind, int(b), float(excess.iat[a, b]), sign) for a, b in zip(t, r, strict=True)
+        ]
+    if not rows:
+        return pd.DataFrame(columns=RESIDUAL_COLUMNS)
+    rows.sort(key=lambda x: (x[0], x[1] != "overload", x[2], x[1]))
+    position = pd.Series(np.arange(len(model.buses)), index=model.buses)
+    offers = _offers_by_mtu(resources, dispatch, position) if resources is not None else None
+    out = []
+    lin_mtu, lin = -1, None
+    for t, kind, r, excess, sign in rows:
+        if t != lin_mtu:
+            lin_mtu, lin = t, _linearisation(model, pf.V[t])
+        cp, cq = _row_sensitivity(lin, kind == "overload", r)
+        if kind == "overload":
+            etype, element = model.branches[r]
+            value, limit = float(loading.iat[t, r]), g.loading_max_percent
+        else:
+            etype, element = "bus", model.buses[r]
+            value = float(vm.iat[t, r])
+            limit = g.vm_min_pu if kind == "undervoltage" else g.vm_max_pu
+        gain = float(np.abs(cp).max(initial=0.0))
+        rec = {
+            "time": pf.times[t],
+            "mtu": t,
+            "element_type": etype,
+            "element": int(element),
+            "violation": kind,
+            "value": value,
+            "limit": float(limit),
+            "excess": excess,
+            "ac_converged": not failed[t],
+            "sensitivity_per_mw": gain,
+            # A row no injection moves (e.g. the slack bus voltage): 1 unit per MW, as the LP.
+            "residual_mw": excess / (gain if gain > 0 else 1.0),
+            "relieving_offered_mw": np.nan,
+            "relieving_dispatched_mw": np.nan,
+            "offers_exhausted": None,
+        }
+        if offers is not None:
+            offered, done, col, direction, tan_phi = offers(t)
+            effect = direction * (cp[col] + tan_phi * cq[col])
+            relieves = sign * effect > _EFFECT_NOISE * max(gain, float(np.abs(cq).max(initial=0)))
+            rec["relieving_offered_mw"] = float(offered[relieves].sum())
+            rec["relieving_dispatched_mw"] = float(np.minimum(done, offered)[relieves].sum())
+            rec["offers_exhausted"] = bool((done[relieves] >= offered[relieves] - 1e-6).all())
+        out.append(rec)
+    return pd.DataFrame(out, columns=RESIDUAL_COLUMNS)
+
+
+def _linearisation(model, V: np.ndarray):
+    """The Jacobian linearisation at ``V``, through the model's cache (as ``sensitivity_arrays``):
+    every market of a study checks the same base points."""
+    cache = model.linearisations
+    key = np.ascontiguousarray(V).tobytes()
+    if key in cache:
+        cache.move_to_end(key)
+    else:
+        cache[key] = _linearise(model, V)
+        if len(cache) > LINEARISATION_CACHE_SIZE:
+            cache.popitem(last=False)
+    return cache[key]
+
+
+def _row_sensitivity(lin, loading: bool, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """One row of ``sensitivity_arrays(model, V)`` (jacobian): d loading_percent (or d vm_pu) of
+    monitored branch (bus) ``row`` per MW and per Mvar at every bus, by one transposed solve
+    instead of two solves per bus."""
+    if loading:
+        seed = lin.dloading_dx[row].toarray().ravel()
+    else:
+        seed = lin.E_q[:, row].toarray().ravel()
+    if not seed.any():
+        zero = np.zeros(lin.E_p.shape[1])
+        return zero, zero.copy()
+    w = lin.lu.solve(seed, trans="T") / lin.base_mva
+    return lin.E_p.T @ w, lin.E_q.T @ w
+
+
+def _offers_by_mtu(resources, dispatch: pd.DataFrame | None, position: pd.Series):
+    """A function of the MTU: offered MW, dispatched MW, bus column, direction (+1 up, -1
+    down) and tan_phi of every (resource, direction) with an offer in that MTU."""
+    table = resources.table
+    col = position.reindex(table.bus.to_numpy()).to_numpy()
+    energised = ~np.isnan(col)
+    col = np.where(energised, col, 0).astype(np.int64)
+    tan_phi = table.tan_phi.to_numpy(float)
+    up = resources.up_mw.reindex(columns=table.index).fillna(0.0).to_numpy()
+    down = resources.down_mw.reindex(columns=table.index).fillna(0.0).to_numpy()
+    done_up = np.zeros_like(up)
+    done_down = np.zeros_like(down)
+    if dispatch is not None and len(dispatch):
+        r = pd.Series(np.arange(len(table)), index=table.index).reindex(dispatch.resource_id)
+        t = dispatch.mtu.to_numpy(np.int64)
+        mw = np.abs(dispatch.p_mw.to_numpy(float))
+        is_up = dispatch.direction.to_numpy() == "up"
+        ok = r.notna().to_numpy()
+        r = r.to_numpy()
+        np.add.at(done_up, (t[ok & is_up], r[ok & is_up].astype(np.int64)), mw[ok & is_up])
+        np.add.at(done_down, (t[ok & ~is_up], r[ok & ~is_up].astype(np.int64)), mw[ok & ~is_up])
+
+    def at(t: int):
+        offered = np.r_[up[t], down[t]]
+        keep = (offered > 1e-9) & np.r_[energised, energised]
+        direction = np.r_[np.ones(len(table)), -np.ones(len(table))]
+        return (
+            offered[keep],
+            np.r_[done_up[t], done_down[t]][keep],
+            np.r_[col, col][keep],
+            direction[keep],
+            np.r_[tan_phi, tan_phi][keep],
+        )
+
+    return at
+
+
+def residual_mw_per_mtu(residual: pd.DataFrame) -> pd.Series:
+    """The residual MW of each MTU with a violation: the largest over its violated rows."""
+    if residual.empty:
+        return pd.Series(dtype=float, name="residual_mw")
+    return residual.groupby("mtu").residual_mw.max()

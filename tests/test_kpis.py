@@ -1,0 +1,258 @@
+"""Residual KPIs after the AC check: one tolerance, non-converged MTUs, the security-adjusted
+cost (hand-computed), and violations the offers cannot fix named with their unmet need."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pandapower as pp
+import pandas as pd
+import pytest
+
+from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
+from lfm_zonal.clearing import DEFAULT_PENALTY_EUR_PER_MWH
+from lfm_zonal.job import residual_warnings
+from lfm_zonal.market import clear_market
+from lfm_zonal.resources import FlexibilitySpec, generate_resources, read_resources
+from lfm_zonal.segmentation import prepare_segmentation
+from lfm_zonal.validation import (
+    VIOLATION_TOLERANCE_LOADING_PERCENT,
+    VIOLATION_TOLERANCE_VM_PU,
+    ACCheck,
+    residual_violations,
+    violation_kpis,
+)
+
+HEADER = (
+    "resource_id,aggregator,bus,kind,direction,p_max_mw,cost_up_eur_per_mwh,"
+    "cost_down_eur_per_mwh,energy_mwh,soc_init_mwh,efficiency\n"
+)
+
+
+def three_bus_feeder() -> pp.pandapowerNet:
+    """Slack - line 0 (strong) - bus 1 - line 1 (150 A) - bus 2 with a 6 MW load: line 1 overloaded."""
+    net = pp.create_empty_network()
+    b0, b1, b2 = (pp.create_bus(net, 20.0) for _ in range(3))
+    pp.create_ext_grid(net, b0, vm_pu=1.0)
+    pp.create_line_from_parameters(
+        net, b0, b1, 2.0, r_ohm_per_km=0.2, x_ohm_per_km=0.12, c_nf_per_km=0.0, max_i_ka=1.0
+    )
+    pp.create_line_from_parameters(
+        net, b1, b2, 2.0, r_ohm_per_km=0.2, x_ohm_per_km=0.12, c_nf_per_km=0.0, max_i_ka=0.15
+    )
+    pp.create_load(net, b2, p_mw=6.0, q_mvar=0.0)
+    return net
+
+
+def feeder_case(tmp_path, resources_csv: str):
+    (tmp_path / "resources.csv").write_text(HEADER + resources_csv)
+    pd.DataFrame({"load_0_p_mw": [6.0]}).to_csv(tmp_path / "profiles.csv", index=False)
+    grid = load_grid(three_bus_feeder(), vm_min_pu=0.9, vm_max_pu=1.1)
+    pf = run_horizon(
+        grid, load_profiles(grid, Horizon(n_mtu=1, mtu_minutes=60), csv=tmp_path / "profiles.csv")
+    )
+    res = read_resources(tmp_path / "resources.csv", pf)
+    seg = prepare_segmentation(pf, 0, flexible_capacity_mw=res.capacity_per_bus())
+    return pf, res, seg
+
+
+def line1_loading(net: pp.pandapowerNet, bus: int | None = None, dp_mw: float = 0.0) -> float:
+    """AC loading of line 1 with dp_mw more net injection at ``bus`` (pandapower runpp)."""
+    n = copy.deepcopy(net)
+    if bus is not None:
+        pp.create_sgen(n, bus, p_mw=dp_mw)
+    pp.runpp(n, tolerance_mva=1e-10)
+    return float(n.res_line.at[1, "loading_percent"])
+
+
+def assert_finite_kpis(kpis: dict) -> None:
+    for key, value in kpis.items():
+        if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+            assert np.isfinite(value), (key, value)
+
+
+# ----------------------------------------------------------------------------- hand-computed
+
+
+def test_security_adjusted_cost_is_hand_computed(tmp_path):
+    """One offer dearer than the penalty: nothing is bought, so the residual is the base-case
+    overload of line 1, in MW-equivalent over its largest nodal sensitivity (central finite
+    differences of runpp)."""
+    pf, res, seg = feeder_case(tmp_path, "A,agg1,2,load,up,4,1000000,0,,,\n")
+    net = pf.grid.net
+    loading = line1_loading(net)
+    assert loading > 110
+    h = 1e-3
+    g = max(
+        abs(line1_loading(net, bus, h) - line1_loading(net, bus, -h)) / (2 * h) for bus in (1, 2)
+    )
+    residual_mw = (loading - 100.0) / g  # one MTU of one hour: MWh = MW
+    result = clear_market(seg, res, "nodal")
+    k = result.kpis
+    assert k["cost_eur"] == 0.0
+    assert k["residual_mwh"] == pytest.approx(residual_mw, rel=1e-5)
+    assert k["security_adjusted_cost_eur"] == pytest.approx(
+        DEFAULT_PENALTY_EUR_PER_MWH * residual_mw, rel=1e-5
+    )
+    # A penalty of the scenario is the one that prices it.
+    k2 = clear_market(seg, res, "nodal", penalty_eur_per_mwh=5000.0).kpis
+    assert k2["security_adjusted_cost_eur"] == pytest.approx(5000.0 * residual_mw, rel=1e-5)
+    # The unmet need agrees with the AC check: never 0 while line 1 stays overloaded.
+    assert k["unmet_mwh"] >= residual_mw * (1 - 1e-9)
+    row = result.residual.iloc[0]
+    assert (row.element_type, row.element, row.violation) == ("line", 1, "overload")
+    assert row.excess == pytest.approx(loading - 100.0, abs=1e-5)
+    assert row.sensitivity_per_mw == pytest.approx(g, rel=1e-5)
+    assert not bool(row.offers_exhausted) and row.relieving_offered_mw == pytest.approx(4.0)
+    assert_finite_kpis(k)
+
+
+def test_offers_that_cannot_fix_an_element_are_reported(tmp_path):
+    """0.5 MW of load reduction at bus 2 is far less than line 1 needs: all of it is bought,
+    line 1 stays overloaded, and the market says so: by name, with unmet need, exhausted."""
+    pf, res, seg = feeder_case(tmp_path, "A,agg1,2,load,up,0.5,50,0,,,\n")
+    for method, k in (("nodal", None), ("zonal", 1), ("needs_based", 1)):
+        result = clear_market(seg, res, method, k)
+        left = result.residual
+        assert len(left) == 1, method
+        row = left.iloc[0]
+        assert (row.element_type, int(row.element), row.mtu) == ("line", 1, 0)
+        assert row.ac_converged and row.residual_mw > 0
+        if method != "needs_based":  # the needs-based market buys its published need only
+            assert result.dispatch.p_mw.sum() == pytest.approx(0.5, abs=1e-6)
+            assert bool(row.offers_exhausted)
+            assert row.relieving_offered_mw == pytest.approx(0.5)
+            assert row.relieving_dispatched_mw == pytest.approx(0.5)
+        assert result.kpis["unmet_mwh"] > 0
+        assert result.unmet.unmet_mw.iloc[0] >= row.residual_mw
+        assert result.kpis["residual_violations"] == 1
+        assert result.kpis["security_adjusted_cost_eur"] > result.kpis["cost_eur"]
+        table = left.assign(method=result.method, k=result.k)
+        warnings = residual_warnings(pd.DataFrame([result.kpis]), table)
+        assert len(warnings) == 1 and "line 1 (overload" in warnings[0]
+        assert_finite_kpis(result.kpis)
+
+
+def test_offers_not_used_are_not_exhausted(tmp_path):
+    """Enough offers but a penalty below their price: the market leaves line 1 overloaded
+    although the offers could fix it, and says they were not exhausted."""
+    pf, res, seg = feeder_case(tmp_path, "A,agg1,2,load,up,4,50,0,,,\n")
+    result = clear_market(seg, res, "nodal", penalty_eur_per_mwh=1.0)
+    row = result.residual.iloc[0]
+    assert (row.element_type, int(row.element)) == ("line", 1)
+    assert not bool(row.offers_exhausted)
+    assert row.relieving_offered_mw == pytest.approx(4.0)
+    assert result.kpis["residual_offers_exhausted"] == 0
+
+
+# ----------------------------------------------------------------------------- one tolerance
+
+
+@pytest.fixture(scope="module")
+def cigre_pf():
+    grid = load_grid("cigre_mv")
+    return run_horizon(
+        grid, load_profiles(grid, Horizon(start="2016-01-14 16:00", n_mtu=8), load_scale=1.25)
+    )
+
+
+def base_check(pf) -> ACCheck:
+    return ACCheck(pf.loading_percent.copy(), pf.vm_pu.copy(), pf.converged.copy(), ())
+
+
+def test_one_tolerance_for_violated(cigre_pf):
+    pf = cigre_pf
+    limit = pf.grid.loading_max_percent
+    ac = base_check(pf)
+    ac.loading_percent.iloc[:, :] = 50.0
+    ac.vm_pu.iloc[:, :] = 1.0
+    ac.loading_percent.iloc[0, 0] = limit + 0.5 * VIOLATION_TOLERANCE_LOADING_PERCENT
+    ac.vm_pu.iloc[1, 2] = pf.grid.vm_min_pu - 0.5 * VIOLATION_TOLERANCE_VM_PU
+    k = violation_kpis(pf, ac)
+    assert k["residual_overload_mtu_count"] == 0 and k["residual_overload_max_percent"] == 0.0
+    assert k["residual_voltage_mtu_count"] == 0 and k["residual_voltage_max_pu"] == 0.0
+    assert residual_violations(pf, ac).empty
+    ac.loading_percent.iloc[0, 0] = limit + 2 * VIOLATION_TOLERANCE_LOADING_PERCENT
+    ac.vm_pu.iloc[1, 2] = pf.grid.vm_min_pu - 2 * VIOLATION_TOLERANCE_VM_PU
+    k = violation_kpis(pf, ac)
+    assert k["residual_overload_mtu_count"] == 1
+    assert k["residual_overload_max_percent"] == pytest.approx(
+        2 * VIOLATION_TOLERANCE_LOADING_PERCENT
+    )
+    assert k["residual_voltage_mtu_count"] == 1
+    assert k["residual_voltage_max_pu"] == pytest.approx(2 * VIOLATION_TOLERANCE_VM_PU)
+    left = residual_violations(pf, ac)
+    assert list(left.violation) == ["overload", "undervoltage"]
+    assert list(left.mtu) == [0, 1]
+
+
+def test_an_mtu_whose_ac_check_does_not_converge(cigre_pf):
+    """A NaN MTU is counted as not converged and never turns a KPI into 0, NaN or inf."""
+    pf = cigre_pf
+    ac = base_check(pf)
+    over = (pf.loading_percent - pf.grid.loading_max_percent).clip(lower=0).max(axis=1)
+    assert (over > 1).sum() >= 2
+    failed = int(over.to_numpy().argmax())
+    kept = over.drop(over.index[failed]).max()
+    ac.loading_percent.iloc[failed] = np.nan
+    ac.vm_pu.iloc[failed] = np.nan
+    ac.converged.iloc[failed] = False
+    ac = replace(ac, failures=(f"MTU {failed}: did not converge",))
+    k = violation_kpis(pf, ac)
+    assert k["mtus_not_converged_after"] == 1
+    assert k["residual_overload_max_percent"] == pytest.approx(kept)
+    assert k["residual_overload_mtu_count"] == int((over > 0).sum()) - 1
+    assert k["vm_min_after_pu"] == pytest.approx(
+        np.nanmin(np.delete(pf.vm_pu.to_numpy(), failed, 0))
+    )
+    assert_finite_kpis(k)
+    # The residual table lists its base-case violations, marked as not converged.
+    left = residual_violations(pf, ac)
+    at_failed = left[left.mtu == failed]
+    assert len(at_failed) and not at_failed.ac_converged.any()
+    assert at_failed.excess.max() == pytest.approx(over.iloc[failed])
+    # Every MTU failing: still no NaN or inf.
+    nothing = ACCheck(
+        pf.loading_percent * np.nan,
+        pf.vm_pu * np.nan,
+        pf.converged & False,
+        tuple(f"MTU {t}" for t in range(len(pf.times))),
+    )
+    k = violation_kpis(pf, nothing)
+    assert k["mtus_not_converged_after"] == len(pf.times)
+    assert_finite_kpis(k)
+
+
+def test_kpis_of_real_markets_are_finite(cigre_pf):
+    pf = cigre_pf
+    res = generate_resources(
+        pf, FlexibilitySpec(load_up_share=0.05, load_down_share=0.05, sgen_down_share=0.05), seed=3
+    )
+    seg = prepare_segmentation(pf, 0, flexible_capacity_mw=res.capacity_per_bus())
+    for method, k in (("nodal", None), ("zonal", 2), ("needs_based", 2)):
+        result = clear_market(seg, res, method, k)
+        assert_finite_kpis(result.kpis)
+        assert result.kpis["security_adjusted_cost_eur"] >= result.kpis["cost_eur"]
+        # Unmet need never 0 in an MTU that the AC check leaves violated.
+        unmet = result.unmet.set_index("mtu").unmet_mw
+        for mtu, mw in result.residual.groupby("mtu").residual_mw.max().items():
+            assert unmet[mtu] >= mw > 0
+
+
+def test_residual_sensitivity_is_the_nodal_jacobian_row(cigre_pf):
+    """The row-by-row sensitivity of residual_violations is the row of sensitivity_arrays."""
+    from lfm_zonal.sensitivity import sensitivity_arrays
+
+    pf = cigre_pf
+    left = residual_violations(pf, base_check(pf))
+    assert {"overload", "undervoltage"} <= set(left.violation)
+    for rec in left.groupby("violation").head(2).itertuples():
+        sens = sensitivity_arrays(pf.model, pf.V[rec.mtu])
+        if rec.violation == "overload":
+            row = sens.loading_p[pf.model.branches.get_loc((rec.element_type, rec.element))]
+        else:
+            row = sens.vm_p[pf.model.buses.get_loc(rec.element)]
+        assert rec.sensitivity_per_mw == pytest.approx(np.abs(row).max(), rel=1e-9)
+        assert rec.residual_mw == pytest.approx(rec.excess / np.abs(row).max(), rel=1e-9)
