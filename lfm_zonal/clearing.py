@@ -53,6 +53,7 @@ from lfm_zonal.errors import LfmError
 from lfm_zonal.powerflow import HorizonPowerFlow
 from lfm_zonal.segmentation import Segmentation, Zones
 from lfm_zonal.sensitivity import sensitivity_arrays
+from lfm_zonal.validation import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,7 @@ SCREEN_VM_MARGIN_PU = 0.005
 #: violated ones in MW-equivalent. On a long radial feeder hundreds of buses can be below
 #: the band in one MTU, each row dense over the areas; fixing the worst usually fixes most.
 ROWS_PER_MTU_AND_ROUND = 20
-VIOLATION_TOLERANCE = 1e-6  # loading percent / p.u.: constraint generation in the linear model
-#: The one tolerance of "violated" for results (AC check, KPIs, DSO needs, the sequential LP's
-#: "within limits"): an element within it of its limit is not counted as violated.
-TOLERANCE_LOADING_PERCENT = 0.01
-TOLERANCE_VM_PU = 1e-5
+GENERATION_TOLERANCE = 1e-6  # loading percent / p.u.: constraint generation in the linear model
 MAX_GENERATION_ROUNDS = 30
 
 
@@ -91,6 +88,10 @@ class LinearGrid:
     loading_max_percent: float
     vm_min_pu: float
     vm_max_pu: float
+    #: (T, rows) the MW-equivalent unit of each row's slack; None: the row's own largest
+    #: coefficient. A sequential LP fixes it at the base case, so that every round prices
+    #: a violation alike.
+    scales: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -115,25 +116,27 @@ class LinearGrid:
         )
 
     def row_tolerances(self) -> np.ndarray:
-        """TOLERANCE_LOADING_PERCENT / TOLERANCE_VM_PU per row of the violation layout."""
+        """VIOLATION_TOLERANCE_LOADING_PERCENT / _VM_PU per row of the violation layout."""
         return np.r_[
-            np.full(len(self.branches), TOLERANCE_LOADING_PERCENT),
-            np.full(2 * len(self.buses), TOLERANCE_VM_PU),
+            np.full(len(self.branches), VIOLATION_TOLERANCE_LOADING_PERCENT),
+            np.full(2 * len(self.buses), VIOLATION_TOLERANCE_VM_PU),
         ]
 
     def tolerated(self) -> LinearGrid:
         """The same grid with every limit widened by its tolerance."""
         return replace(
             self,
-            loading_max_percent=self.loading_max_percent + TOLERANCE_LOADING_PERCENT,
-            vm_max_pu=self.vm_max_pu + TOLERANCE_VM_PU,
-            vm_min_pu=self.vm_min_pu - TOLERANCE_VM_PU,
+            loading_max_percent=self.loading_max_percent + VIOLATION_TOLERANCE_LOADING_PERCENT,
+            vm_max_pu=self.vm_max_pu + VIOLATION_TOLERANCE_VM_PU,
+            vm_min_pu=self.vm_min_pu - VIOLATION_TOLERANCE_VM_PU,
         )
 
     def row_scales(self) -> np.ndarray:
         """Per MTU and row of the violation layout (T x (n_branch + 2 n_bus)): the row's largest
         |sensitivity| to an area injection, so that an excess / scale is the MW of the most
         effective flexibility that would remove it (the unit of the LP's slacks)."""
+        if self.scales is not None:
+            return self.scales
         sv = _row_scale(self.sv_p, self.sv_q)
         return np.concatenate([_row_scale(self.sl_p, self.sl_q), sv, sv], axis=1)
 
@@ -142,7 +145,8 @@ class LinearGrid:
         if np.all(keep):
             return self
         arrays = ("mtus", "loading0", "vm0", "sl_p", "sl_q", "sv_p", "sv_q")
-        return replace(self, **{name: getattr(self, name)[keep] for name in arrays})
+        kept = {name: getattr(self, name)[keep] for name in arrays}
+        return replace(self, **kept, scales=None if self.scales is None else self.scales[keep])
 
     def shifted(self, p: np.ndarray, q: np.ndarray) -> LinearGrid:
         """The same grid with the base point moved by area injections p, q."""
@@ -158,13 +162,15 @@ def linear_grid(
     V: np.ndarray | None = None,
     p_prev: np.ndarray | None = None,
     q_prev: np.ndarray | None = None,
+    scales: np.ndarray | None = None,
 ) -> LinearGrid:
     """The grid of the MTUs to clear, linearised in the market areas of ``zones``.
 
     By default at the base case; given internal voltages ``V`` (one row per MTU to
     clear) of an AC point reached with area injections ``p_prev``, ``q_prev``, the
     linearisation is taken there and shifted so that it is exact at p_prev, q_prev
-    (one step of a sequential LP). Zonal indices are recomputed at every MTU.
+    (one step of a sequential LP). Zonal indices are recomputed at every MTU. ``scales``
+    fixes the MW-equivalent unit of the slacks (``LinearGrid.scales``).
     """
     mtus = np.asarray(list(mtus), dtype=np.int64)
     model = pf.model
@@ -204,6 +210,7 @@ def linear_grid(
         loading_max_percent=g.loading_max_percent,
         vm_min_pu=g.vm_min_pu,
         vm_max_pu=g.vm_max_pu,
+        scales=scales,
     )
 
 
@@ -467,7 +474,7 @@ class ClearingModel:
         base[is_line] = g.loading0[t[is_line], r[is_line]]
         base[~is_line] = g.vm0[t[~is_line], (r[~is_line] - n_l) % n_b]
         limit = np.where(is_line, g.loading_max_percent, np.where(upper, g.vm_max_pu, g.vm_min_pu))
-        scale = _row_scale(cp, cq)
+        scale = self._scale(t, r, cp, cq)
         sense = np.where(upper, 1.0, -1.0)
         return cp / scale[:, None], cq / scale[:, None], (limit - base) / scale, sense
 
@@ -483,6 +490,12 @@ class ClearingModel:
         cp[~is_line], cq[~is_line] = g.sv_p[bt, bus], g.sv_q[bt, bus]
         return cp, cq
 
+    def _scale(self, t: np.ndarray, r: np.ndarray, cp: np.ndarray, cq: np.ndarray) -> np.ndarray:
+        """MW-equivalent unit of rows (t, r): the grid's fixed scales, or their own coefficients."""
+        if self.grid.scales is not None:
+            return self.grid.scales[t, r]
+        return _row_scale(cp, cq)
+
     def _worst_rows(self, excess: np.ndarray, candidate: np.ndarray) -> list[tuple[int, int]]:
         """Of the candidate rows (T x rows mask), per MTU the ROWS_PER_MTU_AND_ROUND with
         the largest excess in MW-equivalent (excess / the row's largest coefficient)."""
@@ -490,7 +503,7 @@ class ClearingModel:
         if len(t) == 0:
             return []
         cp, cq = self._row_coefficients(t, r)
-        need_mw = excess[t, r] / _row_scale(cp, cq)
+        need_mw = excess[t, r] / self._scale(t, r, cp, cq)
         order = np.lexsort((r, -need_mw, t))  # per MTU, the largest need first
         t, r = t[order], r[order]
         first = np.searchsorted(t, t, side="left")
@@ -581,7 +594,7 @@ class ClearingModel:
             x, p, q = self._values()
             loading, vm = self.grid.after(p, q)
             excess = self.grid.violations(loading, vm)
-            candidate = excess > VIOLATION_TOLERANCE
+            candidate = excess > GENERATION_TOLERANCE
             if self.rows:
                 candidate[tuple(np.array(self.rows).T)] = False
             missing = self._worst_rows(excess, candidate)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -214,15 +214,17 @@ def _sequential_clearing(
     the bids; for a zonal market it is the DSO's zonal view, and the AC check of the
     real dispatch measures what that view misses.
 
-    Every round is judged by its merit: bid cost plus the AC excess over the limits,
-    in MW-equivalent as the LP's slacks, priced at the penalty. A round better than
-    the best so far is accepted and the grid is re-linearised at its AC point (exact
+    Every round is judged by its merit: bid cost plus the AC excess beyond the limits'
+    tolerances, in MW-equivalent as the LP's slacks, priced at the penalty. A round
+    better than the best so far (or as good, where the best was not as modelled) is
+    accepted and the grid is re-linearised at its AC point (exact
     there). A worse one is rejected, and the next LP is solved again around the best
     point. The LP's area injections stay in a trust region around the best point,
-    per MTU: unbounded at first, half the last step in an MTU whose AC point came
-    out worse than its linear model said (a step too long for the linearisation, or
-    an LP oscillating between near-equal dispatches) or whose merit got worse, twice
-    as wide after a step the model predicted. The loop has converged when an accepted
+    per MTU: unbounded for the first step from the base case, then half the last
+    step in an MTU whose AC point came out worse than its linear model said (a step
+    too long for the linearisation, or an LP oscillating between near-equal
+    dispatches) or whose merit got worse, and twice the last step where the model
+    predicted it. The loop has converged when an accepted
     round moves the merit by less than SLP_COST_RTOL and every MTU's AC point is as
     its model said to the tolerances (within limits, or short by exactly the unmet
     need the model reports), or when a rejected round is that close to a best round
@@ -244,7 +246,9 @@ def _sequential_clearing(
     # The market side (bids, balances, storage) is the same in every round: built once.
     market = MarketLP(grid.mtus, grid.k, grid.dt_h, active.reset_index(drop=True), resources.table)
     totals["build_s"] += market.build_s
-    scale = grid.row_scales()  # MW-equivalent of an excess, fixed for every round's merit
+    # MW-equivalent of an excess, fixed at the base case for every round's LP and merit.
+    scale = grid.row_scales()
+    grid = replace(grid, scales=scale)
     T = len(grid.mtus)
     best: _Round | None = None
     lp_grid = grid  # the linearisation at the best point (the base case before round 1)
@@ -274,12 +278,14 @@ def _sequential_clearing(
         totals["ac_rounds"] = number
         this = _judge(pf, lp_grid, market, sol, W, scale, penalty_eur_per_mwh, number)
         step = np.abs(sol.p_mw - p0).max(axis=1, initial=0.0)
-        if best is None or this.merit < best.merit:
+        if best is None or _better(this, best):
             settled = best is not None and _close(best.merit, this.merit)
             best = this
             converged = settled and bool(this.as_modelled.all())
-            if number > 1:  # the base point's first step is taken whole
-                radius = np.where(this.as_modelled, 2.0 * radius, 0.5 * step)
+            if number > 1:  # the base point's first step is taken whole, then at most doubled
+                radius = np.where(
+                    this.as_modelled, np.maximum(2.0 * step, SLP_MIN_STEP_MW), 0.5 * step
+                )
             if converged:
                 break
             # Re-linearised at the new AC point, exact there (MTUs that diverged: base case).
@@ -292,6 +298,7 @@ def _sequential_clearing(
                 np.where(keep, this.V, pf.V[grid.mtus]),
                 np.where(keep, sol.p_mw, 0.0),
                 np.where(keep, sol.q_mvar, 0.0),
+                scales=scale,
             )
         else:
             if _close(best.merit, this.merit) and best.as_modelled.all():
@@ -325,14 +332,23 @@ def _judge(pf, lp_grid, market, sol, W, scale, penalty_eur_per_mwh, number) -> _
         excess[i] = lp_grid.violations(loading, vm)[0]
     cost = np.zeros(len(lp_grid.mtus))
     np.add.at(cost, market.t_of_bid, market.price * sol.accepted_mw * lp_grid.dt_h)
-    # Priced as the LP prices its slacks: every row's excess over the limit itself (the
-    # tolerance only says "converged"), in MW-equivalent, summed.
-    residual_mw = (np.clip(excess, 0.0, None) / scale).sum(axis=1)
-    predicted = lp_grid.violations(*lp_grid.after(sol.p_mw, sol.q_mvar))
+    # Priced as the LP prices its slacks (MW-equivalent, summed over rows), for what is
+    # violated: beyond the tolerance. Within it, AC differs from the model by second-order
+    # noise that would otherwise decide between rounds of the same cost.
     tol = lp_grid.row_tolerances()
+    residual_mw = (np.clip(excess - tol, 0.0, None) / scale).sum(axis=1)
+    predicted = lp_grid.violations(*lp_grid.after(sol.p_mw, sol.q_mvar))
     as_modelled = (excess <= np.maximum(predicted, 0.0) + tol).all(axis=1)
     merit = cost + penalty_eur_per_mwh * lp_grid.dt_h * residual_mw
     return _Round(number, sol, V, ok, merit, as_modelled, lp_grid)
+
+
+def _better(this: _Round, best: _Round) -> bool:
+    """A lower merit; or the same merit (to SLP_COST_RTOL) reached as the model said where
+    the best round's AC point was not."""
+    if _close(this.merit, best.merit):
+        return bool(this.as_modelled.all() and not best.as_modelled.all())
+    return this.merit < best.merit
 
 
 def _close(a: float, b: float) -> bool:
@@ -496,7 +512,7 @@ def _kpis(
         "penalty_eur_per_mwh": float(penalty_eur_per_mwh),
         "residual_violations": len(left),
         "residual_elements": int(left[["element_type", "element"]].drop_duplicates().shape[0]),
-        "residual_offers_exhausted": int(left.offers_exhausted.fillna(False).astype(bool).sum()),
+        "residual_offers_exhausted": int(left.offers_exhausted.eq(True).sum()),
         "cost_pay_as_bid_eur": cost_bid,
         "cost_pay_as_clear_eur": cost_clear,
         "activated_mwh": float(bids.accepted_mw.sum() * dt),
