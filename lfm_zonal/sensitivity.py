@@ -164,10 +164,21 @@ class JacobianLinearisation:
             vm_q=dvm[:, m:],
         )
 
+    def row_sensitivity(self, loading: bool, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """One row of ``sensitivities(None)``: d loading_percent of monitored branch ``row``
+        (or d vm_pu of bus ``row``) per MW and per Mvar at every bus, by one transposed solve
+        instead of two solves per bus."""
+        seed = (self.dloading_dx[row] if loading else self.E_q[:, row].T).toarray().ravel()
+        if not seed.any():
+            zero = np.zeros(self.E_p.shape[1])
+            return zero, zero.copy()
+        w = self.lu.solve(seed, trans="T") / self.base_mva
+        return self.E_p.T @ w, self.E_q.T @ w
 
-def _jacobian(
-    model: NetworkModel, V: np.ndarray, patterns: sp.spmatrix | None
-) -> SensitivityArrays:
+
+def linearisation(model: NetworkModel, V: np.ndarray) -> JacobianLinearisation:
+    """The Jacobian linearisation at internal voltages ``V``, through the model's cache
+    (every market of a study linearises and checks the same base points)."""
     cache = model.linearisations
     key = np.ascontiguousarray(V).tobytes()
     if key in cache:
@@ -176,7 +187,13 @@ def _jacobian(
         cache[key] = _linearise(model, V)
         if len(cache) > LINEARISATION_CACHE_SIZE:
             cache.popitem(last=False)
-    return cache[key].sensitivities(patterns)
+    return cache[key]
+
+
+def _jacobian(
+    model: NetworkModel, V: np.ndarray, patterns: sp.spmatrix | None
+) -> SensitivityArrays:
+    return linearisation(model, V).sensitivities(patterns)
 
 
 def _linearise(model: NetworkModel, V: np.ndarray) -> JacobianLinearisation:

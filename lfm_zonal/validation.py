@@ -25,7 +25,7 @@ import pandas as pd
 
 from lfm_zonal.errors import PowerFlowNotConverged
 from lfm_zonal.powerflow import HorizonPowerFlow, newton_raphson
-from lfm_zonal.sensitivity import LINEARISATION_CACHE_SIZE, _linearise
+from lfm_zonal.sensitivity import linearisation
 
 #: One tolerance for "violated" (every KPI, the residual table, the CLI warning):
 #: loading in percentage points, voltage in p.u.
@@ -238,8 +238,8 @@ def residual_violations(
     lin_mtu, lin = -1, None
     for t, kind, r, excess, sign in rows:
         if t != lin_mtu:
-            lin_mtu, lin = t, _linearisation(model, pf.V[t])
-        cp, cq = _row_sensitivity(lin, kind == "overload", r)
+            lin_mtu, lin = t, linearisation(model, pf.V[t])
+        cp, cq = lin.row_sensitivity(kind == "overload", r)
         if kind == "overload":
             etype, element = model.branches[r]
             value, limit = float(loading.iat[t, r]), g.loading_max_percent
@@ -274,35 +274,6 @@ def residual_violations(
             rec["offers_exhausted"] = bool((done[relieves] >= offered[relieves] - 1e-6).all())
         out.append(rec)
     return pd.DataFrame(out, columns=RESIDUAL_COLUMNS)
-
-
-def _linearisation(model, V: np.ndarray):
-    """The Jacobian linearisation at ``V``, through the model's cache (as ``sensitivity_arrays``):
-    every market of a study checks the same base points."""
-    cache = model.linearisations
-    key = np.ascontiguousarray(V).tobytes()
-    if key in cache:
-        cache.move_to_end(key)
-    else:
-        cache[key] = _linearise(model, V)
-        if len(cache) > LINEARISATION_CACHE_SIZE:
-            cache.popitem(last=False)
-    return cache[key]
-
-
-def _row_sensitivity(lin, loading: bool, row: int) -> tuple[np.ndarray, np.ndarray]:
-    """One row of ``sensitivity_arrays(model, V)`` (jacobian): d loading_percent (or d vm_pu) of
-    monitored branch (bus) ``row`` per MW and per Mvar at every bus, by one transposed solve
-    instead of two solves per bus."""
-    if loading:
-        seed = lin.dloading_dx[row].toarray().ravel()
-    else:
-        seed = lin.E_q[:, row].toarray().ravel()
-    if not seed.any():
-        zero = np.zeros(lin.E_p.shape[1])
-        return zero, zero.copy()
-    w = lin.lu.solve(seed, trans="T") / lin.base_mva
-    return lin.E_p.T @ w, lin.E_q.T @ w
 
 
 def _offers_by_mtu(resources, dispatch: pd.DataFrame | None, position: pd.Series):
