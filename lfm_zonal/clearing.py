@@ -12,8 +12,8 @@ market) and bid steps b::
 
 sigma_b is +1 for up and -1 for down; S are the zonal sensitivity indices of
 each MTU (the nodal sensitivities when every bus is a zone). g_row, the largest
-|coefficient| of a row, turns a slack into the MW of the most effective
-flexibility that would remove it, so the penalty is a price per MWh of unmet
+|coefficient| of a row on active power, turns a slack into the MW of the most
+effective flexibility that would remove it, so the penalty is a price per MWh of unmet
 need. A slack above zero is unmet need and is reported, never hidden.
 
 Rows are screened: the LP starts with the rows violated or within a margin of
@@ -460,7 +460,7 @@ class ClearingModel:
 
         Row (t, r) of the violation layout (loadings, then upper, then lower voltage
         limits) reads ``sum_a cp_a p_ta + cq_a q_ta - sense s <= or >= rhs``, every
-        coefficient divided by the row's largest |coefficient| g so that its slack s is
+        coefficient divided by the row's largest |P coefficient| g so that its slack s is
         the MW of the most effective flexibility that would remove it. Returns the
         scaled coefficients on p and q (rows x areas), the right-hand sides and senses.
         """
@@ -702,9 +702,13 @@ class ClearingModel:
 
 
 def _row_scale(cp: np.ndarray, cq: np.ndarray) -> np.ndarray:
-    """Per row, its largest |coefficient| over the areas, the last axis (1 for a row without any)."""
-    scale = np.maximum(np.abs(cp).max(axis=-1, initial=0.0), np.abs(cq).max(axis=-1, initial=0.0))
-    return np.where(scale > 0, scale, 1.0)
+    """Per row, its largest |coefficient| on active power over the areas (the last axis): a
+    slack / scale is MW of the most effective flexibility, as the residual of the AC check
+    (``validation.residual_violations``) counts it. A row that P does not move falls back
+    to its largest Q coefficient, then to 1."""
+    scale_p = np.abs(cp).max(axis=-1, initial=0.0)
+    scale_q = np.abs(cq).max(axis=-1, initial=0.0)
+    return np.where(scale_p > 0, scale_p, np.where(scale_q > 0, scale_q, 1.0))
 
 
 def solve_clearing(

@@ -65,9 +65,12 @@ log = logging.getLogger(__name__)
 MARKET_METHODS = ("nodal", "zonal", "needs_based")
 #: Sequential LP (``_sequential_clearing``): its round cap, the relative change of cost (plus
 #: priced residual) under which it has converged, and the smallest trust region worth a round.
-SLP_MAX_ROUNDS = 12
+SLP_MAX_ROUNDS = 20
 SLP_COST_RTOL = 5e-4
 SLP_MIN_STEP_MW = 1e-4
+#: Share of the result tolerances the sequential LP works to: it ends its AC point closer to
+#: its model (and the binding limits) than a result must be to count as violated.
+SLP_TOLERANCE_SHARE = 0.1
 PRICING = ("pay_as_bid", "pay_as_clear")
 #: DSO-needs rules (``clearing.dso_needs``): capped at the flexibility offered per zone, or not.
 NEEDS_RULES = ("registered_capacity", "unlimited")
@@ -335,7 +338,7 @@ def _judge(pf, lp_grid, market, sol, W, scale, penalty_eur_per_mwh, number) -> _
     # Priced as the LP prices its slacks (MW-equivalent, summed over rows), for what is
     # violated: beyond the tolerance. Within it, AC differs from the model by second-order
     # noise that would otherwise decide between rounds of the same cost.
-    tol = lp_grid.row_tolerances()
+    tol = SLP_TOLERANCE_SHARE * lp_grid.row_tolerances()
     residual_mw = (np.clip(excess - tol, 0.0, None) / scale).sum(axis=1)
     predicted = lp_grid.violations(*lp_grid.after(sol.p_mw, sol.q_mvar))
     as_modelled = (excess <= np.maximum(predicted, 0.0) + tol).all(axis=1)

@@ -27,6 +27,8 @@ from lfm_zonal.segmentation import prepare_segmentation
 
 #: Same cost within this share (issue 10: "within 0.5%").
 COST_RTOL = 0.005
+#: A slack penalty that makes the market's limits as hard as the OPF's.
+HARD_LIMITS_EUR_PER_MWH = 1e6
 #: "Violated" means beyond these (the sequential LP's convergence tolerances of issue 10).
 LOADING_TOL_PERCENT = 0.01
 VM_TOL_PU = 1e-5
@@ -233,7 +235,8 @@ def test_nodal_market_at_the_ac_optimum(name, start, power_factor):
     opf = opf_reference(pf, res, 0)
     assert opf.converged, f"{name} {start} {power_factor}: the offers cannot fix the MTU"
     assert opf.overload_max_percent < 1e-4 and opf.voltage_violation_max_pu < 1e-7
-    result = clear_market(seg, res, "nodal")
+    # The OPF's limits are hard: so are the market's here (a penalty no offer approaches).
+    result = clear_market(seg, res, "nodal", penalty_eur_per_mwh=HARD_LIMITS_EUR_PER_MWH)
     engine_eur = result.kpis["cost_eur"]
     assert result.kpis["pricing"] == "pay_as_bid"
     over, dev = violation(g, result.ac.loading_percent.to_numpy(), result.ac.vm_pu.to_numpy())
@@ -275,3 +278,24 @@ def test_simbench_mv_windy_night_within_one_percent():
     )
     assert not ((over > LOADING_TOL_PERCENT or dev > VM_TOL_PU) and ratio < 1.0), detail
     assert abs(ratio - 1.0) <= 0.01, detail
+
+
+@pytest.mark.parametrize(("name", "start", "power_factor"), CASES[:4])
+def test_default_penalty_leaves_only_what_costs_more_to_fix(name, start, power_factor):
+    """At the default penalty (10,000 EUR per MWh of the most effective flexibility) the
+    market may leave a violation whose remaining offers are too weak to be worth it (CIGRE
+    17:30, tan_phi 0: bus 11 at 1.4e-4 p.u. below the band, fixable only by loads near the
+    substation with 1/55 of the effect). It then says so, and its cost with the residual
+    priced at the penalty is never above the OPF's hard-limit cost."""
+    pf, res, seg = single_mtu_case(name, start, power_factor)
+    g = pf.grid
+    opf = opf_reference(pf, res, 0)
+    result = clear_market(seg, res, "nodal")
+    k = result.kpis
+    over, dev = violation(g, result.ac.loading_percent.to_numpy(), result.ac.vm_pu.to_numpy())
+    if over > LOADING_TOL_PERCENT or dev > VM_TOL_PU:
+        assert k["unmet_mwh"] > 0 and k["residual_violations"] > 0
+        assert len(result.residual) > 0
+    else:
+        assert abs(k["cost_eur"] / opf.cost_eur - 1.0) <= COST_RTOL
+    assert k["security_adjusted_cost_eur"] <= opf.cost_eur * (1 + COST_RTOL)
