@@ -147,6 +147,21 @@ def build_bids(
     )
 
 
+def merit_order_fill(
+    quantity: np.ndarray, group: np.ndarray, order: np.ndarray, target: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fill each group's target from its steps in merit order (``order``: the steps sorted
+    by group, then merit). ``target`` is per step (its group's). Returns, per step in the
+    original order, the MW taken (the marginal step partly) and the MW its group took
+    before it."""
+    q = quantity[order]
+    before_sorted = pd.Series(q).groupby(group[order]).cumsum().to_numpy() - q
+    taken, before = np.empty(len(q)), np.empty(len(q))
+    taken[order] = np.clip(target[order] - before_sorted, 0.0, q)
+    before[order] = before_sorted
+    return taken, before
+
+
 def dispatch_steps(bids: Bids, accepted_mw: pd.Series) -> pd.DataFrame:
     """Each aggregator's least-cost dispatch of its accepted steps: cheapest resources first.
 
@@ -154,9 +169,10 @@ def dispatch_steps(bids: Bids, accepted_mw: pd.Series) -> pd.DataFrame:
     """
     members = bids.members
     take = accepted_mw.reindex(members.bid_id.to_numpy()).fillna(0.0).to_numpy()
-    cum = members.groupby("bid_id").quantity_mw.cumsum().to_numpy()
-    before = cum - members.quantity_mw.to_numpy()
-    dispatched = np.clip(take - before, 0.0, members.quantity_mw.to_numpy())
+    # Members are listed per step cheapest first.
+    dispatched, _ = merit_order_fill(
+        members.quantity_mw.to_numpy(), members.bid_id.to_numpy(), np.arange(len(members)), take
+    )
     out = members.assign(dispatched_mw=dispatched)
     return out[out.dispatched_mw > 1e-9][
         ["bid_id", "resource_id", "bus", "dispatched_mw", "tan_phi"]

@@ -49,6 +49,7 @@ from pyomo.core.expr.numeric_expr import LinearExpression
 from pyomo.repn.plugins.standard_form import LinearStandardFormCompiler
 from threadpoolctl import threadpool_limits
 
+from lfm_zonal.bids import merit_order_fill
 from lfm_zonal.errors import LfmError
 from lfm_zonal.powerflow import HorizonPowerFlow
 from lfm_zonal.segmentation import Segmentation, Zones
@@ -754,9 +755,10 @@ def solve_clearing(
         # Competing steps: same MTU, area and direction.
         group = (market.t_of_bid * grid.k + market.area_of_bid) * 2 + (market.sign > 0)
         order = np.lexsort((np.arange(n_bids), market.price, group))
-        selected = _within_quota(
-            market.quantity, group, order, np.asarray(quota_mw, float)[market.t_of_bid]
-        )
+        # Per group in merit order, the steps needed to reach the quota (at least one).
+        quota = np.asarray(quota_mw, float)[market.t_of_bid]
+        _, before = merit_order_fill(market.quantity, group, order, quota)
+        selected = before < quota
         selected |= market.resource != ""  # storage: energy-limited, always in
     if include is not None:
         selected |= np.asarray(include, bool)
@@ -789,20 +791,6 @@ def solve_clearing(
         }
     )
     return replace(sol, stats=stats)
-
-
-def _within_quota(
-    quantity: np.ndarray, group: np.ndarray, order: np.ndarray, quota: np.ndarray
-) -> np.ndarray:
-    """Per group, in merit order: the steps needed to reach the quota (at least one)."""
-    q = quantity[order]
-    g = group[order]
-    cum = pd.Series(q).groupby(g).cumsum().to_numpy()
-    before = cum - q
-    keep_sorted = before < quota[order]
-    keep = np.zeros(len(quantity), bool)
-    keep[order] = keep_sorted
-    return keep
 
 
 def unlimited_bids(grid: LinearGrid, capacity_mw: np.ndarray | None = None) -> pd.DataFrame:

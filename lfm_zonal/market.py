@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 
-from lfm_zonal.bids import DEFAULT_MAX_STEPS, Bids, build_bids, dispatch_steps
+from lfm_zonal.bids import DEFAULT_MAX_STEPS, Bids, build_bids, dispatch_steps, merit_order_fill
 from lfm_zonal.clearing import (
     DEFAULT_PENALTY_EUR_PER_MWH,
     LinearGrid,
@@ -368,24 +368,22 @@ def _bid_prices(active: pd.DataFrame, sol: Solution, grid: LinearGrid) -> np.nda
 
 
 def _merit_order_to_needs(active: pd.DataFrame, needs: pd.DataFrame, grid: LinearGrid):
-    """Each zone and direction buys its published need from its cheapest steps (no substitution)."""
-    accepted = np.zeros(len(active))
-    price = np.full(len(active), np.nan)
-    need = needs.set_index(["mtu", "zone", "direction"]).need_mw
+    """Each zone and direction buys its published need from its cheapest steps (no
+    substitution); every step of a group that bought is priced at its marginal step."""
     frame = active.reset_index(drop=True)
-    for key, group in frame.groupby(["mtu", "zone", "direction"], sort=True):
-        target = float(need.get(key, 0.0))
-        if target <= 0:
-            continue
-        order = group.sort_values(["price_eur_per_mwh", "bid_id"], kind="stable")
-        cum = order.quantity_mw.cumsum().to_numpy()
-        take = np.clip(
-            target - (cum - order.quantity_mw.to_numpy()), 0.0, order.quantity_mw.to_numpy()
-        )
-        accepted[order.index.to_numpy()] = take
-        marginal = order.price_eur_per_mwh.to_numpy()[take > 1e-9]
-        if len(marginal):
-            price[order.index.to_numpy()] = marginal.max()
+    keys = ["mtu", "zone", "direction"]
+    group = frame.groupby(keys, sort=True).ngroup().to_numpy()
+    target = (
+        needs.set_index(keys)
+        .need_mw.reindex(pd.MultiIndex.from_frame(frame[keys]), fill_value=0.0)
+        .to_numpy()
+    )
+    price_of = frame.price_eur_per_mwh.to_numpy()
+    order = np.lexsort((frame.bid_id.to_numpy(), price_of, group))
+    accepted, _ = merit_order_fill(frame.quantity_mw.to_numpy(), group, order, target)
+    accepted = np.where(target > 0, accepted, 0.0)
+    marginal = pd.Series(np.where(accepted > 1e-9, price_of, np.nan)).groupby(group).max()
+    price = marginal.reindex(group).to_numpy()
     return accepted, price
 
 
