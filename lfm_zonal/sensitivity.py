@@ -198,14 +198,13 @@ def _jacobian(
 
 def _linearise(model: NetworkModel, V: np.ndarray) -> JacobianLinearisation:
     pv, pq = model.pv, model.pq
-    pvpq = np.r_[pv, pq]
-    n_pvpq, n_x = len(pvpq), len(pvpq) + len(pq)
-    # Mismatch row of a P / Q injection at each pandapower bus (-1: none, e.g. the slack).
+    n_pvpq, n_x = len(pv) + len(pq), len(pv) + 2 * len(pq)
+    # State index of each internal bus's angle (pv, pq) and magnitude (pq); -1: none.
+    va_state = np.full(model.n_bus, -1)
+    va_state[np.r_[pv, pq]] = np.arange(n_pvpq)
+    vm_state = np.full(model.n_bus, -1)
+    vm_state[pq] = n_pvpq + np.arange(len(pq))
     internal = model.bus_lookup.to_numpy()
-    row_p = np.full(model.n_bus, -1)
-    row_p[pvpq] = np.arange(n_pvpq)
-    row_q = np.full(model.n_bus, -1)
-    row_q[pq] = n_pvpq + np.arange(len(pq))
 
     def selector(rows: np.ndarray) -> sp.csr_matrix:  # n_x x n_buses, one 1 per bus with a row
         buses = np.flatnonzero(rows >= 0)
@@ -213,23 +212,35 @@ def _linearise(model: NetworkModel, V: np.ndarray) -> JacobianLinearisation:
             (np.ones(len(buses)), (rows[buses], buses)), shape=(n_x, len(internal))
         )
 
-    # d|I_end| / d[Va(pvpq), Vm(pq)] of the end that sets each branch's loading.
+    # d loading / d[Va, Vm] of the end that sets each branch's loading: entry by entry of
+    # that end's admittance row, d I = Y_bc (j V_c dVa_c + V_c / |V_c| dVm_c), projected on
+    # the current's direction and scaled to loading_percent (one sparse build, no products).
     from_end, current, _, factor = _active_end(model, V)
-    rows = model.branch_rows
-    Y_end = sp.csr_matrix(
-        sp.diags(from_end.astype(float)) @ model.Yf[rows]
-        + sp.diags((~from_end).astype(float)) @ model.Yt[rows]
-    )
-    dI_dVa = Y_end @ sp.diags(1j * V)
-    dI_dVm = Y_end @ sp.diags(V / np.abs(V))
     magnitude = np.abs(current)
     unit = np.divide(np.conj(current), magnitude, out=np.zeros_like(current), where=magnitude > 0)
-    G = (sp.diags(unit) @ sp.hstack([dI_dVa[:, pvpq], dI_dVm[:, pq]])).real
+    rows, cols, y = [], [], []
+    for Y, end in zip(model.monitored_admittance, (from_end, ~from_end), strict=True):
+        coo = Y.tocoo()
+        keep = end[coo.row]
+        rows.append(coo.row[keep])
+        cols.append(coo.col[keep])
+        y.append(coo.data[keep])
+    row, col, y = np.concatenate(rows), np.concatenate(cols), np.concatenate(y)
+    scale = y * (unit * factor)[row]
+    va, vm = va_state[col], vm_state[col]
+    on_va, on_vm = va >= 0, vm >= 0
+    dloading_dx = sp.csr_matrix(
+        (
+            np.r_[(scale * 1j * V[col])[on_va].real, (scale * V[col] / np.abs(V[col]))[on_vm].real],
+            (np.r_[row[on_va], row[on_vm]], np.r_[va[on_va], vm[on_vm]]),
+        ),
+        shape=(len(model.branch_rows), n_x),
+    )
     return JacobianLinearisation(
         lu=splu(model.jacobian(V)),
-        dloading_dx=sp.csr_matrix(sp.diags(factor) @ G),
-        E_p=selector(row_p[internal]),
-        E_q=selector(row_q[internal]),
+        dloading_dx=dloading_dx,
+        E_p=selector(va_state[internal]),
+        E_q=selector(vm_state[internal]),
         base_mva=model.base_mva,
     )
 
