@@ -137,9 +137,15 @@ class NetworkModel:
                 np.add.at(out.T, bus[ok], contrib.T)
         return out
 
+    @cached_property
+    def monitored_admittance(self) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        """Yf and Yt restricted to the monitored branches (rows in ``branches`` order)."""
+        return sp.csr_matrix(self.Yf[self.branch_rows]), sp.csr_matrix(self.Yt[self.branch_rows])
+
     def branch_currents(self, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Complex from- and to-end currents (p.u.) of the monitored branches."""
-        return self.Yf[self.branch_rows] @ V, self.Yt[self.branch_rows] @ V
+        Yf, Yt = self.monitored_admittance
+        return Yf @ V, Yt @ V
 
     def loading_percent(self, V: np.ndarray) -> np.ndarray:
         i_f, i_t = self.branch_currents(V)
