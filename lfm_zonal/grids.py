@@ -311,7 +311,8 @@ def available_grids() -> dict[str, str]:
         if "--0-" in code and ("-MV-" in code or "-LV-" in code):
             out[code] = "SimBench (Meinecke et al. 2020) with its 2016 15-minute profiles"
     out["<path>.json"] = (
-        "any pandapower JSON network (profiles from a CSV file or one MTU as stored)"
+        "any pandapower JSON network (profiles from a CSV file, else the synthetic daily shape "
+        "applied to its stored powers)"
     )
     return out
 
@@ -365,7 +366,7 @@ def load_grid(
                 "synthetic_radial_<N>, a SimBench code or a path to a pandapower JSON file "
                 "(`lfm-zonal grids` lists them)"
             )
-    _check_and_normalise(net, name)
+    _check_and_normalise(net, name if isinstance(spec, pp.pandapowerNet) else str(spec))
     return Grid(name=name, net=net, origin=origin, profile_source=profiles, **limits)
 
 
@@ -383,24 +384,223 @@ def _read_json(path: Path) -> pp.pandapowerNet:
     return net
 
 
+#: Columns of each pandapower table that name a bus.
+_BUS_COLUMNS = {
+    "line": ("from_bus", "to_bus"),
+    "trafo": ("hv_bus", "lv_bus"),
+    "trafo3w": ("hv_bus", "mv_bus", "lv_bus"),
+    "impedance": ("from_bus", "to_bus"),
+    "dcline": ("from_bus", "to_bus"),
+    "switch": ("bus",),
+    "load": ("bus",),
+    "sgen": ("bus",),
+    "gen": ("bus",),
+    "ext_grid": ("bus",),
+    "shunt": ("bus",),
+    "storage": ("bus",),
+    "ward": ("bus",),
+    "xward": ("bus",),
+    "asymmetric_load": ("bus",),
+    "asymmetric_sgen": ("bus",),
+}
+#: Table a bus-branch switch points at, by its ``et``.
+_SWITCH_TARGET = {"b": "bus", "l": "line", "t": "trafo", "t3": "trafo3w"}
+#: Numbers every in-service element needs: (table, column, rule). Rules: "pos" finite > 0,
+#: "nonneg" finite >= 0, "finite", "vm" a slack setpoint within SLACK_VM_RANGE_PU.
+_NUMBER_RULES = (
+    ("bus", "vn_kv", "pos"),
+    ("line", "length_km", "pos"),
+    ("line", "r_ohm_per_km", "nonneg"),
+    ("line", "x_ohm_per_km", "finite"),
+    ("line", "c_nf_per_km", "nonneg"),
+    ("line", "max_i_ka", "pos"),
+    ("line", "parallel", "pos"),
+    ("line", "df", "pos"),
+    ("trafo", "sn_mva", "pos"),
+    ("trafo", "vn_hv_kv", "pos"),
+    ("trafo", "vn_lv_kv", "pos"),
+    ("trafo", "vk_percent", "pos"),
+    ("trafo", "vkr_percent", "nonneg"),
+    ("trafo", "pfe_kw", "nonneg"),
+    ("trafo", "i0_percent", "nonneg"),
+    ("trafo", "parallel", "pos"),
+    ("trafo", "df", "pos"),
+    ("trafo3w", "sn_hv_mva", "pos"),
+    ("trafo3w", "sn_mv_mva", "pos"),
+    ("trafo3w", "sn_lv_mva", "pos"),
+    ("trafo3w", "vn_hv_kv", "pos"),
+    ("trafo3w", "vn_mv_kv", "pos"),
+    ("trafo3w", "vn_lv_kv", "pos"),
+    ("trafo3w", "vk_hv_percent", "pos"),
+    ("trafo3w", "vk_mv_percent", "pos"),
+    ("trafo3w", "vk_lv_percent", "pos"),
+    ("impedance", "sn_mva", "pos"),
+    ("ext_grid", "vm_pu", "vm"),
+    ("ext_grid", "va_degree", "finite"),
+    ("gen", "vm_pu", "vm"),
+    ("gen", "p_mw", "finite"),
+    ("load", "p_mw", "finite"),
+    ("load", "q_mvar", "finite"),
+    ("load", "scaling", "nonneg"),
+    ("sgen", "p_mw", "finite"),
+    ("sgen", "q_mvar", "finite"),
+    ("sgen", "scaling", "nonneg"),
+    ("shunt", "p_mw", "finite"),
+    ("shunt", "q_mvar", "finite"),
+    ("storage", "p_mw", "finite"),
+    ("storage", "q_mvar", "finite"),
+)
+_RULE_TEXT = {
+    "pos": "a finite number > 0",
+    "nonneg": "a finite number >= 0",
+    "finite": "a finite number",
+}
+#: Plausible voltage setpoints of a slack or PV generator (p.u.).
+SLACK_VM_RANGE_PU = (0.5, 1.5)
+
+
+def _show(value: object) -> str:
+    """A table value for a message: numbers as 0.5 or nan, the rest quoted."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return f"{float(value):g}"
+    return repr(value)
+
+
+def _in_service(table: pd.DataFrame) -> np.ndarray:
+    if "in_service" not in table:
+        return np.ones(len(table), bool)
+    return table.in_service.fillna(False).astype(bool).to_numpy()
+
+
+def _integer_labels(values: pd.Index | pd.Series) -> tuple[np.ndarray, int | None]:
+    """The values as int64, and the position of the first one that is not an integer."""
+    numbers = pd.to_numeric(pd.Series(np.asarray(values, dtype=object)), errors="coerce")
+    arr = numbers.to_numpy(float)
+    bad = ~np.isfinite(arr) | (arr != np.round(arr))
+    if bad.any():
+        return np.zeros(len(arr), np.int64), int(np.flatnonzero(bad)[0])
+    return arr.astype(np.int64), None
+
+
+def _check_tables(net: pp.pandapowerNet, name: str) -> None:
+    """Indices, bus references and element numbers: one GridError naming the element."""
+    bus_idx, bad = _integer_labels(net.bus.index)
+    if bad is not None:
+        raise GridError(
+            f"grid {name}: bus index {net.bus.index[bad]!r} (row {bad} of the bus table) "
+            "is not an integer"
+        )
+    net.bus.index = pd.Index(bus_idx)
+    for table, columns in _BUS_COLUMNS.items():
+        if table not in net or not isinstance(net[table], pd.DataFrame) or len(net[table]) == 0:
+            continue
+        frame = net[table]
+        idx, bad = _integer_labels(frame.index)
+        if bad is not None:
+            raise GridError(
+                f"grid {name}: {table} index {frame.index[bad]!r} (row {bad} of the {table} "
+                "table) is not an integer"
+            )
+        frame.index = pd.Index(idx)
+        for col in columns:
+            if col not in frame:
+                raise GridError(f"grid {name}: the {table} table has no column '{col}'")
+            values, bad = _integer_labels(frame[col])
+            if bad is not None:
+                raise GridError(
+                    f"grid {name}: {table} {frame.index[bad]}: {col} {frame[col].iloc[bad]!r} "
+                    "is not a bus index"
+                )
+            missing = ~np.isin(values, bus_idx)
+            if missing.any():
+                i = int(np.flatnonzero(missing)[0])
+                raise GridError(
+                    f"grid {name}: {table} {frame.index[i]}: {col} {values[i]} is not a bus "
+                    "of the grid"
+                )
+            frame[col] = values
+    if len(net.switch):
+        for idx, et, element in zip(
+            net.switch.index, net.switch.et, net.switch.element, strict=True
+        ):
+            target = _SWITCH_TARGET.get(str(et))
+            if target is None:
+                raise GridError(
+                    f"grid {name}: switch {idx}: et {et!r} is not one of {', '.join(_SWITCH_TARGET)}"
+                )
+            known = net[target].index if target in net else pd.Index([])
+            if element not in known:
+                absent = "" if len(known) else f" (the grid has no {target} table)"
+                raise GridError(
+                    f"grid {name}: switch {idx} refers to unknown {target} {element}{absent}"
+                )
+    for table, col, rule in _NUMBER_RULES:
+        if table not in net or not isinstance(net[table], pd.DataFrame) or len(net[table]) == 0:
+            continue
+        frame = net[table]
+        if col not in frame:
+            if rule in ("pos", "vm") and table in ("bus", "line", "trafo", "ext_grid"):
+                raise GridError(f"grid {name}: the {table} table has no column '{col}'")
+            continue
+        values = pd.to_numeric(frame[col], errors="coerce").to_numpy(float)
+        on = _in_service(frame)
+        if rule == "pos":
+            bad, text = ~(np.isfinite(values) & (values > 0)), _RULE_TEXT[rule]
+        elif rule == "nonneg":
+            bad, text = ~(np.isfinite(values) & (values >= 0)), _RULE_TEXT[rule]
+        elif rule == "finite":
+            bad, text = ~np.isfinite(values), _RULE_TEXT[rule]
+        else:
+            lo, hi = SLACK_VM_RANGE_PU
+            bad = ~(np.isfinite(values) & (values >= lo) & (values <= hi))
+            text = f"a voltage setpoint between {lo} and {hi} p.u."
+        bad &= on
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise GridError(
+                f"grid {name}: {table} {frame.index[i]}: {col} = {_show(frame[col].iloc[i])}, "
+                f"must be {text}"
+            )
+    if len(net.line):
+        on = _in_service(net.line)
+        r = net.line.r_ohm_per_km.to_numpy(float)
+        x = net.line.x_ohm_per_km.to_numpy(float)
+        zero = on & (r == 0) & (x == 0)
+        if zero.any():
+            i = int(np.flatnonzero(zero)[0])
+            raise GridError(
+                f"grid {name}: line {net.line.index[i]}: zero impedance (r_ohm_per_km = "
+                "x_ohm_per_km = 0); model a zero-impedance connection as a bus-bus switch"
+            )
+    if len(net.trafo):
+        on = _in_service(net.trafo)
+        vk = net.trafo.vk_percent.to_numpy(float)
+        vkr = net.trafo.vkr_percent.to_numpy(float)
+        wrong = on & (vkr > vk)
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            raise GridError(
+                f"grid {name}: trafo {net.trafo.index[i]}: vkr_percent ({vkr[i]:g}) exceeds "
+                f"vk_percent ({vk[i]:g})"
+            )
+
+
 def _check_and_normalise(net: pp.pandapowerNet, name: str) -> None:
     """Refuse what the engine cannot model; make loads constant-power (documented)."""
-    if len(net.bus) == 0:
+    if "bus" not in net or len(net.bus) == 0:
         raise GridError(f"grid {name}: has no bus")
-    slack = net.ext_grid[net.ext_grid.in_service.astype(bool)]
-    if len(slack) == 0 and not (len(net.gen) and net.gen.get("slack", False).any()):
+    for table in ("line", "trafo", "load", "sgen", "ext_grid", "gen", "switch"):
+        if table not in net or not isinstance(net[table], pd.DataFrame):
+            raise GridError(f"grid {name}: has no {table} table (pandapower nets hold every one)")
+    _check_tables(net, name)
+    slack = net.ext_grid[_in_service(net.ext_grid)]
+    gen_slack = (
+        len(net.gen) > 0
+        and "slack" in net.gen
+        and bool((net.gen.slack.fillna(False).astype(bool).to_numpy() & _in_service(net.gen)).any())
+    )
+    if len(slack) == 0 and not gen_slack:
         raise GridError(f"grid {name}: has no in-service ext_grid (slack)")
-    for table in ("line", "trafo"):
-        for col in ("from_bus", "to_bus") if table == "line" else ("hv_bus", "lv_bus"):
-            missing = ~net[table][col].isin(net.bus.index)
-            if missing.any():
-                idx = net[table].index[missing][0]
-                raise GridError(
-                    f"grid {name}: {table} {idx} refers to unknown bus {net[table].at[idx, col]}"
-                )
-    if len(net.trafo) and (net.trafo.df.astype(float) <= 0).any():
-        idx = net.trafo.index[net.trafo.df.astype(float) <= 0][0]
-        raise GridError(f"grid {name}: trafo {idx} has rating factor df <= 0")
     volt_dep = [c for c in net.load.columns if c.startswith(("const_z", "const_i"))]
     if volt_dep and (net.load[volt_dep].fillna(0.0).to_numpy() != 0).any():
         log.warning("grid %s: voltage-dependent loads are modelled as constant power", name)

@@ -39,6 +39,21 @@ log = logging.getLogger(__name__)
 BRANCH_INDEX_NAMES = ("element_type", "element")
 
 
+def _runpp_or_grid_error(net: pp.pandapowerNet, name: str) -> None:
+    """pandapower's power flow; anything but non-convergence is a grid it cannot model."""
+    try:
+        with np.errstate(all="ignore"):
+            _runpp(net)
+    except pp.LoadflowNotConverged:
+        raise
+    except Exception as exc:  # pandapower raises many types for a network it cannot build
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise GridError(
+            f"grid {name}: pandapower cannot build its power flow model "
+            f"({type(exc).__name__}: {first})"
+        ) from None
+
+
 def _runpp(net: pp.pandapowerNet, **kwargs) -> None:
     """pandapower's power flow without numba: the engine runs it once per grid for the
     structure, and compiling pandapower's kernels for that costs seconds per process."""
@@ -161,19 +176,24 @@ def build_network_model(grid: Grid) -> NetworkModel:
     """Run pandapower once on a copy of the grid and keep its internal model."""
     net = copy.deepcopy(grid.net)
     try:
-        _runpp(net)
+        _runpp_or_grid_error(net, grid.name)
     except pp.LoadflowNotConverged:
         # The structure is all we need: build it at zero load.
         for element in ("load", "sgen"):
             net[element][["p_mw", "q_mvar"]] = 0.0
         try:
-            _runpp(net)
+            _runpp_or_grid_error(net, grid.name)
         except pp.LoadflowNotConverged:
             raise GridError(
                 f"grid {grid.name}: no AC power flow converges, even at zero load"
             ) from None
     ppc = net._ppc
     internal = ppc["internal"]
+    if "bus" not in internal or "branch" not in internal:  # pandapower skipped the power flow
+        raise GridError(
+            f"grid {grid.name}: no in-service line or trafo connects a bus to the slack: "
+            "nothing to monitor"
+        )
     n_int = internal["Ybus"].shape[0]
     lookup = np.asarray(net._pd2ppc_lookups["bus"])
     in_service_bus = net.bus.index[net.bus.in_service.to_numpy(bool)]
@@ -235,6 +255,20 @@ def build_network_model(grid: Grid) -> NetworkModel:
 
     load_bus, load_factor, load_p, load_q = element_map("load")
     sgen_bus, sgen_factor, sgen_p, sgen_q = element_map("sgen")
+    for element, bus in (("load", load_bus), ("sgen", sgen_bus)):
+        cut = (bus < 0) & net[element].in_service.to_numpy(bool)
+        if cut.any():
+            first = net[element].index[np.flatnonzero(cut)[0]]
+            log.warning(
+                "grid %s: %d in-service %s(s) have no path to the slack and are left out "
+                "(first: %s %s at bus %s)",
+                grid.name,
+                int(cut.sum()),
+                element,
+                element,
+                first,
+                net[element].at[first, "bus"],
+            )
     return NetworkModel(
         base_mva=float(ppc["baseMVA"]),
         Ybus=sp.csr_matrix(internal["Ybus"]),
@@ -337,13 +371,21 @@ def newton_raphson(
     pvpq, pq = model.jacobian.pvpq, model.pq
     n_pvpq = len(pvpq)
     for _ in range(max_iter + 1):
-        mis = V * np.conj(model.Ybus @ V) - Sbus
+        with np.errstate(all="ignore"):
+            mis = V * np.conj(model.Ybus @ V) - Sbus
         F = np.r_[mis[pvpq].real, mis[pq].imag]
         if not np.all(np.isfinite(F)):
             break
         if np.max(np.abs(F), initial=0.0) < tol_pu:
             return V
-        dx = spsolve(model.jacobian(V), -F)
+        try:
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a singular Jacobian: not converged
+                dx = spsolve(model.jacobian(V), -F)
+        except (RuntimeError, FloatingPointError, np.linalg.LinAlgError):
+            break
+        if not np.all(np.isfinite(dx)):
+            break
         Va, Vm = np.angle(V), np.abs(V)
         Va[pvpq] += dx[:n_pvpq]
         Vm[pq] += dx[n_pvpq:]

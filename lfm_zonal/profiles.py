@@ -12,6 +12,7 @@ Three sources, one result (:class:`Profiles`, one column per pandapower element)
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ import pandas as pd
 
 from lfm_zonal.errors import InputError
 from lfm_zonal.grids import Grid
+
+log = logging.getLogger(__name__)
 
 SIMBENCH_YEAR_START = pd.Timestamp("2016-01-01 00:00")
 SIMBENCH_STEP_MINUTES = 15
@@ -106,19 +109,63 @@ def load_profiles(
     else:
         profiles = _synthetic(grid, horizon)
     if load_scale != 1.0 or sgen_scale != 1.0:
-        if load_scale < 0 or sgen_scale < 0:
+        if (
+            not (np.isfinite(load_scale) and np.isfinite(sgen_scale))
+            or min(load_scale, sgen_scale) < 0
+        ):
             raise InputError(
-                f"load_scale and sgen_scale must be >= 0, got {load_scale}, {sgen_scale}"
+                f"load_scale and sgen_scale must be finite and >= 0, got {load_scale}, {sgen_scale}"
             )
+        notes = [
+            note
+            for element, scale in (("load", load_scale), ("sgen", sgen_scale))
+            if (note := _unscaled(grid, element, scale))
+        ]
         profiles = Profiles(
             horizon,
-            f"{profiles.source} (loads x{load_scale:g}, sgens x{sgen_scale:g})",
+            f"{profiles.source} (loads x{load_scale:g}, sgens x{sgen_scale:g}"
+            + "".join(f"; {n}" for n in notes)
+            + ")",
             profiles.load_p_mw * load_scale,
             profiles.load_q_mvar * load_scale,
             profiles.sgen_p_mw * sgen_scale,
             profiles.sgen_q_mvar * sgen_scale,
         )
     return profiles
+
+
+def _unscaled(grid: Grid, element: str, scale: float) -> str:
+    """What ``scale`` cannot change: in-service elements at pandapower ``scaling = 0`` stay at
+    0 MW whatever their profile (the power flow multiplies by ``scaling``). Refused where that
+    is every one of them (the factor would do nothing), else said in a warning and returned as
+    a note for the profile label ("" where nothing is left out)."""
+    table = grid.net[element]
+    if scale == 1.0 or len(table) == 0:
+        return ""
+    on = table.in_service.fillna(False).astype(bool).to_numpy()
+    off = on & (table.scaling.to_numpy(float) == 0)
+    if not off.any():
+        return ""
+    first = table.index[np.flatnonzero(off)[0]]
+    if off.sum() == on.sum():
+        raise InputError(
+            f"profiles.{element}_scale = {scale:g} would change nothing: every in-service "
+            f"{element} of grid {grid.name} has pandapower scaling = 0 (first: {element} {first}); "
+            f"set their scaling in the grid file to use them, or leave {element}_scale at 1"
+        )
+    log.warning(
+        "grid %s: %d of %d in-service %ss have pandapower scaling = 0 (first: %s %s): "
+        "%s_scale x%g leaves them at 0 MW",
+        grid.name,
+        int(off.sum()),
+        int(on.sum()),
+        element,
+        element,
+        first,
+        element,
+        scale,
+    )
+    return f"{int(off.sum())} {element}s at pandapower scaling 0 stay at 0 MW"
 
 
 def _frame(
@@ -207,57 +254,140 @@ def _from_simbench(grid: Grid, horizon: Horizon) -> Profiles:
 
 
 _CSV_COLUMN = re.compile(r"^(load|sgen)_(\d+)_(p_mw|q_mvar)$")
+#: Largest |MW| or |Mvar| a profile value may hold per element (beyond: a unit mistake).
+MAX_ELEMENT_MW = 1e4
 
 
 def _from_csv(grid: Grid, horizon: Horizon, path: Path) -> Profiles:
+    """Profiles from a CSV file; every malformed cell is refused naming its row and column
+    (row 1 is the header). Elements without a column keep their stored power; an element
+    with a P column but no Q column gets Q at its stored power factor (q = p x q/p as
+    stored; Q as stored where the stored P is 0), said in a warning."""
     if not path.is_file():
         raise InputError(f"profile file not found: {path}")
     try:
-        table = pd.read_csv(path)
+        # index_col=False: a trailing comma on the data rows is not an index column.
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     except Exception as exc:
         raise InputError(f"{path}: not a readable CSV file ({exc})") from None
+    for pos, name in enumerate(table.columns):
+        text = str(name)
+        if text.startswith("Unnamed:"):
+            if (table[name].str.strip() != "").any():
+                row = int(np.flatnonzero((table[name].str.strip() != "").to_numpy())[0]) + 2
+                raise InputError(f"{path}, row {row}, column {pos + 1}: a value without a header")
+            table = table.drop(columns=name)  # a trailing comma on the header line
+        elif re.fullmatch(r"(.+)\.\d+", text) and text.rsplit(".", 1)[0] in table.columns:
+            raise InputError(f"{path}: column '{text.rsplit('.', 1)[0]}' appears twice")
+    if len(table) == 0:
+        raise InputError(f"{path}: no data row")
     times = horizon.times
     if "time" in table.columns:
-        try:
-            table.index = pd.DatetimeIndex(pd.to_datetime(table.pop("time")))
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"{path}: column 'time' is not a date and time ({exc})") from None
+        table.index = _csv_times(path, table.pop("time"))
+        dup = table.index.duplicated(keep=False)
+        if dup.any():
+            rows = np.flatnonzero(dup)[:2] + 2
+            raise InputError(
+                f"{path}, rows {rows[0]} and {rows[1]}, column 'time': "
+                f"{table.index[rows[0] - 2]} appears twice"
+            )
         missing = times.difference(table.index)
         if len(missing):
             raise InputError(
                 f"{path}: horizon {times[0]} .. {times[-1]} is outside the profile range "
                 f"{table.index.min()} .. {table.index.max()} (first missing MTU {missing[0]})"
             )
-        table = table.loc[times]
+        rows = table.index.get_indexer(times)
     else:
         if len(table) < horizon.n_mtu:
             raise InputError(f"{path}: {len(table)} rows, but the horizon has {horizon.n_mtu} MTUs")
-        table = table.iloc[: horizon.n_mtu]
+        rows = np.arange(horizon.n_mtu)
     net = grid.net
-    frames = {}
-    for element, column in (
-        ("load", "p_mw"),
-        ("load", "q_mvar"),
-        ("sgen", "p_mw"),
-        ("sgen", "q_mvar"),
-    ):
-        stored = np.broadcast_to(
-            net[element][column].to_numpy(float), (len(times), len(net[element]))
-        )
-        frames[(element, column)] = _frame(stored.copy(), times, net[element].index, element)
+    given: dict[tuple[str, str], dict[int, np.ndarray]] = {
+        (e, c): {} for e in ("load", "sgen") for c in ("p_mw", "q_mvar")
+    }
     for name in table.columns:
         m = _CSV_COLUMN.match(str(name))
         if m is None:
             raise InputError(
-                f"{path}: column '{name}' is not of the form load_<index>_p_mw, "
+                f"{path}: column '{name}' is not of the form time, load_<index>_p_mw, "
                 "load_<index>_q_mvar, sgen_<index>_p_mw or sgen_<index>_q_mvar"
             )
         element, index, column = m.group(1), int(m.group(2)), m.group(3)
         if index not in net[element].index:
             raise InputError(f"{path}: column '{name}': grid {grid.name} has no {element} {index}")
-        values = pd.to_numeric(table[name], errors="coerce").to_numpy(float)
-        if np.isnan(values).any():
-            row = int(np.flatnonzero(np.isnan(values))[0])
-            raise InputError(f"{path}: column '{name}', data row {row + 1}: not a number")
-        frames[(element, column)][index] = values
+        text = table[name].to_numpy()[rows]
+        values = pd.to_numeric(pd.Series(text), errors="coerce").to_numpy(float)
+        bad = ~np.isfinite(values) | (np.abs(values) > MAX_ELEMENT_MW)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            why = (
+                "not a finite number"
+                if not np.isfinite(values[i])
+                else f"beyond {MAX_ELEMENT_MW:g} (the unit is MW or Mvar)"
+            )
+            raise InputError(f"{path}, row {rows[i] + 2}, column '{name}': {text[i]!r} is {why}")
+        given[(element, column)][index] = values
+    frames = {}
+    for (element, column), columns in given.items():
+        stored = np.broadcast_to(
+            net[element][column].to_numpy(float), (len(times), len(net[element]))
+        )
+        frames[(element, column)] = _frame(stored.copy(), times, net[element].index, element)
+        for index, values in columns.items():
+            frames[(element, column)][index] = values
+    for element in ("load", "sgen"):
+        p_only = sorted(set(given[(element, "p_mw")]) - set(given[(element, "q_mvar")]))
+        q_only = sorted(set(given[(element, "q_mvar")]) - set(given[(element, "p_mw")]))
+        if p_only:
+            p_stored = net[element].p_mw.reindex(p_only).to_numpy(float)
+            q_stored = net[element].q_mvar.reindex(p_only).to_numpy(float)
+            tan = np.divide(q_stored, p_stored, out=np.zeros(len(p_only)), where=p_stored != 0)
+            p_new = frames[(element, "p_mw")][p_only].to_numpy()
+            q = np.where(p_stored != 0, p_new * tan, q_stored)
+            frames[(element, "q_mvar")][p_only] = q
+            log.warning(
+                "%s: %d %s(s) have a P column but no Q column (first: %s_%d_p_mw): their Q "
+                "follows P at the grid's stored power factor (q = p x q_stored / p_stored)",
+                path,
+                len(p_only),
+                element,
+                element,
+                p_only[0],
+            )
+        if q_only:
+            log.warning(
+                "%s: %d %s(s) have a Q column but no P column (first: %s_%d_q_mvar): their P "
+                "stays at the grid's stored value",
+                path,
+                len(q_only),
+                element,
+                element,
+                q_only[0],
+            )
     return Profiles(horizon, f"csv:{path}", *frames.values())
+
+
+def _csv_times(path: Path, column: pd.Series) -> pd.DatetimeIndex:
+    """The 'time' column as naive timestamps; a bad cell is refused naming its row."""
+    text = column.str.strip()
+    try:
+        parsed = pd.to_datetime(text, errors="coerce", format="ISO8601")
+    except (ValueError, TypeError):  # mixed UTC offsets, out-of-range dates
+        parsed = pd.Series(
+            [pd.to_datetime(t, errors="coerce", format="ISO8601") for t in text], dtype=object
+        )
+    bad = parsed.isna().to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{path}, row {i + 2}, column 'time': {text.iloc[i]!r} is not a date and time "
+            "(ISO 8601, such as 2016-01-14 17:00)"
+        )
+    if not isinstance(parsed.dtype, np.dtype) or parsed.dtype.kind != "M":
+        first = next(i for i, t in enumerate(parsed) if getattr(t, "tzinfo", None) is not None)
+        raise InputError(
+            f"{path}, row {first + 2}, column 'time': {text.iloc[first]!r} has a time zone or "
+            "UTC offset; give local times without one, as the horizon's start"
+        )
+    return pd.DatetimeIndex(parsed, name="time")

@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 
 KINDS = ("load", "sgen", "storage")
 DIRECTIONS = ("up", "down", "both")
+#: Bounds of a resources CSV: a price beyond any market's sane penalty of unmet need, a
+#: power factor of the change below 0.1 (|tan_phi| > 10), or more MW than an element can hold.
+MAX_PRICE_EUR_PER_MWH = 1e6
+MAX_TAN_PHI = 10.0
+MAX_RESOURCE_MW = 1e4
 TABLE_COLUMNS = [
     "aggregator",
     "bus",
@@ -264,9 +269,17 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
     if not path.is_file():
         raise InputError(f"resource file not found: {path}")
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+        # index_col=False: a trailing comma on the data rows is not an index column.
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     except Exception as exc:
         raise InputError(f"{path}: not a readable CSV file ({exc})") from None
+    for pos, name in enumerate(list(raw.columns)):
+        if str(name).startswith("Unnamed:"):
+            filled = (raw[name].str.strip() != "").to_numpy()
+            if filled.any():
+                row = int(np.flatnonzero(filled)[0]) + 2
+                raise InputError(f"{path}, row {row}, column {pos + 1}: a value without a header")
+            raw = raw.drop(columns=name)  # a trailing comma on the header line
     required = [
         "resource_id",
         "aggregator",
@@ -294,6 +307,7 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
         column: str,
         default: float | None = None,
         allow_negative: bool = False,
+        bound: float | None = None,
     ) -> float:
         text = rec.get(column, "").strip()
         if text == "" and default is not None:
@@ -302,10 +316,18 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
             value = float(text)
         except ValueError:
             value = float("nan")
-        if not np.isfinite(value) or (value < 0 and not allow_negative):
+        low = -bound if (allow_negative and bound is not None) else (None if allow_negative else 0)
+        if (
+            not np.isfinite(value)
+            or (low is not None and value < low)
+            or (bound is not None and value > bound)
+        ):
+            what = "a finite number" + ("" if allow_negative else " >= 0")
+            if bound is not None:
+                what += f" with |{column}| <= {bound:g}" if allow_negative else f" <= {bound:g}"
             raise InputError(
-                f"{path}, row {row_no} ({rec['resource_id']!r}): {column} must be a "
-                f"finite number >= 0, got {text!r}"
+                f"{path}, row {row_no} ({rec['resource_id']!r}): {column} must be {what}, "
+                f"got {text!r}"
             )
         return value
 
@@ -339,10 +361,10 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
             raise InputError(
                 f"{path}, row {row_no} ({rid!r}): bus {bus} is {where} in grid {pf.grid.name}"
             )
-        p_max = number(row_no, rec, "p_max_mw")
-        cost_up = number(row_no, rec, "cost_up_eur_per_mwh")
-        cost_down = number(row_no, rec, "cost_down_eur_per_mwh")
-        tan_phi = number(row_no, rec, "tan_phi", 0.0, allow_negative=True)
+        p_max = number(row_no, rec, "p_max_mw", bound=MAX_RESOURCE_MW)
+        cost_up = number(row_no, rec, "cost_up_eur_per_mwh", bound=MAX_PRICE_EUR_PER_MWH)
+        cost_down = number(row_no, rec, "cost_down_eur_per_mwh", bound=MAX_PRICE_EUR_PER_MWH)
+        tan_phi = number(row_no, rec, "tan_phi", 0.0, allow_negative=True, bound=MAX_TAN_PHI)
         storage = {"energy_mwh": np.nan, "soc_init_mwh": np.nan, "efficiency": np.nan}
         if kind == "storage":
             storage = {
