@@ -308,7 +308,9 @@ def plot_tender_cost_curve(curve: pd.DataFrame, rules: pd.DataFrame, path: Path,
             ha="left",
         )
     ax.set_yscale("symlog", linthresh=10)
-    ax.set_ylim(0, 2 * float(curve.cost_eur_per_h.max()))
+    finite = curve.cost_eur_per_h[np.isfinite(curve.cost_eur_per_h)]
+    if len(finite) and 0 < finite.max() < 1e300:
+        ax.set_ylim(0, 2 * float(finite.max()))
     ax.set_xlabel("procured availability Q (MW)")
     ax.set_ylabel("EUR per hour of the window (symlog)")
     ax.grid(True, which="both", alpha=0.3)
@@ -344,6 +346,9 @@ def plot_tender_spatial(summary: pd.DataFrame, path: Path, title: str) -> None:
     grid = summary.pivot(index="gini", columns="n_nodes", values="c_aggr_percent")
     miss = summary.pivot(index="gini", columns="n_nodes", values="p_node_below_median")
     x, y = grid.columns.to_numpy(float), grid.index.to_numpy(float)
+    if len(x) < 2 or len(y) < 2:
+        _plot_tender_spatial_lines(summary, path, title)
+        return
     fig, ax = plt.subplots(figsize=(8, 5.2))
     values = np.ma.masked_invalid(np.clip(grid.to_numpy(), 0.1, None))
     top = max(float(values.max()) if values.count() else 1.0, 1.0)
@@ -362,6 +367,43 @@ def plot_tender_spatial(summary: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_xlabel("grid nodes aggregated in one product")
     ax.set_ylabel("Gini index of the number of offers per node")
     ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title)
+    save(fig, path)
+
+
+def _plot_tender_spatial_lines(summary: pd.DataFrame, path: Path, title: str) -> None:
+    """Fig. 5 for a single Gini index or node count (no surface to contour): c_aggr against
+    the dimension that varies, one line per value of the other, P(miss) on a second axis."""
+    by_gini = summary.n_nodes.nunique() < 2 and summary.gini.nunique() >= 2
+    x_col, line_col = ("gini", "n_nodes") if by_gini else ("n_nodes", "gini")
+    label = {"gini": "Gini index {:g}", "n_nodes": "{:g} nodes"}
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    twin = ax.twinx()
+    values = sorted(summary[line_col].unique())
+    colours = plt.get_cmap("viridis")(np.linspace(0, 0.95, max(len(values), 1)))
+    for colour, v in zip(colours, values, strict=True):
+        part = summary[summary[line_col] == v].sort_values(x_col)
+        ax.plot(
+            part[x_col],
+            part.c_aggr_percent,
+            "o-",
+            ms=4,
+            color=colour,
+            label=label[line_col].format(v),
+        )
+        twin.plot(part[x_col], part.p_node_below_median, "x:", ms=4, color=colour, lw=1)
+    ax.set_xlabel(
+        "Gini index of the number of offers per node"
+        if by_gini
+        else "grid nodes aggregated in one product"
+    )
+    ax.set_ylabel("extra cost of aggregation c_aggr (%)")
+    twin.set_ylabel("P(a node's cleared offer misses its median need) (dotted)")
+    twin.set_ylim(-0.05, 1.05)
+    finite = summary.c_aggr_percent[np.isfinite(summary.c_aggr_percent)]
+    ax.set_ylim(0, max(float(finite.max()) * 1.1, 1e-3) if len(finite) else 1.0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title)
     save(fig, path)
 

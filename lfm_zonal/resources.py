@@ -104,15 +104,17 @@ class FlexibilitySpec:
 
 
 def _costs(rng: np.random.Generator, mean_std: tuple[float, float], n: int) -> np.ndarray:
-    """Normal costs, redrawn until >= 1 EUR/MWh (no free flexibility), rounded to cents."""
+    """Normal costs conditioned on >= 1 EUR/MWh (no free flexibility), rounded to cents.
+
+    ``limits.truncated_normal``: at most 100 redraw rounds (the stream of the former
+    redraw loop), then scipy.stats' truncated normal for the rest, so bounded.
+    """
+    from lfm_zonal.limits import truncated_normal
+
     mean, std = mean_std
-    out = rng.normal(mean, std, n)
-    for _ in range(100):
-        bad = out < 1.0
-        if not bad.any():
-            break
-        out[bad] = rng.normal(mean, std, int(bad.sum()))
-    return np.round(np.maximum(out, 1.0), 2)
+    if std == 0:
+        return np.round(np.maximum(rng.normal(mean, std, n), 1.0), 2)
+    return np.round(truncated_normal(rng, mean, std, 1.0, np.inf, n), 2)
 
 
 def generate_resources(pf: HorizonPowerFlow, spec: FlexibilitySpec, seed: int) -> Resources:

@@ -46,6 +46,7 @@ import pandas as pd
 from scipy.special import ndtr, ndtri
 
 from lfm_zonal.errors import InputError
+from lfm_zonal.limits import require_memory, truncated_normal
 
 HOURS_PER_YEAR = 8760.0
 
@@ -222,6 +223,102 @@ def _typed(source: str, key: str, value: Any, kind: type) -> Any:
     return value
 
 
+# ----------------------------------------------------------------------------- request size
+
+SPATIAL_ARRAYS_PER_CANDIDATE = 12  # measured peak (tracemalloc): 9-12 per offer x point
+SPATIAL_ARRAYS_PER_OFFER_NODE = 6  # the completed-offers matrices, measured 5
+TEMPORAL_ARRAYS_PER_CANDIDATE = 10  # per MTU x candidate, measured 6 (normal) to 9 (Monte Carlo)
+OPTIMUM_ARRAYS_PER_CANDIDATE = 12  # measured 9-10
+SAMPLE_ARRAYS = 4  # Monte Carlo draws, sorted copy, tail sums
+VALUES_PER_ROW = 100  # one result row of a study (a dict of ~10 values), in 8-byte items
+
+
+def _values(values, name: str, kind: type, low: float, high: float | None = None):
+    """Finite numbers in [low, high) (whole numbers for int), or an InputError naming them."""
+    v = np.asarray(values, float).ravel()
+    if v.size == 0:
+        raise InputError(f"give at least one value of {name}")
+    bad = ~np.isfinite(v) | (v < low) | ((v >= high) if high is not None else False)
+    if kind is int:
+        bad |= np.isfinite(v) & (v != np.round(v))
+    if bad.any():
+        span = f"in [{low:g}, {high:g})" if high is not None else f">= {low:g}"
+        whole = " and whole" if kind is int else ""
+        raise InputError(f"{name} must be finite{whole} and {span}, got {v[bad][0]:g}")
+    return v
+
+
+def check_tender_request(
+    params: TenderParameters,
+    study: str = "all",
+    *,
+    sigma_mu_mw=(0,),
+    n_mtu=(1,),
+    gini=(0.0,),
+    n_nodes=(1,),
+    seeds=(0,),
+) -> float:
+    """Refuse a study request that is malformed or would not fit in memory, before any draw.
+
+    Values: sigma_mu finite >= 0, MTU and node counts whole >= 1, Gini indices in
+    [0, 1), at least one seed. Memory (``limits.require_memory``): offers per node
+    B = offered_volume_ratio / bid_size_ratio, M = points_per_offer candidates each,
+    so the optimum holds B x M candidates, the temporal study max(n_mtu) x B x M,
+    the spatial study N x B x M and N x B x N for the largest N, Monte Carlo needs
+    mc_samples (x N for sizing rule B), plus the result rows. Returns the estimate
+    in bytes.
+    """
+    studies = ("optimum", "temporal", "spatial") if study == "all" else (study,)
+    if len(seeds) == 0:
+        raise InputError("give at least one seed")
+    b = max(1.0, params.offered_volume_ratio / params.bid_size_ratio)
+    m = float(params.points_per_offer)
+    offers, points = (b, "offers per node"), (m, "points per offer")
+    monte_carlo = params.skewness != 0 or params.kurtosis != 3
+    samples = (float(params.mc_samples), "Monte Carlo samples")
+    n_seeds = (len(seeds), "seeds")
+    terms = []
+    if monte_carlo:
+        terms.append([samples, (SAMPLE_ARRAYS, "arrays")])
+    if "optimum" in studies:
+        terms.append([offers, points, (OPTIMUM_ARRAYS_PER_CANDIDATE, "arrays")])
+    if "temporal" in studies:
+        sigmas = _values(sigma_mu_mw, "sigma_mu", float, 0.0)
+        mtus = _values(n_mtu, "the numbers of MTUs", int, 1.0)
+        t = (float(mtus.max()), "MTUs")
+        terms.append([t, offers, points, (TEMPORAL_ARRAYS_PER_CANDIDATE, "arrays")])
+        rows = [(len(sigmas), "sigma_mu"), (len(mtus), "MTU counts"), n_seeds]
+        terms.append([*rows, (VALUES_PER_ROW, "values per row")])
+    if "spatial" in studies:
+        _values(gini, "the Gini indices", float, 0.0, 1.0)
+        nodes = _values(n_nodes, "the numbers of nodes", int, 1.0)
+        n = (float(nodes.max()), "nodes")
+        terms.append([n, offers, points, (SPATIAL_ARRAYS_PER_CANDIDATE, "arrays")])
+        terms.append([n, offers, n, (SPATIAL_ARRAYS_PER_OFFER_NODE, "arrays")])
+        if params.sizing_rule == "B":
+            terms.append([samples, n, (3, "arrays")])
+        rows = [(len(gini), "Gini indices"), (len(nodes), "node counts"), n_seeds]
+        terms.append([*rows, (VALUES_PER_ROW, "values per row")])
+    return require_memory(
+        f"tender {study}",
+        terms,
+        hint="lower points_per_offer, raise bid_size_ratio, or ask fewer MTUs, nodes or seeds",
+    )
+
+
+def _finite_costs(params: TenderParameters, costs: np.ndarray, where: str) -> None:
+    """Refuse parameters whose expected costs overflow (inf or NaN) instead of writing them."""
+    if not np.isfinite(costs).all():
+        shown = ", ".join(
+            f"{name} = {getattr(params, name):g}"
+            for name in ("mu_mu_mw", "sigma_mw", "capacity_mw", "voll_eur_per_mwh")
+        )
+        raise InputError(
+            f"tender parameters: the expected cost of the {where} is not finite ({shown}); "
+            "give loads, deviations and prices of a physical size"
+        )
+
+
 # ----------------------------------------------------------------------------- the need
 
 
@@ -312,7 +409,7 @@ def standardised_samples(params: TenderParameters, rng: np.random.Generator) -> 
         mean, var = d * np.sqrt(2 / np.pi), 1 - 2 * d * d / np.pi
         return (x - mean) / np.sqrt(var)
     if params.kurtosis > 3:
-        dof = 4 + 6 / (params.kurtosis - 3)
+        dof = min(4 + 6 / (params.kurtosis - 3), 1e9)  # a kurtosis of 3 + 1e-300: the normal
         return rng.standard_t(dof, n) / np.sqrt(dof / (dof - 2))
     return rng.standard_normal(n)
 
@@ -343,17 +440,16 @@ class Offers:
 def _truncated_normal(
     rng: np.random.Generator, cap: float, mean_ratio: float, std_ratio: float, n: int, how: str
 ) -> np.ndarray:
-    """n prices N(mean_ratio cap, std_ratio cap) kept within [0, cap]: resampled until
-    inside, or clipped."""
+    """n prices N(mean_ratio cap, std_ratio cap) kept within [0, cap]: resampled, or clipped.
+
+    Resampling is ``limits.truncated_normal``: at most 100 redraw rounds (the plain
+    redraw loop's stream for the shipped sets, which end in a few), then
+    scipy.stats' truncated normal, so a spread of any size ends.
+    """
     mean, std = mean_ratio * cap, std_ratio * cap
-    x = rng.normal(mean, std, n)
     if how == "clip" or std == 0:
-        return np.clip(x, 0.0, cap)
-    out = (x < 0) | (x > cap)
-    while out.any():
-        x[out] = rng.normal(mean, std, int(out.sum()))
-        out = (x < 0) | (x > cap)
-    return x
+        return np.clip(rng.normal(mean, std, n), 0.0, cap)
+    return truncated_normal(rng, mean, std, 0.0, cap, n)
 
 
 def price_draws(params: TenderParameters, n: int, rng: np.random.Generator):
@@ -530,11 +626,8 @@ def temporal_study(
     mu_t = mu_mu + sigma_mu z_t with the same z_t for every sigma_mu (common random
     numbers), the first n of them for n MTUs.
     """
+    check_tender_request(params, "temporal", sigma_mu_mw=sigma_mu_mw, n_mtu=n_mtu, seeds=seeds)
     sigma_mu_mw, n_mtu = np.asarray(sigma_mu_mw, float), np.asarray(n_mtu, int)
-    if (sigma_mu_mw < 0).any():
-        raise InputError(f"sigma_mu must be >= 0, got {sigma_mu_mw.min()}")
-    if len(n_mtu) == 0 or n_mtu.min() < 1:
-        raise InputError("the numbers of MTUs must be >= 1")
     rows = []
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -545,6 +638,7 @@ def temporal_study(
         for s in sigma_mu_mw:
             need = dataclasses.replace(shape, mu_mw=params.mu_mu_mw + s * z)
             costs = expected_cost(params, curve, need)
+            _finite_costs(params, costs, f"temporal study (sigma_mu {s:g} MW)")
             for n in n_mtu:
                 c_aggr, j = aggregation_extra_cost(costs[:n])
                 rows.append(
@@ -673,6 +767,7 @@ def pooled_tender(
         node_costs.append(np.asarray(c).ravel())
         offsets.append(offsets[-1] + len(node_costs[-1]))
     flat = np.concatenate(node_costs)
+    _finite_costs(params, flat, f"tender at {n_nodes} nodes")
     offsets = np.asarray(offsets)
     c_min = np.array([c.min() for c in node_costs])
     best = np.array([int(c.argmin()) for c in node_costs])
@@ -751,10 +846,9 @@ def spatial_study(
     is n_nodes x the per-node average. A Gini index out of reach for n nodes
     (above (n - 1) / n) gives a row with NaN results and ``reachable`` False.
     """
+    check_tender_request(params, "spatial", gini=gini, n_nodes=n_nodes, seeds=seeds)
     rows = []
     for n in n_nodes:
-        if n < 1:
-            raise InputError(f"the number of nodes must be >= 1, got {n}")
         for g in gini:
             reachable = g <= max_gini(n) + 1e-12
             counts = offer_counts(n, n * params.bids_per_node, g) if reachable else None
@@ -804,6 +898,7 @@ def deterministic_comparison(
     load forecast (0.5: the forecast itself; 0.9 and 0.99: a prudent historic
     peak). Both are cleared on the same offers and costed by Eq. 1 on the same need.
     """
+    check_tender_request(params, "optimum", seeds=seeds)
     rows = []
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -811,6 +906,7 @@ def deterministic_comparison(
         need = need_of(params, params.mu_mu_mw, rng)
         curve = clear_curve(offers, params.points_per_offer)
         costs = np.asarray(expected_cost(params, curve, need)).ravel()
+        _finite_costs(params, costs, "optimum")
         rules = [("probabilistic optimum", curve, int(np.argmin(costs)))]
         for p in peak_quantiles:
             at = curve_at(curve, float(need.quantile(p)))
@@ -865,6 +961,15 @@ def run_tender_studies(
         raise InputError(
             f"unknown tender study '{study}': choose one of {', '.join(TENDER_STUDIES)}"
         )
+    check_tender_request(
+        params,
+        study,
+        sigma_mu_mw=sigma_mu_mw,
+        n_mtu=n_mtu,
+        gini=gini,
+        n_nodes=n_nodes,
+        seeds=seeds,
+    )
     tag = f" ({label})" if label else ""
     out: dict[str, pd.DataFrame] = {}
     write_json(dataclasses.asdict(params) | {"seeds": list(seeds)}, folder / "parameters.json")

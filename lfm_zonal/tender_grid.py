@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from lfm_zonal.errors import InputError
+from lfm_zonal.limits import require_memory
 from lfm_zonal.resources import Resources
 from lfm_zonal.segmentation import Segmentation, overall_error
 from lfm_zonal.sensitivity import sensitivities
@@ -41,6 +42,7 @@ from lfm_zonal.tender import Need, Offers, TenderParameters, pooled_tender, pric
 
 DEFAULT_FORECAST_ERROR = 0.1
 DEFAULT_MIN_EFFECT = 0.01
+MAX_FORECAST_ERROR = 10.0  # a deviation of 10 x the MW forecast: beyond any forecast
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,11 @@ def congestion_needs(
     min_effect: float = DEFAULT_MIN_EFFECT,
 ) -> CongestionNeeds:
     """The congested element of the horizon and its need attributed to the flexible buses."""
-    if not forecast_error >= 0:
-        raise InputError(f"the forecast error must be >= 0, got {forecast_error}")
+    if not (0 <= forecast_error <= MAX_FORECAST_ERROR):
+        raise InputError(
+            f"the forecast error must be within [0, {MAX_FORECAST_ERROR:g}] (standard deviation "
+            f"/ MW), got {forecast_error}"
+        )
     pf = seg.pf
     limit = pf.grid.loading_max_percent
     over = (pf.loading_percent - limit).where(pf.converged, np.nan, axis=0)
@@ -163,6 +168,18 @@ def zonal_tender_study(
     """c_aggr of one tender per zone against one tender per bus, for every K in ``ks``."""
     congestion = congestion_needs(seg, resources, forecast_error)
     nodes = congestion.nodes.index
+    if len(seeds) == 0 or len(ks) == 0:
+        raise InputError("give at least one seed and one zone count K")
+    n_offers = int(resources.table.bus.isin(nodes).sum())  # at most one offer per resource
+    require_memory(
+        "tender grid",
+        [
+            [(n_offers, "offers"), (params.points_per_offer, "points per offer"), (12, "arrays")],
+            [(n_offers, "offers"), (len(nodes), "nodes"), (6, "arrays")],
+            [(len(ks), "zone counts"), (len(seeds), "seeds"), (100, "values per row")],
+        ],
+        hint="lower points_per_offer or ask fewer zone counts or seeds",
+    )
     rows = []
     for seed in seeds:
         offers = grid_offers(params, resources, congestion, np.random.default_rng(seed))

@@ -1,0 +1,190 @@
+"""What a request may ask of the machine, and samplers whose loops are bounded.
+
+``require_memory`` estimates the memory of a request from its dimensions and
+refuses it with one ``InputError`` line, before anything is allocated, when the
+estimate is above the budget: ``MEMORY_SHARE`` of the memory available now
+(cgroup limit, /proc/meminfo MemAvailable or ``os.sysconf``, the smallest), or
+the ``LFM_ZONAL_MAX_MEMORY_GIB`` environment variable where set.
+
+``truncated_normal`` draws a normal kept within bounds: a bounded number of
+redraw rounds (the stream of the plain redraw loop wherever it finishes in them),
+then scipy.stats' truncated normal for what is left, so no bound and no spread
+can make it loop forever.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from lfm_zonal.errors import InputError
+
+GIB = 2.0**30
+MEMORY_SHARE = 0.75  # of the available memory a single request may take
+MEMORY_ENV = "LFM_ZONAL_MAX_MEMORY_GIB"
+REDRAW_ROUNDS = 100  # redraw rounds before the rest is drawn from scipy's truncated normal
+MIN_ACCEPTANCE = 0.01  # below this share inside the window, no redraw round at all
+
+Term = Sequence[tuple[float, str]]  # factors of one array family: (count, label), ...
+
+
+def available_memory_bytes() -> float:
+    """Memory this process may still take: the smallest of the cgroup's room, MemAvailable
+    and the free physical pages (whichever the system reports)."""
+    found = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(float(line.split()[1]) * 1024)
+                    break
+    except OSError:
+        pass
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        try:
+            with open(limit_file, encoding="ascii") as f:
+                limit = f.read().strip()
+            with open(usage_file, encoding="ascii") as f:
+                usage = float(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and float(limit) < 2.0**60:
+            found.append(max(float(limit) - usage, 0.0))
+        break
+    if not found:
+        try:
+            found.append(float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")))
+        except (OSError, ValueError, AttributeError):
+            return math.inf
+    return min(found)
+
+
+def memory_budget_bytes() -> tuple[float, float]:
+    """(budget, available) in bytes: the override of LFM_ZONAL_MAX_MEMORY_GIB, else
+    MEMORY_SHARE of what is available."""
+    text = os.environ.get(MEMORY_ENV, "").strip()
+    if text:
+        try:
+            gib = float(text)
+        except ValueError:
+            gib = math.nan
+        if not (gib > 0 and math.isfinite(gib)):
+            raise InputError(f"{MEMORY_ENV}={text!r}: give a positive number of GiB")
+        return gib * GIB, gib * GIB
+    available = available_memory_bytes()
+    return MEMORY_SHARE * available, available
+
+
+def _product(term: Term) -> float:
+    size = 1.0
+    for count, _ in term:
+        size *= float(count)
+    return size
+
+
+def _count(value: float) -> str:
+    v = float(value)
+    return f"{v:.0f}" if v.is_integer() and abs(v) < 1e15 else f"{v:.3g}"
+
+
+def require_memory(
+    what: str,
+    terms: Iterable[Term],
+    *,
+    bytes_per_item: int = 8,
+    hint: str = "",
+) -> float:
+    """Refuse (InputError) a request whose arrays would not fit in memory; else its estimate.
+
+    ``terms``: one entry per family of arrays, each a sequence of (count, label)
+    factors whose product is a number of items of ``bytes_per_item`` (float64 by
+    default), e.g. ``[[(T, "MTUs"), (branches, "branches"), (areas, "areas"),
+    (4, "arrays")]]``. The estimate is the sum over the terms; the message names
+    the factors of the terms that matter (a tenth of the largest or more). Counts
+    that are not finite are refused as well. Call it before allocating.
+    """
+    terms = [list(t) for t in terms]
+    sizes = [_product(t) for t in terms]
+    needed = sum(sizes) * bytes_per_item
+    budget, available = memory_budget_bytes()
+    if math.isfinite(needed) and needed <= budget:
+        return needed
+    largest = max(sizes, default=0.0)
+    shown = [
+        " x ".join(f"{_count(c)} {label}".rstrip() for c, label in t)
+        for t, s in zip(terms, sizes, strict=True)
+        if not math.isfinite(s) or s >= 0.1 * largest
+    ]
+    dims = " + ".join(shown) + f" x {bytes_per_item} bytes"
+    amount = f"about {needed / GIB:.3g} GiB" if math.isfinite(needed) else "unbounded memory"
+    where = (
+        f"the budget is {budget / GIB:.3g} GiB ({MEMORY_ENV})"
+        if os.environ.get(MEMORY_ENV, "").strip()
+        else f"the machine has {available / GIB:.3g} GiB available"
+    )
+    raise InputError(
+        f"{what}: this request needs {amount} ({dims}); {where}" + (f"; {hint}" if hint else "")
+    )
+
+
+def truncated_normal(
+    rng: np.random.Generator,
+    mean: float,
+    std: float,
+    low: float,
+    high: float,
+    n: int,
+    rounds: int = REDRAW_ROUNDS,
+) -> np.ndarray:
+    """n draws of N(mean, std) conditioned on [low, high] (either bound may be infinite).
+
+    Up to ``rounds`` rounds redraw what fell outside (the plain redraw loop's
+    stream wherever it ends in them); what is still outside is then drawn from
+    scipy.stats.truncnorm (no round at all when less than MIN_ACCEPTANCE of the
+    normal lies in the window; uniform draws when the window is under 1e-6
+    deviations wide, where the density is flat). Every value is truncated-normal
+    either way and the work is at most ``rounds`` x n draws whatever the spread.
+    ``std`` 0 gives the mean clipped to the window, an infinite one (finite window)
+    the uniform.
+    """
+    if not (low <= high):
+        raise InputError(f"truncated normal: empty window [{low}, {high}]")
+    if not (math.isfinite(mean) and std >= 0) or (
+        math.isinf(std) and not (math.isfinite(low) and math.isfinite(high))
+    ):
+        raise InputError(
+            f"truncated normal: mean {mean} must be finite and deviation {std} >= 0 "
+            "(finite where the window is not)"
+        )
+    if std == 0 or n == 0:
+        return np.clip(np.full(n, float(mean)), low, high)
+    a, b = (low - mean) / std, (high - mean) / std
+    accept = 0.5 * (math.erf(b / math.sqrt(2)) - math.erf(a / math.sqrt(2)))
+    if accept < MIN_ACCEPTANCE:
+        rounds = 0  # redrawing would mostly miss: straight to the truncated normal
+    x = rng.normal(mean, std, n) if rounds else np.full(n, math.nan)
+    out = ~((x >= low) & (x <= high))
+    for _ in range(rounds):
+        if not out.any():
+            return x
+        x[out] = rng.normal(mean, std, int(out.sum()))
+        out = (x < low) | (x > high)
+    left = int(out.sum())
+    if left and b - a < 1e-6:
+        # A window far narrower than the spread: the density is flat on it to 1e-12.
+        x[out] = rng.uniform(low, high, left)
+    elif left:
+        from scipy.stats import truncnorm
+
+        x[out] = truncnorm.rvs(a, b, loc=mean, scale=std, size=left, random_state=rng)
+        np.clip(x, low, high, out=x)  # the quantile function's last ulp
+    return x

@@ -1,0 +1,243 @@
+"""Requests beyond the machine are refused before any allocation; every sampler ends."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from lfm_zonal import InputError, limits
+from lfm_zonal import tender as T
+from lfm_zonal.resources import _costs
+from lfm_zonal.tender_grid import congestion_needs
+
+TABLE_I = T.TenderParameters()
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Fail (instead of hanging) when the block runs longer than ``seconds``."""
+
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    text = str(exc.value)
+    assert "\n" not in text and text
+    return text
+
+
+# ----------------------------------------------------------------------------- require_memory
+
+
+def test_memory_estimate_passes_small_and_names_dimensions_when_refused(monkeypatch):
+    monkeypatch.delenv(limits.MEMORY_ENV, raising=False)
+    small = [[(96, "MTUs"), (150, "branches"), (10, "areas"), (4, "arrays")]]
+    assert limits.require_memory("main job", small) == 96 * 150 * 10 * 4 * 8
+    huge = [[(35040, "MTUs"), (1e6, "branches"), (1000, "areas"), (4, "arrays")]]
+    with pytest.raises(InputError) as info:
+        limits.require_memory("main job", huge)
+    text = one_line(info)
+    assert text.startswith("main job: this request needs about ")
+    assert "(35040 MTUs x 1000000 branches x 1000 areas x 4 arrays x 8 bytes)" in text
+    assert "the machine has" in text and "GiB available" in text
+
+
+def test_memory_budget_override_and_unbounded_counts(monkeypatch):
+    monkeypatch.setenv(limits.MEMORY_ENV, "0.001")  # 1 MiB
+    with pytest.raises(InputError, match=r"about 0.00745 GiB .*the budget is 0.001 GiB"):
+        limits.require_memory("x", [[(1e6, "items")]])
+    monkeypatch.setenv(limits.MEMORY_ENV, "1")
+    with pytest.raises(InputError, match="needs unbounded memory"):
+        limits.require_memory("x", [[(math.inf, "offers")], [(3, "nodes")]])
+    monkeypatch.setenv(limits.MEMORY_ENV, "lots")
+    with pytest.raises(InputError, match=limits.MEMORY_ENV):
+        limits.require_memory("x", [[(1, "item")]])
+    monkeypatch.delenv(limits.MEMORY_ENV)
+    assert 0 < limits.available_memory_bytes() < math.inf
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+def redraw_loop(rng, mean, std, low, high, n):
+    """The former unbounded sampler: the stream truncated_normal keeps where it can."""
+    x = rng.normal(mean, std, n)
+    out = (x < low) | (x > high)
+    while out.any():
+        x[out] = rng.normal(mean, std, int(out.sum()))
+        out = (x < low) | (x > high)
+    return x
+
+
+@pytest.mark.parametrize("mean, std", [(54_000, 12_000), (450, 100), (30_000, 60_000)])
+def test_truncated_normal_keeps_the_redraw_stream(mean, std):
+    for seed in range(20):
+        a = redraw_loop(np.random.default_rng(seed), mean, std, 0.0, 60_000.0, 25)
+        b = limits.truncated_normal(np.random.default_rng(seed), mean, std, 0.0, 60_000.0, 25)
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("std", [10 * 60_000, 1e9 * 60_000, 1e300, math.inf])
+def test_truncated_normal_ends_for_any_spread(std):
+    rng = np.random.default_rng(0)
+    with deadline(5):
+        x = limits.truncated_normal(rng, 54_000.0, std, 0.0, 60_000.0, 10_000)
+    assert ((x >= 0) & (x <= 60_000)).all()
+    # The window is a sliver of the spread: the draws are close to uniform on it.
+    assert abs(x.mean() - 30_000) < 1_500
+
+
+def test_truncated_normal_far_tail_and_degenerate_cases():
+    rng = np.random.default_rng(0)
+    with deadline(5):
+        tail = limits.truncated_normal(rng, 0.0, 0.01, 1.0, math.inf, 1000)  # 100 deviations
+    assert (tail >= 1.0).all() and tail.max() < 1.01
+    assert (limits.truncated_normal(rng, 5.0, 0.0, 0.0, 1.0, 3) == 1.0).all()
+    with pytest.raises(InputError):
+        limits.truncated_normal(rng, math.nan, 1.0, 0.0, 1.0, 3)
+    with pytest.raises(InputError):
+        limits.truncated_normal(rng, 0.0, math.inf, 0.0, math.inf, 3)
+
+
+def test_tender_prices_bounded_for_the_largest_spread():
+    params = TABLE_I.replace(p_av_std_ratio=10.0, p_act_std_ratio=10.0)
+    with deadline(5):
+        av, act = T.price_draws(params, 100_000, np.random.default_rng(0))
+    assert ((av >= 0) & (av <= params.p_av_cap_eur_per_mw_year)).all()
+    assert ((act >= 0) & (act <= params.p_act_cap_eur_per_mwh)).all()
+    for ratio in (1e6, 1e300):  # beyond the parameter bounds: the sampler itself still ends
+        with deadline(5):
+            x = T._truncated_normal(np.random.default_rng(0), 500.0, 0.9, ratio, 1000, "resample")
+        assert ((x >= 0) & (x <= 500)).all()
+
+
+def test_resource_costs_bounded_and_at_least_one_euro():
+    with deadline(10):
+        far = _costs(np.random.default_rng(0), (0.001, 1e-6), 10_000)  # 1e6 deviations away
+        wide = _costs(np.random.default_rng(0), (50.0, 1e12), 10_000)
+    assert (far == 1.0).all() and (wide >= 1.0).all()
+    assert (_costs(np.random.default_rng(0), (0.5, 0.0), 3) == 1.0).all()
+
+
+def test_student_t_at_the_normal_limit_is_finite():
+    params = TABLE_I.replace(kurtosis=3.0000000000000004)
+    z = T.standardised_samples(params, np.random.default_rng(0))
+    assert np.isfinite(z).all() and abs(z.std() - 1) < 0.05
+
+
+# ----------------------------------------------------------------------------- tender requests
+
+
+BAD_REQUESTS = [
+    ("points_per_offer", dict(study="temporal", n_mtu=(10**7,)), "MTUs x 25 offers per node"),
+    (
+        "small bids, many points",
+        dict(
+            study="spatial",
+            n_nodes=(2, 200),
+            params={"bid_size_ratio": 0.0075, "points_per_offer": 100},
+        ),
+        "200 nodes x 1000 offers per node x 100 points per offer x 12 arrays",
+    ),
+    ("many nodes", dict(study="spatial", n_nodes=(10**5,)), "100000 nodes x 25 offers"),
+    ("sigma_mu nan", dict(study="temporal", sigma_mu_mw=(0, math.nan)), "sigma_mu must be finite"),
+    ("sigma_mu inf", dict(study="temporal", sigma_mu_mw=(math.inf,)), "sigma_mu must be finite"),
+    ("negative sigma_mu", dict(study="temporal", sigma_mu_mw=(-1,)), ">= 0, got -1"),
+    ("zero MTUs", dict(study="temporal", n_mtu=(0,)), "MTUs must be finite and whole"),
+    ("gini nan", dict(study="spatial", gini=(math.nan,)), "Gini indices must be finite"),
+    ("gini 1.5", dict(study="spatial", gini=(0.1, 1.5)), "in [0, 1), got 1.5"),
+    ("half a node", dict(study="spatial", n_nodes=(2.5,)), "whole and >= 1, got 2.5"),
+    ("no seed", dict(seeds=()), "at least one seed"),
+    ("unknown study", dict(study="both"), "unknown tender study"),
+]
+
+
+@pytest.mark.parametrize("case, request_, message", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_tender_request_is_one_line_before_any_output(
+    tmp_path, monkeypatch, case, request_, message
+):
+    monkeypatch.setenv(limits.MEMORY_ENV, "1")
+    request_ = dict(request_)
+    params = TABLE_I.replace(**request_.pop("params", {}))
+    study = request_.pop("study", "all")
+    with deadline(5), pytest.raises(InputError) as info:
+        T.run_tender_studies(params, study, tmp_path, **request_)
+    assert message in one_line(info)
+    assert not list(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_the_studies_refuse_on_their_own(monkeypatch):
+    monkeypatch.setenv(limits.MEMORY_ENV, "1")
+    with deadline(5):
+        with pytest.raises(InputError, match="sigma_mu must be finite"):
+            T.temporal_study(TABLE_I, (math.nan,), (2,), (0,))
+        with pytest.raises(InputError, match="Gini indices must be finite"):
+            T.spatial_study(TABLE_I, (math.nan,), (2,), (0,))
+        with pytest.raises(InputError, match="GiB"):
+            T.temporal_study(TABLE_I.replace(points_per_offer=1000), (0,), (10**5,), (0,))
+
+
+def test_grid_forecast_error_must_be_finite():
+    for bad in (math.inf, math.nan, -0.1, 1e300):
+        with pytest.raises(InputError, match="forecast error must be within"):
+            congestion_needs(None, None, bad)
+
+
+@pytest.mark.parametrize(
+    "gini, n_nodes", [((0.1,), (2,)), ((0.0, 0.2, 0.4), (4,)), ((0.2,), (2, 3, 5))]
+)
+def test_single_gini_or_node_count_runs_and_plots(tmp_path, gini, n_nodes):
+    tables = T.run_tender_studies(
+        TABLE_I, "spatial", tmp_path, gini=gini, n_nodes=n_nodes, seeds=(0,)
+    )
+    assert len(tables["spatial_summary"]) == len(gini) * len(n_nodes)
+    assert (tmp_path / "spatial.png").stat().st_size > 10_000
+
+
+def test_cost_curve_plot_ignores_non_finite_costs(tmp_path):
+    import pandas as pd
+
+    from lfm_zonal.plots import plot_tender_cost_curve
+
+    curve = pd.DataFrame(
+        {
+            "q_mw": [0.0, 1.0, 2.0],
+            "availability_eur_per_h": [0.0, 1.0, 2.0],
+            "activation_eur_per_h": [0.0, 1.0, math.nan],
+            "unmet_eur_per_h": [math.inf, 5.0, 1.0],
+            "cost_eur_per_h": [math.inf, 7.0, math.nan],
+        }
+    )
+    rules = pd.DataFrame({"rule": ["x"], "q_mw": [1.0], "cost_eur_per_h": [7.0]})
+    plot_tender_cost_curve(curve, rules, tmp_path / "c.png", "t")
+    assert (tmp_path / "c.png").is_file()
+
+
+def test_shipped_parameters_take_well_under_the_budget():
+    started = time.perf_counter()
+    for name in T.parameter_sets():
+        needed = T.check_tender_request(
+            T.load_parameters(name),
+            "all",
+            sigma_mu_mw=range(11),
+            n_mtu=range(2, 21),
+            gini=T.SPATIAL_GINI,
+            n_nodes=range(2, 21),
+            seeds=range(5),
+        )
+        assert needed < 50 * 2**20  # 50 MiB
+    assert time.perf_counter() - started < 1
