@@ -231,10 +231,13 @@ TEMPORAL_ARRAYS_PER_CANDIDATE = 10  # per MTU x candidate, measured 6 (normal) t
 OPTIMUM_ARRAYS_PER_CANDIDATE = 12  # measured 9-10
 SAMPLE_ARRAYS = 4  # Monte Carlo draws, sorted copy, tail sums
 VALUES_PER_ROW = 100  # one result row of a study (a dict of ~10 values), in 8-byte items
+MAX_VALUES = 100_000  # values of one swept dimension (sigma_mu, MTU counts, Gini, nodes)
 
 
 def _values(values, name: str, kind: type, low: float, high: float | None = None):
     """Finite numbers in [low, high) (whole numbers for int), or an InputError naming them."""
+    if len(values) > MAX_VALUES:  # before materialising a range of a billion
+        raise InputError(f"{len(values)} values of {name} asked; at most {MAX_VALUES}")
     v = np.asarray(values, float).ravel()
     if v.size == 0:
         raise InputError(f"give at least one value of {name}")

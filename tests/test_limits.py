@@ -162,6 +162,8 @@ BAD_REQUESTS = [
     ("gini 1.5", dict(study="spatial", gini=(0.1, 1.5)), "in [0, 1), got 1.5"),
     ("half a node", dict(study="spatial", n_nodes=(2.5,)), "whole and >= 1, got 2.5"),
     ("no seed", dict(seeds=()), "at least one seed"),
+    ("a billion seeds", dict(seeds=range(10**9)), "1000000000 seeds"),
+    ("a billion MTU counts", dict(study="temporal", n_mtu=range(1, 10**9)), "at most 100000"),
     ("unknown study", dict(study="both"), "unknown tender study"),
 ]
 
