@@ -6,19 +6,36 @@ no traceback.
 
 from __future__ import annotations
 
-import argparse
-import logging
+import os
+import signal
 import sys
-import warnings
-from pathlib import Path
+import threading
 
-import pandas as pd
 
-from lfm_zonal import __version__
-from lfm_zonal.errors import InputError, LfmError
-from lfm_zonal.grids import available_grids
-from lfm_zonal.market import MARKET_METHODS, PRICING
-from lfm_zonal.scenario import (
+def _interrupted_while_starting(signum, frame) -> None:
+    # Ctrl-C while the libraries below load: one line, no traceback, nothing written yet.
+    sys.stderr.write("lfm-zonal: interrupted while starting; nothing was written\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+_STARTING = threading.current_thread() is threading.main_thread()
+if _STARTING:
+    _SIGINT_BEFORE = signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from lfm_zonal import __version__  # noqa: E402
+from lfm_zonal.errors import InputError, LfmError  # noqa: E402
+from lfm_zonal.grids import available_grids  # noqa: E402
+from lfm_zonal.market import MARKET_METHODS, PRICING  # noqa: E402
+from lfm_zonal.scenario import (  # noqa: E402
     DEFAULT_SCENARIO,
     SCHEMA,
     Scenario,
@@ -27,8 +44,11 @@ from lfm_zonal.scenario import (
     schema_text,
     validate_values,
 )
-from lfm_zonal.segmentation import SEGMENTATION_METHODS, WEIGHT_POLICIES
-from lfm_zonal.sensitivity import SENSITIVITY_METHODS
+from lfm_zonal.segmentation import SEGMENTATION_METHODS, WEIGHT_POLICIES  # noqa: E402
+from lfm_zonal.sensitivity import SENSITIVITY_METHODS  # noqa: E402
+
+if _STARTING:
+    signal.signal(signal.SIGINT, _SIGINT_BEFORE)
 
 log = logging.getLogger("lfm_zonal")
 
@@ -110,12 +130,13 @@ def cmd_scenarios(args: argparse.Namespace) -> None:
 
 def cmd_powerflow(args: argparse.Namespace) -> None:
     from lfm_zonal.job import prepare_base_case
-    from lfm_zonal.output import write_csv
+    from lfm_zonal.output import result_file, write_csv
 
     base = prepare_base_case(scenario_from_args(args), progress=True)
     table = base.powerflow.violations()
-    if args.out:
-        write_csv(table, Path(args.out))
+    if args.out is not None:
+        with result_file(args.out, overwrite=args.overwrite) as partial:
+            write_csv(table, partial)
         print(f"wrote {args.out}")
     pd.set_option("display.width", 160)
     print(
@@ -366,7 +387,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     scenario = load_scenario(args.scenario)
     ks = _numbers(args.k, int, "--k") if args.k else tuple(scenario["zones"]["k"])
-    seeds = _numbers(args.seeds, int, "--seeds")
+    seeds = _numbers(args.seeds, int, "--seeds") if args.seeds else (int(scenario.seed),)
     methods = args.methods.split(",") if args.methods else None
     table = run_sweep(
         scenario,
@@ -418,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("powerflow", help="base-case AC power flow of every MTU, violations per MTU")
     _add_case_options(p)
-    p.add_argument("--out", help="write the per-MTU table to this CSV file")
+    p.add_argument("--out", help="write the per-MTU table to this CSV file (its folder must exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--rows", type=int, default=20, help="rows to print (default 20)")
     p.set_defaults(func=cmd_powerflow)
 
@@ -482,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--days", required=True, help="days: comma list or range, e.g. 2016-04-10:2016-04-16"
     )
     p.add_argument("--k", help="zone counts, e.g. 1,2,4,8,16 (default: the scenario's)")
-    p.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 or 0:4 (default 0)")
+    p.add_argument("--seeds", help="seeds, e.g. 0,1,2 or 0:4 (default: the scenario's seed)")
     p.add_argument("--methods", help="markets, e.g. nodal,zonal (default: the scenario's)")
     p.add_argument(
         "--workers",
@@ -546,22 +568,150 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="lfm-zonal: %(levelname)s: %(message)s",
-    )
-    if not args.verbose:
-        warnings.filterwarnings("ignore")
+# What a command writes to --out: a results folder, one file, or a resumable sweep folder.
+OUTPUT_KIND = {
+    "run": "folder",
+    "sensitivities": "folder",
+    "zones": "folder",
+    "clear": "folder",
+    "tender": "folder",
+    "powerflow": "file",
+    "sweep": "sweep",
+}
+# Flags naming input files, with what they are (for the one-line message of a bad file).
+INPUT_FLAGS = {
+    "scenario": "scenario TOML",
+    "grid": "grid JSON",
+    "profiles": "profiles CSV",
+    "resources": "resources CSV",
+    "params": "tender parameters TOML",
+}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP): cleaned up like Ctrl-C."""
+
+
+def _declared_inputs(args: argparse.Namespace) -> list[Path]:
+    """The input files named by the flags and inside a scenario TOML, each read once through
+    ``read_input_text``: an undecodable file is refused before any work, and an output
+    folder holding one of them is never replaced."""
+    from lfm_zonal.inputs_io import read_input_text
+
+    found: list[Path] = []
+    for flag, what in INPUT_FLAGS.items():
+        value = getattr(args, flag, None)
+        if not isinstance(value, str) or not value or not Path(value).is_file():
+            continue  # a built-in name, or missing: the loader says so
+        text = read_input_text(value, what)
+        found.append(Path(value))
+        if value.lower().endswith(".toml"):
+            found += _files_named_in(text, Path(value))
+    return found
+
+
+def _files_named_in(toml_text: str, origin: Path) -> list[Path]:
+    import tomllib
+
+    from lfm_zonal.inputs_io import read_input_text
+
     try:
-        args.func(args)
-    except LfmError as exc:
-        print(f"lfm-zonal: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lfm-zonal: interrupted; no results folder was written", file=sys.stderr)
-        return 130
+        data = tomllib.loads(toml_text)
+    except tomllib.TOMLDecodeError:
+        return []  # the scenario loader reports it
+    kinds = {".csv": "CSV file", ".json": "grid JSON", ".toml": "TOML file"}
+    found = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        values = item.values() if isinstance(item, dict) else item
+        for value in values:
+            if isinstance(value, (dict, list)):
+                stack.append(value)
+            elif isinstance(value, str) and Path(value).suffix.lower() in kinds:
+                for candidate in (origin.parent / value, Path(value)):
+                    if candidate.is_file():
+                        read_input_text(candidate, kinds[candidate.suffix.lower()])
+                        found.append(candidate)
+    return found
+
+
+def _claim(args: argparse.Namespace, inputs: list[Path]):
+    """Hold --out for the whole command: checked and locked before any work."""
+    from lfm_zonal.output import claim_output
+
+    kind = OUTPUT_KIND.get(args.command)
+    out = getattr(args, "out", None)
+    if kind not in ("folder", "file") or out is None or getattr(args, "list", False):
+        return contextlib.nullcontext()
+    overwrite = getattr(args, "overwrite", False)
+    return claim_output(out, kind=kind, overwrite=overwrite, inputs=inputs, exists_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_as_exceptions():
+    """SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP raise Terminated, so every
+    partial output is removed on the way out; the previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated(signal.Signals(signum).name)
+
+    wanted = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: terminate}
+    if hasattr(signal, "SIGHUP"):
+        wanted[signal.SIGHUP] = terminate
+    previous = {s: signal.signal(s, h) for s, h in wanted.items()}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
+    from lfm_zonal.output import completed
+
+    what = f"terminated ({exc.args[0]})" if isinstance(exc, Terminated) else "interrupted"
+    kind, out = OUTPUT_KIND.get(args.command), getattr(args, "out", None)
+    if out is None or kind is None or getattr(args, "list", False):
+        return f"lfm-zonal: {what}"
+    if kind == "sweep":
+        return f"lfm-zonal: {what}; finished cases in {out}/ are kept (run again to resume)"
+    if completed(out):
+        return f"lfm-zonal: {what} after {out} was written completely"
+    if kind == "file":
+        return f"lfm-zonal: {what}; {out} was not written"
+    return f"lfm-zonal: {what}; no results folder was written"
+
+
+def main(argv: list[str] | None = None) -> int:
+    with _signals_as_exceptions():
+        args = None
+        try:
+            args = build_parser().parse_args(argv)
+            logging.basicConfig(
+                level=logging.INFO if args.verbose else logging.WARNING,
+                format="lfm-zonal: %(levelname)s: %(message)s",
+            )
+            if not args.verbose:
+                warnings.filterwarnings("ignore")
+            inputs = _declared_inputs(args)
+            with _claim(args, inputs):
+                args.func(args)
+        except LfmError as exc:
+            print(f"lfm-zonal: error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            print(f"lfm-zonal: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:
+            message = _interrupted(args, exc) if args is not None else "lfm-zonal: interrupted"
+            print(message, file=sys.stderr)
+            return 143 if isinstance(exc, Terminated) else 130
     return 0
 
 

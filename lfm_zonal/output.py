@@ -1,60 +1,530 @@
-"""Result folders that appear only when complete, and plain table writers."""
+"""Where results go: checked output paths, one writer per path, folders that appear only
+when complete, and plain table writers.
+
+Rules (every refusal is an :class:`~lfm_zonal.errors.InputError` of one line):
+
+* ``--out`` is never empty, the working directory or a folder above it, a system folder
+  (``/proc``, ``/sys``), a path under a file, or a folder that cannot be written;
+* an existing non-empty folder is replaced only with ``overwrite`` and only if lfm-zonal
+  wrote it (the marker file :data:`MARKER` inside), and never if it holds an input of the
+  run; an existing file is replaced only with ``overwrite``, and never an input;
+* one run per output path: a lock file ``.NAME.lock`` beside it, taken atomically
+  (``flock``, released by the kernel when the process dies), refuses a second run;
+* results are written under ``.NAME.partial-<pid>`` and renamed at the end; leftovers of
+  a killed run (partial or ``.NAME.old-<pid>`` folders) are removed by the next run on
+  the same path, which holds the lock, so no live run can still be writing them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
+import math
 import os
+import re
 import shutil
-from collections.abc import Iterator
+import signal
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
 
-from lfm_zonal.errors import InputError
+from lfm_zonal.errors import InputError, LfmError
+from lfm_zonal.inputs_io import inputs_read
+
+try:  # POSIX: a kernel lock, released however the process ends
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+log = logging.getLogger("lfm_zonal")
 
 FLOAT_FORMAT = "%.10g"  # stable text: the same numbers give the same bytes
+MARKER = ".lfm-zonal"
+MARKER_TEXT = (
+    "This folder was written by lfm-zonal. `--overwrite` may replace it as a whole;\n"
+    "do not keep your own files in it.\n"
+)
+SYSTEM_FOLDERS = ("/proc", "/sys")
+
+_HELD: dict[Path, int] = {}  # output paths locked by this process -> nesting depth
+_COMPLETED: set[Path] = set()  # output paths completed by this process
+
+
+def completed(out: str | Path) -> bool:
+    """Whether this process finished writing ``out`` (for the message after an interrupt)."""
+    try:
+        return Path(out).resolve() in _COMPLETED
+    except (OSError, RuntimeError):
+        return False
+
+
+# --------------------------------------------------------------------------- path checks
+
+
+def check_output_path(
+    out: str | Path,
+    *,
+    kind: str = "folder",
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
+    markers: tuple[str, ...] = (MARKER,),
+    exists_ok: bool = False,
+) -> Path:
+    """The resolved output path, or an InputError of one line saying why it cannot be used.
+
+    ``kind`` is "folder" (a results folder) or "file" (one table). ``markers``: files
+    whose presence shows that lfm-zonal wrote an existing folder. ``exists_ok``: leave
+    the refusal of an existing output without ``overwrite`` to the time of writing
+    (the command line claims --out before the inputs are validated, and an input
+    mistake is the more useful message).
+    """
+    text = str(out)
+    noun = "folder" if kind == "folder" else "file"
+    if not text.strip():
+        raise InputError(f"--out is empty: give a {noun} name")
+    if "\x00" in text:
+        raise InputError(f"--out {text!r}: not a valid {noun} name")
+    try:
+        target = Path(out).expanduser().resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError) as exc:
+        raise InputError(f"--out {out}: not a usable path ({exc})") from None
+    if target == cwd or target in cwd.parents:
+        where = "the working directory" if target == cwd else "a folder above the working directory"
+        example = "results" if kind == "folder" else "powerflow.csv"
+        raise InputError(f"--out {out} is {where}; give a new {noun} name (e.g. --out {example})")
+    for system in SYSTEM_FOLDERS:
+        if target == Path(system) or Path(system) in target.parents:
+            raise InputError(f"--out {out} is under {system}, a system folder; choose your own")
+    # The nearest existing folder above must be a folder (not a file) we may write in.
+    above = target.parent
+    while not above.exists():
+        if above.is_symlink():
+            raise InputError(f"--out {out}: {above} is a broken symbolic link")
+        above = above.parent
+    if not above.is_dir():
+        raise InputError(f"--out {out}: {above} is a file, not a folder")
+    if kind == "file" and above != target.parent:
+        raise InputError(f"--out {out}: folder {target.parent} does not exist (create it first)")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: cannot write in {above} (permission denied)")
+    protected = {Path(p).resolve() for p in inputs if str(p)} | set(inputs_read())
+    if kind == "folder":
+        _check_folder(out, target, overwrite, protected, markers, exists_ok)
+    else:
+        _check_file(out, target, overwrite, protected, exists_ok)
+    return target
+
+
+def _check_folder(
+    out,
+    target: Path,
+    overwrite: bool,
+    protected: set[Path],
+    markers: tuple[str, ...],
+    exists_ok: bool,
+) -> None:
+    held = sorted(p for p in protected if target == p or target in p.parents)
+    if held:
+        raise InputError(
+            f"--out {out} holds an input of this run ({held[0]}); choose another --out"
+        )
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
+    try:
+        empty = not any(target.iterdir())
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot read the folder ({exc.strerror})") from None
+    if empty:
+        return
+    if not overwrite:
+        if exists_ok:
+            return
+        raise InputError(f"output folder {out} exists and is not empty (use --overwrite)")
+    if not any((target / m).is_file() for m in markers):
+        raise InputError(
+            f"--overwrite: {out} was not written by lfm-zonal (no {MARKER} file in it), "
+            "so it is not replaced; remove it yourself or choose another --out"
+        )
+
+
+def _check_file(out, target: Path, overwrite: bool, protected: set[Path], exists_ok: bool) -> None:
+    if target in protected:
+        raise InputError(f"--out {out} is an input file of this run; choose another file name")
+    if target.is_dir():
+        raise InputError(
+            f"--out {out} is a folder; give a file name (e.g. --out {Path(out) / 'powerflow.csv'})"
+        )
+    if target.exists() or target.is_symlink():
+        if not target.is_file():
+            raise InputError(f"--out {out} exists and is not a regular file")
+        if not overwrite and not exists_ok:
+            raise InputError(f"file {out} exists (use --overwrite to replace it)")
+
+
+# --------------------------------------------------------------------------- one writer
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 @contextlib.contextmanager
-def result_folder(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def claim_output(
+    out: str | Path,
+    *,
+    kind: str = "folder",
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
+    markers: tuple[str, ...] = (MARKER,),
+    exists_ok: bool = False,
+) -> Iterator[Path]:
+    """Check ``out`` and hold its lock for the block (re-entrant in one process).
+
+    Creates the missing folders above ``out`` (removed again if the block leaves
+    nothing in them), takes the lock ``.NAME.lock`` beside it (a second run is refused
+    with one line naming the pid that holds it), then removes leftovers of killed runs.
+    """
+    inputs = list(inputs)
+    check = dict(
+        kind=kind, overwrite=overwrite, inputs=inputs, markers=markers, exists_ok=exists_ok
+    )
+    target = check_output_path(out, **check)
+    if target in _HELD:
+        _HELD[target] += 1
+        try:
+            yield target
+        finally:
+            _HELD[target] -= 1
+        return
+    created: list[Path] = []
+    lock = None
+    try:
+        with deferred_signals():  # a signal now would leave a lock or folders unrecorded
+            created = _make_parents(out, target.parent)
+            lock = _Lock.take(out, target)
+            _HELD[target] = 1
+        check_output_path(out, **check)  # again, now that it is held
+        remove_leftovers(target)
+        yield target
+    finally:
+        with deferred_signals():
+            if lock is not None:
+                _HELD.pop(target, None)
+                lock.release()
+            if not target.exists():
+                _remove_empty(created)
+
+
+def _make_parents(out, folder: Path) -> list[Path]:
+    missing = []
+    p = folder
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for p in reversed(missing):
+        try:
+            p.mkdir()
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            _remove_empty(missing[missing.index(p) + 1 :])
+            raise InputError(f"--out {out}: cannot create folder {p} ({exc.strerror})") from None
+    return missing  # deepest first
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in folders:  # deepest first
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
+class _Lock:
+    """An exclusive lock file beside the output path, holding the owner's pid."""
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def take(cls, out, target: Path) -> _Lock:
+        path = target.parent / f".{target.name}.lock"
+        for _ in range(100):
+            if fcntl is None:  # pragma: no cover - Windows: exclusive create, stale if pid gone
+                return cls._take_exclusive(out, target, path)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise InputError(
+                    f"--out {out}: cannot write in {target.parent} ({exc.strerror})"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _read_pid(fd)
+                os.close(fd)
+                if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise _busy(out, holder) from None
+                raise InputError(f"--out {out}: cannot lock {path} ({exc.strerror})") from None
+            try:  # the file may have been released and removed since we opened it
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return cls(path, fd)
+        raise InputError(f"--out {out}: could not take the lock {path}")
+
+    @classmethod
+    def _take_exclusive(cls, out, target: Path, path: Path) -> _Lock:  # pragma: no cover
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    holder = int(path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    holder = 0
+                if holder and pid_alive(holder):
+                    raise _busy(out, holder) from None
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            except OSError as exc:
+                raise InputError(
+                    f"--out {out}: cannot write in {target.parent} ({exc.strerror})"
+                ) from None
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.close(fd)
+            return cls(path, None)
+        raise InputError(f"--out {out}: could not take the lock {path}")
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # while still held: a waiting run re-opens a fresh file
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return int(os.read(fd, 32).decode().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _busy(out, holder: int | None) -> InputError:
+    who = f"another lfm-zonal run (pid {holder})" if holder else "another lfm-zonal run"
+    return InputError(f"--out {out} is being written by {who}; wait for it or choose another --out")
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)$")
+
+
+def remove_leftovers(target: Path) -> list[Path]:
+    """Remove ``.NAME.partial-<pid>`` and ``.NAME.old-<pid>`` beside ``target`` left by a run
+    that was killed. Call it only while holding ``target``'s lock: then no live run writes
+    them (the pid is gone, or reused by an unrelated process)."""
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _LEFTOVER.match(entry.name)
+        if not m or m["name"] != target.name or int(m["pid"]) == os.getpid():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        log.info(
+            "removed %s, left by an interrupted run (pid %s%s)",
+            entry,
+            m["pid"],
+            "" if pid_alive(int(m["pid"])) else ", no longer running",
+        )
+        removed.append(entry)
+    return removed
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for the block (a rename that must not be cut in half); a
+    signal received meanwhile is delivered when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    signals = [signal.SIGINT, signal.SIGTERM]
+    previous = {s: signal.getsignal(s) for s in signals}
+    for s in signals:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(received):
+            signal.raise_signal(s)
+
+
+@contextlib.contextmanager
+def result_folder(
+    out: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()
+) -> Iterator[Path]:
     """Write into a hidden sibling folder; move it to ``out`` only when the block succeeds.
 
-    An interrupted or failed run leaves no folder named ``out`` (the partial one
-    is removed), so nothing half-written is ever passed off as a result.
+    An interrupted or failed run leaves no folder named ``out`` (the partial one is
+    removed; a killed run's is removed by the next run on ``out``), so nothing
+    half-written is ever passed off as a result. ``overwrite`` replaces only a folder
+    lfm-zonal wrote (see the module docstring).
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        if not out.is_dir() or any(out.iterdir()):
-            raise InputError(f"output folder {out} exists and is not empty (use --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir()
+    with claim_output(out, kind="folder", overwrite=overwrite, inputs=inputs) as target:
+        partial = target.parent / f".{target.name}.partial-{os.getpid()}"
+        if partial.exists():
+            shutil.rmtree(partial)
+        try:  # from the mkdir on: any exception or signal removes the partial folder
+            try:
+                partial.mkdir()
+            except OSError as exc:
+                raise InputError(f"--out {out}: cannot create {partial} ({exc.strerror})") from None
+            yield partial
+            (partial / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
+            # Checked again: the block may have read inputs that live in ``out``.
+            check_output_path(out, kind="folder", overwrite=overwrite, inputs=inputs)
+        except BaseException:
+            with deferred_signals():
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        with deferred_signals():
+            _swap_in(partial, target)
+            _COMPLETED.add(target)
+
+
+def _swap_in(partial: Path, target: Path) -> None:
+    old = None
+    if target.exists() or target.is_symlink():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.rename(target, old)
     try:
-        yield partial
+        os.rename(partial, target)
     except BaseException:
+        if old is not None:
+            os.rename(old, target)
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+@contextlib.contextmanager
+def result_file(
+    out: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()
+) -> Iterator[Path]:
+    """A path to write one file to; it becomes ``out`` only when the block succeeds.
+
+    ``out`` is replaced only with ``overwrite`` and never if it is an input.
+    """
+    with claim_output(out, kind="file", overwrite=overwrite, inputs=inputs) as target:
+        partial = target.parent / f".{target.name}.partial-{os.getpid()}"
+        try:
+            yield partial
+            if not partial.is_file():
+                raise LfmError(f"nothing was written for {out}")
+        except BaseException:
+            with deferred_signals(), contextlib.suppress(OSError):
+                partial.unlink()
+            raise
+        with deferred_signals():
+            os.replace(partial, target)
+            _COMPLETED.add(target)
 
 
 def write_csv(frame: pd.DataFrame | pd.Series, path: Path, index: bool = True) -> None:
     frame.to_csv(path, index=index, float_format=FLOAT_FORMAT, lineterminator="\n")
 
 
+def json_text(data, origin: str = "JSON output") -> str:
+    """Standard JSON (RFC 8259) of ``data``: never ``Infinity`` or ``NaN``.
+
+    A non-finite number raises an LfmError naming its key (``a.b[2]``).
+    """
+    data = _plain(data)
+    bad = _non_finite(data)
+    if bad is not None:
+        where, value = bad
+        raise LfmError(
+            f"{origin}: '{where}' is {value}, which standard JSON cannot hold "
+            "(an inf or NaN result is a bug; please report it)"
+        )
+    return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
 def write_json(data: dict, path: Path) -> None:
-    path.write_text(
-        json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n", encoding="utf-8"
-    )
+    Path(path).write_text(json_text(data, Path(path).name), encoding="utf-8")
 
 
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, (pd.Timestamp,)):
+def _plain(value):
+    """``value`` with numpy/pandas scalars and arrays as Python numbers, lists and strings."""
+    if isinstance(value, dict):
+        return {str(k) if not isinstance(k, str) else k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return [_plain(v) for v in items]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, pd.Timestamp):
         return value.isoformat()
+    if hasattr(value, "tolist") and not hasattr(value, "item"):
+        return _plain(value.tolist())
+    if hasattr(value, "item"):
+        try:
+            return _plain(value.item())
+        except (ValueError, TypeError):
+            return _plain(value.tolist()) if hasattr(value, "tolist") else str(value)
+    if isinstance(value, Path):
+        return str(value)
     return str(value)
+
+
+def _non_finite(value, where: str = ""):
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "(top level)", value
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _non_finite(v, f"{where}.{k}" if where else str(k))
+            if found:
+                return found
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _non_finite(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None

@@ -15,19 +15,27 @@ same bytes; ``timings.csv`` has them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
+import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
-from lfm_zonal.errors import InputError
+from lfm_zonal.errors import InputError, LfmError
+from lfm_zonal.output import MARKER, MARKER_TEXT, claim_output, json_text
 from lfm_zonal.scenario import Scenario, validate_values
 
 CASES = "cases"
 MANIFEST = "sweep.json"
+WORKERS_PER_CORE = 4  # more local worker processes than this is refused
+SCHEDULER_TIMEOUT_S = 5  # an unreachable scheduler is reported after this
+_PARTIAL = re.compile(r"\.partial(-\d+)?$")
 
 
 def case_scenario(scenario: Scenario, day: str, seed: int, ks, methods) -> Scenario:
@@ -67,8 +75,12 @@ def run_case(scenario: Scenario, day: str, seed: int, ks, methods, folder: str) 
     rows = rows[["day", "seed", *kpis.columns]]
     path = Path(folder) / CASES / f"{case_name(day, seed)}.csv"
     partial = path.with_suffix(f".partial-{os.getpid()}")
-    rows.to_csv(partial, index=False, float_format="%.10g", lineterminator="\n")
-    partial.replace(path)
+    try:
+        rows.to_csv(partial, index=False, float_format="%.10g", lineterminator="\n")
+        partial.replace(path)
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink()
     return str(path)
 
 
@@ -101,17 +113,102 @@ def run_sweep(
     one after the other in this process, without Dask). ``scheduler``: address of an
     existing Dask scheduler (then ``workers`` is ignored).
     """
-    from tqdm import tqdm
-
     methods = list(methods or scenario["market"]["methods"])
     days = [f"{pd.Timestamp(d):%Y-%m-%d}" for d in _dates(days)]
     ks, seeds = [int(k) for k in ks], [int(s) for s in seeds]
     if not days or not ks or not seeds:
         raise InputError("a sweep needs at least one day, one zone count and one seed")
+    # Every argument is checked before anything is written: a refused sweep leaves nothing.
+    check_workers(workers)
+    if scheduler is not None:
+        check_scheduler(scheduler)
+    for d in days:
+        for s in seeds:
+            case_scenario(scenario, d, s, ks, methods)
     out = Path(out)
-    (out / CASES).mkdir(parents=True, exist_ok=True)
     manifest = {"scenario": scenario.values, "methods": methods}
-    _check_manifest(out / MANIFEST, manifest)
+    resumed = (out / MANIFEST).is_file() or (out / MARKER).is_file()
+    with claim_output(out, overwrite=resumed, markers=(MARKER, MANIFEST)):
+        _check_manifest(out / MANIFEST, manifest, write=False)
+        fresh = not out.exists()
+        written = set(_case_files(out))
+        try:
+            out.mkdir(exist_ok=True)
+            (out / CASES).mkdir(exist_ok=True)
+            _remove_partials(out)
+            (out / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
+            _check_manifest(out / MANIFEST, manifest)
+            return _run_cases(
+                scenario, days, ks, seeds, out, methods, workers, scheduler, progress, on_case
+            )
+        except BaseException:
+            if set(_case_files(out)) == written:  # nothing finished: leave no trace
+                _undo(out, fresh, resumed)
+            raise
+
+
+def _case_files(out: Path) -> list[Path]:
+    folder = out / CASES
+    return sorted(folder.glob("*.csv")) if folder.is_dir() else []
+
+
+def _undo(out: Path, fresh: bool, resumed: bool) -> None:
+    """Remove what a refused or failed sweep created (it finished no case)."""
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    with contextlib.suppress(OSError):
+        (out / CASES).rmdir()  # only if empty
+    if not resumed:
+        for name in (MANIFEST, MARKER):
+            with contextlib.suppress(OSError):
+                (out / name).unlink()
+
+
+def _remove_partials(out: Path) -> None:
+    """Partial files of a killed sweep (this one holds the folder's lock)."""
+    for folder in (out, out / CASES):
+        for entry in folder.iterdir():
+            if _PARTIAL.search(entry.name) and entry.is_file():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+
+def check_workers(workers: int | None) -> None:
+    """``workers``: None (one per core), 0 (no Dask) or a number this machine can run."""
+    if workers is None:
+        return
+    limit = WORKERS_PER_CORE * (os.cpu_count() or 1)
+    if workers < 0:
+        raise InputError(f"--workers {workers}: give 0 (no Dask) or a number of processes >= 1")
+    if workers > limit:
+        raise InputError(
+            f"--workers {workers}: at most {limit} local processes on this machine "
+            f"({WORKERS_PER_CORE} per core); use --scheduler to go beyond one machine"
+        )
+
+
+def check_scheduler(address: str) -> None:
+    """A Dask scheduler address (tcp://host:port) that answers, or one line saying why not."""
+    m = re.fullmatch(r"(tcp|tls)://(\[[^\]]+\]|[^:/\[\]]+):(\d{1,5})/?", address.strip())
+    if not m:
+        raise InputError(
+            f"--scheduler '{address}': give the address of a Dask scheduler as tcp://host:port"
+        )
+    host, port = m[2].strip("[]"), int(m[3])
+    if not 0 < port < 65536:
+        raise InputError(f"--scheduler '{address}': port {port} is out of range")
+    try:
+        with socket.create_connection((host, port), timeout=SCHEDULER_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise InputError(f"--scheduler {address}: no Dask scheduler answers ({reason})") from None
+
+
+def _run_cases(scenario, days, ks, seeds, out, methods, workers, scheduler, progress, on_case):
+    from tqdm import tqdm
+
     cases = [(d, s) for d in days for s in seeds]
     todo = [
         (d, s)
@@ -143,7 +240,13 @@ def _run_on_dask(scenario, todo, ks, methods, out, workers, scheduler, bar, on_c
 
     logging.getLogger("distributed").setLevel(logging.ERROR)  # the scheduler runs in this process
     if scheduler:
-        client = Client(scheduler)
+        try:
+            client = Client(scheduler, timeout=f"{2 * SCHEDULER_TIMEOUT_S}s")
+        except Exception as exc:  # refused, timed out, or something that is not Dask answered
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise InputError(
+                f"--scheduler {scheduler}: no Dask scheduler answers there ({reason})"
+            ) from None
         cluster = None
     else:
         n = workers or os.cpu_count() or 1
@@ -161,8 +264,19 @@ def _run_on_dask(scenario, todo, ks, methods, out, workers, scheduler, bar, on_c
             client.submit(run_case, scenario, d, s, ks, methods, str(out.resolve()), pure=False)
             for d, s in todo
         ]
+        names = {f.key: case_name(d, s) for f, (d, s) in zip(futures, todo, strict=True)}
         for future in as_completed(futures):
-            path = future.result()  # re-raises a case's error (an LfmError names it)
+            try:
+                path = future.result()  # re-raises a case's error (an LfmError names it)
+            except LfmError:
+                raise
+            except Exception as exc:
+                if type(exc).__name__ != "KilledWorker":
+                    raise
+                raise LfmError(
+                    f"case {names[future.key]}: its Dask worker died (out of memory?); "
+                    "finished cases are kept, run the sweep again to resume"
+                ) from None
             bar.update()
             if on_case:
                 on_case(path)
@@ -209,12 +323,21 @@ def _dates(days) -> list[pd.Timestamp]:
     return out
 
 
-def _check_manifest(path: Path, manifest: dict) -> None:
+def _check_manifest(path: Path, manifest: dict, *, write: bool = True) -> None:
     """A sweep folder belongs to one scenario: refuse to resume another one into it."""
     text = json.dumps(manifest, sort_keys=True, indent=1, default=str)
-    if path.is_file() and path.read_text(encoding="utf-8") != text + "\n":
-        raise InputError(
-            f"{path.parent}: holds a sweep of another scenario or method set "
-            "(choose another --out, or delete the folder to start over)"
-        )
-    path.write_text(text + "\n", encoding="utf-8")
+    json_text(manifest, path.name)  # standard JSON: no inf or NaN in the scenario
+    if path.is_file():
+        try:
+            same = path.read_text(encoding="utf-8") == text + "\n"
+        except (OSError, UnicodeDecodeError):
+            same = False
+        if not same:
+            raise InputError(
+                f"{path.parent}: holds a sweep of another scenario or method set "
+                "(choose another --out, or delete the folder to start over)"
+            )
+    if write:
+        partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+        partial.write_text(text + "\n", encoding="utf-8")
+        partial.replace(path)

@@ -1,0 +1,113 @@
+"""Reading input text files (scenario TOML, profiles and resources CSV, grid JSON).
+
+One door for every input file: :func:`read_input_text` returns its text or raises an
+:class:`~lfm_zonal.errors.InputError` of one line that names the file and says what is
+wrong with it (missing, a folder, unreadable, binary, UTF-16, Latin-1, too large).
+Every path read is remembered, so that a results folder holding an input is never
+replaced (see :mod:`lfm_zonal.output`).
+
+Standard library only: importing it costs nothing.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+from pathlib import Path
+
+from lfm_zonal.errors import InputError
+
+MAX_INPUT_BYTES = 2 * 1024**3  # an input file beyond this is refused before reading
+
+_READ: set[Path] = set()  # every input file read in this process (resolved)
+
+
+def read_input_text(path: str | os.PathLike, what: str, *, max_bytes: int = MAX_INPUT_BYTES) -> str:
+    """The text of the input file ``path`` (a ``what``: "scenario TOML", "profiles CSV" ...).
+
+    UTF-8, with or without a byte-order mark; line endings as in the file. Anything else
+    is refused with one line naming the file:
+
+    * missing, a folder, unreadable (permissions, a device), larger than ``max_bytes``;
+    * binary (a NUL byte), UTF-16 or UTF-32 (byte-order mark), or not UTF-8 (e.g. Latin-1),
+      with the line and column of the first byte that is not UTF-8.
+    """
+    p = Path(path)
+    if str(path) == "":
+        raise InputError(f"{what}: empty file name")
+    try:
+        if p.is_dir():
+            raise InputError(f"{what} {p} is a folder, not a file")
+        if not p.exists():
+            raise InputError(f"{what} not found: {p}")
+        if not p.is_file():
+            raise InputError(f"{what} {p} is not a regular file")
+        size = p.stat().st_size
+        if size > max_bytes:
+            raise InputError(
+                f"{what} {p} is {size / 1024**2:.0f} MiB; at most {max_bytes / 1024**2:.0f} MiB "
+                "are read"
+            )
+        data = p.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
+    remember_input(p)
+    return decode_input(data, p, what)
+
+
+def decode_input(data: bytes, origin: str | os.PathLike, what: str) -> str:
+    """``data`` as UTF-8 text (BOM dropped), or one-line refusal naming ``origin``."""
+    for bom, name in (
+        (codecs.BOM_UTF32_LE, "UTF-32"),
+        (codecs.BOM_UTF32_BE, "UTF-32"),
+        (codecs.BOM_UTF16_LE, "UTF-16"),
+        (codecs.BOM_UTF16_BE, "UTF-16"),
+    ):
+        if data.startswith(bom):
+            raise InputError(f"{origin}: {what} is {name} text; save it as UTF-8")
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    if b"\x00" in data:
+        if _looks_utf16(data):
+            raise InputError(f"{origin}: {what} is UTF-16 text; save it as UTF-8")
+        raise InputError(f"{origin}: {what} is a binary file, not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        hint = " (Latin-1 or Windows-1252?)" if _is_latin1(data) else ""
+        raise InputError(
+            f"{origin}: {what} is not UTF-8 text{hint}: byte 0x{data[exc.start]:02x} at line "
+            f"{line}, column {column}; save it as UTF-8"
+        ) from None
+
+
+def remember_input(path: str | os.PathLike) -> None:
+    """Record ``path`` as an input of this run (a results folder holding it is never replaced)."""
+    try:
+        _READ.add(Path(path).resolve())
+    except (OSError, RuntimeError):
+        pass
+
+
+def inputs_read() -> frozenset[Path]:
+    """Every input file read (or remembered) in this process, resolved."""
+    return frozenset(_READ)
+
+
+def _looks_utf16(data: bytes) -> bool:
+    head = data[:4096]
+    if len(head) < 4:
+        return False
+    even, odd = head[0::2], head[1::2]
+    return odd.count(0) > 0.4 * len(odd) or even.count(0) > 0.4 * len(even)
+
+
+def _is_latin1(data: bytes) -> bool:
+    """Text bytes that decode as Latin-1 / CP1252 to printable characters."""
+    try:
+        text = data[:65536].decode("cp1252")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\r\n\t" for c in text)
