@@ -50,6 +50,7 @@ from pyomo.repn.plugins.standard_form import LinearStandardFormCompiler
 from threadpoolctl import threadpool_limits
 
 from lfm_zonal.bids import merit_order_fill
+from lfm_zonal.config import DEFAULT_PENALTY_EUR_PER_MWH
 from lfm_zonal.errors import LfmError
 from lfm_zonal.powerflow import HorizonPowerFlow
 from lfm_zonal.segmentation import Segmentation, Zones
@@ -58,7 +59,6 @@ from lfm_zonal.validation import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PENALTY_EUR_PER_MWH = 10_000.0
 SCREEN_LOADING_MARGIN_PERCENT = 5.0
 SCREEN_VM_MARGIN_PU = 0.005
 #: Rows an MTU brings into the LP at once (screen, then each generation round): the most

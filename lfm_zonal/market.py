@@ -46,6 +46,7 @@ from lfm_zonal.clearing import (
     linear_grid,
     solve_clearing,
 )
+from lfm_zonal.config import MARKET_METHODS, NEEDS_RULES, PRICING
 from lfm_zonal.errors import InputError
 from lfm_zonal.powerflow import HorizonPowerFlow
 from lfm_zonal.resources import Resources
@@ -62,7 +63,6 @@ from lfm_zonal.validation import (
 
 log = logging.getLogger(__name__)
 
-MARKET_METHODS = ("nodal", "zonal", "needs_based")
 #: Sequential LP (``_sequential_clearing``): its round cap, the relative change of cost (plus
 #: priced residual) under which it has converged, and the smallest trust region worth a round.
 SLP_MAX_ROUNDS = 20
@@ -71,9 +71,6 @@ SLP_MIN_STEP_MW = 1e-4
 #: Share of the result tolerances the sequential LP works to: it ends its AC point closer to
 #: its model (and the binding limits) than a result must be to count as violated.
 SLP_TOLERANCE_SHARE = 0.1
-PRICING = ("pay_as_bid", "pay_as_clear")
-#: DSO-needs rules (``clearing.dso_needs``): capped at the flexibility offered per zone, or not.
-NEEDS_RULES = ("registered_capacity", "unlimited")
 
 
 @dataclass(frozen=True)

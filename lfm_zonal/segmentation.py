@@ -45,12 +45,10 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial.distance import cdist
 
+from lfm_zonal.config import SEGMENTATION_METHODS, WEIGHT_POLICIES
 from lfm_zonal.errors import InputError
 from lfm_zonal.powerflow import HorizonPowerFlow
 from lfm_zonal.sensitivity import SensitivityArrays, sensitivity_arrays
-
-SEGMENTATION_METHODS = ("agglomerative", "spectral")
-WEIGHT_POLICIES = ("capacity", "uniform", "load")
 
 
 @dataclass(frozen=True)

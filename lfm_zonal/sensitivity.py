@@ -36,10 +36,9 @@ import scipy.sparse as sp
 from pandapower.pypower.makePTDF import makePTDF
 from scipy.sparse.linalg import SuperLU, splu
 
+from lfm_zonal.config import SENSITIVITY_METHODS
 from lfm_zonal.errors import GridError, InputError
 from lfm_zonal.powerflow import HorizonPowerFlow, NetworkModel
-
-SENSITIVITY_METHODS = ("jacobian", "dc_ptdf", "lindistflow")
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtr, ndtri
 
+from lfm_zonal.config import TenderParameters, tender_parameters
 from lfm_zonal.errors import InputError
 from lfm_zonal.limits import require_memory, truncated_normal
 
@@ -54,91 +55,8 @@ HOURS_PER_YEAR = 8760.0
 # ----------------------------------------------------------------------------- parameters
 
 
-@dataclass(frozen=True)
-class TenderParameters:
-    """Table I of the paper, plus the options where it is open (module docstring)."""
-
-    # Offers (per node; sizes relative to mu_mu)
-    offered_volume_ratio: float = 7.5  # sum of the quantity offered at a node / mu_mu
-    bid_size_ratio: float = 0.3  # average bid size / mu_mu
-    gini: float = 0.0  # Gini index of the number of offers across nodes
-    p_av_mean_ratio: float = 0.9  # mean availability price / cap
-    p_av_std_ratio: float = 0.2  # standard deviation of the availability price / cap
-    p_act_mean_ratio: float = 0.9
-    p_act_std_ratio: float = 0.2
-    p_av_cap_eur_per_mw_year: float = 60_000.0
-    p_act_cap_eur_per_mwh: float = 500.0
-    # Need
-    mu_mu_mw: float = 8.0  # mean of the average load of the aggregated items
-    sigma_mu_mw: float = 0.0  # standard deviation of the average load among items
-    sigma_mw: float = 2.0  # load standard deviation (forecast uncertainty)
-    skewness: float = 0.0  # 0 and kurtosis 3: the normal (closed forms)
-    kurtosis: float = 3.0
-    capacity_mw: float = 4.0  # grid capacity C
-    voll_eur_per_mwh: float = 28_400.0
-    utilisation: float = 0.5  # w
-    # Options
-    truncation: str = "resample"  # resample | clip (prices kept within [0, cap])
-    w_on_voll: bool = True
-    node_volume: str = "equal_bid_size"  # equal_bid_size | equal_volume
-    sizing_rule: str = "A"  # A | B (spatial aggregation)
-    points_per_offer: int = 32  # candidate quantities inside every offer
-    mc_samples: int = 20_000  # Monte Carlo samples (non-normal need, sizing rule B)
-
-    def __post_init__(self) -> None:
-        problems = [p for p in _parameter_problems(self) if p]
-        if problems:
-            raise InputError("tender parameters: " + "; ".join(problems))
-
-    @property
-    def voll_weight(self) -> float:
-        return self.utilisation if self.w_on_voll else 1.0
-
-    @property
-    def bids_per_node(self) -> int:
-        return max(1, round(self.offered_volume_ratio / self.bid_size_ratio))
-
-    def replace(self, **changes) -> TenderParameters:
-        return dataclasses.replace(self, **changes)
-
-
-def _parameter_problems(p: TenderParameters):
-    positive = (
-        "offered_volume_ratio",
-        "bid_size_ratio",
-        "p_av_cap_eur_per_mw_year",
-        "p_act_cap_eur_per_mwh",
-        "mu_mu_mw",
-        "voll_eur_per_mwh",
-    )
-    for name in positive:
-        yield None if getattr(p, name) > 0 else f"'{name}' must be > 0, got {getattr(p, name)}"
-    for name in ("sigma_mw", "sigma_mu_mw", "p_av_std_ratio", "p_act_std_ratio", "capacity_mw"):
-        yield None if getattr(p, name) >= 0 else f"'{name}' must be >= 0, got {getattr(p, name)}"
-    for name in ("p_av_mean_ratio", "p_act_mean_ratio"):
-        v = getattr(p, name)
-        yield None if 0 < v <= 1 else f"'{name}' must be in (0, 1], got {v}"
-    yield None if 0 <= p.gini < 1 else f"'gini' must be in [0, 1), got {p.gini}"
-    yield (
-        None if 0 < p.utilisation <= 1 else f"'utilisation' must be in (0, 1], got {p.utilisation}"
-    )
-    yield None if p.kurtosis >= 1 + p.skewness**2 else "'kurtosis' must be >= 1 + skewness^2"
-    yield (
-        None
-        if p.skewness == 0 or p.kurtosis == 3
-        else "set either 'skewness' (skew-normal need) or 'kurtosis' (Student t need), not both"
-    )
-    yield None if abs(p.skewness) < 0.99 else "'skewness' must be within (-0.99, 0.99)"
-    options = {
-        "truncation": ("resample", "clip"),
-        "node_volume": ("equal_bid_size", "equal_volume"),
-        "sizing_rule": ("A", "B"),
-    }
-    for name, allowed in options.items():
-        v = getattr(p, name)
-        yield None if v in allowed else f"'{name}' must be one of {', '.join(allowed)}, got {v!r}"
-    yield None if p.points_per_offer >= 1 else "'points_per_offer' must be >= 1"
-    yield None if p.mc_samples >= 100 else "'mc_samples' must be >= 100"
+# TenderParameters (Table I and the options, with their defaults and bounds) is one model of
+# lfm_zonal.config, the single source of every input's type, default and bounds.
 
 
 PARAMETER_SETS_FOLDER = "tender"
@@ -160,9 +78,11 @@ def parameter_sets() -> dict[str, str]:
 def load_parameters(
     spec: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> TenderParameters:
-    """Parameters from a shipped set name or a TOML file (default: Table I), with overrides.
+    """Parameters from a shipped set name or a TOML file (default: Table I), with overrides
+    (``--set KEY=VALUE``: text is read as the parameter's type).
 
-    Unknown keys and wrong types are refused with a message naming the file and key.
+    Unknown keys, wrong types and values out of bounds (``config.TenderParameters``) are
+    refused with one line naming the file (or ``command line``) and the key.
     """
     import importlib.resources
 
@@ -182,45 +102,15 @@ def load_parameters(
             if not path.is_file():
                 known = ", ".join(parameter_sets())
                 raise InputError(f"tender parameters not found: {spec} (built-in sets: {known})")
-            origin, text = str(path), path.read_text(encoding="utf-8")
+            from lfm_zonal.inputs_io import read_input_text
+
+            origin, text = str(path), read_input_text(path, "tender parameters TOML")
         try:
             values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise InputError(f"{origin}: not valid TOML ({exc})") from None
         values.pop("description", None)
-    fields = {f.name: f for f in dataclasses.fields(TenderParameters)}
-    typed = {}
-    for source, items in ((origin, values), ("command line", overrides or {})):
-        for key, value in items.items():
-            if key not in fields:
-                raise InputError(
-                    f"{source}: unknown tender parameter '{key}' (known: {', '.join(fields)})"
-                )
-            typed[key] = _typed(source, key, value, type(getattr(TenderParameters(), key)))
-    try:
-        return TenderParameters(**typed)
-    except InputError as exc:
-        raise InputError(f"{origin}: {exc}" if spec is not None else str(exc)) from None
-
-
-def _typed(source: str, key: str, value: Any, kind: type) -> Any:
-    if isinstance(value, str) and kind is not str:
-        text = value.strip().lower()
-        try:
-            if kind is bool:
-                if text not in ("true", "false", "1", "0", "on", "off"):
-                    raise ValueError(value)
-                return text in ("true", "1", "on")
-            return kind(value.strip())
-        except ValueError:
-            raise InputError(
-                f"{source}: '{key}' must be of type {kind.__name__}, got {value!r}"
-            ) from None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise InputError(f"{source}: '{key}' must be of type {kind.__name__}, got {value!r}")
-    return value
+    return tender_parameters(values, origin, overrides)
 
 
 # ----------------------------------------------------------------------------- request size
