@@ -268,10 +268,14 @@ def _label(m: MarketResult) -> str:
 
 
 def _long(frames: list[tuple[MarketResult, pd.DataFrame]]) -> pd.DataFrame:
-    """Stack per-market tables with method and k in front."""
+    """Stack per-market tables with method and k in front (the header alone when every
+    table is empty: a horizon where nothing is accepted still has its columns)."""
     parts = [f.assign(method=m.method, k=m.k) for m, f in frames if len(f)]
     if not parts:
-        return pd.DataFrame()
+        columns = [c for m, f in frames[:1] for c in f.columns]
+        return pd.DataFrame(
+            columns=["method", "k", *[c for c in columns if c not in ("method", "k")]]
+        )
     out = pd.concat(parts, ignore_index=True)
     return out[["method", "k", *[c for c in out.columns if c not in ("method", "k")]]]
 
@@ -286,7 +290,7 @@ def write_results(study: StudyResult, folder: Path) -> None:
     write_csv(
         _long(
             [(m, m.bids[m.bids.accepted_mw > 0].drop(columns=["time"])) for m in study.markets]
-        ).assign(time=lambda d: pf.times[d.mtu.to_numpy()]),
+        ).assign(time=lambda d: pf.times[d.mtu.to_numpy(np.int64)]),
         folder / "accepted_bids.csv",
         index=False,
     )
@@ -326,7 +330,8 @@ def write_results(study: StudyResult, folder: Path) -> None:
         "scenario": base.scenario.name,
         "scenario_source": base.scenario.path,
         "seed": base.scenario.seed,
-        "grid": base.grid.summary() | {"origin": base.grid.origin},
+        "grid": base.grid.summary()
+        | {"origin": base.grid.origin, "profiles": base.profiles.source},
         "limits": {
             "vm_min_pu": base.grid.vm_min_pu,
             "vm_max_pu": base.grid.vm_max_pu,

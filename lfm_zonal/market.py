@@ -144,7 +144,7 @@ def clear_market(
         accepted, price = np.zeros(len(active)), np.full(len(active), np.nan)
         stats = {"status": "nothing to clear", "n_variables": 0, "n_constraints": 0}
     elif method == "needs_based":
-        accepted, price = _merit_order_to_needs(active, needs, grid)
+        accepted, price = _merit_order_to_needs(active, needs, grid, penalty)
         stats = {"status": "merit order", "n_variables": 0, "n_constraints": 0}
     else:
         sol, grid, stats = _sequential_clearing(seg, zones, grid, active, resources, penalty, needs)
@@ -364,9 +364,16 @@ def _bid_prices(active: pd.DataFrame, sol: Solution, grid: LinearGrid) -> np.nda
     return np.where(active.direction.to_numpy() == "up", lam, -lam)
 
 
-def _merit_order_to_needs(active: pd.DataFrame, needs: pd.DataFrame, grid: LinearGrid):
+def _merit_order_to_needs(
+    active: pd.DataFrame,
+    needs: pd.DataFrame,
+    grid: LinearGrid,
+    penalty_eur_per_mwh: float = DEFAULT_PENALTY_EUR_PER_MWH,
+):
     """Each zone and direction buys its published need from its cheapest steps (no
-    substitution); every step of a group that bought is priced at its marginal step."""
+    substitution); every step of a group that bought is priced at its marginal step.
+    A step priced above the penalty of unmet need is never bought (the need stays unmet,
+    as the nodal and zonal LPs prefer their slack to it)."""
     frame = active.reset_index(drop=True)
     keys = ["mtu", "zone", "direction"]
     group = frame.groupby(keys, sort=True).ngroup().to_numpy()
@@ -377,7 +384,8 @@ def _merit_order_to_needs(active: pd.DataFrame, needs: pd.DataFrame, grid: Linea
     )
     price_of = frame.price_eur_per_mwh.to_numpy()
     order = np.lexsort((frame.bid_id.to_numpy(), price_of, group))
-    accepted, _ = merit_order_fill(frame.quantity_mw.to_numpy(), group, order, target)
+    quantity = np.where(price_of <= penalty_eur_per_mwh, frame.quantity_mw.to_numpy(float), 0.0)
+    accepted, _ = merit_order_fill(quantity, group, order, target)
     accepted = np.where(target > 0, accepted, 0.0)
     marginal = pd.Series(np.where(accepted > 1e-9, price_of, np.nan)).groupby(group).max()
     price = marginal.reindex(group).to_numpy()
