@@ -32,20 +32,23 @@ from pathlib import Path  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lfm_zonal import __version__  # noqa: E402
+from lfm_zonal.config import (  # noqa: E402
+    MARKET_METHODS,
+    PRICING,
+    SEGMENTATION_METHODS,
+    SENSITIVITY_METHODS,
+    WEIGHT_POLICIES,
+    with_overrides,
+)
 from lfm_zonal.errors import InputError, LfmError  # noqa: E402
-from lfm_zonal.grids import available_grids  # noqa: E402
-from lfm_zonal.market import MARKET_METHODS, PRICING  # noqa: E402
 from lfm_zonal.scenario import (  # noqa: E402
     DEFAULT_SCENARIO,
-    SCHEMA,
     Scenario,
     builtin_scenarios,
     load_scenario,
     schema_text,
     validate_values,
 )
-from lfm_zonal.segmentation import SEGMENTATION_METHODS, WEIGHT_POLICIES  # noqa: E402
-from lfm_zonal.sensitivity import SENSITIVITY_METHODS  # noqa: E402
 
 if _STARTING:
     signal.signal(signal.SIGINT, _SIGINT_BEFORE)
@@ -83,14 +86,15 @@ def _add_case_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--grid", help="grid: built-in name, SimBench code or pandapower JSON file")
     p.add_argument("--start", help="start of the first MTU, e.g. '2016-01-14 00:00'")
-    p.add_argument("--n-mtu", type=int, help="number of MTUs")
-    p.add_argument("--mtu-minutes", type=int, help="MTU length in minutes")
+    # Values stay text here: the scenario model reads and checks them, naming the key.
+    p.add_argument("--n-mtu", help="number of MTUs")
+    p.add_argument("--mtu-minutes", help="MTU length in minutes")
     p.add_argument("--profiles", help="CSV file of element profiles")
-    p.add_argument("--load-scale", type=float, help="factor on every load")
-    p.add_argument("--sgen-scale", type=float, help="factor on every sgen")
-    p.add_argument("--vm-min-pu", type=float, help="lower voltage limit")
-    p.add_argument("--vm-max-pu", type=float, help="upper voltage limit")
-    p.add_argument("--loading-max-percent", type=float, help="loading limit")
+    p.add_argument("--load-scale", help="factor on every load")
+    p.add_argument("--sgen-scale", help="factor on every sgen")
+    p.add_argument("--vm-min-pu", help="lower voltage limit")
+    p.add_argument("--vm-max-pu", help="upper voltage limit")
+    p.add_argument("--loading-max-percent", help="loading limit")
 
 
 def scenario_from_args(args: argparse.Namespace) -> Scenario:
@@ -103,17 +107,15 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
         base = load_scenario(args.scenario)
         values = {section: dict(keys) for section, keys in base.values.items()}
         origin = base.path
-    for flag, (section, key) in OVERRIDES.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            kind = SCHEMA[section][key].kind
-            if kind is list and not isinstance(value, list):
-                value = [value]
-            values.setdefault(section, {})[key] = kind(value) if isinstance(kind, type) else value
-    return Scenario(origin, validate_values(values, origin))
+    overrides = {
+        (section, key): getattr(args, flag, None) for flag, (section, key) in OVERRIDES.items()
+    }
+    return Scenario(origin, validate_values(with_overrides(values, overrides), origin))
 
 
 def cmd_grids(args: argparse.Namespace) -> None:
+    from lfm_zonal.grids import available_grids
+
     grids = available_grids()
     width = max(map(len, grids))
     for name, origin in grids.items():
@@ -246,6 +248,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     _warn_residuals(out)
 
 
+#: Values one --flag first:last[:step] range may give (the studies check sizes again).
+MAX_RANGE_VALUES = 100_000
+
+
 def _numbers(text: str, kind: type, flag: str) -> tuple:
     """A comma list ("0,2,5") or an inclusive range "first:last[:step]" of numbers."""
     try:
@@ -256,12 +262,18 @@ def _numbers(text: str, kind: type, flag: str) -> tuple:
             first, last = parts[0], parts[1]
             step = parts[2] if len(parts) == 3 else 1.0
             count = int(round((last - first) / step)) + 1
+            if count > MAX_RANGE_VALUES:
+                raise InputError(
+                    f"{flag} '{text}' gives {count} values; at most {MAX_RANGE_VALUES} per range"
+                )
             values = [round(first + i * step, 10) for i in range(max(count, 0))]
         else:
             values = [float(v) for v in text.split(",") if v.strip()]
         if not values or (kind is int and not all(float(v).is_integer() for v in values)):
             raise ValueError(text)
         return tuple(kind(v) for v in values)
+    except InputError:
+        raise
     except ValueError:
         raise InputError(
             f"{flag} '{text}': give a comma list (0,2,5) or a range first:last[:step]"
@@ -284,9 +296,9 @@ def cmd_tender(args: argparse.Namespace) -> None:
             raise InputError(f"--set '{item}': write KEY=VALUE, e.g. --set sigma_mw=3")
         overrides[key.strip()] = value
     params = load_parameters(args.params, overrides)
-    seeds = tuple(range(args.seeds))
     if args.seeds < 1:
         raise InputError(f"--seeds must be >= 1, got {args.seeds}")
+    seeds = range(args.seeds)  # a range: the studies check its size before drawing
     ranges = {
         "sigma_mu_mw": _numbers(args.sigma_mu, float, "--sigma-mu"),
         "n_mtu": _numbers(args.n_mtu, int, "--n-mtu"),
@@ -312,7 +324,7 @@ def cmd_tender(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(sorted(tables))} (CSV) and figures to {args.out}/")
 
 
-def _tender_grid(args: argparse.Namespace, params, seeds: tuple) -> None:
+def _tender_grid(args: argparse.Namespace, params, seeds: range) -> None:
     """One tender per zone of a scenario's feeder, for every K."""
     from lfm_zonal.job import prepare_base_case, prepare_resources, prepare_segmentation_of
     from lfm_zonal.output import result_folder
@@ -407,8 +419,16 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(f"sweep of {table.day.nunique()} days x {len(seeds)} seeds: {args.out}/sweep.csv")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command line's one-line errors (exit code 2, no usage block)."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"lfm-zonal: error: {self.prog}: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lfm-zonal",
         description="Zonal and nodal local flexibility markets on distribution grids.",
     )

@@ -184,12 +184,16 @@ def test_tender_command_writes_tables_and_figures(tmp_path):
     summary = pd.read_csv(out / "spatial_summary.csv")
     assert set(summary.n_nodes) == {2, 5} and set(summary.gini) == {0.0, 0.2, 0.4}
     bad = subprocess.run(
-        [sys.executable, "-m", "lfm_zonal.cli", "tender", "--set", "gini=2", "--out", str(out)],
+        [
+            *(sys.executable, "-m", "lfm_zonal.cli", "tender", "--set", "gini=2"),
+            *("--out", str(tmp_path / "refused")),
+        ],
         capture_output=True,
         text=True,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "'gini' must be in [0, 1)" in bad.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 # ----------------------------------------------------------------------------- bridge to the grid
