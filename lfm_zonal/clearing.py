@@ -52,6 +52,7 @@ from threadpoolctl import threadpool_limits
 from lfm_zonal.bids import merit_order_fill
 from lfm_zonal.config import DEFAULT_PENALTY_EUR_PER_MWH
 from lfm_zonal.errors import LfmError
+from lfm_zonal.limits import require_memory
 from lfm_zonal.powerflow import HorizonPowerFlow
 from lfm_zonal.segmentation import Segmentation, Zones
 from lfm_zonal.sensitivity import sensitivity_arrays
@@ -178,6 +179,16 @@ def linear_grid(
     V = pf.V[mtus] if V is None else V
     W = zones.aggregation(seg.weights)
     T, n_l, n_b = len(mtus), len(model.branches), len(model.buses)
+    # Dense rows over the areas, four arrays; a sequential LP holds up to three of these grids
+    # (the base case, its best round and the current one).
+    require_memory(
+        f"grid {pf.grid.name}: the linearised grid of {T} MTUs in {zones.k} market areas",
+        [
+            [(T, "MTUs"), (n_l, "branches"), (zones.k, "areas"), (2, "arrays"), (3, "grids")],
+            [(T, "MTUs"), (n_b, "buses"), (zones.k, "areas"), (2, "arrays"), (3, "grids")],
+        ],
+        hint="clear fewer MTUs, or zones instead of the nodal market",
+    )
     # Filled MTU by MTU (nodal on 1000 buses: 168 MB per array and 21 MTUs, no copies).
     sl_p, sl_q = np.empty((T, n_l, zones.k)), np.empty((T, n_l, zones.k))
     sv_p, sv_q = np.empty((T, n_b, zones.k)), np.empty((T, n_b, zones.k))

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from lfm_zonal.errors import InputError, PowerFlowNotConverged
 from lfm_zonal.grids import Grid, load_grid
+from lfm_zonal.limits import require_memory
 from lfm_zonal.market import MarketResult, clear_market
 from lfm_zonal.output import result_folder, write_csv, write_json
 from lfm_zonal.plots import plot_before_after, plot_error_curve, plot_k_comparison, plot_zones
@@ -65,6 +66,7 @@ def prepare_base_case(scenario: Scenario, progress: bool = False) -> BaseCase:
         vm_max_pu=g["vm_max_pu"],
         loading_max_percent=g["loading_max_percent"],
     )
+    _require_memory_for_horizon(scenario, grid)
     horizon = Horizon(start=h["start"], n_mtu=h["n_mtu"], mtu_minutes=h["mtu_minutes"])
     profiles = load_profiles(
         grid,
@@ -74,6 +76,29 @@ def prepare_base_case(scenario: Scenario, progress: bool = False) -> BaseCase:
         sgen_scale=p["sgen_scale"],
     )
     return BaseCase(scenario, grid, profiles, run_horizon(grid, profiles, progress=progress))
+
+
+def _require_memory_for_horizon(scenario: Scenario, grid) -> None:
+    """Refuse a horizon whose per-MTU tables would not fit in memory, before any is built:
+    profiles (P and Q of every load and sgen), the base case (voltages, loadings) and the
+    resources' availability (up and down per unit)."""
+    net, f = grid.net, scenario["flexibility"]
+    T = scenario["horizon"]["n_mtu"]
+    elements = len(net.load) + len(net.sgen)
+    units = f["units_per_element"] * elements + f["storage_units"]
+    require_memory(
+        f"scenario {scenario.name}: a horizon of {T} MTUs on grid {grid.name}",
+        [
+            [(T, "MTUs"), (elements, "loads and sgens"), (4, "profiles")],
+            [
+                (T, "MTUs"),
+                (len(net.bus) + len(net.line) + len(net.trafo), "buses and branches"),
+                (4, "base-case tables"),
+            ],  # fmt: skip
+            [(T, "MTUs"), (units, "resources"), (2, "directions")],
+        ],
+        hint="clear a shorter horizon or fewer resource units",
+    )
 
 
 def tidy(frame: pd.DataFrame, value: str) -> pd.DataFrame:
