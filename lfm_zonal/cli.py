@@ -78,18 +78,28 @@ OVERRIDES = {
 }
 
 
+#: Flags that name an input file (read relative to the working directory).
+FILE_FLAGS = {flag: OVERRIDES[flag] for flag in ("grid", "profiles", "resources")}
+
+
 def _add_case_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scenario",
         help="scenario name or TOML file giving the defaults (default: the schema defaults, "
         "grid cigre_mv)",
     )
-    p.add_argument("--grid", help="grid: built-in name, SimBench code or pandapower JSON file")
+    p.add_argument(
+        "--grid",
+        help="grid: built-in name, SimBench code or pandapower JSON file (a file named on the "
+        "command line is relative to the working directory, also with --scenario)",
+    )
     p.add_argument("--start", help="start of the first MTU, e.g. '2016-01-14 00:00'")
     # Values stay text here: the scenario model reads and checks them, naming the key.
     p.add_argument("--n-mtu", help="number of MTUs")
     p.add_argument("--mtu-minutes", help="MTU length in minutes")
-    p.add_argument("--profiles", help="CSV file of element profiles")
+    p.add_argument(
+        "--profiles", help="CSV file of element profiles (relative to the working directory)"
+    )
     p.add_argument("--load-scale", help="factor on every load")
     p.add_argument("--sgen-scale", help="factor on every sgen")
     p.add_argument("--vm-min-pu", help="lower voltage limit")
@@ -110,6 +120,15 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
     overrides = {
         (section, key): getattr(args, flag, None) for flag, (section, key) in OVERRIDES.items()
     }
+    # A file named on the command line is relative to the working directory; the scenario
+    # resolves its own paths against its folder, so hand it the path from there.
+    folder = Path(origin).parent if args.scenario is not None else None
+    if folder is not None and not origin.startswith("builtin:"):
+        for flag, (section, key) in FILE_FLAGS.items():
+            value = getattr(args, flag, None)
+            if value and (flag != "grid" or value.lower().endswith(".json")):
+                if not Path(value).is_absolute():
+                    overrides[(section, key)] = os.path.relpath(value, folder)
     return Scenario(origin, validate_values(with_overrides(values, overrides), origin))
 
 
@@ -505,7 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, action="append", help="number of zones (repeatable)")
     p.add_argument("--segmentation", choices=SEGMENTATION_METHODS, help="segmentation method")
     p.add_argument("--weights", choices=WEIGHT_POLICIES, help="virtual-bus weight policy")
-    p.add_argument("--resources", help="CSV file of flexibility resources (default: generated)")
+    p.add_argument(
+        "--resources",
+        help="CSV file of flexibility resources, relative to the working directory "
+        "(default: generated)",
+    )
     p.add_argument("--pricing", choices=PRICING, help="pay_as_bid (default) or pay_as_clear")
     p.add_argument("--out", default="clearing", help="output folder (default: clearing)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

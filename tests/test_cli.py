@@ -125,3 +125,21 @@ def test_run_is_deterministic(capsys, tmp_path):
             pd.testing.assert_frame_equal(ka, kb, check_exact=True)
         else:
             assert a.read_bytes() == b.read_bytes(), f
+
+
+def test_file_flags_are_relative_to_the_working_directory(tmp_path, monkeypatch, capsys):
+    """--profiles with --scenario in another folder: the CSV is found where the user is,
+    and it is used (the load it sets moves the base case)."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "sub" / "sc.toml").write_text(
+        '[grid]\nsource = "ieee33"\n[horizon]\nstart = "2016-01-14 16:00"\nn_mtu = 1\n'
+    )
+    (tmp_path / "inputs" / "p.csv").write_text("time,load_1_p_mw\n2016-01-14 16:00,5.0\n")
+    monkeypatch.chdir(tmp_path)
+    argv = ["powerflow", "--scenario", "sub/sc.toml", "--out", "a.csv"]
+    assert main(argv) == 0
+    assert main([*argv[:-1], "b.csv", "--profiles", "inputs/p.csv"]) == 0
+    capsys.readouterr()
+    a, b = (pd.read_csv(tmp_path / f"{n}.csv") for n in "ab")
+    assert b.loading_max_percent.iloc[0] > a.loading_max_percent.iloc[0] + 1
