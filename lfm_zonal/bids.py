@@ -56,11 +56,9 @@ def _offers(resources: Resources, zones: Zones, times: pd.DatetimeIndex) -> pd.D
     table = resources.table
     zone_of = zones.zone_of_bus.reindex(table.bus.to_numpy()).to_numpy()
     frames = []
-    for direction, avail, cost in (
-        ("up", resources.up_mw, "cost_up_eur_per_mwh"),
-        ("down", resources.down_mw, "cost_down_eur_per_mwh"),
-    ):
+    for direction, avail in (("up", resources.up_mw), ("down", resources.down_mw)):
         q = avail[table.index].to_numpy()  # time x resource
+        price = resources.price_eur_per_mwh(direction)
         mtu, res = np.nonzero(q > 1e-9)
         frames.append(
             pd.DataFrame(
@@ -70,7 +68,7 @@ def _offers(resources: Resources, zones: Zones, times: pd.DatetimeIndex) -> pd.D
                     "zone": zone_of[res].astype(np.int64),
                     "direction": direction,
                     "quantity_mw": q[mtu, res],
-                    "cost_eur_per_mwh": table[cost].to_numpy()[res],
+                    "cost_eur_per_mwh": price[mtu, res],
                     "resource_id": table.index.to_numpy()[res],
                     "bus": table.bus.to_numpy()[res],
                     "tan_phi": table.tan_phi.to_numpy()[res],

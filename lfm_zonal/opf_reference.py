@@ -143,10 +143,7 @@ def flexibility_offers(pf: HorizonPowerFlow, resources: Resources, mtu: int) -> 
     table = resources.table
     dt = pf.profiles.horizon.mtu_hours
     rows = []
-    for direction, avail, cost in (
-        ("up", resources.up_mw, "cost_up_eur_per_mwh"),
-        ("down", resources.down_mw, "cost_down_eur_per_mwh"),
-    ):
+    for direction, avail in (("up", resources.up_mw), ("down", resources.down_mw)):
         if when not in avail.index:
             raise OpfReferenceError(f"resources have no availability at MTU {t} ({when})")
         mw = avail.loc[when].reindex(table.index).fillna(0.0).to_numpy(float)
@@ -164,7 +161,7 @@ def flexibility_offers(pf: HorizonPowerFlow, resources: Resources, mtu: int) -> 
                     "direction": direction,
                     "bus": table.bus.to_numpy(np.int64),
                     "available_mw": mw,
-                    "price_eur_per_mwh": table[cost].to_numpy(float),
+                    "price_eur_per_mwh": resources.price_eur_per_mwh(direction)[t],
                     "tan_phi": table.tan_phi.to_numpy(float),
                 }
             )

@@ -13,6 +13,14 @@ CSV columns (one row per resource)::
     p_max_mw, cost_up_eur_per_mwh, cost_down_eur_per_mwh,
     [tan_phi], [energy_mwh, soc_init_mwh, efficiency]   (storage)
 
+or, for offers that change hour by hour, the long form (one row per resource,
+direction and MTU; MTUs not listed offer nothing; load and sgen resources)::
+
+    resource_id, aggregator, bus, kind (load|sgen), direction (up|down),
+    time (or mtu: its position in the horizon), available_mw, price_eur_per_mwh, [tan_phi]
+
+A time not in the horizon is skipped (a day of offers serves any shorter horizon).
+
 Every malformed row is refused with a message naming the file, row and column.
 
 **Within physics.** A load's up flexibility (its reduction) never exceeds what it
@@ -30,7 +38,7 @@ increase (up) are left as offered.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,14 +73,26 @@ TABLE_COLUMNS = [
 @dataclass(frozen=True)
 class Resources:
     """``table``: one row per resource (index ``resource_id``, columns TABLE_COLUMNS);
-    ``up_mw`` and ``down_mw``: available MW per MTU (time x resource_id)."""
+    ``up_mw`` and ``down_mw``: available MW per MTU (time x resource_id); ``up_price`` and
+    ``down_price``: EUR/MWh per MTU where offers change hour by hour (None: the table's
+    cost columns hold in every MTU)."""
 
     table: pd.DataFrame
     up_mw: pd.DataFrame
     down_mw: pd.DataFrame
+    up_price: pd.DataFrame | None = None
+    down_price: pd.DataFrame | None = None
 
     def __len__(self) -> int:
         return len(self.table)
+
+    def price_eur_per_mwh(self, direction: str) -> np.ndarray:
+        """Offer price per MTU and resource (time x resource, the table's order)."""
+        frame = self.up_price if direction == "up" else self.down_price
+        if frame is not None:
+            return frame[self.table.index].to_numpy(float)
+        column = self.table[f"cost_{direction}_eur_per_mwh"].to_numpy(float)
+        return np.broadcast_to(column, (len(self.up_mw), len(self.table)))
 
     @property
     def is_storage(self) -> pd.Series:
@@ -265,6 +285,144 @@ def _assemble(rows: pd.DataFrame, up: dict, down: dict, times: pd.DatetimeIndex)
     return Resources(table, frame["up"], frame["down"])
 
 
+LONG_FORM_REQUIRED = [
+    "resource_id",
+    "aggregator",
+    "bus",
+    "kind",
+    "direction",
+    "available_mw",
+    "price_eur_per_mwh",
+]
+
+
+def _read_long_form(path: Path, raw: pd.DataFrame, pf: HorizonPowerFlow) -> Resources:
+    """Resources from a long-form table (see the module docstring)."""
+    when = [c for c in ("time", "mtu") if c in raw.columns]
+    if len(when) != 1:
+        raise InputError(f"{path}: a long-form table needs one column 'time' or 'mtu'")
+    missing = [c for c in LONG_FORM_REQUIRED if c not in raw.columns]
+    unknown = [c for c in raw.columns if c not in [*LONG_FORM_REQUIRED, *when, "tan_phi"]]
+    if missing or unknown:
+        what = f"missing column(s) {', '.join(missing)}" if missing else ""
+        what += ("; " if missing and unknown else "") + (
+            f"unknown column(s) {', '.join(unknown)}" if unknown else ""
+        )
+        raise InputError(f"{path}: long-form resources table: {what}")
+    times = pf.profiles.horizon.times
+    n = len(times)
+    energised = set(pf.model.buses)
+    position = pd.Series(np.arange(n), index=times)
+    attributes: dict[str, tuple] = {}
+    first_row: dict[str, int] = {}
+    offers: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    seen: set[tuple[str, str, int]] = set()
+    skipped = 0
+
+    def number(row_no: int, rid: str, column: str, text: str, low: float, high: float) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (np.isfinite(value) and low <= value <= high):
+            raise InputError(
+                f"{path}, row {row_no} ({rid!r}): {column} must be a finite number in "
+                f"[{low:g}, {high:g}], got {text!r}"
+            )
+        return value
+
+    for i, rec in enumerate(raw.to_dict("records")):
+        row_no = i + 2
+        rid = rec["resource_id"].strip()
+        if not rid:
+            raise InputError(f"{path}, row {row_no}: empty resource_id")
+        kind, direction = rec["kind"].strip(), rec["direction"].strip()
+        if kind not in ("load", "sgen"):
+            raise InputError(
+                f"{path}, row {row_no} ({rid!r}): kind {kind!r}: the long form takes load or "
+                "sgen resources (storage needs the one-row form, for its state of charge)"
+            )
+        if direction not in ("up", "down"):
+            raise InputError(
+                f"{path}, row {row_no} ({rid!r}): direction {direction!r} (expected up or down)"
+            )
+        try:
+            bus = int(rec["bus"])
+        except ValueError:
+            raise InputError(
+                f"{path}, row {row_no} ({rid!r}): bus {rec['bus']!r} is not a bus index"
+            ) from None
+        if bus not in energised:
+            where = "not energised" if bus in pf.grid.net.bus.index else "unknown"
+            raise InputError(
+                f"{path}, row {row_no} ({rid!r}): bus {bus} is {where} in grid {pf.grid.name}"
+            )
+        text = rec.get("tan_phi", "").strip()
+        tan_phi = number(row_no, rid, "tan_phi", text, -MAX_TAN_PHI, MAX_TAN_PHI) if text else 0.0
+        attrs = (rec["aggregator"].strip() or "A1", bus, kind, tan_phi)
+        if attributes.setdefault(rid, attrs) != attrs:
+            raise InputError(
+                f"{path}, row {row_no} ({rid!r}): aggregator, bus, kind or tan_phi differ from "
+                f"row {first_row[rid]} of the same resource"
+            )
+        first_row.setdefault(rid, row_no)
+        stamp = rec[when[0]].strip()
+        if when[0] == "mtu":
+            t = int(number(row_no, rid, "mtu", stamp, 0, max(n - 1, 0)))
+        else:
+            try:
+                moment = pd.Timestamp(stamp)
+            except (ValueError, TypeError):
+                raise InputError(
+                    f"{path}, row {row_no} ({rid!r}): time {stamp!r} is not a date and time"
+                ) from None
+            if moment not in position.index:
+                skipped += 1
+                continue
+            t = int(position[moment])
+        if (rid, direction, t) in seen:
+            raise InputError(
+                f"{path}, row {row_no} ({rid!r}): a second {direction} offer in MTU {t}"
+            )
+        seen.add((rid, direction, t))
+        mw, price = offers.setdefault((rid, direction), (np.zeros(n), np.zeros(n)))
+        mw[t] = number(row_no, rid, "available_mw", rec["available_mw"], 0, MAX_RESOURCE_MW)
+        price[t] = number(
+            row_no, rid, "price_eur_per_mwh", rec["price_eur_per_mwh"], 0, MAX_PRICE_EUR_PER_MWH
+        )
+    if skipped:
+        log.info("%s: %d offer row(s) outside the horizon skipped", path, skipped)
+    rows, up, down, prices = [], {}, {}, {"up": {}, "down": {}}
+    for rid, (aggregator, bus, kind, tan_phi) in attributes.items():
+        mean = {}
+        for direction, avail in (("up", up), ("down", down)):
+            mw, price = offers.get((rid, direction), (np.zeros(n), np.zeros(n)))
+            avail[rid], prices[direction][rid] = mw, price
+            mean[direction] = float(np.average(price, weights=mw)) if mw.sum() > 0 else 0.0
+        rows.append(
+            {
+                "resource_id": rid,
+                "aggregator": aggregator,
+                "bus": bus,
+                "kind": kind,
+                "element": -1,
+                "tan_phi": tan_phi,
+                "cost_up_eur_per_mwh": mean["up"],  # offered-MW-weighted mean, for tables
+                "cost_down_eur_per_mwh": mean["down"],
+                "energy_mwh": np.nan,
+                "soc_init_mwh": np.nan,
+                "efficiency": np.nan,
+            }
+        )
+    rows = pd.DataFrame(rows)
+    _cap_at_bus_totals(rows, up, down, pf)
+    res = _assemble(rows, up, down, times)
+    price_frames = {
+        d: pd.DataFrame(prices[d], index=times, columns=res.table.index) for d in ("up", "down")
+    }
+    return replace(res, up_price=price_frames["up"], down_price=price_frames["down"])
+
+
 def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
     """Resources from a CSV file (see the module docstring); availability constant over the horizon."""
     path = Path(path)
@@ -282,6 +440,8 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
                 row = int(np.flatnonzero(filled)[0]) + 2
                 raise InputError(f"{path}, row {row}, column {pos + 1}: a value without a header")
             raw = raw.drop(columns=name)  # a trailing comma on the header line
+    if "available_mw" in raw.columns or "price_eur_per_mwh" in raw.columns:
+        return _read_long_form(path, raw, pf)
     required = [
         "resource_id",
         "aggregator",
