@@ -285,6 +285,22 @@ def _assemble(rows: pd.DataFrame, up: dict, down: dict, times: pd.DatetimeIndex)
     return Resources(table, frame["up"], frame["down"])
 
 
+def _bus_of(path: Path, row_no: int, rid: str, text: str, pf: HorizonPowerFlow) -> int:
+    """The energised pandapower bus a resource row names, or one InputError line."""
+    try:
+        bus = int(text)
+    except ValueError:
+        raise InputError(
+            f"{path}, row {row_no} ({rid!r}): bus {text!r} is not a bus index"
+        ) from None
+    if bus not in pf.model.bus_lookup.index:
+        where = "not energised" if bus in pf.grid.net.bus.index else "unknown"
+        raise InputError(
+            f"{path}, row {row_no} ({rid!r}): bus {bus} is {where} in grid {pf.grid.name}"
+        )
+    return bus
+
+
 LONG_FORM_REQUIRED = [
     "resource_id",
     "aggregator",
@@ -311,7 +327,6 @@ def _read_long_form(path: Path, raw: pd.DataFrame, pf: HorizonPowerFlow) -> Reso
         raise InputError(f"{path}: long-form resources table: {what}")
     times = pf.profiles.horizon.times
     n = len(times)
-    energised = set(pf.model.buses)
     position = pd.Series(np.arange(n), index=times)
     attributes: dict[str, tuple] = {}
     first_row: dict[str, int] = {}
@@ -346,17 +361,7 @@ def _read_long_form(path: Path, raw: pd.DataFrame, pf: HorizonPowerFlow) -> Reso
             raise InputError(
                 f"{path}, row {row_no} ({rid!r}): direction {direction!r} (expected up or down)"
             )
-        try:
-            bus = int(rec["bus"])
-        except ValueError:
-            raise InputError(
-                f"{path}, row {row_no} ({rid!r}): bus {rec['bus']!r} is not a bus index"
-            ) from None
-        if bus not in energised:
-            where = "not energised" if bus in pf.grid.net.bus.index else "unknown"
-            raise InputError(
-                f"{path}, row {row_no} ({rid!r}): bus {bus} is {where} in grid {pf.grid.name}"
-            )
+        bus = _bus_of(path, row_no, rid, rec["bus"], pf)
         text = rec.get("tan_phi", "").strip()
         tan_phi = number(row_no, rid, "tan_phi", text, -MAX_TAN_PHI, MAX_TAN_PHI) if text else 0.0
         attrs = (rec["aggregator"].strip() or "A1", bus, kind, tan_phi)
@@ -459,7 +464,6 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
     unknown = [c for c in raw.columns if c not in required + optional]
     if unknown:
         raise InputError(f"{path}: unknown column(s) {', '.join(unknown)}")
-    energised = set(pf.model.buses)
     seen: set[str] = set()
     rows, up, down = [], {}, {}
 
@@ -512,17 +516,7 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
                 f"{path}, row {row_no} ({rid!r}): unknown direction {direction!r} "
                 f"(expected {', '.join(DIRECTIONS)})"
             )
-        try:
-            bus = int(rec["bus"])
-        except ValueError:
-            raise InputError(
-                f"{path}, row {row_no} ({rid!r}): bus {rec['bus']!r} is not a bus index"
-            ) from None
-        if bus not in energised:
-            where = "not energised" if bus in pf.grid.net.bus.index else "unknown"
-            raise InputError(
-                f"{path}, row {row_no} ({rid!r}): bus {bus} is {where} in grid {pf.grid.name}"
-            )
+        bus = _bus_of(path, row_no, rid, rec["bus"], pf)
         p_max = number(row_no, rec, "p_max_mw", bound=MAX_RESOURCE_MW)
         cost_up = number(row_no, rec, "cost_up_eur_per_mwh", bound=MAX_PRICE_EUR_PER_MWH)
         cost_down = number(row_no, rec, "cost_down_eur_per_mwh", bound=MAX_PRICE_EUR_PER_MWH)
