@@ -83,20 +83,33 @@ def build_bids(
     resources: Resources, zones: Zones, times: pd.DatetimeIndex, max_steps: int = DEFAULT_MAX_STEPS
 ) -> Bids:
     """All bid steps of the horizon, in a stable order (see the module docstring)."""
-    if len(resources) == 0:
-        return Bids(
-            pd.DataFrame(columns=STEP_COLUMNS),
-            pd.DataFrame(
-                columns=[
-                    "bid_id",
-                    "resource_id",
-                    "bus",
-                    "quantity_mw",
-                    "cost_eur_per_mwh",
-                    "tan_phi",
-                ]
-            ),
+    if len(resources) == 0:  # nothing offered: typed empty tables, so every step downstream runs
+        steps = pd.DataFrame(
+            {
+                "bid_id": np.zeros(0, np.int64),
+                "time": pd.DatetimeIndex([]),
+                "mtu": np.zeros(0, np.int64),
+                "aggregator": np.zeros(0, object),
+                "zone": np.zeros(0, np.int64),
+                "direction": np.zeros(0, object),
+                "step": np.zeros(0, np.int64),
+                "quantity_mw": np.zeros(0),
+                "price_eur_per_mwh": np.zeros(0),
+                "tan_phi": np.zeros(0),
+                "resource_id": np.zeros(0, object),
+            }
         )
+        members = pd.DataFrame(
+            {
+                "bid_id": np.zeros(0, np.int64),
+                "resource_id": np.zeros(0, object),
+                "bus": np.zeros(0, np.int64),
+                "quantity_mw": np.zeros(0),
+                "cost_eur_per_mwh": np.zeros(0),
+                "tan_phi": np.zeros(0),
+            }
+        )
+        return Bids(steps[STEP_COLUMNS], members)
     offers = _offers(resources, zones, times)
     curve = ["mtu", "zone", "direction", "aggregator"]
     offers = offers.sort_values(

@@ -29,6 +29,7 @@ import logging  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lfm_zonal import __version__  # noqa: E402
@@ -267,6 +268,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     _warn_residuals(out)
 
 
+#: Days one sweep may hold (a case is a day; a year of them takes hours already).
+MAX_SWEEP_DAYS = 366
 #: Values one --flag first:last[:step] range may give (the studies check sizes again).
 MAX_RANGE_VALUES = 100_000
 
@@ -278,6 +281,8 @@ def _numbers(text: str, kind: type, flag: str) -> tuple:
             parts = [float(v) for v in text.split(":")]
             if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] <= 0):
                 raise ValueError(text)
+            if not all(np.isfinite(parts)):
+                raise InputError(f"{flag} '{text}': the range bounds must be finite numbers")
             first, last = parts[0], parts[1]
             step = parts[2] if len(parts) == 3 else 1.0
             count = int(round((last - first) / step)) + 1
@@ -410,6 +415,11 @@ def _days(text: str) -> list[str]:
         ) from None
     if len(days) == 0:
         raise InputError(f"--days '{text}': no day in that range")
+    if len(days) > MAX_SWEEP_DAYS:
+        raise InputError(
+            f"--days '{text}' gives {len(days)} days; a sweep takes at most {MAX_SWEEP_DAYS} "
+            "(one year): split it into several sweeps"
+        )
     return [f"{d:%Y-%m-%d}" for d in days]
 
 
@@ -436,6 +446,19 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     ].mean()
     print(summary.round(4).to_string())
     print(f"sweep of {table.day.nunique()} days x {len(seeds)} seeds: {args.out}/sweep.csv")
+
+
+class _LowerLevelFormatter(logging.Formatter):
+    """Log lines as the command line's own: ``lfm-zonal: warning: ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelname = record.levelname.lower()
+        return super().format(record)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line (a library's message may hold newlines)."""
+    return " ".join(str(exc).split())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -734,9 +757,10 @@ def main(argv: list[str] | None = None) -> int:
         args = None
         try:
             args = build_parser().parse_args(argv)
+            handler = logging.StreamHandler()
+            handler.setFormatter(_LowerLevelFormatter("lfm-zonal: %(levelname)s: %(message)s"))
             logging.basicConfig(
-                level=logging.INFO if args.verbose else logging.WARNING,
-                format="lfm-zonal: %(levelname)s: %(message)s",
+                level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler]
             )
             if not args.verbose:
                 warnings.filterwarnings("ignore")
@@ -744,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
             with _claim(args, inputs):
                 args.func(args)
         except LfmError as exc:
-            print(f"lfm-zonal: error: {exc}", file=sys.stderr)
+            print(f"lfm-zonal: error: {_one_line(exc)}", file=sys.stderr)
             return 2
         except OSError as exc:
             if exc.filename is None:

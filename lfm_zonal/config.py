@@ -842,7 +842,8 @@ def tender_parameters(
                 known = ", ".join(TENDER_FIELDS)
                 raise InputError(f"{source}: unknown tender parameter '{key}' (known: {known})")
             kind = _KINDS[_kind_name(TENDER_FIELDS[key].annotation)]
-            typed[key] = parse_text(key, value, kind, source)
+            # Only the command line gives text to read; a file's values keep their TOML type.
+            typed[key] = parse_text(key, value, kind, source) if source != origin else value
     try:
         return _build(**typed)
     except ValidationError as exc:

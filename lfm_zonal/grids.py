@@ -381,6 +381,10 @@ def _read_json(path: Path) -> pp.pandapowerNet:
         raise InputError(f"{path}: not a readable pandapower JSON network ({exc})") from None
     if not isinstance(net, pp.pandapowerNet) or "bus" not in net:
         raise InputError(f"{path}: not a pandapower network")
+    tables = ("bus", *(t for t in _BUS_COLUMNS if t in net))
+    broken = [t for t in tables if not isinstance(net[t], pd.DataFrame)]
+    if broken:
+        raise InputError(f"{path}: '{broken[0]}' is not a pandapower table")
     return net
 
 

@@ -358,9 +358,8 @@ def _close(a: float, b: float) -> bool:
 
 def _bid_prices(active: pd.DataFrame, sol: Solution, grid: LinearGrid) -> np.ndarray:
     """Pay-as-clear price of each bid: the zonal marginal price of its direction and MTU."""
-    t = pd.Series(np.arange(len(grid.mtus)), index=grid.mtus).reindex(active.mtu).to_numpy()
-    z = active.zone.to_numpy()
-    lam = sol.marginal_price[t, z] + active.tan_phi.to_numpy() * sol.marginal_price_q[t, z]
+    t, z = _positions(active, grid)
+    lam = sol.marginal_price[t, z] + active.tan_phi.to_numpy(float) * sol.marginal_price_q[t, z]
     return np.where(active.direction.to_numpy() == "up", lam, -lam)
 
 
@@ -413,12 +412,18 @@ def _bid_table(
 
 def _area_injections(active: pd.DataFrame, accepted: np.ndarray, grid: LinearGrid):
     T, K = len(grid.mtus), grid.k
-    t = pd.Series(np.arange(T), index=grid.mtus).reindex(active.mtu).to_numpy()
+    t, z = _positions(active, grid)
     sign = np.where(active.direction.to_numpy() == "up", 1.0, -1.0)
     p, q = np.zeros((T, K)), np.zeros((T, K))
-    np.add.at(p, (t, active.zone.to_numpy()), sign * accepted)
-    np.add.at(q, (t, active.zone.to_numpy()), sign * accepted * active.tan_phi.to_numpy())
+    np.add.at(p, (t, z), sign * accepted)
+    np.add.at(q, (t, z), sign * accepted * active.tan_phi.to_numpy(float))
     return p, q
+
+
+def _positions(active: pd.DataFrame, grid: LinearGrid) -> tuple[np.ndarray, np.ndarray]:
+    """Each bid's MTU position in the cleared set and its area (integer arrays, also empty)."""
+    t = pd.Series(np.arange(len(grid.mtus)), index=grid.mtus).reindex(active.mtu.to_numpy())
+    return t.to_numpy(np.int64), active.zone.to_numpy(np.int64)
 
 
 def _activation_table(grid: LinearGrid, p: np.ndarray, q: np.ndarray, times) -> pd.DataFrame:

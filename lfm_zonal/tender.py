@@ -894,6 +894,12 @@ def run_tender_studies(
         summary = summarise(table, ["sigma_mu_mw", "n_mtu"])
         write_study("temporal", table, summary, plot_tender_temporal, f"Temporal aggregation{tag}")
     if study in ("spatial", "all"):
+        if not any(g <= max_gini(n) + 1e-12 for g in gini for n in n_nodes):
+            raise InputError(
+                f"--gini {', '.join(f'{g:g}' for g in gini)} with --n-nodes "
+                f"{', '.join(str(n) for n in n_nodes)}: every cell is out of reach (a Gini "
+                f"index of N nodes is at most (N - 1) / N, {max_gini(max(n_nodes)):.3g} here)"
+            )
         table = spatial_study(params, gini, n_nodes, seeds)
         summary = summarise(table[table.reachable], ["gini", "n_nodes"])
         title = f"Spatial aggregation{tag}, sizing rule {params.sizing_rule}"

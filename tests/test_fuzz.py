@@ -408,6 +408,17 @@ def grid_cases() -> list[Case]:
         ("not JSON", "{this is not json", ("grid.json",)),
         ("empty file", "", ("grid.json",)),
         ("JSON but not a grid", json.dumps({"hello": "world"}), ("grid.json",)),
+        (
+            "a table that is not a table",
+            json.dumps(
+                {
+                    "_module": "pandapower.auxiliary",
+                    "_class": "pandapowerNet",
+                    "_object": {"bus": "notatable"},
+                }
+            ),
+            ("grid.json", "bus"),
+        ),
         ("binary", b"\x89PNG\r\n\x1a\n\x00\x00", ("grid.json",)),
         ("UTF-16", GRID.encode("utf-16"), ("grid.json",)),
     ]:
@@ -498,6 +509,8 @@ def cli_cases() -> list[Case]:
             ("sweep", "scenario.toml", "--days", "2016-01-14", "--seeds", "3:1", "--out", "sw"),
             ("seeds",),
         ),  # fmt: skip
+        (("sweep", "scenario.toml", "--days", "2016-01-01:2030-01-01", "--out", "sw"), ("days",)),
+        (("sweep", "scenario.toml", "--days", "2016-01-14", "--k", "1:inf", "--out", "sw"), ("k",)),
     ]
     for argv, expect in runs:
         cases.append(Case("cli", " ".join(argv), argv, expect, dict(base)))
@@ -528,8 +541,15 @@ def tender_cases() -> list[Case]:
         (("tender", "temporal", "--sigma-mu", "inf", "--out", "t"), ("sigma",)),
         (("tender", "optimum", "--params", "missing.toml", "--out", "t"), ("missing.toml",)),
         (("tender", "optimum", "--set", "sigma_mw", "--out", "t"), ("sigma_mw",)),
+        (("tender", "temporal", "--sigma-mu", "0:inf", "--out", "t"), ("sigma",)),
+        (("tender", "temporal", "--n-mtu", "2:inf", "--out", "t"), ("n_mtu",)),
+        (("tender", "spatial", "--gini", "0:inf", "--out", "t"), ("gini",)),
+        (("tender", "spatial", "--n-nodes", "2,3", "--gini", "0.99", "--out", "t"), ("gini",)),
+        (("tender", "spatial", "--n-nodes", "1:1e12", "--out", "t"), ("n_nodes",)),
+        (("tender", "optimum", "--params", "p.toml", "--out", "t"), ("sigma_mw",)),
     ]:
-        cases.append(Case("tender", " ".join(argv[1:]), argv, expect, {}))
+        files = {"p.toml": 'sigma_mw = "2"\n'} if "p.toml" in argv else {}
+        cases.append(Case("tender", " ".join(argv[1:]), argv, expect, files))
     return cases
 
 
