@@ -26,6 +26,7 @@ if _STARTING:
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import logging  # noqa: E402
+import re  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -154,6 +155,8 @@ def cmd_powerflow(args: argparse.Namespace) -> None:
     from lfm_zonal.job import prepare_base_case
     from lfm_zonal.output import result_file, write_csv
 
+    if args.rows < 1:
+        raise InputError(f"--rows must be >= 1, got {args.rows}")
     base = prepare_base_case(scenario_from_args(args), progress=True)
     table = base.powerflow.violations()
     if args.out is not None:
@@ -293,8 +296,14 @@ def _numbers(text: str, kind: type, flag: str) -> tuple:
             values = [round(first + i * step, 10) for i in range(max(count, 0))]
         else:
             values = [float(v) for v in text.split(",") if v.strip()]
+        if kind is int and not all(
+            re.fullmatch(r"\s*[+-]?\d+\s*", v) for v in text.replace(":", ",").split(",")
+        ):
+            raise ValueError(text)  # whole numbers written as such (1e30 is not exactly one)
         if not values or (kind is int and not all(float(v).is_integer() for v in values)):
             raise ValueError(text)
+        if kind is int and ":" not in text:
+            return tuple(int(v) for v in text.split(",") if v.strip())
         return tuple(kind(v) for v in values)
     except InputError:
         raise

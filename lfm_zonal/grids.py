@@ -151,6 +151,10 @@ BUILTIN_GRIDS: dict[str, _Builtin] = {
 _SYNTHETIC = re.compile(r"^synthetic_radial_(\d+)(?:_seed(\d+))?$")
 
 
+#: Largest synthetic feeder built on request (ten times a large DSO network).
+MAX_SYNTHETIC_BUSES = 100_000
+
+
 def synthetic_radial_feeder(n_bus: int = 1000, seed: int = 0) -> pp.pandapowerNet:
     """A seeded radial 110/20 kV grid of exactly ``n_bus`` buses (for scaling tests).
 
@@ -159,8 +163,11 @@ def synthetic_radial_feeder(n_bus: int = 1000, seed: int = 0) -> pp.pandapowerNe
     a random earlier bus). Every MV bus has a load, about 30% have PV. Geodata
     draw each feeder as a fan in its own sector around the substation.
     """
-    if n_bus < 4:
-        raise InputError(f"synthetic_radial_{n_bus}: needs at least 4 buses")
+    if not 4 <= n_bus <= MAX_SYNTHETIC_BUSES:
+        raise InputError(
+            f"synthetic_radial_{n_bus}: give between 4 and {MAX_SYNTHETIC_BUSES} buses "
+            "(a real DSO network has 5,000-10,000)"
+        )
     rng = np.random.default_rng(seed)
     n_mv = n_bus - 2
     n_feeders = max(1, round(n_mv / 100))

@@ -510,6 +510,15 @@ def cli_cases() -> list[Case]:
             ("seeds",),
         ),  # fmt: skip
         (("sweep", "scenario.toml", "--days", "2016-01-01:2030-01-01", "--out", "sw"), ("days",)),
+        (
+            ("sweep", "scenario.toml", "--days", "2016-01-14", "--seeds", "1e30", "--out", "sw"),
+            ("seeds",),
+        ),  # fmt: skip
+        (("powerflow", "--grid", "synthetic_radial_10000000", "--out", "pf.csv"), ("10000000",)),
+        (
+            ("powerflow", "--scenario", "scenario.toml", "--rows", "-1", "--out", "pf.csv"),
+            ("rows",),
+        ),  # fmt: skip
         (("sweep", "scenario.toml", "--days", "2016-01-14", "--k", "1:inf", "--out", "sw"), ("k",)),
     ]
     for argv, expect in runs:
