@@ -144,7 +144,7 @@ def clear_market(
         accepted, price = np.zeros(len(active)), np.full(len(active), np.nan)
         stats = {"status": "nothing to clear", "n_variables": 0, "n_constraints": 0}
     elif method == "needs_based":
-        accepted, price = _merit_order_to_needs(active, needs, grid, penalty)
+        accepted, price = _merit_order_to_needs(active, needs, penalty)
         stats = {"status": "merit order", "n_variables": 0, "n_constraints": 0}
     else:
         sol, grid, stats = _sequential_clearing(seg, zones, grid, active, resources, penalty, needs)
@@ -366,7 +366,6 @@ def _bid_prices(active: pd.DataFrame, sol: Solution, grid: LinearGrid) -> np.nda
 def _merit_order_to_needs(
     active: pd.DataFrame,
     needs: pd.DataFrame,
-    grid: LinearGrid,
     penalty_eur_per_mwh: float = DEFAULT_PENALTY_EUR_PER_MWH,
 ):
     """Each zone and direction buys its published need from its cheapest steps (no

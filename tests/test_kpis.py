@@ -10,6 +10,7 @@ import numpy as np
 import pandapower as pp
 import pandas as pd
 import pytest
+from test_market import three_bus_feeder
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
 from lfm_zonal.clearing import DEFAULT_PENALTY_EUR_PER_MWH
@@ -29,21 +30,6 @@ HEADER = (
     "resource_id,aggregator,bus,kind,direction,p_max_mw,cost_up_eur_per_mwh,"
     "cost_down_eur_per_mwh,energy_mwh,soc_init_mwh,efficiency\n"
 )
-
-
-def three_bus_feeder() -> pp.pandapowerNet:
-    """Slack - line 0 (strong) - bus 1 - line 1 (150 A) - bus 2 with a 6 MW load: line 1 overloaded."""
-    net = pp.create_empty_network()
-    b0, b1, b2 = (pp.create_bus(net, 20.0) for _ in range(3))
-    pp.create_ext_grid(net, b0, vm_pu=1.0)
-    pp.create_line_from_parameters(
-        net, b0, b1, 2.0, r_ohm_per_km=0.2, x_ohm_per_km=0.12, c_nf_per_km=0.0, max_i_ka=1.0
-    )
-    pp.create_line_from_parameters(
-        net, b1, b2, 2.0, r_ohm_per_km=0.2, x_ohm_per_km=0.12, c_nf_per_km=0.0, max_i_ka=0.15
-    )
-    pp.create_load(net, b2, p_mw=6.0, q_mvar=0.0)
-    return net
 
 
 def feeder_case(tmp_path, resources_csv: str):
