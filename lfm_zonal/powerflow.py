@@ -172,6 +172,41 @@ class NetworkModel:
         return np.abs(V[self.bus_lookup.to_numpy()])
 
 
+def _internal_without_branches(ppc: dict, lookup: np.ndarray) -> tuple[dict, np.ndarray]:
+    """pandapower's internal model of a grid with no energised branch, built by hand, and
+    the bus lookup into it.
+
+    pandapower skips the power flow when no line or trafo connects a bus to a slack, and
+    keeps no internal model. Every energised bus is then a slack bus (type 3) at its set
+    voltage; nothing is monitored and nothing flows. Isolated buses (type 4) get an index
+    past the internal ones, as in pandapower's own internal model.
+    """
+    from pandapower.pypower.idx_bus import BUS_TYPE, NONE, PD, QD, VA, VM
+
+    bus = np.array(ppc["bus"])
+    energised = bus[:, BUS_TYPE].real != NONE
+    order = np.r_[np.flatnonzero(energised), np.flatnonzero(~energised)]
+    position = np.empty(len(bus), np.int64)
+    position[order] = np.arange(len(bus))
+    bus = bus[energised]
+    n = len(bus)
+    empty = sp.csr_matrix((0, n), dtype=complex)
+    internal = {
+        "bus": bus,
+        "branch": np.array(ppc["branch"]),
+        "branch_is": np.zeros(0, bool),
+        "Ybus": sp.csr_matrix((n, n), dtype=complex),
+        "Yf": empty,
+        "Yt": empty,
+        "ref": np.arange(n, dtype=np.int64),
+        "pv": np.zeros(0, np.int64),
+        "pq": np.zeros(0, np.int64),
+        "V": bus[:, VM].real * np.exp(1j * np.deg2rad(bus[:, VA].real)),
+        "Sbus": -(bus[:, PD].real + 1j * bus[:, QD].real) / ppc["baseMVA"],
+    }
+    return internal, np.where(lookup >= 0, position[np.maximum(lookup, 0)], lookup)
+
+
 def build_network_model(grid: Grid) -> NetworkModel:
     """Run pandapower once on a copy of the grid and keep its internal model."""
     net = copy.deepcopy(grid.net)
@@ -189,13 +224,10 @@ def build_network_model(grid: Grid) -> NetworkModel:
             ) from None
     ppc = net._ppc
     internal = ppc["internal"]
-    if "bus" not in internal or "branch" not in internal:  # pandapower skipped the power flow
-        raise GridError(
-            f"grid {grid.name}: no in-service line or trafo connects a bus to the slack: "
-            "nothing to monitor"
-        )
-    n_int = internal["Ybus"].shape[0]
     lookup = np.asarray(net._pd2ppc_lookups["bus"])
+    if "bus" not in internal or "branch" not in internal:  # pandapower skipped the power flow
+        internal, lookup = _internal_without_branches(ppc, lookup)
+    n_int = internal["Ybus"].shape[0]
     in_service_bus = net.bus.index[net.bus.in_service.to_numpy(bool)]
     internal_of = lookup[in_service_bus.to_numpy()]
     energised = (internal_of >= 0) & (internal_of < n_int)
@@ -457,10 +489,13 @@ class HorizonPowerFlow:
         over = (self.loading_percent - g.loading_max_percent).clip(lower=0.0)
         under = (g.vm_min_pu - self.vm_pu).clip(lower=0.0)
         overv = (self.vm_pu - g.vm_max_pu).clip(lower=0.0)
+        loading_max = self.loading_percent.max(axis=1)
+        if not self.loading_percent.shape[1]:  # nothing monitored: a converged MTU loads 0 %
+            loading_max = loading_max.where(~self.converged, 0.0)
         return pd.DataFrame(
             {
                 "converged": self.converged,
-                "loading_max_percent": self.loading_percent.max(axis=1),
+                "loading_max_percent": loading_max,
                 "overloaded_branches": (over > 0).sum(axis=1),
                 "vm_min_pu": self.vm_pu.min(axis=1),
                 "vm_max_pu": self.vm_pu.max(axis=1),

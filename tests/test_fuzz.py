@@ -403,7 +403,6 @@ def grid_cases() -> list[Case]:
         text = _edited_grid(table, index, columns, value)
         cases.append(_grid_case(name, text, expect))
     for name, text, expect in [
-        ("no line table", _without_table("line"), ("line",)),
         ("no ext_grid", _without_rows("ext_grid"), ("ext_grid",)),
         ("not JSON", "{this is not json", ("grid.json",)),
         ("empty file", "", ("grid.json",)),

@@ -282,3 +282,48 @@ def test_profiles_csv_is_named_in_the_summary(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["horizon"]["profiles"] == f"csv:{prof}"
     assert summary["grid"]["profiles"] == f"csv:{prof}"
+
+
+def _one_bus_grid(path, vm_pu: float) -> None:
+    """One slack bus, a second bus merged into it by a closed bus-bus switch, a load and
+    a PV unit, and no line or trafo: nothing to monitor. A third bus, connected to nothing,
+    holds a load that no power reaches."""
+    net = pp.create_empty_network(name="one_bus")
+    b0 = pp.create_bus(net, vn_kv=20.0)
+    b1 = pp.create_bus(net, vn_kv=20.0)
+    b2 = pp.create_bus(net, vn_kv=20.0)
+    pp.create_switch(net, b0, b1, et="b")
+    pp.create_ext_grid(net, b0, vm_pu=vm_pu)
+    pp.create_load(net, b1, p_mw=1.0, q_mvar=0.2)
+    pp.create_load(net, b2, p_mw=0.4, q_mvar=0.1)
+    pp.create_sgen(net, b0, p_mw=0.5)
+    pp.to_json(net, str(path))
+
+
+def test_grid_with_nothing_to_monitor_runs(tmp_path, caplog):
+    """No line or trafo: pandapower skips its power flow; the run still clears (to nothing),
+    every energised bus sits at the slack's set voltage, no KPI is NaN, and the load that
+    no power reaches is named."""
+    grid = tmp_path / "one_bus.json"
+    _one_bus_grid(grid, vm_pu=1.0)
+    body = f'[grid]\nsource = "{grid}"\n[horizon]\nstart = "2016-01-14 17:00"\nn_mtu = 2\n'
+    with caplog.at_level(logging.WARNING):
+        kpis = _run(tmp_path, body + "[zones]\nk = [1]\n")
+    assert "1 in-service load(s) have no path to the slack" in caplog.text
+    assert "load 1 at bus 2" in caplog.text
+    assert list(kpis.method) == ["nodal", "zonal", "needs_based"]
+    assert (kpis.activated_mwh == 0).all() and (kpis.unmet_mwh == 0).all()
+    assert np.allclose(kpis.vm_min_after_pu, 1.0) and np.allclose(kpis.vm_max_after_pu, 1.0)
+    assert kpis.notna().all().all()
+
+
+def test_grid_with_nothing_to_monitor_reports_a_slack_voltage_out_of_band(tmp_path):
+    """A slack set at 1.07 p.u. is out of the 0.95-1.05 band and no flexibility moves it:
+    every market reports it as unmet, on both pandapower buses."""
+    grid = tmp_path / "one_bus.json"
+    _one_bus_grid(grid, vm_pu=1.07)
+    body = f'[grid]\nsource = "{grid}"\n[horizon]\nstart = "2016-01-14 17:00"\nn_mtu = 2\n'
+    kpis = _run(tmp_path, body + "[zones]\nk = [1]\n")
+    assert np.allclose(kpis.vm_max_after_pu, 1.07)
+    assert (kpis.activated_mwh == 0).all() and (kpis.unmet_mwh > 0).all()
+    assert np.allclose(kpis.residual_voltage_max_pu, 0.02)
