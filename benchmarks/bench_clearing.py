@@ -28,11 +28,11 @@ import highspy
 import numpy as np
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
-from lfm_zonal import clearing as clearing_module
-from lfm_zonal.market import clear_market, mtus_to_clear
-from lfm_zonal.resources import FlexibilitySpec, generate_resources
-from lfm_zonal.segmentation import prepare_segmentation
-from lfm_zonal.validation import ac_check
+from lfm_zonal.check.ac import ac_check
+from lfm_zonal.market import lp as clearing_module
+from lfm_zonal.market.clearing import clear_market, mtus_to_clear
+from lfm_zonal.market.resources import FlexibilitySpec, generate_resources
+from lfm_zonal.zones.segmentation import prepare_segmentation
 
 warnings.filterwarnings("ignore")
 

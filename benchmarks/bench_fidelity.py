@@ -7,7 +7,7 @@ sgens x1.8, 594 resources of 3 aggregators, overloads and overvoltage in 72 of 9
 
 **Fidelity.** For every MTU of ``--ratio-mtus`` (default: 6 congested MTUs spread over
 the day) it prints the engine's nodal pay-as-bid cost of that MTU over the AC OPF's
-(``lfm_zonal.opf_reference``: pandapower ``runopp``, PIPS, the same resources as
+(``lfm_zonal.market.opf_reference``: pandapower ``runopp``, PIPS, the same resources as
 controllable sgens with Q tied to P by their tan_phi, the same limits):
 
 * ``day``: the MTU's share of the engine's whole-day nodal clearing (what a run reports);
@@ -46,14 +46,14 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from lfm_zonal.job import prepare_base_case, prepare_resources, prepare_segmentation_of
-from lfm_zonal.market import clear_market, mtus_to_clear
-from lfm_zonal.opf_reference import opf_reference
-from lfm_zonal.powerflow import run_horizon
-from lfm_zonal.profiles import Horizon, load_profiles
-from lfm_zonal.resources import Resources
-from lfm_zonal.scenario import load_scenario
-from lfm_zonal.segmentation import prepare_segmentation
+from lfm_zonal.grid.powerflow import run_horizon
+from lfm_zonal.grid.profiles import Horizon, load_profiles
+from lfm_zonal.market.clearing import clear_market, mtus_to_clear
+from lfm_zonal.market.opf_reference import opf_reference
+from lfm_zonal.market.resources import Resources
+from lfm_zonal.study.job import prepare_base_case, prepare_resources, prepare_segmentation_of
+from lfm_zonal.study.scenario import load_scenario
+from lfm_zonal.zones.segmentation import prepare_segmentation
 
 warnings.filterwarnings("ignore")
 

@@ -27,8 +27,8 @@ import numpy as np
 import pandapower as pp
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon, sensitivities
-from lfm_zonal.powerflow import build_network_model
-from lfm_zonal.sensitivity import (
+from lfm_zonal.grid.powerflow import build_network_model
+from lfm_zonal.grid.sensitivity import (
     SENSITIVITY_METHODS,
     finite_difference_sensitivities,
     sensitivity_error,

@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
-from lfm_zonal.segmentation import prepare_segmentation
+from lfm_zonal.zones.segmentation import prepare_segmentation
 
 warnings.filterwarnings("ignore")
 

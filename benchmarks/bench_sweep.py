@@ -17,8 +17,8 @@ import warnings
 
 import pandas as pd
 
-from lfm_zonal.scenario import load_scenario
-from lfm_zonal.sweep import run_sweep
+from lfm_zonal.study.scenario import load_scenario
+from lfm_zonal.study.sweep import run_sweep
 
 warnings.filterwarnings("ignore")
 

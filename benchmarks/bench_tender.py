@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from lfm_zonal import tender as T
+from lfm_zonal.tender import sizing as T
 
 
 def looped_spatial_c_aggr(params: T.TenderParameters, counts, seed: int) -> float:

@@ -1,9 +1,18 @@
 """lfm-zonal: zonal and nodal local flexibility markets on distribution grids.
 
-Pipeline (one module per stage)::
+The folders are the pipeline's stages, in the order data flows through them::
 
-    grids -> profiles -> powerflow (per MTU) -> sensitivity -> segmentation
-    -> needs -> bids -> clearing -> validation -> kpis / plots
+    grid/    sources, profiles, AC power flow per MTU, sensitivities, linearised grid
+    check/   AC check of a dispatch: violations left, residual in MW-equivalent
+    zones/   segmentation into connected zones, zonal indices
+    market/  resources, bids, DSO needs, the clearing LP, the sequential AC loop
+    tender/  probabilistic tender sizing and its bridge to a real grid's zones
+    study/   scenario, main job, sweep, golden regression
+    cli.py   the command line
+
+Below them: ``errors``, ``config`` (typed scenario), ``limits`` (machine sizing),
+``files/`` (reading inputs, writing outputs) and ``report/`` (plots). A stage imports
+only the stages above it in this list and the modules below them.
 """
 
 from __future__ import annotations
@@ -17,24 +26,24 @@ from lfm_zonal.errors import GridError, InputError, LfmError, PowerFlowNotConver
 # (``from lfm_zonal import load_grid``), so ``import lfm_zonal.<light module>`` stays fast
 # and the command line can answer Ctrl-C while it starts.
 _LAZY = {
-    "Grid": "grids",
-    "available_grids": "grids",
-    "load_grid": "grids",
-    "HorizonPowerFlow": "powerflow",
-    "run_horizon": "powerflow",
-    "Horizon": "profiles",
-    "Profiles": "profiles",
-    "load_profiles": "profiles",
+    "Grid": "grid.sources",
+    "available_grids": "grid.sources",
+    "load_grid": "grid.sources",
+    "HorizonPowerFlow": "grid.powerflow",
+    "run_horizon": "grid.powerflow",
+    "Horizon": "grid.profiles",
+    "Profiles": "grid.profiles",
+    "load_profiles": "grid.profiles",
     "SENSITIVITY_METHODS": "config",
-    "Sensitivities": "sensitivity",
-    "sensitivities": "sensitivity",
+    "Sensitivities": "grid.sensitivity",
+    "sensitivities": "grid.sensitivity",
 }
 
 if TYPE_CHECKING:
-    from lfm_zonal.grids import Grid, available_grids, load_grid
-    from lfm_zonal.powerflow import HorizonPowerFlow, run_horizon
-    from lfm_zonal.profiles import Horizon, Profiles, load_profiles
-    from lfm_zonal.sensitivity import SENSITIVITY_METHODS, Sensitivities, sensitivities
+    from lfm_zonal.grid.powerflow import HorizonPowerFlow, run_horizon
+    from lfm_zonal.grid.profiles import Horizon, Profiles, load_profiles
+    from lfm_zonal.grid.sensitivity import SENSITIVITY_METHODS, Sensitivities, sensitivities
+    from lfm_zonal.grid.sources import Grid, available_grids, load_grid
 
 
 def __getattr__(name: str):

@@ -43,7 +43,7 @@ from lfm_zonal.config import (  # noqa: E402
     with_overrides,
 )
 from lfm_zonal.errors import InputError, LfmError  # noqa: E402
-from lfm_zonal.scenario import (  # noqa: E402
+from lfm_zonal.study.scenario import (  # noqa: E402
     DEFAULT_SCENARIO,
     Scenario,
     builtin_scenarios,
@@ -135,7 +135,7 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
 
 
 def cmd_grids(args: argparse.Namespace) -> None:
-    from lfm_zonal.grids import available_grids
+    from lfm_zonal.grid.sources import available_grids
 
     grids = available_grids()
     width = max(map(len, grids))
@@ -152,8 +152,8 @@ def cmd_scenarios(args: argparse.Namespace) -> None:
 
 
 def cmd_powerflow(args: argparse.Namespace) -> None:
-    from lfm_zonal.job import prepare_base_case
-    from lfm_zonal.output import result_file, write_csv
+    from lfm_zonal.files.outputs import result_file, write_csv
+    from lfm_zonal.study.job import prepare_base_case
 
     if args.rows < 1:
         raise InputError(f"--rows must be >= 1, got {args.rows}")
@@ -174,9 +174,9 @@ def cmd_powerflow(args: argparse.Namespace) -> None:
 
 
 def cmd_sensitivities(args: argparse.Namespace) -> None:
-    from lfm_zonal.job import prepare_base_case, write_sensitivities
-    from lfm_zonal.output import result_folder
-    from lfm_zonal.sensitivity import sensitivities
+    from lfm_zonal.files.outputs import result_folder
+    from lfm_zonal.grid.sensitivity import sensitivities
+    from lfm_zonal.study.job import prepare_base_case, write_sensitivities
 
     scenario = scenario_from_args(args)
     base = prepare_base_case(scenario, progress=True)
@@ -199,8 +199,8 @@ def _mtu(text: str):
 
 
 def cmd_zones(args: argparse.Namespace) -> None:
-    from lfm_zonal.job import prepare_base_case, prepare_segmentation_of, write_zones
-    from lfm_zonal.output import result_folder
+    from lfm_zonal.files.outputs import result_folder
+    from lfm_zonal.study.job import prepare_base_case, prepare_segmentation_of, write_zones
 
     scenario = scenario_from_args(args)
     base = prepare_base_case(scenario, progress=True)
@@ -225,7 +225,7 @@ def cmd_zones(args: argparse.Namespace) -> None:
 
 
 def cmd_clear(args: argparse.Namespace) -> None:
-    from lfm_zonal.job import run_scenario
+    from lfm_zonal.study.job import run_scenario
 
     if args.market != "nodal" and not args.k:
         raise InputError(f"--market {args.market} needs --k (number of zones)")
@@ -250,7 +250,7 @@ def cmd_clear(args: argparse.Namespace) -> None:
 
 def _warn_residuals(out: Path) -> None:
     """One warning line (stderr) per market that leaves a violation after the AC check."""
-    from lfm_zonal.job import residual_warnings
+    from lfm_zonal.study.job import residual_warnings
 
     kpis = pd.read_csv(out / "kpis.csv")
     residual = pd.read_csv(out / "residual_violations.csv")
@@ -263,7 +263,7 @@ def _mtu_or_peak(text: str):
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from lfm_zonal.job import run_scenario
+    from lfm_zonal.study.job import run_scenario
 
     scenario = load_scenario(args.scenario)
     out = run_scenario(scenario, args.out, overwrite=args.overwrite, progress=not args.quiet)
@@ -315,8 +315,8 @@ def _numbers(text: str, kind: type, flag: str) -> tuple:
 
 
 def cmd_tender(args: argparse.Namespace) -> None:
-    from lfm_zonal.output import result_folder
-    from lfm_zonal.tender import load_parameters, parameter_sets, run_tender_studies
+    from lfm_zonal.files.outputs import result_folder
+    from lfm_zonal.tender.sizing import load_parameters, parameter_sets, run_tender_studies
 
     if args.list:
         for name, description in parameter_sets().items():
@@ -359,9 +359,9 @@ def cmd_tender(args: argparse.Namespace) -> None:
 
 def _tender_grid(args: argparse.Namespace, params, seeds: range) -> None:
     """One tender per zone of a scenario's feeder, for every K."""
-    from lfm_zonal.job import prepare_base_case, prepare_resources, prepare_segmentation_of
-    from lfm_zonal.output import result_folder
-    from lfm_zonal.tender_grid import write_zonal_tenders, zonal_tender_study
+    from lfm_zonal.files.outputs import result_folder
+    from lfm_zonal.study.job import prepare_base_case, prepare_resources, prepare_segmentation_of
+    from lfm_zonal.tender.congestion import write_zonal_tenders, zonal_tender_study
 
     scenario = load_scenario(args.scenario)
     base = prepare_base_case(scenario, progress=True)
@@ -394,7 +394,7 @@ def _tender_grid(args: argparse.Namespace, params, seeds: range) -> None:
 
 
 def cmd_golden(args: argparse.Namespace) -> None:
-    from lfm_zonal.regression import check, refresh
+    from lfm_zonal.study.regression import check, refresh
 
     if args.refresh:
         for path in refresh(Path(args.dir), args.scenario):
@@ -433,7 +433,7 @@ def _days(text: str) -> list[str]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from lfm_zonal.sweep import run_sweep
+    from lfm_zonal.study.sweep import run_sweep
 
     scenario = load_scenario(args.scenario)
     ks = _numbers(args.k, int, "--k") if args.k else tuple(scenario["zones"]["k"])
@@ -671,7 +671,7 @@ def _declared_inputs(args: argparse.Namespace) -> list[Path]:
     """The input files named by the flags and inside a scenario TOML, each read once through
     ``read_input_text``: an undecodable file is refused before any work, and an output
     folder holding one of them is never replaced."""
-    from lfm_zonal.inputs_io import read_input_text
+    from lfm_zonal.files.inputs import read_input_text
 
     found: list[Path] = []
     for flag, what in INPUT_FLAGS.items():
@@ -688,7 +688,7 @@ def _declared_inputs(args: argparse.Namespace) -> list[Path]:
 def _files_named_in(toml_text: str, origin: Path) -> list[Path]:
     import tomllib
 
-    from lfm_zonal.inputs_io import read_input_text
+    from lfm_zonal.files.inputs import read_input_text
 
     try:
         data = tomllib.loads(toml_text)
@@ -713,7 +713,7 @@ def _files_named_in(toml_text: str, origin: Path) -> list[Path]:
 
 def _claim(args: argparse.Namespace, inputs: list[Path]):
     """Hold --out for the whole command: checked and locked before any work."""
-    from lfm_zonal.output import claim_output
+    from lfm_zonal.files.outputs import claim_output
 
     kind = OUTPUT_KIND.get(args.command)
     out = getattr(args, "out", None)
@@ -746,7 +746,7 @@ def _signals_as_exceptions():
 
 
 def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
-    from lfm_zonal.output import completed
+    from lfm_zonal.files.outputs import completed
 
     what = f"terminated ({exc.args[0]})" if isinstance(exc, Terminated) else "interrupted"
     kind, out = OUTPUT_KIND.get(args.command), getattr(args, "out", None)

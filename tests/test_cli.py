@@ -112,7 +112,7 @@ def test_run_writes_a_complete_folder_only(capsys, tmp_path):
 def test_run_is_deterministic(capsys, tmp_path):
     """Same scenario and seed, same bytes: every file, plots included; in kpis.csv all but the
     wall-clock timing columns."""
-    from lfm_zonal.job import TIMING_COLUMNS
+    from lfm_zonal.study.job import TIMING_COLUMNS
 
     for name in ("a", "b"):
         assert run_cli(capsys, "run", "--out", str(tmp_path / name), "--quiet")[0] == 0

@@ -11,14 +11,14 @@ import pytest
 
 from lfm_zonal import InputError
 from lfm_zonal import config as C
-from lfm_zonal.scenario import (
+from lfm_zonal.study.scenario import (
     SCHEMA,
     builtin_scenarios,
     load_scenario,
     parse_scenario,
     validate_values,
 )
-from lfm_zonal.tender import load_parameters
+from lfm_zonal.tender.sizing import load_parameters
 
 GRID = '[grid]\nsource = "cigre_mv"\n'
 SIMBENCH = '[grid]\nsource = "1-MV-rural--0-sw"\n'
@@ -326,7 +326,10 @@ def test_config_imports_nothing_heavy():
 
 
 def test_stage_modules_take_their_options_from_config():
-    from lfm_zonal import clearing, market, segmentation, sensitivity
+    from lfm_zonal.grid import sensitivity
+    from lfm_zonal.market import clearing as market
+    from lfm_zonal.market import lp as clearing
+    from lfm_zonal.zones import segmentation
 
     assert market.MARKET_METHODS is C.MARKET_METHODS and market.PRICING is C.PRICING
     assert market.NEEDS_RULES is C.NEEDS_RULES
@@ -340,7 +343,9 @@ def test_defaults_left_in_stage_modules_agree_with_config():
     """Defaults still written out in stage modules (owned elsewhere) must not drift."""
     import dataclasses
 
-    from lfm_zonal import bids, grids, profiles, resources
+    from lfm_zonal.grid import profiles
+    from lfm_zonal.grid import sources as grids
+    from lfm_zonal.market import bids, resources
 
     assert grids.DEFAULT_VM_MIN_PU == C.DEFAULTS["grid"]["vm_min_pu"]
     assert grids.DEFAULT_VM_MAX_PU == C.DEFAULTS["grid"]["vm_max_pu"]

@@ -17,8 +17,8 @@ import pytest
 
 from lfm_zonal.cli import main
 from lfm_zonal.errors import InputError, LfmError
-from lfm_zonal.inputs_io import read_input_text
-from lfm_zonal.output import MARKER, json_text, result_folder, write_json
+from lfm_zonal.files.inputs import read_input_text
+from lfm_zonal.files.outputs import MARKER, json_text, result_folder, write_json
 
 SCENARIO = Path(__file__).parents[1] / "scenarios" / "cigre_mv_evening_peak.toml"
 

@@ -15,8 +15,8 @@ import pytest
 
 from lfm_zonal import Horizon, load_grid, load_profiles
 from lfm_zonal.errors import GridError, InputError
-from lfm_zonal.job import run_scenario
-from lfm_zonal.scenario import parse_scenario
+from lfm_zonal.study.job import run_scenario
+from lfm_zonal.study.scenario import parse_scenario
 
 warnings.filterwarnings("ignore")
 
@@ -197,7 +197,7 @@ HEADER = (
     ],
 )
 def test_bad_resources_are_refused(row, expected, cigre_pf, tmp_path):
-    from lfm_zonal.resources import read_resources
+    from lfm_zonal.market.resources import read_resources
 
     path = tmp_path / "r.csv"
     header = HEADER.rstrip("\n") + ("," if row.count(",") > 8 else "") + "\n"
@@ -208,7 +208,7 @@ def test_bad_resources_are_refused(row, expected, cigre_pf, tmp_path):
 
 
 def test_resources_csv_with_trailing_comma(cigre_pf, tmp_path):
-    from lfm_zonal.resources import read_resources
+    from lfm_zonal.market.resources import read_resources
 
     path = tmp_path / "r.csv"
     path.write_text(HEADER.rstrip("\n") + ",\nR,a,4,load,up,0.1,50,50,0,\n")

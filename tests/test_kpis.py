@@ -13,18 +13,13 @@ import pytest
 from test_market import three_bus_feeder
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
-from lfm_zonal.clearing import DEFAULT_PENALTY_EUR_PER_MWH
-from lfm_zonal.job import residual_warnings
-from lfm_zonal.market import clear_market
-from lfm_zonal.resources import FlexibilitySpec, generate_resources, read_resources
-from lfm_zonal.segmentation import prepare_segmentation
-from lfm_zonal.validation import (
-    VIOLATION_TOLERANCE_LOADING_PERCENT,
-    VIOLATION_TOLERANCE_VM_PU,
-    ACCheck,
-    residual_violations,
-    violation_kpis,
-)
+from lfm_zonal.check.ac import ACCheck, residual_violations, violation_kpis
+from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
+from lfm_zonal.market.clearing import clear_market
+from lfm_zonal.market.lp import DEFAULT_PENALTY_EUR_PER_MWH
+from lfm_zonal.market.resources import FlexibilitySpec, generate_resources, read_resources
+from lfm_zonal.study.job import residual_warnings
+from lfm_zonal.zones.segmentation import prepare_segmentation
 
 HEADER = (
     "resource_id,aggregator,bus,kind,direction,p_max_mw,cost_up_eur_per_mwh,"
@@ -229,7 +224,7 @@ def test_kpis_of_real_markets_are_finite(cigre_pf):
 
 def test_residual_sensitivity_is_the_nodal_jacobian_row(cigre_pf):
     """The row-by-row sensitivity of residual_violations is the row of sensitivity_arrays."""
-    from lfm_zonal.sensitivity import sensitivity_arrays
+    from lfm_zonal.grid.sensitivity import sensitivity_arrays
 
     pf = cigre_pf
     left = residual_violations(pf, base_check(pf))

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from lfm_zonal import InputError, limits
-from lfm_zonal import tender as T
-from lfm_zonal.resources import _costs
-from lfm_zonal.tender_grid import congestion_needs
+from lfm_zonal.market.resources import _costs
+from lfm_zonal.tender import sizing as T
+from lfm_zonal.tender.congestion import congestion_needs
 
 TABLE_I = T.TenderParameters()
 
@@ -213,7 +213,7 @@ def test_single_gini_or_node_count_runs_and_plots(tmp_path, gini, n_nodes):
 def test_cost_curve_plot_ignores_non_finite_costs(tmp_path):
     import pandas as pd
 
-    from lfm_zonal.plots import plot_tender_cost_curve
+    from lfm_zonal.report.plots import plot_tender_cost_curve
 
     curve = pd.DataFrame(
         {

@@ -8,9 +8,9 @@ import pytest
 from test_market import ac_relief_needed_mw, three_bus_feeder
 
 from lfm_zonal import Horizon, InputError, load_grid, load_profiles, run_horizon
-from lfm_zonal.market import clear_market
-from lfm_zonal.resources import read_resources
-from lfm_zonal.segmentation import prepare_segmentation
+from lfm_zonal.market.clearing import clear_market
+from lfm_zonal.market.resources import read_resources
+from lfm_zonal.zones.segmentation import prepare_segmentation
 
 #: A cheap in the first hour, dear in the second; B the same price in both.
 LONG = """resource_id,aggregator,bus,kind,direction,time,available_mw,price_eur_per_mwh

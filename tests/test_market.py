@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from lfm_zonal import Horizon, InputError, load_grid, load_profiles, run_horizon
-from lfm_zonal.market import clear_market
-from lfm_zonal.resources import FlexibilitySpec, generate_resources, read_resources
-from lfm_zonal.segmentation import prepare_segmentation
-from lfm_zonal.validation import dispatched_net
+from lfm_zonal.check.ac import dispatched_net
+from lfm_zonal.market.clearing import clear_market
+from lfm_zonal.market.resources import FlexibilitySpec, generate_resources, read_resources
+from lfm_zonal.zones.segmentation import prepare_segmentation
 
 # ----------------------------------------------------------------------------- hand-built feeder
 
@@ -149,7 +149,7 @@ def test_nodal_clearing_fixes_overloads_and_voltages_in_ac(case, request):
 def test_row_screening_is_only_a_speed_device(ieee33_market, monkeypatch):
     """One grid row per MTU and round at a time: constraint generation reaches the same
     optimum (IEEE 33 has up to 21 buses below the band and 16 overloads in one MTU)."""
-    from lfm_zonal import clearing
+    from lfm_zonal.market import lp as clearing
 
     pf, res, seg = ieee33_market
     full = clear_market(seg, res, "nodal")

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 
 from lfm_zonal import Horizon, InputError, load_grid, load_profiles, run_horizon
-from lfm_zonal.market import clear_market
-from lfm_zonal.resources import FlexibilitySpec, generate_resources, read_resources
-from lfm_zonal.scenario import parse_scenario
-from lfm_zonal.segmentation import prepare_segmentation
+from lfm_zonal.market.clearing import clear_market
+from lfm_zonal.market.resources import FlexibilitySpec, generate_resources, read_resources
+from lfm_zonal.study.scenario import parse_scenario
+from lfm_zonal.zones.segmentation import prepare_segmentation
 
 HEADER = (
     "resource_id,aggregator,bus,kind,direction,p_max_mw,cost_up_eur_per_mwh,cost_down_eur_per_mwh"

@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
-from lfm_zonal.market import clear_market
-from lfm_zonal.opf_reference import flexibility_offers, opf_reference
-from lfm_zonal.resources import FlexibilitySpec, generate_resources, read_resources
-from lfm_zonal.segmentation import prepare_segmentation
+from lfm_zonal.market.clearing import clear_market
+from lfm_zonal.market.opf_reference import flexibility_offers, opf_reference
+from lfm_zonal.market.resources import FlexibilitySpec, generate_resources, read_resources
+from lfm_zonal.zones.segmentation import prepare_segmentation
 
 #: Same cost within this share (issue 10: "within 0.5%").
 COST_RTOL = 0.005

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
-from lfm_zonal.grids import simbench_net
+from lfm_zonal.grid.sources import simbench_net
 
 
 def runpp_results(pf, mtu):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lfm_zonal.regression import GOLDEN_KPIS, differences, nodal_kpis, read_golden
-from lfm_zonal.scenario import builtin_scenarios, load_scenario
+from lfm_zonal.study.regression import GOLDEN_KPIS, differences, nodal_kpis, read_golden
+from lfm_zonal.study.scenario import builtin_scenarios, load_scenario
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -11,7 +11,12 @@ import pandas as pd
 import pytest
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
-from lfm_zonal.resources import FlexibilitySpec, bus_power_mw, generate_resources, read_resources
+from lfm_zonal.market.resources import (
+    FlexibilitySpec,
+    bus_power_mw,
+    generate_resources,
+    read_resources,
+)
 
 HEADER = (
     "resource_id,aggregator,bus,kind,direction,p_max_mw,cost_up_eur_per_mwh,cost_down_eur_per_mwh"
@@ -62,7 +67,7 @@ def test_bus_power_sums_loads_and_sgens_with_their_scaling(small_pf):
 def test_a_csv_load_resource_larger_than_its_load_is_capped_with_a_warning(
     small_pf, tmp_path, caplog
 ):
-    with caplog.at_level(logging.WARNING, logger="lfm_zonal.resources"):
+    with caplog.at_level(logging.WARNING, logger="lfm_zonal.market.resources"):
         res = read(small_pf, tmp_path, "L1,a,1,load,up,0.12,100,0")
     # MTU 0: the bus consumes 0.084 MW, so 0.084 MW is all the load can reduce; MTU 1: 0.2 MW.
     assert res.up_mw["L1"].to_numpy() == pytest.approx([0.084, 0.12])
@@ -71,14 +76,14 @@ def test_a_csv_load_resource_larger_than_its_load_is_capped_with_a_warning(
 
 
 def test_within_its_load_a_resource_is_left_alone(small_pf, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="lfm_zonal.resources"):
+    with caplog.at_level(logging.WARNING, logger="lfm_zonal.market.resources"):
         res = read(small_pf, tmp_path, "L2,a,2,load,up,0.15,100,0")
     assert res.up_mw["L2"].to_numpy() == pytest.approx([0.15, 0.15])
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_load_resources_at_one_bus_share_the_cap_pro_rata(small_pf, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="lfm_zonal.resources"):
+    with caplog.at_level(logging.WARNING, logger="lfm_zonal.market.resources"):
         res = read(
             small_pf,
             tmp_path,
@@ -107,7 +112,7 @@ def test_sgen_curtailment_is_capped_at_the_output(small_pf, tmp_path, caplog):
         + "G2,a,2,sgen,down,0.1,0,60,,,\n"
         + "S,a,2,storage,both,0.5,80,80,1.0,0.5,0.95\n"
     )
-    with caplog.at_level(logging.WARNING, logger="lfm_zonal.resources"):
+    with caplog.at_level(logging.WARNING, logger="lfm_zonal.market.resources"):
         res = read_resources(path, small_pf)
     assert res.down_mw["G1"].to_numpy() == pytest.approx([0.1, 0.0])  # 2 x 0.05, then night
     assert res.up_mw["G1"].to_numpy() == pytest.approx([0.3, 0.3])  # an increase: left alone
@@ -127,7 +132,7 @@ def test_generated_resources_stay_within_their_element_even_with_shares_above_on
     spec = FlexibilitySpec(
         load_up_share=1.7, load_down_share=1.5, sgen_down_share=2.5, units_per_element=3
     )
-    with caplog.at_level(logging.WARNING, logger="lfm_zonal.resources"):
+    with caplog.at_level(logging.WARNING, logger="lfm_zonal.market.resources"):
         res = generate_resources(pf, spec, seed=1)
     assert any("capped at 1" in r.getMessage() for r in caplog.records)
     table = res.table

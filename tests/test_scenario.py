@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lfm_zonal import InputError
-from lfm_zonal.scenario import builtin_scenarios, load_scenario, parse_scenario
+from lfm_zonal.study.scenario import builtin_scenarios, load_scenario, parse_scenario
 
 
 def test_builtin_scenarios_are_valid():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lfm_zonal import Horizon, InputError, load_grid, load_profiles, run_horizon
-from lfm_zonal.segmentation import SEGMENTATION_METHODS, prepare_segmentation
+from lfm_zonal.zones.segmentation import SEGMENTATION_METHODS, prepare_segmentation
 
 
 @pytest.fixture(scope="module")

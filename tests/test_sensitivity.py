@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from lfm_zonal import GridError, sensitivities
-from lfm_zonal.sensitivity import finite_difference_sensitivities, sensitivity_error
+from lfm_zonal.grid.sensitivity import finite_difference_sensitivities, sensitivity_error
 
 TOLERANCE = 0.01  # relative error of the significant entries
 
@@ -99,8 +99,8 @@ def test_lindistflow_refuses_a_ring(ring_pf):
 @pytest.mark.parametrize("method", ["jacobian", "lindistflow"])
 def test_zone_patterns_equal_bus_sensitivities_aggregated(mixed_pf, ieee33_pf, method):
     """Solving for the zones' injection patterns gives the bus sensitivities @ W."""
-    from lfm_zonal.segmentation import Zones
-    from lfm_zonal.sensitivity import sensitivity_arrays
+    from lfm_zonal.grid.sensitivity import sensitivity_arrays
+    from lfm_zonal.zones.segmentation import Zones
 
     pf = mixed_pf if method == "jacobian" else ieee33_pf  # merged buses, two levels
     buses = pf.model.buses
@@ -118,7 +118,7 @@ def test_zone_patterns_equal_bus_sensitivities_aggregated(mixed_pf, ieee33_pf, m
 def test_linearisation_is_reused_for_the_same_operating_point(cigre_pf):
     """A study linearises each MTU's base point once; the cached linearisation gives the
     same sensitivities as a fresh one, and the cache stays bounded."""
-    from lfm_zonal import sensitivity as sens
+    from lfm_zonal.grid import sensitivity as sens
 
     model = cigre_pf.model
     model.linearisations.clear()

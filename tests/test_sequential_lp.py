@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from test_market import hand_case, market_case  # noqa: F401  (module fixture)
 
-import lfm_zonal.market as market_module
-from lfm_zonal.clearing import DEFAULT_PENALTY_EUR_PER_MWH, linear_grid, solve_clearing
-from lfm_zonal.market import clear_market, mtus_to_clear
+import lfm_zonal.market.clearing as market_module
+from lfm_zonal.grid.linear import linear_grid
+from lfm_zonal.market.clearing import clear_market, mtus_to_clear
+from lfm_zonal.market.lp import DEFAULT_PENALTY_EUR_PER_MWH, solve_clearing
 
 
 def test_lp_objective_is_bid_cost_plus_slack_penalty(hand_case):  # noqa: F811
@@ -22,7 +23,9 @@ def test_lp_objective_is_bid_cost_plus_slack_penalty(hand_case):  # noqa: F811
     80 EUR/MWh x 0.5 MW x 1 h + penalty x 1 h x slack."""
     pf, _, seg = hand_case
     zones = seg.zones(seg.n_buses)
-    grid = linear_grid(pf, seg, zones, mtus_to_clear(pf))
+    grid = linear_grid(
+        pf, zones.aggregation(seg.weights), seg.sensitivity_method, mtus_to_clear(pf)
+    )
     zone2 = int(zones.zone_of_bus.loc[2])
     bids = pd.DataFrame(
         {

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from lfm_zonal import InputError
-from lfm_zonal.scenario import Scenario, load_scenario, validate_values
-from lfm_zonal.sweep import run_sweep
+from lfm_zonal.study.scenario import Scenario, load_scenario, validate_values
+from lfm_zonal.study.sweep import run_sweep
 
 DAYS = ["2016-01-13", "2016-01-14"]
 

@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import norm
 
 from lfm_zonal import InputError
-from lfm_zonal import tender as T
+from lfm_zonal.tender import sizing as T
 
 TABLE_I = T.TenderParameters()
 
@@ -202,8 +202,8 @@ def test_tender_command_writes_tables_and_figures(tmp_path):
 @pytest.fixture(scope="module")
 def cigre_congestion():
     from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
-    from lfm_zonal.resources import FlexibilitySpec, generate_resources
-    from lfm_zonal.segmentation import prepare_segmentation
+    from lfm_zonal.market.resources import FlexibilitySpec, generate_resources
+    from lfm_zonal.zones.segmentation import prepare_segmentation
 
     grid = load_grid("cigre_mv")
     pf = run_horizon(
@@ -215,7 +215,7 @@ def cigre_congestion():
 
 
 def test_nodal_needs_add_up_to_the_overload(cigre_congestion):
-    from lfm_zonal.tender_grid import congestion_needs
+    from lfm_zonal.tender.congestion import congestion_needs
 
     seg, res = cigre_congestion
     c = congestion_needs(seg, res, forecast_error=0.1)
@@ -231,7 +231,7 @@ def test_nodal_needs_add_up_to_the_overload(cigre_congestion):
 
 
 def test_zonal_tender_extra_cost_is_zero_per_bus_and_never_negative(cigre_congestion):
-    from lfm_zonal.tender_grid import zonal_tender_study
+    from lfm_zonal.tender.congestion import zonal_tender_study
 
     seg, res = cigre_congestion
     ks = (1, 3, seg.n_buses)
@@ -246,9 +246,9 @@ def test_zonal_tender_extra_cost_is_zero_per_bus_and_never_negative(cigre_conges
 
 
 def test_zonal_tender_needs_a_congestion(ieee33_pf):
-    from lfm_zonal.resources import FlexibilitySpec, generate_resources
-    from lfm_zonal.segmentation import prepare_segmentation
-    from lfm_zonal.tender_grid import congestion_needs
+    from lfm_zonal.market.resources import FlexibilitySpec, generate_resources
+    from lfm_zonal.tender.congestion import congestion_needs
+    from lfm_zonal.zones.segmentation import prepare_segmentation
 
     res = generate_resources(ieee33_pf, FlexibilitySpec(), seed=0)
     seg = prepare_segmentation(ieee33_pf, 0)

@@ -67,8 +67,8 @@ import scipy.sparse as sp
 from pandapower.pypower.add_userfcn import add_userfcn
 
 from lfm_zonal.errors import LfmError
-from lfm_zonal.powerflow import BRANCH_INDEX_NAMES, HorizonPowerFlow
-from lfm_zonal.resources import Resources
+from lfm_zonal.grid.powerflow import BRANCH_INDEX_NAMES, HorizonPowerFlow
+from lfm_zonal.market.resources import Resources
 
 #: Availability below this (MW) is no resource in the OPF.
 MIN_MW = 1e-6

@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from lfm_zonal.errors import InputError, LfmError
-from lfm_zonal.inputs_io import inputs_read
+from lfm_zonal.files.inputs import inputs_read
 
 try:  # POSIX: a kernel lock, released however the process ends
     import fcntl

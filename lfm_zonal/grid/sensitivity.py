@@ -38,7 +38,7 @@ from scipy.sparse.linalg import SuperLU, splu
 
 from lfm_zonal.config import SENSITIVITY_METHODS
 from lfm_zonal.errors import GridError, InputError
-from lfm_zonal.powerflow import HorizonPowerFlow, NetworkModel
+from lfm_zonal.grid.powerflow import HorizonPowerFlow, NetworkModel
 
 
 @dataclass(frozen=True)

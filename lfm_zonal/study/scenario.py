@@ -29,7 +29,7 @@ from lfm_zonal.config import (
     validate_scenario,
 )
 from lfm_zonal.errors import InputError
-from lfm_zonal.inputs_io import read_input_text
+from lfm_zonal.files.inputs import read_input_text
 
 __all__ = [
     "DEFAULT_SCENARIO",

@@ -47,16 +47,11 @@ import pyomo.environ as pyo
 from pyomo.common.gc_manager import PauseGC
 from pyomo.core.expr.numeric_expr import LinearExpression
 from pyomo.repn.plugins.standard_form import LinearStandardFormCompiler
-from threadpoolctl import threadpool_limits
 
-from lfm_zonal.bids import merit_order_fill
 from lfm_zonal.config import DEFAULT_PENALTY_EUR_PER_MWH
 from lfm_zonal.errors import LfmError
-from lfm_zonal.limits import require_memory
-from lfm_zonal.powerflow import HorizonPowerFlow
-from lfm_zonal.segmentation import Segmentation, Zones
-from lfm_zonal.sensitivity import sensitivity_arrays
-from lfm_zonal.validation import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
+from lfm_zonal.grid.linear import LinearGrid, row_scale
+from lfm_zonal.market.bids import merit_order_fill
 
 log = logging.getLogger(__name__)
 
@@ -68,162 +63,6 @@ SCREEN_VM_MARGIN_PU = 0.005
 ROWS_PER_MTU_AND_ROUND = 20
 GENERATION_TOLERANCE = 1e-6  # loading percent / p.u.: constraint generation in the linear model
 MAX_GENERATION_ROUNDS = 30
-
-
-@dataclass(frozen=True)
-class LinearGrid:
-    """The linearised grid of the MTUs to clear, seen through K market areas.
-
-    Arrays are indexed [MTU position in ``mtus``, element, area].
-    """
-
-    mtus: np.ndarray
-    dt_h: float
-    branches: pd.MultiIndex
-    buses: pd.Index
-    loading0: np.ndarray  # (T, n_branch) loading_percent at the base point
-    vm0: np.ndarray  # (T, n_bus)
-    sl_p: np.ndarray  # (T, n_branch, K) loading_percent per MW
-    sl_q: np.ndarray
-    sv_p: np.ndarray  # (T, n_bus, K) p.u. per MW
-    sv_q: np.ndarray
-    loading_max_percent: float
-    vm_min_pu: float
-    vm_max_pu: float
-    #: (T, rows) the MW-equivalent unit of each row's slack; None: the row's own largest
-    #: coefficient. A sequential LP fixes it at the base case, so that every round prices
-    #: a violation alike.
-    scales: np.ndarray | None = None
-
-    @property
-    def k(self) -> int:
-        return self.sl_p.shape[2]
-
-    def after(self, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Linearised loading and voltage after area injections p, q (T x K)."""
-        loading = (
-            self.loading0
-            + np.einsum("tlk,tk->tl", self.sl_p, p)
-            + np.einsum("tlk,tk->tl", self.sl_q, q)
-        )
-        vm = (
-            self.vm0 + np.einsum("tmk,tk->tm", self.sv_p, p) + np.einsum("tmk,tk->tm", self.sv_q, q)
-        )
-        return loading, vm
-
-    def violations(self, loading: np.ndarray, vm: np.ndarray) -> np.ndarray:
-        """Per row (T x (n_branch + 2 n_bus)): how far above its limit (<= 0: satisfied)."""
-        return np.concatenate(
-            [loading - self.loading_max_percent, vm - self.vm_max_pu, self.vm_min_pu - vm], axis=1
-        )
-
-    def row_tolerances(self) -> np.ndarray:
-        """VIOLATION_TOLERANCE_LOADING_PERCENT / _VM_PU per row of the violation layout."""
-        return np.r_[
-            np.full(len(self.branches), VIOLATION_TOLERANCE_LOADING_PERCENT),
-            np.full(2 * len(self.buses), VIOLATION_TOLERANCE_VM_PU),
-        ]
-
-    def tolerated(self) -> LinearGrid:
-        """The same grid with every limit widened by its tolerance."""
-        return replace(
-            self,
-            loading_max_percent=self.loading_max_percent + VIOLATION_TOLERANCE_LOADING_PERCENT,
-            vm_max_pu=self.vm_max_pu + VIOLATION_TOLERANCE_VM_PU,
-            vm_min_pu=self.vm_min_pu - VIOLATION_TOLERANCE_VM_PU,
-        )
-
-    def row_scales(self) -> np.ndarray:
-        """Per MTU and row of the violation layout (T x (n_branch + 2 n_bus)): the row's largest
-        |sensitivity| to an area injection, so that an excess / scale is the MW of the most
-        effective flexibility that would remove it (the unit of the LP's slacks)."""
-        if self.scales is not None:
-            return self.scales
-        sv = _row_scale(self.sv_p, self.sv_q)
-        return np.concatenate([_row_scale(self.sl_p, self.sl_q), sv, sv], axis=1)
-
-    def select(self, keep: np.ndarray) -> LinearGrid:
-        """The same grid on the MTUs where ``keep`` (one flag per MTU) is true."""
-        if np.all(keep):
-            return self
-        arrays = ("mtus", "loading0", "vm0", "sl_p", "sl_q", "sv_p", "sv_q")
-        kept = {name: getattr(self, name)[keep] for name in arrays}
-        return replace(self, **kept, scales=None if self.scales is None else self.scales[keep])
-
-    def shifted(self, p: np.ndarray, q: np.ndarray) -> LinearGrid:
-        """The same grid with the base point moved by area injections p, q."""
-        loading, vm = self.after(p, q)
-        return replace(self, loading0=loading, vm0=vm)
-
-
-def linear_grid(
-    pf: HorizonPowerFlow,
-    seg: Segmentation,
-    zones: Zones,
-    mtus,
-    V: np.ndarray | None = None,
-    p_prev: np.ndarray | None = None,
-    q_prev: np.ndarray | None = None,
-    scales: np.ndarray | None = None,
-) -> LinearGrid:
-    """The grid of the MTUs to clear, linearised in the market areas of ``zones``.
-
-    By default at the base case; given internal voltages ``V`` (one row per MTU to
-    clear) of an AC point reached with area injections ``p_prev``, ``q_prev``, the
-    linearisation is taken there and shifted so that it is exact at p_prev, q_prev
-    (one step of a sequential LP). Zonal indices are recomputed at every MTU. ``scales``
-    fixes the MW-equivalent unit of the slacks (``LinearGrid.scales``).
-    """
-    mtus = np.asarray(list(mtus), dtype=np.int64)
-    model = pf.model
-    V = pf.V[mtus] if V is None else V
-    W = zones.aggregation(seg.weights)
-    T, n_l, n_b = len(mtus), len(model.branches), len(model.buses)
-    # Dense rows over the areas, four arrays; a sequential LP holds up to three of these grids
-    # (the base case, its best round and the current one).
-    require_memory(
-        f"grid {pf.grid.name}: the linearised grid of {T} MTUs in {zones.k} market areas",
-        [
-            [(T, "MTUs"), (n_l, "branches"), (zones.k, "areas"), (2, "arrays"), (3, "grids")],
-            [(T, "MTUs"), (n_b, "buses"), (zones.k, "areas"), (2, "arrays"), (3, "grids")],
-        ],
-        hint="clear fewer MTUs, or zones instead of the nodal market",
-    )
-    # Filled MTU by MTU (nodal on 1000 buses: 168 MB per array and 21 MTUs, no copies).
-    sl_p, sl_q = np.empty((T, n_l, zones.k)), np.empty((T, n_l, zones.k))
-    sv_p, sv_q = np.empty((T, n_b, zones.k)), np.empty((T, n_b, zones.k))
-    # One BLAS thread: the solves are small (a few hundred states), and OpenBLAS's threads,
-    # spinning for a core on a busy 2-core machine, made them 400x slower (0.2 s instead of
-    # 0.5 ms per MTU on SimBench MV, measured with other processes running).
-    with threadpool_limits(1, user_api="blas"):
-        for i in range(T):
-            s = sensitivity_arrays(model, V[i], seg.sensitivity_method, W)
-            sl_p[i], sl_q[i], sv_p[i], sv_q[i] = s.loading_p, s.loading_q, s.vm_p, s.vm_q
-    loading0 = np.array([model.loading_percent(v) for v in V]).reshape(len(mtus), n_l)
-    vm0 = np.array([model.vm_pu(v) for v in V]).reshape(len(mtus), n_b)
-    if p_prev is not None:
-        q_prev = np.zeros_like(p_prev) if q_prev is None else q_prev
-        loading0 = (
-            loading0 - np.einsum("tlk,tk->tl", sl_p, p_prev) - np.einsum("tlk,tk->tl", sl_q, q_prev)
-        )
-        vm0 = vm0 - np.einsum("tmk,tk->tm", sv_p, p_prev) - np.einsum("tmk,tk->tm", sv_q, q_prev)
-    g = pf.grid
-    return LinearGrid(
-        mtus=mtus,
-        dt_h=pf.profiles.horizon.mtu_hours,
-        branches=model.branches,
-        buses=model.buses,
-        loading0=loading0,
-        vm0=vm0,
-        sl_p=sl_p,
-        sl_q=sl_q,
-        sv_p=sv_p,
-        sv_q=sv_q,
-        loading_max_percent=g.loading_max_percent,
-        vm_min_pu=g.vm_min_pu,
-        vm_max_pu=g.vm_max_pu,
-        scales=scales,
-    )
 
 
 @dataclass(frozen=True)
@@ -506,7 +345,7 @@ class ClearingModel:
         """MW-equivalent unit of rows (t, r): the grid's fixed scales, or their own coefficients."""
         if self.grid.scales is not None:
             return self.grid.scales[t, r]
-        return _row_scale(cp, cq)
+        return row_scale(cp, cq)
 
     def _worst_rows(self, excess: np.ndarray, candidate: np.ndarray) -> list[tuple[int, int]]:
         """Of the candidate rows (T x rows mask), per MTU the ROWS_PER_MTU_AND_ROUND with
@@ -713,16 +552,6 @@ class ClearingModel:
         )
 
 
-def _row_scale(cp: np.ndarray, cq: np.ndarray) -> np.ndarray:
-    """Per row, its largest |coefficient| on active power over the areas (the last axis): a
-    slack / scale is MW of the most effective flexibility, as the residual of the AC check
-    (``validation.residual_violations``) counts it. A row that P does not move falls back
-    to its largest Q coefficient, then to 1."""
-    scale_p = np.abs(cp).max(axis=-1, initial=0.0)
-    scale_q = np.abs(cq).max(axis=-1, initial=0.0)
-    return np.where(scale_p > 0, scale_p, np.where(scale_q > 0, scale_q, 1.0))
-
-
 def solve_clearing(
     grid: LinearGrid,
     bids: pd.DataFrame,
@@ -802,78 +631,3 @@ def solve_clearing(
         }
     )
     return replace(sol, stats=stats)
-
-
-def unlimited_bids(grid: LinearGrid, capacity_mw: np.ndarray | None = None) -> pd.DataFrame:
-    """One bid per MTU, area and direction at 1 EUR/MWh: the DSO-needs LP. Unbounded, or
-    bounded by ``capacity_mw`` (T x K x 2, up then down)."""
-    T, K = len(grid.mtus), grid.k
-    t, a, d = np.meshgrid(np.arange(T), np.arange(K), [0, 1], indexing="ij")
-    t, a, d = t.ravel(), a.ravel(), d.ravel()
-    return pd.DataFrame(
-        {
-            "mtu": grid.mtus[t],
-            "zone": a,
-            "direction": np.where(d == 0, "up", "down"),
-            "quantity_mw": np.inf if capacity_mw is None else capacity_mw[t, a, d],
-            "price_eur_per_mwh": 1.0,
-            "tan_phi": 0.0,
-            "resource_id": "",
-            "aggregator": "DSO",
-        }
-    )
-
-
-def dso_needs(
-    grid: LinearGrid, registered: pd.DataFrame | None = None
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """Per MTU, area and direction: the least total area activation (MW) that removes every
-    linearised violation.
-
-    Without ``registered`` (the "unlimited" rule), each area has unlimited flexibility.
-    With ``registered`` (the bids offered: mtu, zone, direction, quantity_mw; the
-    "registered_capacity" rule), each area's activation per MTU and direction is capped at
-    the MW offered there, so no need is published where nothing can meet it. In an MTU
-    where the offers cannot remove every violation, the need is what they can do: the
-    same LP minimises first the violation left (the slack penalty) and then the MW, so
-    the need is at most the registered capacity, everywhere.
-
-    Returns the needs (columns mtu, zone, direction, need_mw, only positive needs) and,
-    per MTU, what the flexibility of the rule cannot fix (MW-equivalent slack; with
-    ``registered``: what the offers cannot fix).
-    """
-    excess = grid.violations(grid.loading0, grid.vm0)
-    violated = (excess > grid.row_tolerances()).any(axis=1)
-    grid = grid.tolerated()  # what is within the tolerance of its limit needs nothing
-    if not violated.any():  # no linearised violation: no need, no LP
-        empty = pd.DataFrame(
-            {
-                "mtu": np.zeros(0, np.int64),
-                "zone": np.zeros(0, np.int64),
-                "direction": np.zeros(0, object),
-                "need_mw": np.zeros(0),
-            }
-        )
-        return empty, np.zeros(len(grid.mtus))
-    # MTUs without a violation need nothing: the LP covers the others only.
-    sub = grid.select(violated)
-    capacity = None
-    if registered is not None:  # MW offered per MTU, area and direction (up, down)
-        capacity = np.zeros((len(sub.mtus), sub.k, 2))
-        t = pd.Series(np.arange(len(sub.mtus)), index=sub.mtus).reindex(registered.mtu)
-        keep = t.notna().to_numpy()
-        np.add.at(
-            capacity,
-            (
-                t.to_numpy()[keep].astype(np.int64),
-                registered.zone.to_numpy(np.int64)[keep],
-                (registered.direction.to_numpy() != "up")[keep].astype(np.int64),
-            ),
-            registered.quantity_mw.to_numpy(float)[keep],
-        )
-    bids = unlimited_bids(sub, capacity)
-    sol = solve_clearing(sub, bids)
-    out = bids[["mtu", "zone", "direction"]].assign(need_mw=sol.accepted_mw)
-    unfixable = np.zeros(len(grid.mtus))
-    unfixable[violated] = sol.slack_mw
-    return out[out.need_mw > 1e-6].reset_index(drop=True), unfixable

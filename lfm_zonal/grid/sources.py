@@ -358,7 +358,9 @@ def load_grid(
                 net = BUILTIN_GRIDS[text].build()
         elif m := _SYNTHETIC.match(text):
             name, profiles = text, "synthetic"
-            origin = "seeded synthetic radial feeder (lfm_zonal.grids.synthetic_radial_feeder)"
+            origin = (
+                "seeded synthetic radial feeder (lfm_zonal.grid.sources.synthetic_radial_feeder)"
+            )
             net = synthetic_radial_feeder(int(m.group(1)), int(m.group(2) or 0))
         elif text in simbench_codes():
             name, profiles = text, "simbench"

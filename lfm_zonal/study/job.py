@@ -15,23 +15,30 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from lfm_zonal.check.ac import RESIDUAL_COLUMNS
 from lfm_zonal.errors import InputError, PowerFlowNotConverged
-from lfm_zonal.grids import Grid, load_grid
+from lfm_zonal.files.outputs import result_folder, write_csv, write_json
+from lfm_zonal.grid.powerflow import HorizonPowerFlow, run_horizon
+from lfm_zonal.grid.profiles import Horizon, Profiles, load_profiles
+from lfm_zonal.grid.sensitivity import Sensitivities
+from lfm_zonal.grid.sources import Grid, load_grid
+from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
 from lfm_zonal.limits import require_memory
-from lfm_zonal.market import MarketResult, clear_market
-from lfm_zonal.output import result_folder, write_csv, write_json
-from lfm_zonal.plots import plot_before_after, plot_error_curve, plot_k_comparison, plot_zones
-from lfm_zonal.powerflow import HorizonPowerFlow, run_horizon
-from lfm_zonal.profiles import Horizon, Profiles, load_profiles
-from lfm_zonal.resources import FlexibilitySpec, Resources, generate_resources, read_resources
-from lfm_zonal.scenario import Scenario
-from lfm_zonal.segmentation import Segmentation, Zones, prepare_segmentation
-from lfm_zonal.sensitivity import Sensitivities
-from lfm_zonal.validation import (
-    RESIDUAL_COLUMNS,
-    VIOLATION_TOLERANCE_LOADING_PERCENT,
-    VIOLATION_TOLERANCE_VM_PU,
+from lfm_zonal.market.clearing import MarketResult, clear_market
+from lfm_zonal.market.resources import (
+    FlexibilitySpec,
+    Resources,
+    generate_resources,
+    read_resources,
 )
+from lfm_zonal.report.plots import (
+    plot_before_after,
+    plot_error_curve,
+    plot_k_comparison,
+    plot_zones,
+)
+from lfm_zonal.study.scenario import Scenario
+from lfm_zonal.zones.segmentation import Segmentation, Zones, prepare_segmentation
 
 log = logging.getLogger(__name__)
 

@@ -47,8 +47,8 @@ from scipy.spatial.distance import cdist
 
 from lfm_zonal.config import SEGMENTATION_METHODS, WEIGHT_POLICIES
 from lfm_zonal.errors import InputError
-from lfm_zonal.powerflow import HorizonPowerFlow
-from lfm_zonal.sensitivity import SensitivityArrays, sensitivity_arrays
+from lfm_zonal.grid.powerflow import HorizonPowerFlow
+from lfm_zonal.grid.sensitivity import SensitivityArrays, sensitivity_arrays
 
 
 @dataclass(frozen=True)

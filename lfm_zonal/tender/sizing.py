@@ -102,7 +102,7 @@ def load_parameters(
             if not path.is_file():
                 known = ", ".join(parameter_sets())
                 raise InputError(f"tender parameters not found: {spec} (built-in sets: {known})")
-            from lfm_zonal.inputs_io import read_input_text
+            from lfm_zonal.files.inputs import read_input_text
 
             origin, text = str(path), read_input_text(path, "tender parameters TOML")
         try:
@@ -847,8 +847,12 @@ def run_tender_studies(
     label: str = "",
 ) -> dict[str, pd.DataFrame]:
     """Run ``study`` (optimum | temporal | spatial | all) and write its tables and figures."""
-    from lfm_zonal.output import write_csv, write_json
-    from lfm_zonal.plots import plot_tender_cost_curve, plot_tender_spatial, plot_tender_temporal
+    from lfm_zonal.files.outputs import write_csv, write_json
+    from lfm_zonal.report.plots import (
+        plot_tender_cost_curve,
+        plot_tender_spatial,
+        plot_tender_temporal,
+    )
 
     if study not in TENDER_STUDIES:
         raise InputError(

@@ -36,22 +36,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 
-from lfm_zonal.bids import DEFAULT_MAX_STEPS, Bids, build_bids, dispatch_steps, merit_order_fill
-from lfm_zonal.clearing import (
-    DEFAULT_PENALTY_EUR_PER_MWH,
-    LinearGrid,
-    MarketLP,
-    Solution,
-    dso_needs,
-    linear_grid,
-    solve_clearing,
-)
-from lfm_zonal.config import MARKET_METHODS, NEEDS_RULES, PRICING
-from lfm_zonal.errors import InputError
-from lfm_zonal.powerflow import HorizonPowerFlow
-from lfm_zonal.resources import Resources
-from lfm_zonal.segmentation import Segmentation, Zones, overall_error
-from lfm_zonal.validation import (
+from lfm_zonal.check.ac import (
     RESIDUAL_COLUMNS,
     ACCheck,
     ac_check,
@@ -60,6 +45,21 @@ from lfm_zonal.validation import (
     solve_with_injections,
     violation_kpis,
 )
+from lfm_zonal.config import MARKET_METHODS, NEEDS_RULES, PRICING
+from lfm_zonal.errors import InputError
+from lfm_zonal.grid.linear import LinearGrid, linear_grid
+from lfm_zonal.grid.powerflow import HorizonPowerFlow
+from lfm_zonal.market.bids import (
+    DEFAULT_MAX_STEPS,
+    Bids,
+    build_bids,
+    dispatch_steps,
+    merit_order_fill,
+)
+from lfm_zonal.market.lp import DEFAULT_PENALTY_EUR_PER_MWH, MarketLP, Solution, solve_clearing
+from lfm_zonal.market.needs import dso_needs
+from lfm_zonal.market.resources import Resources
+from lfm_zonal.zones.segmentation import Segmentation, Zones, overall_error
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,8 @@ def clear_market(
     pf = seg.pf
     zones = market_zones(seg, method, k or seg.n_buses, segmentation_method, seed)
     started = time.perf_counter()
-    grid = grid or linear_grid(pf, seg, zones, mtus_to_clear(pf))
+    W = zones.aggregation(seg.weights)
+    grid = grid or linear_grid(pf, W, seg.sensitivity_method, mtus_to_clear(pf))
     t_grid = time.perf_counter() - started
     times = pf.times
     bids = build_bids(resources, zones, times, max_steps)
@@ -292,8 +293,8 @@ def _sequential_clearing(
             keep = this.converged[:, None]
             lp_grid = linear_grid(
                 pf,
-                seg,
-                zones,
+                W,
+                seg.sensitivity_method,
                 grid.mtus,
                 np.where(keep, this.V, pf.V[grid.mtus]),
                 np.where(keep, sol.p_mw, 0.0),

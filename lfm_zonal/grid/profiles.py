@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from lfm_zonal.errors import InputError
-from lfm_zonal.grids import Grid
+from lfm_zonal.grid.sources import Grid
 
 log = logging.getLogger(__name__)
 

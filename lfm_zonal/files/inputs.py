@@ -4,7 +4,7 @@ One door for every input file: :func:`read_input_text` returns its text or raise
 :class:`~lfm_zonal.errors.InputError` of one line that names the file and says what is
 wrong with it (missing, a folder, unreadable, binary, UTF-16, Latin-1, too large).
 Every path read is remembered, so that a results folder holding an input is never
-replaced (see :mod:`lfm_zonal.output`).
+replaced (see :mod:`lfm_zonal.files.outputs`).
 
 Standard library only: importing it costs nothing.
 """

@@ -34,11 +34,11 @@ import numpy as np
 import pandas as pd
 
 from lfm_zonal.errors import InputError
+from lfm_zonal.grid.sensitivity import sensitivities
 from lfm_zonal.limits import require_memory
-from lfm_zonal.resources import Resources
-from lfm_zonal.segmentation import Segmentation, overall_error
-from lfm_zonal.sensitivity import sensitivities
-from lfm_zonal.tender import Need, Offers, TenderParameters, pooled_tender, price_draws
+from lfm_zonal.market.resources import Resources
+from lfm_zonal.tender.sizing import Need, Offers, TenderParameters, pooled_tender, price_draws
+from lfm_zonal.zones.segmentation import Segmentation, overall_error
 
 DEFAULT_FORECAST_ERROR = 0.1
 DEFAULT_MIN_EFFECT = 0.01
@@ -230,8 +230,8 @@ def write_zonal_tenders(
     table: pd.DataFrame, congestion: CongestionNeeds, folder, grid_name: str
 ) -> pd.DataFrame:
     """zonal_tenders.csv (per K and seed), its mean over seeds, the needs per bus, a plot."""
-    from lfm_zonal.output import write_csv
-    from lfm_zonal.plots import plot_zonal_tenders
+    from lfm_zonal.files.outputs import write_csv
+    from lfm_zonal.report.plots import plot_zonal_tenders
 
     summary = table.drop(columns="seed").groupby("k", sort=True).mean().reset_index()
     write_csv(table, folder / "zonal_tenders.csv", index=False)

@@ -28,8 +28,8 @@ from pathlib import Path
 import pandas as pd
 
 from lfm_zonal.errors import InputError, LfmError
-from lfm_zonal.output import MARKER, MARKER_TEXT, claim_output, json_text
-from lfm_zonal.scenario import Scenario, validate_values
+from lfm_zonal.files.outputs import MARKER, MARKER_TEXT, claim_output, json_text
+from lfm_zonal.study.scenario import Scenario, validate_values
 
 CASES = "cases"
 MANIFEST = "sweep.json"
@@ -66,7 +66,7 @@ def run_case(scenario: Scenario, day: str, seed: int, ks, methods, folder: str) 
     """Run one case and write its rows (atomically); returns the case file's path."""
     import warnings
 
-    from lfm_zonal.job import run_study
+    from lfm_zonal.study.job import run_study
 
     warnings.filterwarnings("ignore")
     study = run_study(case_scenario(scenario, day, seed, ks, methods))
@@ -288,7 +288,7 @@ def _run_on_dask(scenario, todo, ks, methods, out, workers, scheduler, bar, on_c
 
 def collect(out: Path, cases, ks, methods) -> pd.DataFrame:
     """Stack the finished cases into sweep.csv (timing columns into timings.csv)."""
-    from lfm_zonal.job import TIMING_COLUMNS
+    from lfm_zonal.study.job import TIMING_COLUMNS
 
     frames = []
     for d, s in cases:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from lfm_zonal.resources import Resources
-from lfm_zonal.segmentation import Zones
+from lfm_zonal.market.resources import Resources
+from lfm_zonal.zones.segmentation import Zones
 
 DEFAULT_MAX_STEPS = 10
 STEP_COLUMNS = [

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 from lfm_zonal.errors import InputError
-from lfm_zonal.scenario import Scenario, builtin_scenarios, load_scenario
+from lfm_zonal.study.scenario import Scenario, builtin_scenarios, load_scenario
 
 #: KPI -> (relative tolerance, absolute tolerance)
 GOLDEN_KPIS: dict[str, tuple[float, float]] = {
@@ -38,7 +38,7 @@ GOLDEN_KPIS: dict[str, tuple[float, float]] = {
 
 def nodal_kpis(scenario: Scenario) -> dict[str, float]:
     """The golden KPIs of one scenario: its nodal market over the whole horizon."""
-    from lfm_zonal.job import base_case_summary, run_study
+    from lfm_zonal.study.job import base_case_summary, run_study
 
     values = {section: dict(keys) for section, keys in scenario.values.items()}
     values["market"]["methods"] = ["nodal"]

@@ -30,8 +30,8 @@ from scipy.sparse.linalg import spsolve
 from tqdm import tqdm
 
 from lfm_zonal.errors import GridError, InputError, PowerFlowNotConverged
-from lfm_zonal.grids import Grid
-from lfm_zonal.profiles import Profiles
+from lfm_zonal.grid.profiles import Profiles
+from lfm_zonal.grid.sources import Grid
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from lfm_zonal.errors import InputError
-from lfm_zonal.powerflow import HorizonPowerFlow
+from lfm_zonal.grid.powerflow import HorizonPowerFlow
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,8 @@ The grid sees resources at their real buses, whatever market area they were
 cleared in: a zonal market's approximation shows up here as residual overloads,
 voltage violations, or violations created where there were none.
 
-**Violated** means beyond one tolerance, the same in every KPI and table:
-``VIOLATION_TOLERANCE_LOADING_PERCENT`` (0.01 percentage points of loading) and
-``VIOLATION_TOLERANCE_VM_PU`` (1e-5 p.u.). An excess within it is reported as 0.
+**Violated** means beyond one tolerance (``grid.violations``), the same in every KPI
+and table.
 
 **Residual MW** of a violated row (``residual_violations``), like the clearing
 LP's slack: its AC excess beyond the limit divided by the row's largest
@@ -24,13 +23,10 @@ import pandapower as pp
 import pandas as pd
 
 from lfm_zonal.errors import PowerFlowNotConverged
-from lfm_zonal.powerflow import HorizonPowerFlow, newton_raphson
-from lfm_zonal.sensitivity import linearisation
+from lfm_zonal.grid.powerflow import HorizonPowerFlow, newton_raphson
+from lfm_zonal.grid.sensitivity import linearisation
+from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
 
-#: One tolerance for "violated" (every KPI, the residual table, the CLI warning):
-#: loading in percentage points, voltage in p.u.
-VIOLATION_TOLERANCE_LOADING_PERCENT = 0.01
-VIOLATION_TOLERANCE_VM_PU = 1e-5
 #: Relative size below which a resource's effect on a row counts as none (numerical noise).
 _EFFECT_NOISE = 1e-6
 
