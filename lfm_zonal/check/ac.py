@@ -25,7 +25,12 @@ import pandas as pd
 from lfm_zonal.errors import PowerFlowNotConverged
 from lfm_zonal.grid.powerflow import HorizonPowerFlow, newton_raphson
 from lfm_zonal.grid.sensitivity import linearisation
-from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
+from lfm_zonal.grid.violations import (
+    VIOLATION_TOLERANCE_LOADING_PERCENT,
+    VIOLATION_TOLERANCE_VM_PU,
+    excess,
+    violated_state,
+)
 
 #: Relative size below which a resource's effect on a row counts as none (numerical noise).
 _EFFECT_NOISE = 1e-6
@@ -129,20 +134,6 @@ def dispatched_net(pf: HorizonPowerFlow, dispatch: pd.DataFrame, mtu: int) -> pp
     return net
 
 
-def _excess(pf: HorizonPowerFlow, loading: pd.DataFrame, vm: pd.DataFrame):
-    """Overload (pp), undervoltage and overvoltage (p.u.) beyond the limits, 0 within them."""
-    g = pf.grid
-    over = (loading - g.loading_max_percent).clip(lower=0.0)
-    under = (g.vm_min_pu - vm).clip(lower=0.0)
-    overv = (vm - g.vm_max_pu).clip(lower=0.0)
-    return over, under, overv
-
-
-def _violated(excess: pd.DataFrame, tol: float) -> pd.DataFrame:
-    """The excess where it is beyond the tolerance, else 0 (NaN stays NaN: not converged)."""
-    return excess.where(~(excess <= tol), 0.0)
-
-
 def _finite(values: np.ndarray) -> np.ndarray:
     return values[np.isfinite(values)]
 
@@ -155,16 +146,14 @@ def violation_kpis(pf: HorizonPowerFlow, ac: ACCheck) -> dict[str, float]:
     ``mtus_not_converged_after`` (they never turn a KPI into 0, and no KPI is NaN or inf).
     """
     dt = pf.profiles.horizon.mtu_hours
-    tol_l, tol_v = VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
-    over_a, under_a, overv_a = _excess(pf, ac.loading_percent, ac.vm_pu)
-    over_b, under_b, overv_b = _excess(pf, pf.loading_percent, pf.vm_pu)
-    over_after = _violated(over_a, tol_l)
-    dev_after = _violated(under_a, tol_v) + _violated(overv_a, tol_v)
-    created = int(
-        ((over_a > tol_l) & ~(over_b > tol_l)).to_numpy().sum()
-        + ((under_a > tol_v) & ~(under_b > tol_v)).to_numpy().sum()
-        + ((overv_a > tol_v) & ~(overv_b > tol_v)).to_numpy().sum()
+    after = excess(pf.grid, ac.loading_percent, ac.vm_pu)
+    before = excess(pf.grid, pf.loading_percent, pf.vm_pu)
+    tolerances = (VIOLATION_TOLERANCE_LOADING_PERCENT,) + 2 * (VIOLATION_TOLERANCE_VM_PU,)
+    created = sum(
+        int(((a > tol) & ~(b > tol)).to_numpy().sum())
+        for a, b, tol in zip(after, before, tolerances, strict=True)
     )
+    over_after, dev_after = violated_state(pf.grid, ac.loading_percent, ac.vm_pu)
     over, dev = over_after.to_numpy(), dev_after.to_numpy()
     loading, vm = _finite(ac.loading_percent.to_numpy()), _finite(ac.vm_pu.to_numpy())
     not_converged = int((pf.converged.to_numpy() & ~ac.converged.to_numpy()).sum())
@@ -205,7 +194,6 @@ def residual_violations(
     of it was dispatched, and ``offers_exhausted`` is True when each of those resources was
     dispatched to its full offer (also when none relieves the row).
     """
-    tol_l, tol_v = VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
     g = pf.grid
     model = pf.model
     failed = pf.converged.to_numpy() & ~ac.converged.to_numpy()
@@ -214,16 +202,16 @@ def residual_violations(
     vm = ac.vm_pu.copy()
     loading.iloc[failed] = pf.loading_percent.iloc[failed].to_numpy()
     vm.iloc[failed] = pf.vm_pu.iloc[failed].to_numpy()
-    over, under, overv = _excess(pf, loading, vm)
+    over, under, overv = excess(g, loading, vm)
     rows = []  # (mtu, kind, row position, excess, relieving sign of an injection's effect)
-    for kind, excess, tol, sign in (
-        ("overload", over, tol_l, -1.0),
-        ("undervoltage", under, tol_v, 1.0),
-        ("overvoltage", overv, tol_v, -1.0),
+    for kind, beyond, tol, sign in (
+        ("overload", over, VIOLATION_TOLERANCE_LOADING_PERCENT, -1.0),
+        ("undervoltage", under, VIOLATION_TOLERANCE_VM_PU, 1.0),
+        ("overvoltage", overv, VIOLATION_TOLERANCE_VM_PU, -1.0),
     ):
-        t, r = np.nonzero(excess.to_numpy() > tol)
+        t, r = np.nonzero(beyond.to_numpy() > tol)
         rows += [
-            (int(a), kind, int(b), float(excess.iat[a, b]), sign) for a, b in zip(t, r, strict=True)
+            (int(a), kind, int(b), float(beyond.iat[a, b]), sign) for a, b in zip(t, r, strict=True)
         ]
     if not rows:
         return pd.DataFrame(columns=RESIDUAL_COLUMNS)
@@ -232,7 +220,7 @@ def residual_violations(
     offers = _offers_by_mtu(resources, dispatch, position) if resources is not None else None
     out = []
     lin_mtu, lin = -1, None
-    for t, kind, r, excess, sign in rows:
+    for t, kind, r, amount, sign in rows:
         if t != lin_mtu:
             lin_mtu, lin = t, linearisation(model, pf.V[t])
         cp, cq = lin.row_sensitivity(kind == "overload", r)
@@ -252,11 +240,11 @@ def residual_violations(
             "violation": kind,
             "value": value,
             "limit": float(limit),
-            "excess": excess,
+            "excess": amount,
             "ac_converged": not failed[t],
             "sensitivity_per_mw": gain,
             # A row no injection moves (e.g. the slack bus voltage): 1 unit per MW, as the LP.
-            "residual_mw": excess / (gain if gain > 0 else 1.0),
+            "residual_mw": amount / (gain if gain > 0 else 1.0),
             "relieving_offered_mw": np.nan,
             "relieving_dispatched_mw": np.nan,
             "offers_exhausted": None,

@@ -16,7 +16,11 @@ from threadpoolctl import threadpool_limits
 
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
 from lfm_zonal.grid.sensitivity import sensitivity_arrays
-from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
+from lfm_zonal.grid.violations import (
+    VIOLATION_TOLERANCE_LOADING_PERCENT,
+    VIOLATION_TOLERANCE_VM_PU,
+    beyond_limits,
+)
 from lfm_zonal.limits import require_memory
 
 
@@ -63,9 +67,8 @@ class LinearGrid:
 
     def violations(self, loading: np.ndarray, vm: np.ndarray) -> np.ndarray:
         """Per row (T x (n_branch + 2 n_bus)): how far above its limit (<= 0: satisfied)."""
-        return np.concatenate(
-            [loading - self.loading_max_percent, vm - self.vm_max_pu, self.vm_min_pu - vm], axis=1
-        )
+        over, under, overv = beyond_limits(self, loading, vm)
+        return np.concatenate([over, overv, under], axis=1)
 
     def row_tolerances(self) -> np.ndarray:
         """VIOLATION_TOLERANCE_LOADING_PERCENT / _VM_PU per row of the violation layout."""

@@ -32,6 +32,11 @@ from tqdm import tqdm
 from lfm_zonal.errors import GridError, InputError, PowerFlowNotConverged
 from lfm_zonal.grid.profiles import Profiles
 from lfm_zonal.grid.sources import Grid
+from lfm_zonal.grid.violations import (
+    VIOLATION_TOLERANCE_LOADING_PERCENT,
+    VIOLATION_TOLERANCE_VM_PU,
+    excess,
+)
 
 log = logging.getLogger(__name__)
 
@@ -485,10 +490,7 @@ class HorizonPowerFlow:
 
     def violations(self) -> pd.DataFrame:
         """Base-case violations per MTU: overloads and voltages outside the band."""
-        g = self.grid
-        over = (self.loading_percent - g.loading_max_percent).clip(lower=0.0)
-        under = (g.vm_min_pu - self.vm_pu).clip(lower=0.0)
-        overv = (self.vm_pu - g.vm_max_pu).clip(lower=0.0)
+        over, under, overv = excess(self.grid, self.loading_percent, self.vm_pu)
         loading_max = self.loading_percent.max(axis=1)
         if not self.loading_percent.shape[1]:  # nothing monitored: a converged MTU loads 0 %
             loading_max = loading_max.where(~self.converged, 0.0)
@@ -496,11 +498,11 @@ class HorizonPowerFlow:
             {
                 "converged": self.converged,
                 "loading_max_percent": loading_max,
-                "overloaded_branches": (over > 0).sum(axis=1),
+                "overloaded_branches": (over > VIOLATION_TOLERANCE_LOADING_PERCENT).sum(axis=1),
                 "vm_min_pu": self.vm_pu.min(axis=1),
                 "vm_max_pu": self.vm_pu.max(axis=1),
-                "undervoltage_buses": (under > 0).sum(axis=1),
-                "overvoltage_buses": (overv > 0).sum(axis=1),
+                "undervoltage_buses": (under > VIOLATION_TOLERANCE_VM_PU).sum(axis=1),
+                "overvoltage_buses": (overv > VIOLATION_TOLERANCE_VM_PU).sum(axis=1),
             }
         )
 

@@ -68,6 +68,7 @@ from pandapower.pypower.add_userfcn import add_userfcn
 
 from lfm_zonal.errors import LfmError
 from lfm_zonal.grid.powerflow import BRANCH_INDEX_NAMES, HorizonPowerFlow
+from lfm_zonal.grid.violations import excess
 from lfm_zonal.market.resources import Resources
 
 #: Availability below this (MW) is no resource in the OPF.
@@ -122,15 +123,16 @@ class OpfResult:
     @property
     def overload_max_percent(self) -> float:
         """Largest loading above the limit after the OPF (0 if none), from the runpp check."""
-        return float(
-            max(0.0, np.nanmax(self.loading_percent.to_numpy()) - self.loading_max_percent)
-        )
+        return float(np.nanmax(self._excess()[0], initial=0.0))
 
     @property
     def voltage_violation_max_pu(self) -> float:
         """Largest distance outside the voltage band after the OPF (0 if none)."""
-        vm = self.vm_pu.to_numpy()
-        return float(max(0.0, np.nanmax(self.vm_min_pu - vm), np.nanmax(vm - self.vm_max_pu)))
+        _, under, overv = self._excess()
+        return float(max(np.nanmax(under, initial=0.0), np.nanmax(overv, initial=0.0)))
+
+    def _excess(self) -> tuple[np.ndarray, ...]:
+        return excess(self, self.loading_percent.to_numpy(), self.vm_pu.to_numpy())
 
 
 def flexibility_offers(pf: HorizonPowerFlow, resources: Resources, mtu: int) -> pd.DataFrame:

@@ -22,7 +22,11 @@ from lfm_zonal.grid.powerflow import HorizonPowerFlow, run_horizon
 from lfm_zonal.grid.profiles import Horizon, Profiles, load_profiles
 from lfm_zonal.grid.sensitivity import Sensitivities
 from lfm_zonal.grid.sources import Grid, load_grid
-from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
+from lfm_zonal.grid.violations import (
+    VIOLATION_TOLERANCE_LOADING_PERCENT,
+    VIOLATION_TOLERANCE_VM_PU,
+    violated_state,
+)
 from lfm_zonal.limits import require_memory
 from lfm_zonal.market.clearing import MarketResult, clear_market
 from lfm_zonal.market.resources import (
@@ -458,12 +462,8 @@ def base_case_summary(pf: HorizonPowerFlow) -> dict:
 
 def worst_mtu(pf: HorizonPowerFlow) -> int | None:
     """The MTU with the largest base-case violation (overload in percent points, voltage x 100)."""
-    g = pf.grid
-    over = (pf.loading_percent - g.loading_max_percent).clip(lower=0).max(axis=1)
-    dev = ((g.vm_min_pu - pf.vm_pu).clip(lower=0) + (pf.vm_pu - g.vm_max_pu).clip(lower=0)).max(
-        axis=1
-    )
-    score = (over + 100 * dev).fillna(0.0)
+    over, dev = violated_state(pf.grid, pf.loading_percent, pf.vm_pu)
+    score = (over.max(axis=1) + 100 * dev.max(axis=1)).fillna(0.0)
     return int(score.to_numpy().argmax()) if score.max() > 0 else None
 
 

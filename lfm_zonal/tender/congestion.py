@@ -35,6 +35,7 @@ import pandas as pd
 
 from lfm_zonal.errors import InputError
 from lfm_zonal.grid.sensitivity import sensitivities
+from lfm_zonal.grid.violations import beyond_limits
 from lfm_zonal.limits import require_memory
 from lfm_zonal.market.resources import Resources
 from lfm_zonal.tender.sizing import Need, Offers, TenderParameters, pooled_tender, price_draws
@@ -79,7 +80,9 @@ def congestion_needs(
         )
     pf = seg.pf
     limit = pf.grid.loading_max_percent
-    over = (pf.loading_percent - limit).where(pf.converged, np.nan, axis=0)
+    over = beyond_limits(pf.grid, pf.loading_percent, pf.vm_pu)[0].where(
+        pf.converged, np.nan, axis=0
+    )
     if not (over.to_numpy() > 0).any():
         raise InputError(
             f"{pf.grid.name}: no monitored line or trafo is overloaded in the horizon; the "
