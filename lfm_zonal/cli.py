@@ -225,6 +225,7 @@ def cmd_zones(args: argparse.Namespace) -> None:
 
 
 def cmd_clear(args: argparse.Namespace) -> None:
+    from lfm_zonal.check.kpis import TERMINAL_COLUMNS
     from lfm_zonal.study.job import run_scenario
 
     if args.market != "nodal" and not args.k:
@@ -232,18 +233,7 @@ def cmd_clear(args: argparse.Namespace) -> None:
     scenario = scenario_from_args(args)
     out = run_scenario(scenario, args.out, overwrite=args.overwrite, progress=True)
     kpis = pd.read_csv(out / "kpis.csv")
-    columns = [
-        "method",
-        "k",
-        "cost_eur",
-        "activated_mwh",
-        "unmet_mwh",
-        "residual_overload_max_percent",
-        "vm_min_after_pu",
-        "vm_max_after_pu",
-        "new_violations",
-    ]
-    print(kpis[columns].to_string(index=False))
+    print(kpis[list(TERMINAL_COLUMNS)].to_string(index=False))
     print(f"wrote bids, activations, needs, unmet need, KPIs and plots to {out}/")
     _warn_residuals(out)
 

@@ -112,7 +112,7 @@ def test_run_writes_a_complete_folder_only(capsys, tmp_path):
 def test_run_is_deterministic(capsys, tmp_path):
     """Same scenario and seed, same bytes: every file, plots included; in kpis.csv all but the
     wall-clock timing columns."""
-    from lfm_zonal.study.job import TIMING_COLUMNS
+    from lfm_zonal.check.kpis import TIMING_COLUMNS
 
     for name in ("a", "b"):
         assert run_cli(capsys, "run", "--out", str(tmp_path / name), "--quiet")[0] == 0
@@ -121,7 +121,7 @@ def test_run_is_deterministic(capsys, tmp_path):
     for f in files:
         a, b = (tmp_path / "a" / f), (tmp_path / "b" / f)
         if f.name == "kpis.csv":
-            ka, kb = (pd.read_csv(x).drop(columns=TIMING_COLUMNS) for x in (a, b))
+            ka, kb = (pd.read_csv(x).drop(columns=list(TIMING_COLUMNS)) for x in (a, b))
             pd.testing.assert_frame_equal(ka, kb, check_exact=True)
         else:
             assert a.read_bytes() == b.read_bytes(), f

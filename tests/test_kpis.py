@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandapower as pp
@@ -14,6 +15,7 @@ from test_market import three_bus_feeder
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
 from lfm_zonal.check.ac import ACCheck, residual_violations, violation_kpis
+from lfm_zonal.check.kpis import KPI_NAMES, markdown_table
 from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
 from lfm_zonal.market.clearing import clear_market
 from lfm_zonal.market.lp import DEFAULT_PENALTY_EUR_PER_MWH
@@ -214,6 +216,7 @@ def test_kpis_of_real_markets_are_finite(cigre_pf):
     seg = prepare_segmentation(pf, 0, flexible_capacity_mw=res.capacity_per_bus())
     for method, k in (("nodal", None), ("zonal", 2), ("needs_based", 2)):
         result = clear_market(seg, res, method, k)
+        assert tuple(result.kpis) == KPI_NAMES  # every KPI is in the schema, in its order
         assert_finite_kpis(result.kpis)
         assert result.kpis["security_adjusted_cost_eur"] >= result.kpis["cost_eur"]
         # Unmet need never 0 in an MTU that the AC check leaves violated.
@@ -237,3 +240,9 @@ def test_residual_sensitivity_is_the_nodal_jacobian_row(cigre_pf):
             row = sens.vm_p[pf.model.buses.get_loc(rec.element)]
         assert rec.sensitivity_per_mw == pytest.approx(np.abs(row).max(), rel=1e-9)
         assert rec.residual_mw == pytest.approx(rec.excess / np.abs(row).max(), rel=1e-9)
+
+
+def test_readme_kpi_table_is_the_schema():
+    """The README's column list of kpis.csv is produced from the KPI schema."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert markdown_table() in readme, "refresh the README's KPI table: check.kpis.markdown_table()"

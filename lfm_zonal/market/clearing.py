@@ -45,8 +45,9 @@ from lfm_zonal.check.ac import (
     solve_with_injections,
     violation_kpis,
 )
+from lfm_zonal.check.kpis import KPI_NAMES
 from lfm_zonal.config import MARKET_METHODS, NEEDS_RULES, PRICING
-from lfm_zonal.errors import InputError
+from lfm_zonal.errors import InputError, LfmError
 from lfm_zonal.grid.linear import LinearGrid, linear_grid
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
 from lfm_zonal.market.bids import (
@@ -513,7 +514,7 @@ def _kpis(
     # Residual after the AC check in MW-equivalent (validation.residual_violations), priced
     # at the penalty of unmet need: a cheaper market that leaves more cannot look better.
     residual_mwh = float(residual_mw_per_mtu(left).sum() * dt)
-    return {
+    values = {
         "method": res.method,
         "k": res.k,
         "pricing": pricing,
@@ -545,3 +546,7 @@ def _kpis(
         "ac_converged": int(stats.get("ac_converged", True)),
         "column_rounds": stats.get("column_rounds", 0),
     }
+    outside = set(values) ^ set(KPI_NAMES)
+    if outside:  # the schema orders and documents every column of kpis.csv
+        raise LfmError(f"KPIs outside the schema (check.kpis): {sorted(outside)}")
+    return {name: values[name] for name in KPI_NAMES}

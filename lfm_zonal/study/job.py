@@ -16,6 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from lfm_zonal.check.ac import RESIDUAL_COLUMNS
+from lfm_zonal.check.kpis import KPI_NAMES, REPORT_COLUMNS, TIMING_COLUMNS
 from lfm_zonal.errors import InputError, PowerFlowNotConverged
 from lfm_zonal.files.outputs import result_folder, write_csv, write_json
 from lfm_zonal.grid.powerflow import HorizonPowerFlow, run_horizon
@@ -243,29 +244,8 @@ class StudyResult:
     markets: list[MarketResult]
 
     def kpis(self) -> pd.DataFrame:
-        table = pd.DataFrame([m.kpis for m in self.markets])
-        return table[KPI_COLUMNS + [c for c in table.columns if c not in KPI_COLUMNS]]
-
-
-#: kpis.csv: these first, in this order (stable for scripts and golden files).
-KPI_COLUMNS = [
-    "method",
-    "k",
-    "cost_eur",
-    "security_adjusted_cost_eur",
-    "activated_mwh",
-    "unmet_mwh",
-    "residual_overload_max_percent",
-    "residual_overload_mtu_count",
-    "vm_min_after_pu",
-    "vm_max_after_pu",
-    "new_violations",
-    "segmentation_error",
-    "solve_s",
-    "n_variables",
-    "n_constraints",
-]
-TIMING_COLUMNS = ["solve_s", "build_s", "clear_s"]
+        """One row per market, the columns of the KPI schema in its order."""
+        return pd.DataFrame([m.kpis for m in self.markets], columns=list(KPI_NAMES))
 
 
 def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
@@ -389,7 +369,7 @@ def write_results(study: StudyResult, folder: Path) -> None:
             else 0,
         },
         "base_case": base_case_summary(pf),
-        "markets": kpis.drop(columns=[c for c in TIMING_COLUMNS if c in kpis]).to_dict("records"),
+        "markets": kpis.drop(columns=list(TIMING_COLUMNS)).to_dict("records"),
     }
     write_json(summary, folder / "summary.json")
     (folder / "report.md").write_text(
@@ -473,19 +453,7 @@ def report_markdown(
     base = study.base
     pf = base.powerflow
     b = base_case_summary(pf)
-    cols = [
-        "method",
-        "k",
-        "cost_eur",
-        "security_adjusted_cost_eur",
-        "activated_mwh",
-        "unmet_mwh",
-        "residual_overload_max_percent",
-        "residual_voltage_max_pu",
-        "new_violations",
-        "segmentation_error",
-    ]
-    table = kpis[cols].copy()
+    table = kpis[list(REPORT_COLUMNS)].copy()
     lines = [
         f"# {base.scenario.name}",
         "",

@@ -288,7 +288,7 @@ def _run_on_dask(scenario, todo, ks, methods, out, workers, scheduler, bar, on_c
 
 def collect(out: Path, cases, ks, methods) -> pd.DataFrame:
     """Stack the finished cases into sweep.csv (timing columns into timings.csv)."""
-    from lfm_zonal.study.job import TIMING_COLUMNS
+    from lfm_zonal.check.kpis import TIMING_COLUMNS
 
     frames = []
     for d, s in cases:
