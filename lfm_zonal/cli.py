@@ -26,12 +26,10 @@ if _STARTING:
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
 from lfm_zonal import __version__  # noqa: E402
 from lfm_zonal.config import (  # noqa: E402
@@ -152,6 +150,8 @@ def cmd_scenarios(args: argparse.Namespace) -> None:
 
 
 def cmd_powerflow(args: argparse.Namespace) -> None:
+    import pandas as pd
+
     from lfm_zonal.files.outputs import result_file, write_csv
     from lfm_zonal.study.job import prepare_base_case
 
@@ -174,6 +174,8 @@ def cmd_powerflow(args: argparse.Namespace) -> None:
 
 
 def cmd_sensitivities(args: argparse.Namespace) -> None:
+    import pandas as pd
+
     from lfm_zonal.files.outputs import result_folder
     from lfm_zonal.grid.sensitivity import sensitivities
     from lfm_zonal.study.job import prepare_base_case, write_sensitivities
@@ -225,6 +227,8 @@ def cmd_zones(args: argparse.Namespace) -> None:
 
 
 def cmd_clear(args: argparse.Namespace) -> None:
+    import pandas as pd
+
     from lfm_zonal.check.kpis import TERMINAL_COLUMNS
     from lfm_zonal.study.job import run_scenario
 
@@ -240,6 +244,8 @@ def cmd_clear(args: argparse.Namespace) -> None:
 
 def _warn_residuals(out: Path) -> None:
     """One warning line (stderr) per market that leaves a violation after the AC check."""
+    import pandas as pd
+
     from lfm_zonal.study.job import residual_warnings
 
     kpis = pd.read_csv(out / "kpis.csv")
@@ -274,7 +280,7 @@ def _numbers(text: str, kind: type, flag: str) -> tuple:
             parts = [float(v) for v in text.split(":")]
             if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] <= 0):
                 raise ValueError(text)
-            if not all(np.isfinite(parts)):
+            if not all(math.isfinite(v) for v in parts):
                 raise InputError(f"{flag} '{text}': the range bounds must be finite numbers")
             first, last = parts[0], parts[1]
             step = parts[2] if len(parts) == 3 else 1.0
@@ -402,6 +408,8 @@ def cmd_golden(args: argparse.Namespace) -> None:
 
 def _days(text: str) -> list[str]:
     """Days as a comma list or an inclusive range first:last (daily)."""
+    import pandas as pd
+
     try:
         if ":" in text:
             first, last = text.split(":")
