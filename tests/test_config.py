@@ -309,20 +309,32 @@ def test_tender_file_errors_name_the_file(tmp_path):
 # ----------------------------------------------------------------------------- import cost
 
 
-def test_config_imports_nothing_heavy():
+HEAVY = {"pyomo", "highspy", "pandapower", "pandas", "numpy", "scipy", "simbench", "numba"}
+
+
+def _imported(command: list[str]) -> set[str]:
+    """Top-level packages a Python command imports (``-X importtime``)."""
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import lfm_zonal.config"],
-        capture_output=True,
-        text=True,
-        check=True,
+        [sys.executable, "-X", "importtime", *command], capture_output=True, text=True, check=True
     )
-    modules = {
+    return {
         line.split("|")[-1].strip().split(".")[0]
         for line in done.stderr.splitlines()
         if line.startswith("import time:") and "|" in line
     }
-    heavy = {"pyomo", "highspy", "pandapower", "pandas", "numpy", "scipy", "simbench", "numba"}
-    assert not modules & heavy, sorted(modules & heavy)
+
+
+def test_config_imports_nothing_heavy():
+    modules = _imported(["-c", "import lfm_zonal.config"])
+    assert not modules & HEAVY, sorted(modules & HEAVY)
+
+
+def test_help_imports_nothing_heavy():
+    """``lfm-zonal --help`` and a subcommand's help answer before any numerical library
+    loads (about 0.15 s)."""
+    for argv in (["--help"], ["run", "--help"], ["sweep", "--help"]):
+        modules = _imported(["-m", "lfm_zonal.cli", *argv])
+        assert not modules & HEAVY, (argv, sorted(modules & HEAVY))
 
 
 def test_stage_modules_take_their_options_from_config():
