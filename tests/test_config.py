@@ -352,7 +352,8 @@ def test_stage_modules_take_their_options_from_config():
 
 
 def test_defaults_left_in_stage_modules_agree_with_config():
-    """Defaults still written out in stage modules (owned elsewhere) must not drift."""
+    """Stage modules take their defaults from the config (a number written out again there
+    would drift)."""
     import dataclasses
 
     from lfm_zonal.grid import profiles

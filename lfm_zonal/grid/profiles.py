@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lfm_zonal.config import DEFAULTS
 from lfm_zonal.errors import InputError
 from lfm_zonal.grid.sources import Grid
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 SIMBENCH_YEAR_START = pd.Timestamp("2016-01-01 00:00")
 SIMBENCH_STEP_MINUTES = 15
-DEFAULT_START = "2016-01-14 00:00"
+DEFAULT_START: str = DEFAULTS["horizon"]["start"]
 
 # Synthetic daily shapes, hourly values at hh:00, linearly interpolated in between.
 # Load: a residential/commercial mix, evening peak 1.0 at 19:00, night valley 0.45.
@@ -50,8 +51,8 @@ class Horizon:
     """``n_mtu`` market time units of ``mtu_minutes`` each, from ``start``."""
 
     start: pd.Timestamp = field(default_factory=lambda: pd.Timestamp(DEFAULT_START))
-    n_mtu: int = 96
-    mtu_minutes: int = 15
+    n_mtu: int = DEFAULTS["horizon"]["n_mtu"]
+    mtu_minutes: int = DEFAULTS["horizon"]["mtu_minutes"]
 
     def __post_init__(self) -> None:
         try:

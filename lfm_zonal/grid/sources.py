@@ -25,14 +25,15 @@ import pandapower as pp
 import pandapower.networks as pn
 import pandas as pd
 
+from lfm_zonal.config import DEFAULTS
 from lfm_zonal.errors import GridError, InputError
 
 log = logging.getLogger(__name__)
 
 #: Default operating limits (a scenario can override each one).
-DEFAULT_VM_MIN_PU = 0.95
-DEFAULT_VM_MAX_PU = 1.05
-DEFAULT_LOADING_MAX_PERCENT = 100.0
+DEFAULT_VM_MIN_PU: float = DEFAULTS["grid"]["vm_min_pu"]
+DEFAULT_VM_MAX_PU: float = DEFAULTS["grid"]["vm_max_pu"]
+DEFAULT_LOADING_MAX_PERCENT: float = DEFAULTS["grid"]["loading_max_percent"]
 
 
 @dataclass(frozen=True)

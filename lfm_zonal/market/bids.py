@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from lfm_zonal.config import DEFAULTS
 from lfm_zonal.market.resources import Resources
 from lfm_zonal.zones.segmentation import Zones
 
-DEFAULT_MAX_STEPS = 10
+DEFAULT_MAX_STEPS: int = DEFAULTS["flexibility"]["max_steps"]
 STEP_COLUMNS = [
     "bid_id",
     "time",

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lfm_zonal.config import DEFAULTS
 from lfm_zonal.errors import InputError
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
 
@@ -104,23 +105,27 @@ class Resources:
         return peak.groupby(self.table.bus).sum().rename("flexible_capacity_mw")
 
 
+_DEFAULT = DEFAULTS["flexibility"]  # the one source of defaults: lfm_zonal.config
+
+
 @dataclass(frozen=True)
 class FlexibilitySpec:
     """How a scenario turns the grid's loads and sgens into resources (all shares of the element's MW)."""
 
-    load_up_share: float = 0.3
-    load_down_share: float = 0.15
-    sgen_down_share: float = 0.5
-    units_per_element: int = 1
-    n_aggregators: int = 3
-    storage_units: int = 0
-    storage_p_mw: float = 0.5
-    storage_hours: float = 2.0
-    storage_efficiency: float = 0.95
-    cost_load_up: tuple[float, float] = (120.0, 40.0)  # mean, standard deviation (EUR/MWh)
-    cost_load_down: tuple[float, float] = (40.0, 15.0)
-    cost_sgen_down: tuple[float, float] = (60.0, 20.0)
-    cost_storage: tuple[float, float] = (80.0, 20.0)
+    load_up_share: float = _DEFAULT["load_up_share"]
+    load_down_share: float = _DEFAULT["load_down_share"]
+    sgen_down_share: float = _DEFAULT["sgen_down_share"]
+    units_per_element: int = _DEFAULT["units_per_element"]
+    n_aggregators: int = _DEFAULT["n_aggregators"]
+    storage_units: int = _DEFAULT["storage_units"]
+    storage_p_mw: float = _DEFAULT["storage_p_mw"]
+    storage_hours: float = _DEFAULT["storage_hours"]
+    storage_efficiency: float = _DEFAULT["storage_efficiency"]
+    # Costs: mean and standard deviation (EUR/MWh).
+    cost_load_up: tuple[float, float] = tuple(_DEFAULT["cost_load_up"])
+    cost_load_down: tuple[float, float] = tuple(_DEFAULT["cost_load_down"])
+    cost_sgen_down: tuple[float, float] = tuple(_DEFAULT["cost_sgen_down"])
+    cost_storage: tuple[float, float] = tuple(_DEFAULT["cost_storage"])
 
 
 def _costs(rng: np.random.Generator, mean_std: tuple[float, float], n: int) -> np.ndarray:
