@@ -273,41 +273,52 @@ MAX_SWEEP_DAYS = 366
 MAX_RANGE_VALUES = 100_000
 
 
+def _whole(text: str) -> int:
+    """A whole number written as such, read exactly (1e30 or 2.0 are not)."""
+    if not re.fullmatch(r"\s*[+-]?\d+\s*", text):
+        raise ValueError(text)
+    return int(text)
+
+
 def _numbers(text: str, kind: type, flag: str) -> tuple:
-    """A comma list ("0,2,5") or an inclusive range "first:last[:step]" of numbers."""
+    """Distinct numbers: a comma list ("0,2,5") or an inclusive range "first:last[:step]"."""
+    parse = _whole if kind is int else float
     try:
         if ":" in text:
-            parts = [float(v) for v in text.split(":")]
+            parts = [parse(v) for v in text.split(":")]
             if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] <= 0):
                 raise ValueError(text)
-            if not all(math.isfinite(v) for v in parts):
+            if not all(math.isfinite(v) for v in parts if isinstance(v, float)):
                 raise InputError(f"{flag} '{text}': the range bounds must be finite numbers")
             first, last = parts[0], parts[1]
-            step = parts[2] if len(parts) == 3 else 1.0
-            count = int(round((last - first) / step)) + 1
+            step = parts[2] if len(parts) == 3 else 1
+            # Whole numbers exactly; decimals with room for rounding (0:0.3:0.1 has 4 values).
+            span = (
+                (last - first) // step if kind is int else math.floor((last - first) / step + 1e-9)
+            )
+            count = int(span) + 1
             if count > MAX_RANGE_VALUES:
                 raise InputError(
                     f"{flag} '{text}' gives {count} values; at most {MAX_RANGE_VALUES} per range"
                 )
-            values = [round(first + i * step, 10) for i in range(max(count, 0))]
+            values = [first + i * step for i in range(max(count, 0))]
+            if kind is float:
+                values = [round(v, 10) for v in values]
         else:
-            values = [float(v) for v in text.split(",") if v.strip()]
-        if kind is int and not all(
-            re.fullmatch(r"\s*[+-]?\d+\s*", v) for v in text.replace(":", ",").split(",")
-        ):
-            raise ValueError(text)  # whole numbers written as such (1e30 is not exactly one)
-        if not values or (kind is int and not all(float(v).is_integer() for v in values)):
+            values = [parse(v) for v in text.split(",") if v.strip()]
+        if not values:
             raise ValueError(text)
-        if kind is int and ":" not in text:
-            return tuple(int(v) for v in text.split(",") if v.strip())
-        return tuple(kind(v) for v in values)
     except InputError:
         raise
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InputError(
             f"{flag} '{text}': give a comma list (0,2,5) or a range first:last[:step]"
             + (" of whole numbers" if kind is int else "")
         ) from None
+    repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if repeated is not None:
+        raise InputError(f"{flag} '{text}': {repeated} is given twice")
+    return tuple(values)
 
 
 def cmd_tender(args: argparse.Namespace) -> None:
@@ -434,9 +445,22 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from lfm_zonal.study.sweep import run_sweep
 
     scenario = load_scenario(args.scenario)
-    ks = _numbers(args.k, int, "--k") if args.k else tuple(scenario["zones"]["k"])
-    seeds = _numbers(args.seeds, int, "--seeds") if args.seeds else (int(scenario.seed),)
-    methods = args.methods.split(",") if args.methods else None
+    given = {name: getattr(args, name) for name in ("k", "seeds", "methods")}
+    for name, text in given.items():  # an empty value is a mistake, not "use the scenario's"
+        if text is not None and not text.strip(" ,"):
+            raise InputError(f"--{name} '{text}' is empty")
+    ks = _numbers(args.k, int, "--k") if args.k is not None else tuple(scenario["zones"]["k"])
+    seeds = (
+        _numbers(args.seeds, int, "--seeds") if args.seeds is not None else (int(scenario.seed),)
+    )
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods is not None else None
+    # The flags checked as the scenario's keys, from the command line, before any case runs.
+    values = {section: dict(keys) for section, keys in scenario.values.items()}
+    values["zones"]["k"] = list(ks)
+    if methods is not None:
+        values["market"]["methods"] = methods
+    for seed in seeds:
+        validate_values(values | {"": values[""] | {"seed": seed}}, "command line")
     table = run_sweep(
         scenario,
         _days(args.days),

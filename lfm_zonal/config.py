@@ -230,6 +230,12 @@ class ZonesSection(_Section):
         "peak", 'MTU the zones are computed at ("peak": highest total load)'
     )
 
+    @model_validator(mode="after")
+    def _distinct(self) -> ZonesSection:
+        if len(set(self.k)) != len(self.k):
+            raise _rule("k", "must give each zone count once", self.k)
+        return self
+
 
 COSTS = ("cost_load_up", "cost_load_down", "cost_sgen_down", "cost_storage")
 

@@ -213,6 +213,7 @@ def scenario_cases() -> list[Case]:
         ),
         ("vm_min equals vm_max", scenario_text("grid", "vm_max_pu", "0.9"), ("vm_",)),
         ("k above the bus count", scenario_text("zones", "k", "[1, 4]"), ("k",)),
+        ("k repeated", scenario_text("zones", "k", "[2, 2]"), ("zones.k", "once")),
         (
             "reference MTU beyond the horizon",
             scenario_text("zones", "reference_mtu", "5"),
@@ -242,13 +243,17 @@ def scenario_cases() -> list[Case]:
     return cases
 
 
+STORAGE_COLUMNS = ("energy_mwh", "soc_init_mwh", "efficiency")
+
+
 def resources_cases(rng: np.random.Generator) -> list[Case]:
     """Bad resources CSVs: one field of one row broken, or the table's shape."""
     columns = RESOURCES_HEADER.split(",")
     bad_values = {
-        "resource_id": [""],
+        "resource_id": ["", '"R\nlfm-zonal: error: spoofed"', '"R\x07"'],
         "bus": ["99", "-1", "two", "1.5", ""],
         "kind": ["battery", "", "LOAD"],
+        "aggregator": ['"agg\r1"'],
         "direction": ["sideways", "", "upward"],
         "p_max_mw": ["-1", "inf", "nan", "abc", "", "1e300"],
         "cost_up_eur_per_mwh": ["-5", "inf", "nan", "x", "1e300"],
@@ -263,11 +268,7 @@ def resources_cases(rng: np.random.Generator) -> list[Case]:
         j = columns.index(column)
         for value in values:
             # Storage columns matter on the storage row; the others on a random row.
-            row = (
-                2
-                if column in ("energy_mwh", "soc_init_mwh", "efficiency")
-                else int(rng.integers(0, 2))
-            )
+            row = 2 if column in STORAGE_COLUMNS else int(rng.integers(0, 2))
             rows = [r.split(",") for r in RESOURCES_ROWS]
             rows[row][j] = value
             text = RESOURCES_HEADER + "\n" + "\n".join(",".join(r) for r in rows) + "\n"
@@ -282,6 +283,8 @@ def resources_cases(rng: np.random.Generator) -> list[Case]:
         for pick in picks:
             column, value = fields[int(pick)]
             row = int(rng.integers(0, len(rows)))
+            if column in STORAGE_COLUMNS:  # checked on storage rows only
+                row = 2
             rows[row][columns.index(column)] = value
             names.append(f"{column}={value!r}@{row + 2}")
         text = RESOURCES_HEADER + "\n" + "\n".join(",".join(r) for r in rows) + "\n"
@@ -397,6 +400,8 @@ def grid_cases() -> list[Case]:
         ("NaN voltage level", "bus", 0, "vn_kv", None, ("bus 0",)),
         ("ext_grid at NaN p.u.", "ext_grid", 0, "vm_pu", None, ("ext_grid 0",)),
         ("line from unknown bus", "line", 0, "from_bus", 55, ("line 0",)),
+        ("load of 1e9 MW", "load", 0, "p_mw", 1e9, ("load 0", "p_mw")),
+        ("sgen of -1e5 Mvar", "sgen", 0, "q_mvar", -1e5, ("sgen 0", "q_mvar")),
     ]
     cases = []
     for name, table, index, columns, value, expect in edits:
@@ -519,7 +524,17 @@ def cli_cases() -> list[Case]:
             ("rows",),
         ),  # fmt: skip
         (("sweep", "scenario.toml", "--days", "2016-01-14", "--k", "1:inf", "--out", "sw"), ("k",)),
-    ]
+        # An empty or repeated sweep value is a mistake, named by its flag.
+        (("sweep", "scenario.toml", "--days", "2016-01-14", "--methods", "", "--out", "sw"), ("--methods",)),
+        (("sweep", "scenario.toml", "--days", "2016-01-14", "--k", "", "--out", "sw"), ("--k",)),
+        (("sweep", "scenario.toml", "--days", "2016-01-14", "--seeds", " ", "--out", "sw"), ("--seeds",)),
+        (("sweep", "scenario.toml", "--days", "2016-01-14", "--k", "2,2", "--out", "sw"), ("--k", "twice")),
+        (("sweep", "scenario.toml", "--days", "2016-01-14", "--seeds", "1,1", "--out", "sw"), ("--seeds", "twice")),
+        (("sweep", "scenario.toml", "--days", "2016-01-14", "--k", "0", "--out", "sw"), ("command line", "zones.k")),
+        (("sweep", "scenario.toml", "--days", "2016-01-14", "--seeds=-1", "--out", "sw"), ("command line", "seed")),
+        # A folder that holds no sweep is never resumed into, and sweep has no --overwrite.
+        (("sweep", "scenario.toml", "--days", "2016-01-14", "--out", "grid.json"), ("grid.json",)),
+    ]  # fmt: skip
     for argv, expect in runs:
         cases.append(Case("cli", " ".join(argv), argv, expect, dict(base)))
     return cases

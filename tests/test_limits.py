@@ -154,11 +154,23 @@ BAD_REQUESTS = [
         "200 nodes x 1000 offers per node x 100 points per offer x 12 arrays",
     ),
     ("many nodes", dict(study="spatial", n_nodes=(10**5,)), "100000 nodes x 25 offers"),
-    ("sigma_mu nan", dict(study="temporal", sigma_mu_mw=(0, math.nan)), "sigma_mu must be finite"),
-    ("sigma_mu inf", dict(study="temporal", sigma_mu_mw=(math.inf,)), "sigma_mu must be finite"),
+    (
+        "sigma_mu nan",
+        dict(study="temporal", sigma_mu_mw=(0, math.nan)),
+        "sigma_mu (--sigma-mu) must be finite",
+    ),
+    (
+        "sigma_mu inf",
+        dict(study="temporal", sigma_mu_mw=(math.inf,)),
+        "sigma_mu (--sigma-mu) must be finite",
+    ),
     ("negative sigma_mu", dict(study="temporal", sigma_mu_mw=(-1,)), ">= 0, got -1"),
-    ("zero MTUs", dict(study="temporal", n_mtu=(0,)), "MTUs must be finite and whole"),
-    ("gini nan", dict(study="spatial", gini=(math.nan,)), "Gini indices must be finite"),
+    (
+        "zero MTUs",
+        dict(study="temporal", n_mtu=(0,)),
+        "n_mtu (--n-mtu) must be finite and whole",
+    ),
+    ("gini nan", dict(study="spatial", gini=(math.nan,)), "gini (--gini) must be finite"),
     ("gini 1.5", dict(study="spatial", gini=(0.1, 1.5)), "in [0, 1), got 1.5"),
     ("half a node", dict(study="spatial", n_nodes=(2.5,)), "whole and >= 1, got 2.5"),
     ("no seed", dict(seeds=()), "at least one seed"),
@@ -185,9 +197,9 @@ def test_bad_tender_request_is_one_line_before_any_output(
 def test_the_studies_refuse_on_their_own(monkeypatch):
     monkeypatch.setenv(limits.MEMORY_ENV, "1")
     with deadline(5):
-        with pytest.raises(InputError, match="sigma_mu must be finite"):
+        with pytest.raises(InputError, match=r"sigma_mu \(--sigma-mu\) must be finite"):
             T.temporal_study(TABLE_I, (math.nan,), (2,), (0,))
-        with pytest.raises(InputError, match="Gini indices must be finite"):
+        with pytest.raises(InputError, match=r"gini \(--gini\) must be finite"):
             T.spatial_study(TABLE_I, (math.nan,), (2,), (0,))
         with pytest.raises(InputError, match="GiB"):
             T.temporal_study(TABLE_I.replace(points_per_offer=1000), (0,), (10**5,), (0,))

@@ -224,8 +224,12 @@ def build_network_model(grid: Grid) -> NetworkModel:
         try:
             _runpp_or_grid_error(net, grid.name)
         except pp.LoadflowNotConverged:
+            longest = ""
+            if len(net.line):  # the usual culprit: a length or impedance in the wrong unit
+                i = net.line.length_km.idxmax()
+                longest = f" (longest line: line {i}, {net.line.at[i, 'length_km']:g} km)"
             raise GridError(
-                f"grid {grid.name}: no AC power flow converges, even at zero load"
+                f"grid {grid.name}: no AC power flow converges, even at zero load{longest}"
             ) from None
     ppc = net._ppc
     internal = ppc["internal"]
@@ -536,12 +540,21 @@ def run_horizon(
             try:  # a warm start can mislead: try once more from the structure's own point
                 V[t] = newton_raphson(model, S[t], model.V_init)
             except PowerFlowNotConverged:
-                msg = f"MTU {t} ({times[t]}): AC power flow did not converge; skipped"
-                log.warning("grid %s: %s", grid.name, msg)
-                failures.append(msg)
+                failures.append(f"MTU {t} ({times[t]}): AC power flow did not converge; skipped")
                 continue
         ok[t] = True
         V_prev = V[t]
+    if failures:  # one line for the horizon; every MTU is in the table (converged False)
+        first = int(np.flatnonzero(~ok)[0])
+        log.warning(
+            "grid %s: the AC power flow did not converge in %d of %d MTUs, skipped (first: MTU %d "
+            "at %s)",
+            grid.name,
+            len(failures),
+            len(times),
+            first,
+            times[first],
+        )
     vm = np.full((len(times), len(model.buses)), np.nan)
     loading = np.full((len(times), len(model.branches)), np.nan)
     if ok.any():

@@ -22,7 +22,7 @@ import pandas as pd
 
 from lfm_zonal.config import DEFAULTS
 from lfm_zonal.errors import InputError
-from lfm_zonal.grid.sources import Grid
+from lfm_zonal.grid.sources import MAX_ELEMENT_MW, Grid
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,6 @@ def _from_simbench(grid: Grid, horizon: Horizon) -> Profiles:
 
 _CSV_COLUMN = re.compile(r"^(load|sgen)_(\d+)_(p_mw|q_mvar)$")
 #: Largest |MW| or |Mvar| a profile value may hold per element (beyond: a unit mistake).
-MAX_ELEMENT_MW = 1e4
 
 
 def _from_csv(grid: Grid, horizon: Horizon, path: Path) -> Profiles:

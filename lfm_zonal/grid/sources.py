@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 DEFAULT_VM_MIN_PU: float = DEFAULTS["grid"]["vm_min_pu"]
 DEFAULT_VM_MAX_PU: float = DEFAULTS["grid"]["vm_max_pu"]
 DEFAULT_LOADING_MAX_PERCENT: float = DEFAULTS["grid"]["loading_max_percent"]
+#: The largest power of one element (load, generator, resource) in MW or Mvar: 10 GW is
+#: beyond any distribution grid, so a larger value is a unit mistake.
+MAX_ELEMENT_MW = 1e4
 
 
 @dataclass(frozen=True)
@@ -420,7 +423,8 @@ _BUS_COLUMNS = {
 #: Table a bus-branch switch points at, by its ``et``.
 _SWITCH_TARGET = {"b": "bus", "l": "line", "t": "trafo", "t3": "trafo3w"}
 #: Numbers every in-service element needs: (table, column, rule). Rules: "pos" finite > 0,
-#: "nonneg" finite >= 0, "finite", "vm" a slack setpoint within SLACK_VM_RANGE_PU.
+#: "nonneg" finite >= 0, "finite", "power" finite within +-MAX_ELEMENT_MW, "vm" a slack
+#: setpoint within SLACK_VM_RANGE_PU.
 _NUMBER_RULES = (
     ("bus", "vn_kv", "pos"),
     ("line", "length_km", "pos"),
@@ -452,22 +456,23 @@ _NUMBER_RULES = (
     ("ext_grid", "vm_pu", "vm"),
     ("ext_grid", "va_degree", "finite"),
     ("gen", "vm_pu", "vm"),
-    ("gen", "p_mw", "finite"),
-    ("load", "p_mw", "finite"),
-    ("load", "q_mvar", "finite"),
+    ("gen", "p_mw", "power"),
+    ("load", "p_mw", "power"),
+    ("load", "q_mvar", "power"),
     ("load", "scaling", "nonneg"),
-    ("sgen", "p_mw", "finite"),
-    ("sgen", "q_mvar", "finite"),
+    ("sgen", "p_mw", "power"),
+    ("sgen", "q_mvar", "power"),
     ("sgen", "scaling", "nonneg"),
-    ("shunt", "p_mw", "finite"),
-    ("shunt", "q_mvar", "finite"),
-    ("storage", "p_mw", "finite"),
-    ("storage", "q_mvar", "finite"),
+    ("shunt", "p_mw", "power"),
+    ("shunt", "q_mvar", "power"),
+    ("storage", "p_mw", "power"),
+    ("storage", "q_mvar", "power"),
 )
 _RULE_TEXT = {
     "pos": "a finite number > 0",
     "nonneg": "a finite number >= 0",
     "finite": "a finite number",
+    "power": f"a finite number within +-{MAX_ELEMENT_MW:g} (the unit is MW or Mvar)",
 }
 #: Plausible voltage setpoints of a slack or PV generator (p.u.).
 SLACK_VM_RANGE_PU = (0.5, 1.5)
@@ -564,6 +569,8 @@ def _check_tables(net: pp.pandapowerNet, name: str) -> None:
             bad, text = ~(np.isfinite(values) & (values >= 0)), _RULE_TEXT[rule]
         elif rule == "finite":
             bad, text = ~np.isfinite(values), _RULE_TEXT[rule]
+        elif rule == "power":
+            bad, text = ~(np.abs(values) <= MAX_ELEMENT_MW), _RULE_TEXT[rule]
         else:
             lo, hi = SLACK_VM_RANGE_PU
             bad = ~(np.isfinite(values) & (values >= lo) & (values <= hi))

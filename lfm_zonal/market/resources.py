@@ -47,6 +47,7 @@ import pandas as pd
 from lfm_zonal.config import DEFAULTS
 from lfm_zonal.errors import InputError
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
+from lfm_zonal.grid.sources import MAX_ELEMENT_MW
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ DIRECTIONS = ("up", "down", "both")
 #: power factor of the change below 0.1 (|tan_phi| > 10), or more MW than an element can hold.
 MAX_PRICE_EUR_PER_MWH = 1e6
 MAX_TAN_PHI = 10.0
-MAX_RESOURCE_MW = 1e4
 TABLE_COLUMNS = [
     "aggregator",
     "bus",
@@ -103,6 +103,15 @@ class Resources:
         """Largest available MW (up or down) summed per bus: the segmentation's capacity weights."""
         peak = np.maximum(self.up_mw.max(), self.down_mw.max())
         return peak.groupby(self.table.bus).sum().rename("flexible_capacity_mw")
+
+
+def _name(path, row_no: int, text: str, column: str) -> str:
+    """A resource_id or aggregator, stripped; printable, as it is written into warnings and
+    tables."""
+    value = text.strip()
+    if not value.isprintable():
+        raise InputError(f"{path}, row {row_no}: {column} {value!r} holds a control character")
+    return value
 
 
 _DEFAULT = DEFAULTS["flexibility"]  # the one source of defaults: lfm_zonal.config
@@ -353,7 +362,7 @@ def _read_long_form(path: Path, raw: pd.DataFrame, pf: HorizonPowerFlow) -> Reso
 
     for i, rec in enumerate(raw.to_dict("records")):
         row_no = i + 2
-        rid = rec["resource_id"].strip()
+        rid = _name(path, row_no, rec["resource_id"], "resource_id")
         if not rid:
             raise InputError(f"{path}, row {row_no}: empty resource_id")
         kind, direction = rec["kind"].strip(), rec["direction"].strip()
@@ -369,7 +378,7 @@ def _read_long_form(path: Path, raw: pd.DataFrame, pf: HorizonPowerFlow) -> Reso
         bus = _bus_of(path, row_no, rid, rec["bus"], pf)
         text = rec.get("tan_phi", "").strip()
         tan_phi = number(row_no, rid, "tan_phi", text, -MAX_TAN_PHI, MAX_TAN_PHI) if text else 0.0
-        attrs = (rec["aggregator"].strip() or "A1", bus, kind, tan_phi)
+        attrs = (_name(path, row_no, rec["aggregator"], "aggregator") or "A1", bus, kind, tan_phi)
         if attributes.setdefault(rid, attrs) != attrs:
             raise InputError(
                 f"{path}, row {row_no} ({rid!r}): aggregator, bus, kind or tan_phi differ from "
@@ -396,7 +405,7 @@ def _read_long_form(path: Path, raw: pd.DataFrame, pf: HorizonPowerFlow) -> Reso
             )
         seen.add((rid, direction, t))
         mw, price = offers.setdefault((rid, direction), (np.zeros(n), np.zeros(n)))
-        mw[t] = number(row_no, rid, "available_mw", rec["available_mw"], 0, MAX_RESOURCE_MW)
+        mw[t] = number(row_no, rid, "available_mw", rec["available_mw"], 0, MAX_ELEMENT_MW)
         price[t] = number(
             row_no, rid, "price_eur_per_mwh", rec["price_eur_per_mwh"], 0, MAX_PRICE_EUR_PER_MWH
         )
@@ -504,7 +513,7 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
 
     for i, rec in enumerate(raw.to_dict("records")):
         row_no = i + 2  # header is row 1
-        rid = rec["resource_id"].strip()
+        rid = _name(path, row_no, rec["resource_id"], "resource_id")
         if not rid:
             raise InputError(f"{path}, row {row_no}: empty resource_id")
         if rid in seen:
@@ -522,7 +531,7 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
                 f"(expected {', '.join(DIRECTIONS)})"
             )
         bus = _bus_of(path, row_no, rid, rec["bus"], pf)
-        p_max = number(row_no, rec, "p_max_mw", bound=MAX_RESOURCE_MW)
+        p_max = number(row_no, rec, "p_max_mw", bound=MAX_ELEMENT_MW)
         cost_up = number(row_no, rec, "cost_up_eur_per_mwh", bound=MAX_PRICE_EUR_PER_MWH)
         cost_down = number(row_no, rec, "cost_down_eur_per_mwh", bound=MAX_PRICE_EUR_PER_MWH)
         tan_phi = number(row_no, rec, "tan_phi", 0.0, allow_negative=True, bound=MAX_TAN_PHI)
@@ -542,7 +551,7 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
         rows.append(
             {
                 "resource_id": rid,
-                "aggregator": rec["aggregator"].strip() or "A1",
+                "aggregator": _name(path, row_no, rec["aggregator"], "aggregator") or "A1",
                 "bus": bus,
                 "kind": kind,
                 "element": -1,

@@ -62,7 +62,12 @@ class BaseCase:
         """The converged MTU of highest total load (zones are computed there)."""
         converged = self.powerflow.converged.to_numpy()
         if not converged.any():
-            raise PowerFlowNotConverged("no MTU of the horizon has a converged power flow")
+            peak = float(self.profiles.total_load_mw().max())
+            raise PowerFlowNotConverged(
+                f"grid {self.grid.name}: the AC power flow converges in none of the "
+                f"{len(converged)} MTU(s) of the horizon (highest total load {peak:.4g} MW): "
+                "more load or generation than the grid can carry"
+            )
         total = self.profiles.total_load_mw().to_numpy()
         return int(np.where(converged, total, -np.inf).argmax())
 

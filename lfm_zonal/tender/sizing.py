@@ -176,15 +176,15 @@ def check_tender_request(
     if "optimum" in studies:
         terms.append([offers, points, (OPTIMUM_ARRAYS_PER_CANDIDATE, "arrays")])
     if "temporal" in studies:
-        sigmas = _values(sigma_mu_mw, "sigma_mu", float, 0.0)
-        mtus = _values(n_mtu, "the numbers of MTUs", int, 1.0)
+        sigmas = _values(sigma_mu_mw, "sigma_mu (--sigma-mu)", float, 0.0)
+        mtus = _values(n_mtu, "n_mtu (--n-mtu)", int, 1.0)
         t = (float(mtus.max()), "MTUs")
         terms.append([t, offers, points, (TEMPORAL_ARRAYS_PER_CANDIDATE, "arrays")])
         rows = [(len(sigmas), "sigma_mu"), (len(mtus), "MTU counts"), n_seeds]
         terms.append([*rows, (VALUES_PER_ROW, "values per row")])
     if "spatial" in studies:
-        _values(gini, "the Gini indices", float, 0.0, 1.0)
-        nodes = _values(n_nodes, "the numbers of nodes", int, 1.0)
+        _values(gini, "gini (--gini)", float, 0.0, 1.0)
+        nodes = _values(n_nodes, "n_nodes (--n-nodes)", int, 1.0)
         n = (float(nodes.max()), "nodes")
         terms.append([n, offers, points, (SPATIAL_ARRAYS_PER_CANDIDATE, "arrays")])
         terms.append([n, offers, n, (SPATIAL_ARRAYS_PER_OFFER_NODE, "arrays")])
