@@ -1,7 +1,8 @@
 """Command line: ``lfm-zonal <subcommand> --help``.
 
 A user mistake prints one line ``lfm-zonal: error: ...`` and exits with code 2;
-no traceback.
+no traceback. A solver failure (:class:`~lfm_zonal.errors.SolverError`) prints the same
+line and exits with code 1.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from lfm_zonal.config import (  # noqa: E402
     WEIGHT_POLICIES,
     with_overrides,
 )
-from lfm_zonal.errors import InputError, LfmError  # noqa: E402
+from lfm_zonal.errors import InputError, LfmError, SolverError  # noqa: E402
 from lfm_zonal.study.scenario import (  # noqa: E402
     DEFAULT_SCENARIO,
     Scenario,
@@ -778,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.func(args)
         except LfmError as exc:
             print(f"lfm-zonal: error: {_one_line(exc)}", file=sys.stderr)
-            return 2
+            return 1 if isinstance(exc, SolverError) else 2
         except OSError as exc:
             if exc.filename is None:
                 raise
