@@ -185,25 +185,16 @@ def pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def claim_output(
-    out: str | Path,
-    *,
-    kind: str = "folder",
-    overwrite: bool = False,
-    inputs: Iterable[str | Path] = (),
-    markers: tuple[str, ...] = (MARKER,),
-    exists_ok: bool = False,
-) -> Iterator[Path]:
+def claim_output(out: str | Path, **check) -> Iterator[Path]:
     """Check ``out`` and hold its lock for the block (re-entrant in one process).
 
-    Creates the missing folders above ``out`` (removed again if the block leaves
+    ``check``: the rules of :func:`check_output_path` (``kind``, ``overwrite``,
+    ``inputs``, ``markers``, ``exists_ok``), applied before and again after the lock is
+    taken. Creates the missing folders above ``out`` (removed again if the block leaves
     nothing in them), takes the lock ``.NAME.lock`` beside it (a second run is refused
     with one line naming the pid that holds it), then removes leftovers of killed runs.
     """
-    inputs = list(inputs)
-    check = dict(
-        kind=kind, overwrite=overwrite, inputs=inputs, markers=markers, exists_ok=exists_ok
-    )
+    check["inputs"] = list(check.get("inputs", ()))  # read twice
     target = check_output_path(out, **check)
     if target in _HELD:
         _HELD[target] += 1
