@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from lfm_zonal.errors import GridError, InputError, LfmError, PowerFlowNotConverged
+from lfm_zonal.errors import GridError, InputError, LfmError, PowerFlowNotConverged, SolverError
 
 # The stage modules load pandapower, pandas and SciPy: they are imported when first used
 # (``from lfm_zonal import load_grid``), so ``import lfm_zonal.<light module>`` stays fast
@@ -69,6 +69,7 @@ __all__ = [
     "PowerFlowNotConverged",
     "Profiles",
     "Sensitivities",
+    "SolverError",
     "available_grids",
     "load_grid",
     "load_profiles",

@@ -1,7 +1,8 @@
 """Command line: ``lfm-zonal <subcommand> --help``.
 
 A user mistake prints one line ``lfm-zonal: error: ...`` and exits with code 2;
-no traceback.
+no traceback. A solver failure (:class:`~lfm_zonal.errors.SolverError`) prints the same
+line and exits with code 1.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from lfm_zonal.config import (  # noqa: E402
     WEIGHT_POLICIES,
     with_overrides,
 )
-from lfm_zonal.errors import InputError, LfmError  # noqa: E402
+from lfm_zonal.errors import InputError, LfmError, SolverError  # noqa: E402
 from lfm_zonal.study.scenario import (  # noqa: E402
     DEFAULT_SCENARIO,
     Scenario,
@@ -82,7 +83,22 @@ OVERRIDES = {
 FILE_FLAGS = {flag: OVERRIDES[flag] for flag in ("grid", "profiles", "resources")}
 
 
-def _add_case_options(p: argparse.ArgumentParser) -> None:
+def _add_out_folder(p: argparse.ArgumentParser, default: str, what: str = "output folder") -> None:
+    """--out, a folder (``default`` unless given), and --overwrite."""
+    p.add_argument("--out", default=default, help=f"{what} (default: {default})")
+    p.add_argument("--overwrite", action="store_true", help=f"replace an existing {what}")
+
+
+def _add_zone_options(p: argparse.ArgumentParser) -> None:
+    """How a market's zones are made: their numbers, the segmentation and the weights."""
+    p.add_argument("--k", type=int, action="append", help="number of zones (repeatable)")
+    p.add_argument("--segmentation", choices=SEGMENTATION_METHODS, help="segmentation method")
+    p.add_argument("--weights", choices=WEIGHT_POLICIES, help="virtual-bus weight policy")
+
+
+def _case_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A command on one grid case: a scenario, with its keys overridden by flags."""
+    p = sub.add_parser(name, help=help)
     p.add_argument(
         "--scenario",
         help="scenario name or TOML file giving the defaults (default: the schema defaults, "
@@ -105,6 +121,7 @@ def _add_case_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vm-min-pu", help="lower voltage limit")
     p.add_argument("--vm-max-pu", help="upper voltage limit")
     p.add_argument("--loading-max-percent", help="loading limit")
+    return p
 
 
 def scenario_from_args(args: argparse.Namespace) -> Scenario:
@@ -516,8 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SCENARIO,
         help=f"built-in scenario name or TOML file (default: {DEFAULT_SCENARIO})",
     )
-    p.add_argument("--out", default="results", help="results folder (default: results)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing results folder")
+    _add_out_folder(p, "results", "results folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -530,62 +546,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_scenarios)
 
-    p = sub.add_parser("powerflow", help="base-case AC power flow of every MTU, violations per MTU")
-    _add_case_options(p)
+    p = _case_parser(sub, "powerflow", "base-case AC power flow of every MTU, violations per MTU")
     p.add_argument("--out", help="write the per-MTU table to this CSV file (its folder must exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--rows", type=int, default=20, help="rows to print (default 20)")
     p.set_defaults(func=cmd_powerflow)
 
-    p = sub.add_parser(
-        "sensitivities", help="write nodal sensitivity matrices of chosen MTUs as CSV"
-    )
-    _add_case_options(p)
+    p = _case_parser(sub, "sensitivities", "write nodal sensitivity matrices of chosen MTUs as CSV")
     p.add_argument("--method", choices=SENSITIVITY_METHODS, help="sensitivity method")
     p.add_argument(
         "--mtu",
         action="append",
         help="MTU number or start time (repeatable; default: the MTU of highest load)",
     )
-    p.add_argument("--out", default="sensitivities", help="output folder (default: sensitivities)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_out_folder(p, "sensitivities")
     p.set_defaults(func=cmd_sensitivities)
 
-    p = sub.add_parser(
-        "zones", help="segment the grid into K connected zones; zonal indices, errors, maps"
+    p = _case_parser(
+        sub, "zones", "segment the grid into K connected zones; zonal indices, errors, maps"
     )
-    _add_case_options(p)
     p.add_argument("--method", choices=SENSITIVITY_METHODS, help="sensitivity method")
-    p.add_argument("--k", type=int, action="append", help="number of zones (repeatable)")
-    p.add_argument("--segmentation", choices=SEGMENTATION_METHODS, help="segmentation method")
-    p.add_argument("--weights", choices=WEIGHT_POLICIES, help="virtual-bus weight policy")
+    _add_zone_options(p)
     p.add_argument(
         "--reference-mtu",
         type=_mtu_or_peak,
         help="MTU number the zones are computed at, or 'peak' (highest total load)",
     )
-    p.add_argument("--out", default="zones", help="output folder (default: zones)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_out_folder(p, "zones")
     p.set_defaults(func=cmd_zones)
 
-    p = sub.add_parser(
-        "clear", help="clear one market (nodal, zonal or needs-based) and check it in AC"
+    p = _case_parser(
+        sub, "clear", "clear one market (nodal, zonal or needs-based) and check it in AC"
     )
-    _add_case_options(p)
     p.add_argument(
         "--market", choices=MARKET_METHODS, default="zonal", help="market (default zonal)"
     )
-    p.add_argument("--k", type=int, action="append", help="number of zones (repeatable)")
-    p.add_argument("--segmentation", choices=SEGMENTATION_METHODS, help="segmentation method")
-    p.add_argument("--weights", choices=WEIGHT_POLICIES, help="virtual-bus weight policy")
+    _add_zone_options(p)
     p.add_argument(
         "--resources",
         help="CSV file of flexibility resources, relative to the working directory "
         "(default: generated)",
     )
     p.add_argument("--pricing", choices=PRICING, help="pay_as_bid (default) or pay_as_clear")
-    p.add_argument("--out", default="clearing", help="output folder (default: clearing)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_out_folder(p, "clearing")
     p.set_defaults(func=cmd_clear)
 
     p = sub.add_parser(
@@ -659,8 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gini", default="0:0.7:0.05", help="Gini indices (default 0:0.7:0.05)")
     p.add_argument("--n-nodes", default="2:20", help="nodes per product (default 2:20)")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 averaged (default 5)")
-    p.add_argument("--out", default="tender", help="output folder (default: tender)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_out_folder(p, "tender")
     p.set_defaults(func=cmd_tender)
     return parser
 
@@ -800,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.func(args)
         except LfmError as exc:
             print(f"lfm-zonal: error: {_one_line(exc)}", file=sys.stderr)
-            return 2
+            return 1 if isinstance(exc, SolverError) else 2
         except OSError as exc:
             if exc.filename is None:
                 raise

@@ -15,3 +15,9 @@ class GridError(LfmError, ValueError):
 
 class PowerFlowNotConverged(LfmError):
     """An AC power flow did not converge (names the MTU)."""
+
+
+class SolverError(LfmError):
+    """An LP the solver did not solve to optimality (names the LP and the solver's status).
+
+    Not a user mistake: the command line exits with code 1 for it, not 2."""

@@ -94,6 +94,16 @@ def test_sensitivities_command_writes_labelled_matrices(capsys, tmp_path):
     assert vm_p.at[17, "17"] > 0
 
 
+def test_a_solver_failure_gives_one_line_and_exit_code_1(capsys, tmp_path, monkeypatch):
+    from lfm_zonal.market.lp import ClearingModel, SolveStatus
+
+    monkeypatch.setattr(ClearingModel, "_run", lambda self: SolveStatus.INFEASIBLE)
+    code, _, err = run_cli(capsys, "run", "--out", str(tmp_path / "results"), "--quiet")
+    assert code == 1
+    assert err == "lfm-zonal: error: DSO-needs LP: solver status Infeasible\n"
+    assert not any(tmp_path.iterdir())  # no results folder
+
+
 @pytest.mark.slow
 def test_run_writes_a_complete_folder_only(capsys, tmp_path):
     out = tmp_path / "results"

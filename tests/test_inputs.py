@@ -327,3 +327,12 @@ def test_grid_with_nothing_to_monitor_reports_a_slack_voltage_out_of_band(tmp_pa
     assert np.allclose(kpis.vm_max_after_pu, 1.07)
     assert (kpis.activated_mwh == 0).all() and (kpis.unmet_mwh > 0).all()
     assert np.allclose(kpis.residual_voltage_max_pu, 0.02)
+
+
+def test_a_resources_column_twice_is_named(cigre_pf, tmp_path):
+    from lfm_zonal.market.resources import read_resources
+
+    path = tmp_path / "r.csv"
+    path.write_text(HEADER.rstrip("\n") + ",bus\nR,a,4,load,up,0.1,50,50,0,4\n")
+    with pytest.raises(InputError, match=f"^{path}: column 'bus' appears twice$"):
+        read_resources(path, cigre_pf)

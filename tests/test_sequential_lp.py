@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 
+import highspy
 import numpy as np
 import pandas as pd
 import pytest
 from test_market import hand_case, market_case  # noqa: F401  (module fixture)
 
 import lfm_zonal.market.clearing as market_module
+from lfm_zonal.errors import SolverError
 from lfm_zonal.grid.linear import linear_grid
 from lfm_zonal.market.clearing import clear_market, mtus_to_clear
-from lfm_zonal.market.lp import DEFAULT_PENALTY_EUR_PER_MWH, solve_clearing
+from lfm_zonal.market.lp import (
+    DEFAULT_PENALTY_EUR_PER_MWH,
+    ClearingModel,
+    SolveStats,
+    SolveStatus,
+    solve_clearing,
+)
 
 
 def test_lp_objective_is_bid_cost_plus_slack_penalty(hand_case):  # noqa: F811
@@ -101,3 +109,46 @@ def _clear_with_rounds(seg, res, rounds: int):
         return clear_market(seg, res, "nodal")
     finally:
         market_module.SLP_MAX_ROUNDS = saved
+
+
+def test_every_highs_model_status_is_a_solve_status():
+    highs = highspy.Highs()
+    for status in highspy.HighsModelStatus.__members__.values():
+        name = highs.modelStatusToString(status)
+        if status != highspy.HighsModelStatus.kOptimal:
+            assert SolveStatus(name).value == name
+
+
+def test_solve_stats_sum_the_effort_and_keep_the_later_size():
+    first = SolveStats(rounds=2, column_rounds=1, build_s=0.5, solve_s=1.0, n_variables=10)
+    later = SolveStats(rounds=1, column_rounds=1, build_s=0.25, n_variables=12, n_grid_rows=3)
+    total = first + later
+    assert (total.rounds, total.column_rounds, total.build_s, total.solve_s) == (3, 2, 0.75, 1.0)
+    assert (total.n_variables, total.n_grid_rows) == (12, 3)
+
+
+def test_the_kpis_carry_the_status_and_the_statistics(hand_case):  # noqa: F811
+    pf, res, seg = hand_case
+    kpis = clear_market(seg, res, "nodal").kpis
+    assert kpis["solver_status"] == "optimal" and type(kpis["solver_status"]) is str
+    assert kpis["generation_rounds"] >= kpis["column_rounds"] >= kpis["ac_rounds"] >= 1
+    assert kpis["n_variables"] > 0 and kpis["n_constraints"] > 0
+    needs_based = clear_market(seg, res, "needs_based").kpis
+    assert needs_based["solver_status"] == "merit order" and needs_based["n_variables"] == 0
+
+
+def test_a_solver_failure_is_a_solver_error(hand_case, monkeypatch):  # noqa: F811
+    """An LP HiGHS does not solve is not an input mistake: a SolverError names the LP."""
+    pf, res, seg = hand_case
+    real = market_module.solve_clearing
+
+    def infeasible(*args, **kwargs):
+        return dataclasses.replace(real(*args, **kwargs), status=SolveStatus.INFEASIBLE)
+
+    monkeypatch.setattr(market_module, "solve_clearing", infeasible)
+    with pytest.raises(SolverError, match=r"^clearing with K = 3: solver status Infeasible$"):
+        clear_market(seg, res, "nodal")
+    monkeypatch.undo()
+    monkeypatch.setattr(ClearingModel, "_run", lambda self: SolveStatus.TIME_LIMIT)
+    with pytest.raises(SolverError, match=r"^DSO-needs LP: solver status Time limit reached$"):
+        clear_market(seg, res, "nodal")

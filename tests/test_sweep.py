@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 
 from lfm_zonal import InputError
+from lfm_zonal.files.outputs import partial_path
 from lfm_zonal.study.scenario import Scenario, load_scenario, validate_values
-from lfm_zonal.study.sweep import run_sweep
+from lfm_zonal.study.sweep import _remove_partials, run_sweep
 
 DAYS = ["2016-01-13", "2016-01-14"]
 
@@ -73,3 +74,22 @@ def test_a_folder_of_another_sweep_is_refused(short_scenario, tmp_path):
     run_sweep(short_scenario, DAYS[:1], [1], [0], tmp_path, workers=0, methods=["zonal"])
     with pytest.raises(InputError, match="holds a sweep of another scenario"):
         run_sweep(short_scenario, DAYS[:1], [1], [0], tmp_path, workers=0, methods=["nodal"])
+
+
+def test_leftovers_of_a_killed_sweep_are_recognised(tmp_path):
+    """The one atomic writer's partial files, and those of earlier versions, are removed by
+    the next sweep on the folder; finished files stay."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    kept = [tmp_path / "sweep.json", tmp_path / "sweep.csv", cases / "2016-01-13_seed0.csv"]
+    left = [
+        partial_path(tmp_path / "sweep.csv"),
+        partial_path(cases / "2016-01-14_seed0.csv"),
+        tmp_path / "sweep.csv.partial",
+        tmp_path / "sweep.json.partial-12",
+        cases / "2016-01-14_seed0.partial-12",
+    ]
+    for path in kept + left:
+        path.write_text("x")
+    _remove_partials(tmp_path)
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)

@@ -6,18 +6,22 @@ wrong with it (missing, a folder, unreadable, binary, UTF-16, Latin-1, too large
 Every path read is remembered, so that a results folder holding an input is never
 replaced (see :mod:`lfm_zonal.files.outputs`).
 
-Standard library only: importing it costs nothing.
+Standard library only at import (pandas is loaded by :func:`read_csv_cells` when called):
+importing it costs nothing.
 """
 
 from __future__ import annotations
 
 import codecs
 import os
+import re
+import tomllib
 from pathlib import Path
 
 from lfm_zonal.errors import InputError
 
 MAX_INPUT_BYTES = 2 * 1024**3  # an input file beyond this is refused before reading
+SHIPPED = "lfm_zonal.scenarios"  # the package of the shipped scenarios and parameter sets
 
 _READ: set[Path] = set()  # every input file read in this process (resolved)
 
@@ -53,6 +57,64 @@ def read_input_text(path: str | os.PathLike, what: str, *, max_bytes: int = MAX_
         raise InputError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
     remember_input(p)
     return decode_input(data, p, what)
+
+
+def parse_toml(text: str, origin: str) -> dict:
+    """TOML text as a dict, or one InputError line naming ``origin``."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{origin}: not valid TOML ({exc})") from None
+
+
+def _shipped(folder: str):
+    import importlib.resources
+
+    root = importlib.resources.files(SHIPPED)
+    return root.joinpath(folder) if folder else root
+
+
+def shipped_tomls(folder: str = "") -> dict[str, str]:
+    """The TOML files shipped in ``folder`` of lfm_zonal/scenarios: name -> description."""
+    out = {}
+    for entry in sorted(_shipped(folder).iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            data = tomllib.loads(entry.read_text(encoding="utf-8"))
+            out[entry.name[:-5]] = str(data.get("description", ""))
+    return out
+
+
+def shipped_toml_text(name: str, folder: str = "") -> str:
+    """The text of the shipped TOML file ``name`` in ``folder`` of lfm_zonal/scenarios."""
+    return _shipped(folder).joinpath(f"{name}.toml").read_text(encoding="utf-8")
+
+
+def read_csv_cells(path: Path, what: str):
+    """A CSV table of the user as text cells (a DataFrame of str, empty cells ""), or one
+    InputError line naming the file, and the row and column where there is one (row 1
+    is the header): missing (``what`` names the file: "profile file"), not CSV, a value
+    without a header, a column twice. The empty column a trailing comma on the header
+    line makes is dropped."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}")
+    try:
+        # index_col=False: a trailing comma on the data rows is not an index column.
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable CSV file ({exc})") from None
+    for pos, name in enumerate(list(table.columns)):
+        text = str(name)
+        if text.startswith("Unnamed:"):
+            filled = [i for i, cell in enumerate(table[name]) if cell.strip() != ""]
+            if filled:
+                row = filled[0] + 2
+                raise InputError(f"{path}, row {row}, column {pos + 1}: a value without a header")
+            table = table.drop(columns=name)  # a trailing comma on the header line
+        elif re.fullmatch(r"(.+)\.\d+", text) and text.rsplit(".", 1)[0] in table.columns:
+            raise InputError(f"{path}: column '{text.rsplit('.', 1)[0]}' appears twice")
+    return table
 
 
 def decode_input(data: bytes, origin: str | os.PathLike, what: str) -> str:

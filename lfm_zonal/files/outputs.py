@@ -185,25 +185,16 @@ def pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def claim_output(
-    out: str | Path,
-    *,
-    kind: str = "folder",
-    overwrite: bool = False,
-    inputs: Iterable[str | Path] = (),
-    markers: tuple[str, ...] = (MARKER,),
-    exists_ok: bool = False,
-) -> Iterator[Path]:
+def claim_output(out: str | Path, **check) -> Iterator[Path]:
     """Check ``out`` and hold its lock for the block (re-entrant in one process).
 
-    Creates the missing folders above ``out`` (removed again if the block leaves
+    ``check``: the rules of :func:`check_output_path` (``kind``, ``overwrite``,
+    ``inputs``, ``markers``, ``exists_ok``), applied before and again after the lock is
+    taken. Creates the missing folders above ``out`` (removed again if the block leaves
     nothing in them), takes the lock ``.NAME.lock`` beside it (a second run is refused
     with one line naming the pid that holds it), then removes leftovers of killed runs.
     """
-    inputs = list(inputs)
-    check = dict(
-        kind=kind, overwrite=overwrite, inputs=inputs, markers=markers, exists_ok=exists_ok
-    )
+    check["inputs"] = list(check.get("inputs", ()))  # read twice
     target = check_output_path(out, **check)
     if target in _HELD:
         _HELD[target] += 1
@@ -404,7 +395,7 @@ def result_folder(
     lfm-zonal wrote (see the module docstring).
     """
     with claim_output(out, kind="folder", overwrite=overwrite, inputs=inputs) as target:
-        partial = target.parent / f".{target.name}.partial-{os.getpid()}"
+        partial = partial_path(target)
         if partial.exists():
             shutil.rmtree(partial)
         try:  # from the mkdir on: any exception or signal removes the partial folder
@@ -444,6 +435,36 @@ def _swap_in(partial: Path, target: Path) -> None:
             old.unlink()
 
 
+def partial_path(target: Path) -> Path:
+    """Where ``target`` is written before it is renamed: ``.NAME.partial-<pid>`` beside it."""
+    return target.parent / f".{target.name}.partial-{os.getpid()}"
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """The one atomic writer: a path to write ``target`` to; it becomes ``target`` only when
+    the block succeeds, in one rename, and is removed when the block fails.
+
+    A process killed in the block leaves ``.NAME.partial-<pid>`` beside ``target``; the
+    caller, holding the lock of the output it writes in, removes such leftovers (see
+    :func:`remove_leftovers`). It takes no lock: :func:`result_file` does, for a file
+    given as ``--out``.
+    """
+    target = Path(target)
+    partial = partial_path(target)
+    try:
+        yield partial
+        if not partial.is_file():
+            raise LfmError(f"nothing was written for {target}")
+    except BaseException:
+        with deferred_signals(), contextlib.suppress(OSError):
+            partial.unlink()
+        raise
+    with deferred_signals():
+        os.replace(partial, target)
+        _COMPLETED.add(target)
+
+
 @contextlib.contextmanager
 def result_file(
     out: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()
@@ -452,19 +473,11 @@ def result_file(
 
     ``out`` is replaced only with ``overwrite`` and never if it is an input.
     """
-    with claim_output(out, kind="file", overwrite=overwrite, inputs=inputs) as target:
-        partial = target.parent / f".{target.name}.partial-{os.getpid()}"
-        try:
-            yield partial
-            if not partial.is_file():
-                raise LfmError(f"nothing was written for {out}")
-        except BaseException:
-            with deferred_signals(), contextlib.suppress(OSError):
-                partial.unlink()
-            raise
-        with deferred_signals():
-            os.replace(partial, target)
-            _COMPLETED.add(target)
+    with (
+        claim_output(out, kind="file", overwrite=overwrite, inputs=inputs) as target,
+        atomic_file(target) as partial,
+    ):
+        yield partial
 
 
 def write_csv(frame: pd.DataFrame | pd.Series, path: Path, index: bool = True) -> None:

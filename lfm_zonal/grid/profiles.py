@@ -22,6 +22,7 @@ import pandas as pd
 
 from lfm_zonal.config import DEFAULTS
 from lfm_zonal.errors import InputError
+from lfm_zonal.files.inputs import read_csv_cells
 from lfm_zonal.grid.sources import MAX_ELEMENT_MW, Grid
 
 log = logging.getLogger(__name__)
@@ -263,22 +264,7 @@ def _from_csv(grid: Grid, horizon: Horizon, path: Path) -> Profiles:
     (row 1 is the header). Elements without a column keep their stored power; an element
     with a P column but no Q column gets Q at its stored power factor (q = p x q/p as
     stored; Q as stored where the stored P is 0), said in a warning."""
-    if not path.is_file():
-        raise InputError(f"profile file not found: {path}")
-    try:
-        # index_col=False: a trailing comma on the data rows is not an index column.
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
-    except Exception as exc:
-        raise InputError(f"{path}: not a readable CSV file ({exc})") from None
-    for pos, name in enumerate(table.columns):
-        text = str(name)
-        if text.startswith("Unnamed:"):
-            if (table[name].str.strip() != "").any():
-                row = int(np.flatnonzero((table[name].str.strip() != "").to_numpy())[0]) + 2
-                raise InputError(f"{path}, row {row}, column {pos + 1}: a value without a header")
-            table = table.drop(columns=name)  # a trailing comma on the header line
-        elif re.fullmatch(r"(.+)\.\d+", text) and text.rsplit(".", 1)[0] in table.columns:
-            raise InputError(f"{path}: column '{text.rsplit('.', 1)[0]}' appears twice")
+    table = read_csv_cells(path, "profile file")
     if len(table) == 0:
         raise InputError(f"{path}: no data row")
     times = horizon.times

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -57,7 +57,15 @@ from lfm_zonal.market.bids import (
     dispatch_steps,
     merit_order_fill,
 )
-from lfm_zonal.market.lp import DEFAULT_PENALTY_EUR_PER_MWH, MarketLP, Solution, solve_clearing
+from lfm_zonal.market.lp import (
+    DEFAULT_PENALTY_EUR_PER_MWH,
+    MarketLP,
+    Solution,
+    SolveStats,
+    SolveStatus,
+    require_optimal,
+    solve_clearing,
+)
 from lfm_zonal.market.needs import dso_needs
 from lfm_zonal.market.resources import Resources
 from lfm_zonal.zones.segmentation import Segmentation, Zones, overall_error
@@ -144,13 +152,16 @@ def clear_market(
     started = time.perf_counter()
     if len(grid.mtus) == 0:  # no MTU with a violation: nothing to buy
         accepted, price = np.zeros(len(active)), np.full(len(active), np.nan)
-        stats = {"status": "nothing to clear", "n_variables": 0, "n_constraints": 0}
+        status, solved, slp = SolveStatus.NOTHING_TO_CLEAR, SolveStats(), {}
     elif method == "needs_based":
         accepted, price = _merit_order_to_needs(active, needs, penalty)
-        stats = {"status": "merit order", "n_variables": 0, "n_constraints": 0}
+        status, solved, slp = SolveStatus.MERIT_ORDER, SolveStats(), {}
     else:
-        sol, grid, stats = _sequential_clearing(seg, zones, grid, active, resources, penalty, needs)
-        accepted, price = sol.accepted_mw, _bid_prices(active, sol, grid)
+        sol, grid, solved, slp = _sequential_clearing(
+            seg, zones, grid, active, resources, penalty, needs
+        )
+        status, accepted, price = sol.status, sol.accepted_mw, _bid_prices(active, sol, grid)
+    stats = {"status": status.value, **asdict(solved), **slp}
     stats["clear_s"] = time.perf_counter() - started
     stats["grid_s"] = t_grid
     result_bids = _bid_table(
@@ -236,18 +247,9 @@ def _sequential_clearing(
     """
     pf = seg.pf
     W = zones.aggregation(seg.weights)
-    totals = {
-        "status": "optimal",
-        "rounds": 0,
-        "ac_rounds": 0,
-        "build_s": 0.0,
-        "solve_s": 0.0,
-        "highs_s": 0.0,
-        "column_rounds": 0,
-    }
     # The market side (bids, balances, storage) is the same in every round: built once.
     market = MarketLP(grid.mtus, grid.k, grid.dt_h, active.reset_index(drop=True), resources.table)
-    totals["build_s"] += market.build_s
+    solved = SolveStats(build_s=market.build_s)
     # MW-equivalent of an excess, fixed at the base case for every round's LP and merit.
     scale = grid.row_scales()
     grid = replace(grid, scales=scale)
@@ -272,12 +274,8 @@ def _sequential_clearing(
             include=None if best is None else best.sol.accepted_mw > 0,
             basis=None if best is None else best.sol.basis,
         )
-        if sol.status != "optimal":
-            raise InputError(f"clearing with K = {zones.k}: solver status {sol.status}")
-        for key in ("rounds", "build_s", "solve_s", "highs_s", "column_rounds"):
-            totals[key] += sol.stats[key]
-        totals.update({k: sol.stats[k] for k in ("n_variables", "n_constraints", "n_grid_rows")})
-        totals["ac_rounds"] = number
+        require_optimal(sol, f"clearing with K = {zones.k}")
+        solved += sol.stats
         this = _judge(pf, lp_grid, market, sol, W, scale, penalty_eur_per_mwh, number)
         step = np.abs(sol.p_mw - p0).max(axis=1, initial=0.0)
         if best is None or _better(this, best):
@@ -315,11 +313,19 @@ def _sequential_clearing(
             "sequential LP (K = %d) stopped after %d rounds before converging; "
             "returning its best round (%d)",
             zones.k,
-            totals["ac_rounds"],
+            number,
             best.number,
         )
-    totals.update(ac_converged=converged, ac_best_round=best.number)
-    return best.sol, best.grid, totals
+    return (
+        best.sol,
+        best.grid,
+        solved,
+        {
+            "ac_rounds": number,
+            "ac_converged": converged,
+            "ac_best_round": best.number,
+        },
+    )
 
 
 def _judge(pf, lp_grid, market, sol, W, scale, penalty_eur_per_mwh, number) -> _Round:

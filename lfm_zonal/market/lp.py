@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, fields, replace
+from enum import StrEnum
 
 import highspy
 import numpy as np
@@ -49,7 +50,7 @@ from pyomo.core.expr.numeric_expr import LinearExpression
 from pyomo.repn.plugins.standard_form import LinearStandardFormCompiler
 
 from lfm_zonal.config import DEFAULT_PENALTY_EUR_PER_MWH
-from lfm_zonal.errors import LfmError
+from lfm_zonal.errors import LfmError, SolverError
 from lfm_zonal.grid.linear import LinearGrid, row_scale
 from lfm_zonal.market.bids import merit_order_fill
 
@@ -65,11 +66,83 @@ GENERATION_TOLERANCE = 1e-6  # loading percent / p.u.: constraint generation in 
 MAX_GENERATION_ROUNDS = 30
 
 
+class SolveStatus(StrEnum):
+    """How a clearing ended: its value is the ``solver_status`` KPI.
+
+    ``OPTIMAL`` is the one LP outcome with a solution. ``NOTHING_TO_CLEAR`` (no MTU with
+    a violation) and ``MERIT_ORDER`` (the needs-based market) are clearings without an
+    LP. Every other member is a HiGHS model status other than optimal, in HiGHS's words.
+    """
+
+    OPTIMAL = "optimal"
+    NOTHING_TO_CLEAR = "nothing to clear"
+    MERIT_ORDER = "merit order"
+    NOT_SET = "Not Set"
+    LOAD_ERROR = "Load error"
+    MODEL_ERROR = "Model error"
+    PRESOLVE_ERROR = "Presolve error"
+    SOLVE_ERROR = "Solve error"
+    POSTSOLVE_ERROR = "Postsolve error"
+    MODEL_EMPTY = "Empty"
+    INFEASIBLE = "Infeasible"
+    UNBOUNDED_OR_INFEASIBLE = "Primal infeasible or unbounded"
+    UNBOUNDED = "Unbounded"
+    OBJECTIVE_BOUND = "Bound on objective reached"
+    OBJECTIVE_TARGET = "Target for objective reached"
+    TIME_LIMIT = "Time limit reached"
+    ITERATION_LIMIT = "Iteration limit reached"
+    UNKNOWN = "Unknown"
+    SOLUTION_LIMIT = "Solution limit reached"
+    INTERRUPT = "Interrupted by user"
+    MEMORY_LIMIT = "Memory limit reached"
+    HIGHS_INTERRUPT = "Interrupted by HiGHS"
+
+    @classmethod
+    def of(cls, highs: highspy.Highs) -> SolveStatus:
+        """The model status of HiGHS's last run (``UNKNOWN`` for a status it adds later)."""
+        status = highs.getModelStatus()
+        if status == highspy.HighsModelStatus.kOptimal:
+            return cls.OPTIMAL
+        try:
+            return cls(highs.modelStatusToString(status))
+        except ValueError:
+            return cls.UNKNOWN
+
+
+@dataclass(frozen=True)
+class SolveStats:
+    """What clearing LPs took (summed over the LPs solved) and the size of the last one."""
+
+    rounds: int = 0  # LP solves: constraint-generation rounds
+    column_rounds: int = 0  # clearing LPs: column-generation rounds
+    build_s: float = 0.0  # building the market side, handing it over, adding grid rows
+    solve_s: float = 0.0  # HiGHS runs, wall clock
+    highs_s: float = 0.0  # HiGHS runs, HiGHS's own clock
+    simplex_iterations: int = 0
+    # Size of the last LP solved to optimality (0 where none was).
+    n_variables: int = 0
+    n_constraints: int = 0
+    n_nonzeros: int = 0
+    n_grid_rows: int = 0
+
+    def __add__(self, later: SolveStats) -> SolveStats:
+        """The effort of both (rounds, times, iterations summed) and the size of ``later``."""
+        size = {f.name for f in fields(self) if f.name.startswith("n_")}
+        return SolveStats(
+            **{
+                f.name: getattr(later, f.name)
+                if f.name in size
+                else getattr(self, f.name) + getattr(later, f.name)
+                for f in fields(self)
+            }
+        )
+
+
 @dataclass(frozen=True)
 class Solution:
     """What a clearing LP returns (arrays aligned with its inputs)."""
 
-    status: str
+    status: SolveStatus
     accepted_mw: np.ndarray  # per bid
     p_mw: np.ndarray  # (T, K) net area injections
     q_mvar: np.ndarray
@@ -77,7 +150,7 @@ class Solution:
     marginal_price: np.ndarray  # (T, K) EUR/MWh of active up injection in each area (from duals)
     marginal_price_q: np.ndarray  # (T, K) EUR/Mvarh of reactive injection (zero without Q)
     objective_eur: float
-    stats: dict = field(default_factory=dict)
+    stats: SolveStats = SolveStats()
     basis: MarketBasis | None = None  # where the LP ended, to warm-start the next one
 
 
@@ -304,7 +377,7 @@ class ClearingModel:
         self.penalty = penalty_eur_per_mwh
         self.has_q = market.has_q
         self.rows: list[tuple[int, int]] = []  # (t, row number in the violation layout)
-        self.stats = {"rounds": 0, "build_s": 0.0, "solve_s": 0.0, "highs_s": 0.0}
+        self.stats = SolveStats(column_rounds=1)  # one clearing LP
 
     def _grid_row_block(self, rows: list[tuple[int, int]]):
         """Grid rows in MW-equivalent, as a sparse block on the area-injection columns.
@@ -423,12 +496,20 @@ class ClearingModel:
             lower, upper = (np.asarray(b, float).ravel() for b in self.p_bounds)
             self.highs.changeColsBounds(len(self.p_col), self.p_col.astype(np.int32), lower, upper)
 
-    def _run(self) -> str:
+    def _spent(self, **effort) -> None:
+        """Add rounds, seconds or iterations to this LP's statistics."""
+        self.stats += SolveStats(**effort)
+
+    def _run(self) -> SolveStatus:
         started = time.perf_counter()
         self.highs.run()
-        self.stats["solve_s"] += time.perf_counter() - started
-        self.stats["highs_s"] += self.highs.getRunTime()
-        return self.highs.modelStatusToString(self.highs.getModelStatus())
+        self._spent(
+            rounds=1,
+            solve_s=time.perf_counter() - started,
+            highs_s=self.highs.getRunTime(),
+            simplex_iterations=int(self.highs.getInfo().simplex_iteration_count),
+        )
+        return SolveStatus.of(self.highs)
 
     def solve(self) -> Solution:
         started = time.perf_counter()
@@ -436,11 +517,10 @@ class ClearingModel:
         self._add_grid_rows(self.initial_rows())
         if self.start_basis is not None:
             self._set_basis(self.start_basis)
-        self.stats["build_s"] += time.perf_counter() - started
+        self._spent(build_s=time.perf_counter() - started)
         while True:
-            self.stats["rounds"] += 1
             status = self._run()
-            if status != "Optimal":
+            if status is not SolveStatus.OPTIMAL:
                 return self._failed(status)
             x, p, q = self._values()
             loading, vm = self.grid.after(p, q)
@@ -451,7 +531,7 @@ class ClearingModel:
             missing = self._worst_rows(excess, candidate)
             if not missing:
                 break
-            if self.stats["rounds"] >= MAX_GENERATION_ROUNDS:
+            if self.stats.rounds >= MAX_GENERATION_ROUNDS:
                 log.warning(
                     "constraint generation stopped after %d rounds with %d violated rows "
                     "of the linear model not in the LP",
@@ -461,7 +541,7 @@ class ClearingModel:
                 break
             started = time.perf_counter()
             self._add_grid_rows(missing)
-            self.stats["build_s"] += time.perf_counter() - started
+            self._spent(build_s=time.perf_counter() - started)
         return self._solution(x, p, q)
 
     def _set_basis(self, basis: MarketBasis) -> None:
@@ -514,17 +594,17 @@ class ClearingModel:
         price = self._area_prices(self.market.balance_p_row)
         price_q = self._area_prices(self.market.balance_q_row) if self.has_q else np.zeros((T, K))
         info = self.highs.getInfo()
-        self.stats.update(
+        self.stats = replace(
+            self.stats,
             n_variables=self.highs.getNumCol(),
             n_constraints=self.highs.getNumRow(),
             n_nonzeros=self.highs.getNumNz(),
             n_grid_rows=len(self.rows),
-            simplex_iterations=int(info.simplex_iteration_count),
         )
         accepted = np.zeros(len(self.selected))
         accepted[self.selected] = x
         return Solution(
-            "optimal",
+            SolveStatus.OPTIMAL,
             accepted,
             p,
             q,
@@ -532,11 +612,11 @@ class ClearingModel:
             price,
             price_q,
             float(info.objective_function_value),
-            dict(self.stats),
+            self.stats,
             self._basis(),
         )
 
-    def _failed(self, status: str) -> Solution:
+    def _failed(self, status: SolveStatus) -> Solution:
         T, K = len(self.grid.mtus), self.grid.k
         zeros = np.zeros((T, K))
         return Solution(
@@ -548,7 +628,7 @@ class ClearingModel:
             np.full((T, K), np.nan),
             np.full((T, K), np.nan),
             float("nan"),
-            dict(self.stats),
+            self.stats,
         )
 
 
@@ -580,12 +660,12 @@ def solve_clearing(
     that it stays reachable). ``basis`` warm-starts the first LP (each column-generation
     round starts from the one before).
     """
-    stats = {"rounds": 0, "build_s": 0.0, "solve_s": 0.0, "highs_s": 0.0, "column_rounds": 0}
+    stats = SolveStats()
     if market is None:
         market = MarketLP(
             grid.mtus, grid.k, grid.dt_h, bids.reset_index(drop=True), resources_table
         )
-        stats["build_s"] += market.build_s
+        stats += SolveStats(build_s=market.build_s)
     elif len(market.quantity) != len(bids):
         raise LfmError("the market side was built for other bids")
     n_bids = len(market.quantity)
@@ -610,10 +690,8 @@ def solve_clearing(
         sol = model.solve()
         basis = sol.basis
         rows = model.rows
-        for key in ("rounds", "build_s", "solve_s", "highs_s"):
-            stats[key] += sol.stats[key]
-        stats["column_rounds"] += 1
-        if sol.status != "optimal" or selected.all():
+        stats += sol.stats
+        if sol.status is not SolveStatus.OPTIMAL or selected.all():
             break
         t, a = market.t_of_bid, market.area_of_bid
         value = market.sign * (
@@ -623,11 +701,11 @@ def solve_clearing(
         if not improving.any():
             break
         selected |= improving
-    stats.update(
-        {
-            k: sol.stats[k]
-            for k in ("n_variables", "n_constraints", "n_nonzeros", "n_grid_rows")
-            if k in sol.stats
-        }
-    )
     return replace(sol, stats=stats)
+
+
+def require_optimal(sol: Solution, lp: str) -> Solution:
+    """``sol`` when its LP was solved to optimality; else a SolverError naming ``lp``."""
+    if sol.status is not SolveStatus.OPTIMAL:
+        raise SolverError(f"{lp}: solver status {sol.status.value}")
+    return sol

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from lfm_zonal.grid.linear import LinearGrid
-from lfm_zonal.market.lp import solve_clearing
+from lfm_zonal.market.lp import require_optimal, solve_clearing
 
 
 def unlimited_bids(grid: LinearGrid, capacity_mw: np.ndarray | None = None) -> pd.DataFrame:
@@ -78,7 +78,7 @@ def dso_needs(
             registered.quantity_mw.to_numpy(float)[keep],
         )
     bids = unlimited_bids(sub, capacity)
-    sol = solve_clearing(sub, bids)
+    sol = require_optimal(solve_clearing(sub, bids), "DSO-needs LP")
     out = bids[["mtu", "zone", "direction"]].assign(need_mw=sol.accepted_mw)
     unfixable = np.zeros(len(grid.mtus))
     unfixable[violated] = sol.slack_mw

@@ -46,6 +46,7 @@ import pandas as pd
 
 from lfm_zonal.config import DEFAULTS
 from lfm_zonal.errors import InputError
+from lfm_zonal.files.inputs import read_csv_cells
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
 from lfm_zonal.grid.sources import MAX_ELEMENT_MW
 
@@ -445,20 +446,7 @@ def _read_long_form(path: Path, raw: pd.DataFrame, pf: HorizonPowerFlow) -> Reso
 def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
     """Resources from a CSV file (see the module docstring); availability constant over the horizon."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"resource file not found: {path}")
-    try:
-        # index_col=False: a trailing comma on the data rows is not an index column.
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
-    except Exception as exc:
-        raise InputError(f"{path}: not a readable CSV file ({exc})") from None
-    for pos, name in enumerate(list(raw.columns)):
-        if str(name).startswith("Unnamed:"):
-            filled = (raw[name].str.strip() != "").to_numpy()
-            if filled.any():
-                row = int(np.flatnonzero(filled)[0]) + 2
-                raise InputError(f"{path}, row {row}, column {pos + 1}: a value without a header")
-            raw = raw.drop(columns=name)  # a trailing comma on the header line
+    raw = read_csv_cells(path, "resource file")
     if "available_mw" in raw.columns or "price_eur_per_mwh" in raw.columns:
         return _read_long_form(path, raw, pf)
     required = [

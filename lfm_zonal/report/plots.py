@@ -242,17 +242,7 @@ def plot_before_after(pf, ac_by_market: dict, mtu: int, path: Path) -> None:
     g = pf.grid
     fig, (ax_l, ax_v) = plt.subplots(2, 1, figsize=(12, 7.5))
     branches = pf.loading_percent.columns
-    x_l = np.arange(len(branches))
-    ax_l.plot(x_l, pf.loading_percent.iloc[mtu].to_numpy(), "k-", lw=2, label="base case")
-    for i, (label, ac) in enumerate(ac_by_market.items()):
-        ax_l.plot(
-            x_l,
-            ac.loading_percent.iloc[mtu].to_numpy(),
-            lw=1.2,
-            alpha=0.85,
-            color=plt.get_cmap("tab10")(i % 10),
-            label=f"after {label}",
-        )
+    x_l = _before_after_lines(ax_l, "loading_percent", pf, ac_by_market, mtu)
     ax_l.axhline(g.loading_max_percent, color="red", ls="--", lw=1, label="limit")
     ax_l.set_ylabel("loading (%)")
     ax_l.set_xlabel("monitored line (l) / trafo (t), pandapower index")
@@ -261,17 +251,7 @@ def plot_before_after(pf, ac_by_market: dict, mtu: int, path: Path) -> None:
         x_l[::step], [f"{t[0][0]}{t[1]}" for t in branches[::step]], fontsize=7, rotation=90
     )
     buses = pf.vm_pu.columns
-    x_v = np.arange(len(buses))
-    ax_v.plot(x_v, pf.vm_pu.iloc[mtu].to_numpy(), "k-", lw=2, label="base case")
-    for i, (label, ac) in enumerate(ac_by_market.items()):
-        ax_v.plot(
-            x_v,
-            ac.vm_pu.iloc[mtu].to_numpy(),
-            lw=1.2,
-            alpha=0.85,
-            color=plt.get_cmap("tab10")(i % 10),
-            label=f"after {label}",
-        )
+    x_v = _before_after_lines(ax_v, "vm_pu", pf, ac_by_market, mtu)
     ax_v.axhline(g.vm_min_pu, color="red", ls="--", lw=1)
     ax_v.axhline(g.vm_max_pu, color="red", ls="--", lw=1, label="band")
     ax_v.set_ylabel("voltage (p.u.)")
@@ -284,6 +264,24 @@ def plot_before_after(pf, ac_by_market: dict, mtu: int, path: Path) -> None:
     fig.suptitle(f"{g.name}: worst MTU {mtu} ({pf.times[mtu]}) before and after clearing (AC)")
     fig.tight_layout()
     save(fig, path)
+
+
+def _before_after_lines(ax, quantity: str, pf, ac_by_market: dict, mtu: int) -> np.ndarray:
+    """``quantity`` (a per-element table of the power flow and of each AC check) at one MTU:
+    the base case in black, then after each market. Returns the x positions."""
+    base = getattr(pf, quantity)
+    x = np.arange(base.shape[1])
+    ax.plot(x, base.iloc[mtu].to_numpy(), "k-", lw=2, label="base case")
+    for i, (label, ac) in enumerate(ac_by_market.items()):
+        ax.plot(
+            x,
+            getattr(ac, quantity).iloc[mtu].to_numpy(),
+            lw=1.2,
+            alpha=0.85,
+            color=plt.get_cmap("tab10")(i % 10),
+            label=f"after {label}",
+        )
+    return x
 
 
 def plot_tender_cost_curve(curve: pd.DataFrame, rules: pd.DataFrame, path: Path, title: str):

@@ -9,8 +9,6 @@ documented in ``scenarios/README.md`` and printed by ``lfm-zonal scenarios --sch
 
 from __future__ import annotations
 
-import importlib.resources
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,7 +27,7 @@ from lfm_zonal.config import (
     validate_scenario,
 )
 from lfm_zonal.errors import InputError
-from lfm_zonal.files.inputs import read_input_text
+from lfm_zonal.files.inputs import parse_toml, read_input_text, shipped_toml_text, shipped_tomls
 
 __all__ = [
     "DEFAULT_SCENARIO",
@@ -97,26 +95,14 @@ class Scenario:
 
 def builtin_scenarios() -> dict[str, str]:
     """Names of the shipped scenarios, with their description."""
-    out = {}
-    for entry in sorted(
-        importlib.resources.files("lfm_zonal.scenarios").iterdir(), key=lambda e: e.name
-    ):
-        if entry.name.endswith(".toml"):
-            data = tomllib.loads(entry.read_text(encoding="utf-8"))
-            out[entry.name[:-5]] = str(data.get("description", ""))
-    return out
+    return shipped_tomls()
 
 
 def load_scenario(spec: str | Path | None = None) -> Scenario:
     """A scenario by built-in name or path to a TOML file (default: the built-in default)."""
     spec = str(spec) if spec is not None else DEFAULT_SCENARIO
     if not spec.endswith(".toml") and spec in builtin_scenarios():
-        text = (
-            importlib.resources.files("lfm_zonal.scenarios")
-            .joinpath(f"{spec}.toml")
-            .read_text(encoding="utf-8")
-        )
-        return parse_scenario(text, f"builtin:{spec}")
+        return parse_scenario(shipped_toml_text(spec), f"builtin:{spec}")
     path = Path(spec)
     if not path.is_file():
         known = ", ".join(builtin_scenarios())
@@ -126,11 +112,7 @@ def load_scenario(spec: str | Path | None = None) -> Scenario:
 
 def parse_scenario(text: str, origin: str) -> Scenario:
     """A scenario from TOML text; ``origin`` names it in error messages."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{origin}: not valid TOML ({exc})") from None
-    config = validate_scenario(raw, origin)
+    config = validate_scenario(parse_toml(text, origin), origin)
     scenario = Scenario(origin, config.values())
     scenario.__dict__["config"] = config  # cached: no second validation
     return scenario

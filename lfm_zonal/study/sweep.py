@@ -28,13 +28,22 @@ from pathlib import Path
 import pandas as pd
 
 from lfm_zonal.errors import InputError, LfmError
-from lfm_zonal.files.outputs import MARKER, MARKER_TEXT, claim_output, json_text
+from lfm_zonal.files.outputs import (
+    MARKER,
+    MARKER_TEXT,
+    atomic_file,
+    claim_output,
+    json_text,
+    write_csv,
+)
 from lfm_zonal.study.scenario import Scenario, validate_values
 
 CASES = "cases"
 MANIFEST = "sweep.json"
 WORKERS_PER_CORE = 4  # more local worker processes than this is refused
 SCHEDULER_TIMEOUT_S = 5  # an unreachable scheduler is reported after this
+#: A partial file: ``.NAME.partial-<pid>`` (files.outputs.atomic_file), or ``NAME.partial``
+#: and ``NAME.partial-<pid>`` left by earlier versions.
 _PARTIAL = re.compile(r"\.partial(-\d+)?$")
 
 
@@ -74,13 +83,8 @@ def run_case(scenario: Scenario, day: str, seed: int, ks, methods, folder: str) 
     rows = kpis.assign(day=f"{pd.Timestamp(day):%Y-%m-%d}", seed=seed)
     rows = rows[["day", "seed", *kpis.columns]]
     path = Path(folder) / CASES / f"{case_name(day, seed)}.csv"
-    partial = path.with_suffix(f".partial-{os.getpid()}")
-    try:
-        rows.to_csv(partial, index=False, float_format="%.10g", lineterminator="\n")
-        partial.replace(path)
-    finally:
-        with contextlib.suppress(OSError):
-            partial.unlink()
+    with atomic_file(path) as partial:
+        write_csv(rows, partial, index=False)
     return str(path)
 
 
@@ -307,13 +311,13 @@ def collect(out: Path, cases, ks, methods) -> pd.DataFrame:
         ["day", "seed", "method", "k"], kind="stable", ignore_index=True
     )
     timing = [c for c in TIMING_COLUMNS if c in table]
-    table[["day", "seed", "method", "k", *timing]].to_csv(
-        out / "timings.csv", index=False, float_format="%.10g", lineterminator="\n"
-    )
     tidy = table.drop(columns=timing)
-    partial = out / "sweep.csv.partial"
-    tidy.to_csv(partial, index=False, float_format="%.10g", lineterminator="\n")
-    partial.replace(out / "sweep.csv")
+    for name, frame in (
+        ("timings.csv", table[["day", "seed", "method", "k", *timing]]),
+        ("sweep.csv", tidy),
+    ):
+        with atomic_file(out / name) as partial:
+            write_csv(frame, partial, index=False)
     return tidy
 
 
@@ -342,6 +346,5 @@ def _check_manifest(path: Path, manifest: dict, *, write: bool = True) -> None:
                 "(choose another --out, or delete the folder to start over)"
             )
     if write:
-        partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-        partial.write_text(text + "\n", encoding="utf-8")
-        partial.replace(path)
+        with atomic_file(path) as partial:
+            partial.write_text(text + "\n", encoding="utf-8")

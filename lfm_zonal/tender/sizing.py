@@ -36,7 +36,6 @@ need without nodal steering) [A].
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from scipy.special import ndtr, ndtri
 
 from lfm_zonal.config import TenderParameters, tender_parameters
 from lfm_zonal.errors import InputError
+from lfm_zonal.files.inputs import parse_toml, read_input_text, shipped_toml_text, shipped_tomls
 from lfm_zonal.limits import require_memory, truncated_normal
 
 HOURS_PER_YEAR = 8760.0
@@ -64,15 +64,7 @@ PARAMETER_SETS_FOLDER = "tender"
 
 def parameter_sets() -> dict[str, str]:
     """Shipped parameter sets (TOML in scenarios/tender/), name -> description."""
-    import importlib.resources
-
-    folder = importlib.resources.files("lfm_zonal.scenarios").joinpath(PARAMETER_SETS_FOLDER)
-    out = {}
-    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".toml"):
-            data = tomllib.loads(entry.read_text(encoding="utf-8"))
-            out[entry.name[:-5]] = str(data.get("description", ""))
-    return out
+    return shipped_tomls(PARAMETER_SETS_FOLDER)
 
 
 def load_parameters(
@@ -84,31 +76,20 @@ def load_parameters(
     Unknown keys, wrong types and values out of bounds (``config.TenderParameters``) are
     refused with one line naming the file (or ``command line``) and the key.
     """
-    import importlib.resources
-
     values: dict[str, Any] = {}
     origin = "tender parameters"
     if spec is not None:
         spec = str(spec)
         if not spec.endswith(".toml") and spec in parameter_sets():
             origin = f"builtin:{spec}"
-            text = (
-                importlib.resources.files("lfm_zonal.scenarios")
-                .joinpath(PARAMETER_SETS_FOLDER, f"{spec}.toml")
-                .read_text(encoding="utf-8")
-            )
+            text = shipped_toml_text(spec, PARAMETER_SETS_FOLDER)
         else:
             path = Path(spec)
             if not path.is_file():
                 known = ", ".join(parameter_sets())
                 raise InputError(f"tender parameters not found: {spec} (built-in sets: {known})")
-            from lfm_zonal.files.inputs import read_input_text
-
             origin, text = str(path), read_input_text(path, "tender parameters TOML")
-        try:
-            values = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise InputError(f"{origin}: not valid TOML ({exc})") from None
+        values = parse_toml(text, origin)
         values.pop("description", None)
     return tender_parameters(values, origin, overrides)
 
