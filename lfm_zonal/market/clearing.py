@@ -49,6 +49,7 @@ from lfm_zonal.config import MARKET_METHODS, NEEDS_RULES, PRICING
 from lfm_zonal.errors import InputError
 from lfm_zonal.grid.linear import LinearGrid, linear_grid
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
+from lfm_zonal.grid.sensitivity import LinearisationCache
 from lfm_zonal.market.bids import (
     DEFAULT_MAX_STEPS,
     Bids,
@@ -121,8 +122,13 @@ def clear_market(
     max_steps: int = DEFAULT_MAX_STEPS,
     grid: LinearGrid | None = None,
     needs_rule: str = "registered_capacity",
+    cache: LinearisationCache | None = None,
 ) -> MarketResult:
-    """Clear one market (``method`` with ``k`` zones; nodal ignores ``k``) and check it in AC."""
+    """Clear one market (``method`` with ``k`` zones; nodal ignores ``k``) and check it in AC.
+
+    ``cache`` (of ``pf.model``): the Jacobian linearisations shared with the other markets
+    of a study, so that each MTU's base point is linearised once (None: this market's own).
+    """
     if pricing not in PRICING:
         raise InputError(f"unknown pricing '{pricing}': choose one of {', '.join(PRICING)}")
     if needs_rule not in NEEDS_RULES:
@@ -130,10 +136,11 @@ def clear_market(
             f"unknown needs rule '{needs_rule}': choose one of {', '.join(NEEDS_RULES)}"
         )
     pf = seg.pf
+    cache = LinearisationCache(pf.model) if cache is None else cache
     zones = market_zones(seg, method, k or seg.n_buses, segmentation_method, seed)
     started = time.perf_counter()
     W = zones.aggregation(seg.weights)
-    grid = grid or linear_grid(pf, W, seg.sensitivity_method, mtus_to_clear(pf))
+    grid = grid or linear_grid(pf, W, seg.sensitivity_method, mtus_to_clear(pf), cache=cache)
     t_grid = time.perf_counter() - started
     times = pf.times
     bids = build_bids(resources, zones, times, max_steps)
@@ -148,7 +155,9 @@ def clear_market(
         accepted, price = _merit_order_to_needs(active, needs, penalty)
         stats = {"status": "merit order", "n_variables": 0, "n_constraints": 0}
     else:
-        sol, grid, stats = _sequential_clearing(seg, zones, grid, active, resources, penalty, needs)
+        sol, grid, stats = _sequential_clearing(
+            seg, zones, grid, active, resources, penalty, needs, cache
+        )
         accepted, price = sol.accepted_mw, _bid_prices(active, sol, grid)
     stats["clear_s"] = time.perf_counter() - started
     stats["grid_s"] = t_grid
@@ -159,7 +168,7 @@ def clear_market(
     residual, still_unfixable = dso_needs(grid.shifted(p, q))
     dispatch = _dispatch(bids, result_bids)
     ac = ac_check(pf, dispatch)
-    left = residual_violations(pf, ac, resources, dispatch)
+    left = residual_violations(pf, ac, resources, dispatch, cache)
     unmet = _unmet_table(grid, residual, still_unfixable, unfixable, times, left)
     res = MarketResult(
         method=method,
@@ -205,6 +214,7 @@ def _sequential_clearing(
     resources: Resources,
     penalty_eur_per_mwh: float,
     needs: pd.DataFrame,
+    cache: LinearisationCache,
 ):
     """Sequential LP: clear, re-linearise at the AC point of the market's own model of the
     result, clear again, until the rounds agree with AC.
@@ -300,6 +310,7 @@ def _sequential_clearing(
                 np.where(keep, sol.p_mw, 0.0),
                 np.where(keep, sol.q_mvar, 0.0),
                 scales=scale,
+                cache=cache,
             )
         else:
             if _close(best.merit, this.merit) and best.as_modelled.all():

@@ -48,7 +48,11 @@ from scipy.spatial.distance import cdist
 from lfm_zonal.config import SEGMENTATION_METHODS, WEIGHT_POLICIES
 from lfm_zonal.errors import InputError
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
-from lfm_zonal.grid.sensitivity import SensitivityArrays, sensitivity_arrays
+from lfm_zonal.grid.sensitivity import (
+    LinearisationCache,
+    SensitivityArrays,
+    sensitivity_arrays,
+)
 
 
 @dataclass(frozen=True)
@@ -470,12 +474,16 @@ def prepare_segmentation(
     sensitivity_method: str = "jacobian",
     weight_policy: str = "capacity",
     flexible_capacity_mw: pd.Series | None = None,
+    cache: LinearisationCache | None = None,
 ) -> Segmentation:
-    """Sensitivities, features and graph at the reference MTU (zones are published from there)."""
+    """Sensitivities, features and graph at the reference MTU (zones are published from there).
+
+    ``cache`` (of ``pf.model``) shares the reference MTU's linearisation with the markets.
+    """
     t = pf.mtu_position(reference_mtu)
     if not pf.converged.iloc[t]:
         raise InputError(f"reference MTU {t} ({pf.times[t]}) has no converged power flow")
-    sens = sensitivity_arrays(pf.model, pf.V[t], sensitivity_method)
+    sens = sensitivity_arrays(pf.model, pf.V[t], sensitivity_method, cache=cache)
     return Segmentation(
         pf=pf,
         reference_mtu=t,
