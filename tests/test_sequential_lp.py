@@ -57,7 +57,7 @@ def test_a_worse_second_round_returns_the_first(hand_case, monkeypatch):  # noqa
     shrinking trust region is worse too. The market must return round 1's dispatch."""
     pf, res, seg = hand_case
     monkeypatch.setattr(market_module, "SLP_MAX_ROUNDS", 1)
-    first = clear_market(seg, res, "nodal")
+    first = clear_market(pf, res, "nodal")
     monkeypatch.undo()
 
     real = market_module.linear_grid
@@ -69,7 +69,7 @@ def test_a_worse_second_round_returns_the_first(hand_case, monkeypatch):  # noqa
         return grid if len(calls) == 1 else dataclasses.replace(grid, loading0=grid.loading0 - 30)
 
     monkeypatch.setattr(market_module, "linear_grid", misleading)
-    result = clear_market(seg, res, "nodal")
+    result = clear_market(pf, res, "nodal")
     assert result.kpis["ac_rounds"] > 1
     assert result.kpis["ac_best_round"] == 1
     pd.testing.assert_frame_equal(result.dispatch, first.dispatch)
@@ -81,8 +81,8 @@ def test_nodal_clearing_converges_to_the_ac_band_edge():
     (its AC point leaves the band); the loop goes on until the binding voltages sit at
     the limit: within the band to the tolerance and not over-bought inside it."""
     pf, res, seg = market_case("ieee33", 1.3, 0.8, n_mtu=4)
-    one = _clear_with_rounds(seg, res, 1)
-    full = clear_market(seg, res, "nodal")
+    one = _clear_with_rounds(pf, res, 1)
+    full = clear_market(pf, res, "nodal")
     vmin = pf.grid.vm_min_pu
     assert full.kpis["ac_converged"] == 1
     assert full.kpis["ac_rounds"] >= 2
@@ -94,10 +94,10 @@ def test_nodal_clearing_converges_to_the_ac_band_edge():
     ] * (1 - 5e-4)
 
 
-def _clear_with_rounds(seg, res, rounds: int):
+def _clear_with_rounds(pf, res, rounds: int):
     saved = market_module.SLP_MAX_ROUNDS
     market_module.SLP_MAX_ROUNDS = rounds
     try:
-        return clear_market(seg, res, "nodal")
+        return clear_market(pf, res, "nodal")
     finally:
         market_module.SLP_MAX_ROUNDS = saved

@@ -60,7 +60,7 @@ from lfm_zonal.market.bids import (
 from lfm_zonal.market.lp import DEFAULT_PENALTY_EUR_PER_MWH, MarketLP, Solution, solve_clearing
 from lfm_zonal.market.needs import dso_needs
 from lfm_zonal.market.resources import Resources
-from lfm_zonal.zones.segmentation import Segmentation, Zones, overall_error
+from lfm_zonal.zones.segmentation import Zones, nodal_zones
 
 log = logging.getLogger(__name__)
 
@@ -99,48 +99,51 @@ def mtus_to_clear(pf: HorizonPowerFlow) -> np.ndarray:
     return np.flatnonzero((bad & v.converged).to_numpy())
 
 
-def market_zones(
-    seg: Segmentation, method: str, k: int, segmentation_method: str, seed: int
-) -> Zones:
-    if method not in MARKET_METHODS:
-        raise InputError(
-            f"unknown market method '{method}': choose one of {', '.join(MARKET_METHODS)}"
-        )
-    return seg.zones(seg.n_buses) if method == "nodal" else seg.zones(k, segmentation_method, seed)
-
-
 def clear_market(
-    seg: Segmentation,
+    pf: HorizonPowerFlow,
     resources: Resources,
     method: str,
-    k: int | None = None,
+    zones: Zones | None = None,
     *,
-    segmentation_method: str = "agglomerative",
+    weights: pd.Series | None = None,
+    sensitivity_method: str = "jacobian",
+    segmentation_error: float | None = None,
     pricing: str = "pay_as_bid",
     penalty_eur_per_mwh: float | None = None,
-    seed: int = 0,
     max_steps: int = DEFAULT_MAX_STEPS,
     grid: LinearGrid | None = None,
     needs_rule: str = "registered_capacity",
     cache: LinearisationCache | None = None,
 ) -> MarketResult:
-    """Clear one market (``method`` with ``k`` zones; nodal ignores ``k``) and check it in AC.
+    """Clear one market on the base case ``pf`` and check it in AC.
+
+    The market areas: for ``method`` nodal one per bus (``zones`` None, or a partition into
+    one zone per bus); for zonal and needs_based the given ``zones`` of ``pf``'s buses (e.g.
+    ``Segmentation.zones(k)``). An area's injection is spread over its buses by ``weights``
+    (per pandapower bus, as ``Segmentation.weights``; None: every bus alike, the ``uniform``
+    policy) and the grid linearised by ``sensitivity_method``. ``segmentation_error`` is the
+    zones' KPI (``Segmentation.error``; None: 0 for the nodal market, NaN for zones).
 
     ``cache`` (of ``pf.model``): the Jacobian linearisations shared with the other markets
     of a study, so that each MTU's base point is linearised once (None: this market's own).
     """
+    if method not in MARKET_METHODS:
+        raise InputError(
+            f"unknown market method '{method}': choose one of {', '.join(MARKET_METHODS)}"
+        )
     if pricing not in PRICING:
         raise InputError(f"unknown pricing '{pricing}': choose one of {', '.join(PRICING)}")
     if needs_rule not in NEEDS_RULES:
         raise InputError(
             f"unknown needs rule '{needs_rule}': choose one of {', '.join(NEEDS_RULES)}"
         )
-    pf = seg.pf
+    zones = _market_areas(pf, method, zones)
+    if segmentation_error is None:
+        segmentation_error = 0.0 if method == "nodal" else np.nan
     cache = LinearisationCache(pf.model) if cache is None else cache
-    zones = market_zones(seg, method, k or seg.n_buses, segmentation_method, seed)
     started = time.perf_counter()
-    W = zones.aggregation(seg.weights)
-    grid = grid or linear_grid(pf, W, seg.sensitivity_method, mtus_to_clear(pf), cache=cache)
+    W = zones.aggregation(pd.Series(1.0, index=zones.buses) if weights is None else weights)
+    grid = grid or linear_grid(pf, W, sensitivity_method, mtus_to_clear(pf), cache=cache)
     t_grid = time.perf_counter() - started
     times = pf.times
     bids = build_bids(resources, zones, times, max_steps)
@@ -156,7 +159,7 @@ def clear_market(
         stats = {"status": "merit order", "n_variables": 0, "n_constraints": 0}
     else:
         sol, grid, stats = _sequential_clearing(
-            seg, zones, grid, active, resources, penalty, needs, cache
+            pf, zones, W, sensitivity_method, grid, active, resources, penalty, needs, cache
         )
         accepted, price = sol.accepted_mw, _bid_prices(active, sol, grid)
     stats["clear_s"] = time.perf_counter() - started
@@ -184,9 +187,25 @@ def clear_market(
         ac=ac,
         residual=left,
     )
-    err = overall_error(seg.indices(zones).error)["mean"]
-    kpis = _kpis(res, pf, pricing, stats, err, penalty)
+    kpis = _kpis(res, pf, pricing, stats, segmentation_error, penalty)
     return MarketResult(**{**res.__dict__, "kpis": kpis})
+
+
+def _market_areas(pf: HorizonPowerFlow, method: str, zones: Zones | None) -> Zones:
+    """The zones a market clears: one per bus for the nodal market, else the given zones of
+    ``pf``'s buses."""
+    buses = pf.model.buses
+    if zones is None:
+        if method != "nodal":
+            raise InputError(f"the {method} market clears zones: give them (Segmentation.zones)")
+        return nodal_zones(buses)
+    if not zones.buses.equals(buses):
+        raise InputError(
+            f"the zones partition other buses than the energised buses of grid {pf.grid.name}"
+        )
+    if method == "nodal" and zones.k != len(buses):
+        raise InputError(f"the nodal market clears one area per bus, not K = {zones.k} zones")
+    return zones
 
 
 @dataclass(frozen=True)
@@ -207,8 +226,10 @@ class _Round:
 
 
 def _sequential_clearing(
-    seg: Segmentation,
+    pf: HorizonPowerFlow,
     zones: Zones,
+    W,
+    sensitivity_method: str,
     grid: LinearGrid,
     active: pd.DataFrame,
     resources: Resources,
@@ -220,7 +241,7 @@ def _sequential_clearing(
     result, clear again, until the rounds agree with AC.
 
     The market's model injects each area's activation at its virtual bus, spread over
-    the area's buses by the segmentation weights: for the nodal market (one bus per
+    the area's buses by W (internal bus x area, the zones' aggregation): for the nodal market (one bus per
     area) that is the real dispatch, so the nodal loop converges to the AC optimum of
     the bids; for a zonal market it is the DSO's zonal view, and the AC check of the
     real dispatch measures what that view misses.
@@ -243,8 +264,6 @@ def _sequential_clearing(
     SLP_MIN_STEP_MW, and at SLP_MAX_ROUNDS (both with a warning when not converged).
     The best round is returned, never a worse later one.
     """
-    pf = seg.pf
-    W = zones.aggregation(seg.weights)
     totals = {
         "status": "optimal",
         "rounds": 0,
@@ -304,7 +323,7 @@ def _sequential_clearing(
             lp_grid = linear_grid(
                 pf,
                 W,
-                seg.sensitivity_method,
+                sensitivity_method,
                 grid.mtus,
                 np.where(keep, this.V, pf.V[grid.mtus]),
                 np.where(keep, sol.p_mw, 0.0),

@@ -284,17 +284,22 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
         disable=None if progress else True,
         leave=False,
     ):
+        # The market takes plain inputs: the base case, the resources and its areas.
+        zones = (
+            None if method == "nodal" else seg.zones(k, scenario["zones"]["method"], scenario.seed)
+        )
         markets.append(
             clear_market(
-                seg,
+                base.powerflow,
                 resources,
                 method,
-                k,
-                segmentation_method=scenario["zones"]["method"],
+                zones,
+                weights=seg.weights,
+                sensitivity_method=seg.sensitivity_method,
+                segmentation_error=None if zones is None else seg.error(zones),
                 pricing=m["pricing"],
                 penalty_eur_per_mwh=m["penalty_eur_per_mwh"],
                 needs_rule=m["needs"],
-                seed=scenario.seed,
                 max_steps=scenario["flexibility"]["max_steps"],
                 cache=cache,
             )

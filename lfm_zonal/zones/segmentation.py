@@ -101,6 +101,13 @@ def _numbered(labels: np.ndarray, buses: pd.Index, k: int, method: str) -> Zones
     )
 
 
+def nodal_zones(buses: pd.Index) -> Zones:
+    """One zone per bus (the nodal market's areas), numbered as any partition: zone z is
+    the z-th smallest pandapower bus. No segmentation needed."""
+    buses = pd.Index(buses)
+    return _numbered(np.arange(len(buses)), buses, len(buses), "nodal")
+
+
 def bus_graph(pf: HorizonPowerFlow) -> nx.Graph:
     """Graph of the energised buses as switched (open switches and out-of-service elements respected)."""
     graph = top.create_nxgraph(
@@ -398,6 +405,11 @@ class Segmentation:
         else:
             sens = sensitivity_arrays(self.pf.model, self.pf.V[mtu], self.sensitivity_method)
         return zonal_indices(zones, sens, self.weights, self.pf.model.branches)
+
+    def error(self, zones: Zones) -> float:
+        """The overall segmentation error of ``zones`` at the reference MTU: the mean of its
+        loading and voltage parts (``overall_error``; a market's KPI)."""
+        return overall_error(self.indices(zones).error)["mean"]
 
     def medoids(self, zones: Zones) -> pd.Series:
         """Each zone's medoid bus at the reference MTU (for maps)."""
