@@ -53,7 +53,6 @@ from lfm_zonal.market.opf_reference import opf_reference
 from lfm_zonal.market.resources import Resources
 from lfm_zonal.study.job import prepare_base_case, prepare_resources, prepare_segmentation_of
 from lfm_zonal.study.scenario import load_scenario
-from lfm_zonal.zones.segmentation import prepare_segmentation
 
 warnings.filterwarnings("ignore")
 
@@ -92,8 +91,7 @@ def clear_alone(base, resources: Resources, mtu: int) -> tuple[float, float, flo
     res = dataclasses.replace(
         resources, up_mw=resources.up_mw.loc[[when]], down_mw=resources.down_mw.loc[[when]]
     )
-    seg = prepare_segmentation(one, 0, flexible_capacity_mw=res.capacity_per_bus())
-    result = clear_market(seg, res, "nodal")
+    result = clear_market(one, res, "nodal")
     over, dev = violation(pf.grid, result.ac.loading_percent.to_numpy(), result.ac.vm_pu.to_numpy())
     return float(result.kpis["cost_eur"]), over, dev
 
@@ -120,7 +118,7 @@ def main() -> int:
     print(f"base case, resources, segmentation: {prep_s:.1f} s; peak memory {peak_mib():.0f} MiB")
 
     started, cpu_started = time.perf_counter(), time.process_time()
-    day = clear_market(seg, resources, "nodal")
+    day = clear_market(pf, resources, "nodal", sensitivity_method=seg.sensitivity_method)
     engine_s = time.perf_counter() - started
     engine_cpu_s = time.process_time() - cpu_started
     print(

@@ -11,7 +11,7 @@ import numpy as np
 import pandapower as pp
 import pandas as pd
 import pytest
-from test_market import three_bus_feeder
+from test_market import clear_on, three_bus_feeder
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
 from lfm_zonal.check.ac import ACCheck, residual_violations, violation_kpis
@@ -72,7 +72,7 @@ def test_security_adjusted_cost_is_hand_computed(tmp_path):
         abs(line1_loading(net, bus, h) - line1_loading(net, bus, -h)) / (2 * h) for bus in (1, 2)
     )
     residual_mw = (loading - 100.0) / g  # one MTU of one hour: MWh = MW
-    result = clear_market(seg, res, "nodal")
+    result = clear_market(pf, res, "nodal")
     k = result.kpis
     assert k["cost_eur"] == 0.0
     assert k["residual_mwh"] == pytest.approx(residual_mw, rel=1e-5)
@@ -80,7 +80,7 @@ def test_security_adjusted_cost_is_hand_computed(tmp_path):
         DEFAULT_PENALTY_EUR_PER_MWH * residual_mw, rel=1e-5
     )
     # A penalty of the scenario is the one that prices it.
-    k2 = clear_market(seg, res, "nodal", penalty_eur_per_mwh=5000.0).kpis
+    k2 = clear_market(pf, res, "nodal", penalty_eur_per_mwh=5000.0).kpis
     assert k2["security_adjusted_cost_eur"] == pytest.approx(5000.0 * residual_mw, rel=1e-5)
     # The unmet need agrees with the AC check: never 0 while line 1 stays overloaded.
     assert k["unmet_mwh"] >= residual_mw * (1 - 1e-9)
@@ -97,7 +97,7 @@ def test_offers_that_cannot_fix_an_element_are_reported(tmp_path):
     line 1 stays overloaded, and the market says so: by name, with unmet need, exhausted."""
     pf, res, seg = feeder_case(tmp_path, "A,agg1,2,load,up,0.5,50,0,,,\n")
     for method, k in (("nodal", None), ("zonal", 1), ("needs_based", 1)):
-        result = clear_market(seg, res, method, k)
+        result = clear_on(seg, res, method, k)
         left = result.residual
         assert len(left) == 1, method
         row = left.iloc[0]
@@ -122,7 +122,7 @@ def test_offers_not_used_are_not_exhausted(tmp_path):
     """Enough offers but a penalty below their price: the market leaves line 1 overloaded
     although the offers could fix it, and says they were not exhausted."""
     pf, res, seg = feeder_case(tmp_path, "A,agg1,2,load,up,4,50,0,,,\n")
-    result = clear_market(seg, res, "nodal", penalty_eur_per_mwh=1.0)
+    result = clear_market(pf, res, "nodal", penalty_eur_per_mwh=1.0)
     row = result.residual.iloc[0]
     assert (row.element_type, int(row.element)) == ("line", 1)
     assert not bool(row.offers_exhausted)
@@ -215,7 +215,7 @@ def test_kpis_of_real_markets_are_finite(cigre_pf):
     )
     seg = prepare_segmentation(pf, 0, flexible_capacity_mw=res.capacity_per_bus())
     for method, k in (("nodal", None), ("zonal", 2), ("needs_based", 2)):
-        result = clear_market(seg, res, method, k)
+        result = clear_on(seg, res, method, k)
         assert tuple(result.kpis) == KPI_NAMES  # every KPI is in the schema, in its order
         assert_finite_kpis(result.kpis)
         assert result.kpis["security_adjusted_cost_eur"] >= result.kpis["cost_eur"]

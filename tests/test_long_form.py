@@ -10,7 +10,6 @@ from test_market import ac_relief_needed_mw, three_bus_feeder
 from lfm_zonal import Horizon, InputError, load_grid, load_profiles, run_horizon
 from lfm_zonal.market.clearing import clear_market
 from lfm_zonal.market.resources import read_resources
-from lfm_zonal.zones.segmentation import prepare_segmentation
 
 #: A cheap in the first hour, dear in the second; B the same price in both.
 LONG = """resource_id,aggregator,bus,kind,direction,time,available_mw,price_eur_per_mwh
@@ -41,8 +40,7 @@ def clear(folder, pf, text: str, name: str):
     path = folder / name
     path.write_text(text)
     res = read_resources(path, pf)
-    seg = prepare_segmentation(pf, 0, flexible_capacity_mw=res.capacity_per_bus())
-    return res, clear_market(seg, res, "nodal")
+    return res, clear_market(pf, res, "nodal")
 
 
 def test_each_mtu_clears_at_its_own_prices(two_hours):

@@ -68,10 +68,37 @@ def hand_case(tmp_path_factory):
     return pf, res, seg
 
 
+def test_the_market_takes_its_areas_as_plain_inputs(hand_case, monkeypatch):
+    """The nodal market needs no segmentation; zones must be given for a zonal one and be of
+    the grid's buses. With a shared cache, a second market linearises no base point again."""
+    from lfm_zonal.grid import sensitivity
+    from lfm_zonal.zones.segmentation import Zones
+
+    pf, res, seg = hand_case
+    with pytest.raises(InputError, match="the zonal market clears zones"):
+        clear_market(pf, res, "zonal")
+    with pytest.raises(InputError, match="one area per bus, not K = 1"):
+        clear_market(pf, res, "nodal", seg.zones(1))
+    other = Zones(1, "test", pd.Series(0, index=pd.Index([0, 1], name="bus")))
+    with pytest.raises(InputError, match="other buses"):
+        clear_market(pf, res, "zonal", other)
+    cache = sensitivity.LinearisationCache(pf.model)
+    first = clear_market(pf, res, "nodal", cache=cache)
+    linearised = []
+    real = sensitivity._linearise
+    monkeypatch.setattr(
+        sensitivity, "_linearise", lambda model, V: linearised.append(V) or real(model, V)
+    )
+    again = clear_market(pf, res, "nodal", seg.zones(seg.n_buses), cache=cache)
+    base = {pf.V[t].tobytes() for t in first.ac.loading_percent.index.map(pf.mtu_position)}
+    assert not base & {V.tobytes() for V in linearised}
+    assert again.kpis["cost_eur"] == first.kpis["cost_eur"]
+
+
 def test_hand_computed_optimum(hand_case):
     pf, res, seg = hand_case
     assert pf.loading_percent.iloc[0][("line", 1)] > 110  # the congestion the market must fix
-    result = clear_market(seg, res, "nodal", pricing="pay_as_clear")
+    result = clear_market(pf, res, "nodal", pricing="pay_as_clear")
     x_needed = ac_relief_needed_mw(pf.grid.net)
     # Merit order among what relieves line 1: storage S (30 EUR/MWh, but 0.5 MWh x 0.95 in one
     # hour), then A (50); B (80) is not needed, C (bus 1) does not relieve line 1, D (down) worsens it.
@@ -94,6 +121,27 @@ def test_hand_computed_optimum(hand_case):
 
 
 # ----------------------------------------------------------------------------- real feeders
+
+
+def clear_on(seg, res, method, k=None, **options):
+    """A market as a study clears it: the nodal one, or K zones of ``seg`` with the
+    segmentation's weights, sensitivity method and error."""
+    if method == "nodal":
+        return clear_market(
+            seg.pf, res, "nodal", sensitivity_method=seg.sensitivity_method, **options
+        )
+    zones = seg.zones(k)
+    error = seg.error(zones)
+    return clear_market(
+        seg.pf,
+        res,
+        method,
+        zones,
+        weights=seg.weights,
+        sensitivity_method=seg.sensitivity_method,
+        segmentation_error=error,
+        **options,
+    )
 
 
 def market_case(
@@ -136,7 +184,7 @@ def test_nodal_clearing_fixes_overloads_and_voltages_in_ac(case, request):
     pf, res, seg = request.getfixturevalue(case)
     v = pf.violations()
     assert v.overloaded_branches.sum() > 0 and v.undervoltage_buses.sum() > 0  # both problems
-    result = clear_market(seg, res, "nodal")
+    result = clear_market(pf, res, "nodal")
     g = pf.grid
     assert result.kpis["unmet_mwh"] == 0.0
     assert np.nanmax(result.ac.loading_percent.to_numpy()) <= g.loading_max_percent + 1.0
@@ -152,25 +200,25 @@ def test_row_screening_is_only_a_speed_device(ieee33_market, monkeypatch):
     from lfm_zonal.market import lp as clearing
 
     pf, res, seg = ieee33_market
-    full = clear_market(seg, res, "nodal")
+    full = clear_market(pf, res, "nodal")
     monkeypatch.setattr(clearing, "ROWS_PER_MTU_AND_ROUND", 1)
-    one_at_a_time = clear_market(seg, res, "nodal")
+    one_at_a_time = clear_market(pf, res, "nodal")
     assert one_at_a_time.kpis["generation_rounds"] > full.kpis["generation_rounds"]
     assert one_at_a_time.kpis["cost_eur"] == pytest.approx(full.kpis["cost_eur"], rel=1e-6)
     assert np.nanmin(one_at_a_time.ac.vm_pu.to_numpy()) >= pf.grid.vm_min_pu - 0.002
 
 
 def test_zonal_with_k_equal_n_is_nodal(cigre_market):
-    _, res, seg = cigre_market
-    nodal = clear_market(seg, res, "nodal")
-    zonal = clear_market(seg, res, "zonal", seg.n_buses)
+    pf, res, seg = cigre_market
+    nodal = clear_market(pf, res, "nodal")
+    zonal = clear_on(seg, res, "zonal", seg.n_buses)
     assert zonal.kpis["cost_eur"] == pytest.approx(nodal.kpis["cost_eur"], rel=1e-6)
     pd.testing.assert_series_equal(zonal.bids.accepted_mw, nodal.bids.accepted_mw, atol=1e-7)
 
 
 def test_zonal_residuals_equal_an_independent_ac_power_flow(cigre_market):
     pf, res, seg = cigre_market
-    result = clear_market(seg, res, "zonal", 2)
+    result = clear_on(seg, res, "zonal", 2)
     for mtu in sorted(result.dispatch.mtu.unique())[:4]:
         net = dispatched_net(pf, result.dispatch, int(mtu))
         pp.runpp(net)
@@ -189,10 +237,10 @@ def test_zonal_residuals_equal_an_independent_ac_power_flow(cigre_market):
 
 
 def test_zonal_costs_more_or_leaves_more_than_nodal(cigre_market):
-    _, res, seg = cigre_market
-    nodal = clear_market(seg, res, "nodal").kpis
+    pf, res, seg = cigre_market
+    nodal = clear_market(pf, res, "nodal").kpis
     for k in (1, 3):
-        zonal = clear_market(seg, res, "zonal", k).kpis
+        zonal = clear_on(seg, res, "zonal", k).kpis
         worse = (
             zonal["cost_eur"] >= nodal["cost_eur"] - 1e-6
             or zonal["residual_overload_percent_h"] > nodal["residual_overload_percent_h"]
@@ -204,7 +252,7 @@ def test_zonal_costs_more_or_leaves_more_than_nodal(cigre_market):
 def test_too_little_flexibility_reports_unmet_need():
     pf, res, seg = market_case("cigre_mv", 1.25, 0.02)
     for method, k in (("nodal", None), ("zonal", 3), ("needs_based", 3)):
-        result = clear_market(seg, res, method, k)
+        result = clear_on(seg, res, method, k)
         assert result.kpis["unmet_mwh"] > 0 and result.kpis["unmet_mw_max"] > 0
         assert len(result.bids) and len(result.dispatch) and len(result.unmet)
         assert (result.bids.status == "accepted").any()
@@ -214,7 +262,7 @@ def test_storage_respects_its_state_of_charge():
     pf, res, seg = market_case(
         "cigre_mv", 1.25, 0.05, n_mtu=16, storage_units=3, storage_p_mw=2.0, storage_hours=0.5
     )
-    result = clear_market(seg, res, "nodal")
+    result = clear_market(pf, res, "nodal")
     dt = pf.profiles.horizon.mtu_hours
     for rid, row in res.table[res.table.kind == "storage"].iterrows():
         d = result.dispatch[result.dispatch.resource_id == rid].groupby("mtu").p_mw.sum()
@@ -225,7 +273,7 @@ def test_storage_respects_its_state_of_charge():
 
 def test_needs_based_buys_exactly_the_published_need_when_it_can(cigre_market):
     _, res, seg = cigre_market
-    result = clear_market(seg, res, "needs_based", 3)
+    result = clear_on(seg, res, "needs_based", 3)
     bought = result.bids.groupby(["mtu", "zone", "direction"]).accepted_mw.sum()
     need = result.needs.set_index(["mtu", "zone", "direction"]).need_mw
     covered = bought.reindex(need.index).fillna(0.0)
@@ -267,7 +315,7 @@ def test_a_horizon_without_violations_buys_nothing():
     pf, res, seg = market_case("cigre_mv", 1.0, 0.5, n_mtu=4, start="2016-01-14 03:00")
     assert pf.violations()[["overloaded_branches", "undervoltage_buses"]].to_numpy().sum() == 0
     for method, k in (("nodal", None), ("zonal", 2), ("needs_based", 2)):
-        result = clear_market(seg, res, method, k)
+        result = clear_on(seg, res, method, k)
         assert result.kpis["cost_eur"] == 0 and result.kpis["activated_mwh"] == 0
         assert result.needs.empty and result.dispatch.empty
         assert result.kpis["new_violations"] == 0
@@ -282,7 +330,7 @@ def test_no_resources_at_all_clears_to_nothing_and_reports_the_need(hand_case, t
     path.write_text(RESOURCES.splitlines()[0] + "\n")
     res = read_resources(path, pf)
     for method, k in (("nodal", None), ("zonal", 1), ("needs_based", 1)):
-        result = clear_market(seg, res, method, k)
+        result = clear_on(seg, res, method, k)
         assert result.kpis["cost_eur"] == 0.0 and result.dispatch.empty
         assert result.kpis["unmet_mwh"] > 0
         left = result.residual

@@ -6,9 +6,9 @@ import numpy as np
 import pandapower as pp
 import pandas as pd
 import pytest
+from test_market import clear_on
 
 from lfm_zonal import Horizon, InputError, load_grid, load_profiles, run_horizon
-from lfm_zonal.market.clearing import clear_market
 from lfm_zonal.market.resources import FlexibilitySpec, generate_resources, read_resources
 from lfm_zonal.study.scenario import parse_scenario
 from lfm_zonal.zones.segmentation import prepare_segmentation
@@ -63,8 +63,8 @@ def zone_of(result, bus: int) -> int:
 def test_the_need_goes_to_the_zone_with_offers(feeder_pf, tmp_path):
     res, seg = offers_at_bus_2_only(feeder_pf, tmp_path, 2.0)
     # One zone per bus, so "the zone" of a bus is the bus.
-    unlimited = clear_market(seg, res, "needs_based", seg.n_buses, needs_rule="unlimited")
-    registered = clear_market(seg, res, "needs_based", seg.n_buses)  # the default rule
+    unlimited = clear_on(seg, res, "needs_based", seg.n_buses, needs_rule="unlimited")
+    registered = clear_on(seg, res, "needs_based", seg.n_buses)  # the default rule
     # Unlimited: the whole need at bus 3, where nothing is offered, so nothing is bought.
     assert set(unlimited.needs.zone) == {zone_of(unlimited, 3)}
     assert unlimited.kpis["activated_mwh"] == 0
@@ -81,7 +81,7 @@ def test_the_need_goes_to_the_zone_with_offers(feeder_pf, tmp_path):
 
 def test_offers_that_cannot_fix_it_are_all_asked_for_and_never_more(feeder_pf, tmp_path):
     res, seg = offers_at_bus_2_only(feeder_pf, tmp_path, 0.3)
-    result = clear_market(seg, res, "needs_based", seg.n_buses)
+    result = clear_on(seg, res, "needs_based", seg.n_buses)
     assert result.needs.need_mw.to_numpy() == pytest.approx([0.3])
     assert result.kpis["activated_mwh"] == pytest.approx(0.3)
     assert result.unmet.unfixable_mw.iloc[0] > 0  # what the offers there cannot fix
@@ -108,7 +108,7 @@ def cigre_day():
 @pytest.mark.parametrize("k", [2, 4, 8])
 def test_registered_capacity_needs_never_exceed_what_is_registered(cigre_day, k):
     _, res, seg = cigre_day
-    result = clear_market(seg, res, "needs_based", k)
+    result = clear_on(seg, res, "needs_based", k)
     keys = ["mtu", "zone", "direction"]
     registered = result.bids.groupby(keys).quantity_mw.sum()
     need = result.needs.set_index(keys).need_mw
@@ -122,7 +122,7 @@ def test_registered_capacity_needs_never_exceed_what_is_registered(cigre_day, k)
 def test_unlimited_needs_can_exceed_what_is_registered(cigre_day):
     """The reason for the rule: on the same case, today's needs pile up beyond the offers."""
     _, res, seg = cigre_day
-    result = clear_market(seg, res, "needs_based", 8, needs_rule="unlimited")
+    result = clear_on(seg, res, "needs_based", 8, needs_rule="unlimited")
     keys = ["mtu", "zone", "direction"]
     registered = result.bids.groupby(keys).quantity_mw.sum()
     need = result.needs.set_index(keys).need_mw
@@ -132,7 +132,7 @@ def test_unlimited_needs_can_exceed_what_is_registered(cigre_day):
 def test_needs_rule_is_checked(cigre_day):
     _, res, seg = cigre_day
     with pytest.raises(InputError, match="unknown needs rule 'everything'"):
-        clear_market(seg, res, "needs_based", 2, needs_rule="everything")
+        clear_on(seg, res, "needs_based", 2, needs_rule="everything")
 
 
 def test_needs_rule_is_a_scenario_key():

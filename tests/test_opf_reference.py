@@ -236,7 +236,7 @@ def test_nodal_market_at_the_ac_optimum(name, start, power_factor):
     assert opf.converged, f"{name} {start} {power_factor}: the offers cannot fix the MTU"
     assert opf.overload_max_percent < 1e-4 and opf.voltage_violation_max_pu < 1e-7
     # The OPF's limits are hard: so are the market's here (a penalty no offer approaches).
-    result = clear_market(seg, res, "nodal", penalty_eur_per_mwh=HARD_LIMITS_EUR_PER_MWH)
+    result = clear_market(pf, res, "nodal", penalty_eur_per_mwh=HARD_LIMITS_EUR_PER_MWH)
     engine_eur = result.kpis["cost_eur"]
     assert result.kpis["pricing"] == "pay_as_bid"
     over, dev = violation(g, result.ac.loading_percent.to_numpy(), result.ac.vm_pu.to_numpy())
@@ -266,11 +266,10 @@ def test_simbench_mv_windy_night_within_one_percent():
         ),
         seed=42,
     )
-    seg = prepare_segmentation(pf, 0, flexible_capacity_mw=res.capacity_per_bus())
     opf = opf_reference(pf, res, 0)
     assert opf.converged
     assert opf.overload_max_percent < 1e-4 and opf.voltage_violation_max_pu < 1e-7
-    result = clear_market(seg, res, "nodal")
+    result = clear_market(pf, res, "nodal")
     over, dev = violation(grid, result.ac.loading_percent.to_numpy(), result.ac.vm_pu.to_numpy())
     ratio = result.kpis["cost_eur"] / opf.cost_eur
     detail = (
@@ -290,7 +289,7 @@ def test_default_penalty_leaves_only_what_costs_more_to_fix(name, start, power_f
     pf, res, seg = single_mtu_case(name, start, power_factor)
     g = pf.grid
     opf = opf_reference(pf, res, 0)
-    result = clear_market(seg, res, "nodal")
+    result = clear_market(pf, res, "nodal")
     k = result.kpis
     over, dev = violation(g, result.ac.loading_percent.to_numpy(), result.ac.vm_pu.to_numpy())
     if over > LOADING_TOL_PERCENT or dev > VM_TOL_PU:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -116,21 +118,27 @@ def test_zone_patterns_equal_bus_sensitivities_aggregated(mixed_pf, ieee33_pf, m
 
 
 def test_linearisation_is_reused_for_the_same_operating_point(cigre_pf):
-    """A study linearises each MTU's base point once; the cached linearisation gives the
-    same sensitivities as a fresh one, and the cache stays bounded."""
+    """A study linearises each MTU's base point once, through the cache it passes to every
+    stage; the cached linearisation gives the same sensitivities as a fresh one, the cache
+    stays bounded, and it refuses another network's model."""
     from lfm_zonal.grid import sensitivity as sens
 
     model = cigre_pf.model
-    model.linearisations.clear()
-    first = sens.sensitivity_arrays(model, cigre_pf.V[7])
-    assert len(model.linearisations) == 1
-    again = sens.sensitivity_arrays(model, cigre_pf.V[7])
-    assert len(model.linearisations) == 1
-    fresh = sens._linearise(model, cigre_pf.V[7]).sensitivities(None)
+    cache = sens.LinearisationCache(model)
+    first = sens.sensitivity_arrays(model, cigre_pf.V[7], cache=cache)
+    assert len(cache) == 1
+    again = sens.sensitivity_arrays(model, cigre_pf.V[7], cache=cache)
+    assert len(cache) == 1
+    fresh = sens.sensitivity_arrays(model, cigre_pf.V[7])  # no cache: linearised afresh
+    assert len(cache) == 1
     for name in ("loading_p", "loading_q", "vm_p", "vm_q"):
         np.testing.assert_array_equal(getattr(again, name), getattr(first, name))
         np.testing.assert_allclose(getattr(fresh, name), getattr(first, name), rtol=1e-12)
     for t in range(sens.LINEARISATION_CACHE_SIZE + 3):
-        sens.sensitivity_arrays(model, cigre_pf.V[t % len(cigre_pf.V)] * (1 + 1e-9 * t))
-    assert len(model.linearisations) == sens.LINEARISATION_CACHE_SIZE
-    model.linearisations.clear()
+        sens.sensitivity_arrays(
+            model, cigre_pf.V[t % len(cigre_pf.V)] * (1 + 1e-9 * t), cache=cache
+        )
+    assert len(cache) == sens.LINEARISATION_CACHE_SIZE
+    other = sens.LinearisationCache(dataclasses.replace(model))
+    with pytest.raises(ValueError, match="another network model"):
+        sens.sensitivity_arrays(model, cigre_pf.V[7], cache=other)

@@ -8,7 +8,7 @@ import highspy
 import numpy as np
 import pandas as pd
 import pytest
-from test_market import hand_case, market_case  # noqa: F401  (module fixture)
+from test_market import clear_on, hand_case, market_case  # noqa: F401  (module fixture)
 
 import lfm_zonal.market.clearing as market_module
 from lfm_zonal.errors import SolverError
@@ -65,7 +65,7 @@ def test_a_worse_second_round_returns_the_first(hand_case, monkeypatch):  # noqa
     shrinking trust region is worse too. The market must return round 1's dispatch."""
     pf, res, seg = hand_case
     monkeypatch.setattr(market_module, "SLP_MAX_ROUNDS", 1)
-    first = clear_market(seg, res, "nodal")
+    first = clear_market(pf, res, "nodal")
     monkeypatch.undo()
 
     real = market_module.linear_grid
@@ -77,7 +77,7 @@ def test_a_worse_second_round_returns_the_first(hand_case, monkeypatch):  # noqa
         return grid if len(calls) == 1 else dataclasses.replace(grid, loading0=grid.loading0 - 30)
 
     monkeypatch.setattr(market_module, "linear_grid", misleading)
-    result = clear_market(seg, res, "nodal")
+    result = clear_market(pf, res, "nodal")
     assert result.kpis["ac_rounds"] > 1
     assert result.kpis["ac_best_round"] == 1
     pd.testing.assert_frame_equal(result.dispatch, first.dispatch)
@@ -89,8 +89,8 @@ def test_nodal_clearing_converges_to_the_ac_band_edge():
     (its AC point leaves the band); the loop goes on until the binding voltages sit at
     the limit: within the band to the tolerance and not over-bought inside it."""
     pf, res, seg = market_case("ieee33", 1.3, 0.8, n_mtu=4)
-    one = _clear_with_rounds(seg, res, 1)
-    full = clear_market(seg, res, "nodal")
+    one = _clear_with_rounds(pf, res, 1)
+    full = clear_market(pf, res, "nodal")
     vmin = pf.grid.vm_min_pu
     assert full.kpis["ac_converged"] == 1
     assert full.kpis["ac_rounds"] >= 2
@@ -102,11 +102,11 @@ def test_nodal_clearing_converges_to_the_ac_band_edge():
     ] * (1 - 5e-4)
 
 
-def _clear_with_rounds(seg, res, rounds: int):
+def _clear_with_rounds(pf, res, rounds: int):
     saved = market_module.SLP_MAX_ROUNDS
     market_module.SLP_MAX_ROUNDS = rounds
     try:
-        return clear_market(seg, res, "nodal")
+        return clear_market(pf, res, "nodal")
     finally:
         market_module.SLP_MAX_ROUNDS = saved
 
@@ -129,11 +129,11 @@ def test_solve_stats_sum_the_effort_and_keep_the_later_size():
 
 def test_the_kpis_carry_the_status_and_the_statistics(hand_case):  # noqa: F811
     pf, res, seg = hand_case
-    kpis = clear_market(seg, res, "nodal").kpis
+    kpis = clear_market(pf, res, "nodal").kpis
     assert kpis["solver_status"] == "optimal" and type(kpis["solver_status"]) is str
     assert kpis["generation_rounds"] >= kpis["column_rounds"] >= kpis["ac_rounds"] >= 1
     assert kpis["n_variables"] > 0 and kpis["n_constraints"] > 0
-    needs_based = clear_market(seg, res, "needs_based").kpis
+    needs_based = clear_on(seg, res, "needs_based", 2).kpis
     assert needs_based["solver_status"] == "merit order" and needs_based["n_variables"] == 0
 
 
@@ -147,8 +147,8 @@ def test_a_solver_failure_is_a_solver_error(hand_case, monkeypatch):  # noqa: F8
 
     monkeypatch.setattr(market_module, "solve_clearing", infeasible)
     with pytest.raises(SolverError, match=r"^clearing with K = 3: solver status Infeasible$"):
-        clear_market(seg, res, "nodal")
+        clear_market(pf, res, "nodal")
     monkeypatch.undo()
     monkeypatch.setattr(ClearingModel, "_run", lambda self: SolveStatus.TIME_LIMIT)
     with pytest.raises(SolverError, match=r"^DSO-needs LP: solver status Time limit reached$"):
-        clear_market(seg, res, "nodal")
+        clear_market(pf, res, "nodal")

@@ -24,7 +24,7 @@ import pandas as pd
 
 from lfm_zonal.errors import PowerFlowNotConverged
 from lfm_zonal.grid.powerflow import HorizonPowerFlow, newton_raphson
-from lfm_zonal.grid.sensitivity import linearisation
+from lfm_zonal.grid.sensitivity import LinearisationCache, linearisation
 from lfm_zonal.grid.violations import (
     VIOLATION_TOLERANCE_LOADING_PERCENT,
     VIOLATION_TOLERANCE_VM_PU,
@@ -178,6 +178,7 @@ def residual_violations(
     ac: ACCheck,
     resources=None,
     dispatch: pd.DataFrame | None = None,
+    cache: LinearisationCache | None = None,
 ) -> pd.DataFrame:
     """Every (MTU, element) still violated after the AC check, with its residual MW.
 
@@ -192,7 +193,8 @@ def residual_violations(
     offered in that MTU by every resource whose effect on the row relieves it (up raises its
     bus's net injection, down lowers it; P plus tan_phi Q), ``relieving_dispatched_mw`` what
     of it was dispatched, and ``offers_exhausted`` is True when each of those resources was
-    dispatched to its full offer (also when none relieves the row).
+    dispatched to its full offer (also when none relieves the row). ``cache`` holds the
+    base points' linearisations when the market already took them (see ``sensitivity``).
     """
     g = pf.grid
     model = pf.model
@@ -222,7 +224,7 @@ def residual_violations(
     lin_mtu, lin = -1, None
     for t, kind, r, amount, sign in rows:
         if t != lin_mtu:
-            lin_mtu, lin = t, linearisation(model, pf.V[t])
+            lin_mtu, lin = t, linearisation(model, pf.V[t], cache)
         cp, cq = lin.row_sensitivity(kind == "overload", r)
         if kind == "overload":
             etype, element = model.branches[r]

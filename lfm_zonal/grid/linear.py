@@ -15,7 +15,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
-from lfm_zonal.grid.sensitivity import sensitivity_arrays
+from lfm_zonal.grid.sensitivity import LinearisationCache, sensitivity_arrays
 from lfm_zonal.grid.violations import (
     VIOLATION_TOLERANCE_LOADING_PERCENT,
     VIOLATION_TOLERANCE_VM_PU,
@@ -118,6 +118,7 @@ def linear_grid(
     p_prev: np.ndarray | None = None,
     q_prev: np.ndarray | None = None,
     scales: np.ndarray | None = None,
+    cache: LinearisationCache | None = None,
 ) -> LinearGrid:
     """The grid of the MTUs to clear, linearised in K market areas.
 
@@ -128,7 +129,8 @@ def linear_grid(
     clear) of an AC point reached with area injections ``p_prev``, ``q_prev``, the
     linearisation is taken there and shifted so that it is exact at p_prev, q_prev
     (one step of a sequential LP). Zonal indices are recomputed at every MTU. ``scales``
-    fixes the MW-equivalent unit of the slacks (``LinearGrid.scales``).
+    fixes the MW-equivalent unit of the slacks (``LinearGrid.scales``). ``cache`` (of
+    ``pf.model``) keeps the Jacobian linearisations for the next market at the same points.
     """
     mtus = np.asarray(list(mtus), dtype=np.int64)
     model = pf.model
@@ -153,7 +155,7 @@ def linear_grid(
     # 0.5 ms per MTU on SimBench MV, measured with other processes running).
     with threadpool_limits(1, user_api="blas"):
         for i in range(T):
-            s = sensitivity_arrays(model, V[i], sensitivity_method, W)
+            s = sensitivity_arrays(model, V[i], sensitivity_method, W, cache)
             sl_p[i], sl_q[i], sv_p[i], sv_q[i] = s.loading_p, s.loading_q, s.vm_p, s.vm_q
     loading0 = np.array([model.loading_percent(v) for v in V]).reshape(len(mtus), n_l)
     vm0 = np.array([model.vm_pu(v) for v in V]).reshape(len(mtus), n_b)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -124,11 +123,6 @@ class NetworkModel:
     @cached_property
     def jacobian(self) -> JacobianBuilder:
         return JacobianBuilder(self.Ybus, self.pv, self.pq)
-
-    @cached_property
-    def linearisations(self) -> OrderedDict:
-        """Jacobian linearisations by operating point (``sensitivity``), least recent first."""
-        return OrderedDict()
 
     @property
     def n_bus(self) -> int:

@@ -27,6 +27,7 @@ Methods:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import networkx as nx
@@ -65,13 +66,17 @@ class Sensitivities:
 
 
 def sensitivities(
-    pf: HorizonPowerFlow, mtu: int | pd.Timestamp | str, method: str = "jacobian"
+    pf: HorizonPowerFlow,
+    mtu: int | pd.Timestamp | str,
+    method: str = "jacobian",
+    cache: LinearisationCache | None = None,
 ) -> Sensitivities:
-    """Labelled sensitivities at the solved operating point of one MTU."""
+    """Labelled sensitivities at the solved operating point of one MTU (``cache``: as in
+    ``sensitivity_arrays``)."""
     t = pf.mtu_position(mtu)
     if not pf.converged.iloc[t]:
         raise InputError(f"MTU {t} ({pf.times[t]}) has no converged power flow: no sensitivities")
-    arrays = sensitivity_arrays(pf.model, pf.V[t], method)
+    arrays = sensitivity_arrays(pf.model, pf.V[t], method, cache=cache)
     buses = pf.model.buses.rename("bus")
     branches = pf.model.branches
 
@@ -94,16 +99,18 @@ def sensitivity_arrays(
     V: np.ndarray,
     method: str = "jacobian",
     patterns: sp.spmatrix | None = None,
+    cache: LinearisationCache | None = None,
 ) -> SensitivityArrays:
     """Sensitivities at internal voltages ``V`` by ``method`` (one of SENSITIVITY_METHODS).
 
     Columns are the buses, or with ``patterns`` (n_buses x m, column j spreads 1 MW
     over buses, as a zone's aggregation does) the m injection patterns: the result
     is then the bus sensitivities @ patterns. The Jacobian method solves for the m
-    patterns directly (m right-hand sides instead of two per bus).
+    patterns directly (m right-hand sides instead of two per bus), on the linearisation
+    at ``V`` taken from ``cache`` (one of ``model``; None: linearised afresh).
     """
     if method == "jacobian":
-        return _jacobian(model, V, patterns)
+        return linearisation(model, V, cache).sensitivities(patterns)
     if method == "dc_ptdf":
         arrays = _dc_ptdf(model, V)
     elif method == "lindistflow":
@@ -129,8 +136,9 @@ def _active_end(model: NetworkModel, V: np.ndarray):
     return from_end, current, bus, factor
 
 
-#: Linearisations kept per network (an MTU's base point is linearised once for every
-#: market and zone count of a study; each holds a sparse LU and sparse derivatives).
+#: Linearisations a LinearisationCache keeps by default (an MTU's base point is linearised
+#: once for every market and zone count of a study; each holds a sparse LU and sparse
+#: derivatives).
 LINEARISATION_CACHE_SIZE = 256
 
 
@@ -175,24 +183,52 @@ class JacobianLinearisation:
         return self.E_p.T @ w, self.E_q.T @ w
 
 
-def linearisation(model: NetworkModel, V: np.ndarray) -> JacobianLinearisation:
-    """The Jacobian linearisation at internal voltages ``V``, through the model's cache
-    (every market of a study linearises and checks the same base points)."""
-    cache = model.linearisations
-    key = np.ascontiguousarray(V).tobytes()
-    if key in cache:
-        cache.move_to_end(key)
-    else:
-        cache[key] = _linearise(model, V)
-        if len(cache) > LINEARISATION_CACHE_SIZE:
-            cache.popitem(last=False)
-    return cache[key]
+class LinearisationCache:
+    """Jacobian linearisations of one network model by operating point, the least recently
+    used dropped beyond ``size``.
+
+    Created by whoever runs several stages on the same operating points (a study: the
+    segmentation, every market's base case and its AC check linearise the same MTUs) and
+    passed to them; each point is then linearised once. A cached linearisation is the one
+    a fresh linearisation would give, so the cache changes no number.
+    """
+
+    def __init__(self, model: NetworkModel, size: int = LINEARISATION_CACHE_SIZE) -> None:
+        if size < 1:
+            raise ValueError(f"a linearisation cache holds at least one point, not {size}")
+        self.model = model
+        self.size = size
+        self._by_point: OrderedDict[bytes, JacobianLinearisation] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_point)
+
+    def clear(self) -> None:
+        self._by_point.clear()
+
+    def at(self, V: np.ndarray) -> JacobianLinearisation:
+        """The linearisation at internal voltages ``V``, linearised on first use."""
+        key = np.ascontiguousarray(V).tobytes()
+        cached = self._by_point
+        if key in cached:
+            cached.move_to_end(key)
+        else:
+            cached[key] = _linearise(self.model, V)
+            if len(cached) > self.size:
+                cached.popitem(last=False)
+        return cached[key]
 
 
-def _jacobian(
-    model: NetworkModel, V: np.ndarray, patterns: sp.spmatrix | None
-) -> SensitivityArrays:
-    return linearisation(model, V).sensitivities(patterns)
+def linearisation(
+    model: NetworkModel, V: np.ndarray, cache: LinearisationCache | None = None
+) -> JacobianLinearisation:
+    """The Jacobian linearisation at internal voltages ``V``: from ``cache`` (which must be
+    ``model``'s), or linearised afresh without one."""
+    if cache is None:
+        return _linearise(model, V)
+    if cache.model is not model:
+        raise ValueError("the linearisation cache belongs to another network model")
+    return cache.at(V)
 
 
 def _linearise(model: NetworkModel, V: np.ndarray) -> JacobianLinearisation:

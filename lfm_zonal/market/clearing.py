@@ -50,6 +50,7 @@ from lfm_zonal.config import MARKET_METHODS, NEEDS_RULES, PRICING
 from lfm_zonal.errors import InputError, LfmError
 from lfm_zonal.grid.linear import LinearGrid, linear_grid
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
+from lfm_zonal.grid.sensitivity import LinearisationCache
 from lfm_zonal.market.bids import (
     DEFAULT_MAX_STEPS,
     Bids,
@@ -68,7 +69,7 @@ from lfm_zonal.market.lp import (
 )
 from lfm_zonal.market.needs import dso_needs
 from lfm_zonal.market.resources import Resources
-from lfm_zonal.zones.segmentation import Segmentation, Zones, overall_error
+from lfm_zonal.zones.segmentation import Zones, nodal_zones
 
 log = logging.getLogger(__name__)
 
@@ -107,42 +108,51 @@ def mtus_to_clear(pf: HorizonPowerFlow) -> np.ndarray:
     return np.flatnonzero((bad & v.converged).to_numpy())
 
 
-def market_zones(
-    seg: Segmentation, method: str, k: int, segmentation_method: str, seed: int
-) -> Zones:
+def clear_market(
+    pf: HorizonPowerFlow,
+    resources: Resources,
+    method: str,
+    zones: Zones | None = None,
+    *,
+    weights: pd.Series | None = None,
+    sensitivity_method: str = "jacobian",
+    segmentation_error: float | None = None,
+    pricing: str = "pay_as_bid",
+    penalty_eur_per_mwh: float | None = None,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    grid: LinearGrid | None = None,
+    needs_rule: str = "registered_capacity",
+    cache: LinearisationCache | None = None,
+) -> MarketResult:
+    """Clear one market on the base case ``pf`` and check it in AC.
+
+    The market areas: for ``method`` nodal one per bus (``zones`` None, or a partition into
+    one zone per bus); for zonal and needs_based the given ``zones`` of ``pf``'s buses (e.g.
+    ``Segmentation.zones(k)``). An area's injection is spread over its buses by ``weights``
+    (per pandapower bus, as ``Segmentation.weights``; None: every bus alike, the ``uniform``
+    policy) and the grid linearised by ``sensitivity_method``. ``segmentation_error`` is the
+    zones' KPI (``Segmentation.error``; None: 0 for the nodal market, NaN for zones).
+
+    ``cache`` (of ``pf.model``): the Jacobian linearisations shared with the other markets
+    of a study, so that each MTU's base point is linearised once (None: this market's own).
+    """
     if method not in MARKET_METHODS:
         raise InputError(
             f"unknown market method '{method}': choose one of {', '.join(MARKET_METHODS)}"
         )
-    return seg.zones(seg.n_buses) if method == "nodal" else seg.zones(k, segmentation_method, seed)
-
-
-def clear_market(
-    seg: Segmentation,
-    resources: Resources,
-    method: str,
-    k: int | None = None,
-    *,
-    segmentation_method: str = "agglomerative",
-    pricing: str = "pay_as_bid",
-    penalty_eur_per_mwh: float | None = None,
-    seed: int = 0,
-    max_steps: int = DEFAULT_MAX_STEPS,
-    grid: LinearGrid | None = None,
-    needs_rule: str = "registered_capacity",
-) -> MarketResult:
-    """Clear one market (``method`` with ``k`` zones; nodal ignores ``k``) and check it in AC."""
     if pricing not in PRICING:
         raise InputError(f"unknown pricing '{pricing}': choose one of {', '.join(PRICING)}")
     if needs_rule not in NEEDS_RULES:
         raise InputError(
             f"unknown needs rule '{needs_rule}': choose one of {', '.join(NEEDS_RULES)}"
         )
-    pf = seg.pf
-    zones = market_zones(seg, method, k or seg.n_buses, segmentation_method, seed)
+    zones = _market_areas(pf, method, zones)
+    if segmentation_error is None:
+        segmentation_error = 0.0 if method == "nodal" else np.nan
+    cache = LinearisationCache(pf.model) if cache is None else cache
     started = time.perf_counter()
-    W = zones.aggregation(seg.weights)
-    grid = grid or linear_grid(pf, W, seg.sensitivity_method, mtus_to_clear(pf))
+    W = zones.aggregation(pd.Series(1.0, index=zones.buses) if weights is None else weights)
+    grid = grid or linear_grid(pf, W, sensitivity_method, mtus_to_clear(pf), cache=cache)
     t_grid = time.perf_counter() - started
     times = pf.times
     bids = build_bids(resources, zones, times, max_steps)
@@ -158,7 +168,7 @@ def clear_market(
         status, solved, slp = SolveStatus.MERIT_ORDER, SolveStats(), {}
     else:
         sol, grid, solved, slp = _sequential_clearing(
-            seg, zones, grid, active, resources, penalty, needs
+            pf, zones, W, sensitivity_method, grid, active, resources, penalty, needs, cache
         )
         status, accepted, price = sol.status, sol.accepted_mw, _bid_prices(active, sol, grid)
     stats = {"status": status.value, **asdict(solved), **slp}
@@ -171,7 +181,7 @@ def clear_market(
     residual, still_unfixable = dso_needs(grid.shifted(p, q))
     dispatch = _dispatch(bids, result_bids)
     ac = ac_check(pf, dispatch)
-    left = residual_violations(pf, ac, resources, dispatch)
+    left = residual_violations(pf, ac, resources, dispatch, cache)
     unmet = _unmet_table(grid, residual, still_unfixable, unfixable, times, left)
     res = MarketResult(
         method=method,
@@ -187,9 +197,25 @@ def clear_market(
         ac=ac,
         residual=left,
     )
-    err = overall_error(seg.indices(zones).error)["mean"]
-    kpis = _kpis(res, pf, pricing, stats, err, penalty)
+    kpis = _kpis(res, pf, pricing, stats, segmentation_error, penalty)
     return MarketResult(**{**res.__dict__, "kpis": kpis})
+
+
+def _market_areas(pf: HorizonPowerFlow, method: str, zones: Zones | None) -> Zones:
+    """The zones a market clears: one per bus for the nodal market, else the given zones of
+    ``pf``'s buses."""
+    buses = pf.model.buses
+    if zones is None:
+        if method != "nodal":
+            raise InputError(f"the {method} market clears zones: give them (Segmentation.zones)")
+        return nodal_zones(buses)
+    if not zones.buses.equals(buses):
+        raise InputError(
+            f"the zones partition other buses than the energised buses of grid {pf.grid.name}"
+        )
+    if method == "nodal" and zones.k != len(buses):
+        raise InputError(f"the nodal market clears one area per bus, not K = {zones.k} zones")
+    return zones
 
 
 @dataclass(frozen=True)
@@ -210,19 +236,22 @@ class _Round:
 
 
 def _sequential_clearing(
-    seg: Segmentation,
+    pf: HorizonPowerFlow,
     zones: Zones,
+    W,
+    sensitivity_method: str,
     grid: LinearGrid,
     active: pd.DataFrame,
     resources: Resources,
     penalty_eur_per_mwh: float,
     needs: pd.DataFrame,
+    cache: LinearisationCache,
 ):
     """Sequential LP: clear, re-linearise at the AC point of the market's own model of the
     result, clear again, until the rounds agree with AC.
 
     The market's model injects each area's activation at its virtual bus, spread over
-    the area's buses by the segmentation weights: for the nodal market (one bus per
+    the area's buses by W (internal bus x area, the zones' aggregation): for the nodal market (one bus per
     area) that is the real dispatch, so the nodal loop converges to the AC optimum of
     the bids; for a zonal market it is the DSO's zonal view, and the AC check of the
     real dispatch measures what that view misses.
@@ -245,8 +274,6 @@ def _sequential_clearing(
     SLP_MIN_STEP_MW, and at SLP_MAX_ROUNDS (both with a warning when not converged).
     The best round is returned, never a worse later one.
     """
-    pf = seg.pf
-    W = zones.aggregation(seg.weights)
     # The market side (bids, balances, storage) is the same in every round: built once.
     market = MarketLP(grid.mtus, grid.k, grid.dt_h, active.reset_index(drop=True), resources.table)
     solved = SolveStats(build_s=market.build_s)
@@ -293,12 +320,13 @@ def _sequential_clearing(
             lp_grid = linear_grid(
                 pf,
                 W,
-                seg.sensitivity_method,
+                sensitivity_method,
                 grid.mtus,
                 np.where(keep, this.V, pf.V[grid.mtus]),
                 np.where(keep, sol.p_mw, 0.0),
                 np.where(keep, sol.q_mvar, 0.0),
                 scales=scale,
+                cache=cache,
             )
         else:
             if _close(best.merit, this.merit) and best.as_modelled.all():

@@ -21,7 +21,7 @@ from lfm_zonal.errors import InputError, PowerFlowNotConverged
 from lfm_zonal.files.outputs import result_folder, write_csv, write_json
 from lfm_zonal.grid.powerflow import HorizonPowerFlow, run_horizon
 from lfm_zonal.grid.profiles import Horizon, Profiles, load_profiles
-from lfm_zonal.grid.sensitivity import Sensitivities
+from lfm_zonal.grid.sensitivity import LinearisationCache, Sensitivities
 from lfm_zonal.grid.sources import Grid, load_grid
 from lfm_zonal.grid.violations import (
     VIOLATION_TOLERANCE_LOADING_PERCENT,
@@ -158,8 +158,11 @@ def prepare_resources(base: BaseCase) -> Resources:
     return generate_resources(base.powerflow, flexibility_spec(base.scenario), base.scenario.seed)
 
 
-def prepare_segmentation_of(base: BaseCase, resources: Resources | None = None) -> Segmentation:
-    """Segmentation inputs at the scenario's reference MTU (capacity weights from the resources)."""
+def prepare_segmentation_of(
+    base: BaseCase, resources: Resources | None = None, cache: LinearisationCache | None = None
+) -> Segmentation:
+    """Segmentation inputs at the scenario's reference MTU (capacity weights from the resources;
+    ``cache``: the study's linearisations)."""
     z = base.scenario["zones"]
     ref = base.reference_mtu if z["reference_mtu"] == "peak" else z["reference_mtu"]
     seg = prepare_segmentation(
@@ -168,6 +171,7 @@ def prepare_segmentation_of(base: BaseCase, resources: Resources | None = None) 
         sensitivity_method=base.scenario["sensitivity"]["method"],
         weight_policy=z["weights"],
         flexible_capacity_mw=None if resources is None else resources.capacity_per_bus(),
+        cache=cache,
     )
     too_many = [k for k in z["k"] if k > seg.n_buses]
     if too_many:
@@ -257,7 +261,9 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
     """Every market case of the scenario, from the grid to the AC check (no files written)."""
     base = prepare_base_case(scenario, progress=progress)
     resources = prepare_resources(base)
-    seg = prepare_segmentation_of(base, resources)
+    # Every market linearises the same base points: each once, for the whole study.
+    cache = LinearisationCache(base.powerflow.model)
+    seg = prepare_segmentation_of(base, resources, cache)
     m = scenario["market"]
     markets = []
     for method, k in tqdm(
@@ -267,18 +273,24 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
         disable=None if progress else True,
         leave=False,
     ):
+        # The market takes plain inputs: the base case, the resources and its areas.
+        zones = (
+            None if method == "nodal" else seg.zones(k, scenario["zones"]["method"], scenario.seed)
+        )
         markets.append(
             clear_market(
-                seg,
+                base.powerflow,
                 resources,
                 method,
-                k,
-                segmentation_method=scenario["zones"]["method"],
+                zones,
+                weights=seg.weights,
+                sensitivity_method=seg.sensitivity_method,
+                segmentation_error=None if zones is None else seg.error(zones),
                 pricing=m["pricing"],
                 penalty_eur_per_mwh=m["penalty_eur_per_mwh"],
                 needs_rule=m["needs"],
-                seed=scenario.seed,
                 max_steps=scenario["flexibility"]["max_steps"],
+                cache=cache,
             )
         )
     return StudyResult(base, resources, seg, markets)

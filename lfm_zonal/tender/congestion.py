@@ -39,7 +39,7 @@ from lfm_zonal.grid.violations import beyond_limits
 from lfm_zonal.limits import require_memory
 from lfm_zonal.market.resources import Resources
 from lfm_zonal.tender.sizing import Need, Offers, TenderParameters, pooled_tender, price_draws
-from lfm_zonal.zones.segmentation import Segmentation, overall_error
+from lfm_zonal.zones.segmentation import Segmentation
 
 DEFAULT_FORECAST_ERROR = 0.1
 DEFAULT_MIN_EFFECT = 0.01
@@ -211,7 +211,7 @@ def zonal_tender_study(
                 pooled += case.cost_pooled_eur_per_h
                 q += case.q_pooled_mw
                 below += case.nodes_below_median
-            err = overall_error(seg.indices(zones).error)["mean"]
+            err = seg.error(zones)
             rows.append(
                 {
                     "k": zones.k,

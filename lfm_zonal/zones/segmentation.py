@@ -48,7 +48,11 @@ from scipy.spatial.distance import cdist
 from lfm_zonal.config import SEGMENTATION_METHODS, WEIGHT_POLICIES
 from lfm_zonal.errors import InputError
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
-from lfm_zonal.grid.sensitivity import SensitivityArrays, sensitivity_arrays
+from lfm_zonal.grid.sensitivity import (
+    LinearisationCache,
+    SensitivityArrays,
+    sensitivity_arrays,
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,13 @@ def _numbered(labels: np.ndarray, buses: pd.Index, k: int, method: str) -> Zones
     return Zones(
         k, method, pd.Series(new.loc[labels].to_numpy(), index=buses.rename("bus"), name="zone")
     )
+
+
+def nodal_zones(buses: pd.Index) -> Zones:
+    """One zone per bus (the nodal market's areas), numbered as any partition: zone z is
+    the z-th smallest pandapower bus. No segmentation needed."""
+    buses = pd.Index(buses)
+    return _numbered(np.arange(len(buses)), buses, len(buses), "nodal")
 
 
 def bus_graph(pf: HorizonPowerFlow) -> nx.Graph:
@@ -395,6 +406,11 @@ class Segmentation:
             sens = sensitivity_arrays(self.pf.model, self.pf.V[mtu], self.sensitivity_method)
         return zonal_indices(zones, sens, self.weights, self.pf.model.branches)
 
+    def error(self, zones: Zones) -> float:
+        """The overall segmentation error of ``zones`` at the reference MTU: the mean of its
+        loading and voltage parts (``overall_error``; a market's KPI)."""
+        return overall_error(self.indices(zones).error)["mean"]
+
     def medoids(self, zones: Zones) -> pd.Series:
         """Each zone's medoid bus at the reference MTU (for maps)."""
         return medoids(zones, self.features, self.weights)
@@ -470,12 +486,16 @@ def prepare_segmentation(
     sensitivity_method: str = "jacobian",
     weight_policy: str = "capacity",
     flexible_capacity_mw: pd.Series | None = None,
+    cache: LinearisationCache | None = None,
 ) -> Segmentation:
-    """Sensitivities, features and graph at the reference MTU (zones are published from there)."""
+    """Sensitivities, features and graph at the reference MTU (zones are published from there).
+
+    ``cache`` (of ``pf.model``) shares the reference MTU's linearisation with the markets.
+    """
     t = pf.mtu_position(reference_mtu)
     if not pf.converged.iloc[t]:
         raise InputError(f"reference MTU {t} ({pf.times[t]}) has no converged power flow")
-    sens = sensitivity_arrays(pf.model, pf.V[t], sensitivity_method)
+    sens = sensitivity_arrays(pf.model, pf.V[t], sensitivity_method, cache=cache)
     return Segmentation(
         pf=pf,
         reference_mtu=t,
