@@ -81,7 +81,7 @@ KPIS: tuple[KPI, ...] = (
         "MTUs whose AC check did not converge (left out of the maxima and sums)"),
     KPI("solver_status", "", "status of the market's last LP"),
     KPI("build_s", "s", "time to build the LPs", timing=True),
-    KPI("clear_s", "s", "time of the whole clearing, AC check included", timing=True),
+    KPI("clear_s", "s", "time of the clearing: its LPs and sequential AC loop", timing=True),
     KPI("generation_rounds", "", "constraint-generation rounds over every LP"),
     KPI("ac_rounds", "", "rounds of the sequential LP"),
     KPI("ac_best_round", "", "the round whose dispatch is returned (best merit in AC)"),

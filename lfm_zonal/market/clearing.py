@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -81,6 +81,16 @@ SLP_MIN_STEP_MW = 1e-4
 #: Share of the result tolerances the sequential LP works to: it ends its AC point closer to
 #: its model (and the binding limits) than a result must be to count as violated.
 SLP_TOLERANCE_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class SequentialLP:
+    """The course of a sequential LP: rounds solved, the round returned (the best in AC),
+    and whether it converged before its round cap (no loop: 0 rounds, converged)."""
+
+    rounds: int = 0
+    best_round: int = 0
+    converged: bool = True
 
 
 @dataclass(frozen=True)
@@ -150,10 +160,8 @@ def clear_market(
     if segmentation_error is None:
         segmentation_error = 0.0 if method == "nodal" else np.nan
     cache = LinearisationCache(pf.model) if cache is None else cache
-    started = time.perf_counter()
     W = zones.aggregation(pd.Series(1.0, index=zones.buses) if weights is None else weights)
     grid = grid or linear_grid(pf, W, sensitivity_method, mtus_to_clear(pf), cache=cache)
-    t_grid = time.perf_counter() - started
     times = pf.times
     bids = build_bids(resources, zones, times, max_steps)
     active = bids.steps[bids.steps.mtu.isin(grid.mtus)]
@@ -162,18 +170,16 @@ def clear_market(
     started = time.perf_counter()
     if len(grid.mtus) == 0:  # no MTU with a violation: nothing to buy
         accepted, price = np.zeros(len(active)), np.full(len(active), np.nan)
-        status, solved, slp = SolveStatus.NOTHING_TO_CLEAR, SolveStats(), {}
+        status, solved, slp = SolveStatus.NOTHING_TO_CLEAR, SolveStats(), SequentialLP()
     elif method == "needs_based":
         accepted, price = _merit_order_to_needs(active, needs, penalty)
-        status, solved, slp = SolveStatus.MERIT_ORDER, SolveStats(), {}
+        status, solved, slp = SolveStatus.MERIT_ORDER, SolveStats(), SequentialLP()
     else:
         sol, grid, solved, slp = _sequential_clearing(
             pf, zones, W, sensitivity_method, grid, active, resources, penalty, needs, cache
         )
         status, accepted, price = sol.status, sol.accepted_mw, _bid_prices(active, sol, grid)
-    stats = {"status": status.value, **asdict(solved), **slp}
-    stats["clear_s"] = time.perf_counter() - started
-    stats["grid_s"] = t_grid
+    clear_s = time.perf_counter() - started
     result_bids = _bid_table(
         bids.steps, active.index, accepted, price, pf.profiles.horizon.mtu_hours
     )
@@ -197,7 +203,7 @@ def clear_market(
         ac=ac,
         residual=left,
     )
-    kpis = _kpis(res, pf, pricing, stats, segmentation_error, penalty)
+    kpis = _kpis(res, pf, pricing, status, solved, slp, clear_s, segmentation_error, penalty)
     return MarketResult(**{**res.__dict__, "kpis": kpis})
 
 
@@ -344,16 +350,7 @@ def _sequential_clearing(
             number,
             best.number,
         )
-    return (
-        best.sol,
-        best.grid,
-        solved,
-        {
-            "ac_rounds": number,
-            "ac_converged": converged,
-            "ac_best_round": best.number,
-        },
-    )
+    return best.sol, best.grid, solved, SequentialLP(number, best.number, converged)
 
 
 def _judge(pf, lp_grid, market, sol, W, scale, penalty_eur_per_mwh, number) -> _Round:
@@ -535,7 +532,10 @@ def _kpis(
     res: MarketResult,
     pf: HorizonPowerFlow,
     pricing: str,
-    stats: dict,
+    status: SolveStatus,
+    solved: SolveStats,
+    slp: SequentialLP,
+    clear_s: float,
     segmentation_error: float,
     penalty_eur_per_mwh: float = DEFAULT_PENALTY_EUR_PER_MWH,
 ) -> dict:
@@ -568,17 +568,17 @@ def _kpis(
         "unmet_mw_max": float(res.unmet.unmet_mw.max()) if len(res.unmet) else 0.0,
         **violation_kpis(pf, res.ac),
         "segmentation_error": segmentation_error,
-        "solver_status": stats.get("status", ""),
-        "solve_s": stats.get("solve_s", 0.0),
-        "build_s": stats.get("build_s", 0.0),
-        "clear_s": stats.get("clear_s", 0.0),
-        "n_variables": stats.get("n_variables", 0),
-        "n_constraints": stats.get("n_constraints", 0),
-        "generation_rounds": stats.get("rounds", 0),
-        "ac_rounds": stats.get("ac_rounds", 0),
-        "ac_best_round": stats.get("ac_best_round", 0),
-        "ac_converged": int(stats.get("ac_converged", True)),
-        "column_rounds": stats.get("column_rounds", 0),
+        "solver_status": status.value,
+        "solve_s": solved.solve_s,
+        "build_s": solved.build_s,
+        "clear_s": clear_s,
+        "n_variables": solved.n_variables,
+        "n_constraints": solved.n_constraints,
+        "generation_rounds": solved.rounds,
+        "ac_rounds": slp.rounds,
+        "ac_best_round": slp.best_round,
+        "ac_converged": int(slp.converged),
+        "column_rounds": solved.column_rounds,
     }
     outside = set(values) ^ set(KPI_NAMES)
     if outside:  # the schema orders and documents every column of kpis.csv
