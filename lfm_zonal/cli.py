@@ -195,7 +195,8 @@ def cmd_sensitivities(args: argparse.Namespace) -> None:
 
     from lfm_zonal.files.outputs import result_folder
     from lfm_zonal.grid.sensitivity import sensitivities
-    from lfm_zonal.study.job import prepare_base_case, write_sensitivities
+    from lfm_zonal.study.job import prepare_base_case
+    from lfm_zonal.study.results import write_sensitivities
 
     scenario = scenario_from_args(args)
     base = prepare_base_case(scenario, progress=True)
@@ -219,7 +220,8 @@ def _mtu(text: str):
 
 def cmd_zones(args: argparse.Namespace) -> None:
     from lfm_zonal.files.outputs import result_folder
-    from lfm_zonal.study.job import prepare_base_case, prepare_segmentation_of, write_zones
+    from lfm_zonal.study.job import prepare_base_case, prepare_segmentation_of
+    from lfm_zonal.study.results import write_zones
 
     scenario = scenario_from_args(args)
     base = prepare_base_case(scenario, progress=True)
@@ -247,7 +249,7 @@ def cmd_clear(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from lfm_zonal.check.kpis import TERMINAL_COLUMNS
-    from lfm_zonal.study.job import run_scenario
+    from lfm_zonal.study.results import run_scenario
 
     if args.market != "nodal" and not args.k:
         raise InputError(f"--market {args.market} needs --k (number of zones)")
@@ -263,7 +265,7 @@ def _warn_residuals(out: Path) -> None:
     """One warning line (stderr) per market that leaves a violation after the AC check."""
     import pandas as pd
 
-    from lfm_zonal.study.job import residual_warnings
+    from lfm_zonal.study.report import residual_warnings
 
     kpis = pd.read_csv(out / "kpis.csv")
     residual = pd.read_csv(out / "residual_violations.csv")
@@ -276,7 +278,7 @@ def _mtu_or_peak(text: str):
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from lfm_zonal.study.job import run_scenario
+    from lfm_zonal.study.results import run_scenario
 
     scenario = load_scenario(args.scenario)
     out = run_scenario(scenario, args.out, overwrite=args.overwrite, progress=not args.quiet)
@@ -391,7 +393,7 @@ def _tender_grid(args: argparse.Namespace, params, seeds: range) -> None:
     base = prepare_base_case(scenario, progress=True)
     resources = prepare_resources(base)
     seg = prepare_segmentation_of(base, resources)
-    ks = _numbers(args.k, int, "--k") if args.k else tuple(range(1, seg.n_buses + 1))
+    ks = _numbers(args.k, int, "--k") if args.k is not None else tuple(range(1, seg.n_buses + 1))
     bad = [k for k in ks if not 1 <= k <= seg.n_buses]
     if bad:
         raise InputError(f"--k {bad[0]} is out of range: 1 <= K <= {seg.n_buses}")

@@ -15,7 +15,7 @@ import pytest
 
 from lfm_zonal import Horizon, load_grid, load_profiles
 from lfm_zonal.errors import GridError, InputError
-from lfm_zonal.study.job import run_scenario
+from lfm_zonal.study.results import run_scenario
 from lfm_zonal.study.scenario import parse_scenario
 
 warnings.filterwarnings("ignore")

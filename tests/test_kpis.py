@@ -20,7 +20,7 @@ from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLA
 from lfm_zonal.market.clearing import clear_market
 from lfm_zonal.market.lp import DEFAULT_PENALTY_EUR_PER_MWH
 from lfm_zonal.market.resources import FlexibilitySpec, generate_resources, read_resources
-from lfm_zonal.study.job import residual_warnings
+from lfm_zonal.study.report import residual_warnings
 from lfm_zonal.zones.segmentation import prepare_segmentation
 
 HEADER = (

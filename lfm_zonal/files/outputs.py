@@ -73,6 +73,7 @@ def check_output_path(
     inputs: Iterable[str | Path] = (),
     markers: tuple[str, ...] = (MARKER,),
     exists_ok: bool = False,
+    not_empty: str = "use --overwrite",
 ) -> Path:
     """The resolved output path, or an InputError of one line saying why it cannot be used.
 
@@ -80,7 +81,8 @@ def check_output_path(
     whose presence shows that lfm-zonal wrote an existing folder. ``exists_ok``: leave
     the refusal of an existing output without ``overwrite`` to the time of writing
     (the command line claims --out before the inputs are validated, and an input
-    mistake is the more useful message).
+    mistake is the more useful message). ``not_empty``: what the refusal of an existing,
+    non-empty folder advises.
     """
     text = str(out)
     noun = "folder" if kind == "folder" else "file"
@@ -114,7 +116,7 @@ def check_output_path(
         raise InputError(f"--out {out}: cannot write in {above} (permission denied)")
     protected = {Path(p).resolve() for p in inputs if str(p)} | set(inputs_read())
     if kind == "folder":
-        _check_folder(out, target, overwrite, protected, markers, exists_ok)
+        _check_folder(out, target, overwrite, protected, markers, exists_ok, not_empty)
     else:
         _check_file(out, target, overwrite, protected, exists_ok)
     return target
@@ -127,6 +129,7 @@ def _check_folder(
     protected: set[Path],
     markers: tuple[str, ...],
     exists_ok: bool,
+    not_empty: str,
 ) -> None:
     held = sorted(p for p in protected if target == p or target in p.parents)
     if held:
@@ -146,7 +149,7 @@ def _check_folder(
     if not overwrite:
         if exists_ok:
             return
-        raise InputError(f"output folder {out} exists and is not empty (use --overwrite)")
+        raise InputError(f"output folder {out} exists and is not empty ({not_empty})")
     if not any((target / m).is_file() for m in markers):
         raise InputError(
             f"--overwrite: {out} was not written by lfm-zonal (no {MARKER} file in it), "
@@ -189,7 +192,7 @@ def claim_output(out: str | Path, **check) -> Iterator[Path]:
     """Check ``out`` and hold its lock for the block (re-entrant in one process).
 
     ``check``: the rules of :func:`check_output_path` (``kind``, ``overwrite``,
-    ``inputs``, ``markers``, ``exists_ok``), applied before and again after the lock is
+    ``inputs``, ``markers``, ``exists_ok``, ``not_empty``), applied before and again after the lock is
     taken. Creates the missing folders above ``out`` (removed again if the block leaves
     nothing in them), takes the lock ``.NAME.lock`` beside it (a second run is refused
     with one line naming the pid that holds it), then removes leftovers of killed runs.

@@ -1,4 +1,5 @@
-"""Studies that run the pipeline: ``scenario`` (TOML scenarios), ``job`` (the main job: base
-case, zones, every market, AC check, results folder), ``sweep`` (many days, resumable)
-and ``regression`` (golden nodal results).
+"""Studies that run the pipeline: ``scenario`` (TOML scenarios), ``job`` (the main job in
+memory: base case, zones, every market checked in AC), ``results`` (its results folder),
+``report`` (report.md and the warnings on violations left), ``sweep`` (many days,
+resumable) and ``regression`` (golden nodal results).
 """

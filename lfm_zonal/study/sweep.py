@@ -132,11 +132,9 @@ def run_sweep(
     out = Path(out)
     manifest = {"scenario": scenario.values, "methods": methods}
     resumed = (out / MANIFEST).is_file() or (out / MARKER).is_file()
-    if not resumed and out.is_dir() and any(out.iterdir()):  # a sweep resumes, never replaces
-        raise InputError(
-            f"--out {out} exists, is not empty and holds no sweep ({MANIFEST}); choose another --out"
-        )
-    with claim_output(out, overwrite=resumed, markers=(MARKER, MANIFEST)):
+    # A sweep resumes its own folder and never replaces another.
+    hint = f"no {MANIFEST} in it: choose another --out"
+    with claim_output(out, overwrite=resumed, markers=(MARKER, MANIFEST), not_empty=hint):
         _check_manifest(out / MANIFEST, manifest, write=False)
         fresh = not out.exists()
         written = set(_case_files(out))

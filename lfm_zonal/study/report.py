@@ -1,0 +1,135 @@
+"""The main job's report (``report.md``) and its warnings on violations left after the AC
+check, from a study's KPI and residual tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from lfm_zonal.check.kpis import REPORT_COLUMNS
+from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
+from lfm_zonal.study.job import StudyResult, base_case_summary
+
+
+def residual_warnings(kpis: pd.DataFrame, residual: pd.DataFrame, limit: int = 4) -> list[str]:
+    """One line per market that leaves a violation after the AC check (or an MTU whose AC
+    check did not converge): how many, where (elements named, worst first), whether the
+    offers there were exhausted, and the residual MW-equivalent it leaves."""
+    lines = []
+    for rec in kpis.itertuples(index=False):
+        label = "nodal" if rec.method == "nodal" else f"{rec.method} K = {rec.k}"
+        rows = (
+            residual[(residual.method == rec.method) & (residual.k == rec.k)]
+            if len(residual)
+            else residual
+        )
+        failed = int(getattr(rec, "mtus_not_converged_after", 0))
+        if rows.empty and not failed:
+            continue
+        parts = []
+        if len(rows):
+            worst = rows.sort_values("residual_mw", ascending=False, kind="stable").drop_duplicates(
+                ["element_type", "element", "violation"]
+            )
+            named = [
+                f"{r.element_type} {int(r.element)} ({r.violation} "
+                + (f"{r.excess:.3g} pp" if r.violation == "overload" else f"{r.excess:.3g} p.u.")
+                + ")"
+                for r in worst.head(limit).itertuples(index=False)
+            ]
+            more = len(worst) - len(named)
+            exhausted = rows.offers_exhausted.eq(True)
+            parts.append(
+                f"{len(rows)} violation(s) left after the AC check in {rows.mtu.nunique()} MTU(s): "
+                + ", ".join(named)
+                + (f" and {more} more" if more > 0 else "")
+                + f"; offers exhausted for {int(exhausted.sum())} of them"
+                + f"; residual {float(rec.residual_mwh):.3g} MWh-equivalent"
+            )
+        if failed:
+            parts.append(f"AC check did not converge in {failed} MTU(s)")
+        lines.append(f"{label}: " + "; ".join(parts))
+    return lines
+
+
+def report_markdown(
+    study: StudyResult, kpis: pd.DataFrame, worst: int | None, residual: pd.DataFrame
+) -> str:
+    """report.md: the scenario, its base case, the KPI table (``kpis``), the violations left
+    (``residual``, residual_violations.csv) and the worst MTU ``worst``."""
+    base = study.base
+    pf = base.powerflow
+    b = base_case_summary(pf)
+    table = kpis[list(REPORT_COLUMNS)].copy()
+    lines = [
+        f"# {base.scenario.name}",
+        "",
+        base.scenario.values[""]["description"] or "",
+        "",
+        f"Grid **{base.grid.name}** ({base.grid.origin}); {base.profiles.horizon.n_mtu} MTUs of "
+        f"{base.profiles.horizon.mtu_minutes} min from {base.profiles.horizon.start}, profiles "
+        f"{base.profiles.source}; limits {base.grid.vm_min_pu}-{base.grid.vm_max_pu} p.u., "
+        f"{base.grid.loading_max_percent:g}% loading; {len(study.resources)} resources.",
+        "",
+        f"Base case: max loading {b['loading_max_percent']:.1f}% ({b['mtus_with_overload']} MTUs "
+        f"overloaded), voltage {b['vm_min_pu']:.3f}-{b['vm_max_pu']:.3f} p.u. "
+        f"({b['mtus_with_voltage_violation']} MTUs out of band).",
+        "",
+        "## Markets (after the AC check)",
+        "",
+        _markdown_table(table),
+        "",
+        "Residuals are measured by an AC power flow of the real dispatch; the nodal market is "
+        "the benchmark. A row is violated beyond "
+        f"{VIOLATION_TOLERANCE_LOADING_PERCENT:g} pp of loading or {VIOLATION_TOLERANCE_VM_PU:g} "
+        "p.u. of voltage. Unmet need is the larger of the MW the DSO still misses in the linear "
+        "model after the clearing and the AC residual in MW-equivalent (reported, never hidden). "
+        "The security-adjusted cost adds that AC residual priced at the penalty of unmet need "
+        f"({_penalty(kpis)}).",
+        "",
+        "![cost and residuals against K](k_comparison.png)",
+        "",
+        "## Violations left after the AC check",
+        "",
+    ]
+    warnings = residual_warnings(kpis, residual, limit=8)
+    if warnings:
+        lines += [f"* {w}" for w in warnings]
+        lines += [
+            "",
+            "Each (MTU, element) is in `residual_violations.csv`, with its excess, its residual MW "
+            "(excess over the element's largest nodal sensitivity to an injection) and whether "
+            "the offers there were exhausted: every resource whose activation relieves the "
+            "element was dispatched to its full offer in that MTU. Offers exhausted: the "
+            "flexibility offered cannot fix it; not exhausted: the market chose not to, or its "
+            "model did not see it.",
+            "",
+        ]
+    else:
+        lines += ["None: every market leaves every element within its limits.", ""]
+    if worst is not None:
+        lines += [
+            f"Worst MTU: {worst} ({pf.times[worst]}).",
+            "",
+            "![before and after](before_after.png)",
+            "",
+        ]
+    lines += ["Zones: see `zones/` (maps `zones_k<K>.png`, error curve `error_curve.png`).", ""]
+    return "\n".join(lines)
+
+
+def _penalty(kpis: pd.DataFrame) -> str:
+    values = sorted(set(kpis.penalty_eur_per_mwh)) if "penalty_eur_per_mwh" in kpis else []
+    return ", ".join(f"{v:g} EUR/MWh" for v in values) or "none"
+
+
+def _markdown_table(table: pd.DataFrame) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return "" if np.isnan(v) else f"{v:.4g}"
+        return str(v)
+
+    head = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    rows = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([head, rule, *rows])

@@ -1,0 +1,220 @@
+"""The main job's results folder: every file a run writes (listed in the README), from a
+study in memory (``job.run_study``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lfm_zonal.check.ac import RESIDUAL_COLUMNS
+from lfm_zonal.check.kpis import TIMING_COLUMNS
+from lfm_zonal.files.outputs import result_folder, write_csv, write_json
+from lfm_zonal.grid.powerflow import HorizonPowerFlow
+from lfm_zonal.grid.sensitivity import Sensitivities
+from lfm_zonal.grid.violations import violated_state
+from lfm_zonal.market.clearing import MarketResult
+from lfm_zonal.report.plots import (
+    plot_before_after,
+    plot_error_curve,
+    plot_k_comparison,
+    plot_zones,
+)
+from lfm_zonal.study.job import StudyResult, base_case_summary, run_study
+from lfm_zonal.study.report import report_markdown
+from lfm_zonal.study.scenario import Scenario
+from lfm_zonal.zones.segmentation import Segmentation, Zones
+
+log = logging.getLogger(__name__)
+
+
+def tidy(frame: pd.DataFrame, value: str) -> pd.DataFrame:
+    """A time x element table as long rows (time, element labels..., value)."""
+    out = frame.stack(list(range(frame.columns.nlevels)), future_stack=True).rename(value)
+    return out.reset_index()
+
+
+def write_sensitivities(sens: Sensitivities, folder: Path) -> None:
+    """The four matrices as CSV: rows monitored element or bus, columns bus (pandapower indices)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("loading_p", "loading_q", "vm_p", "vm_q"):
+        write_csv(getattr(sens, name), folder / f"{name}.csv")
+
+
+def write_zones(seg: Segmentation, zone_sets: list[Zones], folder: Path, grid_name: str) -> None:
+    """zones.csv, zone_errors.csv, zonal indices per K, error curve over every K, zone maps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, errors = [], []
+    for zones in zone_sets:
+        idx = seg.indices(zones)
+        med = seg.medoids(zones)
+        table = pd.DataFrame(
+            {
+                "k": zones.k,
+                "bus": zones.buses,
+                "zone": zones.zone_of_bus.to_numpy(),
+                "medoid": zones.buses.isin(med.to_numpy()),
+                "weight_mw": idx.weights.to_numpy(),
+            }
+        )
+        rows.append(table)
+        errors.append(
+            idx.error[["buses", "weight", "loading_error", "vm_error"]]
+            .assign(k=zones.k, medoid=med)
+            .reset_index()
+        )
+        sub = folder / "zonal_indices" / f"k{zones.k}"
+        sub.mkdir(parents=True, exist_ok=True)
+        for name in ("loading_p", "loading_q", "vm_p", "vm_q"):
+            write_csv(getattr(idx, name), sub / f"{name}.csv")
+        write_csv(idx.element_error, sub / "element_error.csv")
+        err = idx.overall_error()
+        plot_zones(
+            seg.graph,
+            seg.pf.grid.net,
+            zones.zone_of_bus,
+            med,
+            folder / f"zones_k{zones.k}.png",
+            f"{grid_name}: K = {zones.k} zones ({zones.method}), error "
+            f"loading {err['loading']:.2f} / voltage {err['vm']:.2f}",
+        )
+    write_csv(pd.concat(rows, ignore_index=True), folder / "zones.csv", index=False)
+    columns = ["k", "zone", "buses", "weight", "medoid", "loading_error", "vm_error"]
+    write_csv(
+        pd.concat(errors, ignore_index=True)[columns], folder / "zone_errors.csv", index=False
+    )
+    method = zone_sets[0].method
+    curve = seg.error_curve(method=method)
+    write_csv(curve, folder / "error_curve.csv", index=False)
+    plot_error_curve(
+        curve, folder / "error_curve.png", f"{grid_name}: segmentation error against K ({method})"
+    )
+
+
+def _label(m: MarketResult) -> str:
+    return "nodal" if m.method == "nodal" else f"{m.method}_k{m.k}"
+
+
+def _long(frames: list[tuple[MarketResult, pd.DataFrame]]) -> pd.DataFrame:
+    """Stack per-market tables with method and k in front (the header alone when every
+    table is empty: a horizon where nothing is accepted still has its columns)."""
+    parts = [f.assign(method=m.method, k=m.k) for m, f in frames if len(f)]
+    if not parts:
+        columns = [c for m, f in frames[:1] for c in f.columns]
+        return pd.DataFrame(
+            columns=["method", "k", *[c for c in columns if c not in ("method", "k")]]
+        )
+    out = pd.concat(parts, ignore_index=True)
+    return out[["method", "k", *[c for c in out.columns if c not in ("method", "k")]]]
+
+
+def write_results(study: StudyResult, folder: Path) -> None:
+    """Every output file of the main job (listed in the README)."""
+    base, seg = study.base, study.segmentation
+    pf = base.powerflow
+    kpis = study.kpis()
+    write_csv(kpis, folder / "kpis.csv", index=False)
+    write_csv(base.powerflow.violations(), folder / "base_case.csv")
+    write_csv(
+        _long(
+            [(m, m.bids[m.bids.accepted_mw > 0].drop(columns=["time"])) for m in study.markets]
+        ).assign(time=lambda d: pf.times[d.mtu.to_numpy(np.int64)]),
+        folder / "accepted_bids.csv",
+        index=False,
+    )
+    write_csv(
+        _long([(m, m.dispatch) for m in study.markets]), folder / "activations.csv", index=False
+    )
+    write_csv(
+        _long([(m, m.activations) for m in study.markets]),
+        folder / "zone_activations.csv",
+        index=False,
+    )
+    write_csv(
+        _long([(m, m.needs) for m in study.markets if m.method != "needs_based"]),
+        folder / "needs.csv",
+        index=False,
+    )
+    write_csv(_long([(m, m.unmet) for m in study.markets]), folder / "unmet.csv", index=False)
+    residual = residual_table(study.markets)
+    write_csv(residual, folder / "residual_violations.csv", index=False)
+    resources = study.resources.table.reset_index()
+    write_csv(resources, folder / "resources.csv", index=False)
+    zone_sets = sorted(
+        {m.zones.k: m.zones for m in study.markets if m.method != "nodal"}.values(),
+        key=lambda z: z.k,
+    ) or [seg.zones(1)]
+    write_zones(seg, zone_sets, folder / "zones", base.grid.name)
+    plot_k_comparison(kpis, folder / "k_comparison.png", base.grid.name)
+    worst = worst_mtu(pf)
+    if worst is not None:
+        plot_before_after(
+            pf,
+            {_label(m): m.ac for m in study.markets if m.method != "needs_based"},
+            worst,
+            folder / "before_after.png",
+        )
+    summary = {
+        "scenario": base.scenario.name,
+        "scenario_source": base.scenario.path,
+        "seed": base.scenario.seed,
+        "grid": base.grid.summary()
+        | {"origin": base.grid.origin, "profiles": base.profiles.source},
+        "limits": {
+            "vm_min_pu": base.grid.vm_min_pu,
+            "vm_max_pu": base.grid.vm_max_pu,
+            "loading_max_percent": base.grid.loading_max_percent,
+        },
+        "horizon": {
+            "start": str(base.profiles.horizon.start),
+            "n_mtu": base.profiles.horizon.n_mtu,
+            "mtu_minutes": base.profiles.horizon.mtu_minutes,
+            "profiles": base.profiles.source,
+        },
+        "mtus_not_converged": list(pf.failures),
+        "reference_mtu": {"position": seg.reference_mtu, "time": str(pf.times[seg.reference_mtu])},
+        "worst_mtu": None if worst is None else {"position": worst, "time": str(pf.times[worst])},
+        "resources": {
+            "count": len(study.resources),
+            "aggregators": int(study.resources.table.aggregator.nunique())
+            if len(study.resources)
+            else 0,
+        },
+        "base_case": base_case_summary(pf),
+        "markets": kpis.drop(columns=list(TIMING_COLUMNS)).to_dict("records"),
+    }
+    write_json(summary, folder / "summary.json")
+    (folder / "report.md").write_text(
+        report_markdown(study, kpis, worst, residual), encoding="utf-8"
+    )
+
+
+def residual_table(markets: list[MarketResult]) -> pd.DataFrame:
+    """residual_violations.csv: every market's (MTU, element) still violated after the AC check
+    (``validation.residual_violations``), with method and k in front; the header alone if none."""
+    table = _long([(m, m.residual) for m in markets])
+    if table.empty:
+        return pd.DataFrame(columns=["method", "k", *RESIDUAL_COLUMNS])
+    return table
+
+
+def worst_mtu(pf: HorizonPowerFlow) -> int | None:
+    """The MTU with the largest base-case violation (overload in percent points, voltage x 100)."""
+    over, dev = violated_state(pf.grid, pf.loading_percent, pf.vm_pu)
+    score = (over.max(axis=1) + 100 * dev.max(axis=1)).fillna(0.0)
+    return int(score.to_numpy().argmax()) if score.max() > 0 else None
+
+
+def run_scenario(
+    scenario: Scenario, out: str | Path, *, overwrite: bool = False, progress: bool = False
+) -> Path:
+    """Run the main job of ``scenario`` and write its results folder ``out`` (complete or absent)."""
+    started = time.perf_counter()
+    study = run_study(scenario, progress=progress)
+    with result_folder(out, overwrite=overwrite) as folder:
+        write_results(study, folder)
+    log.info("finished in %.1f s", time.perf_counter() - started)
+    return Path(out)
