@@ -157,8 +157,8 @@ def linear_grid(
         for i in range(T):
             s = sensitivity_arrays(model, V[i], sensitivity_method, W, cache)
             sl_p[i], sl_q[i], sv_p[i], sv_q[i] = s.loading_p, s.loading_q, s.vm_p, s.vm_q
-    loading0 = np.array([model.loading_percent(v) for v in V]).reshape(len(mtus), n_l)
-    vm0 = np.array([model.vm_pu(v) for v in V]).reshape(len(mtus), n_b)
+    loading0 = model.loading_percent(V).reshape(len(mtus), n_l)
+    vm0 = model.vm_pu(V).reshape(len(mtus), n_b)
     if p_prev is not None:
         q_prev = np.zeros_like(p_prev) if q_prev is None else q_prev
         loading0 = (

@@ -157,18 +157,21 @@ class NetworkModel:
         return sp.csr_matrix(self.Yf[self.branch_rows]), sp.csr_matrix(self.Yt[self.branch_rows])
 
     def branch_currents(self, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Complex from- and to-end currents (p.u.) of the monitored branches."""
+        """Complex from- and to-end currents (p.u.) of the monitored branches, for internal
+        voltages ``V`` of one MTU (n_bus) or of several (rows are MTUs)."""
         Yf, Yt = self.monitored_admittance
-        return Yf @ V, Yt @ V
+        return (Yf @ V.T).T, (Yt @ V.T).T
 
     def loading_percent(self, V: np.ndarray) -> np.ndarray:
+        """pandapower's loading_percent of the monitored branches (one MTU or rows of MTUs)."""
         i_f, i_t = self.branch_currents(V)
         return np.maximum(
             self.loading_per_i_from * np.abs(i_f), self.loading_per_i_to * np.abs(i_t)
         )
 
     def vm_pu(self, V: np.ndarray) -> np.ndarray:
-        return np.abs(V[self.bus_lookup.to_numpy()])
+        """Voltage magnitude of every energised pandapower bus (one MTU or rows of MTUs)."""
+        return np.abs(V[..., self.bus_lookup.to_numpy()])
 
 
 def _internal_without_branches(ppc: dict, lookup: np.ndarray) -> tuple[dict, np.ndarray]:
@@ -552,12 +555,8 @@ def run_horizon(
     vm = np.full((len(times), len(model.buses)), np.nan)
     loading = np.full((len(times), len(model.branches)), np.nan)
     if ok.any():
-        vm[ok] = np.abs(V[ok][:, model.bus_lookup.to_numpy()])
-        i_f = (model.Yf[model.branch_rows] @ V[ok].T).T
-        i_t = (model.Yt[model.branch_rows] @ V[ok].T).T
-        loading[ok] = np.maximum(
-            model.loading_per_i_from * np.abs(i_f), model.loading_per_i_to * np.abs(i_t)
-        )
+        vm[ok] = model.vm_pu(V[ok])
+        loading[ok] = model.loading_percent(V[ok])
     vm_df = pd.DataFrame(vm, index=times, columns=model.buses.rename("bus"))
     loading_df = pd.DataFrame(loading, index=times, columns=model.branches)
     return HorizonPowerFlow(

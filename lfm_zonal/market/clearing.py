@@ -360,9 +360,7 @@ def _judge(pf, lp_grid, market, sol, W, scale, penalty_eur_per_mwh, number) -> _
     V, ok = solve_with_injections(pf, lp_grid.mtus, sol.p_mw @ W.T, sol.q_mvar @ W.T)
     excess = np.full((len(lp_grid.mtus), scale.shape[1]), np.inf)
     model = pf.model
-    for i in np.flatnonzero(ok):
-        loading, vm = model.loading_percent(V[i])[None], model.vm_pu(V[i])[None]
-        excess[i] = lp_grid.violations(loading, vm)[0]
+    excess[ok] = lp_grid.violations(model.loading_percent(V[ok]), model.vm_pu(V[ok]))
     cost = np.zeros(len(lp_grid.mtus))
     np.add.at(cost, market.t_of_bid, market.price * sol.accepted_mw * lp_grid.dt_h)
     # Priced as the LP prices its slacks (MW-equivalent, summed over rows), for what is
