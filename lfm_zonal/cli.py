@@ -452,6 +452,8 @@ def _days(text: str) -> list[str]:
         ) from None
     if len(days) == 0:
         raise InputError(f"--days '{text}': no day in that range")
+    if days.has_duplicates:
+        raise InputError(f"--days '{text}': {days[days.duplicated()][0]:%Y-%m-%d} is given twice")
     if len(days) > MAX_SWEEP_DAYS:
         raise InputError(
             f"--days '{text}' gives {len(days)} days; a sweep takes at most {MAX_SWEEP_DAYS} "
@@ -473,13 +475,15 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         _numbers(args.seeds, int, "--seeds") if args.seeds is not None else (int(scenario.seed),)
     )
     methods = [m.strip() for m in args.methods.split(",")] if args.methods is not None else None
-    # The flags checked as the scenario's keys, from the command line, before any case runs.
+    # Each flag checked as the scenario's key it sets, before any case runs.
     values = {section: dict(keys) for section, keys in scenario.values.items()}
-    values["zones"]["k"] = list(ks)
+    values["zones"] = values["zones"] | {"k": list(ks)}
+    validate_values(values, f"--k {args.k}")
     if methods is not None:
-        values["market"]["methods"] = methods
+        values["market"] = values["market"] | {"methods": methods}
+        validate_values(values, f"--methods {args.methods}")
     for seed in seeds:
-        validate_values(values | {"": values[""] | {"seed": seed}}, "command line")
+        validate_values(values | {"": values[""] | {"seed": seed}}, f"--seeds {args.seeds}")
     table = run_sweep(
         scenario,
         _days(args.days),

@@ -325,6 +325,8 @@ class ScenarioConfig(BaseModel):
 
     @model_validator(mode="after")
     def _across_sections(self) -> ScenarioConfig:
+        if not self.name.isprintable():  # it is printed on the terminal and in the report
+            raise _rule("name", "must hold no control character", self.name)
         ref, n_mtu = self.zones.reference_mtu, self.horizon.n_mtu
         if ref != "peak" and ref >= n_mtu:
             raise _rule("zones.reference_mtu", f"must be below 'horizon.n_mtu' ({n_mtu})", ref)

@@ -215,6 +215,11 @@ def scenario_cases() -> list[Case]:
         ("k above the bus count", scenario_text("zones", "k", "[1, 4]"), ("k",)),
         ("k repeated", scenario_text("zones", "k", "[2, 2]"), ("zones.k", "once")),
         (
+            "name with a control character",
+            SCENARIO.replace('name = "fuzz"', 'name = "a\\u001b[31mb"'),
+            ("name", "control"),
+        ),
+        (
             "reference MTU beyond the horizon",
             scenario_text("zones", "reference_mtu", "5"),
             ("reference_mtu",),
@@ -530,8 +535,10 @@ def cli_cases() -> list[Case]:
         (("sweep", "scenario.toml", "--days", "2016-01-14", "--seeds", " ", "--out", "sw"), ("--seeds",)),
         (("sweep", "scenario.toml", "--days", "2016-01-14", "--k", "2,2", "--out", "sw"), ("--k", "twice")),
         (("sweep", "scenario.toml", "--days", "2016-01-14", "--seeds", "1,1", "--out", "sw"), ("--seeds", "twice")),
-        (("sweep", "scenario.toml", "--days", "2016-01-14", "--k", "0", "--out", "sw"), ("command line", "zones.k")),
-        (("sweep", "scenario.toml", "--days", "2016-01-14", "--seeds=-1", "--out", "sw"), ("command line", "seed")),
+        (("sweep", "scenario.toml", "--days", "2016-01-14", "--k", "0", "--out", "sw"), ("--k 0", "zones.k")),
+        (("sweep", "scenario.toml", "--days", "2016-01-14", "--seeds=-1", "--out", "sw"), ("--seeds -1", "seed")),
+        (("sweep", "scenario.toml", "--days", "2016-01-14", "--methods", "foo", "--out", "sw"), ("--methods foo",)),
+        (("sweep", "scenario.toml", "--days", "2016-01-14,2016-01-14", "--out", "sw"), ("--days", "twice")),
         # A folder that holds no sweep is never resumed into, and sweep has no --overwrite.
         (("sweep", "scenario.toml", "--days", "2016-01-14", "--out", "grid.json"), ("grid.json",)),
     ]  # fmt: skip

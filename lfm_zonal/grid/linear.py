@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
@@ -111,7 +112,7 @@ class LinearGrid:
 
 def linear_grid(
     pf: HorizonPowerFlow,
-    W: np.ndarray,
+    W: np.ndarray | sp.spmatrix,
     sensitivity_method: str,
     mtus,
     V: np.ndarray | None = None,
