@@ -11,7 +11,7 @@ import numpy as np
 import pandapower as pp
 import pandas as pd
 import pytest
-from test_market import clear_on, three_bus_feeder
+from test_market import clear_on, feeder_case
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
 from lfm_zonal.check.ac import ACCheck, residual_violations, violation_kpis
@@ -19,7 +19,7 @@ from lfm_zonal.check.kpis import KPI_NAMES, markdown_table
 from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
 from lfm_zonal.market.clearing import clear_market
 from lfm_zonal.market.lp import DEFAULT_PENALTY_EUR_PER_MWH
-from lfm_zonal.market.resources import FlexibilitySpec, generate_resources, read_resources
+from lfm_zonal.market.resources import FlexibilitySpec, generate_resources
 from lfm_zonal.study.report import residual_warnings
 from lfm_zonal.zones.segmentation import prepare_segmentation
 
@@ -27,18 +27,6 @@ HEADER = (
     "resource_id,aggregator,bus,kind,direction,p_max_mw,cost_up_eur_per_mwh,"
     "cost_down_eur_per_mwh,energy_mwh,soc_init_mwh,efficiency\n"
 )
-
-
-def feeder_case(tmp_path, resources_csv: str):
-    (tmp_path / "resources.csv").write_text(HEADER + resources_csv)
-    pd.DataFrame({"load_0_p_mw": [6.0]}).to_csv(tmp_path / "profiles.csv", index=False)
-    grid = load_grid(three_bus_feeder(), vm_min_pu=0.9, vm_max_pu=1.1)
-    pf = run_horizon(
-        grid, load_profiles(grid, Horizon(n_mtu=1, mtu_minutes=60), csv=tmp_path / "profiles.csv")
-    )
-    res = read_resources(tmp_path / "resources.csv", pf)
-    seg = prepare_segmentation(pf, 0, flexible_capacity_mw=res.capacity_per_bus())
-    return pf, res, seg
 
 
 def line1_loading(net: pp.pandapowerNet, bus: int | None = None, dp_mw: float = 0.0) -> float:
@@ -63,7 +51,7 @@ def test_security_adjusted_cost_is_hand_computed(tmp_path):
     """One offer dearer than the penalty: nothing is bought, so the residual is the base-case
     overload of line 1, in MW-equivalent over its largest nodal sensitivity (central finite
     differences of runpp)."""
-    pf, res, seg = feeder_case(tmp_path, "A,agg1,2,load,up,4,1000000,0,,,\n")
+    pf, res, seg = feeder_case(tmp_path, HEADER + "A,agg1,2,load,up,4,1000000,0,,,\n")
     net = pf.grid.net
     loading = line1_loading(net)
     assert loading > 110
@@ -95,7 +83,7 @@ def test_security_adjusted_cost_is_hand_computed(tmp_path):
 def test_offers_that_cannot_fix_an_element_are_reported(tmp_path):
     """0.5 MW of load reduction at bus 2 is far less than line 1 needs: all of it is bought,
     line 1 stays overloaded, and the market says so: by name, with unmet need, exhausted."""
-    pf, res, seg = feeder_case(tmp_path, "A,agg1,2,load,up,0.5,50,0,,,\n")
+    pf, res, seg = feeder_case(tmp_path, HEADER + "A,agg1,2,load,up,0.5,50,0,,,\n")
     for method, k in (("nodal", None), ("zonal", 1), ("needs_based", 1)):
         result = clear_on(seg, res, method, k)
         left = result.residual
@@ -121,7 +109,7 @@ def test_offers_that_cannot_fix_an_element_are_reported(tmp_path):
 def test_offers_not_used_are_not_exhausted(tmp_path):
     """Enough offers but a penalty below their price: the market leaves line 1 overloaded
     although the offers could fix it, and says they were not exhausted."""
-    pf, res, seg = feeder_case(tmp_path, "A,agg1,2,load,up,4,50,0,,,\n")
+    pf, res, seg = feeder_case(tmp_path, HEADER + "A,agg1,2,load,up,4,50,0,,,\n")
     result = clear_market(pf, res, "nodal", penalty_eur_per_mwh=1.0)
     row = result.residual.iloc[0]
     assert (row.element_type, int(row.element)) == ("line", 1)

@@ -18,8 +18,11 @@ from lfm_zonal.zones.segmentation import prepare_segmentation
 # ----------------------------------------------------------------------------- hand-built feeder
 
 
-def three_bus_feeder() -> pp.pandapowerNet:
-    """Slack - line 0 (strong) - bus 1 - line 1 (150 A) - bus 2 with a 6 MW load: line 1 overloaded."""
+def three_bus_feeder(
+    load_q_mvar: float = 0.0, bus1_load_mw: float | None = None
+) -> pp.pandapowerNet:
+    """Slack - line 0 (strong) - bus 1 - line 1 (150 A) - bus 2 with a 6 MW load (load 0, and
+    ``load_q_mvar``): line 1 overloaded. With ``bus1_load_mw``, load 1 at bus 1."""
     net = pp.create_empty_network()
     b0, b1, b2 = (pp.create_bus(net, 20.0) for _ in range(3))
     pp.create_ext_grid(net, b0, vm_pu=1.0)
@@ -29,7 +32,9 @@ def three_bus_feeder() -> pp.pandapowerNet:
     pp.create_line_from_parameters(
         net, b1, b2, 2.0, r_ohm_per_km=0.2, x_ohm_per_km=0.12, c_nf_per_km=0.0, max_i_ka=0.15
     )
-    pp.create_load(net, b2, p_mw=6.0, q_mvar=0.0)
+    pp.create_load(net, b2, p_mw=6.0, q_mvar=load_q_mvar)
+    if bus1_load_mw is not None:
+        pp.create_load(net, b1, p_mw=bus1_load_mw, q_mvar=0.0)
     return net
 
 
@@ -54,10 +59,10 @@ S,agg1,2,storage,both,4,30,30,1.0,0.5,0.95
 """
 
 
-@pytest.fixture(scope="module")
-def hand_case(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hand")
-    (folder / "resources.csv").write_text(RESOURCES)
+def feeder_case(folder, resources_csv: str):
+    """The three-bus feeder for one hour at 6 MW, the resources CSV text ``resources_csv``
+    read into it, and its segmentation at that hour."""
+    (folder / "resources.csv").write_text(resources_csv)
     pd.DataFrame({"load_0_p_mw": [6.0]}).to_csv(folder / "profiles.csv", index=False)
     grid = load_grid(three_bus_feeder(), vm_min_pu=0.9, vm_max_pu=1.1)
     pf = run_horizon(
@@ -66,6 +71,11 @@ def hand_case(tmp_path_factory):
     res = read_resources(folder / "resources.csv", pf)
     seg = prepare_segmentation(pf, 0, flexible_capacity_mw=res.capacity_per_bus())
     return pf, res, seg
+
+
+@pytest.fixture(scope="module")
+def hand_case(tmp_path_factory):
+    return feeder_case(tmp_path_factory.mktemp("hand"), RESOURCES)
 
 
 def test_the_market_takes_its_areas_as_plain_inputs(hand_case, monkeypatch):

@@ -18,6 +18,7 @@ import numpy as np
 import pandapower as pp
 import pandas as pd
 import pytest
+from test_market import three_bus_feeder as market_feeder
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
 from lfm_zonal.market.clearing import clear_market
@@ -40,20 +41,8 @@ BUS1_LOAD_MW = 5.0  # behind resource C
 
 
 def three_bus_feeder() -> pp.pandapowerNet:
-    """Slack - line 0 (strong) - bus 1 (5 MW) - line 1 (150 A) - bus 2 (6 MW + 2 Mvar):
-    line 1 overloaded."""
-    net = pp.create_empty_network()
-    b0, b1, b2 = (pp.create_bus(net, 20.0) for _ in range(3))
-    pp.create_ext_grid(net, b0, vm_pu=1.0)
-    pp.create_line_from_parameters(
-        net, b0, b1, 2.0, r_ohm_per_km=0.2, x_ohm_per_km=0.12, c_nf_per_km=0.0, max_i_ka=1.0
-    )
-    pp.create_line_from_parameters(
-        net, b1, b2, 2.0, r_ohm_per_km=0.2, x_ohm_per_km=0.12, c_nf_per_km=0.0, max_i_ka=0.15
-    )
-    pp.create_load(net, b2, p_mw=LOAD_P_MW, q_mvar=LOAD_Q_MVAR)
-    pp.create_load(net, b1, p_mw=BUS1_LOAD_MW, q_mvar=0.0)
-    return net
+    """The market tests' three-bus feeder with Q at bus 2 and a load behind resource C."""
+    return market_feeder(load_q_mvar=LOAD_Q_MVAR, bus1_load_mw=BUS1_LOAD_MW)
 
 
 def relief_by_bisection(net: pp.pandapowerNet, tan_phi: float) -> float:
