@@ -12,10 +12,12 @@ import signal
 import sys
 import threading
 
+STARTING_INTERRUPTED = "lfm-zonal: interrupted while starting; nothing was written"
+
 
 def _interrupted_while_starting(signum, frame) -> None:
     # Ctrl-C while the libraries below load: one line, no traceback, nothing written yet.
-    sys.stderr.write("lfm-zonal: interrupted while starting; nothing was written\n")
+    sys.stderr.write(STARTING_INTERRUPTED + "\n")
     sys.stderr.flush()
     os._exit(130)
 
@@ -815,7 +817,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lfm-zonal: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as exc:
-            message = _interrupted(args, exc) if args is not None else "lfm-zonal: interrupted"
+            # Before the arguments are read, nothing can have been written: as while starting.
+            message = _interrupted(args, exc) if args is not None else STARTING_INTERRUPTED
             print(message, file=sys.stderr)
             return 143 if isinstance(exc, Terminated) else 130
     return 0

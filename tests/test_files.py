@@ -349,7 +349,8 @@ def test_sigint_and_sigterm_leave_nothing(tmp_path):
         starting.send_signal(signal.SIGINT)
         code, _, err = _finish(starting)
         assert code == 130
-        # The command line starts in about 0.15 s: the signal may find it starting or running.
+        # The command line starts in about 0.15 s: the signal may find it loading libraries,
+        # reading its arguments or already computing; each says so in one line.
         assert one_line(err) in (
             "lfm-zonal: interrupted while starting; nothing was written",
             "lfm-zonal: interrupted; no results folder was written",
