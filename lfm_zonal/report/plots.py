@@ -12,7 +12,6 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.patheffects as pe
 import matplotlib.pyplot as plt
 import networkx as nx
 import numpy as np
@@ -27,21 +26,96 @@ def save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def zone_colours(k: int) -> np.ndarray:
-    """k distinguishable colours, none pale on white: tab10 up to 10 zones, then tab10
-    followed by its darkened shades up to 20, then evenly spaced hues."""
-    tab10 = plt.get_cmap("tab10")(np.arange(10))
-    if k <= 10:
-        return tab10[:k]
-    if k <= 20:
-        dark = tab10.copy()
-        dark[:, :3] *= 0.55
-        return np.vstack([tab10, dark])[:k]
-    return plt.get_cmap("hsv")(np.linspace(0, 1, k, endpoint=False))
+# Zone maps: a few artists (LineCollection, scatter) whatever the size of the grid.
+BUS_LABEL_MAX_BUSES = 60  # bus numbers on the map up to this many buses, none above
+BIG_MAP_BUSES = 500  # above: a larger figure, thin lines, small bus dots without outline
+ZONE_LEGEND_MAX_ZONES = 9  # up to this many zones: a colour each, every zone in the legend
+# Zone colours: tab10 without its grey (kept for lines that carry no power). Above
+# ZONE_LEGEND_MAX_ZONES zones they repeat, never on two zones joined by a line.
+ZONE_PALETTE = plt.get_cmap("tab10")(np.array([0, 1, 2, 3, 4, 5, 6, 8, 9]))
+LABEL_BOX = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
+# One style per kind of line, shared by the map and its legend.
+LINE_STYLES = {
+    "inner": {"linestyle": "solid", "label": "line inside a zone (zone colour)"},
+    "border": {
+        "color": "black",
+        "linestyle": (0, (3.0, 1.5)),
+        "label": "line across a zone border (dashed, X at its middle)",
+    },
+    "open": {
+        "color": "0.55",
+        "linestyle": (0, (1.0, 1.5)),
+        "label": "line or trafo not connected (open switch or out of service)",
+    },
+}
+
+
+def zone_adjacency(graph: nx.Graph, zone_of_bus: pd.Series) -> list[set[int]]:
+    """For each zone, the zones joined to it by an edge of the graph."""
+    k = int(zone_of_bus.max()) + 1
+    neighbours: list[set[int]] = [set() for _ in range(k)]
+    edges = np.array([(a, b) for a, b in graph.edges() if a in zone_of_bus and b in zone_of_bus])
+    if len(edges):
+        za = zone_of_bus.reindex(edges[:, 0]).to_numpy()
+        zb = zone_of_bus.reindex(edges[:, 1]).to_numpy()
+        for a, b in zip(za[za != zb], zb[za != zb], strict=True):
+            neighbours[int(a)].add(int(b))
+            neighbours[int(b)].add(int(a))
+    return neighbours
+
+
+def zone_colour_index(
+    graph: nx.Graph, zone_of_bus: pd.Series, pos: dict | None = None
+) -> np.ndarray:
+    """A colour number per zone, different for zones joined by an edge (deterministic).
+
+    Up to ZONE_LEGEND_MAX_ZONES zones each zone has its own colour. Above, a greedy
+    colouring of the zone adjacency graph: zones with most neighbours first (then by
+    number), each taking, among the colours of ZONE_PALETTE that none of its neighbours
+    has, the one least often found two zones away or on zones whose extent on the map
+    (``pos``) overlaps its own, then the least used, then the first. A zone whose
+    neighbours hold every colour gets a new one (``_palette`` extends the palette)."""
+    k = int(zone_of_bus.max()) + 1
+    if k <= ZONE_LEGEND_MAX_ZONES:
+        return np.arange(k)
+    neighbours = zone_adjacency(graph, zone_of_bus)
+    near = [set().union(*(neighbours[n] for n in neighbours[z])) for z in range(k)]
+    if pos is not None and k <= 2000:  # map extents overlapping: k x k booleans
+        xy = np.array([pos[b] for b in zone_of_bus.index], dtype=float)
+        box = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1]}).groupby(zone_of_bus.to_numpy())
+        lo, hi = box.min().reindex(range(k)).to_numpy(), box.max().reindex(range(k)).to_numpy()
+        overlap = np.all(
+            (lo[:, None, :] <= hi[None, :, :]) & (lo[None, :, :] <= hi[:, None, :]), axis=2
+        )
+        for a, b in zip(*np.nonzero(overlap), strict=True):
+            near[int(a)].add(int(b))
+    colour = np.full(k, -1)
+    used = [0] * len(ZONE_PALETTE)
+    for z in sorted(range(k), key=lambda z: (-len(neighbours[z]), z)):
+        taken = {int(colour[n]) for n in neighbours[z]}
+        free = [c for c in range(len(used)) if c not in taken] or [len(used)]
+        used += [0] * (free[-1] + 1 - len(used))
+        nearby = np.bincount(
+            [colour[n] for n in near[z] if n != z and colour[n] >= 0], minlength=len(used)
+        )
+        colour[z] = min(free, key=lambda c: (nearby[c], used[c], c))
+        used[colour[z]] += 1
+    return colour
+
+
+def _palette(n: int) -> np.ndarray:
+    """n colours: ZONE_PALETTE, then its darkened shades, then evenly spaced hues."""
+    dark = ZONE_PALETTE.copy()
+    dark[:, :3] *= 0.55
+    both = np.vstack([ZONE_PALETTE, dark])
+    hues = plt.get_cmap("hsv")(np.linspace(0, 1, max(n - len(both), 0), endpoint=False))
+    return np.vstack([both, hues])[: max(n, len(ZONE_PALETTE))]
 
 
 def bus_positions(net, graph: nx.Graph) -> dict[int, tuple[float, float]]:
-    """Geodata where every bus of the graph has it, else a deterministic graph layout."""
+    """Geodata where every bus of the graph has it, else a deterministic graph layout of
+    each connected part (a grid with several substations), side by side in order of their
+    lowest bus, each scaled with the square root of its number of buses."""
     pos = {}
     if "geo" in net.bus:
         for bus, geo in net.bus.geo.items():
@@ -51,42 +125,184 @@ def bus_positions(net, graph: nx.Graph) -> dict[int, tuple[float, float]]:
                     pos[int(bus)] = (float(coords[0]), float(coords[1]))
     if all(b in pos for b in graph.nodes):
         return pos
-    if nx.is_tree(graph) or graph.number_of_nodes() <= 400:
-        return nx.kamada_kawai_layout(graph)
-    return nx.spring_layout(graph, seed=0)
-
-
-def plot_zones(
-    graph: nx.Graph, net, zone_of_bus: pd.Series, medoids: pd.Series, path: Path, title: str
-) -> None:
-    """Buses coloured by zone; edges inside a zone in its colour, between zones grey;
-    each zone's medoid drawn as a star with the zone number."""
-    pos = bus_positions(net, graph)
-    k = int(zone_of_bus.max()) + 1
-    colours = zone_colours(k)
-    fig, ax = plt.subplots(figsize=(9, 7))
-    inner, inner_c, cross = [], [], []
-    for a, b in graph.edges():
-        seg = (pos[a], pos[b])
-        if zone_of_bus[a] == zone_of_bus[b]:
-            inner.append(seg)
-            inner_c.append(colours[zone_of_bus[a]])
+    pos, x0 = {}, 0.0
+    for part in sorted(nx.connected_components(graph), key=min):
+        sub = graph.subgraph(sorted(part))
+        n = sub.number_of_nodes()
+        if n <= 2:
+            layout = {b: np.array([float(i), 0.0]) for i, b in enumerate(sub.nodes)}
+        elif nx.is_tree(sub) or n <= 400:
+            layout = nx.kamada_kawai_layout(sub)
         else:
-            cross.append(seg)
-    ax.add_collection(LineCollection(cross, colors="0.6", linewidths=1.0, linestyles="dotted"))
-    ax.add_collection(LineCollection(inner, colors=inner_c, linewidths=2.5))
-    buses = zone_of_bus.index
-    xy = np.array([pos[b] for b in buses])
-    ax.scatter(
-        xy[:, 0],
-        xy[:, 1],
-        c=colours[zone_of_bus.to_numpy()],
-        s=28,
-        zorder=3,
-        edgecolors="black",
+            layout = nx.spring_layout(sub, seed=0)
+        xy = np.array([layout[b] for b in sub.nodes], dtype=float)
+        xy -= xy.min(axis=0)
+        span = float(xy.max())
+        xy *= np.sqrt(n) / span if span > 0 else 0.0
+        xy[:, 0] += x0
+        x0 = float(xy[:, 0].max()) + max(1.0, 0.2 * np.sqrt(n))
+        pos.update({int(b): (float(x), float(y)) for b, (x, y) in zip(sub.nodes, xy, strict=True)})
+    return pos
+
+
+def _not_connected(net, pos: dict) -> tuple[list, list]:
+    """Lines and trafos with both ends on the map that carry no power (an open switch or
+    out of service), as segments, and every open switch as a point: a quarter along its
+    line or trafo from its bus, half way along a bus-bus switch."""
+    segments, switches = [], []
+    cut: dict[tuple[str, int], list[int]] = {}
+    opened = net.switch.loc[~net.switch.closed.astype(bool), ["bus", "element", "et"]]
+    for bus, element, et in opened.itertuples(index=False):
+        cut.setdefault((et, int(element)), []).append(int(bus))
+    for table, et, a_col, b_col in (
+        ("line", "l", "from_bus", "to_bus"),
+        ("trafo", "t", "hv_bus", "lv_bus"),
+    ):
+        frame = net[table]
+        ends = zip(frame.index, frame[a_col], frame[b_col], frame.in_service, strict=True)
+        for idx, a, b, on in ends:
+            at = cut.get((et, int(idx)), [])
+            if (bool(on) and not at) or a not in pos or b not in pos:
+                continue
+            pa, pb = np.asarray(pos[a]), np.asarray(pos[b])
+            segments.append((pa, pb))
+            switches += [pa + 0.25 * (pb - pa) if s == a else pb + 0.25 * (pa - pb) for s in at]
+    for (et, element), at in cut.items():
+        for bus in at:
+            if et == "b" and bus in pos and element in pos:
+                pa, pb = np.asarray(pos[bus]), np.asarray(pos[element])
+                segments.append((pa, pb))
+                switches.append((pa + pb) / 2)
+    return segments, switches
+
+
+def draw_zones(
+    graph: nx.Graph, net, zone_of_bus: pd.Series, medoids: pd.Series, title: str
+) -> plt.Figure:
+    """The zone map as a figure (``plot_zones`` saves it).
+
+    Buses and the lines inside a zone in its colour (``zone_colour_index``: neighbouring
+    zones never share one); lines between zones black dashed with an X at their middle;
+    lines and trafos that carry no power grey dotted, open switches as white diamonds;
+    every in-service ext_grid as an open square; each zone's medoid as a star with its
+    zone number where the label fits beside the others; bus numbers only up to
+    BUS_LABEL_MAX_BUSES buses. A few collections whatever the size of the grid, and a
+    legend naming every line style and marker drawn."""
+    pos = bus_positions(net, graph)
+    buses = pd.Index(zone_of_bus.index)
+    zone = zone_of_bus.to_numpy()
+    n, k = len(buses), int(zone.max()) + 1
+    big = n > BIG_MAP_BUSES
+    colour_index = zone_colour_index(graph, zone_of_bus, pos)
+    colours = _palette(k)[colour_index]
+    width = 1.0 if big else 2.5
+    fig, ax = plt.subplots(figsize=(13, 10) if big else (9, 7))
+    handles: list = []
+
+    def lines(kind: str, segments, colors, lw: float, zorder: float, marker="") -> None:
+        style = LINE_STYLES[kind]
+        collection = LineCollection(
+            segments, colors=colors, linewidths=lw, linestyles=[style["linestyle"]], zorder=zorder
+        )
+        ax.add_collection(collection, autolim=False)
+        collection.set_label(style["label"])
+        handles.append(
+            plt.Line2D(
+                [],
+                [],
+                color=style.get("color", "0.3"),
+                ls=style["linestyle"],
+                lw=lw,
+                marker=marker,
+                label=style["label"],
+            )
+        )
+
+    def marks(points, label: str, size: float, zorder: float, face="0.5", **style) -> None:
+        points = np.asarray(points, dtype=float).reshape(-1, 2)
+        ax.scatter(points[:, 0], points[:, 1], s=size, zorder=zorder, label=label, **style)
+        handles.append(
+            plt.Line2D(
+                [],
+                [],
+                ls="",
+                marker=style["marker"],
+                markersize=min(np.sqrt(size), 12),
+                markerfacecolor=face,
+                markeredgecolor="black",
+                label=label,
+            )
+        )
+
+    xy = np.array([pos[b] for b in buses], dtype=float)
+    edges = np.array(list(graph.edges()), dtype=np.int64).reshape(-1, 2)
+    ia, ib = buses.get_indexer(edges[:, 0]), buses.get_indexer(edges[:, 1])
+    ia, ib = ia[(ia >= 0) & (ib >= 0)], ib[(ia >= 0) & (ib >= 0)]
+    ends = np.stack([xy[ia], xy[ib]], axis=1)
+    inside = zone[ia] == zone[ib]
+    off_segments, open_switches = _not_connected(net, pos)
+    if off_segments:
+        lines("open", off_segments, LINE_STYLES["open"]["color"], width, 1)
+    if inside.any():
+        lines("inner", ends[inside], colours[zone[ia[inside]]], 1.6 * width, 2)
+    if (~inside).any():
+        lines("border", ends[~inside], "black", min(width, 1.5), 3, marker="X")
+        mid = ends[~inside].mean(axis=1)
+        ax.scatter(mid[:, 0], mid[:, 1], s=25 if big else 40, zorder=5, marker="X", c="black")
+    marks(
+        xy,
+        "bus (zone colour)",
+        6 if big else 28,
+        4,
+        marker="o",
+        c=colours[zone],
+        edgecolors="none" if big else "black",
         linewidths=0.4,
     )
-    if len(buses) <= 60:  # small grids: bus numbers for the engineer
+    if open_switches:
+        marks(
+            open_switches,
+            "open switch",
+            22 if big else 40,
+            6,
+            face="white",
+            marker="D",
+            facecolors="white",
+            edgecolors="black",
+            linewidths=0.8,
+        )
+    in_service = net.ext_grid.in_service.astype(bool)
+    slack = [pos[b] for b in net.ext_grid.bus[in_service] if b in pos]
+    if slack:  # every substation of a grid with several
+        marks(
+            slack,
+            "slack (ext_grid)",
+            160,
+            8.5,
+            face="none",
+            marker="s",
+            facecolors="none",
+            edgecolors="black",
+            linewidths=2.0,
+        )
+    placed = medoids[medoids.isin(list(pos))]
+    if len(placed):
+        marks(
+            [pos[b] for b in placed],
+            "zone medoid (virtual bus location), label Zn",
+            260 if k <= 20 else 150,
+            8,
+            marker="*",
+            c=colours[placed.index.to_numpy()],
+            edgecolors="black",
+            linewidths=0.9,
+        )
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_aspect("equal", adjustable="box")
+    _set_limits(ax, np.vstack([xy, *[np.asarray(seg) for seg in off_segments]]))
+    if n <= BUS_LABEL_MAX_BUSES:  # small grids: bus numbers for the engineer
         for b, (x, y) in zip(buses, xy, strict=True):
             ax.annotate(
                 str(b),
@@ -96,74 +312,81 @@ def plot_zones(
                 fontsize=7,
                 color="0.35",
             )
-    slack = [b for b in net.ext_grid.bus[net.ext_grid.in_service.astype(bool)] if b in pos]
-    if slack:
-        sxy = np.array([pos[b] for b in slack])
-        ax.scatter(
-            sxy[:, 0],
-            sxy[:, 1],
-            marker="s",
-            s=110,
-            facecolors="none",
-            edgecolors="black",
-            linewidths=1.5,
-            zorder=4,
+    shown = _zone_labels(fig, ax, placed, pos, colours, zone_of_bus, k)
+    if k <= ZONE_LEGEND_MAX_ZONES:
+        sizes = np.bincount(zone, minlength=k)
+        handles += [
+            plt.Line2D([], [], marker="o", ls="", color=colours[z], label=f"Z{z}: {sizes[z]} buses")
+            for z in range(k)
+        ]
+    else:
+        handles.append(
+            plt.Line2D(
+                [],
+                [],
+                ls="",
+                label=f"{k} zones in {len(np.unique(colour_index))} colours (zones joined by "
+                f"a line differ); {shown} of {k} labels fit",
+            )
         )
-    for zone, bus in medoids.items():
-        x, y = pos[bus]
-        ax.scatter(
-            [x],
-            [y],
-            marker="*",
-            s=260,
-            c=[colours[zone]],
-            edgecolors="black",
-            linewidths=0.9,
-            zorder=4,
-        )
-        ax.annotate(
-            f"Z{zone}",
-            (x, y),
-            xytext=(6, 6),
-            textcoords="offset points",
-            fontsize=11,
-            fontweight="bold",
-            color=colours[zone],
-            zorder=5,
-            path_effects=[pe.withStroke(linewidth=3, foreground="white")],
-        )
-    ax.set_title(title)
-    ax.set_aspect("equal", adjustable="datalim")
-    ax.autoscale_view()
-    ax.set_xticks([])
-    ax.set_yticks([])
-    handles = [
-        plt.Line2D(
-            [],
-            [],
-            marker="o",
-            ls="",
-            color=colours[z],
-            label=f"Z{z}: {int((zone_of_bus == z).sum())} buses",
-        )
-        for z in range(k)
-    ]
-    handles.append(
-        plt.Line2D(
-            [],
-            [],
-            marker="*",
-            ls="",
-            color="0.3",
-            markersize=12,
-            label="medoid (virtual bus location)",
-        )
+    ax.legend(
+        handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False
     )
-    if k <= 20:  # beside the map, never over a zone
-        ax.legend(
-            handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False
-        )
-    save(fig, path)
+    return fig
+
+
+def _set_limits(ax, xy: np.ndarray) -> None:
+    """Limits around every bus with a margin, then the equal aspect applied, so that the
+    label placement below sees the final data-to-pixel transform."""
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    pad = 0.04 * max(float((hi - lo).max()), 1e-9)
+    ax.set_xlim(lo[0] - pad, hi[0] + pad)
+    ax.set_ylim(lo[1] - pad, hi[1] + pad)
+    ax.apply_aspect()
+
+
+def _zone_labels(fig, ax, medoids: pd.Series, pos: dict, colours, zone_of_bus, k: int) -> int:
+    """``Zn`` beside each zone's medoid where it overlaps no label placed before (largest
+    zones first, then by number; four positions tried around the star). Returns how many."""
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    sizes = zone_of_bus.value_counts()
+    boxes: list = []
+    for zone in sorted(medoids.index, key=lambda z: (-int(sizes.get(z, 0)), int(z))):
+        x, y = pos[medoids[zone]]
+        for dx, dy, ha, va in (
+            (6, 6, "left", "bottom"),
+            (-6, 6, "right", "bottom"),
+            (6, -6, "left", "top"),
+            (-6, -6, "right", "top"),
+        ):
+            text = ax.annotate(
+                f"Z{zone}",
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                ha=ha,
+                va=va,
+                fontsize=11 if k <= 20 else 8,
+                fontweight="bold",
+                color=colours[zone] if k <= ZONE_LEGEND_MAX_ZONES else "0.1",
+                zorder=9,
+                bbox=LABEL_BOX,  # cheaper to draw than a stroke (path effect) around the text
+            )
+            box = text.get_window_extent(renderer).expanded(1.1, 1.2)
+            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+            if inside and not any(box.overlaps(other) for other in boxes):
+                boxes.append(box)
+                break
+            text.remove()
+    return len(boxes)
+
+
+def plot_zones(
+    graph: nx.Graph, net, zone_of_bus: pd.Series, medoids: pd.Series, path: Path, title: str
+) -> None:
+    """The zone map (``draw_zones``) as a PNG."""
+    save(draw_zones(graph, net, zone_of_bus, medoids, title), path)
 
 
 def plot_error_curve(curve: pd.DataFrame, path: Path, title: str) -> None:
