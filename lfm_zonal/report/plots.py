@@ -29,6 +29,7 @@ def save(fig: plt.Figure, path: Path) -> None:
 # Zone maps: a few artists (LineCollection, scatter) whatever the size of the grid.
 BUS_LABEL_MAX_BUSES = 60  # bus numbers on the map up to this many buses, none above
 BIG_MAP_BUSES = 500  # above: a larger figure, thin lines, small bus dots without outline
+ZONE_LABEL_TRIED_ZONES = 200  # zone labels tried for the largest zones only (time)
 ZONE_LEGEND_MAX_ZONES = 9  # up to this many zones: a colour each, every zone in the legend
 # Zone colours: tab10 without its grey (kept for lines that carry no power). Above
 # ZONE_LEGEND_MAX_ZONES zones they repeat, never on two zones joined by a line.
@@ -347,12 +348,14 @@ def _set_limits(ax, xy: np.ndarray) -> None:
 
 def _zone_labels(fig, ax, medoids: pd.Series, pos: dict, colours, zone_of_bus, k: int) -> int:
     """``Zn`` beside each zone's medoid where it overlaps no label placed before (largest
-    zones first, then by number; four positions tried around the star). Returns how many."""
+    zones first, then by number, the ZONE_LABEL_TRIED_ZONES largest only; four positions
+    tried around the star). Returns how many."""
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     sizes = zone_of_bus.value_counts()
     boxes: list = []
-    for zone in sorted(medoids.index, key=lambda z: (-int(sizes.get(z, 0)), int(z))):
+    order = sorted(medoids.index, key=lambda z: (-int(sizes.get(z, 0)), int(z)))
+    for zone in order[:ZONE_LABEL_TRIED_ZONES]:
         x, y = pos[medoids[zone]]
         for dx, dy, ha, va in (
             (6, 6, "left", "bottom"),
