@@ -30,7 +30,7 @@ import numpy as np
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
 from lfm_zonal.check.ac import ac_check
 from lfm_zonal.grid.sensitivity import LinearisationCache
-from lfm_zonal.market import lp as clearing_module
+from lfm_zonal.market import strategies as clearing_module
 from lfm_zonal.market.clearing import clear_market, mtus_to_clear
 from lfm_zonal.market.resources import FlexibilitySpec, generate_resources
 from lfm_zonal.zones.segmentation import prepare_segmentation
@@ -43,7 +43,7 @@ _solve = clearing_module.ClearingModel.solve
 
 def _capturing_solve(self):
     sol = _solve(self)
-    needs_lp = bool(np.isinf(self.market.quantity).all())  # DSO-needs LP: unbounded unit bids
+    needs_lp = bool(np.isinf(self.bids.quantity).all())  # DSO-needs LP: unbounded unit bids
     captured.append((needs_lp, self.highs.getLp()))
     return sol
 

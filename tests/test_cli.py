@@ -95,7 +95,8 @@ def test_sensitivities_command_writes_labelled_matrices(capsys, tmp_path):
 
 
 def test_a_solver_failure_gives_one_line_and_exit_code_1(capsys, tmp_path, monkeypatch):
-    from lfm_zonal.market.lp import ClearingModel, SolveStatus
+    from lfm_zonal.market.lp import SolveStatus
+    from lfm_zonal.market.strategies import ClearingModel
 
     monkeypatch.setattr(ClearingModel, "_run", lambda self: SolveStatus.INFEASIBLE)
     code, _, err = run_cli(capsys, "run", "--out", str(tmp_path / "results"), "--quiet")

@@ -340,7 +340,7 @@ def test_help_imports_nothing_heavy():
 def test_stage_modules_take_their_options_from_config():
     from lfm_zonal.grid import sensitivity
     from lfm_zonal.market import clearing as market
-    from lfm_zonal.market import lp as clearing
+    from lfm_zonal.market import strategies as clearing
     from lfm_zonal.zones import segmentation
 
     assert market.MARKET_METHODS is C.MARKET_METHODS and market.PRICING is C.PRICING

@@ -16,9 +16,9 @@ from test_market import clear_on, feeder_case
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
 from lfm_zonal.check.ac import ACCheck, residual_violations, violation_kpis
 from lfm_zonal.check.kpis import KPI_NAMES, markdown_table
+from lfm_zonal.config import DEFAULT_PENALTY_EUR_PER_MWH
 from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
 from lfm_zonal.market.clearing import clear_market
-from lfm_zonal.market.lp import DEFAULT_PENALTY_EUR_PER_MWH
 from lfm_zonal.market.resources import FlexibilitySpec, generate_resources
 from lfm_zonal.study.report import residual_warnings
 from lfm_zonal.zones.segmentation import prepare_segmentation

@@ -207,7 +207,7 @@ def test_nodal_clearing_fixes_overloads_and_voltages_in_ac(case, request):
 def test_row_screening_is_only_a_speed_device(ieee33_market, monkeypatch):
     """One grid row per MTU and round at a time: constraint generation reaches the same
     optimum (IEEE 33 has up to 21 buses below the band and 16 overloads in one MTU)."""
-    from lfm_zonal.market import lp as clearing
+    from lfm_zonal.market import strategies as clearing
 
     pf, res, seg = ieee33_market
     full = clear_market(pf, res, "nodal")

@@ -10,17 +10,13 @@ import pandas as pd
 import pytest
 from test_market import clear_on, hand_case, market_case  # noqa: F401  (module fixture)
 
-import lfm_zonal.market.clearing as market_module
+import lfm_zonal.market.strategies as market_module
+from lfm_zonal.config import DEFAULT_PENALTY_EUR_PER_MWH
 from lfm_zonal.errors import SolverError
-from lfm_zonal.grid.linear import linear_grid
+from lfm_zonal.grid.linear import RowScales, linear_grid
 from lfm_zonal.market.clearing import clear_market, mtus_to_clear
-from lfm_zonal.market.lp import (
-    DEFAULT_PENALTY_EUR_PER_MWH,
-    ClearingModel,
-    SolveStats,
-    SolveStatus,
-    solve_clearing,
-)
+from lfm_zonal.market.lp import SolveStats, SolveStatus
+from lfm_zonal.market.strategies import ClearingModel, solve_clearing
 
 
 def test_lp_objective_is_bid_cost_plus_slack_penalty(hand_case):  # noqa: F811
@@ -49,8 +45,9 @@ def test_lp_objective_is_bid_cost_plus_slack_penalty(hand_case):  # noqa: F811
     )
     sol = solve_clearing(grid, bids)
     line1 = list(grid.branches).index(("line", 1))
-    coef = grid.sl_p[0, line1]
-    g = max(np.abs(coef).max(), np.abs(grid.sl_q[0, line1]).max())
+    coef = grid.rows.sl_p[0, line1]
+    g = RowScales(grid).of([0], [line1])[0]
+    assert g == pytest.approx(np.abs(coef).max())  # P moves the line: its largest P coefficient
     excess = grid.loading0[0, line1] - grid.loading_max_percent
     slack = excess / g - 0.5 * abs(coef[zone2]) / g
     assert sol.accepted_mw[0] == pytest.approx(0.5)
@@ -69,12 +66,10 @@ def test_a_worse_second_round_returns_the_first(hand_case, monkeypatch):  # noqa
     monkeypatch.undo()
 
     real = market_module.linear_grid
-    calls = []
 
-    def misleading(*args, **kwargs):  # the base case right, every re-linearisation wrong
-        grid = real(*args, **kwargs)
-        calls.append(1)
-        return grid if len(calls) == 1 else dataclasses.replace(grid, loading0=grid.loading0 - 30)
+    def misleading(*args, **kwargs):  # every re-linearisation wrong (the base case is the
+        grid = real(*args, **kwargs)  # market's own, made before the loop)
+        return dataclasses.replace(grid, loading0=grid.loading0 - 30)
 
     monkeypatch.setattr(market_module, "linear_grid", misleading)
     result = clear_market(pf, res, "nodal")

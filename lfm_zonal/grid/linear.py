@@ -1,22 +1,55 @@
 """The linearised grid of the MTUs to clear, seen through K market areas.
 
 Per MTU t, element row r and area a: the base-point loading and voltage and their
-sensitivities to an area's active and reactive injection (Jacobian sensitivities of
+sensitivities to an area's active and reactive injection (the Jacobian sensitivities of
 the nodal model, spread over each area's buses by its weights W). The clearing LP takes
 its grid rows from here; a sequential LP re-linearises at the AC point of its last round.
+
+Rows are numbered in the *violation layout*: the monitored branches (loading), then every
+bus's upper voltage limit, then every bus's lower one (``LinearGrid.violations``).
+
+The sensitivities have two representations with the same values:
+
+``DenseRows``
+    Arrays (MTU x rows x areas) of every row's coefficients on every area, from K solves
+    per MTU. For a few areas (zones): every coefficient at hand, memory MTUs x (branches +
+    buses) x K.
+``AdjointRows``
+    Per MTU the sparse factorised Jacobian J, the sparse derivatives of loading and
+    voltage with respect to the state [dtheta; dV], and W. A row's coefficients on the
+    areas are computed when the LP asks for that row, by one transposed solve
+    (w = J^-T d row / dx, coefficients = W^T E^T w); the linearised state of every row
+    after area injections p is one solve per MTU (J dx = E W p). Memory grows with the
+    branches and MTUs, not with buses x areas: the nodal market and large K.
+
+``linear_grid`` picks the dense arrays where they fit in DENSE_ROWS_MAX_BYTES, else the
+adjoint rows (``representation`` forces one; a test checks that both clear alike).
+
+Holding the linearised power flow itself as LP rows (J dx = E W p per MTU, loading rows
+sparse in dx) was measured and left: on SimBench 1-MVLV-rural-all-0-sw (72 violated MTUs,
+790,000 state rows) HiGHS's dual simplex stopped without a status on a single MTU and its
+interior point took 0.7 s per MTU, growing faster than the MTUs; the same LP with the
+screened rows as dense adjoint rows (1,007 rows) solved in 11 s on a loaded machine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from lfm_zonal.errors import InputError
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
-from lfm_zonal.grid.sensitivity import LinearisationCache, sensitivity_arrays
+from lfm_zonal.grid.sensitivity import (
+    JacobianLinearisation,
+    LinearisationCache,
+    linearisation,
+    sensitivity_arrays,
+)
 from lfm_zonal.grid.violations import (
     VIOLATION_TOLERANCE_LOADING_PERCENT,
     VIOLATION_TOLERANCE_VM_PU,
@@ -24,47 +57,149 @@ from lfm_zonal.grid.violations import (
 )
 from lfm_zonal.limits import require_memory
 
+#: Representations of the grid rows (``linear_grid``'s ``representation``).
+REPRESENTATIONS = ("auto", "dense", "adjoint")
+#: The dense arrays (four of MTUs x rows x areas) are used up to this size; beyond it the
+#: adjoint rows. SimBench MV rural with K = 32 over 96 MTUs is 0.17 GB.
+DENSE_ROWS_MAX_BYTES = 256 * 2**20
+#: Rows whose coefficients one transposed solve computes at a time (bounds its memory:
+#: states x rows).
+ADJOINT_CHUNK_ROWS = 256
+
+
+class GridRows(Protocol):
+    """The sensitivities of a linear grid's rows to the area injections (one representation)."""
+
+    @property
+    def k(self) -> int: ...
+
+    #: True where every row's coefficients are at hand (the screen ranks rows by them).
+    dense: bool
+
+    def delta(self, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Change of loading (T x branches) and voltage (T x buses) after area injections p,
+        q (T x K)."""
+
+    def coefficients(self, t: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Coefficients of rows (t, r) of the violation layout on p and q (rows x K)."""
+
+    def select(self, keep: np.ndarray) -> GridRows:
+        """The rows of the MTUs where ``keep``."""
+
 
 @dataclass(frozen=True)
-class LinearGrid:
-    """The linearised grid of the MTUs to clear, seen through K market areas.
+class DenseRows:
+    """Every row's coefficients on every area, per MTU."""
 
-    Arrays are indexed [MTU position in ``mtus``, element, area].
-    """
-
-    mtus: np.ndarray
-    dt_h: float
-    branches: pd.MultiIndex
-    buses: pd.Index
-    loading0: np.ndarray  # (T, n_branch) loading_percent at the base point
-    vm0: np.ndarray  # (T, n_bus)
     sl_p: np.ndarray  # (T, n_branch, K) loading_percent per MW
     sl_q: np.ndarray
     sv_p: np.ndarray  # (T, n_bus, K) p.u. per MW
     sv_q: np.ndarray
-    loading_max_percent: float
-    vm_min_pu: float
-    vm_max_pu: float
-    #: (T, rows) the MW-equivalent unit of each row's slack; None: the row's own largest
-    #: coefficient. A sequential LP fixes it at the base case, so that every round prices
-    #: a violation alike.
-    scales: np.ndarray | None = None
+    dense = True
 
     @property
     def k(self) -> int:
         return self.sl_p.shape[2]
 
+    def delta(self, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        loading = np.einsum("tlk,tk->tl", self.sl_p, p) + np.einsum("tlk,tk->tl", self.sl_q, q)
+        vm = np.einsum("tmk,tk->tm", self.sv_p, p) + np.einsum("tmk,tk->tm", self.sv_q, q)
+        return loading, vm
+
+    def coefficients(self, t: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n_l, n_b = self.sl_p.shape[1], self.sv_p.shape[1]
+        is_line = r < n_l
+        bus = (r[~is_line] - n_l) % n_b
+        cp, cq = np.empty((len(t), self.k)), np.empty((len(t), self.k))
+        cp[is_line], cq[is_line] = (
+            self.sl_p[t[is_line], r[is_line]],
+            self.sl_q[t[is_line], r[is_line]],
+        )
+        cp[~is_line], cq[~is_line] = self.sv_p[t[~is_line], bus], self.sv_q[t[~is_line], bus]
+        return cp, cq
+
+    def select(self, keep: np.ndarray) -> DenseRows:
+        return DenseRows(self.sl_p[keep], self.sl_q[keep], self.sv_p[keep], self.sv_q[keep])
+
+    def all_scales(self) -> np.ndarray:
+        """``row_scale`` of every row (T x rows of the violation layout)."""
+        sv = row_scale(self.sv_p, self.sv_q)
+        return np.concatenate([row_scale(self.sl_p, self.sl_q), sv, sv], axis=1)
+
+
+@dataclass(frozen=True)
+class AdjointRows:
+    """Per MTU the Jacobian linearisation and the areas' weights W; coefficients on demand."""
+
+    linearisations: tuple[JacobianLinearisation, ...]  # one per MTU
+    W: sp.csr_matrix  # (n_bus, K)
+    n_branch: int
+    n_bus: int
+    dense = False
+
+    @property
+    def k(self) -> int:
+        return self.W.shape[1]
+
+    def delta(self, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        T = len(self.linearisations)
+        loading, vm = np.zeros((T, self.n_branch)), np.zeros((T, self.n_bus))
+        with threadpool_limits(1, user_api="blas"):
+            for i, lin in enumerate(self.linearisations):
+                if np.any(p[i]) or np.any(q[i]):
+                    dx = lin.state_change(self.W @ p[i], self.W @ q[i])
+                    loading[i], vm[i] = lin.dloading_dx @ dx, lin.E_q.T @ dx
+        return loading, vm
+
+    def coefficients(self, t: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cp, cq = np.empty((len(t), self.k)), np.empty((len(t), self.k))
+        order = np.argsort(t, kind="stable")
+        with threadpool_limits(1, user_api="blas"):
+            for start in range(0, len(order), ADJOINT_CHUNK_ROWS):
+                rows = order[start : start + ADJOINT_CHUNK_ROWS]
+                for tt in np.unique(t[rows]):
+                    at = rows[t[rows] == tt]
+                    is_line = r[at] < self.n_branch
+                    line, bus = at[is_line], at[~is_line]
+                    dp, dq = self.linearisations[tt].rows_sensitivity(
+                        r[line], (r[bus] - self.n_branch) % self.n_bus, self.W
+                    )
+                    cp[np.r_[line, bus]], cq[np.r_[line, bus]] = dp, dq
+        return cp, cq
+
+    def select(self, keep: np.ndarray) -> AdjointRows:
+        kept = tuple(lin for lin, k in zip(self.linearisations, keep, strict=True) if k)
+        return replace(self, linearisations=kept)
+
+
+@dataclass(frozen=True)
+class LinearGrid:
+    """The linearised grid of the MTUs to clear, seen through K market areas."""
+
+    mtus: np.ndarray
+    dt_h: float
+    branches: pd.MultiIndex
+    buses: pd.Index
+    loading0: np.ndarray  # (T, n_branch) loading_percent with no area injection
+    vm0: np.ndarray  # (T, n_bus)
+    rows: GridRows  # the sensitivities of every row to the area injections
+    loading_max_percent: float
+    vm_min_pu: float
+    vm_max_pu: float
+
+    @property
+    def k(self) -> int:
+        return self.rows.k
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the violation layout per MTU."""
+        return len(self.branches) + 2 * len(self.buses)
+
     def after(self, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Linearised loading and voltage after area injections p, q (T x K)."""
-        loading = (
-            self.loading0
-            + np.einsum("tlk,tk->tl", self.sl_p, p)
-            + np.einsum("tlk,tk->tl", self.sl_q, q)
-        )
-        vm = (
-            self.vm0 + np.einsum("tmk,tk->tm", self.sv_p, p) + np.einsum("tmk,tk->tm", self.sv_q, q)
-        )
-        return loading, vm
+        loading, vm = self.rows.delta(p, q)
+        return self.loading0 + loading, self.vm0 + vm
 
     def violations(self, loading: np.ndarray, vm: np.ndarray) -> np.ndarray:
         """Per row (T x (n_branch + 2 n_bus)): how far above its limit (<= 0: satisfied)."""
@@ -87,22 +222,17 @@ class LinearGrid:
             vm_min_pu=self.vm_min_pu - VIOLATION_TOLERANCE_VM_PU,
         )
 
-    def row_scales(self) -> np.ndarray:
-        """Per MTU and row of the violation layout (T x (n_branch + 2 n_bus)): the row's largest
-        |sensitivity| to an area injection, so that an excess / scale is the MW of the most
-        effective flexibility that would remove it (the unit of the LP's slacks)."""
-        if self.scales is not None:
-            return self.scales
-        sv = row_scale(self.sv_p, self.sv_q)
-        return np.concatenate([row_scale(self.sl_p, self.sl_q), sv, sv], axis=1)
-
     def select(self, keep: np.ndarray) -> LinearGrid:
         """The same grid on the MTUs where ``keep`` (one flag per MTU) is true."""
         if np.all(keep):
             return self
-        arrays = ("mtus", "loading0", "vm0", "sl_p", "sl_q", "sv_p", "sv_q")
-        kept = {name: getattr(self, name)[keep] for name in arrays}
-        return replace(self, **kept, scales=None if self.scales is None else self.scales[keep])
+        return replace(
+            self,
+            mtus=self.mtus[keep],
+            loading0=self.loading0[keep],
+            vm0=self.vm0[keep],
+            rows=self.rows.select(keep),
+        )
 
     def shifted(self, p: np.ndarray, q: np.ndarray) -> LinearGrid:
         """The same grid with the base point moved by area injections p, q."""
@@ -110,45 +240,134 @@ class LinearGrid:
         return replace(self, loading0=loading, vm0=vm)
 
 
+class RowScales:
+    """The MW-equivalent unit of every (MTU, row) of one linear grid: the row's largest
+    |coefficient| on an area's active injection (``row_scale``), so that an excess / scale
+    is the MW of the most effective flexibility that would remove it (the unit of the LP's
+    slacks and of unmet need).
+
+    Computed on first use of a row (every row at once for dense rows) and kept: a
+    sequential LP fixes the scales of its base case for every round, so that every round
+    prices a violation alike.
+    """
+
+    def __init__(self, grid: LinearGrid) -> None:
+        self.grid = grid
+        if grid.rows.dense:
+            self._value = grid.rows.all_scales()
+        else:
+            self._value = np.full((len(grid.mtus), grid.n_rows), np.nan)
+
+    def of(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:
+        """Scales of rows (t, r)."""
+        t, r = np.asarray(t, np.int64), np.asarray(r, np.int64)
+        missing = np.isnan(self._value[t, r])
+        if missing.any():
+            todo = np.unique(np.c_[t[missing], r[missing]], axis=0)
+            cp, cq = self.grid.rows.coefficients(todo[:, 0], todo[:, 1])
+            self._value[todo[:, 0], todo[:, 1]] = row_scale(cp, cq)
+        return self._value[t, r]
+
+    def ranking(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:
+        """A unit that orders rows for the screen: the scales where every coefficient is at
+        hand, else each row's violation tolerance (the adjoint rows would need a solve per
+        candidate). Which rows enter the LP first does not change its optimum: row
+        generation adds every violated one."""
+        if self.grid.rows.dense:
+            return self.of(t, r)
+        return self.grid.row_tolerances()[np.asarray(r, np.int64)]
+
+    def select(self, keep: np.ndarray) -> RowScales:
+        """The scales of the MTUs where ``keep`` (those known so far carried over)."""
+        out = RowScales.__new__(RowScales)
+        out.grid, out._value = self.grid.select(keep), self._value[keep]
+        return out
+
+
 def linear_grid(
     pf: HorizonPowerFlow,
-    W: np.ndarray | sp.spmatrix,
+    W: sp.spmatrix,
     sensitivity_method: str,
     mtus,
     V: np.ndarray | None = None,
     p_prev: np.ndarray | None = None,
     q_prev: np.ndarray | None = None,
-    scales: np.ndarray | None = None,
     cache: LinearisationCache | None = None,
+    representation: str = "auto",
 ) -> LinearGrid:
     """The grid of the MTUs to clear, linearised in K market areas.
 
-    ``W`` (internal bus x area) spreads an area's injection over its buses: the zones'
-    aggregation matrix, the identity for the nodal market.
+    ``W`` (sparse, internal bus x area) spreads an area's injection over its buses: the
+    zones' aggregation matrix, the identity for the nodal market.
 
     By default at the base case; given internal voltages ``V`` (one row per MTU to
     clear) of an AC point reached with area injections ``p_prev``, ``q_prev``, the
     linearisation is taken there and shifted so that it is exact at p_prev, q_prev
-    (one step of a sequential LP). Zonal indices are recomputed at every MTU. ``scales``
-    fixes the MW-equivalent unit of the slacks (``LinearGrid.scales``). ``cache`` (of
-    ``pf.model``) keeps the Jacobian linearisations for the next market at the same points.
+    (one step of a sequential LP). Zonal indices are recomputed at every MTU. ``cache``
+    (of ``pf.model``) keeps the Jacobian linearisations for the next market at the same
+    points. ``representation``: "dense", "adjoint" or "auto" (dense where it fits in
+    DENSE_ROWS_MAX_BYTES; the adjoint rows need the jacobian method).
     """
+    if representation not in REPRESENTATIONS:
+        raise InputError(
+            f"unknown grid-row representation '{representation}': choose one of "
+            f"{', '.join(REPRESENTATIONS)}"
+        )
     mtus = np.asarray(list(mtus), dtype=np.int64)
     model = pf.model
     V = pf.V[mtus] if V is None else V
+    W = sp.csr_matrix(W)
     K = W.shape[1]
     T, n_l, n_b = len(mtus), len(model.branches), len(model.buses)
-    # Dense rows over the areas, four arrays; a sequential LP holds up to three of these grids
-    # (the base case, its best round and the current one).
+    dense_bytes = 4 * T * (n_l + n_b) * K * 8
+    if representation == "auto":
+        fits = dense_bytes <= DENSE_ROWS_MAX_BYTES
+        representation = "dense" if fits or sensitivity_method != "jacobian" else "adjoint"
+    if representation == "adjoint" and sensitivity_method != "jacobian":
+        raise InputError(
+            f"the adjoint grid rows need the jacobian sensitivities, not '{sensitivity_method}'"
+        )
+    if representation == "dense":
+        rows = _dense_rows(pf, W, sensitivity_method, mtus, V, cache)
+    else:
+        with threadpool_limits(1, user_api="blas"):
+            lins = tuple(linearisation(model, V[i], cache) for i in range(T))
+        rows = AdjointRows(lins, W, n_l, n_b)
+    loading0 = model.loading_percent(V).reshape(T, n_l)
+    vm0 = model.vm_pu(V).reshape(T, n_b)
+    if p_prev is not None:
+        q_prev = np.zeros_like(p_prev) if q_prev is None else q_prev
+        dl, dv = rows.delta(p_prev, q_prev)
+        loading0, vm0 = loading0 - dl, vm0 - dv
+    g = pf.grid
+    return LinearGrid(
+        mtus=mtus,
+        dt_h=pf.profiles.horizon.mtu_hours,
+        branches=model.branches,
+        buses=model.buses,
+        loading0=loading0,
+        vm0=vm0,
+        rows=rows,
+        loading_max_percent=g.loading_max_percent,
+        vm_min_pu=g.vm_min_pu,
+        vm_max_pu=g.vm_max_pu,
+    )
+
+
+def _dense_rows(pf, W, sensitivity_method, mtus, V, cache) -> DenseRows:
+    model = pf.model
+    K = W.shape[1]
+    T, n_l, n_b = len(mtus), len(model.branches), len(model.buses)
+    # Four arrays; a sequential LP holds up to three of these grids (the base case, its best
+    # round and the current one).
     require_memory(
         f"grid {pf.grid.name}: the linearised grid of {T} MTUs in {K} market areas",
         [
             [(T, "MTUs"), (n_l, "branches"), (K, "areas"), (2, "arrays"), (3, "grids")],
             [(T, "MTUs"), (n_b, "buses"), (K, "areas"), (2, "arrays"), (3, "grids")],
         ],
-        hint="clear fewer MTUs, or zones instead of the nodal market",
+        hint="clear fewer MTUs, or let the grid rows be adjoint (representation 'auto')",
     )
-    # Filled MTU by MTU (nodal on 1000 buses: 168 MB per array and 21 MTUs, no copies).
     sl_p, sl_q = np.empty((T, n_l, K)), np.empty((T, n_l, K))
     sv_p, sv_q = np.empty((T, n_b, K)), np.empty((T, n_b, K))
     # One BLAS thread: the solves are small (a few hundred states), and OpenBLAS's threads,
@@ -158,37 +377,13 @@ def linear_grid(
         for i in range(T):
             s = sensitivity_arrays(model, V[i], sensitivity_method, W, cache)
             sl_p[i], sl_q[i], sv_p[i], sv_q[i] = s.loading_p, s.loading_q, s.vm_p, s.vm_q
-    loading0 = model.loading_percent(V).reshape(len(mtus), n_l)
-    vm0 = model.vm_pu(V).reshape(len(mtus), n_b)
-    if p_prev is not None:
-        q_prev = np.zeros_like(p_prev) if q_prev is None else q_prev
-        loading0 = (
-            loading0 - np.einsum("tlk,tk->tl", sl_p, p_prev) - np.einsum("tlk,tk->tl", sl_q, q_prev)
-        )
-        vm0 = vm0 - np.einsum("tmk,tk->tm", sv_p, p_prev) - np.einsum("tmk,tk->tm", sv_q, q_prev)
-    g = pf.grid
-    return LinearGrid(
-        mtus=mtus,
-        dt_h=pf.profiles.horizon.mtu_hours,
-        branches=model.branches,
-        buses=model.buses,
-        loading0=loading0,
-        vm0=vm0,
-        sl_p=sl_p,
-        sl_q=sl_q,
-        sv_p=sv_p,
-        sv_q=sv_q,
-        loading_max_percent=g.loading_max_percent,
-        vm_min_pu=g.vm_min_pu,
-        vm_max_pu=g.vm_max_pu,
-        scales=scales,
-    )
+    return DenseRows(sl_p, sl_q, sv_p, sv_q)
 
 
 def row_scale(cp: np.ndarray, cq: np.ndarray) -> np.ndarray:
     """Per row, its largest |coefficient| on active power over the areas (the last axis): a
     slack / scale is MW of the most effective flexibility, as the residual of the AC check
-    (``validation.residual_violations``) counts it. A row that P does not move falls back
+    (``check.ac.residual_violations``) counts it. A row that P does not move falls back
     to its largest Q coefficient, then to 1."""
     scale_p = np.abs(cp).max(axis=-1, initial=0.0)
     scale_q = np.abs(cq).max(axis=-1, initial=0.0)

@@ -171,16 +171,32 @@ class JacobianLinearisation:
             vm_q=dvm[:, m:],
         )
 
+    def state_change(self, p_mw: np.ndarray, q_mvar: np.ndarray) -> np.ndarray:
+        """dx of net bus injections p_mw, q_mvar (per pandapower bus, ``E_p`` columns): one
+        solve with J."""
+        return self.lu.solve(self.E_p @ p_mw + self.E_q @ q_mvar) / self.base_mva
+
+    def rows_sensitivity(
+        self, branches: np.ndarray, vm_buses: np.ndarray, patterns: sp.spmatrix | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of ``sensitivities(patterns)``: d loading_percent of the monitored ``branches``
+        (positions), then d vm_pu of the buses at positions ``vm_buses``, per MW and per Mvar
+        of every pattern (rows x patterns), by transposed solves (one per row) instead of
+        solves for every pattern (the adjoint method)."""
+        seeds = sp.vstack([self.dloading_dx[branches], self.E_q[:, vm_buses].T]).toarray()
+        w = self.lu.solve(seeds.T, trans="T") / self.base_mva  # states x rows
+        dp, dq = (self.E_p.T @ w).T, (self.E_q.T @ w).T  # rows x buses
+        if patterns is not None:
+            dp, dq = np.asarray(dp @ patterns), np.asarray(dq @ patterns)
+        return dp, dq
+
     def row_sensitivity(self, loading: bool, row: int) -> tuple[np.ndarray, np.ndarray]:
         """One row of ``sensitivities(None)``: d loading_percent of monitored branch ``row``
         (or d vm_pu of bus ``row``) per MW and per Mvar at every bus, by one transposed solve
         instead of two solves per bus."""
-        seed = (self.dloading_dx[row] if loading else self.E_q[:, row].T).toarray().ravel()
-        if not seed.any():
-            zero = np.zeros(self.E_p.shape[1])
-            return zero, zero.copy()
-        w = self.lu.solve(seed, trans="T") / self.base_mva
-        return self.E_p.T @ w, self.E_q.T @ w
+        one, none = np.array([row]), np.zeros(0, np.int64)
+        dp, dq = self.rows_sensitivity(one if loading else none, none if loading else one)
+        return dp[0], dq[0]
 
 
 class LinearisationCache:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -42,11 +42,10 @@ from lfm_zonal.check.ac import (
     ac_check,
     residual_mw_per_mtu,
     residual_violations,
-    solve_with_injections,
     violation_kpis,
 )
 from lfm_zonal.check.kpis import KPI_NAMES
-from lfm_zonal.config import MARKET_METHODS, NEEDS_RULES, PRICING
+from lfm_zonal.config import DEFAULT_PENALTY_EUR_PER_MWH, MARKET_METHODS, NEEDS_RULES, PRICING
 from lfm_zonal.errors import InputError, LfmError
 from lfm_zonal.grid.linear import LinearGrid, linear_grid
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
@@ -58,39 +57,13 @@ from lfm_zonal.market.bids import (
     dispatch_steps,
     merit_order_fill,
 )
-from lfm_zonal.market.lp import (
-    DEFAULT_PENALTY_EUR_PER_MWH,
-    MarketLP,
-    Solution,
-    SolveStats,
-    SolveStatus,
-    require_optimal,
-    solve_clearing,
-)
+from lfm_zonal.market.lp import Solution, SolveStats, SolveStatus
 from lfm_zonal.market.needs import dso_needs
 from lfm_zonal.market.resources import Resources
+from lfm_zonal.market.strategies import SequentialLP, sequential_clearing
 from lfm_zonal.zones.segmentation import Zones, nodal_zones
 
 log = logging.getLogger(__name__)
-
-#: Sequential LP (``_sequential_clearing``): its round cap, the relative change of cost (plus
-#: priced residual) under which it has converged, and the smallest trust region worth a round.
-SLP_MAX_ROUNDS = 20
-SLP_COST_RTOL = 5e-4
-SLP_MIN_STEP_MW = 1e-4
-#: Share of the result tolerances the sequential LP works to: it ends its AC point closer to
-#: its model (and the binding limits) than a result must be to count as violated.
-SLP_TOLERANCE_SHARE = 0.1
-
-
-@dataclass(frozen=True)
-class SequentialLP:
-    """The course of a sequential LP: rounds solved, the round returned (the best in AC),
-    and whether it converged before its round cap (no loop: 0 rounds, converged)."""
-
-    rounds: int = 0
-    best_round: int = 0
-    converged: bool = True
 
 
 @dataclass(frozen=True)
@@ -133,6 +106,7 @@ def clear_market(
     grid: LinearGrid | None = None,
     needs_rule: str = "registered_capacity",
     cache: LinearisationCache | None = None,
+    grid_rows: str = "auto",
 ) -> MarketResult:
     """Clear one market on the base case ``pf`` and check it in AC.
 
@@ -145,6 +119,8 @@ def clear_market(
 
     ``cache`` (of ``pf.model``): the Jacobian linearisations shared with the other markets
     of a study, so that each MTU's base point is linearised once (None: this market's own).
+    ``grid_rows``: the representation of the linearised grid's rows (``grid.linear``:
+    "dense", "adjoint", or "auto" by size; the same coefficients either way).
     """
     if method not in MARKET_METHODS:
         raise InputError(
@@ -161,7 +137,9 @@ def clear_market(
         segmentation_error = 0.0 if method == "nodal" else np.nan
     cache = LinearisationCache(pf.model) if cache is None else cache
     W = zones.aggregation(pd.Series(1.0, index=zones.buses) if weights is None else weights)
-    grid = grid or linear_grid(pf, W, sensitivity_method, mtus_to_clear(pf), cache=cache)
+    grid = grid or linear_grid(
+        pf, W, sensitivity_method, mtus_to_clear(pf), cache=cache, representation=grid_rows
+    )
     times = pf.times
     bids = build_bids(resources, zones, times, max_steps)
     active = bids.steps[bids.steps.mtu.isin(grid.mtus)]
@@ -175,8 +153,8 @@ def clear_market(
         accepted, price = _merit_order_to_needs(active, needs, penalty)
         status, solved, slp = SolveStatus.MERIT_ORDER, SolveStats(), SequentialLP()
     else:
-        sol, grid, solved, slp = _sequential_clearing(
-            pf, zones, W, sensitivity_method, grid, active, resources, penalty, needs, cache
+        sol, grid, solved, slp = sequential_clearing(
+            pf, zones.k, W, sensitivity_method, grid, active, resources.table, penalty, needs, cache
         )
         status, accepted, price = sol.status, sol.accepted_mw, _bid_prices(active, sol, grid)
     clear_s = time.perf_counter() - started
@@ -222,169 +200,6 @@ def _market_areas(pf: HorizonPowerFlow, method: str, zones: Zones | None) -> Zon
     if method == "nodal" and zones.k != len(buses):
         raise InputError(f"the nodal market clears one area per bus, not K = {zones.k} zones")
     return zones
-
-
-@dataclass(frozen=True)
-class _Round:
-    """One sequential-LP round judged in AC: its LP solution and the AC point it reaches."""
-
-    number: int
-    sol: Solution
-    V: np.ndarray  # internal voltages of the market's model of the dispatch (NaN: diverged)
-    converged: np.ndarray  # per MTU
-    merit_eur: np.ndarray  # per MTU: bid cost plus the AC residual priced at the penalty
-    as_modelled: np.ndarray  # per MTU: AC no worse than the round's linear model, to tolerance
-    grid: LinearGrid  # the linearisation the round's LP was solved on
-
-    @property
-    def merit(self) -> float:
-        return float(self.merit_eur.sum())
-
-
-def _sequential_clearing(
-    pf: HorizonPowerFlow,
-    zones: Zones,
-    W,
-    sensitivity_method: str,
-    grid: LinearGrid,
-    active: pd.DataFrame,
-    resources: Resources,
-    penalty_eur_per_mwh: float,
-    needs: pd.DataFrame,
-    cache: LinearisationCache,
-):
-    """Sequential LP: clear, re-linearise at the AC point of the market's own model of the
-    result, clear again, until the rounds agree with AC.
-
-    The market's model injects each area's activation at its virtual bus, spread over
-    the area's buses by W (internal bus x area, the zones' aggregation): for the nodal market (one bus per
-    area) that is the real dispatch, so the nodal loop converges to the AC optimum of
-    the bids; for a zonal market it is the DSO's zonal view, and the AC check of the
-    real dispatch measures what that view misses.
-
-    Every round is judged by its merit: bid cost plus the AC excess beyond the limits'
-    tolerances, in MW-equivalent as the LP's slacks, priced at the penalty. A round
-    better than the best so far (or as good, where the best was not as modelled) is
-    accepted and the grid is re-linearised at its AC point (exact
-    there). A worse one is rejected, and the next LP is solved again around the best
-    point. The LP's area injections stay in a trust region around the best point,
-    per MTU: unbounded for the first step from the base case, then half the last
-    step in an MTU whose AC point came out worse than its linear model said (a step
-    too long for the linearisation, or an LP oscillating between near-equal
-    dispatches) or whose merit got worse, and twice the last step where the model
-    predicted it. The loop has converged when an accepted
-    round moves the merit by less than SLP_COST_RTOL and every MTU's AC point is as
-    its model said to the tolerances (within limits, or short by exactly the unmet
-    need the model reports), or when a rejected round is that close to a best round
-    that is as modelled. It also stops when the trust region has shrunk below
-    SLP_MIN_STEP_MW, and at SLP_MAX_ROUNDS (both with a warning when not converged).
-    The best round is returned, never a worse later one.
-    """
-    # The market side (bids, balances, storage) is the same in every round: built once.
-    market = MarketLP(grid.mtus, grid.k, grid.dt_h, active.reset_index(drop=True), resources.table)
-    solved = SolveStats(build_s=market.build_s)
-    # MW-equivalent of an excess, fixed at the base case for every round's LP and merit.
-    scale = grid.row_scales()
-    grid = replace(grid, scales=scale)
-    T = len(grid.mtus)
-    best: _Round | None = None
-    lp_grid = grid  # the linearisation at the best point (the base case before round 1)
-    radius = np.full(T, np.inf)  # trust region on the area injections, MW per MTU
-    converged = False
-    # Column quota per MTU: the DSO need of the base case, with margin (later rounds also take
-    # the steps of the best round; column generation brings in whatever else pays).
-    quota = 1.5 * needs.groupby("mtu").need_mw.sum().reindex(grid.mtus, fill_value=0.0)
-    for number in range(1, SLP_MAX_ROUNDS + 1):
-        p0 = np.zeros((T, grid.k)) if best is None else best.sol.p_mw
-        sol = solve_clearing(
-            lp_grid,
-            active,
-            resources.table,
-            penalty_eur_per_mwh=penalty_eur_per_mwh,
-            quota_mw=quota.to_numpy(),
-            market=market,
-            p_bounds=(p0 - radius[:, None], p0 + radius[:, None]) if best else None,
-            include=None if best is None else best.sol.accepted_mw > 0,
-            basis=None if best is None else best.sol.basis,
-        )
-        require_optimal(sol, f"clearing with K = {zones.k}")
-        solved += sol.stats
-        this = _judge(pf, lp_grid, market, sol, W, scale, penalty_eur_per_mwh, number)
-        step = np.abs(sol.p_mw - p0).max(axis=1, initial=0.0)
-        if best is None or _better(this, best):
-            settled = best is not None and _close(best.merit, this.merit)
-            best = this
-            converged = settled and bool(this.as_modelled.all())
-            if number > 1:  # the base point's first step is taken whole, then at most doubled
-                radius = np.where(
-                    this.as_modelled, np.maximum(2.0 * step, SLP_MIN_STEP_MW), 0.5 * step
-                )
-            if converged:
-                break
-            # Re-linearised at the new AC point, exact there (MTUs that diverged: base case).
-            keep = this.converged[:, None]
-            lp_grid = linear_grid(
-                pf,
-                W,
-                sensitivity_method,
-                grid.mtus,
-                np.where(keep, this.V, pf.V[grid.mtus]),
-                np.where(keep, sol.p_mw, 0.0),
-                np.where(keep, sol.q_mvar, 0.0),
-                scales=scale,
-                cache=cache,
-            )
-        else:
-            if _close(best.merit, this.merit) and best.as_modelled.all():
-                converged = True
-                break
-            worse = this.merit_eur > best.merit_eur + 1e-9
-            radius = np.where(worse | ~this.as_modelled, 0.5 * step, radius)
-        if np.all(radius < SLP_MIN_STEP_MW):
-            break
-    if not converged:
-        log.warning(
-            "sequential LP (K = %d) stopped after %d rounds before converging; "
-            "returning its best round (%d)",
-            zones.k,
-            number,
-            best.number,
-        )
-    return best.sol, best.grid, solved, SequentialLP(number, best.number, converged)
-
-
-def _judge(pf, lp_grid, market, sol, W, scale, penalty_eur_per_mwh, number) -> _Round:
-    """AC power flow of a round's market model, its merit per MTU (bid cost plus the AC
-    residual priced at the penalty; inf where the flow diverged) and whether AC is as
-    the round's linear model said."""
-    V, ok = solve_with_injections(pf, lp_grid.mtus, sol.p_mw @ W.T, sol.q_mvar @ W.T)
-    excess = np.full((len(lp_grid.mtus), scale.shape[1]), np.inf)
-    model = pf.model
-    excess[ok] = lp_grid.violations(model.loading_percent(V[ok]), model.vm_pu(V[ok]))
-    cost = np.zeros(len(lp_grid.mtus))
-    np.add.at(cost, market.t_of_bid, market.price * sol.accepted_mw * lp_grid.dt_h)
-    # Priced as the LP prices its slacks (MW-equivalent, summed over rows), for what is
-    # violated: beyond the tolerance. Within it, AC differs from the model by second-order
-    # noise that would otherwise decide between rounds of the same cost.
-    tol = SLP_TOLERANCE_SHARE * lp_grid.row_tolerances()
-    residual_mw = (np.clip(excess - tol, 0.0, None) / scale).sum(axis=1)
-    predicted = lp_grid.violations(*lp_grid.after(sol.p_mw, sol.q_mvar))
-    as_modelled = (excess <= np.maximum(predicted, 0.0) + tol).all(axis=1)
-    merit = cost + penalty_eur_per_mwh * lp_grid.dt_h * residual_mw
-    return _Round(number, sol, V, ok, merit, as_modelled, lp_grid)
-
-
-def _better(this: _Round, best: _Round) -> bool:
-    """A lower merit; or the same merit (to SLP_COST_RTOL) reached as the model said where
-    the best round's AC point was not."""
-    if _close(this.merit, best.merit):
-        return bool(this.as_modelled.all() and not best.as_modelled.all())
-    return this.merit < best.merit
-
-
-def _close(a: float, b: float) -> bool:
-    """Merits equal to the sequential LP's relative tolerance."""
-    return abs(a - b) <= SLP_COST_RTOL * max(abs(a), abs(b), 1e-9)
 
 
 def _bid_prices(active: pd.DataFrame, sol: Solution, grid: LinearGrid) -> np.ndarray:

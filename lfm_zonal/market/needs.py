@@ -7,15 +7,19 @@ import numpy as np
 import pandas as pd
 
 from lfm_zonal.grid.linear import LinearGrid
-from lfm_zonal.market.lp import require_optimal, solve_clearing
+from lfm_zonal.market.lp import require_optimal
+from lfm_zonal.market.strategies import solve_clearing
 
 
 def unlimited_bids(grid: LinearGrid, capacity_mw: np.ndarray | None = None) -> pd.DataFrame:
     """One bid per MTU, area and direction at 1 EUR/MWh: the DSO-needs LP. Unbounded, or
-    bounded by ``capacity_mw`` (T x K x 2, up then down)."""
+    bounded by ``capacity_mw`` (T x K x 2, up then down; none where that is 0)."""
     T, K = len(grid.mtus), grid.k
     t, a, d = np.meshgrid(np.arange(T), np.arange(K), [0, 1], indexing="ij")
     t, a, d = t.ravel(), a.ravel(), d.ravel()
+    if capacity_mw is not None:
+        offered = capacity_mw[t, a, d] > 0
+        t, a, d = t[offered], a[offered], d[offered]
     return pd.DataFrame(
         {
             "mtu": grid.mtus[t],

@@ -1,0 +1,347 @@
+"""The clearing LP: one formulation for the nodal and the zonal market, as matrix blocks.
+
+For the MTUs t to clear, market areas a (zones; one zone per bus is the nodal market)
+and bid steps b::
+
+    min   sum_b price_b dt x_b  +  sum_rows penalty dt s_row                  (objective)
+    s.t.  0 <= x_b <= q_b                                                  (bid variables)
+          p_at = sum_{b in a,t} sigma_b x_b,  q_at = sum sigma_b tan_phi_b x_b   (area balances)
+          0 <= soc0_r - dt sum_{tau <= t} (x_up_r,tau / eta_r - eta_r x_down_r,tau) <= E_r
+                                                                            (storage)
+          (L0_lt + sum_a (SLp_lat p_at + SLq_lat q_at) - Lmax) / g_lt <= s_lt     (grid rows:
+          (V0_mt + sum_a (SVp_mat p_at + SVq_mat q_at) - vmax) / g_mt <= s_mt      loading,
+          (vmin - V0_mt - sum_a (SVp_mat p_at + SVq_mat q_at)) / g_mt <= s_mt      voltage)
+
+sigma_b is +1 for up and -1 for down; S are the zonal sensitivity indices of each MTU
+(the nodal sensitivities when every bus is a zone), from either representation of the
+linear grid (``grid.linear``: dense arrays or adjoint rows, the same coefficients). g,
+the row's largest |coefficient| on active power (``grid.linear.RowScales``), turns a
+slack into the MW of the most effective flexibility that would remove it, so the
+penalty is a price per MWh of unmet need. A slack above zero is unmet need and is
+reported, never hidden. Areas are only those with a bid in the MTU: an area without one
+cannot inject.
+
+``build_clearing_lp`` lists the blocks; each ``define_*`` adds its columns, rows and
+coefficients to an ``LpBuilder`` as numpy arrays, and HiGHS receives the whole matrix
+in one call (``LpBuilder.highs``), or the grid rows that row generation adds later in
+one ``addVars`` and one ``addRows`` (``LpBuilder.append_to``). How the LP is solved
+(which grid rows, which bid steps, the sequential AC loop) is ``market.strategies``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import highspy
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from lfm_zonal.errors import LfmError
+from lfm_zonal.grid.linear import LinearGrid, RowScales
+
+INF = highspy.kHighsInf
+
+
+class LpBuilder:
+    """Columns, rows and coefficients of an LP, numbered from ``first_col``/``first_row`` (the
+    size of the LP they will join)."""
+
+    def __init__(self, first_col: int = 0, first_row: int = 0) -> None:
+        self.first_col, self.first_row = first_col, first_row
+        self.n_col, self.n_row = first_col, first_row
+        self._cols: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._rows: list[tuple[np.ndarray, np.ndarray]] = []
+        self._entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def columns(self, cost, lower, upper) -> np.ndarray:
+        """Add columns (cost, bounds; +-inf allowed); their numbers."""
+        cost = np.asarray(cost, float)
+        n = len(cost)
+        self._cols.append(
+            (cost, np.broadcast_to(lower, n).astype(float), np.broadcast_to(upper, n).astype(float))
+        )
+        self.n_col += n
+        return np.arange(self.n_col - n, self.n_col, dtype=np.int64)
+
+    def rows(self, lower, upper) -> np.ndarray:
+        """Add rows (bounds on the row's activity); their numbers."""
+        lower = np.asarray(lower, float)
+        n = len(lower)
+        self._rows.append((lower, np.broadcast_to(upper, n).astype(float)))
+        self.n_row += n
+        return np.arange(self.n_row - n, self.n_row, dtype=np.int64)
+
+    def coefficients(self, row, col, value) -> None:
+        """Add matrix entries (row, column, value); repeated entries are summed."""
+        self._entries.append(
+            (np.asarray(row, np.int64), np.asarray(col, np.int64), np.asarray(value, float))
+        )
+
+    def set_cost(self, col: np.ndarray, cost: np.ndarray) -> None:
+        """Cost of columns added to this builder."""
+        offset = 0
+        for c, _, _ in self._cols:
+            at = (col >= self.first_col + offset) & (col < self.first_col + offset + len(c))
+            c[col[at] - self.first_col - offset] = np.asarray(cost, float)[at]
+            offset += len(c)
+
+    def _arrays(self):
+        def cat(parts, i):
+            return np.concatenate([p[i] for p in parts]) if parts else np.zeros(0)
+
+        cols = [cat(self._cols, i) for i in range(3)]
+        rows = [cat(self._rows, i) for i in range(2)]
+        r, c, v = (cat(self._entries, i) for i in range(3))
+        shape = (self.n_row - self.first_row, self.n_col)
+        A = sp.csr_matrix((v, (r.astype(np.int64) - self.first_row, c.astype(np.int64))), shape)
+        A.sum_duplicates()
+        A.eliminate_zeros()
+        return [np.clip(x, -INF, INF) for x in cols], [np.clip(x, -INF, INF) for x in rows], A
+
+    def highs(self) -> highspy.Highs:
+        """A new HiGHS instance holding the LP (one ``passModel``)."""
+        (cost, lower, upper), (row_lower, row_upper), A = self._arrays()
+        A = A.tocsc()
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = self.n_col, self.n_row
+        lp.col_cost_, lp.col_lower_, lp.col_upper_ = cost, lower, upper
+        lp.row_lower_, lp.row_upper_ = row_lower, row_upper
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
+        highs = highspy.Highs()
+        highs.setOptionValue("output_flag", False)
+        highs.passModel(lp)
+        return highs
+
+    def append_to(self, highs: highspy.Highs) -> None:
+        """Add the columns, then the rows (with their entries), to a running HiGHS instance."""
+        if highs.getNumCol() != self.first_col or highs.getNumRow() != self.first_row:
+            raise LfmError("the LP changed since these blocks were numbered")
+        (cost, lower, upper), (row_lower, row_upper), A = self._arrays()
+        n_new = self.n_col - self.first_col
+        if n_new:
+            highs.addVars(n_new, lower, upper)
+            new = np.arange(self.first_col, self.n_col, dtype=np.int32)
+            highs.changeColsCost(n_new, new, cost)
+        if len(row_lower):
+            highs.addRows(
+                len(row_lower),
+                row_lower,
+                row_upper,
+                A.nnz,
+                A.indptr[:-1].astype(np.int32),
+                A.indices.astype(np.int32),
+                A.data,
+            )
+
+
+class MarketBids:
+    """The bid steps of one market on the MTUs it clears, as arrays (its LP's market side).
+
+    It depends on the bids and the MTUs only, not on the linearisation: a market makes it
+    once, and every LP it solves (sequential AC rounds, column generation) takes its blocks
+    from it.
+    """
+
+    def __init__(
+        self,
+        mtus: np.ndarray,
+        k: int,
+        dt_h: float,
+        bids: pd.DataFrame,
+        resources_table: pd.DataFrame | None = None,
+    ) -> None:
+        self.mtus, self.k, self.dt_h = np.asarray(mtus), k, dt_h
+        t_of_bid = self.t_index(bids.mtu.to_numpy())
+        if np.isnan(t_of_bid.astype(float)).any():
+            raise LfmError("bids refer to an MTU that is not being cleared")
+        self.t_of_bid = t_of_bid.astype(np.int64)
+        self.area_of_bid = bids.zone.to_numpy(np.int64)
+        self.sign = np.where(bids.direction.to_numpy() == "up", 1.0, -1.0)
+        self.tan_phi = bids.tan_phi.to_numpy(float)
+        self.quantity = bids.quantity_mw.to_numpy(float)
+        self.price = bids.price_eur_per_mwh.to_numpy(float)
+        self.resource = bids.resource_id.to_numpy()
+        self.has_q = bool(np.any(self.tan_phi != 0))
+        self.storage = self._storage_chains(resources_table)
+        # The (MTU, area) pairs with a bid: each has an injection and a balance.
+        key = self.t_of_bid * k + self.area_of_bid
+        self.pair_key, self.pair_of_bid = np.unique(key, return_inverse=True)
+        self.pair_of_bid = self.pair_of_bid.ravel()
+
+    def __len__(self) -> int:
+        return len(self.quantity)
+
+    def t_index(self, mtus: np.ndarray) -> np.ndarray:
+        """Position of each MTU in the cleared set."""
+        return pd.Series(np.arange(len(self.mtus)), index=self.mtus).reindex(mtus).to_numpy()
+
+    @cached_property
+    def pair_t(self) -> np.ndarray:
+        return self.pair_key // self.k
+
+    @cached_property
+    def pair_area(self) -> np.ndarray:
+        return self.pair_key % self.k
+
+    def pair_index(self, t: np.ndarray, area: np.ndarray) -> np.ndarray:
+        """Pair of each (MTU position, area); -1 where the area has no bid in that MTU."""
+        key = np.asarray(t, np.int64) * self.k + np.asarray(area, np.int64)
+        if len(self.pair_key) == 0:
+            return np.full(key.shape, -1, np.int64)
+        at = np.minimum(np.searchsorted(self.pair_key, key), len(self.pair_key) - 1)
+        return np.where(self.pair_key[at] == key, at, -1)
+
+    def _storage_chains(self, table: pd.DataFrame | None) -> list:
+        """Per storage resource: its bids, their MTU and the energy each MW takes from the store."""
+        if table is None or not (table.kind == "storage").any():
+            return []
+        chains = []
+        for rid, row in table[table.kind == "storage"].iterrows():
+            idx = np.flatnonzero(self.resource == rid)
+            if len(idx):
+                eta = float(row.efficiency)
+                # Up discharges 1/eta per MW delivered, down charges eta per MW taken.
+                energy = np.where(self.sign[idx] > 0, 1.0 / eta, -eta) * self.dt_h
+                chains.append(
+                    (
+                        idx,
+                        self.t_of_bid[idx],
+                        energy,
+                        float(row.soc_init_mwh),
+                        float(row.energy_mwh),
+                    )
+                )
+        return chains
+
+
+@dataclass(frozen=True)
+class AreaColumns:
+    """Where the area injections and their balances sit in an LP (one per pair with a bid)."""
+
+    p_col: np.ndarray
+    balance_p_row: np.ndarray
+    q_col: np.ndarray | None
+    balance_q_row: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class ClearingLp:
+    """A built clearing LP and where its blocks sit."""
+
+    builder: LpBuilder
+    x_col: np.ndarray  # per bid (-1: step not in this LP)
+    areas: AreaColumns
+    storage_rows: np.ndarray
+    slack_col: np.ndarray  # one per grid row
+
+
+def define_bid_variables(lp: LpBuilder, bids: MarketBids, selected: np.ndarray) -> np.ndarray:
+    """0 <= x_b <= q_b for the selected steps (an infinite quantity is an unbounded bid);
+    the column of each bid, -1 where it is left out."""
+    x_col = np.full(len(bids), -1, np.int64)
+    x_col[selected] = lp.columns(np.zeros(int(selected.sum())), 0.0, bids.quantity[selected])
+    return x_col
+
+
+def define_area_balances(lp: LpBuilder, bids: MarketBids, x_col: np.ndarray) -> AreaColumns:
+    """p_at - sum sigma_b x_b = 0 (and q_at with tan_phi) for every MTU and area with a bid."""
+    n = len(bids.pair_key)
+    selected = x_col >= 0
+
+    def balance(coef: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        col = lp.columns(np.zeros(n), -INF, INF)
+        row = lp.rows(np.zeros(n), 0.0)
+        lp.coefficients(row, col, np.ones(n))
+        lp.coefficients(row[bids.pair_of_bid[selected]], x_col[selected], -coef[selected])
+        return col, row
+
+    p_col, p_row = balance(bids.sign)
+    if not bids.has_q:
+        return AreaColumns(p_col, p_row, None, None)
+    q_col, q_row = balance(bids.sign * bids.tan_phi)
+    return AreaColumns(p_col, p_row, q_col, q_row)
+
+
+def define_storage(lp: LpBuilder, bids: MarketBids, x_col: np.ndarray) -> np.ndarray:
+    """soc0 - E <= energy delivered up to t <= soc0 after every MTU with a storage bid."""
+    rows = []
+    for idx, t, energy, soc0, capacity in bids.storage:
+        times = np.unique(t)
+        row = lp.rows(np.full(len(times), soc0 - capacity), soc0)
+        upto = t[None, :] <= times[:, None]  # MTUs x the resource's bids
+        r, b = np.nonzero(upto & (x_col[idx] >= 0)[None, :])
+        lp.coefficients(row[r], x_col[idx[b]], energy[b])
+        rows.append(row)
+    return np.concatenate(rows) if rows else np.zeros(0, np.int64)
+
+
+def define_objective(lp: LpBuilder, bids: MarketBids, x_col: np.ndarray) -> None:
+    """Pay-as-bid cost of the accepted steps (the grid rows' slacks add their penalty)."""
+    selected = x_col >= 0
+    lp.set_cost(x_col[selected], bids.price[selected] * bids.dt_h)
+
+
+def define_grid_rows(
+    lp: LpBuilder,
+    grid: LinearGrid,
+    scales: RowScales,
+    bids: MarketBids,
+    areas: AreaColumns,
+    rows: np.ndarray,
+    penalty_eur_per_mwh: float,
+) -> np.ndarray:
+    """Grid rows (t, r) of the violation layout, each with its penalised slack column.
+
+    Row (t, r) (loading, then upper, then lower voltage limits) reads
+    ``sum_a cp_a p_ta + cq_a q_ta - sense s <= or >= rhs``, every coefficient divided by the
+    row's scale g so that its slack s is MW-equivalent. Only areas with a bid in the MTU
+    have a column. Returns the slack columns."""
+    n = len(rows)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    t, r = rows[:, 0], rows[:, 1]
+    n_l, n_b = len(grid.branches), len(grid.buses)
+    is_line, upper = r < n_l, r < n_l + n_b
+    cp, cq = grid.rows.coefficients(t, r)
+    base = np.empty(n)
+    base[is_line] = grid.loading0[t[is_line], r[is_line]]
+    base[~is_line] = grid.vm0[t[~is_line], (r[~is_line] - n_l) % n_b]
+    limit = np.where(
+        is_line, grid.loading_max_percent, np.where(upper, grid.vm_max_pu, grid.vm_min_pu)
+    )
+    g = scales.of(t, r)
+    rhs, sense = (limit - base) / g, np.where(upper, 1.0, -1.0)
+    slack = lp.columns(np.full(n, penalty_eur_per_mwh * grid.dt_h), 0.0, INF)
+    row = lp.rows(np.where(sense > 0, -INF, rhs), np.where(sense > 0, rhs, INF))
+    lp.coefficients(row, slack, -sense)
+    # Coefficients on the areas with a bid in the row's MTU.
+    pair = bids.pair_index(np.repeat(t, grid.k), np.tile(np.arange(grid.k), n)).reshape(n, grid.k)
+    has = pair >= 0
+    i, a = np.nonzero(has)
+    blocks = [(cp, areas.p_col)] + ([(cq, areas.q_col)] if areas.q_col is not None else [])
+    for coef, col in blocks:
+        lp.coefficients(row[i], col[pair[i, a]], coef[i, a] / g[i])
+    return slack
+
+
+def build_clearing_lp(
+    grid: LinearGrid,
+    scales: RowScales,
+    bids: MarketBids,
+    selected: np.ndarray,
+    grid_rows: np.ndarray,
+    penalty_eur_per_mwh: float,
+) -> ClearingLp:
+    """The clearing LP of the ``selected`` bid steps against ``grid_rows`` ((t, r) pairs)."""
+    if not np.array_equal(grid.mtus, bids.mtus) or grid.k != bids.k:
+        raise LfmError("the bids were made for other MTUs or areas than the grid")
+    lp = LpBuilder()
+    x_col = define_bid_variables(lp, bids, selected)
+    areas = define_area_balances(lp, bids, x_col)
+    storage = define_storage(lp, bids, x_col)
+    define_objective(lp, bids, x_col)
+    slack = define_grid_rows(lp, grid, scales, bids, areas, grid_rows, penalty_eur_per_mwh)
+    return ClearingLp(lp, x_col, areas, storage, slack)

@@ -1,0 +1,569 @@
+"""How the clearing LP (``market.formulation``) is solved.
+
+**Row generation** (``ClearingModel``). The LP starts with the grid rows violated or
+within a margin of their limit (at most ROWS_PER_MTU_AND_ROUND per MTU, the most
+violated first), and after every solve the linearised state of *every* monitored
+element is checked; rows the activations violate are added (the same cap per round) to
+the running, warm-started HiGHS instance and the LP is solved again, so no element is
+dropped and no new congestion is created in the linear model.
+
+**Column generation** (``solve_clearing``). With a quota, each group of competing
+steps (MTU, area, direction) enters with its cheapest steps up to the quota; after a
+solve, every step left out is priced with the area's marginal prices and those that
+would lower the cost are added. The result is the LP optimum over all bids.
+
+**Sequential AC loop** (``sequential_clearing``). Clear, re-linearise at the AC point
+of the market's own model of the result, clear again, until the rounds agree with AC.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+
+import highspy
+import numpy as np
+import pandas as pd
+
+from lfm_zonal.check.ac import solve_with_injections
+from lfm_zonal.config import DEFAULT_PENALTY_EUR_PER_MWH
+from lfm_zonal.errors import LfmError
+from lfm_zonal.grid.linear import LinearGrid, RowScales, linear_grid
+from lfm_zonal.grid.powerflow import HorizonPowerFlow
+from lfm_zonal.grid.sensitivity import LinearisationCache
+from lfm_zonal.market.bids import merit_order_fill
+from lfm_zonal.market.formulation import (
+    LpBuilder,
+    MarketBids,
+    build_clearing_lp,
+    define_grid_rows,
+)
+from lfm_zonal.market.lp import (
+    MarketBasis,
+    Solution,
+    SolveStats,
+    SolveStatus,
+    require_optimal,
+)
+
+log = logging.getLogger(__name__)
+
+SCREEN_LOADING_MARGIN_PERCENT = 5.0
+SCREEN_VM_MARGIN_PU = 0.005
+#: Rows an MTU brings into the LP at once (screen, then each generation round): the most
+#: violated ones. On a long radial feeder hundreds of buses can be beyond the band in one
+#: MTU, each row dense over the areas; fixing the worst usually fixes most.
+ROWS_PER_MTU_AND_ROUND = 20
+GENERATION_TOLERANCE = 1e-6  # loading percent / p.u.: constraint generation in the linear model
+MAX_GENERATION_ROUNDS = 30
+
+#: Sequential LP (``sequential_clearing``): its round cap, the relative change of cost (plus
+#: priced residual) under which it has converged, and the smallest trust region worth a round.
+SLP_MAX_ROUNDS = 20
+SLP_COST_RTOL = 5e-4
+SLP_MIN_STEP_MW = 1e-4
+#: Share of the result tolerances the sequential LP works to: it ends its AC point closer to
+#: its model (and the binding limits) than a result must be to count as violated.
+SLP_TOLERANCE_SHARE = 0.1
+
+
+# ---------------------------------------------------------------------- row generation
+class ClearingModel:
+    """One clearing LP: the selected steps in a HiGHS instance, plus grid rows.
+
+    The grid rows start from a screen (``initial_rows``) and grow by row generation,
+    added to the running (warm-started) HiGHS instance without a rebuild.
+    """
+
+    def __init__(
+        self,
+        grid: LinearGrid,
+        bids: MarketBids,
+        selected: np.ndarray,
+        penalty_eur_per_mwh: float = DEFAULT_PENALTY_EUR_PER_MWH,
+        known_rows: list[tuple[int, int]] | None = None,
+        p_bounds: tuple[np.ndarray, np.ndarray] | None = None,
+        basis: MarketBasis | None = None,
+        scales: RowScales | None = None,
+    ) -> None:
+        if not np.array_equal(grid.mtus, bids.mtus) or grid.k != bids.k:
+            raise LfmError("the bids were made for other MTUs or areas than the grid")
+        self.grid = grid
+        self.bids = bids
+        self.selected = selected
+        self.known_rows = known_rows or []
+        self.p_bounds = p_bounds
+        self.start_basis = basis
+        self.penalty = penalty_eur_per_mwh
+        self.scales = RowScales(grid) if scales is None else scales
+        self.rows: list[tuple[int, int]] = []  # (t, row number in the violation layout)
+        self.stats = SolveStats(column_rounds=1)  # one clearing LP
+
+    def _worst_rows(self, excess: np.ndarray, candidate: np.ndarray) -> list[tuple[int, int]]:
+        """Of the candidate rows (T x rows mask), per MTU the ROWS_PER_MTU_AND_ROUND with the
+        largest excess (in MW-equivalent where the scales are at hand, ``RowScales.ranking``)."""
+        t, r = np.nonzero(candidate)
+        if len(t) == 0:
+            return []
+        need = excess[t, r] / self.scales.ranking(t, r)
+        order = np.lexsort((r, -need, t))  # per MTU, the largest need first
+        t, r = t[order], r[order]
+        first = np.searchsorted(t, t, side="left")
+        keep = np.arange(len(t)) - first < ROWS_PER_MTU_AND_ROUND
+        return list(zip(t[keep].tolist(), r[keep].tolist(), strict=True))
+
+    def initial_rows(self) -> list[tuple[int, int]]:
+        """Rows violated or within a margin of their limit, plus rows an earlier solve needed."""
+        g = self.grid
+        margin = np.concatenate(
+            [
+                np.full(len(g.branches), SCREEN_LOADING_MARGIN_PERCENT),
+                np.full(2 * len(g.buses), SCREEN_VM_MARGIN_PU),
+            ]
+        )
+        excess = g.violations(g.loading0, g.vm0)
+        rows = set(self._worst_rows(excess, excess > -margin))
+        return sorted(rows | set(self.known_rows))
+
+    def _build(self, rows: list[tuple[int, int]]) -> None:
+        """The HiGHS instance of the selected steps and the first grid rows."""
+        lp = build_clearing_lp(
+            self.grid, self.scales, self.bids, self.selected, _pairs(rows), self.penalty
+        )
+        self.highs = lp.builder.highs()
+        self.lp = lp
+        self.slack_cols = lp.slack_col
+        self.rows = list(rows)
+        if self.p_bounds is not None:  # trust region of a sequential-LP round, per area
+            b = self.bids
+            lower, upper = (np.asarray(x, float)[b.pair_t, b.pair_area] for x in self.p_bounds)
+            cols = lp.areas.p_col.astype(np.int32)
+            self.highs.changeColsBounds(len(cols), cols, lower, upper)
+
+    def _add_grid_rows(self, rows: list[tuple[int, int]]) -> None:
+        """Add generated grid rows, each with its penalised slack column."""
+        lp = LpBuilder(self.highs.getNumCol(), self.highs.getNumRow())
+        slack = define_grid_rows(
+            lp, self.grid, self.scales, self.bids, self.lp.areas, _pairs(rows), self.penalty
+        )
+        lp.append_to(self.highs)
+        self.slack_cols = np.concatenate([self.slack_cols, slack])
+        self.rows += rows
+
+    def _spent(self, **effort) -> None:
+        """Add rounds, seconds or iterations to this LP's statistics."""
+        self.stats += SolveStats(**effort)
+
+    def _run(self) -> SolveStatus:
+        started = time.perf_counter()
+        self.highs.run()
+        self._spent(
+            rounds=1,
+            solve_s=time.perf_counter() - started,
+            highs_s=self.highs.getRunTime(),
+            simplex_iterations=int(self.highs.getInfo().simplex_iteration_count),
+        )
+        return SolveStatus.of(self.highs)
+
+    def solve(self) -> Solution:
+        started = time.perf_counter()
+        self._build(self.initial_rows())
+        if self.start_basis is not None:
+            self._set_basis(self.start_basis)
+        self._spent(build_s=time.perf_counter() - started)
+        while True:
+            status = self._run()
+            if status is not SolveStatus.OPTIMAL:
+                return self._failed(status)
+            x, p, q = self._values()
+            loading, vm = self.grid.after(p, q)
+            excess = self.grid.violations(loading, vm)
+            candidate = excess > GENERATION_TOLERANCE
+            if self.rows:
+                candidate[tuple(np.array(self.rows).T)] = False
+            missing = self._worst_rows(excess, candidate)
+            if not missing:
+                break
+            if self.stats.rounds >= MAX_GENERATION_ROUNDS:
+                log.warning(
+                    "constraint generation stopped after %d rounds with %d violated rows "
+                    "of the linear model not in the LP",
+                    MAX_GENERATION_ROUNDS,
+                    int(candidate.sum()),
+                )
+                break
+            started = time.perf_counter()
+            self._add_grid_rows(missing)
+            self._spent(build_s=time.perf_counter() - started)
+        return self._solution(x, p, q)
+
+    def _market_cols(self) -> tuple[np.ndarray, np.ndarray]:
+        """The LP's columns of the selected bids, then of the area injections."""
+        a = self.lp.areas
+        area = a.p_col if a.q_col is None else np.r_[a.p_col, a.q_col]
+        return self.lp.x_col, area
+
+    def _n_market_rows(self) -> int:
+        a = self.lp.areas
+        return len(a.balance_p_row) * (1 if a.q_col is None else 2) + len(self.lp.storage_rows)
+
+    def _set_basis(self, basis: MarketBasis) -> None:
+        """Start from a market basis: grid rows basic, their slacks at zero (HiGHS makes the
+        rest of it valid, as an alien basis)."""
+        n_col, n_row = self.highs.getNumCol(), self.highs.getNumRow()
+        col = np.full(n_col, int(highspy.HighsBasisStatus.kLower))
+        x_col, area_col = self._market_cols()
+        kept = x_col >= 0
+        col[x_col[kept]] = basis.bid_status[kept]
+        col[area_col] = basis.area_status
+        row = np.full(n_row, int(highspy.HighsBasisStatus.kBasic))
+        row[: len(basis.row_status)] = basis.row_status
+        start = highspy.HighsBasis()
+        start.col_status = [highspy.HighsBasisStatus(v) for v in col.tolist()]
+        start.row_status = [highspy.HighsBasisStatus(v) for v in row.tolist()]
+        start.alien = True
+        self.highs.setBasis(start)
+
+    def _basis(self) -> MarketBasis:
+        """The market side's part of the final basis."""
+        basis = self.highs.getBasis()
+        col = np.fromiter((int(v) for v in basis.col_status), np.int8, self.highs.getNumCol())
+        row = np.fromiter((int(v) for v in basis.row_status), np.int8, self.highs.getNumRow())
+        x_col, area_col = self._market_cols()
+        bid = np.full(len(x_col), int(highspy.HighsBasisStatus.kLower), np.int8)
+        kept = x_col >= 0
+        bid[kept] = col[x_col[kept]]
+        return MarketBasis(bid, col[area_col], row[: self._n_market_rows()])
+
+    def _values(self):
+        """Accepted MW of the selected steps, area injections p and q (T x K)."""
+        values = np.asarray(self.highs.getSolution().col_value)
+        kept = self.lp.x_col >= 0
+        x = np.clip(values[self.lp.x_col[kept]], 0.0, None)
+        a = self.lp.areas
+        p = self._per_area(values[a.p_col], 0.0)
+        q = self._per_area(values[a.q_col], 0.0) if a.q_col is not None else p * 0.0
+        return x, p, q
+
+    def _per_area(self, per_pair: np.ndarray, missing: float) -> np.ndarray:
+        """(T x K) from one value per (MTU, area) pair with a bid (``missing`` elsewhere)."""
+        out = np.full((len(self.grid.mtus), self.grid.k), missing)
+        out[self.bids.pair_t, self.bids.pair_area] = per_pair
+        return out
+
+    def _area_prices(self, balance_rows: np.ndarray | None) -> np.ndarray:
+        """-d cost / d rhs of "p - sum sigma x = 0": EUR/MWh of a free injection in the area
+        (NaN in an area without a bid in the MTU; zero without a Q balance)."""
+        if balance_rows is None:
+            return np.zeros((len(self.grid.mtus), self.grid.k))
+        duals = np.asarray(self.highs.getSolution().row_dual)
+        return self._per_area(-duals[balance_rows] / self.grid.dt_h, np.nan)
+
+    def _solution(self, x, p, q) -> Solution:
+        T = len(self.grid.mtus)
+        slack = np.asarray(self.highs.getSolution().col_value)[self.slack_cols]
+        slack_mw = np.zeros(T)
+        if len(self.rows):  # the worst row of each MTU: MW the best area would need
+            t = np.array([row[0] for row in self.rows], np.int64)
+            np.maximum.at(slack_mw, t, slack)
+        a = self.lp.areas
+        info = self.highs.getInfo()
+        self.stats = replace(
+            self.stats,
+            n_variables=self.highs.getNumCol(),
+            n_constraints=self.highs.getNumRow(),
+            n_nonzeros=self.highs.getNumNz(),
+            n_grid_rows=len(self.rows),
+        )
+        accepted = np.zeros(len(self.selected))
+        accepted[self.selected] = x
+        return Solution(
+            SolveStatus.OPTIMAL,
+            accepted,
+            p,
+            q,
+            slack_mw,
+            self._area_prices(a.balance_p_row),
+            self._area_prices(a.balance_q_row),
+            float(info.objective_function_value),
+            self.stats,
+            self._basis(),
+        )
+
+    def _failed(self, status: SolveStatus) -> Solution:
+        T, K = len(self.grid.mtus), self.grid.k
+        zeros = np.zeros((T, K))
+        return Solution(
+            status,
+            np.zeros(len(self.selected)),
+            zeros,
+            zeros.copy(),
+            np.full(T, np.nan),
+            np.full((T, K), np.nan),
+            np.full((T, K), np.nan),
+            float("nan"),
+            self.stats,
+        )
+
+
+def _pairs(rows: list[tuple[int, int]]) -> np.ndarray:
+    return np.array(rows, np.int64).reshape(-1, 2)
+
+
+# ---------------------------------------------------------------------- column generation
+def solve_clearing(
+    grid: LinearGrid,
+    bids: pd.DataFrame,
+    resources_table: pd.DataFrame | None = None,
+    penalty_eur_per_mwh: float = DEFAULT_PENALTY_EUR_PER_MWH,
+    quota_mw: np.ndarray | None = None,
+    market: MarketBids | None = None,
+    p_bounds: tuple[np.ndarray, np.ndarray] | None = None,
+    include: np.ndarray | None = None,
+    basis: MarketBasis | None = None,
+    scales: RowScales | None = None,
+) -> Solution:
+    """Clear ``bids`` against the linearised grid (one LP over all its MTUs).
+
+    With ``quota_mw`` (per MTU), columns are screened too: each group of competing
+    steps (MTU, area, direction) enters the LP with its cheapest steps up to the
+    quota, storage steps always. After a solve, every step left out is priced with
+    the area's marginal prices (its reduced cost: price - sigma (lambda_p + tan_phi
+    lambda_q)); those that would lower the cost are added and the LP is solved again
+    (column generation). The result is the LP optimum over all bids.
+
+    ``market``, these bids as arrays on these MTUs, saves its rebuild when the same bids
+    are cleared against several linearisations. ``p_bounds`` (lower, upper; T x K) bound
+    the area injections (the trust region of a sequential-LP round); ``include`` (one flag
+    per bid) puts steps in the LP from the start whatever the quota (the steps of the
+    point the trust region is centred on, so that it stays reachable). ``basis``
+    warm-starts the first LP (each column-generation round starts from the one before).
+    ``scales``: the rows' MW-equivalent units (default: the grid's own).
+    """
+    stats = SolveStats()
+    if market is None:
+        started = time.perf_counter()
+        market = MarketBids(
+            grid.mtus, grid.k, grid.dt_h, bids.reset_index(drop=True), resources_table
+        )
+        stats += SolveStats(build_s=time.perf_counter() - started)
+    elif len(market) != len(bids):
+        raise LfmError("the market side was built for other bids")
+    scales = RowScales(grid) if scales is None else scales
+    n_bids = len(market)
+    if quota_mw is None:
+        selected = np.ones(n_bids, bool)
+    else:
+        # Competing steps: same MTU, area and direction.
+        group = (market.t_of_bid * grid.k + market.area_of_bid) * 2 + (market.sign > 0)
+        order = np.lexsort((np.arange(n_bids), market.price, group))
+        # Per group in merit order, the steps needed to reach the quota (at least one).
+        quota = np.asarray(quota_mw, float)[market.t_of_bid]
+        _, before = merit_order_fill(market.quantity, group, order, quota)
+        selected = before < quota
+        selected |= market.resource != ""  # storage: energy-limited, always in
+    if include is not None:
+        selected |= np.asarray(include, bool)
+    rows: list[tuple[int, int]] = []
+    while True:
+        model = ClearingModel(
+            grid, market, selected.copy(), penalty_eur_per_mwh, rows, p_bounds, basis, scales
+        )
+        sol = model.solve()
+        basis = sol.basis
+        rows = model.rows
+        stats += sol.stats
+        if sol.status is not SolveStatus.OPTIMAL or selected.all():
+            break
+        t, a = market.t_of_bid, market.area_of_bid
+        value = market.sign * (
+            sol.marginal_price[t, a] + market.tan_phi * sol.marginal_price_q[t, a]
+        )
+        improving = ~selected & (market.price < value - 1e-7)
+        if not improving.any():
+            break
+        selected |= improving
+    return replace(sol, stats=stats)
+
+
+# ---------------------------------------------------------------------- sequential AC loop
+@dataclass(frozen=True)
+class SequentialLP:
+    """The course of a sequential LP: rounds solved, the round returned (the best in AC),
+    and whether it converged before its round cap (no loop: 0 rounds, converged)."""
+
+    rounds: int = 0
+    best_round: int = 0
+    converged: bool = True
+
+
+@dataclass(frozen=True)
+class _Round:
+    """One sequential-LP round judged in AC: its LP solution and the AC point it reaches."""
+
+    number: int
+    sol: Solution
+    V: np.ndarray  # internal voltages of the market's model of the dispatch (NaN: diverged)
+    converged: np.ndarray  # per MTU
+    merit_eur: np.ndarray  # per MTU: bid cost plus the AC residual priced at the penalty
+    as_modelled: np.ndarray  # per MTU: AC no worse than the round's linear model, to tolerance
+    grid: LinearGrid  # the linearisation the round's LP was solved on
+
+    @property
+    def merit(self) -> float:
+        return float(self.merit_eur.sum())
+
+
+def sequential_clearing(
+    pf: HorizonPowerFlow,
+    k: int,
+    W,
+    sensitivity_method: str,
+    grid: LinearGrid,
+    active: pd.DataFrame,
+    resources_table: pd.DataFrame | None,
+    penalty_eur_per_mwh: float,
+    needs: pd.DataFrame,
+    cache: LinearisationCache,
+):
+    """Sequential LP: clear, re-linearise at the AC point of the market's own model of the
+    result, clear again, until the rounds agree with AC.
+
+    The market's model injects each area's activation at its virtual bus, spread over
+    the area's buses by W (internal bus x area, the zones' aggregation): for the nodal
+    market (one bus per area) that is the real dispatch, so the nodal loop converges to
+    the AC optimum of the bids; for a zonal market it is the DSO's zonal view, and the
+    AC check of the real dispatch measures what that view misses.
+
+    Every round is judged by its merit: bid cost plus the AC excess beyond the limits'
+    tolerances, in MW-equivalent as the LP's slacks, priced at the penalty. A round
+    better than the best so far (or as good, where the best was not as modelled) is
+    accepted and the grid is re-linearised at its AC point (exact there). A worse one is
+    rejected, and the next LP is solved again around the best point. The LP's area
+    injections stay in a trust region around the best point, per MTU: unbounded for the
+    first step from the base case, then half the last step in an MTU whose AC point came
+    out worse than its linear model said (a step too long for the linearisation, or an
+    LP oscillating between near-equal dispatches) or whose merit got worse, and twice the
+    last step where the model predicted it. The loop has converged when an accepted round
+    moves the merit by less than SLP_COST_RTOL and every MTU's AC point is as its model
+    said to the tolerances (within limits, or short by exactly the unmet need the model
+    reports), or when a rejected round is that close to a best round that is as
+    modelled. It also stops when the trust region has shrunk below SLP_MIN_STEP_MW, and
+    at SLP_MAX_ROUNDS (both with a warning when not converged). The best round is
+    returned, never a worse later one.
+
+    Every round's grid has the base case's representation of its rows.
+    Returns the best round's solution and grid, the LPs' effort and the loop's course.
+    """
+    # The market side (bids, balances, storage) is the same in every round: made once.
+    started = time.perf_counter()
+    market = MarketBids(
+        grid.mtus, grid.k, grid.dt_h, active.reset_index(drop=True), resources_table
+    )
+    solved = SolveStats(build_s=time.perf_counter() - started)
+    # MW-equivalent of an excess, fixed at the base case for every round's LP and merit.
+    scales = RowScales(grid)
+    T = len(grid.mtus)
+    best: _Round | None = None
+    lp_grid = grid  # the linearisation at the best point (the base case before round 1)
+    radius = np.full(T, np.inf)  # trust region on the area injections, MW per MTU
+    converged = False
+    # Column quota per MTU: the DSO need of the base case, with margin (later rounds also take
+    # the steps of the best round; column generation brings in whatever else pays).
+    quota = 1.5 * needs.groupby("mtu").need_mw.sum().reindex(grid.mtus, fill_value=0.0)
+    for number in range(1, SLP_MAX_ROUNDS + 1):
+        p0 = np.zeros((T, grid.k)) if best is None else best.sol.p_mw
+        sol = solve_clearing(
+            lp_grid,
+            active,
+            resources_table,
+            penalty_eur_per_mwh=penalty_eur_per_mwh,
+            quota_mw=quota.to_numpy(),
+            market=market,
+            p_bounds=(p0 - radius[:, None], p0 + radius[:, None]) if best else None,
+            include=None if best is None else best.sol.accepted_mw > 0,
+            basis=None if best is None else best.sol.basis,
+            scales=scales,
+        )
+        require_optimal(sol, f"clearing with K = {k}")
+        solved += sol.stats
+        this = _judge(pf, lp_grid, market, sol, W, scales, penalty_eur_per_mwh, number)
+        step = np.abs(sol.p_mw - p0).max(axis=1, initial=0.0)
+        if best is None or _better(this, best):
+            settled = best is not None and _close(best.merit, this.merit)
+            best = this
+            converged = settled and bool(this.as_modelled.all())
+            if number > 1:  # the base point's first step is taken whole, then at most doubled
+                radius = np.where(
+                    this.as_modelled, np.maximum(2.0 * step, SLP_MIN_STEP_MW), 0.5 * step
+                )
+            if converged:
+                break
+            # Re-linearised at the new AC point, exact there (MTUs that diverged: base case).
+            keep = this.converged[:, None]
+            lp_grid = linear_grid(
+                pf,
+                W,
+                sensitivity_method,
+                grid.mtus,
+                np.where(keep, this.V, pf.V[grid.mtus]),
+                np.where(keep, sol.p_mw, 0.0),
+                np.where(keep, sol.q_mvar, 0.0),
+                cache=cache,
+                representation="dense" if grid.rows.dense else "adjoint",
+            )
+        else:
+            if _close(best.merit, this.merit) and best.as_modelled.all():
+                converged = True
+                break
+            worse = this.merit_eur > best.merit_eur + 1e-9
+            radius = np.where(worse | ~this.as_modelled, 0.5 * step, radius)
+        if np.all(radius < SLP_MIN_STEP_MW):
+            break
+    if not converged:
+        log.warning(
+            "sequential LP (K = %d) stopped after %d rounds before converging; "
+            "returning its best round (%d)",
+            k,
+            number,
+            best.number,
+        )
+    return best.sol, best.grid, solved, SequentialLP(number, best.number, converged)
+
+
+def _judge(pf, lp_grid, market, sol, W, scales, penalty_eur_per_mwh, number) -> _Round:
+    """AC power flow of a round's market model, its merit per MTU (bid cost plus the AC
+    residual priced at the penalty; inf where the flow diverged) and whether AC is as
+    the round's linear model said."""
+    V, ok = solve_with_injections(pf, lp_grid.mtus, sol.p_mw @ W.T, sol.q_mvar @ W.T)
+    excess = np.full((len(lp_grid.mtus), lp_grid.n_rows), np.inf)
+    model = pf.model
+    excess[ok] = lp_grid.violations(model.loading_percent(V[ok]), model.vm_pu(V[ok]))
+    cost = np.zeros(len(lp_grid.mtus))
+    np.add.at(cost, market.t_of_bid, market.price * sol.accepted_mw * lp_grid.dt_h)
+    # Priced as the LP prices its slacks (MW-equivalent, summed over rows), for what is
+    # violated: beyond the tolerance. Within it, AC differs from the model by second-order
+    # noise that would otherwise decide between rounds of the same cost.
+    tol = SLP_TOLERANCE_SHARE * lp_grid.row_tolerances()
+    beyond = np.clip(excess - tol, 0.0, None)
+    t, r = np.nonzero(np.isfinite(beyond) & (beyond > 0))
+    residual_mw = np.where(ok, 0.0, np.inf)
+    np.add.at(residual_mw, t, beyond[t, r] / scales.of(t, r))
+    predicted = lp_grid.violations(*lp_grid.after(sol.p_mw, sol.q_mvar))
+    as_modelled = (excess <= np.maximum(predicted, 0.0) + tol).all(axis=1)
+    merit = cost + penalty_eur_per_mwh * lp_grid.dt_h * residual_mw
+    return _Round(number, sol, V, ok, merit, as_modelled, lp_grid)
+
+
+def _better(this: _Round, best: _Round) -> bool:
+    """A lower merit; or the same merit (to SLP_COST_RTOL) reached as the model said where
+    the best round's AC point was not."""
+    if _close(this.merit, best.merit):
+        return bool(this.as_modelled.all() and not best.as_modelled.all())
+    return this.merit < best.merit
+
+
+def _close(a: float, b: float) -> bool:
+    """Merits equal to the sequential LP's relative tolerance."""
+    return abs(a - b) <= SLP_COST_RTOL * max(abs(a), abs(b), 1e-9)
