@@ -156,13 +156,20 @@ def sketch_features(
     rng = np.random.default_rng(seed)
     Y = F(rng.standard_normal((len(d_l) + len(d_v), m)))
     for _ in range(power_iterations):
-        Q = np.linalg.qr(Y)[0]
-        Y = F(np.linalg.qr(Ft(Q))[0])
-    Q = np.linalg.qr(Y)[0]
+        Q = _orthonormal(Y)
+        Y = F(_orthonormal(Ft(Q)))
+    Q = _orthonormal(Y)
     B = Ft(Q).T  # m x rows: Q^T F
     U, s, _ = np.linalg.svd(B, full_matrices=False)
     d = min(rank, len(s))
     return (Q @ U[:, :d]) * s[:d]
+
+
+def _orthonormal(a: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of the columns of ``a`` (economic QR)."""
+    from scipy.linalg import qr
+
+    return qr(a, mode="economic", overwrite_a=True, check_finite=False)[0]
 
 
 def zone_terms(
