@@ -236,6 +236,7 @@ def cmd_zones(args: argparse.Namespace) -> None:
         f"{base.grid.name}: {seg.n_buses} buses, zones at MTU {seg.reference_mtu} "
         f"({base.powerflow.times[seg.reference_mtu]}), method {z['method']}, weights {z['weights']}"
     )
+    print(f"  reference MTU rule {seg.reference_rule}")
     for zones in zone_sets:
         err = seg.indices(zones).overall_error()
         print(
@@ -578,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reference-mtu",
         type=_mtu_or_peak,
-        help="MTU number the zones are computed at, or 'peak' (highest total load)",
+        help="MTU number the zones are computed at, 'worst' (largest base-case violation in "
+        "MW-equivalent; the default) or 'peak' (highest total load)",
     )
     _add_out_folder(p, "zones")
     p.set_defaults(func=cmd_zones)

@@ -43,6 +43,8 @@ NEEDS_RULES = ("registered_capacity", "unlimited")
 SENSITIVITY_METHODS = ("jacobian", "dc_ptdf", "lindistflow")
 SEGMENTATION_METHODS = ("agglomerative", "spectral")
 WEIGHT_POLICIES = ("capacity", "uniform", "load")
+#: Rules choosing the MTU the zones are computed at (besides an MTU number), default first.
+REFERENCE_MTU_RULES = ("worst", "peak")
 TRUNCATION_RULES = ("resample", "clip")
 NODE_VOLUME_RULES = ("equal_bid_size", "equal_volume")
 SIZING_RULES = ("A", "B")
@@ -226,8 +228,10 @@ class ZonesSection(_Section):
     ] = _key([1, 2, 4, 8], "zone counts to compare (each 1 .. number of buses)")
     method: Literal[SEGMENTATION_METHODS] = _key("agglomerative", "segmentation method")
     weights: Literal[WEIGHT_POLICIES] = _key("capacity", "weights of the virtual bus")
-    reference_mtu: Literal["peak"] | Annotated[int, Field(ge=0)] = _key(
-        "peak", 'MTU the zones are computed at ("peak": highest total load)'
+    reference_mtu: Literal[REFERENCE_MTU_RULES] | Annotated[int, Field(ge=0)] = _key(
+        "worst",
+        'MTU the zones are computed at ("worst": largest base-case violation in MW-equivalent, '
+        'peak where none; "peak": highest total load; or an MTU number)',
     )
 
     @model_validator(mode="after")
@@ -328,7 +332,7 @@ class ScenarioConfig(BaseModel):
         if not self.name.isprintable():  # it is printed on the terminal and in the report
             raise _rule("name", "must hold no control character", self.name)
         ref, n_mtu = self.zones.reference_mtu, self.horizon.n_mtu
-        if ref != "peak" and ref >= n_mtu:
+        if ref not in REFERENCE_MTU_RULES and ref >= n_mtu:
             raise _rule("zones.reference_mtu", f"must be below 'horizon.n_mtu' ({n_mtu})", ref)
         if is_simbench_code(self.grid.source) and self.horizon.start_time.tzinfo is not None:
             raise _rule(
@@ -550,7 +554,7 @@ def _scenario_message(exc: ValidationError, origin: str) -> str:
     if error["type"] == "missing" and info is not None:
         return f"{origin}: missing key '{key}' ({info.description})" + more
     if name in _UNION_FIELDS and error["type"] != "lfm_rule":
-        problem = 'must be "peak" or an MTU number >= 0'
+        problem = 'must be "worst", "peak" or an MTU number >= 0'
     else:
         problem = _problem(error, list(info.metadata) if info is not None else None)
     return f"{origin}: '{key}' {problem}, got {_show(_value(error))}" + more

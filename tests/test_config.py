@@ -82,9 +82,12 @@ def refused(text: str) -> str:
         ),
         (
             GRID + "[zones]\nreference_mtu = 'noon'",
-            "'zones.reference_mtu' must be \"peak\" or an MTU",
+            '\'zones.reference_mtu\' must be "worst", "peak" or an MTU',
         ),
-        (GRID + "[zones]\nreference_mtu = -1", "'zones.reference_mtu' must be \"peak\" or an MTU"),
+        (
+            GRID + "[zones]\nreference_mtu = -1",
+            '\'zones.reference_mtu\' must be "worst", "peak" or an MTU',
+        ),
         (
             GRID + "[market]\nmethods = ['nodal', 'nodal']",
             "'market.methods' must name each method once",

@@ -133,6 +133,19 @@ def _ieee33() -> pp.pandapowerNet:
     return net
 
 
+def _mv_oberrhein() -> pp.pandapowerNet:
+    # pandapower's "load" case stores loads at scaling 0.6 and PV at scaling 0 (and its
+    # "generation" case loads at 0.1, PV at 0.8). The synthetic daily shapes do that work
+    # here, so each element keeps the scaling of its own worst case: loads 0.6 (the
+    # published peak-load case), PV 0.8 (the published peak-generation case).
+    net = pn.mv_oberrhein()
+    net.load["scaling"] = 0.6
+    net.sgen["scaling"] = 0.8
+    for table in [t for t in net.keys() if t.startswith("res_")]:
+        net[table] = net[table].iloc[0:0]
+    return net
+
+
 @dataclass(frozen=True)
 class _Builtin:
     build: Callable[[], pp.pandapowerNet]
@@ -149,6 +162,12 @@ BUILTIN_GRIDS: dict[str, _Builtin] = {
         _ieee33,
         "IEEE 33-bus feeder, Baran & Wu (1989), 12.66 kV (pandapower.networks.case33bw); "
         "line ratings synthetic: 1.25 x base-case current",
+    ),
+    "mv_oberrhein": _Builtin(
+        _mv_oberrhein,
+        "MV Oberrhein, a real German 20 kV grid of two 110/20 kV substations in two separate "
+        "parts as switched (pandapower.networks.mv_oberrhein); loads at scaling 0.6 and PV "
+        "at 0.8 (pandapower's load and generation cases)",
     ),
 }
 

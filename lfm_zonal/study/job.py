@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from lfm_zonal.check.ac import ACCheck, residual_violations
 from lfm_zonal.check.kpis import KPI_NAMES
+from lfm_zonal.config import REFERENCE_MTU_RULES
 from lfm_zonal.errors import InputError, PowerFlowNotConverged
 from lfm_zonal.grid.powerflow import HorizonPowerFlow, run_horizon
 from lfm_zonal.grid.profiles import Horizon, Profiles, load_profiles
@@ -44,7 +46,9 @@ class BaseCase:
 
     @property
     def reference_mtu(self) -> int:
-        """The converged MTU of highest total load (zones are computed there)."""
+        """The converged MTU of highest total load ("peak"; the default MTU of the
+        ``sensitivities`` command). The zones' reference MTU follows ``zones.reference_mtu``:
+        see :meth:`zones_reference`."""
         converged = self.powerflow.converged.to_numpy()
         if not converged.any():
             peak = float(self.profiles.total_load_mw().max())
@@ -55,6 +59,54 @@ class BaseCase:
             )
         total = self.profiles.total_load_mw().to_numpy()
         return int(np.where(converged, total, -np.inf).argmax())
+
+    def worst_violation(self, cache: LinearisationCache | None = None) -> pd.Series | None:
+        """The base-case violation of largest MW-equivalent over every MTU and monitored
+        element, or None without any: the row of ``check.ac.residual_violations`` (the one
+        definition of MW-equivalent: excess beyond the limit / the element's largest
+        |sensitivity| to an active injection) applied to the base case itself. Ties: the
+        earliest MTU (then overloads before voltages, as that table is ordered)."""
+        pf = self.powerflow
+        as_is = ACCheck(pf.loading_percent, pf.vm_pu, pf.converged, ())
+        rows = residual_violations(pf, as_is, cache=cache)
+        if rows.empty:
+            return None
+        return rows.loc[rows.residual_mw.to_numpy().argmax()]
+
+    def zones_reference(
+        self, setting: str | int = REFERENCE_MTU_RULES[0], cache: LinearisationCache | None = None
+    ) -> ReferenceMtu:
+        """The MTU the zones are computed at, by ``zones.reference_mtu``: "worst" (the MTU of
+        the largest base-case violation in MW-equivalent; the peak when no MTU has one),
+        "peak" (highest total load) or an MTU number."""
+        pf = self.powerflow
+        if setting == "worst":
+            worst = self.worst_violation(cache)
+            if worst is not None:
+                t = int(worst["mtu"])
+                element = f"{worst['element_type']} {int(worst['element'])}"
+                return ReferenceMtu(
+                    t,
+                    "worst",
+                    f"largest base-case violation in MW-equivalent: {worst['violation']} of "
+                    f"{element}, {float(worst['residual_mw']):.3g} MW",
+                )
+            return ReferenceMtu(
+                self.reference_mtu, "peak", "highest total load (no base-case violation)"
+            )
+        if setting == "peak":
+            return ReferenceMtu(self.reference_mtu, "peak", "highest total load")
+        t = pf.mtu_position(int(setting))
+        return ReferenceMtu(t, "given", "set by zones.reference_mtu")
+
+
+@dataclass(frozen=True)
+class ReferenceMtu:
+    """The MTU the zones are computed at, the rule that chose it and why (for reports)."""
+
+    position: int
+    rule: str  # worst, peak or given
+    reason: str
 
 
 def prepare_base_case(scenario: Scenario, progress: bool = False) -> BaseCase:
@@ -136,15 +188,22 @@ def prepare_segmentation_of(
     """Segmentation inputs at the scenario's reference MTU (capacity weights from the resources;
     ``cache``: the study's linearisations)."""
     z = base.scenario["zones"]
-    ref = base.reference_mtu if z["reference_mtu"] == "peak" else z["reference_mtu"]
+    ref = base.zones_reference(z["reference_mtu"], cache)
     seg = prepare_segmentation(
         base.powerflow,
-        ref,
+        ref.position,
+        reference_rule=f"{ref.rule}: {ref.reason}",
         sensitivity_method=base.scenario["sensitivity"]["method"],
         weight_policy=z["weights"],
         flexible_capacity_mw=None if resources is None else resources.capacity_per_bus(),
         cache=cache,
     )
+    too_few = [k for k in z["k"] if k < seg.n_parts]
+    if too_few:
+        raise InputError(
+            f"{base.scenario.path}: 'zones.k' = {too_few[0]} is below the {seg.n_parts} "
+            f"separate parts of grid {base.grid.name}: choose K >= {seg.n_parts}"
+        )
     too_many = [k for k in z["k"] if k > seg.n_buses]
     if too_many:
         raise InputError(

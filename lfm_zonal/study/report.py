@@ -114,7 +114,14 @@ def report_markdown(
             "![before and after](before_after.png)",
             "",
         ]
-    lines += ["Zones: see `zones/` (maps `zones_k<K>.png`, error curve `error_curve.png`).", ""]
+    seg = study.segmentation
+    lines += [
+        f"Zones at MTU {seg.reference_mtu} ({pf.times[seg.reference_mtu]}), reference MTU rule "
+        f"{seg.reference_rule}.",
+        "",
+        "Zones: see `zones/` (maps `zones_k<K>.png`, error curve `error_curve.png`).",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -175,7 +175,11 @@ def write_results(study: StudyResult, folder: Path) -> None:
             "profiles": base.profiles.source,
         },
         "mtus_not_converged": list(pf.failures),
-        "reference_mtu": {"position": seg.reference_mtu, "time": str(pf.times[seg.reference_mtu])},
+        "reference_mtu": {
+            "position": seg.reference_mtu,
+            "time": str(pf.times[seg.reference_mtu]),
+            "rule": seg.reference_rule,
+        },
         "worst_mtu": None if worst is None else {"position": worst, "time": str(pf.times[worst])},
         "resources": {
             "count": len(study.resources),

@@ -51,8 +51,21 @@ from lfm_zonal.grid.powerflow import HorizonPowerFlow
 from lfm_zonal.grid.sensitivity import (
     LinearisationCache,
     SensitivityArrays,
+    linearisation,
     sensitivity_arrays,
 )
+from lfm_zonal.limits import require_memory
+from lfm_zonal.zones.streamed import (
+    EXACT_SEGMENTATION_MAX_BUSES,
+    SensitivityColumns,
+    curve_ks,
+    leaf_order,
+    sketch_features,
+    streamed_curve,
+    streamed_error_terms,
+)
+
+SENSITIVITY_NAMES = ("loading_p", "loading_q", "vm_p", "vm_q")
 
 
 @dataclass(frozen=True)
@@ -128,61 +141,100 @@ def electrical_features(sens: SensitivityArrays) -> np.ndarray:
     return np.vstack(blocks).T if blocks else np.zeros((sens.vm_p.shape[1], 1))
 
 
-def _check_k(k: int, n: int) -> None:
+def _check_k(k: int, n: int, n_parts: int = 1, name: str = "the grid") -> None:
     if int(k) != k or not 1 <= k <= n:
         raise InputError(
             f"number of zones K = {k} is out of range: the grid has {n} energised "
             f"buses, so 1 <= K <= {n}"
         )
+    if k < n_parts:
+        raise InputError(
+            f"K = {k} is below the {n_parts} separate parts of grid {name}: choose K >= {n_parts}"
+        )
+
+
+def _connectivity(buses: pd.Index, graph: nx.Graph) -> sp.csr_matrix:
+    """Adjacency of the buses (positions in ``buses``) with the diagonal set."""
+    n = len(buses)
+    position = pd.Series(np.arange(n), index=buses)
+    edges = np.array(
+        [(position[a], position[b]) for a, b in graph.edges() if a != b], dtype=np.int64
+    ).reshape(-1, 2)
+    connectivity = sp.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    return (connectivity + connectivity.T + sp.eye(n)).tocsr()
+
+
+def grid_parts(buses: pd.Index, graph: nx.Graph) -> np.ndarray:
+    """The separate part of the energised grid (as switched) of each bus, numbered by the
+    first bus of each part in ``buses`` order."""
+    return sp.csgraph.connected_components(_connectivity(pd.Index(buses), graph))[1]
 
 
 class ZoneHierarchy:
-    """One contiguity-constrained Ward hierarchy of the buses, cut at any K."""
+    """One contiguity-constrained Ward hierarchy of the buses, cut at any K >= the number of
+    separate parts of the grid.
 
-    def __init__(self, buses: pd.Index, features: np.ndarray, graph: nx.Graph) -> None:
+    A grid of several parts (substations not connected as switched) gets one Ward tree per
+    part; their merges are combined by merge distance (Ward's sqrt(2 x increase of
+    within-cluster variance), comparable across parts: the same features), each part's
+    merges keeping their own order. The result is one hierarchy: cuts are nested, every
+    part keeps at least one zone, and K = number of parts gives one zone per part.
+    """
+
+    def __init__(
+        self, buses: pd.Index, features: np.ndarray, graph: nx.Graph, name: str = "the grid"
+    ) -> None:
+        import heapq
+
         from sklearn.cluster import ward_tree
 
         self.buses = pd.Index(buses)
+        self.name = name
         n = len(self.buses)
-        position = pd.Series(np.arange(n), index=self.buses)
-        edges = np.array(
-            [(position[a], position[b]) for a, b in graph.edges() if a != b], dtype=np.int64
-        ).reshape(-1, 2)
-        connectivity = sp.coo_matrix(
-            (np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n)
-        )
-        connectivity = (connectivity + connectivity.T + sp.eye(n)).tocsr()
-        n_parts, _ = sp.csgraph.connected_components(connectivity)
-        if n_parts > 1:
-            raise InputError(
-                f"the energised grid has {n_parts} separate parts: zones must be "
-                "connected, segment each part on its own"
+        connectivity = _connectivity(self.buses, graph)
+        self.n_parts, self.part = sp.csgraph.connected_components(connectivity)
+        trees = []  # per part: its buses (positions), children and merge distances
+        for p in range(self.n_parts):
+            idx = np.flatnonzero(self.part == p)
+            if len(idx) < 2:
+                continue
+            children, _, _, _, distance = ward_tree(
+                features[idx], connectivity=connectivity[idx][:, idx], return_distance=True
             )
-        if n == 1:
-            self.children = np.zeros((0, 2), dtype=np.int64)
-        else:
-            self.children = ward_tree(features, connectivity=connectivity)[0]
-        self._labels: dict[int, np.ndarray] = {}
+            trees.append((idx, children, distance))
+        # k-way merge of the parts' merge sequences by distance (ties: part, then step).
+        heap = [(float(d[0]), t, 0) for t, (_, _, d) in enumerate(trees)]
+        heapq.heapify(heap)
+        node_of = [{} for _ in trees]  # per tree: local merge node -> global node
+        children = []
+        while heap:
+            _, t, step = heapq.heappop(heap)
+            idx, local, distance = trees[t]
+            pair = []
+            for c in local[step]:
+                c = int(c)
+                pair.append(int(idx[c]) if c < len(idx) else node_of[t][c])
+            node_of[t][len(idx) + step] = n + len(children)
+            children.append(pair)
+            if step + 1 < len(local):
+                heapq.heappush(heap, (float(distance[step + 1]), t, step + 1))
+        self.children = np.array(children, dtype=np.int64).reshape(-1, 2)
 
-    def labels_for_all_k(self) -> dict[int, np.ndarray]:
-        """Cluster labels (internal numbering) of every K from N down to 1, by replaying merges."""
-        if self._labels:
-            return self._labels
+    def labels(self, k: int) -> np.ndarray:
+        """Cluster labels (internal node ids) of every bus after the first N - K merges."""
         n = len(self.buses)
-        label = np.arange(n)  # cluster id of each bus: the node id of its cluster
-        members = {i: [i] for i in range(n)}
-        self._labels[n] = label.copy()
-        for step, (a, b) in enumerate(self.children):
-            node = n + step
-            merged = members.pop(int(a)) + members.pop(int(b))
-            members[node] = merged
-            label[merged] = node
-            self._labels[n - step - 1] = label.copy()
-        return self._labels
+        steps = n - k
+        parent = np.arange(n + steps)
+        parent[self.children[:steps].ravel()] = np.repeat(n + np.arange(steps), 2)
+        while True:  # pointer jumping to each bus's root
+            nxt = parent[parent]
+            if np.array_equal(nxt, parent):
+                return parent[:n]
+            parent = nxt
 
     def cut(self, k: int) -> Zones:
-        _check_k(k, len(self.buses))
-        return _numbered(self.labels_for_all_k()[k], self.buses, k, "agglomerative")
+        _check_k(k, len(self.buses), self.n_parts, self.name)
+        return _numbered(self.labels(k), self.buses, k, "agglomerative")
 
 
 def spectral_zones(
@@ -287,14 +339,45 @@ def zonal_indices(
     zones: Zones, sens: SensitivityArrays, weights: pd.Series, branches: pd.MultiIndex
 ) -> ZonalIndices:
     """Zonal indices as the weighted mean of the nodal sensitivities of each zone's buses."""
-    buses = zones.buses
     zone = zones.zone_of_bus.to_numpy()
     W = zones.aggregation(weights)
     w_eff = zones.shares(weights)  # each bus's share in its zone (sums to 1 per zone)
-    cols = pd.RangeIndex(zones.k, name="zone")
     frames = {name: getattr(sens, name) @ W for name in ("loading_p", "loading_q", "vm_p", "vm_q")}
-    abs_l, ref_l, el_l = _weighted_error(sens.loading_p, frames["loading_p"], zone, w_eff, zones.k)
-    abs_v, ref_v, el_v = _weighted_error(sens.vm_p, frames["vm_p"], zone, w_eff, zones.k)
+    terms = _weighted_error(sens.loading_p, frames["loading_p"], zone, w_eff, zones.k)
+    terms += _weighted_error(sens.vm_p, frames["vm_p"], zone, w_eff, zones.k)
+    return _assemble(zones, weights, branches, frames, terms)
+
+
+def streamed_zonal_indices(
+    zones: Zones,
+    cols: SensitivityColumns,
+    frames: SensitivityArrays,
+    weights: pd.Series,
+    branches: pd.MultiIndex,
+) -> ZonalIndices:
+    """``zonal_indices`` without the dense nodal matrices: ``frames`` are the zonal indices
+    (the nodal sensitivities @ W, solved for the K patterns), the error terms are summed over
+    blocks of bus columns of ``cols``."""
+    zone = zones.zone_of_bus.to_numpy()
+    w_eff = zones.shares(weights)
+    wz = np.bincount(zone, weights=w_eff, minlength=zones.k)
+    abs_l, ref_l, el_l, abs_v, ref_v, el_v = streamed_error_terms(
+        cols, zone, w_eff, zones.k, frames.loading_p, frames.vm_p
+    )
+    wz = np.where(wz > 0, wz, 1.0)
+    terms = (abs_l, ref_l, el_l / wz, abs_v, ref_v, el_v / wz)
+    return _assemble(
+        zones, weights, branches, {n: getattr(frames, n) for n in SENSITIVITY_NAMES}, terms
+    )
+
+
+def _assemble(
+    zones: Zones, weights: pd.Series, branches: pd.MultiIndex, frames: dict, terms: tuple
+) -> ZonalIndices:
+    abs_l, ref_l, el_l, abs_v, ref_v, el_v = terms
+    buses = zones.buses
+    zone = zones.zone_of_bus.to_numpy()
+    cols = pd.RangeIndex(zones.k, name="zone")
     error = pd.DataFrame(
         {
             "buses": np.bincount(zone, minlength=zones.k),
@@ -341,6 +424,22 @@ def medoids(zones: Zones, features: np.ndarray, weights: pd.Series) -> pd.Series
     return pd.Series(out, name="medoid").rename_axis("zone")
 
 
+def centroid_medoids(zones: Zones, features: np.ndarray, weights: pd.Series) -> pd.Series:
+    """Per zone: the bus nearest the zone's weighted centroid in feature space, i.e. the bus
+    minimising the weighted *squared* electrical distance to the zone's buses (O(N x features),
+    no bus x bus distances; ties: the first bus in model order)."""
+    zone = zones.zone_of_bus.to_numpy()
+    share = zones.shares(weights)
+    onehot = sp.csr_matrix((share, (zone, np.arange(len(zone)))), shape=(zones.k, len(zone)))
+    centroid = np.asarray(onehot @ features)
+    dist = ((features - centroid[zone]) ** 2).sum(axis=1)
+    order = np.lexsort((np.arange(len(zone)), dist, zone))  # by zone, distance, position
+    first = order[np.r_[0, np.flatnonzero(np.diff(zone[order])) + 1]]
+    return pd.Series(
+        zones.buses[first].astype(int).to_numpy(), index=np.arange(zones.k), name="medoid"
+    ).rename_axis("zone")
+
+
 def bus_weights(
     pf: HorizonPowerFlow, policy: str = "capacity", flexible_capacity_mw: pd.Series | None = None
 ) -> pd.Series:
@@ -369,30 +468,71 @@ def bus_weights(
 
 @dataclass(frozen=True)
 class Segmentation:
-    """Everything segmentation needs at the reference MTU, computed once for any K."""
+    """Everything segmentation needs at the reference MTU, computed once for any K.
+
+    Exact path (``sens`` set): the dense nodal sensitivities. Streamed path (``columns`` set,
+    grids above ``EXACT_SEGMENTATION_MAX_BUSES`` buses): the Jacobian linearisation, sketch
+    features, errors summed over blocks of columns (``zones.streamed``).
+    """
 
     pf: HorizonPowerFlow
     reference_mtu: int
     sensitivity_method: str
-    sens: SensitivityArrays
+    sens: SensitivityArrays | None
     features: np.ndarray
     graph: nx.Graph
     weights: pd.Series
+    columns: SensitivityColumns | None = None
+    reference_rule: str = "given"  # how the reference MTU was chosen (worst, peak, given)
 
     @property
     def n_buses(self) -> int:
         return len(self.pf.model.buses)
 
+    @property
+    def streamed(self) -> bool:
+        return self.sens is None
+
+    @cached_property
+    def parts(self) -> np.ndarray:
+        """The separate part of the grid of each bus (model order)."""
+        return grid_parts(self.pf.model.buses, self.graph)
+
+    @property
+    def n_parts(self) -> int:
+        return int(self.parts.max()) + 1 if len(self.parts) else 0
+
     @cached_property
     def hierarchy(self) -> ZoneHierarchy:
         """Built on first use, then cut at every K."""
-        return ZoneHierarchy(self.pf.model.buses, self.features, self.graph)
+        return ZoneHierarchy(self.pf.model.buses, self.features, self.graph, self.pf.grid.name)
 
     def zones(self, k: int, method: str = "agglomerative", seed: int = 0) -> Zones:
+        """K connected zones; on a grid of several parts each part gets at least one.
+
+        Spectral clustering runs in each part with the part's share of K taken from the
+        agglomerative hierarchy's cut at K (its global merge order decides which part gets
+        how many zones).
+        """
         if method == "agglomerative":
             return self.hierarchy.cut(k)
         if method == "spectral":
-            return spectral_zones(self.pf.model.buses, self.features, self.graph, k, seed)
+            buses = self.pf.model.buses
+            _check_k(k, len(buses), self.n_parts, self.pf.grid.name)
+            if self.n_parts == 1:
+                return spectral_zones(buses, self.features, self.graph, k, seed)
+            labels = self.hierarchy.labels(k)
+            out = np.empty(len(buses), np.int64)
+            offset = 0
+            for p in range(self.n_parts):
+                idx = np.flatnonzero(self.parts == p)
+                k_p = len(np.unique(labels[idx]))
+                sub = spectral_zones(
+                    buses[idx], self.features[idx], self.graph.subgraph(buses[idx]), k_p, seed
+                )
+                out[idx] = sub.zone_of_bus.to_numpy() + offset
+                offset += k_p
+            return _numbered(out, buses, k, "spectral")
         raise InputError(
             f"unknown segmentation method '{method}': choose one of "
             f"{', '.join(SEGMENTATION_METHODS)}"
@@ -400,11 +540,19 @@ class Segmentation:
 
     def indices(self, zones: Zones, mtu: int | None = None) -> ZonalIndices:
         """Zonal indices of ``zones`` at ``mtu`` (default: the reference MTU)."""
-        if mtu is None or mtu == self.reference_mtu:
-            sens = self.sens
-        else:
-            sens = sensitivity_arrays(self.pf.model, self.pf.V[mtu], self.sensitivity_method)
-        return zonal_indices(zones, sens, self.weights, self.pf.model.branches)
+        at_reference = mtu is None or mtu == self.reference_mtu
+        branches = self.pf.model.branches
+        if not self.streamed:
+            sens = (
+                self.sens
+                if at_reference
+                else sensitivity_arrays(self.pf.model, self.pf.V[mtu], self.sensitivity_method)
+            )
+            return zonal_indices(zones, sens, self.weights, branches)
+        V = self.pf.V[self.reference_mtu if at_reference else mtu]
+        cols = self.columns if at_reference else SensitivityColumns(linearisation(self.pf.model, V))
+        frames = cols.zonal(zones.aggregation(self.weights))
+        return streamed_zonal_indices(zones, cols, frames, self.weights, branches)
 
     def error(self, zones: Zones) -> float:
         """The overall segmentation error of ``zones`` at the reference MTU: the mean of its
@@ -412,20 +560,30 @@ class Segmentation:
         return overall_error(self.indices(zones).error)["mean"]
 
     def medoids(self, zones: Zones) -> pd.Series:
-        """Each zone's medoid bus at the reference MTU (for maps)."""
+        """Each zone's medoid bus at the reference MTU (for maps): on the exact path the bus
+        of least weighted distance to its zone, on the streamed path the bus nearest the
+        zone's weighted centroid (least weighted squared distance)."""
+        if self.streamed:
+            return centroid_medoids(zones, self.features, self.weights)
         return medoids(zones, self.features, self.weights)
 
     def error_curve(self, ks=None, method: str = "agglomerative") -> pd.DataFrame:
-        """Overall segmentation error against K at the reference MTU (default: every K = 1..N).
+        """Overall segmentation error against K at the reference MTU (default: every K from
+        the number of separate grid parts to N; on the streamed path ``CURVE_POINTS``
+        log-spaced values of K).
 
         For the agglomerative method the whole curve is one pass over the hierarchy's
-        merges: a merge changes only the merged zone's error terms.
+        merges: a merge changes only the merged zone's error terms. On the streamed path it
+        is one pass over blocks of bus columns in the hierarchy's leaf order.
         """
         n = self.n_buses
-        if method == "agglomerative" and ks is None:
+        if method == "agglomerative" and ks is None and not self.streamed:
             curve = self._merge_sweep()
+        elif method == "agglomerative" and self.streamed:
+            curve = self._streamed_sweep(curve_ks(self.n_parts, n) if ks is None else ks)
         else:
-            ks = range(1, n + 1) if ks is None else ks
+            if ks is None:
+                ks = range(self.n_parts, n + 1) if not self.streamed else curve_ks(self.n_parts, n)
             curve = {k: overall_error(self.indices(self.zones(k, method)).error) for k in ks}
         return pd.DataFrame(
             [
@@ -440,10 +598,29 @@ class Segmentation:
             ]
         )
 
+    def _weights_array(self) -> tuple[np.ndarray, bool]:
+        w = self.weights.reindex(self.pf.model.buses).fillna(0.0).to_numpy(float)
+        return w, w.sum() <= 0  # as overall_error: zones weigh by bus count without capacity
+
+    def _streamed_sweep(self, ks) -> dict[int, dict[str, float]]:
+        n = self.n_buses
+        for k in ks:
+            _check_k(k, n, self.n_parts, self.pf.grid.name)
+        w, by_count = self._weights_array()
+        hierarchy = self.hierarchy
+        order = leaf_order(hierarchy.children, n)
+        curve = {n: np.zeros(4)} if n in ks else {}
+        partitions = {}
+        for k in ks:
+            if k < n:
+                labels = hierarchy.labels(k)
+                partitions[k] = np.unique(labels, return_inverse=True)[1].ravel()
+        curve.update(streamed_curve(self.columns, order, partitions, w, by_count))
+        return {k: _as_error(t) for k, t in curve.items()}
+
     def _merge_sweep(self) -> dict[int, dict[str, float]]:
         n = self.n_buses
-        w = self.weights.reindex(self.pf.model.buses).fillna(0.0).to_numpy(float)
-        by_count = w.sum() <= 0  # as overall_error: zones weigh by bus count without capacity
+        w, by_count = self._weights_array()
         S = (self.sens.loading_p, self.sens.vm_p)
 
         def terms(members: np.ndarray) -> np.ndarray:
@@ -463,20 +640,21 @@ class Segmentation:
         members = {i: np.array([i]) for i in range(n)}
         contrib = {i: terms(members[i]) for i in range(n)}
         total = np.sum(list(contrib.values()), axis=0)
-
-        def as_error(t: np.ndarray) -> dict[str, float]:
-            loading = t[0] / t[1] if t[1] > 0 else 0.0
-            vm = t[2] / t[3] if t[3] > 0 else 0.0
-            return {"loading": float(loading), "vm": float(vm), "mean": 0.5 * float(loading + vm)}
-
-        curve = {n: as_error(total)}
+        curve = {n: _as_error(total)}
         for step, (a, b) in enumerate(self.hierarchy.children):
             a, b, node = int(a), int(b), n + step
             members[node] = np.concatenate([members.pop(a), members.pop(b)])
             contrib[node] = terms(members[node])
             total = total - contrib.pop(a) - contrib.pop(b) + contrib[node]
-            curve[n - step - 1] = as_error(total)
+            curve[n - step - 1] = _as_error(total)
         return curve
+
+
+def _as_error(t: np.ndarray) -> dict[str, float]:
+    """Loading, voltage and mean error from the weighted terms (abs_l, ref_l, abs_v, ref_v)."""
+    loading = t[0] / t[1] if t[1] > 0 else 0.0
+    vm = t[2] / t[3] if t[3] > 0 else 0.0
+    return {"loading": float(loading), "vm": float(vm), "mean": 0.5 * float(loading + vm)}
 
 
 def prepare_segmentation(
@@ -487,21 +665,36 @@ def prepare_segmentation(
     weight_policy: str = "capacity",
     flexible_capacity_mw: pd.Series | None = None,
     cache: LinearisationCache | None = None,
+    reference_rule: str = "given",
+    exact_max_buses: int = EXACT_SEGMENTATION_MAX_BUSES,
 ) -> Segmentation:
     """Sensitivities, features and graph at the reference MTU (zones are published from there).
 
     ``cache`` (of ``pf.model``) shares the reference MTU's linearisation with the markets.
+    Above ``exact_max_buses`` energised buses (Jacobian method) the streamed path is taken:
+    no dense nodal matrices, sketch features (``zones.streamed``).
     """
     t = pf.mtu_position(reference_mtu)
     if not pf.converged.iloc[t]:
         raise InputError(f"reference MTU {t} ({pf.times[t]}) has no converged power flow")
-    sens = sensitivity_arrays(pf.model, pf.V[t], sensitivity_method, cache=cache)
-    return Segmentation(
-        pf=pf,
-        reference_mtu=t,
-        sensitivity_method=sensitivity_method,
-        sens=sens,
-        features=electrical_features(sens),
-        graph=bus_graph(pf),
-        weights=bus_weights(pf, weight_policy, flexible_capacity_mw),
+    n = len(pf.model.buses)
+    common = {
+        "pf": pf,
+        "reference_mtu": t,
+        "sensitivity_method": sensitivity_method,
+        "graph": bus_graph(pf),
+        "weights": bus_weights(pf, weight_policy, flexible_capacity_mw),
+        "reference_rule": reference_rule,
+    }
+    if sensitivity_method == "jacobian" and n > exact_max_buses:
+        cols = SensitivityColumns(linearisation(pf.model, pf.V[t], cache))
+        return Segmentation(sens=None, features=sketch_features(cols), columns=cols, **common)
+    rows = len(pf.model.branches) + n
+    require_memory(
+        f"segmentation of grid {pf.grid.name} ({sensitivity_method} sensitivities)",
+        [[(rows, "monitored rows"), (n, "buses"), (5, "arrays")]],
+        hint="use the jacobian sensitivity method (streamed above "
+        f"{EXACT_SEGMENTATION_MAX_BUSES} buses)",
     )
+    sens = sensitivity_arrays(pf.model, pf.V[t], sensitivity_method, cache=cache)
+    return Segmentation(sens=sens, features=electrical_features(sens), **common)

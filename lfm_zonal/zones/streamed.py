@@ -1,0 +1,307 @@
+"""Segmentation of large grids without the dense bus x bus sensitivity matrices.
+
+On a grid of more than ``EXACT_SEGMENTATION_MAX_BUSES`` energised buses (and the Jacobian
+sensitivity method) segmentation never holds d loading/dP and d vm/dP whole (branches x
+buses and buses x buses). It works on the Jacobian linearisation at the reference MTU:
+
+* **Columns on demand** (:class:`SensitivityColumns`): the sensitivities of a block of
+  ``COLUMN_CHUNK`` buses come from one sparse LU solve with that many right-hand sides;
+  S @ X (a zone's mean column) and S^T @ Y (a combination of rows) cost one solve per
+  column of X or Y. Memory is O(rows x chunk).
+* **Features by a randomized SVD** (:func:`sketch_features`): the normalised sensitivity
+  matrix F (buses x monitored rows, each row scaled to its largest magnitude, as
+  ``segmentation.electrical_features``) is replaced by its projection on its leading
+  ``SKETCH_RANK`` right singular vectors, F V_d (buses x SKETCH_RANK), found with
+  (2 x ``SKETCH_POWER_ITERATIONS`` + 2) x (SKETCH_RANK + SKETCH_OVERSAMPLING) solves after
+  one pass over the columns for the row maxima. The distances between buses are those of
+  F projected on that subspace: exact when F has at most that rank, otherwise the spectral
+  tail is dropped. The Gaussian test matrix has a fixed seed (deterministic zones).
+* **Errors streamed** (:func:`streamed_error_terms`, :func:`streamed_curve`): the
+  segmentation error of a partition is summed over blocks of bus columns against the
+  zones' mean columns. The error curve of the Ward hierarchy is computed in one pass for
+  ``CURVE_POINTS`` values of K between the number of grid parts and N (every zone of
+  every K is a contiguous run of the hierarchy's leaf order, so a block needs only the
+  mean columns of zones that cross its edges, found beforehand by one solve each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from lfm_zonal.grid.sensitivity import JacobianLinearisation, SensitivityArrays
+
+#: Energised buses above which segmentation streams the sensitivities (and the features are
+#: a randomized sketch); at or below it the dense exact path is used.
+EXACT_SEGMENTATION_MAX_BUSES = 2000
+#: Bus columns solved at once in a streamed pass (memory: monitored rows x chunk floats;
+#: SuperLU solves slow down sharply beyond about 64 right-hand sides at a time).
+COLUMN_CHUNK = 32
+#: Rank of the randomized SVD of the normalised sensitivity matrix (feature dimension).
+SKETCH_RANK = 256
+#: Extra test vectors of the randomized range finder, and its power iterations.
+SKETCH_OVERSAMPLING = 16
+SKETCH_POWER_ITERATIONS = 2
+#: Seed of the sketch's Gaussian test matrix.
+SKETCH_SEED = 0
+#: Values of K (log-spaced from the number of grid parts to N) of a large grid's error curve.
+CURVE_POINTS = 32
+
+
+@dataclass(frozen=True)
+class SensitivityColumns:
+    """d loading_percent / d P_mw (``L``, monitored branches x buses) and d vm_pu / d P_mw
+    (``V``, buses x buses) of one Jacobian linearisation, in column blocks on demand
+    (columns in ``model.buses`` order)."""
+
+    lin: JacobianLinearisation
+
+    @property
+    def n_buses(self) -> int:
+        return self.lin.E_p.shape[1]
+
+    @property
+    def n_branches(self) -> int:
+        return self.lin.dloading_dx.shape[0]
+
+    def _solve(self, rhs, trans: str = "N") -> np.ndarray:
+        """J^-1 rhs (J^-T with trans "T") / base_mva, ``COLUMN_CHUNK`` columns at a time."""
+        rhs = rhs.toarray() if sp.issparse(rhs) else np.asarray(rhs, dtype=float)
+        out = np.empty_like(rhs)
+        for j in range(0, rhs.shape[1], COLUMN_CHUNK):
+            out[:, j : j + COLUMN_CHUNK] = self.lin.lu.solve(
+                np.ascontiguousarray(rhs[:, j : j + COLUMN_CHUNK]), trans=trans
+            )
+        return out / self.lin.base_mva
+
+    def _rows(self, dx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.lin.dloading_dx @ dx), np.asarray(self.lin.E_q.T @ dx)
+
+    def block(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The columns of the buses at ``positions``: (L block, V block)."""
+        return self.times(self.lin.E_p[:, positions])
+
+    def times(self, patterns, reactive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(L @ patterns, V @ patterns) for patterns (buses x m), or patterns already in the
+        state space (states x m); ``reactive``: of d/dQ instead of d/dP."""
+        E = self.lin.E_q if reactive else self.lin.E_p
+        rhs = patterns if patterns.shape[0] == E.shape[0] else E @ patterns
+        return self._rows(self._solve(rhs))
+
+    def zonal(self, W: sp.spmatrix) -> SensitivityArrays:
+        """The zonal indices S @ W of all four sensitivities (2 x K solves)."""
+        loading_p, vm_p = self.times(W)
+        loading_q, vm_q = self.times(W, reactive=True)
+        return SensitivityArrays(loading_p, loading_q, vm_p, vm_q)
+
+    def transposed_times(self, y_l: np.ndarray, y_v: np.ndarray) -> np.ndarray:
+        """L^T @ y_l + V^T @ y_v (buses x m): one transposed solve per column."""
+        seed = np.asarray(self.lin.dloading_dx.T @ y_l) + np.asarray(self.lin.E_q @ y_v)
+        return np.asarray(self.lin.E_p.T @ self._solve(seed, trans="T"))
+
+    def blocks(
+        self, order: np.ndarray | None = None, size: int = COLUMN_CHUNK
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """(start, positions, L block, V block) over every bus in ``order`` (default: model order)."""
+        order = np.arange(self.n_buses) if order is None else np.asarray(order)
+        for start in range(0, len(order), size):
+            positions = order[start : start + size]
+            L, V = self.block(positions)
+            yield start, positions, L, V
+
+
+def row_maxima(cols: SensitivityColumns) -> tuple[np.ndarray, np.ndarray]:
+    """Largest |entry| of every row of L and V (one pass over the columns)."""
+    max_l, max_v = np.zeros(cols.n_branches), np.zeros(cols.n_buses)
+    for _, _, L, V in cols.blocks():
+        np.maximum(max_l, np.abs(L).max(axis=1, initial=0.0), out=max_l)
+        np.maximum(max_v, np.abs(V).max(axis=1, initial=0.0), out=max_v)
+    return max_l, max_v
+
+
+def sketch_features(
+    cols: SensitivityColumns,
+    rank: int = SKETCH_RANK,
+    oversampling: int = SKETCH_OVERSAMPLING,
+    power_iterations: int = SKETCH_POWER_ITERATIONS,
+    seed: int = SKETCH_SEED,
+) -> np.ndarray:
+    """Bus features (buses x at most ``rank``): F V_d, the normalised sensitivity matrix F of
+    ``segmentation.electrical_features`` on its leading right singular vectors, by a
+    randomized SVD (Halko, Martinsson & Tropp 2011, algorithms 4.4 and 5.1) whose products
+    with F and F^T are sparse LU solves."""
+    n = cols.n_buses
+    scale = []
+    for maxima in row_maxima(cols):
+        kept = maxima > 0
+        scale.append(
+            np.divide(1.0, maxima * np.sqrt(kept.sum()), out=np.zeros_like(maxima), where=kept)
+        )
+    d_l, d_v = scale
+    n_rows = int((d_l > 0).sum() + (d_v > 0).sum())
+    if n_rows == 0:
+        return np.zeros((n, 1))
+    m = min(rank + oversampling, n, n_rows)
+
+    def F(x: np.ndarray) -> np.ndarray:  # buses x m
+        return cols.transposed_times(d_l[:, None] * x[: len(d_l)], d_v[:, None] * x[len(d_l) :])
+
+    def Ft(y: np.ndarray) -> np.ndarray:  # (branches + buses) x m
+        L, V = cols.times(y)
+        return np.vstack([d_l[:, None] * L, d_v[:, None] * V])
+
+    rng = np.random.default_rng(seed)
+    Y = F(rng.standard_normal((len(d_l) + len(d_v), m)))
+    for _ in range(power_iterations):
+        Q = _orthonormal(Y)
+        Y = F(_orthonormal(Ft(Q)))
+    Q = _orthonormal(Y)
+    B = Ft(Q).T  # m x rows: Q^T F
+    U, s, _ = np.linalg.svd(B, full_matrices=False)
+    d = min(rank, len(s))
+    return (Q @ U[:, :d]) * s[:d]
+
+
+def _orthonormal(a: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of the columns of ``a`` (economic QR)."""
+    from scipy.linalg import qr
+
+    return qr(a, mode="economic", overwrite_a=True, check_finite=False)[0]
+
+
+def zone_terms(
+    zone: np.ndarray, weights: np.ndarray, k: int, by_count: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each bus's share in its zone (w_b / zone total, uniform where that is 0) and each
+    zone's weight in the overall error (its total weight; its bus count when ``by_count``)."""
+    total = np.bincount(zone, weights=weights, minlength=k)
+    count = np.bincount(zone, minlength=k)
+    share = np.where(
+        total[zone] > 0, weights / np.where(total[zone] > 0, total[zone], 1.0), 1.0 / count[zone]
+    )
+    return share, (count.astype(float) if by_count else total)
+
+
+def streamed_error_terms(
+    cols: SensitivityColumns,
+    zone: np.ndarray,
+    share: np.ndarray,
+    k: int,
+    Sz_l: np.ndarray,
+    Sz_v: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """Per zone sum_b share_b sum_rows |S - S_zone| and sum_b share_b sum_rows |S| of L and V,
+    and per (row, zone) sum_b share_b |S - S_zone| (``zonal_indices``' terms), summed over
+    blocks of columns."""
+    abs_l, ref_l, abs_v, ref_v = (np.zeros(k) for _ in range(4))
+    el_l, el_v = np.zeros((cols.n_branches, k)), np.zeros((cols.n_buses, k))
+    for _, pos, L, V in cols.blocks():
+        z, w = zone[pos], share[pos]
+        onehot = sp.csr_matrix((w, (np.arange(len(pos)), z)), shape=(len(pos), k))
+        for S, Sz, a, r, el in ((L, Sz_l, abs_l, ref_l, el_l), (V, Sz_v, abs_v, ref_v, el_v)):
+            diff = np.abs(S - Sz[:, z])
+            a += np.bincount(z, weights=diff.sum(axis=0) * w, minlength=k)
+            r += np.bincount(z, weights=np.abs(S).sum(axis=0) * w, minlength=k)
+            el += np.asarray(diff @ onehot)
+    return abs_l, ref_l, el_l, abs_v, ref_v, el_v
+
+
+def leaf_order(children: np.ndarray, n: int) -> np.ndarray:
+    """Buses in the order of the hierarchy's leaves (left child first, roots by their first
+    merge's absence: roots in increasing node id): every cluster is a contiguous run."""
+    m = len(children)
+    is_child = np.zeros(n + m, bool)
+    is_child[children.ravel()] = True
+    roots = np.flatnonzero(~is_child)
+    out = []
+    for root in roots:
+        stack = [int(root)]
+        while stack:
+            node = stack.pop()
+            if node < n:
+                out.append(node)
+            else:
+                a, b = children[node - n]
+                stack += [int(b), int(a)]
+    return np.array(out, dtype=np.int64)
+
+
+def curve_ks(n_parts: int, n: int, points: int = CURVE_POINTS) -> list[int]:
+    """``points`` values of K, log-spaced from n_parts to n (both included)."""
+    ks = np.unique(np.round(np.geomspace(n_parts, n, points)).astype(np.int64))
+    return sorted({int(k) for k in ks} | {n_parts, n})
+
+
+def streamed_curve(
+    cols: SensitivityColumns,
+    order: np.ndarray,
+    partitions: dict[int, np.ndarray],
+    weights: np.ndarray,
+    by_count: bool,
+    size: int = COLUMN_CHUNK,
+) -> dict[int, np.ndarray]:
+    """Weighted error terms (abs_l, ref_l, abs_v, ref_v, as ``overall_error`` sums them) of
+    several partitions whose zones are contiguous runs of ``order``, in one pass of blocks.
+
+    ``partitions``: K -> zone of each bus (model order). A block holds ``size`` buses of
+    ``order``; a zone inside it gets its mean column from the block itself, a zone crossing
+    its edge from one solve made beforehand.
+    """
+    n = len(order)
+    edges = np.arange(size, n, size)  # block starts (positions in order) after the first
+    plans = {}
+    for k, zone in partitions.items():
+        z_in_order = zone[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(z_in_order)) + 1]  # run starts in order
+        ends = np.r_[starts[1:], n]
+        if len(starts) != k:
+            raise ValueError(f"the zones of K = {k} are not contiguous runs of the leaf order")
+        share, zone_weight = zone_terms(zone, weights, k, by_count)
+        run_of = np.repeat(np.arange(k), ends - starts)  # run of each position in order
+        crossing = np.unique(run_of[edges][starts[run_of[edges]] < edges]) if len(edges) else []
+        crossing = np.asarray(crossing, dtype=np.int64)
+        if len(crossing):
+            cols_of = [order[starts[r] : ends[r]] for r in crossing]
+            rows = np.concatenate(cols_of)
+            pat = sp.csc_matrix(
+                (
+                    share[rows],
+                    (rows, np.repeat(np.arange(len(crossing)), [len(c) for c in cols_of])),
+                ),
+                shape=(len(order), len(crossing)),
+            )
+            far_l, far_v = cols.times(pat)
+        else:
+            far_l = np.zeros((cols.n_branches, 0))
+            far_v = np.zeros((cols.n_buses, 0))
+        plans[k] = (
+            run_of,
+            share[order] * zone_weight[z_in_order],
+            crossing,
+            far_l,
+            far_v,
+            share[order],
+        )
+    out = {k: np.zeros(4) for k in partitions}
+    for start, pos, L, V in cols.blocks(order, size):
+        stop = start + len(pos)
+        ref = (np.abs(L).sum(axis=0), np.abs(V).sum(axis=0))
+        for k, (run_of, bus_weight_all, crossing, far_l, far_v, share) in plans.items():
+            runs = run_of[start:stop]
+            local = runs - runs[0]  # run of each column, from 0 in this block
+            w = share[start:stop]
+            bounds = np.r_[0, np.flatnonzero(np.diff(local)) + 1]
+            bus_weight = bus_weight_all[start:stop]
+            far = np.minimum(np.searchsorted(crossing, runs[bounds]), max(len(crossing) - 1, 0))
+            is_far = crossing[far] == runs[bounds] if len(crossing) else np.zeros(len(bounds), bool)
+            for j, (S, far_cols) in enumerate(((L, far_l), (V, far_v))):
+                Sz = np.add.reduceat(S * w, bounds, axis=1)
+                if is_far.any():
+                    Sz[:, is_far] = far_cols[:, far[is_far]]
+                diff = np.abs(S - Sz[:, local])
+                out[k][2 * j] += float(diff.sum(axis=0) @ bus_weight)
+                out[k][2 * j + 1] += float(ref[j] @ bus_weight)
+    return out
