@@ -179,6 +179,7 @@ def residual_violations(
     resources=None,
     dispatch: pd.DataFrame | None = None,
     cache: LinearisationCache | None = None,
+    rows_per_mtu: int | None = None,
 ) -> pd.DataFrame:
     """Every (MTU, element) still violated after the AC check, with its residual MW.
 
@@ -195,6 +196,8 @@ def residual_violations(
     of it was dispatched, and ``offers_exhausted`` is True when each of those resources was
     dispatched to its full offer (also when none relieves the row). ``cache`` holds the
     base points' linearisations when the market already took them (see ``sensitivity``).
+    ``rows_per_mtu`` keeps, of each kind of violation in each MTU, only that many rows of
+    largest excess (None: every row).
     """
     g = pf.grid
     model = pf.model
@@ -205,61 +208,96 @@ def residual_violations(
     loading.iloc[failed] = pf.loading_percent.iloc[failed].to_numpy()
     vm.iloc[failed] = pf.vm_pu.iloc[failed].to_numpy()
     over, under, overv = excess(g, loading, vm)
-    rows = []  # (mtu, kind, row position, excess, relieving sign of an injection's effect)
-    for kind, beyond, tol, sign in (
-        ("overload", over, VIOLATION_TOLERANCE_LOADING_PERCENT, -1.0),
-        ("undervoltage", under, VIOLATION_TOLERANCE_VM_PU, 1.0),
-        ("overvoltage", overv, VIOLATION_TOLERANCE_VM_PU, -1.0),
+    n_b = len(model.buses)
+    # Every violated row: MTU, kind (0 overload, 1 undervoltage, 2 overvoltage), position.
+    parts = []
+    for kind, beyond, tol in (
+        (0, over, VIOLATION_TOLERANCE_LOADING_PERCENT),
+        (1, under, VIOLATION_TOLERANCE_VM_PU),
+        (2, overv, VIOLATION_TOLERANCE_VM_PU),
     ):
-        t, r = np.nonzero(beyond.to_numpy() > tol)
-        rows += [
-            (int(a), kind, int(b), float(beyond.iat[a, b]), sign) for a, b in zip(t, r, strict=True)
-        ]
-    if not rows:
+        values = beyond.to_numpy()
+        t, r = np.nonzero(values > tol)
+        if rows_per_mtu is not None:  # the largest excesses of the kind in each MTU
+            t, r = _largest_per_mtu(t, r, values[t, r], rows_per_mtu)
+        parts.append((t, np.full(len(t), kind), r, values[t, r]))
+    t, kind, r, amount = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    if len(t) == 0:
         return pd.DataFrame(columns=RESIDUAL_COLUMNS)
-    rows.sort(key=lambda x: (x[0], x[1] != "overload", x[2], x[1]))
-    position = pd.Series(np.arange(len(model.buses)), index=model.buses)
-    offers = _offers_by_mtu(resources, dispatch, position) if resources is not None else None
-    out = []
-    lin_mtu, lin = -1, None
-    for t, kind, r, amount, sign in rows:
-        if t != lin_mtu:
-            lin_mtu, lin = t, linearisation(model, pf.V[t], cache)
-        cp, cq = lin.row_sensitivity(kind == "overload", r)
-        if kind == "overload":
-            etype, element = model.branches[r]
-            value, limit = float(loading.iat[t, r]), g.loading_max_percent
-        else:
-            etype, element = "bus", model.buses[r]
-            value = float(vm.iat[t, r])
-            limit = g.vm_min_pu if kind == "undervoltage" else g.vm_max_pu
-        gain = float(np.abs(cp).max(initial=0.0))
-        rec = {
+    order = np.lexsort((kind, r, kind != 0, t))  # per MTU: overloads, then buses by position
+    t, kind, r, amount = t[order], kind[order], r[order], amount[order]
+    is_line = kind == 0
+    offers = None
+    if resources is not None:
+        offers = _offers_by_mtu(resources, dispatch, pd.Series(np.arange(n_b), index=model.buses))
+    gain = np.zeros(len(t))
+    offered_mw, done_mw = np.full(len(t), np.nan), np.full(len(t), np.nan)
+    exhausted = np.full(len(t), None, dtype=object)
+    relieving_sign = np.where(kind == 1, 1.0, -1.0)
+    for mtu in np.unique(t):  # transposed solves per MTU, a chunk of rows at a time
+        lin = linearisation(model, pf.V[mtu], cache)
+        at_mtu = np.flatnonzero(t == mtu)
+        for start in range(0, len(at_mtu), _ROWS_PER_SOLVE):
+            at = at_mtu[start : start + _ROWS_PER_SOLVE]
+            line, bus = at[is_line[at]], at[~is_line[at]]
+            at = np.r_[line, bus]
+            cp, cq = lin.rows_sensitivity(r[line], r[bus])
+            gain[at] = np.abs(cp).max(axis=1, initial=0.0)
+            if offers is None:
+                continue
+            offered, done, col, direction, tan_phi = offers(int(mtu))
+            effect = direction * (cp[:, col] + tan_phi * cq[:, col])  # rows x offers
+            noise = _EFFECT_NOISE * np.maximum(gain[at], np.abs(cq).max(axis=1, initial=0.0))
+            relieves = relieving_sign[at, None] * effect > noise[:, None]
+            offered_mw[at] = relieves @ offered
+            done_mw[at] = relieves @ np.minimum(done, offered)
+            exhausted[at] = (~relieves | (done >= offered - 1e-6)).all(axis=1).tolist()
+    loading_np, vm_np = loading.to_numpy(), vm.to_numpy()
+    value = np.where(
+        is_line, loading_np[t, np.where(is_line, r, 0)], vm_np[t, np.where(is_line, 0, r)]
+    )
+    limit = np.select(
+        [is_line, kind == 1], [g.loading_max_percent, g.vm_min_pu], default=g.vm_max_pu
+    )
+    branch = model.branches
+    out = pd.DataFrame(
+        {
             "time": pf.times[t],
             "mtu": t,
-            "element_type": etype,
-            "element": int(element),
-            "violation": kind,
-            "value": value,
-            "limit": float(limit),
-            "excess": amount,
-            "ac_converged": not failed[t],
+            "element_type": np.where(
+                is_line, branch.get_level_values(0).to_numpy()[np.where(is_line, r, 0)], "bus"
+            ),
+            "element": np.where(
+                is_line,
+                branch.get_level_values(1).to_numpy()[np.where(is_line, r, 0)],
+                model.buses.to_numpy()[np.where(is_line, 0, r)],
+            ).astype(np.int64),
+            "violation": np.array(["overload", "undervoltage", "overvoltage"])[kind],
+            "value": value.astype(float),
+            "limit": limit.astype(float),
+            "excess": amount.astype(float),
+            "ac_converged": ~failed[t],
             "sensitivity_per_mw": gain,
             # A row no injection moves (e.g. the slack bus voltage): 1 unit per MW, as the LP.
-            "residual_mw": amount / (gain if gain > 0 else 1.0),
-            "relieving_offered_mw": np.nan,
-            "relieving_dispatched_mw": np.nan,
-            "offers_exhausted": None,
+            "residual_mw": amount / np.where(gain > 0, gain, 1.0),
+            "relieving_offered_mw": offered_mw,
+            "relieving_dispatched_mw": done_mw,
+            "offers_exhausted": exhausted,
         }
-        if offers is not None:
-            offered, done, col, direction, tan_phi = offers(t)
-            effect = direction * (cp[col] + tan_phi * cq[col])
-            relieves = sign * effect > _EFFECT_NOISE * max(gain, float(np.abs(cq).max(initial=0)))
-            rec["relieving_offered_mw"] = float(offered[relieves].sum())
-            rec["relieving_dispatched_mw"] = float(np.minimum(done, offered)[relieves].sum())
-            rec["offers_exhausted"] = bool((done[relieves] >= offered[relieves] - 1e-6).all())
-        out.append(rec)
-    return pd.DataFrame(out, columns=RESIDUAL_COLUMNS)
+    )
+    return out[list(RESIDUAL_COLUMNS)]
+
+
+#: Rows whose sensitivities one batch of transposed solves computes (memory: rows x buses).
+_ROWS_PER_SOLVE = 256
+
+
+def _largest_per_mtu(t: np.ndarray, r: np.ndarray, value: np.ndarray, n: int):
+    """Of rows (t, r), the n of largest value in each MTU."""
+    order = np.lexsort((r, -value, t))
+    t, r = t[order], r[order]
+    keep = np.arange(len(t)) - np.searchsorted(t, t, side="left") < n
+    return t[keep], r[keep]
 
 
 def _offers_by_mtu(resources, dispatch: pd.DataFrame | None, position: pd.Series):

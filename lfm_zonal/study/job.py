@@ -34,6 +34,9 @@ from lfm_zonal.zones.segmentation import Segmentation, prepare_segmentation
 
 log = logging.getLogger(__name__)
 
+#: Violated rows of each kind and MTU weighed in MW-equivalent for the worst MTU.
+WORST_CANDIDATES_PER_MTU = 20
+
 
 @dataclass(frozen=True)
 class BaseCase:
@@ -65,10 +68,12 @@ class BaseCase:
         element, or None without any: the row of ``check.ac.residual_violations`` (the one
         definition of MW-equivalent: excess beyond the limit / the element's largest
         |sensitivity| to an active injection) applied to the base case itself. Ties: the
-        earliest MTU (then overloads before voltages, as that table is ordered)."""
+        earliest MTU (then overloads before voltages, as that table is ordered). Of each kind
+        of violation in each MTU, the WORST_CANDIDATES_PER_MTU largest excesses are weighed
+        (each costs a transposed solve; a big grid has tens of thousands of violated rows)."""
         pf = self.powerflow
         as_is = ACCheck(pf.loading_percent, pf.vm_pu, pf.converged, ())
-        rows = residual_violations(pf, as_is, cache=cache)
+        rows = residual_violations(pf, as_is, cache=cache, rows_per_mtu=WORST_CANDIDATES_PER_MTU)
         if rows.empty:
             return None
         return rows.loc[rows.residual_mw.to_numpy().argmax()]
