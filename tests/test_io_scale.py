@@ -42,3 +42,21 @@ def test_simbench_profiles_of_the_horizon_equal_those_of_the_year(start, n_mtu, 
         assert got.index.equals(horizon.times)
     stored_q = grid.net.sgen.q_mvar.to_numpy(float)
     np.testing.assert_array_equal(profiles.sgen_q_mvar.to_numpy(), np.tile(stored_q, (n_mtu, 1)))
+
+
+def test_simbench_profiles_scale_only_the_rows_of_the_horizon(monkeypatch):
+    """The relative profiles are sliced before they are spread over the elements: no table of
+    a year x elements is built (it was 4.9 GB on 1-MVLV-rural-all-0-sw)."""
+    import simbench.networks.profiles as sbp
+
+    seen = []
+    original = sbp.get_absolute_profiles_from_relative_profiles
+
+    def spy(net, element, column, relative_profiles=None, **kwargs):
+        seen.append(len(relative_profiles))
+        return original(net, element, column, relative_profiles=relative_profiles, **kwargs)
+
+    monkeypatch.setattr(sbp, "get_absolute_profiles_from_relative_profiles", spy)
+    grid = load_grid("1-MV-rural--0-sw")
+    load_profiles(grid, Horizon(start="2016-04-16 00:00", n_mtu=4, mtu_minutes=30))
+    assert seen == [8, 8, 8]  # load P, load Q, sgen P: 4 MTUs of two quarter hours each
