@@ -44,6 +44,7 @@ from lfm_zonal.config import (  # noqa: E402
     with_overrides,
 )
 from lfm_zonal.errors import InputError, LfmError, SolverError  # noqa: E402
+from lfm_zonal.progress import reporting  # noqa: E402
 from lfm_zonal.study.scenario import (  # noqa: E402
     DEFAULT_SCENARIO,
     Scenario,
@@ -542,7 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"built-in scenario name or TOML file (default: {DEFAULT_SCENARIO})",
     )
     _add_out_folder(p, "results", "results folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bars and no stage lines on stderr"
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("grids", help="list the grids lfm-zonal knows")
@@ -806,7 +809,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.verbose:
                 warnings.filterwarnings("ignore")
             inputs = _declared_inputs(args)
-            with _claim(args, inputs):
+            # Stage lines with elapsed times on stderr for the long commands (progress.py).
+            shows_progress = args.command in ("run", "clear") and not getattr(args, "quiet", False)
+            with _claim(args, inputs), reporting(shows_progress):
                 args.func(args)
         except LfmError as exc:
             print(f"lfm-zonal: error: {_one_line(exc)}", file=sys.stderr)

@@ -3,11 +3,18 @@ compact result files, sensitivities in a binary format, progress lines of a run.
 
 from __future__ import annotations
 
+import re
+import time
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from lfm_zonal import Horizon, load_grid, load_profiles
+from lfm_zonal import Horizon, load_grid, load_profiles, progress
+from lfm_zonal.cli import main
+
+SCENARIOS = Path(__file__).parents[1] / "scenarios"
 
 
 def _year_profiles(grid, horizon: Horizon) -> dict[str, pd.DataFrame]:
@@ -60,3 +67,76 @@ def test_simbench_profiles_scale_only_the_rows_of_the_horizon(monkeypatch):
     grid = load_grid("1-MV-rural--0-sw")
     load_profiles(grid, Horizon(start="2016-04-16 00:00", n_mtu=4, mtu_minutes=30))
     assert seen == [8, 8, 8]  # load P, load Q, sgen P: 4 MTUs of two quarter hours each
+
+
+# --------------------------------------------------------------------------- progress lines
+
+STAGE_LINE = re.compile(r"^lfm-zonal: \[ *(\d+\.\d) s\] (.+)$")
+
+
+def _small_scenario(folder: Path) -> Path:
+    """The default scenario on 4 MTUs at its evening peak, nodal and zonal at K = 1 and 2."""
+    text = (SCENARIOS / "cigre_mv_evening_peak.toml").read_text()
+    text = re.sub(r"n_mtu = \d+", "n_mtu = 4", text)
+    text = re.sub(r"(?m)^k = .*$", "k = [1, 2]", text)
+    text = re.sub(r"(?m)^methods = .*$", 'methods = ["nodal", "zonal"]', text)
+    path = folder / "small.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_run_prints_its_stages_with_elapsed_times_in_order(tmp_path, capsys):
+    code = main(["run", str(_small_scenario(tmp_path)), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    stages = [m.groups() for line in err.splitlines() if (m := STAGE_LINE.match(line))]
+    messages = [text for _, text in stages]
+    expected = [
+        "base case: 4 MTUs on grid cigre_mv",
+        "resources:",
+        "zones: sensitivities and features at MTU",
+        "nodal market: cleared and checked in AC, cost",
+        "zones: K = 1 done",
+        "zonal market K = 1: cleared and checked in AC, cost",
+        "zones: K = 2 done",
+        "zonal market K = 2: cleared and checked in AC, cost",
+        f"results written to {tmp_path / 'out'}",
+        "finished in",
+    ]
+    assert len(messages) == len(expected), err
+    for text, start in zip(messages, expected, strict=True):
+        assert text.startswith(start), (text, start)
+    seconds = [float(s) for s, _ in stages]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    assert messages[-1] == f"finished in {seconds[-1]:.1f} s"
+    # --quiet: neither progress bars nor stage lines.
+    main(["run", str(_small_scenario(tmp_path)), "--out", str(tmp_path / "q"), "--quiet"])
+    assert not any(STAGE_LINE.match(line) for line in capsys.readouterr().err.splitlines())
+
+
+def test_an_input_refused_after_the_base_case_is_still_one_line(tmp_path, capsys):
+    """The zone count is checked against the grid's buses after the base case is solved: the
+    stage lines held until then are dropped, the refusal is the one line on stderr."""
+    scenario = _small_scenario(tmp_path)
+    scenario.write_text(re.sub(r"(?m)^k = .*$", "k = [1, 500]", scenario.read_text()))
+    code = main(["run", str(scenario), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("lfm-zonal: error:") and "500" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_held_stage_lines_go_out_after_the_hold_time(capsys):
+    with progress.reporting(hold_s=0.05):
+        progress.stage("first")
+        assert capsys.readouterr().err == ""  # held: inputs not accepted yet
+        time.sleep(0.5)
+        assert STAGE_LINE.match(capsys.readouterr().err.strip()).group(2) == "first"
+        progress.stage("second")  # after the hold: at once
+        assert capsys.readouterr().err.strip().endswith("] second")
+    with pytest.raises(RuntimeError), progress.reporting():
+        progress.stage("dropped")
+        raise RuntimeError("a failure before the inputs were accepted")
+    assert capsys.readouterr().err == ""
+    progress.stage("no command: silent")
+    assert capsys.readouterr().err == "" and progress.elapsed_s() is None

@@ -17,6 +17,8 @@ from lfm_zonal.grid.powerflow import HorizonPowerFlow
 from lfm_zonal.grid.sensitivity import Sensitivities
 from lfm_zonal.grid.violations import violated_state
 from lfm_zonal.market.clearing import MarketResult
+from lfm_zonal.progress import elapsed_s as progress_elapsed_s
+from lfm_zonal.progress import stage
 from lfm_zonal.report.plots import (
     plot_before_after,
     plot_error_curve,
@@ -216,5 +218,10 @@ def run_scenario(
     study = run_study(scenario, progress=progress)
     with result_folder(out, overwrite=overwrite) as folder:
         write_results(study, folder)
-    log.info("finished in %.1f s", time.perf_counter() - started)
+    stage(f"results written to {out}")
+    elapsed = progress_elapsed_s()
+    if elapsed is None:
+        log.info("finished in %.1f s", time.perf_counter() - started)
+    else:
+        stage(f"finished in {elapsed:.1f} s")
     return Path(out)
