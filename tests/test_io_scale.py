@@ -140,3 +140,64 @@ def test_held_stage_lines_go_out_after_the_hold_time(capsys):
     assert capsys.readouterr().err == ""
     progress.stage("no command: silent")
     assert capsys.readouterr().err == "" and progress.elapsed_s() is None
+
+
+# --------------------------------------------------------------------------- sensitivities
+
+
+def _sensitivities_cli(tmp_path, capsys, name, *extra):
+    argv = ["sensitivities", "--grid", "ieee33", "--n-mtu", "2", "--mtu", "1"]
+    code = main([*argv, *extra, "--out", str(tmp_path / name)])
+    out, err = capsys.readouterr()
+    return code, out, err, tmp_path / name / "mtu_1"
+
+
+def test_sensitivities_as_npz_hold_the_csv_numbers_and_labels(tmp_path, capsys):
+    from lfm_zonal.study.results import read_sensitivities
+
+    code, out, err, csv = _sensitivities_cli(tmp_path, capsys, "csv")  # small: auto is CSV
+    assert code == 0 and "as csv" in out, err
+    code, out, err, npz = _sensitivities_cli(tmp_path, capsys, "npz", "--format", "npz")
+    assert code == 0 and sorted(p.name for p in npz.iterdir()) == ["sensitivities.npz"]
+    sens = read_sensitivities(npz / "sensitivities.npz")
+    assert sens.method == "jacobian" and sens.time == pd.Timestamp("2016-01-14 00:15")
+    for name, index_col in (("loading_p", [0, 1]), ("loading_q", [0, 1]), ("vm_p", 0), ("vm_q", 0)):
+        expected = pd.read_csv(csv / f"{name}.csv", index_col=index_col)
+        got = getattr(sens, name)
+        assert list(got.index) == list(expected.index)  # pandapower indices as labels
+        assert [str(b) for b in got.columns] == list(expected.columns)
+        np.testing.assert_allclose(got.to_numpy(), expected.to_numpy(), rtol=1e-9, atol=1e-14)
+    with np.load(npz / "sensitivities.npz", allow_pickle=False) as data:  # no pickle needed
+        assert data["branch_element_type"][0] == "line" and data["bus"].dtype == np.int64
+
+
+def test_sensitivities_of_chosen_rows_and_columns(tmp_path, capsys):
+    code, _, err, folder = _sensitivities_cli(
+        tmp_path, capsys, "some", "--elements", "line:3,0", "--elements", "bus:17", "--buses", "0:4"
+    )
+    assert code == 0, err
+    loading = pd.read_csv(folder / "loading_p.csv", index_col=[0, 1])
+    assert list(loading.index) == [("line", 3), ("line", 0)]
+    assert list(loading.columns) == ["0", "1", "2", "3", "4"]
+    vm = pd.read_csv(folder / "vm_q.csv", index_col=0)
+    assert list(vm.index) == [17] and vm.shape == (1, 5)
+    for extra, named in (
+        (("--elements", "line:99"), "--elements line:99"),
+        (("--elements", "trafo:0"), "--elements trafo"),
+        (("--buses", "5,400"), "--buses 400"),
+        (("--elements", "line"), "--elements 'line'"),
+    ):
+        code, _, err, folder = _sensitivities_cli(tmp_path, capsys, "bad", *extra)
+        assert code == 2 and err.count("\n") == 1 and named in err, err
+        assert not (tmp_path / "bad").exists()
+
+
+def test_a_big_sensitivity_matrix_is_written_as_npz_by_default(tmp_path, capsys, monkeypatch):
+    import lfm_zonal.study.results as results
+
+    monkeypatch.setattr(results, "SENSITIVITY_CSV_MAX_BYTES", 10_000)  # ieee33: ~70 kB as CSV
+    code, out, _, folder = _sensitivities_cli(tmp_path, capsys, "big")
+    assert code == 0 and (folder / "sensitivities.npz").exists()
+    assert "as npz" in out and "--format csv" in out
+    code, out, _, folder = _sensitivities_cli(tmp_path, capsys, "forced", "--format", "csv")
+    assert code == 0 and (folder / "vm_p.csv").exists()

@@ -30,6 +30,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from lfm_zonal.errors import InputError, LfmError
@@ -485,6 +486,17 @@ def result_file(
 
 def write_csv(frame: pd.DataFrame | pd.Series, path: Path, index: bool = True) -> None:
     frame.to_csv(path, index=index, float_format=FLOAT_FORMAT, lineterminator="\n")
+
+
+def write_npz(arrays: dict, path: Path) -> None:
+    """Numeric and text arrays in one uncompressed numpy ``.npz`` (``np.load`` reads it
+    without pickle; compression saved 10-30% of dense sensitivities at 30-60x the time)."""
+    plain = {name: np.asarray(value) for name, value in arrays.items()}
+    objects = [name for name, value in plain.items() if value.dtype == object]
+    if objects:
+        raise LfmError(f"{path}: array '{objects[0]}' holds Python objects (a bug)")
+    with open(path, "wb") as handle:  # a file object: numpy adds no suffix
+        np.savez(handle, **plain)
 
 
 def json_text(data, origin: str = "JSON output") -> str:
