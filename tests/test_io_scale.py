@@ -75,9 +75,9 @@ STAGE_LINE = re.compile(r"^lfm-zonal: \[ *(\d+\.\d) s\] (.+)$")
 
 
 def _small_scenario(folder: Path) -> Path:
-    """The default scenario on 4 MTUs at its evening peak, nodal and zonal at K = 1 and 2."""
+    """The default scenario on 4 MTUs of its evening peak, nodal and zonal at K = 1 and 2."""
     text = (SCENARIOS / "cigre_mv_evening_peak.toml").read_text()
-    text = re.sub(r"n_mtu = \d+", "n_mtu = 4", text)
+    text = re.sub(r"n_mtu = \d+", "n_mtu = 4", text).replace("00:00", "17:00")
     text = re.sub(r"(?m)^k = .*$", "k = [1, 2]", text)
     text = re.sub(r"(?m)^methods = .*$", 'methods = ["nodal", "zonal"]', text)
     path = folder / "small.toml"
@@ -201,3 +201,27 @@ def test_a_big_sensitivity_matrix_is_written_as_npz_by_default(tmp_path, capsys,
     assert "as npz" in out and "--format csv" in out
     code, out, _, folder = _sensitivities_cli(tmp_path, capsys, "forced", "--format", "csv")
     assert code == 0 and (folder / "vm_p.csv").exists()
+
+
+# --------------------------------------------------------------------------- compact tables
+
+
+def test_big_result_tables_are_written_gzip_compressed(tmp_path, capsys, monkeypatch):
+    """Above GZIP_ABOVE_ROWS rows a table is NAME.csv.gz with the same columns and numbers,
+    the same bytes on every run; below it the CSV is as before."""
+    import lfm_zonal.files.outputs as outputs
+
+    scenario = str(_small_scenario(tmp_path))
+    assert main(["run", scenario, "--out", str(tmp_path / "plain"), "--quiet"]) == 0
+    monkeypatch.setattr(outputs, "GZIP_ABOVE_ROWS", 3)
+    for name in ("gz", "gz_again"):
+        assert main(["run", scenario, "--out", str(tmp_path / name), "--quiet"]) == 0
+    capsys.readouterr()
+    for table in ("activations", "accepted_bids", "zone_activations"):
+        plain = tmp_path / "plain" / f"{table}.csv"
+        packed = tmp_path / "gz" / f"{table}.csv.gz"
+        assert len(pd.read_csv(plain)) > 3 and not (tmp_path / "gz" / f"{table}.csv").exists()
+        pd.testing.assert_frame_equal(pd.read_csv(packed), pd.read_csv(plain))
+        assert packed.read_bytes() == (tmp_path / "gz_again" / packed.name).read_bytes()
+    # Small tables and kpis.csv stay plain CSV.
+    assert (tmp_path / "gz" / "kpis.csv").exists() and (tmp_path / "gz" / "unmet.csv").exists()

@@ -15,7 +15,7 @@ from lfm_zonal.check.ac import RESIDUAL_COLUMNS
 from lfm_zonal.check.kpis import TIMING_COLUMNS
 from lfm_zonal.errors import InputError
 from lfm_zonal.files import SENSITIVITY_FORMATS
-from lfm_zonal.files.outputs import result_folder, write_csv, write_json, write_npz
+from lfm_zonal.files.outputs import result_folder, write_csv, write_json, write_npz, write_table
 from lfm_zonal.grid.powerflow import BRANCH_INDEX_NAMES, HorizonPowerFlow
 from lfm_zonal.grid.sensitivity import Sensitivities
 from lfm_zonal.grid.violations import violated_state
@@ -255,21 +255,15 @@ def write_results(study: StudyResult, folder: Path) -> None:
     kpis = study.kpis()
     write_csv(kpis, folder / "kpis.csv", index=False)
     write_csv(base.powerflow.violations(), folder / "base_case.csv")
-    write_csv(
+    # The tables that grow with resources x MTUs x markets: gzip above GZIP_ABOVE_ROWS rows.
+    write_table(
         _long(
             [(m, m.bids[m.bids.accepted_mw > 0].drop(columns=["time"])) for m in study.markets]
         ).assign(time=lambda d: pf.times[d.mtu.to_numpy(np.int64)]),
         folder / "accepted_bids.csv",
-        index=False,
     )
-    write_csv(
-        _long([(m, m.dispatch) for m in study.markets]), folder / "activations.csv", index=False
-    )
-    write_csv(
-        _long([(m, m.activations) for m in study.markets]),
-        folder / "zone_activations.csv",
-        index=False,
-    )
+    write_table(_long([(m, m.dispatch) for m in study.markets]), folder / "activations.csv")
+    write_table(_long([(m, m.activations) for m in study.markets]), folder / "zone_activations.csv")
     write_csv(
         _long([(m, m.needs) for m in study.markets if m.method != "needs_based"]),
         folder / "needs.csv",
