@@ -44,6 +44,8 @@ from lfm_zonal.config import (  # noqa: E402
     with_overrides,
 )
 from lfm_zonal.errors import InputError, LfmError, SolverError  # noqa: E402
+from lfm_zonal.files import SENSITIVITY_FORMATS  # noqa: E402
+from lfm_zonal.progress import reporting  # noqa: E402
 from lfm_zonal.study.scenario import (  # noqa: E402
     DEFAULT_SCENARIO,
     Scenario,
@@ -198,22 +200,65 @@ def cmd_sensitivities(args: argparse.Namespace) -> None:
     from lfm_zonal.files.outputs import result_folder
     from lfm_zonal.grid.sensitivity import sensitivities
     from lfm_zonal.study.job import prepare_base_case
-    from lfm_zonal.study.results import write_sensitivities
+    from lfm_zonal.study.results import (
+        select_sensitivities,
+        sensitivity_csv_bytes,
+        sensitivity_labels,
+        write_sensitivities,
+    )
 
+    elements = _elements(args.elements) if args.elements else None
+    buses = list(_numbers(args.buses, int, "--buses")) if args.buses is not None else None
     scenario = scenario_from_args(args)
     base = prepare_base_case(scenario, progress=True)
     mtus = args.mtu if args.mtu else [base.reference_mtu]
     method = scenario["sensitivity"]["method"]
-    computed = {t: sensitivities(base.powerflow, _mtu(t), method) for t in mtus}
+    model = base.powerflow.model  # every MTU and row checked before the first is computed
+    for t in mtus:
+        base.powerflow.mtu_position(_mtu(t))
+    sensitivity_labels(model.branches, model.buses.rename("bus"), elements, buses)
+    formats, biggest = set(), 0
     with result_folder(args.out, overwrite=args.overwrite) as folder:
-        for t, sens in computed.items():
-            write_sensitivities(
-                sens,
+        for t in mtus:  # one MTU's matrices in memory at a time (0.96 GB on 5,479 buses)
+            sens = sensitivities(base.powerflow, _mtu(t), method)
+            if elements is not None or buses is not None:
+                sens = select_sensitivities(sens, elements, buses)
+            biggest = max(biggest, sensitivity_csv_bytes(sens))
+            where = (
                 folder / f"mtu_{_mtu(t)}"
                 if str(t).isdigit()
-                else folder / pd.Timestamp(t).strftime("%Y%m%dT%H%M"),
+                else folder / pd.Timestamp(t).strftime("%Y%m%dT%H%M")
             )
-    print(f"wrote {method} sensitivities of {len(mtus)} MTU(s) to {args.out}")
+            formats.add(write_sensitivities(sens, where, args.format))
+            del sens
+    print(
+        f"wrote {method} sensitivities of {len(mtus)} MTU(s) to {args.out} as "
+        f"{' and '.join(sorted(formats))}"
+    )
+    if args.format == "auto" and "npz" in formats:
+        print(
+            f"  (about {biggest / 2**30:.2f} GiB per MTU as CSV: written as sensitivities.npz; "
+            "--format csv forces CSV, --elements and --buses choose rows and columns)"
+        )
+
+
+def _elements(items: list[str]) -> dict[str, list[int]]:
+    """--elements TYPE:LIST (repeatable): rows of the sensitivity matrices by pandapower index."""
+    chosen: dict[str, list[int]] = {}
+    for item in items:
+        element, sep, numbers = item.partition(":")
+        element = element.strip().lower()
+        if not sep or not re.fullmatch(r"[a-z_0-9]+", element) or not numbers.strip():
+            raise InputError(
+                f"--elements '{item}': write TYPE:INDICES, e.g. line:3,7 or bus:10:20 or trafo:0"
+            )
+        values = _numbers(numbers, int, f"--elements {element}")
+        known = chosen.setdefault(element, [])
+        repeated = next((v for v in values if v in known), None)
+        if repeated is not None:
+            raise InputError(f"--elements {element}:{repeated} is given twice")
+        known += values
+    return chosen
 
 
 def _mtu(text: str):
@@ -543,7 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"built-in scenario name or TOML file (default: {DEFAULT_SCENARIO})",
     )
     _add_out_folder(p, "results", "results folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bars and no stage lines on stderr"
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("grids", help="list the grids lfm-zonal knows")
@@ -561,12 +608,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=20, help="rows to print (default 20)")
     p.set_defaults(func=cmd_powerflow)
 
-    p = _case_parser(sub, "sensitivities", "write nodal sensitivity matrices of chosen MTUs as CSV")
+    p = _case_parser(
+        sub, "sensitivities", "write nodal sensitivity matrices of chosen MTUs (CSV or npz)"
+    )
     p.add_argument("--method", choices=SENSITIVITY_METHODS, help="sensitivity method")
     p.add_argument(
         "--mtu",
         action="append",
         help="MTU number or start time (repeatable; default: the MTU of highest load)",
+    )
+    p.add_argument(
+        "--format",
+        choices=SENSITIVITY_FORMATS,
+        default="auto",
+        help="csv (one file per matrix), npz (one numpy file) or auto (default: CSV up to "
+        "about 256 MiB per MTU, npz above)",
+    )
+    p.add_argument(
+        "--elements",
+        action="append",
+        metavar="TYPE:INDICES",
+        help="rows to keep, by pandapower index: line:3,7, trafo:0, bus:10:20 (repeatable; "
+        "default every monitored line and trafo and every bus; a type not named keeps none)",
+    )
+    p.add_argument(
+        "--buses", help="bus columns to keep, e.g. 0,5,9 or 0:99 (default every energised bus)"
     )
     _add_out_folder(p, "sensitivities")
     p.set_defaults(func=cmd_sensitivities)
@@ -808,7 +874,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.verbose:
                 warnings.filterwarnings("ignore")
             inputs = _declared_inputs(args)
-            with _claim(args, inputs):
+            # Stage lines with elapsed times on stderr for the long commands (progress.py).
+            shows_progress = args.command in ("run", "clear") and not getattr(args, "quiet", False)
+            with _claim(args, inputs), reporting(shows_progress):
                 args.func(args)
         except LfmError as exc:
             print(f"lfm-zonal: error: {_one_line(exc)}", file=sys.stderr)

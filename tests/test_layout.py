@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).parents[1] / "lfm_zonal"
 #: Layers from the bottom up. A module may import modules of its own layer and of the
 #: layers below it, never of a layer above.
 LAYERS = (
-    {"errors", "config", "limits", "files", "report"},
+    {"errors", "config", "limits", "files", "report", "progress"},
     {"grid"},
     {"check"},
     {"zones"},

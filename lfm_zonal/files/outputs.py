@@ -30,6 +30,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from lfm_zonal.errors import InputError, LfmError
@@ -485,6 +486,38 @@ def result_file(
 
 def write_csv(frame: pd.DataFrame | pd.Series, path: Path, index: bool = True) -> None:
     frame.to_csv(path, index=index, float_format=FLOAT_FORMAT, lineterminator="\n")
+
+
+#: A results table of more rows than this is written gzip-compressed, ``NAME.csv.gz`` (the
+#: same columns; ``pandas.read_csv`` reads it as it is). The shipped scenarios' tables stay
+#: far below (SimBench MV: 181k rows of activations, 16 MB); SimBench MV+LV's activations
+#: (about 2M rows, 198 MB) shrink about 5x.
+GZIP_ABOVE_ROWS = 500_000
+GZIP = {"method": "gzip", "compresslevel": 6, "mtime": 0}  # mtime 0: the same bytes each run
+
+
+def write_table(frame: pd.DataFrame, path: Path, index: bool = False) -> Path:
+    """A results table as CSV, or as gzip-compressed CSV (``path`` + ``.gz``) above
+    ``GZIP_ABOVE_ROWS`` rows; returns the path written."""
+    if len(frame) <= GZIP_ABOVE_ROWS:
+        write_csv(frame, path, index=index)
+        return path
+    path = path.with_name(path.name + ".gz")
+    frame.to_csv(
+        path, index=index, float_format=FLOAT_FORMAT, lineterminator="\n", compression=GZIP
+    )
+    return path
+
+
+def write_npz(arrays: dict, path: Path) -> None:
+    """Numeric and text arrays in one uncompressed numpy ``.npz`` (``np.load`` reads it
+    without pickle; compression saved 10-30% of dense sensitivities at 30-60x the time)."""
+    plain = {name: np.asarray(value) for name, value in arrays.items()}
+    objects = [name for name, value in plain.items() if value.dtype == object]
+    if objects:
+        raise LfmError(f"{path}: array '{objects[0]}' holds Python objects (a bug)")
+    with open(path, "wb") as handle:  # a file object: numpy adds no suffix
+        np.savez(handle, **plain)
 
 
 def json_text(data, origin: str = "JSON output") -> str:

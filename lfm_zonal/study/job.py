@@ -29,6 +29,7 @@ from lfm_zonal.market.resources import (
     generate_resources,
     read_resources,
 )
+from lfm_zonal.progress import inputs_accepted, stage
 from lfm_zonal.study.scenario import Scenario
 from lfm_zonal.zones.segmentation import Segmentation, prepare_segmentation
 
@@ -246,12 +247,21 @@ class StudyResult:
 def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
     """Every market case of the scenario, from the grid to the AC check (no files written)."""
     base = prepare_base_case(scenario, progress=progress)
+    pf = base.powerflow
+    stage(
+        f"base case: {len(pf.times)} MTUs on grid {base.grid.name} ({len(pf.model.buses)} buses), "
+        f"{int((~pf.converged).sum())} not converged"
+    )
     resources = prepare_resources(base)
+    stage(f"resources: {len(resources)}")
     # Every market linearises the same base points: each once, for the whole study.
     cache = LinearisationCache(base.powerflow.model)
     seg = prepare_segmentation_of(base, resources, cache)
+    stage(f"zones: sensitivities and features at MTU {seg.reference_mtu}")
+    inputs_accepted()  # the last input checks (resources, zone counts) are behind us
     m = scenario["market"]
     markets = []
+    zones_done = set()
     for method, k in tqdm(
         market_cases(scenario),
         desc="markets",
@@ -263,6 +273,9 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
         zones = (
             None if method == "nodal" else seg.zones(k, scenario["zones"]["method"], scenario.seed)
         )
+        if zones is not None and k not in zones_done:
+            zones_done.add(k)
+            stage(f"zones: K = {k} done")
         markets.append(
             clear_market(
                 base.powerflow,
@@ -278,6 +291,10 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
                 max_steps=scenario["flexibility"]["max_steps"],
                 cache=cache,
             )
+        )
+        stage(
+            f"{method} market{'' if zones is None else f' K = {k}'}: cleared and checked in AC, "
+            f"cost {markets[-1].kpis['cost_eur']:.2f} EUR"
         )
     return StudyResult(base, resources, seg, markets)
 

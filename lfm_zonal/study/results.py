@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,15 @@ import pandas as pd
 
 from lfm_zonal.check.ac import RESIDUAL_COLUMNS
 from lfm_zonal.check.kpis import TIMING_COLUMNS
-from lfm_zonal.files.outputs import result_folder, write_csv, write_json
-from lfm_zonal.grid.powerflow import HorizonPowerFlow
+from lfm_zonal.errors import InputError
+from lfm_zonal.files import SENSITIVITY_FORMATS
+from lfm_zonal.files.outputs import result_folder, write_csv, write_json, write_npz, write_table
+from lfm_zonal.grid.powerflow import BRANCH_INDEX_NAMES, HorizonPowerFlow
 from lfm_zonal.grid.sensitivity import Sensitivities
 from lfm_zonal.grid.violations import violated_state
 from lfm_zonal.market.clearing import MarketResult
+from lfm_zonal.progress import elapsed_s as progress_elapsed_s
+from lfm_zonal.progress import stage
 from lfm_zonal.report.plots import (
     plot_before_after,
     plot_error_curve,
@@ -37,11 +42,143 @@ def tidy(frame: pd.DataFrame, value: str) -> pd.DataFrame:
     return out.reset_index()
 
 
-def write_sensitivities(sens: Sensitivities, folder: Path) -> None:
-    """The four matrices as CSV: rows monitored element or bus, columns bus (pandapower indices)."""
+#: Sensitivity matrices, each a file of ``write_sensitivities``.
+SENSITIVITY_MATRICES = ("loading_p", "loading_q", "vm_p", "vm_q")
+#: Bytes of one value in a sensitivity CSV (``%.10g``, a separator: 15-17 measured).
+CSV_BYTES_PER_VALUE = 17
+#: ``--format auto`` writes CSV up to this estimate per MTU, a binary ``.npz`` above it (a
+#: grid of about 2,000 buses; SimBench MV+LV, 5,479 buses, would be 1.9 GB of CSV).
+SENSITIVITY_CSV_MAX_BYTES = 256 * 2**20
+
+
+def sensitivity_labels(
+    branches: pd.MultiIndex,
+    buses: pd.Index,
+    elements: dict[str, list[int]] | None = None,
+    columns: list[int] | None = None,
+) -> tuple[pd.MultiIndex, pd.Index, pd.Index]:
+    """Rows of the loading matrices, rows of the voltage matrices and bus columns chosen from
+    a grid's monitored ``branches`` and energised ``buses``: ``elements`` maps an element type
+    to pandapower indices (``line``, ``trafo``, ... rows of the loading matrices, ``bus`` rows
+    of the voltage matrices; None: every row; a type not named keeps no row), ``columns`` are
+    bus indices (None: every bus), in the order given. An index the grid does not have is
+    refused naming the flag (``--elements``, ``--buses``) and the index."""
+    loading_rows, vm_rows = branches, buses
+    if elements is not None:
+        types = set(branches.get_level_values(0))
+        picked = []
+        for element, indices in elements.items():
+            if element != "bus" and element not in types:
+                known = ", ".join(sorted(types | {"bus"}))
+                raise InputError(
+                    f"--elements {element}: the grid has no monitored element of this type "
+                    f"(types: {known})"
+                )
+            if element != "bus":
+                picked += [(element, int(i)) for i in indices]
+        _require(branches, picked, "--elements", "no monitored {0} {1}")
+        loading_rows = pd.MultiIndex.from_tuples(picked, names=branches.names)
+        vm_rows = pd.Index([int(i) for i in elements.get("bus", [])], name=buses.name)
+        _require(buses, [("bus", b) for b in vm_rows], "--elements", "no energised {0} {1}")
+    out = buses
+    if columns is not None:
+        out = pd.Index([int(b) for b in columns], name=buses.name)
+        _require(buses, [("bus", b) for b in out], "--buses", "no energised {0} {1}")
+    return loading_rows, vm_rows, out
+
+
+def _require(index: pd.Index, labels: list[tuple[str, int]], flag: str, what: str) -> None:
+    keys = labels if isinstance(index, pd.MultiIndex) else [i for _, i in labels]
+    missing = next((lab for lab, key in zip(labels, keys, strict=True) if key not in index), None)
+    if missing is not None:
+        element, i = missing
+        shown = f"{element}:{i}" if flag == "--elements" else str(i)
+        raise InputError(f"{flag} {shown}: the grid has {what.format(element, i)}")
+
+
+def select_sensitivities(
+    sens: Sensitivities, elements: dict | None = None, columns: list[int] | None = None
+) -> Sensitivities:
+    """The rows and bus columns of ``sensitivity_labels`` (the same arguments)."""
+    loading_rows, vm_rows, buses = sensitivity_labels(
+        sens.loading_p.index, sens.vm_p.columns, elements, columns
+    )
+    return replace(
+        sens,
+        loading_p=sens.loading_p.loc[loading_rows, buses],
+        loading_q=sens.loading_q.loc[loading_rows, buses],
+        vm_p=sens.vm_p.loc[vm_rows, buses],
+        vm_q=sens.vm_q.loc[vm_rows, buses],
+    )
+
+
+def sensitivity_csv_bytes(sens: Sensitivities) -> int:
+    """About how many bytes the four matrices take as CSV."""
+    return CSV_BYTES_PER_VALUE * sum(getattr(sens, name).size for name in SENSITIVITY_MATRICES)
+
+
+def sensitivity_format(sens: Sensitivities, fmt: str) -> str:
+    """``csv`` or ``npz``: ``auto`` is CSV up to ``SENSITIVITY_CSV_MAX_BYTES`` per MTU."""
+    if fmt != "auto":
+        return fmt
+    return "csv" if sensitivity_csv_bytes(sens) <= SENSITIVITY_CSV_MAX_BYTES else "npz"
+
+
+def write_sensitivities(sens: Sensitivities, folder: Path, fmt: str = "csv") -> str:
+    """The four matrices of one MTU into ``folder``, labelled with pandapower indices; returns
+    the format written. ``csv``: one file per matrix, rows monitored element or bus, columns
+    bus. ``npz`` (numpy, read with ``np.load``, no pickle): ``sensitivities.npz`` holding the
+    matrices under their names, their labels ``branch_element_type`` and ``branch_element``
+    (rows of ``loading_*``), ``bus_row`` (rows of ``vm_*``) and ``bus`` (columns of all
+    four), and ``method``, ``time``, ``isolated_buses`` (see ``read_sensitivities``)."""
+    fmt = sensitivity_format(sens, fmt)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("loading_p", "loading_q", "vm_p", "vm_q"):
-        write_csv(getattr(sens, name), folder / f"{name}.csv")
+    if fmt == "csv":
+        for name in SENSITIVITY_MATRICES:
+            write_csv(getattr(sens, name), folder / f"{name}.csv")
+        return fmt
+    if fmt != "npz":
+        raise InputError(f"sensitivity format '{fmt}': one of {', '.join(SENSITIVITY_FORMATS)}")
+    rows = sens.loading_p.index
+    arrays = {name: getattr(sens, name).to_numpy(float) for name in SENSITIVITY_MATRICES}
+    write_npz(
+        arrays
+        | {
+            "branch_element_type": np.asarray(rows.get_level_values(0), dtype=str),
+            "branch_element": np.asarray(rows.get_level_values(1), dtype=np.int64),
+            "bus_row": sens.vm_p.index.to_numpy(np.int64),
+            "bus": sens.vm_p.columns.to_numpy(np.int64),
+            "method": np.asarray(sens.method),
+            "time": np.asarray(str(sens.time)),
+            "isolated_buses": np.asarray(sens.isolated_buses, dtype=np.int64),
+        },
+        folder / "sensitivities.npz",
+    )
+    return fmt
+
+
+def read_sensitivities(path: str | Path) -> Sensitivities:
+    """A ``sensitivities.npz`` of ``write_sensitivities`` as labelled matrices."""
+    with np.load(path, allow_pickle=False) as data:
+        rows = pd.MultiIndex.from_arrays(
+            [data["branch_element_type"].astype(object), data["branch_element"]],
+            names=BRANCH_INDEX_NAMES,
+        )
+        buses = pd.Index(data["bus"], name="bus")
+        bus_rows = pd.Index(data["bus_row"], name="bus")
+
+        def frame(name: str, index: pd.Index) -> pd.DataFrame:
+            return pd.DataFrame(data[name], index=index, columns=buses.copy())
+
+        return Sensitivities(
+            method=str(data["method"]),
+            time=pd.Timestamp(str(data["time"])),
+            loading_p=frame("loading_p", rows),
+            loading_q=frame("loading_q", rows),
+            vm_p=frame("vm_p", bus_rows),
+            vm_q=frame("vm_q", bus_rows),
+            isolated_buses=tuple(int(b) for b in data["isolated_buses"]),
+        )
 
 
 def write_zones(seg: Segmentation, zone_sets: list[Zones], folder: Path, grid_name: str) -> None:
@@ -118,21 +255,15 @@ def write_results(study: StudyResult, folder: Path) -> None:
     kpis = study.kpis()
     write_csv(kpis, folder / "kpis.csv", index=False)
     write_csv(base.powerflow.violations(), folder / "base_case.csv")
-    write_csv(
+    # The tables that grow with resources x MTUs x markets: gzip above GZIP_ABOVE_ROWS rows.
+    write_table(
         _long(
             [(m, m.bids[m.bids.accepted_mw > 0].drop(columns=["time"])) for m in study.markets]
         ).assign(time=lambda d: pf.times[d.mtu.to_numpy(np.int64)]),
         folder / "accepted_bids.csv",
-        index=False,
     )
-    write_csv(
-        _long([(m, m.dispatch) for m in study.markets]), folder / "activations.csv", index=False
-    )
-    write_csv(
-        _long([(m, m.activations) for m in study.markets]),
-        folder / "zone_activations.csv",
-        index=False,
-    )
+    write_table(_long([(m, m.dispatch) for m in study.markets]), folder / "activations.csv")
+    write_table(_long([(m, m.activations) for m in study.markets]), folder / "zone_activations.csv")
     write_csv(
         _long([(m, m.needs) for m in study.markets if m.method != "needs_based"]),
         folder / "needs.csv",
@@ -220,5 +351,10 @@ def run_scenario(
     study = run_study(scenario, progress=progress)
     with result_folder(out, overwrite=overwrite) as folder:
         write_results(study, folder)
-    log.info("finished in %.1f s", time.perf_counter() - started)
+    stage(f"results written to {out}")
+    elapsed = progress_elapsed_s()
+    if elapsed is None:
+        log.info("finished in %.1f s", time.perf_counter() - started)
+    else:
+        stage(f"finished in {elapsed:.1f} s")
     return Path(out)

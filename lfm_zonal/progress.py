@@ -1,0 +1,112 @@
+"""Progress of a long command: one line per finished stage on stderr, with the elapsed time.
+
+    lfm-zonal: [  12.3 s] zones: K = 16 done
+
+The command line turns it on (:func:`reporting`, around ``run`` and ``clear``); a stage
+says it is done with :func:`stage`, which does nothing when no command turned progress on
+(the Python API and the tests of stages stay silent).
+
+**A refused input is still one line.** Some inputs can be checked only once the grid is
+solved (the resources' buses, the zone counts against the energised buses, the reference
+MTU), so the lines of the first stages are held back until the study says its inputs are
+accepted (:func:`inputs_accepted`) and dropped if the command fails before: a refusal
+prints its one error line and nothing else. A run whose preparation takes longer than
+:data:`HOLD_S` (a grid of thousands of buses) shows the held lines then, so a redirected
+run is never silent for long; only a refusal after that much work follows them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+#: Seconds the lines of the first stages are held back at most (see the module docstring).
+HOLD_S = 20.0
+PREFIX = "lfm-zonal"
+
+
+class _Reporter:
+    def __init__(self, hold_s: float) -> None:
+        self.started = time.perf_counter()
+        self.held: list[str] | None = []  # None: lines go out as they come
+        self.lock = threading.Lock()
+        self.timer = threading.Timer(hold_s, self.release)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    def line(self, message: str) -> None:
+        text = f"{PREFIX}: [{self.elapsed_s():6.1f} s] {message}"
+        with self.lock:
+            if self.held is not None:
+                self.held.append(text)
+            else:
+                _write([text])
+
+    def release(self) -> None:
+        with self.lock:
+            if self.held is not None:
+                _write(self.held)
+                self.held = None
+
+    def close(self, flush: bool) -> None:
+        self.timer.cancel()
+        if flush:
+            self.release()
+        else:
+            with self.lock:
+                self.held = None if self.held is None else []
+
+
+def _write(lines: list[str]) -> None:
+    if lines:
+        stream = sys.stderr  # looked up at each write: the stream of the moment
+        stream.write("".join(f"{text}\n" for text in lines))
+        stream.flush()
+
+
+_ACTIVE: _Reporter | None = None
+
+
+@contextlib.contextmanager
+def reporting(enabled: bool = True, hold_s: float = HOLD_S) -> Iterator[None]:
+    """Stage lines on stderr for the duration of a command (none if not ``enabled``); held
+    lines are written when the command succeeds and dropped when it fails."""
+    global _ACTIVE
+    if not enabled or _ACTIVE is not None:
+        yield
+        return
+    _ACTIVE = _Reporter(hold_s)
+    reporter = _ACTIVE
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        _ACTIVE = None
+        reporter.close(flush=ok)
+
+
+def stage(message: str) -> None:
+    """One progress line: ``message`` after the elapsed time (nothing if progress is off)."""
+    reporter = _ACTIVE
+    if reporter is not None:
+        reporter.line(message)
+
+
+def inputs_accepted() -> None:
+    """Every input of the command has been checked: held lines go out, later ones at once."""
+    reporter = _ACTIVE
+    if reporter is not None:
+        reporter.release()
+
+
+def elapsed_s() -> float | None:
+    """Seconds since the command turned progress on (None if it is off)."""
+    reporter = _ACTIVE
+    return None if reporter is None else reporter.elapsed_s()

@@ -1,0 +1,227 @@
+"""Real DSO scale (issue 13), the input and output side: profiles read for the horizon only,
+compact result files, sensitivities in a binary format, progress lines of a run."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lfm_zonal import Horizon, load_grid, load_profiles, progress
+from lfm_zonal.cli import main
+
+SCENARIOS = Path(__file__).parents[1] / "scenarios"
+
+
+def _year_profiles(grid, horizon: Horizon) -> dict[str, pd.DataFrame]:
+    """The profiles as they were computed before: SimBench's absolute values of the whole
+    year, then the horizon's rows averaged per MTU."""
+    import simbench as sb
+
+    from lfm_zonal.grid.profiles import _simbench_rows
+
+    rows = _simbench_rows(horizon)
+    absolute = sb.get_absolute_values(grid.net, profiles_instead_of_study_cases=True)
+    out = {}
+    for element, column in (("load", "p_mw"), ("load", "q_mvar"), ("sgen", "p_mw")):
+        values = absolute[(element, column)].reindex(columns=grid.net[element].index)
+        out[f"{element}_{column}"] = values.to_numpy(float)[rows].mean(axis=1)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("start", "n_mtu", "mtu_minutes"),
+    [("2016-04-16 00:00", 96, 15), ("2016-03-01 10:00", 3, 30), ("2016-12-31 22:00", 2, 60)],
+)
+def test_simbench_profiles_of_the_horizon_equal_those_of_the_year(start, n_mtu, mtu_minutes):
+    grid = load_grid("1-MV-rural--0-sw")
+    horizon = Horizon(start=start, n_mtu=n_mtu, mtu_minutes=mtu_minutes)
+    profiles = load_profiles(grid, horizon)
+    expected = _year_profiles(grid, horizon)
+    for name, values in expected.items():
+        got = getattr(profiles, name)
+        assert got.shape == values.shape
+        np.testing.assert_array_equal(got.to_numpy(), values)  # the same numbers, bit for bit
+        assert got.index.equals(horizon.times)
+    stored_q = grid.net.sgen.q_mvar.to_numpy(float)
+    np.testing.assert_array_equal(profiles.sgen_q_mvar.to_numpy(), np.tile(stored_q, (n_mtu, 1)))
+
+
+def test_simbench_profiles_scale_only_the_rows_of_the_horizon(monkeypatch):
+    """The relative profiles are sliced before they are spread over the elements: no table of
+    a year x elements is built (it was 4.9 GB on 1-MVLV-rural-all-0-sw)."""
+    import simbench.networks.profiles as sbp
+
+    seen = []
+    original = sbp.get_absolute_profiles_from_relative_profiles
+
+    def spy(net, element, column, relative_profiles=None, **kwargs):
+        seen.append(len(relative_profiles))
+        return original(net, element, column, relative_profiles=relative_profiles, **kwargs)
+
+    monkeypatch.setattr(sbp, "get_absolute_profiles_from_relative_profiles", spy)
+    grid = load_grid("1-MV-rural--0-sw")
+    load_profiles(grid, Horizon(start="2016-04-16 00:00", n_mtu=4, mtu_minutes=30))
+    assert seen == [8, 8, 8]  # load P, load Q, sgen P: 4 MTUs of two quarter hours each
+
+
+# --------------------------------------------------------------------------- progress lines
+
+STAGE_LINE = re.compile(r"^lfm-zonal: \[ *(\d+\.\d) s\] (.+)$")
+
+
+def _small_scenario(folder: Path) -> Path:
+    """The default scenario on 4 MTUs of its evening peak, nodal and zonal at K = 1 and 2."""
+    text = (SCENARIOS / "cigre_mv_evening_peak.toml").read_text()
+    text = re.sub(r"n_mtu = \d+", "n_mtu = 4", text).replace("00:00", "17:00")
+    text = re.sub(r"(?m)^k = .*$", "k = [1, 2]", text)
+    text = re.sub(r"(?m)^methods = .*$", 'methods = ["nodal", "zonal"]', text)
+    path = folder / "small.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_run_prints_its_stages_with_elapsed_times_in_order(tmp_path, capsys):
+    code = main(["run", str(_small_scenario(tmp_path)), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    stages = [m.groups() for line in err.splitlines() if (m := STAGE_LINE.match(line))]
+    messages = [text for _, text in stages]
+    expected = [
+        "base case: 4 MTUs on grid cigre_mv",
+        "resources:",
+        "zones: sensitivities and features at MTU",
+        "nodal market: cleared and checked in AC, cost",
+        "zones: K = 1 done",
+        "zonal market K = 1: cleared and checked in AC, cost",
+        "zones: K = 2 done",
+        "zonal market K = 2: cleared and checked in AC, cost",
+        f"results written to {tmp_path / 'out'}",
+        "finished in",
+    ]
+    assert len(messages) == len(expected), err
+    for text, start in zip(messages, expected, strict=True):
+        assert text.startswith(start), (text, start)
+    seconds = [float(s) for s, _ in stages]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    assert messages[-1] == f"finished in {seconds[-1]:.1f} s"
+    # --quiet: neither progress bars nor stage lines.
+    main(["run", str(_small_scenario(tmp_path)), "--out", str(tmp_path / "q"), "--quiet"])
+    assert not any(STAGE_LINE.match(line) for line in capsys.readouterr().err.splitlines())
+
+
+def test_an_input_refused_after_the_base_case_is_still_one_line(tmp_path, capsys):
+    """The zone count is checked against the grid's buses after the base case is solved: the
+    stage lines held until then are dropped, the refusal is the one line on stderr."""
+    scenario = _small_scenario(tmp_path)
+    scenario.write_text(re.sub(r"(?m)^k = .*$", "k = [1, 500]", scenario.read_text()))
+    code = main(["run", str(scenario), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("lfm-zonal: error:") and "500" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_held_stage_lines_go_out_after_the_hold_time(capsys):
+    with progress.reporting(hold_s=0.05):
+        progress.stage("first")
+        assert capsys.readouterr().err == ""  # held: inputs not accepted yet
+        time.sleep(0.5)
+        assert STAGE_LINE.match(capsys.readouterr().err.strip()).group(2) == "first"
+        progress.stage("second")  # after the hold: at once
+        assert capsys.readouterr().err.strip().endswith("] second")
+    with pytest.raises(RuntimeError), progress.reporting():
+        progress.stage("dropped")
+        raise RuntimeError("a failure before the inputs were accepted")
+    assert capsys.readouterr().err == ""
+    progress.stage("no command: silent")
+    assert capsys.readouterr().err == "" and progress.elapsed_s() is None
+
+
+# --------------------------------------------------------------------------- sensitivities
+
+
+def _sensitivities_cli(tmp_path, capsys, name, *extra):
+    argv = ["sensitivities", "--grid", "ieee33", "--n-mtu", "2", "--mtu", "1"]
+    code = main([*argv, *extra, "--out", str(tmp_path / name)])
+    out, err = capsys.readouterr()
+    return code, out, err, tmp_path / name / "mtu_1"
+
+
+def test_sensitivities_as_npz_hold_the_csv_numbers_and_labels(tmp_path, capsys):
+    from lfm_zonal.study.results import read_sensitivities
+
+    code, out, err, csv = _sensitivities_cli(tmp_path, capsys, "csv")  # small: auto is CSV
+    assert code == 0 and "as csv" in out, err
+    code, out, err, npz = _sensitivities_cli(tmp_path, capsys, "npz", "--format", "npz")
+    assert code == 0 and sorted(p.name for p in npz.iterdir()) == ["sensitivities.npz"]
+    sens = read_sensitivities(npz / "sensitivities.npz")
+    assert sens.method == "jacobian" and sens.time == pd.Timestamp("2016-01-14 00:15")
+    for name, index_col in (("loading_p", [0, 1]), ("loading_q", [0, 1]), ("vm_p", 0), ("vm_q", 0)):
+        expected = pd.read_csv(csv / f"{name}.csv", index_col=index_col)
+        got = getattr(sens, name)
+        assert list(got.index) == list(expected.index)  # pandapower indices as labels
+        assert [str(b) for b in got.columns] == list(expected.columns)
+        np.testing.assert_allclose(got.to_numpy(), expected.to_numpy(), rtol=1e-9, atol=1e-14)
+    with np.load(npz / "sensitivities.npz", allow_pickle=False) as data:  # no pickle needed
+        assert data["branch_element_type"][0] == "line" and data["bus"].dtype == np.int64
+
+
+def test_sensitivities_of_chosen_rows_and_columns(tmp_path, capsys):
+    code, _, err, folder = _sensitivities_cli(
+        tmp_path, capsys, "some", "--elements", "line:3,0", "--elements", "bus:17", "--buses", "0:4"
+    )
+    assert code == 0, err
+    loading = pd.read_csv(folder / "loading_p.csv", index_col=[0, 1])
+    assert list(loading.index) == [("line", 3), ("line", 0)]
+    assert list(loading.columns) == ["0", "1", "2", "3", "4"]
+    vm = pd.read_csv(folder / "vm_q.csv", index_col=0)
+    assert list(vm.index) == [17] and vm.shape == (1, 5)
+    for extra, named in (
+        (("--elements", "line:99"), "--elements line:99"),
+        (("--elements", "trafo:0"), "--elements trafo"),
+        (("--buses", "5,400"), "--buses 400"),
+        (("--elements", "line"), "--elements 'line'"),
+    ):
+        code, _, err, folder = _sensitivities_cli(tmp_path, capsys, "bad", *extra)
+        assert code == 2 and err.count("\n") == 1 and named in err, err
+        assert not (tmp_path / "bad").exists()
+
+
+def test_a_big_sensitivity_matrix_is_written_as_npz_by_default(tmp_path, capsys, monkeypatch):
+    import lfm_zonal.study.results as results
+
+    monkeypatch.setattr(results, "SENSITIVITY_CSV_MAX_BYTES", 10_000)  # ieee33: ~70 kB as CSV
+    code, out, _, folder = _sensitivities_cli(tmp_path, capsys, "big")
+    assert code == 0 and (folder / "sensitivities.npz").exists()
+    assert "as npz" in out and "--format csv" in out
+    code, out, _, folder = _sensitivities_cli(tmp_path, capsys, "forced", "--format", "csv")
+    assert code == 0 and (folder / "vm_p.csv").exists()
+
+
+# --------------------------------------------------------------------------- compact tables
+
+
+def test_big_result_tables_are_written_gzip_compressed(tmp_path, capsys, monkeypatch):
+    """Above GZIP_ABOVE_ROWS rows a table is NAME.csv.gz with the same columns and numbers,
+    the same bytes on every run; below it the CSV is as before."""
+    import lfm_zonal.files.outputs as outputs
+
+    scenario = str(_small_scenario(tmp_path))
+    assert main(["run", scenario, "--out", str(tmp_path / "plain"), "--quiet"]) == 0
+    monkeypatch.setattr(outputs, "GZIP_ABOVE_ROWS", 3)
+    for name in ("gz", "gz_again"):
+        assert main(["run", scenario, "--out", str(tmp_path / name), "--quiet"]) == 0
+    capsys.readouterr()
+    for table in ("activations", "accepted_bids", "zone_activations"):
+        plain = tmp_path / "plain" / f"{table}.csv"
+        packed = tmp_path / "gz" / f"{table}.csv.gz"
+        assert len(pd.read_csv(plain)) > 3 and not (tmp_path / "gz" / f"{table}.csv").exists()
+        pd.testing.assert_frame_equal(pd.read_csv(packed), pd.read_csv(plain))
+        assert packed.read_bytes() == (tmp_path / "gz_again" / packed.name).read_bytes()
+    # Small tables and kpis.csv stay plain CSV.
+    assert (tmp_path / "gz" / "kpis.csv").exists() and (tmp_path / "gz" / "unmet.csv").exists()
