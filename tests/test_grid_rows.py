@@ -69,7 +69,9 @@ def test_dense_and_adjoint_rows_clear_alike(shipped, areas):
     for a, b in zip(dense.after(p, q), adjoint.after(p, q), strict=True):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-9)
     t, r = np.nonzero(np.ones((T, dense.n_rows), bool))
-    np.testing.assert_allclose(RowScales(adjoint).of(t, r), RowScales(dense).of(t, r), rtol=1e-9)
+    np.testing.assert_allclose(
+        RowScales(adjoint).of(t, r), RowScales(dense).of(t, r), rtol=1e-9, atol=1e-12
+    )
 
     bids = build_bids(resources, zones, pf.times, scenario["flexibility"]["max_steps"]).steps
     active = bids[bids.mtu.isin(dense.mtus)]

@@ -252,28 +252,26 @@ def residual_violations(
             offered_mw[at] = relieves @ offered
             done_mw[at] = relieves @ np.minimum(done, offered)
             exhausted[at] = (~relieves | (done >= offered - 1e-6)).all(axis=1).tolist()
-    loading_np, vm_np = loading.to_numpy(), vm.to_numpy()
-    value = np.where(
-        is_line, loading_np[t, np.where(is_line, r, 0)], vm_np[t, np.where(is_line, 0, r)]
-    )
+    line, bus = np.flatnonzero(is_line), np.flatnonzero(~is_line)
+    value = np.empty(len(t))
+    value[line] = loading.to_numpy()[t[line], r[line]]
+    value[bus] = vm.to_numpy()[t[bus], r[bus]]
     limit = np.select(
         [is_line, kind == 1], [g.loading_max_percent, g.vm_min_pu], default=g.vm_max_pu
     )
-    branch = model.branches
+    element_type = np.full(len(t), "bus", dtype=object)
+    element = np.empty(len(t), np.int64)
+    element_type[line] = model.branches.get_level_values(0).to_numpy()[r[line]]
+    element[line] = model.branches.get_level_values(1).to_numpy()[r[line]]
+    element[bus] = model.buses.to_numpy()[r[bus]]
     out = pd.DataFrame(
         {
             "time": pf.times[t],
             "mtu": t,
-            "element_type": np.where(
-                is_line, branch.get_level_values(0).to_numpy()[np.where(is_line, r, 0)], "bus"
-            ),
-            "element": np.where(
-                is_line,
-                branch.get_level_values(1).to_numpy()[np.where(is_line, r, 0)],
-                model.buses.to_numpy()[np.where(is_line, 0, r)],
-            ).astype(np.int64),
+            "element_type": element_type,
+            "element": element,
             "violation": np.array(["overload", "undervoltage", "overvoltage"])[kind],
-            "value": value.astype(float),
+            "value": value,
             "limit": limit.astype(float),
             "excess": amount.astype(float),
             "ac_converged": ~failed[t],
