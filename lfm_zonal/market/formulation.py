@@ -5,12 +5,19 @@ and bid steps b::
 
     min   sum_b price_b dt x_b  +  sum_rows penalty dt s_row                  (objective)
     s.t.  0 <= x_b <= q_b                                                  (bid variables)
-          p_at = sum_{b in a,t} sigma_b x_b,  q_at = sum sigma_b tan_phi_b x_b   (area balances)
           0 <= soc0_r - dt sum_{tau <= t} (x_up_r,tau / eta_r - eta_r x_down_r,tau) <= E_r
                                                                             (storage)
           (L0_lt + sum_a (SLp_lat p_at + SLq_lat q_at) - Lmax) / g_lt <= s_lt     (grid rows:
           (V0_mt + sum_a (SVp_mat p_at + SVq_mat q_at) - vmax) / g_mt <= s_mt      loading,
           (vmin - V0_mt - sum_a (SVp_mat p_at + SVq_mat q_at)) / g_mt <= s_mt      voltage)
+          lo_at <= p_at <= hi_at                          (trust region of a sequential round)
+    where p_at = sum_{b in a,t} sigma_b x_b and q_at = sum sigma_b tan_phi_b x_b
+
+are the area injections, substituted into the rows: a grid row has a coefficient on
+every bid step of its MTU. (Kept as free columns with one balance row per MTU and area,
+they made the nodal LP of SimBench 1-MVLV-rural-all-0-sw, 8 MTUs, 174k columns by 84k
+rows, take HiGHS 365 s.) The area prices are the duals of the grid rows (and of a trust
+region row) summed over an area's coefficients: what a free MW injected there is worth.
 
 sigma_b is +1 for up and -1 for down; S are the zonal sensitivity indices of each MTU
 (the nodal sensitivities when every bus is a zone), from either representation of the
@@ -218,13 +225,28 @@ class MarketBids:
 
 
 @dataclass(frozen=True)
-class AreaColumns:
-    """Where the area injections and their balances sit in an LP (one per pair with a bid)."""
+class GridRows:
+    """Grid rows in an LP: their (t, r), row and slack numbers and their scaled coefficients
+    on the area injections (rows x K; q all zero without reactive bids)."""
 
-    p_col: np.ndarray
-    balance_p_row: np.ndarray
-    q_col: np.ndarray | None
-    balance_q_row: np.ndarray | None
+    rows: np.ndarray  # (n, 2) MTU position and row of the violation layout
+    row: np.ndarray
+    slack_col: np.ndarray
+    cp: np.ndarray
+    cq: np.ndarray
+
+    @staticmethod
+    def none(k: int) -> GridRows:
+        empty = np.zeros(0, np.int64)
+        return GridRows(empty.reshape(0, 2), empty, empty, np.zeros((0, k)), np.zeros((0, k)))
+
+    def __add__(self, later: GridRows) -> GridRows:
+        return GridRows(
+            *(np.concatenate([getattr(self, f), getattr(later, f)]) for f in _GRID_ROW_FIELDS)
+        )
+
+
+_GRID_ROW_FIELDS = ("rows", "row", "slack_col", "cp", "cq")
 
 
 @dataclass(frozen=True)
@@ -233,9 +255,9 @@ class ClearingLp:
 
     builder: LpBuilder
     x_col: np.ndarray  # per bid (-1: step not in this LP)
-    areas: AreaColumns
     storage_rows: np.ndarray
-    slack_col: np.ndarray  # one per grid row
+    trust_rows: np.ndarray  # per (MTU, area) pair with a bid (-1: unbounded)
+    grid: GridRows
 
 
 def define_bid_variables(lp: LpBuilder, bids: MarketBids, selected: np.ndarray) -> np.ndarray:
@@ -246,23 +268,24 @@ def define_bid_variables(lp: LpBuilder, bids: MarketBids, selected: np.ndarray) 
     return x_col
 
 
-def define_area_balances(lp: LpBuilder, bids: MarketBids, x_col: np.ndarray) -> AreaColumns:
-    """p_at - sum sigma_b x_b = 0 (and q_at with tan_phi) for every MTU and area with a bid."""
-    n = len(bids.pair_key)
+def define_trust_region(
+    lp: LpBuilder,
+    bids: MarketBids,
+    x_col: np.ndarray,
+    p_bounds: tuple[np.ndarray, np.ndarray] | None,
+) -> np.ndarray:
+    """lo_at <= sum sigma_b x_b <= hi_at for every (MTU, area) pair with a bid and a finite
+    bound (``p_bounds``: lower and upper, T x K); the row of each pair, -1 where unbounded."""
+    trust = np.full(len(bids.pair_key), -1, np.int64)
+    if p_bounds is None:
+        return trust
+    lower, upper = (np.asarray(b, float)[bids.pair_t, bids.pair_area] for b in p_bounds)
+    bounded = np.isfinite(lower) | np.isfinite(upper)
+    trust[bounded] = lp.rows(lower[bounded], upper[bounded])
     selected = x_col >= 0
-
-    def balance(coef: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        col = lp.columns(np.zeros(n), -INF, INF)
-        row = lp.rows(np.zeros(n), 0.0)
-        lp.coefficients(row, col, np.ones(n))
-        lp.coefficients(row[bids.pair_of_bid[selected]], x_col[selected], -coef[selected])
-        return col, row
-
-    p_col, p_row = balance(bids.sign)
-    if not bids.has_q:
-        return AreaColumns(p_col, p_row, None, None)
-    q_col, q_row = balance(bids.sign * bids.tan_phi)
-    return AreaColumns(p_col, p_row, q_col, q_row)
+    b = np.flatnonzero(selected & bounded[bids.pair_of_bid])
+    lp.coefficients(trust[bids.pair_of_bid[b]], x_col[b], bids.sign[b])
+    return trust
 
 
 def define_storage(lp: LpBuilder, bids: MarketBids, x_col: np.ndarray) -> np.ndarray:
@@ -289,19 +312,19 @@ def define_grid_rows(
     grid: LinearGrid,
     scales: RowScales,
     bids: MarketBids,
-    areas: AreaColumns,
+    x_col: np.ndarray,
     rows: np.ndarray,
     penalty_eur_per_mwh: float,
-) -> np.ndarray:
+) -> GridRows:
     """Grid rows (t, r) of the violation layout, each with its penalised slack column.
 
     Row (t, r) (loading, then upper, then lower voltage limits) reads
-    ``sum_a cp_a p_ta + cq_a q_ta - sense s <= or >= rhs``, every coefficient divided by the
-    row's scale g so that its slack s is MW-equivalent. Only areas with a bid in the MTU
-    have a column. Returns the slack columns."""
+    ``sum_a cp_a p_ta + cq_a q_ta - sense s <= or >= rhs`` with the area injections written
+    out over the MTU's selected bid steps, every coefficient divided by the row's scale g so
+    that its slack s is MW-equivalent."""
     n = len(rows)
     if n == 0:
-        return np.zeros(0, np.int64)
+        return GridRows.none(grid.k)
     t, r = rows[:, 0], rows[:, 1]
     n_l, n_b = len(grid.branches), len(grid.buses)
     is_line, upper = r < n_l, r < n_l + n_b
@@ -313,18 +336,23 @@ def define_grid_rows(
         is_line, grid.loading_max_percent, np.where(upper, grid.vm_max_pu, grid.vm_min_pu)
     )
     g = scales.of(t, r)
+    cp, cq = cp / g[:, None], cq / g[:, None]
     rhs, sense = (limit - base) / g, np.where(upper, 1.0, -1.0)
     slack = lp.columns(np.full(n, penalty_eur_per_mwh * grid.dt_h), 0.0, INF)
     row = lp.rows(np.where(sense > 0, -INF, rhs), np.where(sense > 0, rhs, INF))
     lp.coefficients(row, slack, -sense)
-    # Coefficients on the areas with a bid in the row's MTU.
-    pair = bids.pair_index(np.repeat(t, grid.k), np.tile(np.arange(grid.k), n)).reshape(n, grid.k)
-    has = pair >= 0
-    i, a = np.nonzero(has)
-    blocks = [(cp, areas.p_col)] + ([(cq, areas.q_col)] if areas.q_col is not None else [])
-    for coef, col in blocks:
-        lp.coefficients(row[i], col[pair[i, a]], coef[i, a] / g[i])
-    return slack
+    # Each row on the selected steps of its MTU: sigma_b (cp_a + tan_phi_b cq_a).
+    selected = np.flatnonzero(x_col >= 0)
+    by_mtu = selected[np.argsort(bids.t_of_bid[selected], kind="stable")]
+    starts = np.searchsorted(bids.t_of_bid[by_mtu], np.arange(len(grid.mtus) + 1))
+    for tt in np.unique(t):
+        i = np.flatnonzero(t == tt)
+        b = by_mtu[starts[tt] : starts[tt + 1]]
+        a = bids.area_of_bid[b]
+        coef = bids.sign[b] * (cp[np.ix_(i, a)] + bids.tan_phi[b] * cq[np.ix_(i, a)])
+        ii, jj = np.nonzero(coef)
+        lp.coefficients(row[i[ii]], x_col[b[jj]], coef[ii, jj])
+    return GridRows(rows, row, slack, cp, cq)
 
 
 def build_clearing_lp(
@@ -334,14 +362,16 @@ def build_clearing_lp(
     selected: np.ndarray,
     grid_rows: np.ndarray,
     penalty_eur_per_mwh: float,
+    p_bounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ClearingLp:
-    """The clearing LP of the ``selected`` bid steps against ``grid_rows`` ((t, r) pairs)."""
+    """The clearing LP of the ``selected`` bid steps against ``grid_rows`` ((t, r) pairs),
+    within the trust region ``p_bounds`` (lower, upper area injections, T x K; None: none)."""
     if not np.array_equal(grid.mtus, bids.mtus) or grid.k != bids.k:
         raise LfmError("the bids were made for other MTUs or areas than the grid")
     lp = LpBuilder()
     x_col = define_bid_variables(lp, bids, selected)
-    areas = define_area_balances(lp, bids, x_col)
     storage = define_storage(lp, bids, x_col)
+    trust = define_trust_region(lp, bids, x_col, p_bounds)
     define_objective(lp, bids, x_col)
-    slack = define_grid_rows(lp, grid, scales, bids, areas, grid_rows, penalty_eur_per_mwh)
-    return ClearingLp(lp, x_col, areas, storage, slack)
+    rows = define_grid_rows(lp, grid, scales, bids, x_col, grid_rows, penalty_eur_per_mwh)
+    return ClearingLp(lp, x_col, storage, trust, rows)

@@ -106,7 +106,7 @@ class Solution:
 @dataclass(frozen=True)
 class MarketBasis:
     """Simplex basis status (HiGHS codes) of an LP's market side: per bid step (at a bound
-    where it was left out), per area column, per market row (balances, storage).
+    where it was left out) and per storage row.
 
     An LP of the same market against another linearisation starts from it (HiGHS
     completes it into a valid basis: new grid rows basic, new columns at a bound), so a
@@ -114,7 +114,6 @@ class MarketBasis:
     solving from scratch."""
 
     bid_status: np.ndarray
-    area_status: np.ndarray
     row_status: np.ndarray
 
 

@@ -128,27 +128,27 @@ class ClearingModel:
 
     def _build(self, rows: list[tuple[int, int]]) -> None:
         """The HiGHS instance of the selected steps and the first grid rows."""
-        lp = build_clearing_lp(
-            self.grid, self.scales, self.bids, self.selected, _pairs(rows), self.penalty
+        self.lp = build_clearing_lp(
+            self.grid,
+            self.scales,
+            self.bids,
+            self.selected,
+            _pairs(rows),
+            self.penalty,
+            self.p_bounds,
         )
-        self.highs = lp.builder.highs()
-        self.lp = lp
-        self.slack_cols = lp.slack_col
+        self.highs = self.lp.builder.highs()
+        self.grid_rows = self.lp.grid
         self.rows = list(rows)
-        if self.p_bounds is not None:  # trust region of a sequential-LP round, per area
-            b = self.bids
-            lower, upper = (np.asarray(x, float)[b.pair_t, b.pair_area] for x in self.p_bounds)
-            cols = lp.areas.p_col.astype(np.int32)
-            self.highs.changeColsBounds(len(cols), cols, lower, upper)
 
     def _add_grid_rows(self, rows: list[tuple[int, int]]) -> None:
         """Add generated grid rows, each with its penalised slack column."""
         lp = LpBuilder(self.highs.getNumCol(), self.highs.getNumRow())
-        slack = define_grid_rows(
-            lp, self.grid, self.scales, self.bids, self.lp.areas, _pairs(rows), self.penalty
+        added = define_grid_rows(
+            lp, self.grid, self.scales, self.bids, self.lp.x_col, _pairs(rows), self.penalty
         )
         lp.append_to(self.highs)
-        self.slack_cols = np.concatenate([self.slack_cols, slack])
+        self.grid_rows += added
         self.rows += rows
 
     def _spent(self, **effort) -> None:
@@ -198,27 +198,16 @@ class ClearingModel:
             self._spent(build_s=time.perf_counter() - started)
         return self._solution(x, p, q)
 
-    def _market_cols(self) -> tuple[np.ndarray, np.ndarray]:
-        """The LP's columns of the selected bids, then of the area injections."""
-        a = self.lp.areas
-        area = a.p_col if a.q_col is None else np.r_[a.p_col, a.q_col]
-        return self.lp.x_col, area
-
-    def _n_market_rows(self) -> int:
-        a = self.lp.areas
-        return len(a.balance_p_row) * (1 if a.q_col is None else 2) + len(self.lp.storage_rows)
-
     def _set_basis(self, basis: MarketBasis) -> None:
-        """Start from a market basis: grid rows basic, their slacks at zero (HiGHS makes the
-        rest of it valid, as an alien basis)."""
+        """Start from a market basis: grid and trust-region rows basic, slacks at zero (HiGHS
+        makes the rest of it valid, as an alien basis)."""
         n_col, n_row = self.highs.getNumCol(), self.highs.getNumRow()
         col = np.full(n_col, int(highspy.HighsBasisStatus.kLower))
-        x_col, area_col = self._market_cols()
+        x_col = self.lp.x_col
         kept = x_col >= 0
         col[x_col[kept]] = basis.bid_status[kept]
-        col[area_col] = basis.area_status
         row = np.full(n_row, int(highspy.HighsBasisStatus.kBasic))
-        row[: len(basis.row_status)] = basis.row_status
+        row[self.lp.storage_rows] = basis.row_status
         start = highspy.HighsBasis()
         start.col_status = [highspy.HighsBasisStatus(v) for v in col.tolist()]
         start.row_status = [highspy.HighsBasisStatus(v) for v in row.tolist()]
@@ -230,44 +219,54 @@ class ClearingModel:
         basis = self.highs.getBasis()
         col = np.fromiter((int(v) for v in basis.col_status), np.int8, self.highs.getNumCol())
         row = np.fromiter((int(v) for v in basis.row_status), np.int8, self.highs.getNumRow())
-        x_col, area_col = self._market_cols()
+        x_col = self.lp.x_col
         bid = np.full(len(x_col), int(highspy.HighsBasisStatus.kLower), np.int8)
         kept = x_col >= 0
         bid[kept] = col[x_col[kept]]
-        return MarketBasis(bid, col[area_col], row[: self._n_market_rows()])
+        return MarketBasis(bid, row[self.lp.storage_rows])
 
     def _values(self):
         """Accepted MW of the selected steps, area injections p and q (T x K)."""
         values = np.asarray(self.highs.getSolution().col_value)
         kept = self.lp.x_col >= 0
-        x = np.clip(values[self.lp.x_col[kept]], 0.0, None)
-        a = self.lp.areas
-        p = self._per_area(values[a.p_col], 0.0)
-        q = self._per_area(values[a.q_col], 0.0) if a.q_col is not None else p * 0.0
-        return x, p, q
+        x = np.zeros(len(kept))
+        x[kept] = np.clip(values[self.lp.x_col[kept]], 0.0, None)
+        b = self.bids
+        p, q = (
+            np.zeros((len(self.grid.mtus), self.grid.k)),
+            np.zeros((len(self.grid.mtus), self.grid.k)),
+        )
+        np.add.at(p, (b.t_of_bid, b.area_of_bid), b.sign * x)
+        np.add.at(q, (b.t_of_bid, b.area_of_bid), b.sign * b.tan_phi * x)
+        return x[kept], p, q
 
-    def _per_area(self, per_pair: np.ndarray, missing: float) -> np.ndarray:
-        """(T x K) from one value per (MTU, area) pair with a bid (``missing`` elsewhere)."""
-        out = np.full((len(self.grid.mtus), self.grid.k), missing)
-        out[self.bids.pair_t, self.bids.pair_area] = per_pair
-        return out
-
-    def _area_prices(self, balance_rows: np.ndarray | None) -> np.ndarray:
-        """-d cost / d rhs of "p - sum sigma x = 0": EUR/MWh of a free injection in the area
-        (NaN in an area without a bid in the MTU; zero without a Q balance)."""
-        if balance_rows is None:
-            return np.zeros((len(self.grid.mtus), self.grid.k))
+    def _area_prices(self) -> tuple[np.ndarray, np.ndarray]:
+        """EUR/MWh (EUR/Mvarh) of a free injection in each area and MTU: the duals of the grid
+        rows weighted by the area's coefficients, plus the trust region's (NaN in an area
+        without a bid in the MTU)."""
+        T, K, b = len(self.grid.mtus), self.grid.k, self.bids
         duals = np.asarray(self.highs.getSolution().row_dual)
-        return self._per_area(-duals[balance_rows] / self.grid.dt_h, np.nan)
+        rows = self.grid_rows
+        y = duals[rows.row]
+        price_p, price_q = np.zeros((T, K)), np.zeros((T, K))
+        for tt in np.unique(rows.rows[:, 0]):
+            i = rows.rows[:, 0] == tt
+            price_p[tt], price_q[tt] = y[i] @ rows.cp[i], y[i] @ rows.cq[i]
+        trust = self.lp.trust_rows
+        bounded = trust >= 0
+        price_p[b.pair_t[bounded], b.pair_area[bounded]] += duals[trust[bounded]]
+        nan = np.full((T, K), np.nan)
+        nan[b.pair_t, b.pair_area] = 0.0
+        return (price_p + nan) / self.grid.dt_h, (price_q + nan) / self.grid.dt_h
 
     def _solution(self, x, p, q) -> Solution:
         T = len(self.grid.mtus)
-        slack = np.asarray(self.highs.getSolution().col_value)[self.slack_cols]
+        slack = np.asarray(self.highs.getSolution().col_value)[self.grid_rows.slack_col]
         slack_mw = np.zeros(T)
         if len(self.rows):  # the worst row of each MTU: MW the best area would need
             t = np.array([row[0] for row in self.rows], np.int64)
             np.maximum.at(slack_mw, t, slack)
-        a = self.lp.areas
+        price_p, price_q = self._area_prices()
         info = self.highs.getInfo()
         self.stats = replace(
             self.stats,
@@ -284,8 +283,8 @@ class ClearingModel:
             p,
             q,
             slack_mw,
-            self._area_prices(a.balance_p_row),
-            self._area_prices(a.balance_q_row),
+            price_p,
+            price_q,
             float(info.objective_function_value),
             self.stats,
             self._basis(),
