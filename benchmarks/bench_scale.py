@@ -23,9 +23,11 @@ is shared, absolute times drift with the load.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -199,6 +201,7 @@ def _plain(value):
 
 def run_child(case: str, quick: bool) -> dict:
     warnings.filterwarnings("ignore")
+    faulthandler.register(signal.SIGUSR1)  # where a case was when the parent stops it
     from lfm_zonal.study import job
     from lfm_zonal.study.scenario import parse_scenario
 
@@ -266,6 +269,8 @@ def run_case(case: str, args) -> dict | None:
                 wall = time.perf_counter() - started
                 if wall > args.timeout or rss > args.max_rss_gb:
                     killed.append(f"stopped at {wall:.0f} s, RSS {rss:.1f} GB")
+                    child.send_signal(signal.SIGUSR1)  # the child's stack, to stderr
+                    time.sleep(2)
                     child.kill()
                     return
 
@@ -284,7 +289,7 @@ def run_case(case: str, args) -> dict | None:
         stderr.seek(0)
         errors = stderr.read()
     if os.waitstatus_to_exitcode(status) != 0 or result is None:
-        tail = "\n".join(errors.strip().splitlines()[-12:])
+        tail = "\n".join(errors.strip().splitlines()[-25:])
         print(f"case {case} FAILED ({'; '.join(killed) or 'exit ' + str(status)}):\n{tail}")
         return None
     result["process_s"] = wall
