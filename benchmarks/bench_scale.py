@@ -1,0 +1,383 @@
+"""Scale benchmark (issue 13's targets): the main job on large grids, each case in a fresh process.
+
+    python benchmarks/bench_scale.py [--case A|B|C|all] [--quick]
+
+* A: SimBench ``1-MVLV-rural-all-0-sw`` (MV + LV, about 5500 buses), 29 May 2016, 96 MTUs of
+  15 min, sgens x2.2; nodal, zonal and needs-based at K = 1, 4, 16, 64, each with its AC
+  check. Targets: under 60 s, under 4 GB, 0 new violations.
+* B: the seeded ``synthetic_radial_10000`` feeder, the same markets. Targets: under 120 s,
+  under 4 GB.
+* C: the main job (``run_scenario``, results written to a temporary folder) of the built-in
+  ``simbench_mv_windy_day`` with a warm SimBench cache (a first run fills it): under 5 s; and
+  of ``synthetic_radial_1000``: under 10 s.
+* Every market: whole clearing (clear_s) against HiGHS alone (solve_s), target <= 2x.
+
+A and B run ``run_study`` with timers wrapped around its stages (base case, resources,
+segmentation, zones of each K, each market's linearised grid, DSO needs, bids, clearing, AC
+check, residual table); the timers only measure. Peak memory is the case process's peak RSS
+(``wait4``). ``--quick`` clears 8 MTUs (from 10:00, where the PV overloads are) for a smoke
+run. Progress lines carry the elapsed time, the RSS so far and the load average: the machine
+is shared, absolute times drift with the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+MARKETS = 'methods = ["nodal", "zonal", "needs_based"]'
+CASES = {
+    "A": f"""
+name = "bench_scale_mvlv"
+description = "SimBench MV+LV rural, 29 May, PV x2.2"
+seed = 42
+[grid]
+source = "1-MVLV-rural-all-0-sw"
+[horizon]
+start = "2016-05-29 00:00"
+n_mtu = 96
+mtu_minutes = 15
+[profiles]
+sgen_scale = 2.2
+[zones]
+k = [1, 4, 16, 64]
+[market]
+{MARKETS}
+""",
+    "B": f"""
+name = "bench_scale_synthetic_10000"
+seed = 42
+[grid]
+source = "synthetic_radial_10000"
+[horizon]
+start = "2016-01-14 00:00"
+n_mtu = 96
+mtu_minutes = 15
+[zones]
+k = [1, 4, 16, 64]
+[market]
+{MARKETS}
+""",
+    # C: the main job of the built-in scenario, and of the 1000-bus feeder as bench_main_job.
+    "C_mv": "builtin:simbench_mv_windy_day",
+    "C_1000": """
+name = "bench_scale_synthetic_1000"
+seed = 42
+[grid]
+source = "synthetic_radial_1000"
+[horizon]
+start = "2016-01-14 00:00"
+n_mtu = 96
+[zones]
+k = [2, 4, 8, 16]
+[market]
+methods = ["nodal", "zonal"]
+""",
+}
+TARGETS = {"A": (60.0, 4.0), "B": (120.0, 4.0), "C_mv": (5.0, None), "C_1000": (10.0, None)}
+RATIO_TARGET = 2.0
+GB = 2**30
+STARTED = time.perf_counter()
+
+
+def rss_gb() -> float:
+    """This process's current resident set (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GB
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def progress(message: str) -> None:
+    print(
+        f"  [{time.perf_counter() - STARTED:7.1f} s, RSS {rss_gb():5.2f} GB, load {load()}] "
+        f"{message}",
+        flush=True,
+    )
+
+
+def scenario_text(case: str, quick: bool) -> str:
+    text = CASES[case]
+    if text.startswith("builtin:"):
+        from lfm_zonal.files.inputs import shipped_toml_text
+
+        text = shipped_toml_text(text.removeprefix("builtin:"))
+    if quick:
+        text = re.sub(r"(?m)^n_mtu = \d+", "n_mtu = 8", text)
+        text = re.sub(r'(?m)^start = "(\d{4}-\d\d-\d\d) 00:00"', r'start = "\1 10:00"', text)
+    return text
+
+
+# --- child: one case in this process -------------------------------------------------------
+
+
+class StageTimers:
+    """Wall-time wrappers around the study's stages (names looked up in the calling modules)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self.market: dict[str, float] = {}
+        self.rows: list[dict] = []
+
+    def wrap(self, owner, name: str, label: str, market_part: bool = False) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            if not market_part:
+                progress(f"{label} ...")
+            started = time.perf_counter()
+            out = inner(*args, **kwargs)
+            seconds = time.perf_counter() - started
+            if market_part:
+                self.market[label] = self.market.get(label, 0.0) + seconds
+            else:
+                self.stages[label] = self.stages.get(label, 0.0) + seconds
+                progress(f"{label} done in {seconds:.1f} s")
+            return out
+
+        setattr(owner, name, timed)
+
+    def wrap_clear_market(self, owner) -> None:
+        inner = owner.clear_market
+
+        def timed(pf, resources, method, zones=None, **kwargs):
+            label = method if zones is None else f"{method} K={zones.k}"
+            progress(f"market {label} ...")
+            self.market = {}
+            started = time.perf_counter()
+            result = inner(pf, resources, method, zones, **kwargs)
+            wall = time.perf_counter() - started
+            self.stages["markets"] = self.stages.get("markets", 0.0) + wall
+            k = result.kpis
+            self.rows.append(
+                {
+                    "market": label,
+                    "wall_s": wall,
+                    **{f"{part}_s": s for part, s in self.market.items()},
+                    **{
+                        name: _plain(k[name])
+                        for name in (
+                            "clear_s",
+                            "build_s",
+                            "solve_s",
+                            "n_variables",
+                            "n_constraints",
+                            "cost_eur",
+                            "new_violations",
+                            "residual_overload_max_percent",
+                            "residual_voltage_max_pu",
+                            "solver_status",
+                            "ac_rounds",
+                        )
+                    },
+                    "load": load(),
+                }
+            )
+            progress(
+                f"market {label} done in {wall:.1f} s (clear {k['clear_s']:.1f} s, "
+                f"HiGHS {k['solve_s']:.1f} s, AC check {self.market.get('ac', 0):.1f} s)"
+            )
+            return result
+
+        owner.clear_market = timed
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def run_child(case: str, quick: bool) -> dict:
+    warnings.filterwarnings("ignore")
+    faulthandler.register(signal.SIGUSR1)  # where a case was when the parent stops it
+    from lfm_zonal.study import job
+    from lfm_zonal.study.scenario import parse_scenario
+
+    progress(f"case {case}: imports done")
+    scenario = parse_scenario(scenario_text(case, quick), f"bench_scale:{case}")
+    if case.startswith("C_"):
+        from lfm_zonal.study.results import run_scenario
+
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            run_scenario(scenario, Path(tmp) / "out")
+            seconds = time.perf_counter() - started
+        progress(f"main job done in {seconds:.1f} s")
+        return {"main_job_s": seconds, "load": load()}
+
+    from lfm_zonal.market import clearing
+    from lfm_zonal.zones.segmentation import Segmentation
+
+    t = StageTimers()
+    t.wrap(job, "prepare_base_case", "base case (grid, profiles, AC power flows)")
+    t.wrap(job, "prepare_resources", "resources")
+    t.wrap(job, "prepare_segmentation_of", "segmentation")
+    t.wrap(Segmentation, "zones", "zones(K)")
+    t.wrap(Segmentation, "error", "segmentation error(K)")
+    t.wrap_clear_market(job)
+    for name, label in (
+        ("linear_grid", "linear_grid"),
+        ("build_bids", "bids"),
+        ("dso_needs", "needs"),
+        ("ac_check", "ac"),
+        ("residual_violations", "residual"),
+    ):
+        t.wrap(clearing, name, label, market_part=True)
+    started = time.perf_counter()
+    study = job.run_study(scenario)
+    total = time.perf_counter() - started
+    pf = study.base.powerflow
+    return {
+        "total_s": total,
+        "stages": t.stages,
+        "markets": t.rows,
+        "grid": f"{study.base.grid.name}: {len(pf.model.buses)} buses, {len(pf.times)} MTUs, "
+        f"{len(study.resources)} resources",
+        "load": load(),
+    }
+
+
+# --- parent: one fresh process per case, its peak RSS from wait4 -------------------------
+
+
+def run_case(case: str, args) -> dict | None:
+    command = [sys.executable, __file__, "--child", case] + (["--quick"] if args.quick else [])
+    with tempfile.TemporaryFile("w+") as stderr:
+        started = time.perf_counter()
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        done, killed = threading.Event(), []
+
+        def watchdog() -> None:  # stop a case beyond the time or memory cap
+            while not done.wait(0.5):
+                try:
+                    with open(f"/proc/{child.pid}/statm") as f:
+                        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GB
+                except OSError:
+                    return
+                wall = time.perf_counter() - started
+                if wall > args.timeout or rss > args.max_rss_gb:
+                    killed.append(f"stopped at {wall:.0f} s, RSS {rss:.1f} GB")
+                    child.send_signal(signal.SIGUSR1)  # the child's stack, to stderr
+                    time.sleep(2)
+                    child.kill()
+                    return
+
+        watcher = threading.Thread(target=watchdog, daemon=True)
+        watcher.start()
+        result = None
+        for line in child.stdout:
+            if line.startswith("RESULT "):
+                result = json.loads(line.removeprefix("RESULT "))
+            else:
+                print(line, end="", flush=True)
+        done.set()
+        watcher.join()
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - started
+        stderr.seek(0)
+        errors = stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0 or result is None:
+        tail = "\n".join(errors.strip().splitlines()[-25:])
+        print(f"case {case} FAILED ({'; '.join(killed) or 'exit ' + str(status)}):\n{tail}")
+        return None
+    result["process_s"] = wall
+    result["peak_rss_gb"] = usage.ru_maxrss * 1024 / GB  # ru_maxrss in KiB
+    return result
+
+
+def verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def report_study(case: str, r: dict) -> None:
+    t_max, m_max = TARGETS[case]
+    print(f"\n=== case {case}: {r['grid']} (load at end {r['load']})")
+    print(
+        f"run_study {r['total_s']:.1f} s (target < {t_max:.0f} s: "
+        f"{verdict(r['total_s'] < t_max)}); process {r['process_s']:.1f} s; peak RSS "
+        f"{r['peak_rss_gb']:.2f} GB (target < {m_max:.0f} GB: {verdict(r['peak_rss_gb'] < m_max)})"
+    )
+    print("stages: " + ", ".join(f"{name} {s:.1f} s" for name, s in r["stages"].items()))
+    print(
+        f"{'market':<16} {'wall s':>7} {'lingrid':>7} {'needs':>6} {'clear':>7} {'build':>6} "
+        f"{'HiGHS':>6} {'cl/HiGHS':>8} {'AC chk':>6} {'resid':>6} {'columns':>8} {'rows':>8} "
+        f"{'cost EUR':>9} {'new viol':>8} {'ovl pp':>6} {'V p.u.':>7} {'status':>9} {'load':>13}"
+    )
+    new_total = 0
+    for m in r["markets"]:
+        ratio = m["clear_s"] / m["solve_s"] if m["solve_s"] > 0 else float("nan")
+        new_total += int(m["new_violations"])
+        print(
+            f"{m['market']:<16} {m['wall_s']:7.1f} {m.get('linear_grid_s', 0):7.1f} "
+            f"{m.get('needs_s', 0):6.1f} {m['clear_s']:7.1f} {m['build_s']:6.1f} "
+            f"{m['solve_s']:6.1f} {ratio:8.1f} {m.get('ac_s', 0):6.1f} "
+            f"{m.get('residual_s', 0):6.1f} {m['n_variables']:8d} {m['n_constraints']:8d} "
+            f"{m['cost_eur']:9.0f} {m['new_violations']:8d} "
+            f"{m['residual_overload_max_percent']:6.2f} {m['residual_voltage_max_pu']:7.4f} "
+            f"{str(m['solver_status'])[:9]:>9} {m['load']:>13}"
+        )
+    lp = [m for m in r["markets"] if m["solve_s"] > 0]
+    worst = max(lp, key=lambda m: m["clear_s"] / m["solve_s"], default=None)
+    if worst:
+        ratio = worst["clear_s"] / worst["solve_s"]
+        print(
+            f"clear/HiGHS: worst {ratio:.1f}x ({worst['market']}; target <= {RATIO_TARGET:.0f}x: "
+            f"{verdict(ratio <= RATIO_TARGET)})"
+        )
+    print(f"new violations: {new_total} in all (target 0: {verdict(new_total == 0)})")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--case", choices=["A", "B", "C", "all"], default="all")
+    parser.add_argument("--quick", action="store_true", help="8 MTUs from 10:00: a smoke run")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per case process")
+    parser.add_argument("--max-rss-gb", type=float, default=12.0, help="stop a case beyond it")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_child(args.child, args.quick)), flush=True)
+        return 0
+    print(f"bench_scale ({'quick, 8 MTUs' if args.quick else '96 MTUs'}), load {load()}")
+    failed = False
+    for case in ("A", "B"):
+        if args.case in (case, "all"):
+            print(f"--- case {case}", flush=True)
+            r = run_case(case, args)
+            failed |= r is None
+            if r:
+                report_study(case, r)
+    if args.case in ("C", "all"):
+        lines = []
+        for case, runs in (("C_mv", ("first run", "warm cache")), ("C_1000", ("first", "second"))):
+            for run in runs:
+                print(f"--- case {case}, {run}", flush=True)
+                r = run_case(case, args)
+                failed |= r is None
+                if r:
+                    target = TARGETS[case][0]
+                    lines.append(
+                        f"{case:<7} {run:<11} main job {r['main_job_s']:6.1f} s (target < "
+                        f"{target:.0f} s: {verdict(r['main_job_s'] < target)}), process "
+                        f"{r['process_s']:6.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB, "
+                        f"load {r['load']}"
+                    )
+        print("\n=== case C: main job (run_scenario into a temporary folder)")
+        print("\n".join(lines))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
