@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import os
 import pickle
 import re
@@ -183,7 +184,9 @@ def synthetic_radial_feeder(n_bus: int = 1000, seed: int = 0) -> pp.pandapowerNe
 
     Feeders of about 100 buses leave the MV busbar; each grows as a trunk with
     laterals (each new bus hangs off the last one with probability 0.75, else off
-    a random earlier bus). Every MV bus has a load, about 30% have PV. Geodata
+    a random earlier bus). Every MV bus has a load, about 30% have PV. The substation has
+    one 63 MVA 110/20 kV trafo per 5 feeders (at least 2), so that it carries the load of
+    any size (about 12 MW per feeder). Geodata
     draw each feeder as a fan in its own sector around the substation.
     """
     if not 4 <= n_bus <= MAX_SYNTHETIC_BUSES:
@@ -207,7 +210,9 @@ def synthetic_radial_feeder(n_bus: int = 1000, seed: int = 0) -> pp.pandapowerNe
     hv = pp.create_bus(net, 110.0, name="HV", geodata=(0.0, -1.0))
     mv = pp.create_bus(net, 20.0, name="MV busbar", geodata=(0.0, 0.0))
     pp.create_ext_grid(net, hv, vm_pu=1.02)
-    pp.create_transformer(net, hv, mv, std_type="63 MVA 110/20 kV", parallel=2)
+    pp.create_transformer(
+        net, hv, mv, std_type="63 MVA 110/20 kV", parallel=max(2, math.ceil(n_feeders / 5))
+    )
     # Draw every element first (same order of draws per bus), then create them in bulk:
     # pandapower's one-element create functions take milliseconds each.
     names, geo, parents, lengths, stds, loads, pvs = [], [], [], [], [], [], []
