@@ -36,6 +36,8 @@ import time
 import warnings
 from pathlib import Path
 
+from bench_main_job import CASES as MAIN_JOB_CASES  # a script beside this one
+
 MARKETS = 'methods = ["nodal", "zonal", "needs_based"]'
 CASES = {
     "A": f"""
@@ -71,19 +73,7 @@ k = [1, 4, 16, 64]
 """,
     # C: the main job of the built-in scenario, and of the 1000-bus feeder as bench_main_job.
     "C_mv": "builtin:simbench_mv_windy_day",
-    "C_1000": """
-name = "bench_scale_synthetic_1000"
-seed = 42
-[grid]
-source = "synthetic_radial_1000"
-[horizon]
-start = "2016-01-14 00:00"
-n_mtu = 96
-[zones]
-k = [2, 4, 8, 16]
-[market]
-methods = ["nodal", "zonal"]
-""",
+    "C_1000": MAIN_JOB_CASES["synthetic_radial_1000"],  # the same case as bench_main_job
 }
 TARGETS = {"A": (60.0, 4.0), "B": (120.0, 4.0), "C_mv": (5.0, None), "C_1000": (10.0, None)}
 RATIO_TARGET = 2.0

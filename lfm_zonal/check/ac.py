@@ -29,6 +29,7 @@ from lfm_zonal.grid.violations import (
     VIOLATION_TOLERANCE_LOADING_PERCENT,
     VIOLATION_TOLERANCE_VM_PU,
     excess,
+    largest_per_mtu,
     violated_state,
 )
 
@@ -219,7 +220,7 @@ def residual_violations(
         values = beyond.to_numpy()
         t, r = np.nonzero(values > tol)
         if rows_per_mtu is not None:  # the largest excesses of the kind in each MTU
-            t, r = _largest_per_mtu(t, r, values[t, r], rows_per_mtu)
+            t, r = largest_per_mtu(t, r, values[t, r], rows_per_mtu)
         parts.append((t, np.full(len(t), kind), r, values[t, r]))
     t, kind, r, amount = (np.concatenate([p[i] for p in parts]) for i in range(4))
     if len(t) == 0:
@@ -288,14 +289,6 @@ def residual_violations(
 
 #: Rows whose sensitivities one batch of transposed solves computes (memory: rows x buses).
 _ROWS_PER_SOLVE = 256
-
-
-def _largest_per_mtu(t: np.ndarray, r: np.ndarray, value: np.ndarray, n: int):
-    """Of rows (t, r), the n of largest value in each MTU."""
-    order = np.lexsort((r, -value, t))
-    t, r = t[order], r[order]
-    keep = np.arange(len(t)) - np.searchsorted(t, t, side="left") < n
-    return t[keep], r[keep]
 
 
 def _offers_by_mtu(resources, dispatch: pd.DataFrame | None, position: pd.Series):

@@ -59,3 +59,14 @@ def violated_state(limits: Limits, loading_percent, vm_pu):
         violated(over, VIOLATION_TOLERANCE_LOADING_PERCENT),
         violated(under, VIOLATION_TOLERANCE_VM_PU) + violated(overv, VIOLATION_TOLERANCE_VM_PU),
     )
+
+
+def largest_per_mtu(
+    t: np.ndarray, r: np.ndarray, value: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Of rows (t, r), the n of largest ``value`` in each MTU, ordered by MTU, then value
+    (largest first), then row."""
+    order = np.lexsort((r, -value, t))
+    t, r = t[order], r[order]
+    keep = np.arange(len(t)) - np.searchsorted(t, t, side="left") < n
+    return t[keep], r[keep]

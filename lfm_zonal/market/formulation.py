@@ -193,14 +193,6 @@ class MarketBids:
     def pair_area(self) -> np.ndarray:
         return self.pair_key % self.k
 
-    def pair_index(self, t: np.ndarray, area: np.ndarray) -> np.ndarray:
-        """Pair of each (MTU position, area); -1 where the area has no bid in that MTU."""
-        key = np.asarray(t, np.int64) * self.k + np.asarray(area, np.int64)
-        if len(self.pair_key) == 0:
-            return np.full(key.shape, -1, np.int64)
-        at = np.minimum(np.searchsorted(self.pair_key, key), len(self.pair_key) - 1)
-        return np.where(self.pair_key[at] == key, at, -1)
-
     def _storage_chains(self, table: pd.DataFrame | None) -> list:
         """Per storage resource: its bids, their MTU and the energy each MW takes from the store."""
         if table is None or not (table.kind == "storage").any():

@@ -32,6 +32,7 @@ from lfm_zonal.errors import LfmError
 from lfm_zonal.grid.linear import LinearGrid, RowScales, linear_grid
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
 from lfm_zonal.grid.sensitivity import LinearisationCache
+from lfm_zonal.grid.violations import largest_per_mtu
 from lfm_zonal.market.bids import merit_order_fill
 from lfm_zonal.market.formulation import (
     LpBuilder,
@@ -87,8 +88,6 @@ class ClearingModel:
         basis: MarketBasis | None = None,
         scales: RowScales | None = None,
     ) -> None:
-        if not np.array_equal(grid.mtus, bids.mtus) or grid.k != bids.k:
-            raise LfmError("the bids were made for other MTUs or areas than the grid")
         self.grid = grid
         self.bids = bids
         self.selected = selected
@@ -107,11 +106,8 @@ class ClearingModel:
         if len(t) == 0:
             return []
         need = excess[t, r] / self.scales.ranking(t, r)
-        order = np.lexsort((r, -need, t))  # per MTU, the largest need first
-        t, r = t[order], r[order]
-        first = np.searchsorted(t, t, side="left")
-        keep = np.arange(len(t)) - first < ROWS_PER_MTU_AND_ROUND
-        return list(zip(t[keep].tolist(), r[keep].tolist(), strict=True))
+        t, r = largest_per_mtu(t, r, need, ROWS_PER_MTU_AND_ROUND)
+        return list(zip(t.tolist(), r.tolist(), strict=True))
 
     def initial_rows(self) -> list[tuple[int, int]]:
         """Rows violated or within a margin of their limit, plus rows an earlier solve needed."""
