@@ -14,7 +14,9 @@ import lfm_zonal.market.strategies as market_module
 from lfm_zonal.config import DEFAULT_PENALTY_EUR_PER_MWH
 from lfm_zonal.errors import SolverError
 from lfm_zonal.grid.linear import RowScales, linear_grid
+from lfm_zonal.market.bids import build_bids
 from lfm_zonal.market.clearing import clear_market, mtus_to_clear
+from lfm_zonal.market.formulation import MarketBids
 from lfm_zonal.market.lp import SolveStats, SolveStatus
 from lfm_zonal.market.strategies import ClearingModel, solve_clearing
 
@@ -147,3 +149,43 @@ def test_a_solver_failure_is_a_solver_error(hand_case, monkeypatch):  # noqa: F8
     monkeypatch.setattr(ClearingModel, "_run", lambda self: SolveStatus.TIME_LIMIT)
     with pytest.raises(SolverError, match=r"^DSO-needs LP: solver status Time limit reached$"):
         clear_market(pf, res, "nodal")
+
+
+@pytest.mark.parametrize("storage_mtus", [None, [3, 4, 5, 9]])
+def test_lp_blocks_give_the_joint_optimum(monkeypatch, storage_mtus):
+    """Solved MTU by MTU (a block per MTU, the MTUs a battery links in one) the clearing LP
+    has the optimum of the whole LP at once: the LP is separable by MTU but for storage."""
+    pf, res, seg = market_case(
+        "cigre_mv", 1.25, 0.05, n_mtu=16, storage_units=2, storage_p_mw=2.0, storage_hours=0.5
+    )
+    zones = seg.zones(seg.n_buses)
+    grid = linear_grid(
+        pf, zones.aggregation(seg.weights), seg.sensitivity_method, mtus_to_clear(pf)
+    )
+    steps = build_bids(res, zones, pf.times, 4).steps
+    steps = steps[steps.mtu.isin(grid.mtus)].reset_index(drop=True)
+    storage = steps.resource_id != ""
+    if storage_mtus is None:
+        steps = steps[~storage].reset_index(drop=True)
+    else:  # the batteries bid in some MTUs only: those are linked, the rest stand apart
+        linked = grid.mtus[storage_mtus]
+        steps = steps[~storage | steps.mtu.isin(linked)].reset_index(drop=True)
+    market = MarketBids(grid.mtus, grid.k, grid.dt_h, steps, res.table)
+    blocks = market.blocks(1)
+    if storage_mtus is None:
+        assert [b.tolist() for b in blocks] == [[t] for t in range(len(grid.mtus))]
+    else:
+        assert storage_mtus in [b.tolist() for b in blocks]
+        assert sorted(np.concatenate(blocks).tolist()) == list(range(len(grid.mtus)))
+    quota = np.full(len(grid.mtus), 1.0)  # column generation in every block too
+    joint = solve_clearing(grid, steps, res.table, quota_mw=quota)
+    monkeypatch.setattr(market_module, "BLOCK_MAX_STEPS", 1)
+    apart = solve_clearing(grid, steps, res.table, quota_mw=quota)
+    assert joint.status is apart.status is SolveStatus.OPTIMAL
+    assert apart.objective_eur == pytest.approx(joint.objective_eur, rel=1e-7)
+    cost = steps.price_eur_per_mwh.to_numpy() * grid.dt_h
+    assert (cost * apart.accepted_mw).sum() == pytest.approx(
+        (cost * joint.accepted_mw).sum(), rel=1e-6
+    )
+    np.testing.assert_allclose(apart.slack_mw, joint.slack_mw, atol=1e-7)
+    assert joint.accepted_mw.sum() > 0

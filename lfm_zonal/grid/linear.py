@@ -34,13 +34,15 @@ screened rows as dense adjoint rows (1,007 rows) solved in 11 s on a loaded mach
 
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from lfm_zonal.errors import InputError
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
@@ -65,6 +67,20 @@ DENSE_ROWS_MAX_BYTES = 256 * 2**20
 #: Rows whose coefficients one transposed solve computes at a time (bounds its memory:
 #: states x rows).
 ADJOINT_CHUNK_ROWS = 256
+
+
+@functools.cache
+def _threadpools() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def one_blas_thread():
+    """A context with one BLAS thread: the solves are small (a few hundred states), and
+    OpenBLAS's threads, spinning for a core on a busy 2-core machine, made them 400x
+    slower (0.2 s instead of 0.5 ms per MTU on SimBench MV, measured with other processes
+    running). The thread pools are looked up once (``threadpool_limits`` reads them on every
+    call: 4 ms, 15 s of a nodal market on SimBench MV+LV)."""
+    return _threadpools().limit(limits=1, user_api="blas")
 
 
 class GridRows(Protocol):
@@ -144,7 +160,7 @@ class AdjointRows:
     def delta(self, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         T = len(self.linearisations)
         loading, vm = np.zeros((T, self.n_branch)), np.zeros((T, self.n_bus))
-        with threadpool_limits(1, user_api="blas"):
+        with one_blas_thread():
             for i, lin in enumerate(self.linearisations):
                 if np.any(p[i]) or np.any(q[i]):
                     dx = lin.state_change(self.W @ p[i], self.W @ q[i])
@@ -154,7 +170,7 @@ class AdjointRows:
     def coefficients(self, t: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cp, cq = np.empty((len(t), self.k)), np.empty((len(t), self.k))
         order = np.argsort(t, kind="stable")
-        with threadpool_limits(1, user_api="blas"):
+        with one_blas_thread():
             for start in range(0, len(order), ADJOINT_CHUNK_ROWS):
                 rows = order[start : start + ADJOINT_CHUNK_ROWS]
                 for tt in np.unique(t[rows]):
@@ -252,19 +268,21 @@ class RowScales:
     """
 
     def __init__(self, grid: LinearGrid) -> None:
-        self.grid = grid
+        self._rows = grid.rows
+        self._tolerances = grid.row_tolerances()
         if grid.rows.dense:
             self._value = grid.rows.all_scales()
         else:
             self._value = np.full((len(grid.mtus), grid.n_rows), np.nan)
+        self._t = np.arange(len(grid.mtus))  # this object's MTUs in the store
 
     def of(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:
         """Scales of rows (t, r)."""
-        t, r = np.asarray(t, np.int64), np.asarray(r, np.int64)
+        t, r = self._t[np.asarray(t, np.int64)], np.asarray(r, np.int64)
         missing = np.isnan(self._value[t, r])
         if missing.any():
             todo = np.unique(np.c_[t[missing], r[missing]], axis=0)
-            cp, cq = self.grid.rows.coefficients(todo[:, 0], todo[:, 1])
+            cp, cq = self._rows.coefficients(todo[:, 0], todo[:, 1])
             self._value[todo[:, 0], todo[:, 1]] = row_scale(cp, cq)
         return self._value[t, r]
 
@@ -273,14 +291,15 @@ class RowScales:
         hand, else each row's violation tolerance (the adjoint rows would need a solve per
         candidate). Which rows enter the LP first does not change its optimum: row
         generation adds every violated one."""
-        if self.grid.rows.dense:
+        if self._rows.dense:
             return self.of(t, r)
-        return self.grid.row_tolerances()[np.asarray(r, np.int64)]
+        return self._tolerances[np.asarray(r, np.int64)]
 
     def select(self, keep: np.ndarray) -> RowScales:
-        """The scales of the MTUs where ``keep`` (those known so far carried over)."""
-        out = RowScales.__new__(RowScales)
-        out.grid, out._value = self.grid.select(keep), self._value[keep]
+        """The scales of the MTUs where ``keep``: the same store, so that a scale computed
+        through either is known to both."""
+        out = copy.copy(self)
+        out._t = self._t[np.asarray(keep, bool)]
         return out
 
 
@@ -330,7 +349,7 @@ def linear_grid(
     if representation == "dense":
         rows = _dense_rows(pf, W, sensitivity_method, mtus, V, cache)
     else:
-        with threadpool_limits(1, user_api="blas"):
+        with one_blas_thread():
             lins = tuple(linearisation(model, V[i], cache) for i in range(T))
         rows = AdjointRows(lins, W, n_l, n_b)
     loading0 = model.loading_percent(V).reshape(T, n_l)
@@ -370,10 +389,7 @@ def _dense_rows(pf, W, sensitivity_method, mtus, V, cache) -> DenseRows:
     )
     sl_p, sl_q = np.empty((T, n_l, K)), np.empty((T, n_l, K))
     sv_p, sv_q = np.empty((T, n_b, K)), np.empty((T, n_b, K))
-    # One BLAS thread: the solves are small (a few hundred states), and OpenBLAS's threads,
-    # spinning for a core on a busy 2-core machine, made them 400x slower (0.2 s instead of
-    # 0.5 ms per MTU on SimBench MV, measured with other processes running).
-    with threadpool_limits(1, user_api="blas"):
+    with one_blas_thread():
         for i in range(T):
             s = sensitivity_arrays(model, V[i], sensitivity_method, W, cache)
             sl_p[i], sl_q[i], sv_p[i], sv_q[i] = s.loading_p, s.loading_q, s.vm_p, s.vm_q

@@ -86,6 +86,12 @@ class SolveStats:
             }
         )
 
+    def beside(self, other: SolveStats) -> SolveStats:
+        """Two blocks of one LP solved apart: effort and sizes summed."""
+        return SolveStats(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
+
 
 @dataclass(frozen=True)
 class Solution:
