@@ -45,7 +45,7 @@ from lfm_zonal.config import (  # noqa: E402
 )
 from lfm_zonal.errors import InputError, LfmError, SolverError  # noqa: E402
 from lfm_zonal.files import SENSITIVITY_FORMATS  # noqa: E402
-from lfm_zonal.progress import reporting  # noqa: E402
+from lfm_zonal.progress import finished, inputs_accepted, reporting, stage  # noqa: E402
 from lfm_zonal.study.scenario import (  # noqa: E402
     DEFAULT_SCENARIO,
     Scenario,
@@ -125,7 +125,15 @@ def _case_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     p.add_argument("--vm-min-pu", help="lower voltage limit")
     p.add_argument("--vm-max-pu", help="upper voltage limit")
     p.add_argument("--loading-max-percent", help="loading limit")
+    _add_quiet(p)
     return p
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    """--quiet for the commands with stage lines (PROGRESS_COMMANDS)."""
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bars and no stage lines on stderr"
+    )
 
 
 def scenario_from_args(args: argparse.Namespace) -> Scenario:
@@ -178,11 +186,13 @@ def cmd_powerflow(args: argparse.Namespace) -> None:
 
     if args.rows < 1:
         raise InputError(f"--rows must be >= 1, got {args.rows}")
-    base = prepare_base_case(scenario_from_args(args), progress=True)
+    base = prepare_base_case(scenario_from_args(args), progress=not args.quiet)
     table = base.powerflow.violations()
     if args.out is not None:
         with result_file(args.out, overwrite=args.overwrite) as partial:
+            inputs_accepted()  # the last check: --out may be written
             write_csv(table, partial)
+        stage(f"violations per MTU written to {args.out}")
         print(f"wrote {args.out}")
     pd.set_option("display.width", 160)
     print(
@@ -210,17 +220,25 @@ def cmd_sensitivities(args: argparse.Namespace) -> None:
     elements = _elements(args.elements) if args.elements else None
     buses = list(_numbers(args.buses, int, "--buses")) if args.buses is not None else None
     scenario = scenario_from_args(args)
-    base = prepare_base_case(scenario, progress=True)
+    base = prepare_base_case(scenario, progress=not args.quiet)
+    pf = base.powerflow
     mtus = args.mtu if args.mtu else [base.reference_mtu]
     method = scenario["sensitivity"]["method"]
-    model = base.powerflow.model  # every MTU and row checked before the first is computed
+    model = pf.model  # every MTU and row checked before the first is computed
     for t in mtus:
-        base.powerflow.mtu_position(_mtu(t))
+        position = pf.mtu_position(_mtu(t))
+        if not pf.converged.iloc[position]:
+            raise InputError(
+                f"--mtu {t}: MTU {position} ({pf.times[position]}) has no converged power flow, "
+                "so no sensitivities"
+            )
     sensitivity_labels(model.branches, model.buses.rename("bus"), elements, buses)
     formats, biggest = set(), 0
     with result_folder(args.out, overwrite=args.overwrite) as folder:
+        inputs_accepted()  # the MTUs, the rows and --out are checked
         for t in mtus:  # one MTU's matrices in memory at a time (0.96 GB on 5,479 buses)
-            sens = sensitivities(base.powerflow, _mtu(t), method)
+            sens = sensitivities(pf, _mtu(t), method)
+            stage(f"sensitivities: MTU {t} ({sens.time}) computed by {method}")
             if elements is not None or buses is not None:
                 sens = select_sensitivities(sens, elements, buses)
             biggest = max(biggest, sensitivity_csv_bytes(sens))
@@ -229,8 +247,11 @@ def cmd_sensitivities(args: argparse.Namespace) -> None:
                 if str(t).isdigit()
                 else folder / pd.Timestamp(t).strftime("%Y%m%dT%H%M")
             )
-            formats.add(write_sensitivities(sens, where, args.format))
+            written = write_sensitivities(sens, where, args.format)
+            formats.add(written)
+            stage(f"sensitivities: MTU {t} written as {written}")
             del sens
+    stage(f"results written to {args.out}")
     print(
         f"wrote {method} sensitivities of {len(mtus)} MTU(s) to {args.out} as "
         f"{' and '.join(sorted(formats))}"
@@ -267,16 +288,23 @@ def _mtu(text: str):
 
 def cmd_zones(args: argparse.Namespace) -> None:
     from lfm_zonal.files.outputs import result_folder
+    from lfm_zonal.grid.sensitivity import LinearisationCache
     from lfm_zonal.study.job import prepare_base_case, prepare_segmentation_of
     from lfm_zonal.study.results import write_zones
 
     scenario = scenario_from_args(args)
-    base = prepare_base_case(scenario, progress=True)
-    seg = prepare_segmentation_of(base)
+    base = prepare_base_case(scenario, progress=not args.quiet)
+    # The worst MTU's search and the segmentation linearise the same point: once.
+    seg = prepare_segmentation_of(base, cache=LinearisationCache(base.powerflow.model))
     z = scenario["zones"]
-    zone_sets = [seg.zones(k, z["method"], scenario.seed) for k in z["k"]]
+    zone_sets = []
     with result_folder(args.out, overwrite=args.overwrite) as folder:
+        inputs_accepted()  # the reference MTU, the zone counts and --out are checked
+        for k in z["k"]:
+            zone_sets.append(seg.zones(k, z["method"], scenario.seed))
+            stage(f"zones: K = {k} done")
         write_zones(seg, zone_sets, folder, base.grid.name)
+    stage(f"results written to {args.out}")
     print(
         f"{base.grid.name}: {seg.n_buses} buses, zones at MTU {seg.reference_mtu} "
         f"({base.powerflow.times[seg.reference_mtu]}), method {z['method']}, weights {z['weights']}"
@@ -302,7 +330,7 @@ def cmd_clear(args: argparse.Namespace) -> None:
     if args.market != "nodal" and not args.k:
         raise InputError(f"--market {args.market} needs --k (number of zones)")
     scenario = scenario_from_args(args)
-    out = run_scenario(scenario, args.out, overwrite=args.overwrite, progress=True)
+    out = run_scenario(scenario, args.out, overwrite=args.overwrite, progress=not args.quiet)
     kpis = pd.read_csv(out / "kpis.csv")
     print(kpis[list(TERMINAL_COLUMNS)].to_string(index=False))
     print(f"wrote bids, activations, needs, unmet need, KPIs and plots to {out}/")
@@ -588,9 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"built-in scenario name or TOML file (default: {DEFAULT_SCENARIO})",
     )
     _add_out_folder(p, "results", "results folder")
-    p.add_argument(
-        "--quiet", action="store_true", help="no progress bars and no stage lines on stderr"
-    )
+    _add_quiet(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("grids", help="list the grids lfm-zonal knows")
@@ -743,6 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that write stage lines with elapsed times on stderr (progress.py), unless --quiet.
+PROGRESS_COMMANDS = ("run", "clear", "zones", "powerflow", "sensitivities")
 # What a command writes to --out: a results folder, one file, or a resumable sweep folder.
 OUTPUT_KIND = {
     "run": "folder",
@@ -874,10 +902,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.verbose:
                 warnings.filterwarnings("ignore")
             inputs = _declared_inputs(args)
-            # Stage lines with elapsed times on stderr for the long commands (progress.py).
-            shows_progress = args.command in ("run", "clear") and not getattr(args, "quiet", False)
+            shows_progress = args.command in PROGRESS_COMMANDS and not args.quiet
             with _claim(args, inputs), reporting(shows_progress):
                 args.func(args)
+                finished()
         except LfmError as exc:
             print(f"lfm-zonal: error: {_one_line(exc)}", file=sys.stderr)
             return 1 if isinstance(exc, SolverError) else 2

@@ -2,9 +2,10 @@
 
     lfm-zonal: [  12.3 s] zones: K = 16 done
 
-The command line turns it on (:func:`reporting`, around ``run`` and ``clear``); a stage
-says it is done with :func:`stage`, which does nothing when no command turned progress on
-(the Python API and the tests of stages stay silent).
+The command line turns it on (:func:`reporting`, around ``run``, ``clear``, ``zones``,
+``powerflow`` and ``sensitivities``; not with ``--quiet``) and ends it with
+:func:`finished`; a stage says it is done with :func:`stage`, which does nothing when no
+command turned progress on (the Python API and the tests of stages stay silent).
 
 **A refused input is still one line.** Some inputs can be checked only once the grid is
 solved (the resources' buses, the zone counts against the energised buses, the reference
@@ -104,6 +105,13 @@ def inputs_accepted() -> None:
     reporter = _ACTIVE
     if reporter is not None:
         reporter.release()
+
+
+def finished() -> None:
+    """The last line of a command that succeeded: its total elapsed time."""
+    reporter = _ACTIVE
+    if reporter is not None:
+        reporter.line(f"finished in {reporter.elapsed_s():.1f} s")
 
 
 def elapsed_s() -> float | None:

@@ -85,30 +85,41 @@ def _small_scenario(folder: Path) -> Path:
     return path
 
 
-def test_a_run_prints_its_stages_with_elapsed_times_in_order(tmp_path, capsys):
-    code = main(["run", str(_small_scenario(tmp_path)), "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert code == 0, err
+def _assert_stages(err: str, expected: list[str]) -> None:
+    """The stage lines of ``err`` start with the ``expected`` texts, in order, with elapsed
+    times that never go back; the last says the total."""
     stages = [m.groups() for line in err.splitlines() if (m := STAGE_LINE.match(line))]
     messages = [text for _, text in stages]
-    expected = [
-        "base case: 4 MTUs on grid cigre_mv",
-        "resources:",
-        "zones: sensitivities and features at MTU",
-        "nodal market: cleared and checked in AC, cost",
-        "zones: K = 1 done",
-        "zonal market K = 1: cleared and checked in AC, cost",
-        "zones: K = 2 done",
-        "zonal market K = 2: cleared and checked in AC, cost",
-        f"results written to {tmp_path / 'out'}",
-        "finished in",
-    ]
     assert len(messages) == len(expected), err
     for text, start in zip(messages, expected, strict=True):
         assert text.startswith(start), (text, start)
     seconds = [float(s) for s, _ in stages]
     assert seconds == sorted(seconds) and seconds[0] > 0
     assert messages[-1] == f"finished in {seconds[-1]:.1f} s"
+
+
+def test_a_run_prints_its_stages_with_elapsed_times_in_order(tmp_path, capsys):
+    code = main(["run", str(_small_scenario(tmp_path)), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    _assert_stages(
+        err,
+        [
+            "base case: 4 MTUs on grid cigre_mv",
+            "resources:",
+            "zones: sensitivities and features at MTU",
+            "nodal market: cleared and checked in AC, cost",
+            "zones: K = 1 done",
+            "zonal market K = 1: cleared and checked in AC, cost",
+            "zones: K = 2 done",
+            "zonal market K = 2: cleared and checked in AC, cost",
+            "zones: K = 1 indices and map written",
+            "zones: K = 2 indices and map written",
+            "zones: error curve over",
+            f"results written to {tmp_path / 'out'}",
+            "finished in",
+        ],
+    )
     # --quiet: neither progress bars nor stage lines.
     main(["run", str(_small_scenario(tmp_path)), "--out", str(tmp_path / "q"), "--quiet"])
     assert not any(STAGE_LINE.match(line) for line in capsys.readouterr().err.splitlines())
@@ -124,6 +135,104 @@ def test_an_input_refused_after_the_base_case_is_still_one_line(tmp_path, capsys
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("lfm-zonal: error:") and "500" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_zones_powerflow_and_sensitivities_print_their_stages(tmp_path, capsys):
+    """With stderr redirected (as under pytest), each long command says what it has done and
+    when; --quiet silences it."""
+    scenario = str(_small_scenario(tmp_path))
+    zones = tmp_path / "zones"
+    code = main(["zones", "--scenario", scenario, "--out", str(zones)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert all(STAGE_LINE.match(line) for line in err.splitlines()), err  # nothing else
+    _assert_stages(
+        err,
+        [
+            "base case: 4 MTUs on grid cigre_mv (",
+            "zones: sensitivities and features at MTU",
+            "zones: K = 1 done",
+            "zones: K = 2 done",
+            "zones: K = 1 indices and map written",
+            "zones: K = 2 indices and map written",
+            "zones: error curve over",
+            f"results written to {zones}",
+            "finished in",
+        ],
+    )
+    assert (zones / "zones.csv").exists() and (zones / "error_curve.csv").exists()
+    table = tmp_path / "pf.csv"
+    code = main(["powerflow", "--scenario", scenario, "--out", str(table)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    _assert_stages(
+        err,
+        [
+            "base case: 4 MTUs on grid cigre_mv (",
+            f"violations per MTU written to {table}",
+            "finished in",
+        ],
+    )
+    assert len(pd.read_csv(table)) == 4
+    folder = tmp_path / "sens"
+    code = main(["sensitivities", "--scenario", scenario, "--mtu", "1", "--mtu", "3",
+                 "--out", str(folder)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    _assert_stages(
+        err,
+        [
+            "base case: 4 MTUs on grid cigre_mv (",
+            "sensitivities: MTU 1 (2016-01-14 17:15:00) computed by jacobian",
+            "sensitivities: MTU 1 written as csv",
+            "sensitivities: MTU 3 (2016-01-14 17:45:00) computed by jacobian",
+            "sensitivities: MTU 3 written as csv",
+            f"results written to {folder}",
+            "finished in",
+        ],
+    )
+    for argv in (
+        ["zones", "--scenario", scenario, "--out", str(tmp_path / "zq")],
+        ["powerflow", "--scenario", scenario],
+        ["sensitivities", "--scenario", scenario, "--out", str(tmp_path / "sq")],
+    ):
+        assert main([*argv, "--quiet"]) == 0
+        assert capsys.readouterr().err == "", argv
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        # refused once the base case is solved (its stage line held back, then dropped)
+        (["zones", "--k", "1", "--k", "500"], "'zones.k' = 500 is out of range"),
+        (["sensitivities", "--mtu", "2", "--mtu", "9"], "MTU 9 is outside the horizon"),
+        (["sensitivities", "--elements", "line:99"], "--elements line:99"),
+        (["zones", "--out", "taken"], "exists and is not empty"),  # --out, checked last
+        (["sensitivities", "--out", "taken"], "exists and is not empty"),
+        (["powerflow", "--out", "pf.csv"], "pf.csv exists (use --overwrite"),
+        # refused before any stage
+        (["zones", "--reference-mtu", "9"], "'zones.reference_mtu' must be below"),
+        (["powerflow", "--profiles", "short.csv"], "is outside the profile range"),
+    ],
+)
+def test_an_input_refused_by_zones_sensitivities_or_powerflow_is_one_line(
+    tmp_path, capsys, monkeypatch, argv, named
+):
+    """Refused after the base case was solved or before: the one error line on stderr,
+    exit code 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    Path("short.csv").write_text("time,load_0_p_mw\n2016-01-14 17:00,1\n")
+    Path("taken").mkdir()
+    Path("taken", "notes.txt").write_text("mine\n")
+    Path("pf.csv").write_text("mine\n")
+    scenario = str(_small_scenario(tmp_path))
+    out = [] if "--out" in argv else ["--out", "out"]
+    code = main([*argv, "--scenario", scenario, *out])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("lfm-zonal: error:") and named in err, err
+    assert not Path("out").exists() and Path("pf.csv").read_text() == "mine\n"
+    assert sorted(p.name for p in Path("taken").iterdir()) == ["notes.txt"]
 
 
 def test_held_stage_lines_go_out_after_the_hold_time(capsys):

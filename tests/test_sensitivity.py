@@ -142,3 +142,48 @@ def test_linearisation_is_reused_for_the_same_operating_point(cigre_pf):
     other = sens.LinearisationCache(dataclasses.replace(model))
     with pytest.raises(ValueError, match="another network model"):
         sens.sensitivity_arrays(model, cigre_pf.V[7], cache=other)
+
+
+def test_linearisation_cache_is_bounded_in_bytes(cigre_pf, monkeypatch):
+    """Beyond its byte budget the cache drops the least recently used linearisations (the
+    newest is kept even alone over budget); a dropped point asked for again is linearised
+    afresh and gives the numbers it gave before."""
+    from lfm_zonal.grid import sensitivity as sens
+
+    model = cigre_pf.model
+    points = [cigre_pf.V[t] for t in (0, 3, 6)]
+    sizes = [sens.LinearisationCache.entry_bytes(sens.linearisation(model, V)) for V in points]
+    lu = sens.linearisation(model, points[0]).lu
+    assert sizes[0] > lu.nnz * sens.SUPERLU_BYTES_PER_NONZERO  # the LU and the derivatives
+    linearised = []
+    original = sens._linearise
+
+    def counting(model, V):
+        linearised.append(V)
+        return original(model, V)
+
+    monkeypatch.setattr(sens, "_linearise", counting)
+
+    def ask(cache, i):
+        before = len(linearised)
+        arrays = sens.sensitivity_arrays(model, points[i], cache=cache)
+        return arrays, len(linearised) > before  # (sensitivities, linearised afresh)
+
+    budget = sum(sizes) - min(sizes)  # any two fit, never all three
+    cache = sens.LinearisationCache(model, budget_bytes=budget)
+    first = [ask(cache, i)[0] for i in range(3)]  # 2 pushes 0 out
+    assert len(cache) == 2 and cache.nbytes == sizes[1] + sizes[2] <= budget
+    assert ask(cache, 1)[1] is False and ask(cache, 2)[1] is False  # kept: no new work
+    again, fresh = ask(cache, 0)  # dropped: linearised again, pushing 1 (least recent) out
+    assert fresh and len(cache) == 2 and cache.nbytes == sizes[2] + sizes[0]
+    for name in ("loading_p", "loading_q", "vm_p", "vm_q"):
+        np.testing.assert_allclose(getattr(again, name), getattr(first[0], name), rtol=1e-12)
+    assert ask(cache, 2)[1] is False and ask(cache, 1)[1] is True
+    cache.clear()
+    assert len(cache) == 0 and cache.nbytes == 0
+    tiny = sens.LinearisationCache(model, budget_bytes=0)  # each entry alone is over budget
+    ask(tiny, 0)
+    ask(tiny, 1)
+    assert len(tiny) == 1 and tiny.nbytes == sizes[1] and ask(tiny, 1)[1] is False
+    with pytest.raises(ValueError, match="at least 0 bytes"):
+        sens.LinearisationCache(model, budget_bytes=-1)

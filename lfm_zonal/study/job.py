@@ -116,6 +116,8 @@ class ReferenceMtu:
 
 
 def prepare_base_case(scenario: Scenario, progress: bool = False) -> BaseCase:
+    """Grid, profiles and the AC power flow of every MTU of the horizon (``progress``: a
+    progress bar on a terminal); says so in a stage line."""
     g, h, p = scenario["grid"], scenario["horizon"], scenario["profiles"]
     source = g["source"]
     if source.lower().endswith(".json"):
@@ -135,7 +137,12 @@ def prepare_base_case(scenario: Scenario, progress: bool = False) -> BaseCase:
         load_scale=p["load_scale"],
         sgen_scale=p["sgen_scale"],
     )
-    return BaseCase(scenario, grid, profiles, run_horizon(grid, profiles, progress=progress))
+    pf = run_horizon(grid, profiles, progress=progress)
+    stage(
+        f"base case: {len(pf.times)} MTUs on grid {grid.name} ({len(pf.model.buses)} buses), "
+        f"{int((~pf.converged).sum())} not converged"
+    )
+    return BaseCase(scenario, grid, profiles, pf)
 
 
 def _require_memory_for_horizon(scenario: Scenario, grid) -> None:
@@ -216,6 +223,7 @@ def prepare_segmentation_of(
             f"{base.scenario.path}: 'zones.k' = {too_many[0]} is out of range: the grid "
             f"has {seg.n_buses} energised buses, so 1 <= K <= {seg.n_buses}"
         )
+    stage(f"zones: sensitivities and features at MTU {seg.reference_mtu}")
     return seg
 
 
@@ -247,17 +255,11 @@ class StudyResult:
 def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
     """Every market case of the scenario, from the grid to the AC check (no files written)."""
     base = prepare_base_case(scenario, progress=progress)
-    pf = base.powerflow
-    stage(
-        f"base case: {len(pf.times)} MTUs on grid {base.grid.name} ({len(pf.model.buses)} buses), "
-        f"{int((~pf.converged).sum())} not converged"
-    )
     resources = prepare_resources(base)
     stage(f"resources: {len(resources)}")
     # Every market linearises the same base points: each once, for the whole study.
     cache = LinearisationCache(base.powerflow.model)
     seg = prepare_segmentation_of(base, resources, cache)
-    stage(f"zones: sensitivities and features at MTU {seg.reference_mtu}")
     inputs_accepted()  # the last input checks (resources, zone counts) are behind us
     m = scenario["market"]
     markets = []

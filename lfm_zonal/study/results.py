@@ -218,6 +218,7 @@ def write_zones(seg: Segmentation, zone_sets: list[Zones], folder: Path, grid_na
             f"{grid_name}: K = {zones.k} zones ({zones.method}), error "
             f"loading {err['loading']:.2f} / voltage {err['vm']:.2f}",
         )
+        stage(f"zones: K = {zones.k} indices and map written")
     write_csv(pd.concat(rows, ignore_index=True), folder / "zones.csv", index=False)
     columns = ["k", "zone", "buses", "weight", "medoid", "loading_error", "vm_error"]
     write_csv(
@@ -229,6 +230,7 @@ def write_zones(seg: Segmentation, zone_sets: list[Zones], folder: Path, grid_na
     plot_error_curve(
         curve, folder / "error_curve.png", f"{grid_name}: segmentation error against K ({method})"
     )
+    stage(f"zones: error curve over {len(curve)} zone counts written")
 
 
 def _label(m: MarketResult) -> str:
@@ -352,9 +354,6 @@ def run_scenario(
     with result_folder(out, overwrite=overwrite) as folder:
         write_results(study, folder)
     stage(f"results written to {out}")
-    elapsed = progress_elapsed_s()
-    if elapsed is None:
+    if progress_elapsed_s() is None:  # the command line says it in its last stage line
         log.info("finished in %.1f s", time.perf_counter() - started)
-    else:
-        stage(f"finished in {elapsed:.1f} s")
     return Path(out)
