@@ -189,3 +189,45 @@ def test_lp_blocks_give_the_joint_optimum(monkeypatch, storage_mtus):
     )
     np.testing.assert_allclose(apart.slack_mw, joint.slack_mw, atol=1e-7)
     assert joint.accepted_mw.sum() > 0
+
+
+@pytest.mark.parametrize("k", [1, 3, 12])
+def test_area_injections_as_columns_or_substituted_give_one_optimum(monkeypatch, k):
+    """The area injections as columns with balance rows (a zonal market's many steps per
+    area) or written out over the steps (the nodal market's few): the same LP, the same
+    optimum, the same area prices (the balance rows' duals or the grid rows' duals summed
+    over the area's coefficients), and the whole sequential market at the same cost."""
+    import lfm_zonal.market.formulation as formulation
+
+    pf, res, seg = market_case("cigre_mv", 1.25, 0.2)
+    zones = seg.zones(k)
+    grid = linear_grid(
+        pf, zones.aggregation(seg.weights), seg.sensitivity_method, mtus_to_clear(pf)
+    )
+    steps = build_bids(res, zones, pf.times, 4).steps
+    steps = steps[steps.mtu.isin(grid.mtus)].reset_index(drop=True)
+    assert (steps.tan_phi != 0).any()
+    bounds = (np.full((len(grid.mtus), k), -0.3), np.full((len(grid.mtus), k), 0.3))
+    out = {}
+    for form, ratio in (("columns", 0), ("substituted", 10**9)):
+        monkeypatch.setattr(formulation, "AREA_COLUMNS_STEPS_PER_PAIR", ratio)
+        out[form] = (
+            solve_clearing(grid, steps, res.table),
+            solve_clearing(grid, steps, res.table, p_bounds=bounds),
+            clear_on(seg, res, "zonal", k).kpis,
+        )
+    for free, trust in [
+        (out["columns"][0], out["substituted"][0]),
+        (out["columns"][1], out["substituted"][1]),
+    ]:
+        assert free.status is trust.status is SolveStatus.OPTIMAL
+        assert free.objective_eur == pytest.approx(trust.objective_eur, rel=1e-7)
+        np.testing.assert_allclose(free.slack_mw, trust.slack_mw, atol=1e-7)
+        np.testing.assert_allclose(free.marginal_price, trust.marginal_price, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(
+            free.marginal_price_q, trust.marginal_price_q, rtol=1e-5, atol=1e-4
+        )
+    assert out["columns"][1].objective_eur > out["columns"][0].objective_eur  # the bounds bind
+    assert out["columns"][2]["cost_eur"] == pytest.approx(
+        out["substituted"][2]["cost_eur"], rel=1e-6
+    )

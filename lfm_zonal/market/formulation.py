@@ -49,6 +49,10 @@ from lfm_zonal.errors import LfmError
 from lfm_zonal.grid.linear import LinearGrid, RowScales
 
 INF = highspy.kHighsInf
+#: Selected bid steps per (MTU, area) pair from which the area injections are columns of
+#: their own (``wants_area_columns``). A grid row then has K coefficients instead of one per
+#: step: zonal K = 64 on SimBench 1-MVLV-rural-all-0-sw has about 160 steps per pair.
+AREA_COLUMNS_STEPS_PER_PAIR = 4
 
 
 class LpBuilder:
@@ -299,8 +303,30 @@ class ClearingLp:
     builder: LpBuilder
     x_col: np.ndarray  # per bid (-1: step not in this LP)
     storage_rows: np.ndarray
-    trust_rows: np.ndarray  # per (MTU, area) pair with a bid (-1: unbounded)
+    trust_rows: np.ndarray  # per (MTU, area) pair with a bid (-1: unbounded or area columns)
+    areas: AreaColumns | None  # the area injections as columns (None: substituted)
     grid: GridRows
+
+
+@dataclass(frozen=True)
+class AreaColumns:
+    """The area injections as columns of their own, one per (MTU, area) pair with a bid
+    (``bids.pair_key``), each tied to its steps by a balance row: p_at - sum sigma_b x_b = 0
+    (and q_at with tan_phi, where a step has one)."""
+
+    p_col: np.ndarray
+    p_row: np.ndarray
+    q_col: np.ndarray | None
+    q_row: np.ndarray | None
+
+
+def wants_area_columns(bids: MarketBids, selected: np.ndarray) -> bool:
+    """Whether the area injections should be columns of their own: where the selected steps
+    are at least AREA_COLUMNS_STEPS_PER_PAIR per (MTU, area) pair, a grid row is sparser on
+    the areas than on the steps (a zonal market); one step or two per pair (the nodal
+    market): substituted, without the balance rows."""
+    pairs = len(np.unique(bids.pair_of_bid[selected]))
+    return int(selected.sum()) >= AREA_COLUMNS_STEPS_PER_PAIR * max(pairs, 1)
 
 
 def define_bid_variables(lp: LpBuilder, bids: MarketBids, selected: np.ndarray) -> np.ndarray:
@@ -309,6 +335,40 @@ def define_bid_variables(lp: LpBuilder, bids: MarketBids, selected: np.ndarray) 
     x_col = np.full(len(bids), -1, np.int64)
     x_col[selected] = lp.columns(np.zeros(int(selected.sum())), 0.0, bids.quantity[selected])
     return x_col
+
+
+def define_area_columns(
+    lp: LpBuilder,
+    bids: MarketBids,
+    x_col: np.ndarray,
+    p_bounds: tuple[np.ndarray, np.ndarray] | None,
+) -> AreaColumns:
+    """p_at (within the trust region ``p_bounds``, T x K, as its bounds) and q_at (where a
+    step has a tan_phi), each with its balance row, for every (MTU, area) pair with a bid."""
+    n = len(bids.pair_key)
+    selected = x_col >= 0
+
+    def balance(coef: np.ndarray, lower, upper) -> tuple[np.ndarray, np.ndarray]:
+        col = lp.columns(np.zeros(n), lower, upper)
+        row = lp.rows(np.zeros(n), 0.0)
+        lp.coefficients(row, col, np.ones(n))
+        lp.coefficients(row[bids.pair_of_bid[selected]], x_col[selected], -coef[selected])
+        return col, row
+
+    lower, upper = _pair_bounds(bids, p_bounds)
+    p_col, p_row = balance(bids.sign, lower, upper)
+    if not np.any(bids.tan_phi[selected] != 0):
+        return AreaColumns(p_col, p_row, None, None)
+    q_col, q_row = balance(bids.sign * bids.tan_phi, -INF, INF)
+    return AreaColumns(p_col, p_row, q_col, q_row)
+
+
+def _pair_bounds(bids: MarketBids, p_bounds) -> tuple[np.ndarray, np.ndarray]:
+    """The trust region's bounds of every (MTU, area) pair with a bid (+-inf: none)."""
+    if p_bounds is None:
+        n = len(bids.pair_key)
+        return np.full(n, -INF), np.full(n, INF)
+    return tuple(np.asarray(b, float)[bids.pair_t, bids.pair_area] for b in p_bounds)
 
 
 def define_trust_region(
@@ -322,7 +382,7 @@ def define_trust_region(
     trust = np.full(len(bids.pair_key), -1, np.int64)
     if p_bounds is None:
         return trust
-    lower, upper = (np.asarray(b, float)[bids.pair_t, bids.pair_area] for b in p_bounds)
+    lower, upper = _pair_bounds(bids, p_bounds)
     bounded = np.isfinite(lower) | np.isfinite(upper)
     trust[bounded] = lp.rows(lower[bounded], upper[bounded])
     selected = x_col >= 0
@@ -358,13 +418,14 @@ def define_grid_rows(
     x_col: np.ndarray,
     rows: np.ndarray,
     penalty_eur_per_mwh: float,
+    areas: AreaColumns | None,
 ) -> GridRows:
     """Grid rows (t, r) of the violation layout, each with its penalised slack column.
 
     Row (t, r) (loading, then upper, then lower voltage limits) reads
-    ``sum_a cp_a p_ta + cq_a q_ta - sense s <= or >= rhs`` with the area injections written
-    out over the MTU's selected bid steps, every coefficient divided by the row's scale g so
-    that its slack s is MW-equivalent."""
+    ``sum_a cp_a p_ta + cq_a q_ta - sense s <= or >= rhs`` on the area columns, or (``areas``
+    None) with the area injections written out over the MTU's selected bid steps, every
+    coefficient divided by the row's scale g so that its slack s is MW-equivalent."""
     n = len(rows)
     if n == 0:
         return GridRows.none(grid.k)
@@ -384,6 +445,17 @@ def define_grid_rows(
     slack = lp.columns(np.full(n, penalty_eur_per_mwh * grid.dt_h), 0.0, INF)
     row = lp.rows(np.where(sense > 0, -INF, rhs), np.where(sense > 0, rhs, INF))
     lp.coefficients(row, slack, -sense)
+    if areas is not None:  # each row on the area columns of its MTU: cp_a, cq_a
+        pair = np.flatnonzero(np.isin(bids.pair_t, t))
+        pt, pa = bids.pair_t[pair], bids.pair_area[pair]
+        for tt in np.unique(t):
+            i, j = np.flatnonzero(t == tt), pair[pt == tt]
+            a = pa[pt == tt]
+            for col, c in ((areas.p_col, cp), (areas.q_col, cq)):
+                if col is not None:
+                    ii, jj = np.nonzero(c[np.ix_(i, a)])
+                    lp.coefficients(row[i[ii]], col[j[jj]], c[i[ii], a[jj]])
+        return GridRows(rows, row, slack, cp, cq)
     # Each row on the selected steps of its MTU: sigma_b (cp_a + tan_phi_b cq_a).
     selected = np.flatnonzero(x_col >= 0)
     by_mtu = selected[np.argsort(bids.t_of_bid[selected], kind="stable")]
@@ -414,7 +486,11 @@ def build_clearing_lp(
     lp = LpBuilder()
     x_col = define_bid_variables(lp, bids, selected)
     storage = define_storage(lp, bids, x_col)
-    trust = define_trust_region(lp, bids, x_col, p_bounds)
+    if wants_area_columns(bids, selected):
+        areas = define_area_columns(lp, bids, x_col, p_bounds)
+        trust = np.full(len(bids.pair_key), -1, np.int64)
+    else:
+        areas, trust = None, define_trust_region(lp, bids, x_col, p_bounds)
     define_objective(lp, bids, x_col)
-    rows = define_grid_rows(lp, grid, scales, bids, x_col, grid_rows, penalty_eur_per_mwh)
-    return ClearingLp(lp, x_col, storage, trust, rows)
+    rows = define_grid_rows(lp, grid, scales, bids, x_col, grid_rows, penalty_eur_per_mwh, areas)
+    return ClearingLp(lp, x_col, storage, trust, areas, rows)

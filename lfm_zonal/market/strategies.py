@@ -146,7 +146,14 @@ class ClearingModel:
         """Add generated grid rows, each with its penalised slack column."""
         lp = LpBuilder(self.highs.getNumCol(), self.highs.getNumRow())
         added = define_grid_rows(
-            lp, self.grid, self.scales, self.bids, self.lp.x_col, _pairs(rows), self.penalty
+            lp,
+            self.grid,
+            self.scales,
+            self.bids,
+            self.lp.x_col,
+            _pairs(rows),
+            self.penalty,
+            self.lp.areas,
         )
         lp.append_to(self.highs)
         self.grid_rows += added
@@ -200,8 +207,9 @@ class ClearingModel:
         return self._solution(x, p, q)
 
     def _set_basis(self, basis: MarketBasis) -> None:
-        """Start from a market basis: grid and trust-region rows basic, slacks at zero (HiGHS
-        makes the rest of it valid, as an alien basis)."""
+        """Start from a market basis: grid and trust-region rows basic, area columns basic
+        and their balances tight, slacks at zero (HiGHS makes the rest of it valid, as an
+        alien basis)."""
         n_col, n_row = self.highs.getNumCol(), self.highs.getNumRow()
         col = np.full(n_col, int(highspy.HighsBasisStatus.kLower))
         x_col = self.lp.x_col
@@ -209,6 +217,12 @@ class ClearingModel:
         col[x_col[kept]] = basis.bid_status[kept]
         row = np.full(n_row, int(highspy.HighsBasisStatus.kBasic))
         row[self.lp.storage_rows] = basis.row_status
+        areas = self.lp.areas
+        if areas is not None:  # the area columns basic in place of their balance rows
+            for c, r in ((areas.p_col, areas.p_row), (areas.q_col, areas.q_row)):
+                if c is not None:
+                    col[c] = int(highspy.HighsBasisStatus.kBasic)
+                    row[r] = int(highspy.HighsBasisStatus.kLower)
         start = highspy.HighsBasis()
         start.col_status = [highspy.HighsBasisStatus(v) for v in col.tolist()]
         start.row_status = [highspy.HighsBasisStatus(v) for v in row.tolist()]
@@ -247,15 +261,21 @@ class ClearingModel:
         without a bid in the MTU)."""
         T, K, b = len(self.grid.mtus), self.grid.k, self.bids
         duals = np.asarray(self.highs.getSolution().row_dual)
-        rows = self.grid_rows
-        y = duals[rows.row]
         price_p, price_q = np.zeros((T, K)), np.zeros((T, K))
-        for tt in np.unique(rows.rows[:, 0]):
-            i = rows.rows[:, 0] == tt
-            price_p[tt], price_q[tt] = y[i] @ rows.cp[i], y[i] @ rows.cq[i]
-        trust = self.lp.trust_rows
-        bounded = trust >= 0
-        price_p[b.pair_t[bounded], b.pair_area[bounded]] += duals[trust[bounded]]
+        areas = self.lp.areas
+        if areas is not None:  # the balance rows' duals (p_at - sum sigma x = 0)
+            price_p[b.pair_t, b.pair_area] = -duals[areas.p_row]
+            if areas.q_row is not None:
+                price_q[b.pair_t, b.pair_area] = -duals[areas.q_row]
+        else:
+            rows = self.grid_rows
+            y = duals[rows.row]
+            for tt in np.unique(rows.rows[:, 0]):
+                i = rows.rows[:, 0] == tt
+                price_p[tt], price_q[tt] = y[i] @ rows.cp[i], y[i] @ rows.cq[i]
+            trust = self.lp.trust_rows
+            bounded = trust >= 0
+            price_p[b.pair_t[bounded], b.pair_area[bounded]] += duals[trust[bounded]]
         nan = np.full((T, K), np.nan)
         nan[b.pair_t, b.pair_area] = 0.0
         return (price_p + nan) / self.grid.dt_h, (price_q + nan) / self.grid.dt_h
