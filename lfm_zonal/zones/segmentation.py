@@ -538,8 +538,28 @@ class Segmentation:
             f"{', '.join(SEGMENTATION_METHODS)}"
         )
 
+    @cached_property
+    def _reference_indices(self) -> dict:
+        """The zonal indices at the reference MTU computed so far, by partition: a study asks
+        for each K's several times (the zonal and the needs-based market's error KPI, the
+        files), and on a big grid each is a pass over every bus's sensitivity column."""
+        return {}
+
     def indices(self, zones: Zones, mtu: int | None = None) -> ZonalIndices:
         """Zonal indices of ``zones`` at ``mtu`` (default: the reference MTU)."""
+        at_reference = mtu is None or mtu == self.reference_mtu
+        if at_reference:
+            key = (
+                zones.k,
+                zones.zone_of_bus.index.to_numpy().tobytes(),
+                zones.zone_of_bus.to_numpy().tobytes(),
+            )
+            if key not in self._reference_indices:
+                self._reference_indices[key] = self._indices(zones, None)
+            return self._reference_indices[key]
+        return self._indices(zones, mtu)
+
+    def _indices(self, zones: Zones, mtu: int | None) -> ZonalIndices:
         at_reference = mtu is None or mtu == self.reference_mtu
         branches = self.pf.model.branches
         if not self.streamed:
@@ -584,7 +604,7 @@ class Segmentation:
         else:
             if ks is None:
                 ks = range(self.n_parts, n + 1) if not self.streamed else curve_ks(self.n_parts, n)
-            curve = {k: overall_error(self.indices(self.zones(k, method)).error) for k in ks}
+            curve = {k: overall_error(self._indices(self.zones(k, method), None).error) for k in ks}
         return pd.DataFrame(
             [
                 {
