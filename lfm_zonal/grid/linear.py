@@ -35,14 +35,12 @@ screened rows as dense adjoint rows (1,007 rows) solved in 11 s on a loaded mach
 from __future__ import annotations
 
 import copy
-import functools
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from threadpoolctl import ThreadpoolController
 
 from lfm_zonal.errors import InputError
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
@@ -50,6 +48,7 @@ from lfm_zonal.grid.sensitivity import (
     JacobianLinearisation,
     LinearisationCache,
     linearisation,
+    one_blas_thread,
     sensitivity_arrays,
 )
 from lfm_zonal.grid.violations import (
@@ -67,20 +66,6 @@ DENSE_ROWS_MAX_BYTES = 256 * 2**20
 #: Rows whose coefficients one transposed solve computes at a time (bounds its memory:
 #: states x rows).
 ADJOINT_CHUNK_ROWS = 256
-
-
-@functools.cache
-def _threadpools() -> ThreadpoolController:
-    return ThreadpoolController()
-
-
-def one_blas_thread():
-    """A context with one BLAS thread: the solves are small (a few hundred states), and
-    OpenBLAS's threads, spinning for a core on a busy 2-core machine, made them 400x
-    slower (0.2 s instead of 0.5 ms per MTU on SimBench MV, measured with other processes
-    running). The thread pools are looked up once (``threadpool_limits`` reads them on every
-    call: 4 ms, 15 s of a nodal market on SimBench MV+LV)."""
-    return _threadpools().limit(limits=1, user_api="blas")
 
 
 class GridRows(Protocol):

@@ -27,6 +27,7 @@ Methods:
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -36,10 +37,36 @@ import pandas as pd
 import scipy.sparse as sp
 from pandapower.pypower.makePTDF import makePTDF
 from scipy.sparse.linalg import SuperLU, splu
+from threadpoolctl import ThreadpoolController
 
 from lfm_zonal.config import SENSITIVITY_METHODS
 from lfm_zonal.errors import GridError, InputError
 from lfm_zonal.grid.powerflow import HorizonPowerFlow, NetworkModel
+
+
+@functools.cache
+def _threadpools() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def one_blas_thread():
+    """A context with one BLAS thread: the solves are small (a few hundred states), and
+    OpenBLAS's threads, spinning for a core on a busy 2-core machine, made them 400x
+    slower (0.2 s instead of 0.5 ms per MTU on SimBench MV, measured with other processes
+    running). The thread pools are looked up once (``threadpool_limits`` reads them on every
+    call: 4 ms, 15 s of a nodal market on SimBench MV+LV)."""
+    return _threadpools().limit(limits=1, user_api="blas")
+
+
+def in_one_blas_thread(function):
+    """``function`` run with one BLAS thread (``one_blas_thread``)."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        with one_blas_thread():
+            return function(*args, **kwargs)
+
+    return run
 
 
 @dataclass(frozen=True)

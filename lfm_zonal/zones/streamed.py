@@ -32,7 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from lfm_zonal.grid.sensitivity import JacobianLinearisation, SensitivityArrays
+from lfm_zonal.grid.sensitivity import (
+    JacobianLinearisation,
+    SensitivityArrays,
+    in_one_blas_thread,
+)
 
 #: Energised buses above which segmentation streams the sensitivities (and the features are
 #: a randomized sketch); at or below it the dense exact path is used.
@@ -113,6 +117,7 @@ class SensitivityColumns:
             yield start, positions, L, V
 
 
+@in_one_blas_thread
 def row_maxima(cols: SensitivityColumns) -> tuple[np.ndarray, np.ndarray]:
     """Largest |entry| of every row of L and V (one pass over the columns)."""
     max_l, max_v = np.zeros(cols.n_branches), np.zeros(cols.n_buses)
@@ -122,6 +127,7 @@ def row_maxima(cols: SensitivityColumns) -> tuple[np.ndarray, np.ndarray]:
     return max_l, max_v
 
 
+@in_one_blas_thread
 def sketch_features(
     cols: SensitivityColumns,
     rank: int = SKETCH_RANK,
@@ -185,6 +191,7 @@ def zone_terms(
     return share, (count.astype(float) if by_count else total)
 
 
+@in_one_blas_thread
 def streamed_error_terms(
     cols: SensitivityColumns,
     zone: np.ndarray,
@@ -235,6 +242,7 @@ def curve_ks(n_parts: int, n: int, points: int = CURVE_POINTS) -> list[int]:
     return sorted({int(k) for k in ks} | {n_parts, n})
 
 
+@in_one_blas_thread
 def streamed_curve(
     cols: SensitivityColumns,
     order: np.ndarray,
