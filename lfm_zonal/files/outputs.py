@@ -485,7 +485,37 @@ def result_file(
 
 
 def write_csv(frame: pd.DataFrame | pd.Series, path: Path, index: bool = True) -> None:
-    frame.to_csv(path, index=index, float_format=FLOAT_FORMAT, lineterminator="\n")
+    as_text(frame).to_csv(path, index=index, float_format=FLOAT_FORMAT, lineterminator="\n")
+
+
+def as_text(frame: pd.DataFrame | pd.Series) -> pd.DataFrame | pd.Series:
+    """``frame`` with its float and datetime columns already as the text ``to_csv`` writes
+    for them (``FLOAT_FORMAT``, empty for NaN; pandas' own datetime text): the same bytes,
+    about 3x faster on long tables (pandas formats a float column value by value through
+    several Python calls, and every timestamp of a column that repeats a few MTU times).
+    Other columns, the index and the header are left to pandas."""
+    if not isinstance(frame, pd.DataFrame) or len(frame) < 1000:
+        return frame
+    out = None
+    for i, dtype in enumerate(frame.dtypes):
+        if not isinstance(dtype, np.dtype) or dtype.kind not in "fM":
+            continue
+        values = frame.iloc[:, i].to_numpy()
+        if dtype.kind == "f":
+            text = np.array([FLOAT_FORMAT % v for v in values.tolist()], dtype=object)
+            text[np.isnan(values)] = ""
+        else:
+            if np.isnat(values).any():
+                continue
+            unique, position = np.unique(values, return_inverse=True)
+            # pandas picks the format from the set of values (date only if all at midnight):
+            # the same set, the same format
+            formatted = pd.DataFrame({"t": unique}).to_csv(index=False, header=False)
+            text = np.array(formatted.splitlines(), dtype=object)[position.ravel()]
+        if out is None:
+            out = frame.copy(deep=False)
+        out.isetitem(i, text)
+    return frame if out is None else out
 
 
 #: A results table of more rows than this is written gzip-compressed, ``NAME.csv.gz`` (the
@@ -503,7 +533,7 @@ def write_table(frame: pd.DataFrame, path: Path, index: bool = False) -> Path:
         write_csv(frame, path, index=index)
         return path
     path = path.with_name(path.name + ".gz")
-    frame.to_csv(
+    as_text(frame).to_csv(
         path, index=index, float_format=FLOAT_FORMAT, lineterminator="\n", compression=GZIP
     )
     return path

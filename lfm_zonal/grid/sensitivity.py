@@ -28,7 +28,7 @@ Methods:
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import numpy as np
@@ -165,13 +165,21 @@ class JacobianLinearisation:
     E_p: sp.csr_matrix  # states x buses: the P mismatch row of each pandapower bus
     E_q: sp.csr_matrix  # the Q mismatch row (also the bus's Vm state; PQ buses only)
     base_mva: float
+    # [E_p W, E_q W] by pattern W, shared by the linearisations of one model (E_p and E_q
+    # depend on the bus types only) that a LinearisationCache holds; None: made each time.
+    pattern_rhs: PatternRhs | None = field(default=None, repr=False, compare=False)
 
     def sensitivities(self, patterns: sp.spmatrix | None) -> SensitivityArrays:
-        E_p, E_q = self.E_p, self.E_q
-        if patterns is not None:
-            E_p, E_q = E_p @ patterns, E_q @ patterns
-        m = E_p.shape[1]
-        dx = self.lu.solve(sp.hstack([E_p, E_q]).toarray()) / self.base_mva
+        rhs = None if self.pattern_rhs is None else self.pattern_rhs.get(patterns)
+        if rhs is None:
+            E_p, E_q = self.E_p, self.E_q
+            if patterns is not None:
+                E_p, E_q = E_p @ patterns, E_q @ patterns
+            rhs = sp.hstack([E_p, E_q]).toarray()
+            if self.pattern_rhs is not None:
+                self.pattern_rhs.put(patterns, rhs)
+        m = rhs.shape[1] // 2
+        dx = self.lu.solve(rhs) / self.base_mva
         dloading = self.dloading_dx @ dx  # loading_percent per MW (Mvar)
         dvm = self.E_q.T @ dx
         return SensitivityArrays(
@@ -209,6 +217,35 @@ class JacobianLinearisation:
         return dp[0], dq[0]
 
 
+class PatternRhs:
+    """The right-hand sides [E_p W, E_q W] (dense, read-only) of the sensitivities of one
+    network model for the last few injection patterns W, by the pattern object itself.
+
+    A market linearises every MTU with the same W (``grid.linear.linear_grid``): the
+    product and its dense copy, half the time of a zonal MTU's sensitivities, are then made
+    once per call instead of once per MTU. The entry holds W, so its id is not reused while
+    it is kept; W is not to be changed in place after use (no caller does).
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._by_id: OrderedDict[int, tuple[object, np.ndarray]] = OrderedDict()
+
+    def get(self, patterns) -> np.ndarray | None:
+        hit = self._by_id.get(id(patterns))
+        if hit is None or hit[0] is not patterns:
+            return None
+        self._by_id.move_to_end(id(patterns))
+        return hit[1]
+
+    def put(self, patterns, rhs: np.ndarray) -> None:
+        rhs.flags.writeable = False  # shared by every MTU's solve (SuperLU copies it)
+        self._by_id[id(patterns)] = (patterns, rhs)
+        self._by_id.move_to_end(id(patterns))
+        if len(self._by_id) > self.size:
+            self._by_id.popitem(last=False)
+
+
 class LinearisationCache:
     """Jacobian linearisations of one network model by operating point, the least recently
     used dropped beyond ``size`` entries or beyond ``budget_bytes`` of them (estimated by
@@ -239,6 +276,7 @@ class LinearisationCache:
         # point -> (linearisation, its estimated bytes), least recently used first
         self._by_point: OrderedDict[bytes, tuple[JacobianLinearisation, int]] = OrderedDict()
         self._bytes = 0  # sum of the kept entries' estimated bytes
+        self._pattern_rhs = PatternRhs()
 
     def __len__(self) -> int:
         return len(self._by_point)
@@ -251,6 +289,7 @@ class LinearisationCache:
     def clear(self) -> None:
         self._by_point.clear()
         self._bytes = 0
+        self._pattern_rhs = PatternRhs()
 
     @staticmethod
     def entry_bytes(lin: JacobianLinearisation) -> int:
@@ -269,7 +308,7 @@ class LinearisationCache:
         if key in cached:
             cached.move_to_end(key)
             return cached[key][0]
-        lin = _linearise(self.model, V)
+        lin = replace(_linearise(self.model, V), pattern_rhs=self._pattern_rhs)
         nbytes = self.entry_bytes(lin)
         cached[key] = (lin, nbytes)
         self._bytes += nbytes
