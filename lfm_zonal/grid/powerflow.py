@@ -398,7 +398,9 @@ class JacobianBuilder:
         self.take_imag = np.concatenate(imag)
 
     def __call__(self, V: np.ndarray) -> sp.csc_matrix:
-        return sp.csc_matrix((self.values(V), self.indices, self.indptr), shape=(self.n_x, self.n_x))
+        return sp.csc_matrix(
+            (self.values(V), self.indices, self.indptr), shape=(self.n_x, self.n_x)
+        )
 
     def values(self, V: np.ndarray, i_bus: np.ndarray | None = None) -> np.ndarray:
         """The Jacobian's nonzeros at ``V`` in CSC order (``i_bus``: Ybus V if known)."""
@@ -426,7 +428,13 @@ class JacobianBuilder:
         if _gssv is None:  # pragma: no cover - a SciPy without the private entry point
             return spsolve(sp.csc_matrix((data, self.indices, self.indptr), (self.n_x,) * 2), rhs)
         x, info = _gssv(
-            self.n_x, self.nnz, data, self.indices, self.indptr, np.asarray(rhs, float), 1,
+            self.n_x,
+            self.nnz,
+            data,
+            self.indices,
+            self.indptr,
+            np.asarray(rhs, float),
+            1,
             options={"ColPerm": None},
         )
         if info != 0:

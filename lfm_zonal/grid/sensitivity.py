@@ -331,6 +331,47 @@ def linearisation(
 
 
 def _linearise(model: NetworkModel, V: np.ndarray) -> JacobianLinearisation:
+    va_state, vm_state, E_p, E_q, admittance = _model_constants(model)
+    # d loading / d[Va, Vm] of the end that sets each branch's loading: entry by entry of
+    # that end's admittance row, d I = Y_bc (j V_c dVa_c + V_c / |V_c| dVm_c), projected on
+    # the current's direction and scaled to loading_percent (one sparse build, no products).
+    from_end, current, _, factor = _active_end(model, V)
+    magnitude = np.abs(current)
+    unit = np.divide(np.conj(current), magnitude, out=np.zeros_like(current), where=magnitude > 0)
+    rows, cols, y = [], [], []
+    for (coo_row, coo_col, coo_data), end in zip(admittance, (from_end, ~from_end), strict=True):
+        keep = end[coo_row]
+        rows.append(coo_row[keep])
+        cols.append(coo_col[keep])
+        y.append(coo_data[keep])
+    row, col, y = np.concatenate(rows), np.concatenate(cols), np.concatenate(y)
+    scale = y * (unit * factor)[row]
+    va, vm = va_state[col], vm_state[col]
+    on_va, on_vm = va >= 0, vm >= 0
+    dloading_dx = sp.csr_matrix(
+        (
+            np.r_[(scale * 1j * V[col])[on_va].real, (scale * V[col] / np.abs(V[col]))[on_vm].real],
+            (np.r_[row[on_va], row[on_vm]], np.r_[va[on_va], vm[on_vm]]),
+        ),
+        shape=(len(model.branch_rows), E_p.shape[0]),
+    )
+    return JacobianLinearisation(
+        lu=splu(model.jacobian(V)),
+        dloading_dx=dloading_dx,
+        E_p=E_p,
+        E_q=E_q,
+        base_mva=model.base_mva,
+    )
+
+
+def _model_constants(model: NetworkModel):
+    """What every linearisation of ``model`` shares, made on its first (kept on the model):
+    the state index of each internal bus's angle and magnitude (-1: none), the selectors
+    E_p and E_q (states x pandapower buses) and the monitored branch-end admittance rows
+    as COO arrays. Read-only for every linearisation."""
+    found = model.__dict__.get("_linearisation_constants")
+    if found is not None:
+        return found
     pv, pq = model.pv, model.pq
     n_pvpq, n_x = len(pv) + len(pq), len(pv) + 2 * len(pq)
     # State index of each internal bus's angle (pv, pq) and magnitude (pq); -1: none.
@@ -346,37 +387,21 @@ def _linearise(model: NetworkModel, V: np.ndarray) -> JacobianLinearisation:
             (np.ones(len(buses)), (rows[buses], buses)), shape=(n_x, len(internal))
         )
 
-    # d loading / d[Va, Vm] of the end that sets each branch's loading: entry by entry of
-    # that end's admittance row, d I = Y_bc (j V_c dVa_c + V_c / |V_c| dVm_c), projected on
-    # the current's direction and scaled to loading_percent (one sparse build, no products).
-    from_end, current, _, factor = _active_end(model, V)
-    magnitude = np.abs(current)
-    unit = np.divide(np.conj(current), magnitude, out=np.zeros_like(current), where=magnitude > 0)
-    rows, cols, y = [], [], []
-    for Y, end in zip(model.monitored_admittance, (from_end, ~from_end), strict=True):
+    admittance = []
+    for Y in model.monitored_admittance:
         coo = Y.tocoo()
-        keep = end[coo.row]
-        rows.append(coo.row[keep])
-        cols.append(coo.col[keep])
-        y.append(coo.data[keep])
-    row, col, y = np.concatenate(rows), np.concatenate(cols), np.concatenate(y)
-    scale = y * (unit * factor)[row]
-    va, vm = va_state[col], vm_state[col]
-    on_va, on_vm = va >= 0, vm >= 0
-    dloading_dx = sp.csr_matrix(
-        (
-            np.r_[(scale * 1j * V[col])[on_va].real, (scale * V[col] / np.abs(V[col]))[on_vm].real],
-            (np.r_[row[on_va], row[on_vm]], np.r_[va[on_va], vm[on_vm]]),
-        ),
-        shape=(len(model.branch_rows), n_x),
+        admittance.append((coo.row, coo.col, coo.data))
+    for array in (va_state, vm_state, *(a for triple in admittance for a in triple)):
+        array.flags.writeable = False
+    found = (
+        va_state,
+        vm_state,
+        selector(va_state[internal]),
+        selector(vm_state[internal]),
+        tuple(admittance),
     )
-    return JacobianLinearisation(
-        lu=splu(model.jacobian(V)),
-        dloading_dx=dloading_dx,
-        E_p=selector(va_state[internal]),
-        E_q=selector(vm_state[internal]),
-        base_mva=model.base_mva,
-    )
+    object.__setattr__(model, "_linearisation_constants", found)  # a frozen dataclass
+    return found
 
 
 def _flow_based(
