@@ -176,7 +176,7 @@ class JacobianLinearisation:
             if patterns is not None:
                 E_p, E_q = E_p @ patterns, E_q @ patterns
             rhs = sp.hstack([E_p, E_q]).toarray()
-            if self.pattern_rhs is not None:
+            if self.pattern_rhs is not None and patterns is not None:
                 self.pattern_rhs.put(patterns, rhs)
         m = rhs.shape[1] // 2
         dx = self.lu.solve(rhs) / self.base_mva
@@ -217,6 +217,10 @@ class JacobianLinearisation:
         return dp[0], dq[0]
 
 
+#: Largest right-hand side a PatternRhs keeps (bytes; it keeps up to ``size`` of them).
+PATTERN_RHS_MAX_BYTES = 4 * 2**20
+
+
 class PatternRhs:
     """The right-hand sides [E_p W, E_q W] (dense, read-only) of the sensitivities of one
     network model for the last few injection patterns W, by the pattern object itself.
@@ -239,6 +243,8 @@ class PatternRhs:
         return hit[1]
 
     def put(self, patterns, rhs: np.ndarray) -> None:
+        if rhs.nbytes > PATTERN_RHS_MAX_BYTES:  # a few zones' columns are kept, not every bus's
+            return
         rhs.flags.writeable = False  # shared by every MTU's solve (SuperLU copies it)
         self._by_id[id(patterns)] = (patterns, rhs)
         self._by_id.move_to_end(id(patterns))
