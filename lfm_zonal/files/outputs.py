@@ -485,7 +485,42 @@ def result_file(
 
 
 def write_csv(frame: pd.DataFrame | pd.Series, path: Path, index: bool = True) -> None:
-    frame.to_csv(path, index=index, float_format=FLOAT_FORMAT, lineterminator="\n")
+    options = {"index": index, "float_format": FLOAT_FORMAT, "lineterminator": "\n"}
+    if not isinstance(frame, pd.DataFrame) or len(frame) < TEXT_FLOATS_FROM_ROWS:
+        frame.to_csv(path, **options)
+        return
+    # pandas' own chunks of rows, each with its float columns as text first (as_text): the
+    # same bytes (pandas decides a datetime column's format chunk by chunk, so the chunks
+    # are its own) and the text of one chunk at a time in memory.
+    rows = (CSV_CHUNK_CELLS // (len(frame.columns) or 1)) or 1
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        for start in range(0, len(frame), rows):
+            part = as_text(frame.iloc[start : start + rows])
+            part.to_csv(handle, header=start == 0, chunksize=rows, **options)
+
+
+#: Tables from this many rows have their float columns formatted by ``as_text``.
+TEXT_FLOATS_FROM_ROWS = 1000
+#: Cells in one chunk of rows of a CSV file: pandas' ``_DEFAULT_CHUNKSIZE_CELLS``.
+CSV_CHUNK_CELLS = 100_000
+
+
+def as_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its float columns already as the text ``to_csv`` writes for them
+    (``FLOAT_FORMAT``, empty for NaN): the same bytes, about twice as fast (pandas formats a
+    float column value by value through several Python calls). Other columns, the index and
+    the header are left to pandas."""
+    out = None
+    for i, dtype in enumerate(frame.dtypes):
+        if not isinstance(dtype, np.dtype) or dtype.kind != "f":
+            continue
+        values = frame.iloc[:, i].to_numpy()
+        text = np.array([FLOAT_FORMAT % v for v in values.tolist()], dtype=object)
+        text[np.isnan(values)] = ""
+        if out is None:
+            out = frame.copy(deep=False)
+        out.isetitem(i, text)
+    return frame if out is None else out
 
 
 #: A results table of more rows than this is written gzip-compressed, ``NAME.csv.gz`` (the

@@ -26,6 +26,11 @@ import scipy.sparse as sp
 from pandapower.pypower.idx_brch import BR_R, BR_X, F_BUS, T_BUS
 from pandapower.pypower.idx_bus import BASE_KV
 from scipy.sparse.linalg import spsolve
+
+try:  # SuperLU's one-shot solve, as spsolve calls it (newton_raphson: without its overhead)
+    from scipy.sparse.linalg._dsolve._superlu import gssv as _gssv
+except ImportError:  # pragma: no cover
+    _gssv = None
 from tqdm import tqdm
 
 from lfm_zonal.errors import GridError, InputError, PowerFlowNotConverged
@@ -383,22 +388,58 @@ class JacobianBuilder:
         self.indptr = np.searchsorted(unique // self.n_x, np.arange(self.n_x + 1)).astype(np.int32)
         self.nnz = len(unique)
         self.blocks = [(ids, d_va, real) for ids, _, _, d_va, real in blocks]
+        # The same entries as one gather from [dS/dVa, dS/dVm]: real parts, then imaginary.
+        n_va = len(self.rows_y) + n
+        real = [ids + (0 if va else n_va) for ids, va, re in self.blocks if re]
+        imag = [ids + (0 if va else n_va) for ids, va, re in self.blocks if not re]
+        if [re for _, _, re in self.blocks] != [True] * len(real) + [False] * len(imag):
+            raise AssertionError("Jacobian blocks: real parts first")  # as built above
+        self.take_real = np.concatenate(real)
+        self.take_imag = np.concatenate(imag)
 
     def __call__(self, V: np.ndarray) -> sp.csc_matrix:
-        yv = self.Ybus.data * V[self.cols_y]
-        i_bus = self.Ybus @ V
+        return sp.csc_matrix(
+            (self.values(V), self.indices, self.indptr), shape=(self.n_x, self.n_x)
+        )
+
+    def values(self, V: np.ndarray, i_bus: np.ndarray | None = None) -> np.ndarray:
+        """The Jacobian's nonzeros at ``V`` in CSC order (``i_bus``: Ybus V if known)."""
+        Y = self.Ybus.data
+        if i_bus is None:
+            i_bus = self.Ybus @ V
+        yv = Y * V[self.cols_y]
         Vi = V[self.rows_y]
         unit = V / np.abs(V)
-        d_va = np.r_[-1j * Vi * np.conj(yv), 1j * V * np.conj(i_bus)]
-        d_vm = np.r_[Vi * np.conj(self.Ybus.data * unit[self.cols_y]), np.conj(i_bus) * unit]
-        values = np.concatenate(
-            [
-                (d_va if va else d_vm)[ids].real if real else (d_va if va else d_vm)[ids].imag
-                for ids, va, real in self.blocks
-            ]
+        entries = np.concatenate(
+            (
+                -1j * Vi * np.conj(yv),
+                1j * V * np.conj(i_bus),
+                Vi * np.conj(Y * unit[self.cols_y]),
+                np.conj(i_bus) * unit,
+            )
         )
-        data = np.bincount(self.target, weights=values, minlength=self.nnz)
-        return sp.csc_matrix((data, self.indices, self.indptr), shape=(self.n_x, self.n_x))
+        values = np.concatenate((entries[self.take_real].real, entries[self.take_imag].imag))
+        return np.bincount(self.target, weights=values, minlength=self.nnz)
+
+    def solve(self, V: np.ndarray, rhs: np.ndarray, i_bus: np.ndarray | None = None) -> np.ndarray:
+        """J(V)^-1 rhs: what ``spsolve(self(V), rhs)`` returns (SuperLU's gssv on the same
+        arrays, NaN where J is singular), without building a sparse matrix object each call."""
+        data = self.values(V, i_bus)
+        if _gssv is None:  # pragma: no cover - a SciPy without the private entry point
+            return spsolve(sp.csc_matrix((data, self.indices, self.indptr), (self.n_x,) * 2), rhs)
+        x, info = _gssv(
+            self.n_x,
+            self.nnz,
+            data,
+            self.indices,
+            self.indptr,
+            np.asarray(rhs, float),
+            1,
+            options={"ColPerm": None},
+        )
+        if info != 0:
+            x.fill(np.nan)
+        return x.ravel()
 
 
 def newton_raphson(
@@ -406,12 +447,16 @@ def newton_raphson(
 ) -> np.ndarray:
     """Solve the AC power flow for injections ``Sbus`` from ``V0``; raise if it does not converge."""
     V = V0.copy()
-    pvpq, pq = model.jacobian.pvpq, model.pq
+    jacobian = model.jacobian
+    pvpq, pq = jacobian.pvpq, model.pq
     n_pvpq = len(pvpq)
+    # Ybus V of the mismatch is the Jacobian's I (the builder sorted the model's own arrays)
+    same_y = jacobian.Ybus.data is model.Ybus.data and jacobian.Ybus.indices is model.Ybus.indices
     for _ in range(max_iter + 1):
         with np.errstate(all="ignore"):
-            mis = V * np.conj(model.Ybus @ V) - Sbus
-        F = np.r_[mis[pvpq].real, mis[pq].imag]
+            i_bus = model.Ybus @ V
+            mis = V * np.conj(i_bus) - Sbus
+        F = np.concatenate((mis[pvpq].real, mis[pq].imag))
         if not np.all(np.isfinite(F)):
             break
         if np.max(np.abs(F), initial=0.0) < tol_pu:
@@ -419,7 +464,7 @@ def newton_raphson(
         try:
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a singular Jacobian: not converged
-                dx = spsolve(model.jacobian(V), -F)
+                dx = jacobian.solve(V, -F, i_bus if same_y else None)
         except (RuntimeError, FloatingPointError, np.linalg.LinAlgError):
             break
         if not np.all(np.isfinite(dx)):

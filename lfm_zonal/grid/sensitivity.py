@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import numpy as np
@@ -192,13 +192,21 @@ class JacobianLinearisation:
     E_p: sp.csr_matrix  # states x buses: the P mismatch row of each pandapower bus
     E_q: sp.csr_matrix  # the Q mismatch row (also the bus's Vm state; PQ buses only)
     base_mva: float
+    # [E_p W, E_q W] by pattern W, shared by the linearisations of one model (E_p and E_q
+    # depend on the bus types only) that a LinearisationCache holds; None: made each time.
+    pattern_rhs: PatternRhs | None = field(default=None, repr=False, compare=False)
 
     def sensitivities(self, patterns: sp.spmatrix | None) -> SensitivityArrays:
-        E_p, E_q = self.E_p, self.E_q
-        if patterns is not None:
-            E_p, E_q = E_p @ patterns, E_q @ patterns
-        m = E_p.shape[1]
-        dx = self.lu.solve(sp.hstack([E_p, E_q]).toarray()) / self.base_mva
+        rhs = None if self.pattern_rhs is None else self.pattern_rhs.get(patterns)
+        if rhs is None:
+            E_p, E_q = self.E_p, self.E_q
+            if patterns is not None:
+                E_p, E_q = E_p @ patterns, E_q @ patterns
+            rhs = sp.hstack([E_p, E_q]).toarray()
+            if self.pattern_rhs is not None and patterns is not None:
+                self.pattern_rhs.put(patterns, rhs)
+        m = rhs.shape[1] // 2
+        dx = self.lu.solve(rhs) / self.base_mva
         dloading = self.dloading_dx @ dx  # loading_percent per MW (Mvar)
         dvm = self.E_q.T @ dx
         return SensitivityArrays(
@@ -236,6 +244,41 @@ class JacobianLinearisation:
         return dp[0], dq[0]
 
 
+#: Largest right-hand side a PatternRhs keeps (bytes; it keeps up to ``size`` of them).
+PATTERN_RHS_MAX_BYTES = 4 * 2**20
+
+
+class PatternRhs:
+    """The right-hand sides [E_p W, E_q W] (dense, read-only) of the sensitivities of one
+    network model for the last few injection patterns W, by the pattern object itself.
+
+    A market linearises every MTU with the same W (``grid.linear.linear_grid``): the
+    product and its dense copy, half the time of a zonal MTU's sensitivities, are then made
+    once per call instead of once per MTU. The entry holds W, so its id is not reused while
+    it is kept; W is not to be changed in place after use (no caller does).
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._by_id: OrderedDict[int, tuple[object, np.ndarray]] = OrderedDict()
+
+    def get(self, patterns) -> np.ndarray | None:
+        hit = self._by_id.get(id(patterns))
+        if hit is None or hit[0] is not patterns:
+            return None
+        self._by_id.move_to_end(id(patterns))
+        return hit[1]
+
+    def put(self, patterns, rhs: np.ndarray) -> None:
+        if rhs.nbytes > PATTERN_RHS_MAX_BYTES:  # a few zones' columns are kept, not every bus's
+            return
+        rhs.flags.writeable = False  # shared by every MTU's solve (SuperLU copies it)
+        self._by_id[id(patterns)] = (patterns, rhs)
+        self._by_id.move_to_end(id(patterns))
+        if len(self._by_id) > self.size:
+            self._by_id.popitem(last=False)
+
+
 class LinearisationCache:
     """Jacobian linearisations of one network model by operating point, the least recently
     used dropped beyond ``size`` entries or beyond ``budget_bytes`` of them (estimated by
@@ -266,6 +309,7 @@ class LinearisationCache:
         # point -> (linearisation, its estimated bytes), least recently used first
         self._by_point: OrderedDict[bytes, tuple[JacobianLinearisation, int]] = OrderedDict()
         self._bytes = 0  # sum of the kept entries' estimated bytes
+        self._pattern_rhs = PatternRhs()
 
     def __len__(self) -> int:
         return len(self._by_point)
@@ -278,6 +322,7 @@ class LinearisationCache:
     def clear(self) -> None:
         self._by_point.clear()
         self._bytes = 0
+        self._pattern_rhs = PatternRhs()
 
     @staticmethod
     def entry_bytes(lin: JacobianLinearisation) -> int:
@@ -296,7 +341,7 @@ class LinearisationCache:
         if key in cached:
             cached.move_to_end(key)
             return cached[key][0]
-        lin = _linearise(self.model, V)
+        lin = replace(_linearise(self.model, V), pattern_rhs=self._pattern_rhs)
         nbytes = self.entry_bytes(lin)
         cached[key] = (lin, nbytes)
         self._bytes += nbytes
@@ -319,6 +364,47 @@ def linearisation(
 
 
 def _linearise(model: NetworkModel, V: np.ndarray) -> JacobianLinearisation:
+    va_state, vm_state, E_p, E_q, admittance = _model_constants(model)
+    # d loading / d[Va, Vm] of the end that sets each branch's loading: entry by entry of
+    # that end's admittance row, d I = Y_bc (j V_c dVa_c + V_c / |V_c| dVm_c), projected on
+    # the current's direction and scaled to loading_percent (one sparse build, no products).
+    from_end, current, _, factor = _active_end(model, V)
+    magnitude = np.abs(current)
+    unit = np.divide(np.conj(current), magnitude, out=np.zeros_like(current), where=magnitude > 0)
+    rows, cols, y = [], [], []
+    for (coo_row, coo_col, coo_data), end in zip(admittance, (from_end, ~from_end), strict=True):
+        keep = end[coo_row]
+        rows.append(coo_row[keep])
+        cols.append(coo_col[keep])
+        y.append(coo_data[keep])
+    row, col, y = np.concatenate(rows), np.concatenate(cols), np.concatenate(y)
+    scale = y * (unit * factor)[row]
+    va, vm = va_state[col], vm_state[col]
+    on_va, on_vm = va >= 0, vm >= 0
+    dloading_dx = sp.csr_matrix(
+        (
+            np.r_[(scale * 1j * V[col])[on_va].real, (scale * V[col] / np.abs(V[col]))[on_vm].real],
+            (np.r_[row[on_va], row[on_vm]], np.r_[va[on_va], vm[on_vm]]),
+        ),
+        shape=(len(model.branch_rows), E_p.shape[0]),
+    )
+    return JacobianLinearisation(
+        lu=splu(model.jacobian(V)),
+        dloading_dx=dloading_dx,
+        E_p=E_p,
+        E_q=E_q,
+        base_mva=model.base_mva,
+    )
+
+
+def _model_constants(model: NetworkModel):
+    """What every linearisation of ``model`` shares, made on its first (kept on the model):
+    the state index of each internal bus's angle and magnitude (-1: none), the selectors
+    E_p and E_q (states x pandapower buses) and the monitored branch-end admittance rows
+    as COO arrays. Read-only for every linearisation."""
+    found = model.__dict__.get("_linearisation_constants")
+    if found is not None:
+        return found
     pv, pq = model.pv, model.pq
     n_pvpq, n_x = len(pv) + len(pq), len(pv) + 2 * len(pq)
     # State index of each internal bus's angle (pv, pq) and magnitude (pq); -1: none.
@@ -334,37 +420,21 @@ def _linearise(model: NetworkModel, V: np.ndarray) -> JacobianLinearisation:
             (np.ones(len(buses)), (rows[buses], buses)), shape=(n_x, len(internal))
         )
 
-    # d loading / d[Va, Vm] of the end that sets each branch's loading: entry by entry of
-    # that end's admittance row, d I = Y_bc (j V_c dVa_c + V_c / |V_c| dVm_c), projected on
-    # the current's direction and scaled to loading_percent (one sparse build, no products).
-    from_end, current, _, factor = _active_end(model, V)
-    magnitude = np.abs(current)
-    unit = np.divide(np.conj(current), magnitude, out=np.zeros_like(current), where=magnitude > 0)
-    rows, cols, y = [], [], []
-    for Y, end in zip(model.monitored_admittance, (from_end, ~from_end), strict=True):
+    admittance = []
+    for Y in model.monitored_admittance:
         coo = Y.tocoo()
-        keep = end[coo.row]
-        rows.append(coo.row[keep])
-        cols.append(coo.col[keep])
-        y.append(coo.data[keep])
-    row, col, y = np.concatenate(rows), np.concatenate(cols), np.concatenate(y)
-    scale = y * (unit * factor)[row]
-    va, vm = va_state[col], vm_state[col]
-    on_va, on_vm = va >= 0, vm >= 0
-    dloading_dx = sp.csr_matrix(
-        (
-            np.r_[(scale * 1j * V[col])[on_va].real, (scale * V[col] / np.abs(V[col]))[on_vm].real],
-            (np.r_[row[on_va], row[on_vm]], np.r_[va[on_va], vm[on_vm]]),
-        ),
-        shape=(len(model.branch_rows), n_x),
+        admittance.append((coo.row, coo.col, coo.data))
+    for array in (va_state, vm_state, *(a for triple in admittance for a in triple)):
+        array.flags.writeable = False
+    found = (
+        va_state,
+        vm_state,
+        selector(va_state[internal]),
+        selector(vm_state[internal]),
+        tuple(admittance),
     )
-    return JacobianLinearisation(
-        lu=splu(model.jacobian(V)),
-        dloading_dx=dloading_dx,
-        E_p=selector(va_state[internal]),
-        E_q=selector(vm_state[internal]),
-        base_mva=model.base_mva,
-    )
+    object.__setattr__(model, "_linearisation_constants", found)  # a frozen dataclass
+    return found
 
 
 def _flow_based(

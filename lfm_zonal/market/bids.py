@@ -112,14 +112,26 @@ def build_bids(
         )
         return Bids(steps[STEP_COLUMNS], members)
     offers = _offers(resources, zones, times)
+    # Sorted and grouped on integer codes in the order of the text they stand for (pandas
+    # factorises a text column on every sort and group by it: most of this function's time);
+    # the text is put back at the end, the same rows in the same order.
+    offers, text = _coded(offers, ["aggregator", "direction", "resource_id"])
     curve = ["mtu", "zone", "direction", "aggregator"]
-    offers = offers.sort_values(
-        [*curve, "storage", "cost_eur_per_mwh", "resource_id"], kind="stable", ignore_index=True
-    )
+    offers = _sorted(offers, [*curve, "storage", "cost_eur_per_mwh", "resource_id"])
     # Block number within each curve: storage units alone, the rest in <= max_steps blocks.
+    # (Sorted by curve first, so each curve's offers are consecutive.)
     plain = ~offers.storage.to_numpy()
-    rank = offers.groupby(curve).cumcount().to_numpy()
-    n_plain = offers.assign(p=plain).groupby(curve).p.transform("sum").to_numpy()
+    keys = [offers[c].to_numpy() for c in curve]
+    first = np.ones(len(offers), bool)
+    for k in keys:
+        first[1:] &= k[1:] == k[:-1]
+    first = ~first
+    if len(first):
+        first[0] = True
+    start = np.flatnonzero(first)
+    curve_of = np.cumsum(first) - 1
+    rank = np.arange(len(offers)) - start[curve_of]
+    n_plain = np.add.reduceat(plain.astype(np.int64), start)[curve_of] if len(start) else rank
     block = np.where(
         plain, (rank * max_steps) // np.maximum(n_plain, 1), max_steps + rank - n_plain
     )
@@ -139,10 +151,7 @@ def build_bids(
     )
     steps["price_eur_per_mwh"] = np.round(steps.qc / steps.quantity_mw, 4)
     steps["tan_phi"] = steps.qt / steps.quantity_mw
-    steps["resource_id"] = np.where(steps.storage, steps.first_resource, "")
-    steps = steps.sort_values(
-        [*curve[:3], "price_eur_per_mwh", "aggregator", "block"], kind="stable", ignore_index=True
-    )
+    steps = _sorted(steps, [*curve[:3], "price_eur_per_mwh", "aggregator", "block"])
     steps["step"] = steps.groupby(curve).cumcount() + 1
     steps["bid_id"] = np.arange(len(steps))
     steps["time"] = times[steps.mtu.to_numpy()]
@@ -151,12 +160,43 @@ def build_bids(
         key.get_indexer(pd.MultiIndex.from_frame(offers[[*curve, "block"]]))
     ]
     members = offers[["bid_id", "resource_id", "bus", "quantity_mw", "cost_eur_per_mwh", "tan_phi"]]
-    return Bids(
-        steps[STEP_COLUMNS],
-        members.sort_values(
-            ["bid_id", "cost_eur_per_mwh", "resource_id"], kind="stable", ignore_index=True
-        ),
-    )
+    members = _sorted(members, ["bid_id", "cost_eur_per_mwh", "resource_id"])
+    steps = _decoded(steps, text | {"first_resource": text.get("resource_id")})
+    steps["resource_id"] = np.where(steps.storage, steps.first_resource, "")
+    return Bids(steps[STEP_COLUMNS], _decoded(members, text))
+
+
+def _coded(frame: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, dict]:
+    """``frame`` with each of ``columns`` (without missing values) as integer codes in the
+    sort order of its values (``pandas.factorize(sort=True)``, the order in which pandas
+    sorts them), and per column replaced its values by code (for ``_decoded``)."""
+    out, text = frame.copy(deep=False), {}
+    for column in columns:
+        codes, values = pd.factorize(frame[column].to_numpy(), sort=True)
+        if len(codes) and codes.min() < 0:  # a missing value: left as it is
+            continue
+        out[column] = codes.astype(np.int64)
+        text[column] = np.asarray(values, dtype=frame[column].dtype)
+    return out, text
+
+
+def _sorted(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``frame.sort_values(columns, kind="stable", ignore_index=True)``: by ``np.lexsort``
+    (stable too) where every key is numeric without NaN, the same order without pandas'
+    factorising each key."""
+    keys = [frame[c].to_numpy() for c in columns]
+    if any(k.dtype.kind not in "biuf" or (k.dtype.kind == "f" and np.isnan(k).any()) for k in keys):
+        return frame.sort_values(columns, kind="stable", ignore_index=True)
+    return frame.take(np.lexsort(keys[::-1])).reset_index(drop=True)
+
+
+def _decoded(frame: pd.DataFrame, text: dict) -> pd.DataFrame:
+    """The coded columns of ``frame`` back to their values (``_coded``)."""
+    out = frame.copy(deep=False)
+    for column, values in text.items():
+        if values is not None and column in out:
+            out[column] = values[frame[column].to_numpy()]
+    return out
 
 
 def merit_order_fill(
