@@ -16,7 +16,11 @@ from lfm_zonal.study.job import prepare_base_case, prepare_resources, prepare_se
 from lfm_zonal.study.scenario import builtin_scenarios, load_scenario
 from lfm_zonal.zones.segmentation import nodal_zones
 
-SHIPPED = sorted(builtin_scenarios())
+#: Every shipped scenario but SimBench MV+LV (5,479 buses), left out for memory and time: its
+#: dense nodal rows would be 8 MTUs x 10,962 rows x 5,479 buses, 3.8 GB per array, and its
+#: nodal market alone takes about a minute. The sparse/dense agreement is tested here on the
+#: five other shipped grids.
+SHIPPED = sorted(set(builtin_scenarios()) - {"simbench_mvlv_rural_pv_noon"})
 
 
 @pytest.fixture(scope="module", params=SHIPPED)
