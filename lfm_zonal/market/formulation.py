@@ -115,19 +115,32 @@ class LpBuilder:
         """A new HiGHS instance holding the LP (one ``passModel``)."""
         (cost, lower, upper), (row_lower, row_upper), A = self._arrays()
         A = A.tocsc()
-        lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = self.n_col, self.n_row
-        lp.col_cost_, lp.col_lower_, lp.col_upper_ = cost, lower, upper
-        lp.row_lower_, lp.row_upper_ = row_lower, row_upper
-        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
         highs = highspy.Highs()
         highs.setOptionValue("output_flag", False)
         # Presolve found little to remove in these LPs (dense grid rows over the bid steps)
         # and cost 5x the simplex: a nodal LP of one MTU on SimBench MV+LV (11.5k columns,
         # 5.4k rows, 2.6M nonzeros) solved in 1.6 s with it, in 0.26 s without.
         highs.setOptionValue("presolve", "off")
-        highs.passModel(lp)
+        # The arrays as they are (HighsLp's attributes copy element by element: 2.5x slower).
+        status = highs.passModel(
+            self.n_col,
+            self.n_row,
+            A.nnz,
+            int(highspy.MatrixFormat.kColwise),
+            int(highspy.ObjSense.kMinimize),
+            0.0,
+            cost,
+            lower,
+            upper,
+            row_lower,
+            row_upper,
+            A.indptr.astype(np.int32),
+            A.indices.astype(np.int32),
+            A.data,
+            np.zeros(self.n_col, np.int32),  # continuous
+        )
+        if status == highspy.HighsStatus.kError:
+            raise LfmError("HiGHS refused the clearing LP")
         return highs
 
     def append_to(self, highs: highspy.Highs) -> None:

@@ -74,6 +74,11 @@ SLP_MIN_STEP_MW = 1e-4
 SLP_TOLERANCE_SHARE = 0.1
 
 
+#: HiGHS's basis statuses by code (made once: constructing them one by one was half the
+#: time of handing a basis over).
+_STATUS = {int(v): v for v in highspy.HighsBasisStatus.__members__.values()}
+
+
 # ---------------------------------------------------------------------- row generation
 class ClearingModel:
     """One clearing LP: the selected steps in a HiGHS instance, plus grid rows.
@@ -224,16 +229,16 @@ class ClearingModel:
                     col[c] = int(highspy.HighsBasisStatus.kBasic)
                     row[r] = int(highspy.HighsBasisStatus.kLower)
         start = highspy.HighsBasis()
-        start.col_status = [highspy.HighsBasisStatus(v) for v in col.tolist()]
-        start.row_status = [highspy.HighsBasisStatus(v) for v in row.tolist()]
+        start.col_status = [_STATUS[v] for v in col.tolist()]
+        start.row_status = [_STATUS[v] for v in row.tolist()]
         start.alien = True
         self.highs.setBasis(start)
 
     def _basis(self) -> MarketBasis:
         """The market side's part of the final basis."""
         basis = self.highs.getBasis()
-        col = np.fromiter((int(v) for v in basis.col_status), np.int8, self.highs.getNumCol())
-        row = np.fromiter((int(v) for v in basis.row_status), np.int8, self.highs.getNumRow())
+        col = np.array([v.value for v in basis.col_status], np.int8)
+        row = np.array([v.value for v in basis.row_status], np.int8)
         x_col = self.lp.x_col
         bid = np.full(len(x_col), int(highspy.HighsBasisStatus.kLower), np.int8)
         kept = x_col >= 0
