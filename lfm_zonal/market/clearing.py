@@ -84,6 +84,23 @@ class MarketResult:
     residual: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=RESIDUAL_COLUMNS))
 
 
+@dataclass(frozen=True)
+class MarketInputs:
+    """What a market clears against, the same for the zonal and the needs-based market of
+    one set of zones (a study makes it once per K): the areas' linearised grid, the bids
+    and the DSO's needs (``prepare_market``)."""
+
+    zones: Zones
+    W: object  # internal bus x area weights (zones.aggregation)
+    grid: LinearGrid
+    bids: Bids
+    active: pd.DataFrame  # the bid steps of the MTUs to clear
+    needs: pd.DataFrame
+    unfixable: np.ndarray
+    needs_rule: str
+    sensitivity_method: str  # of the grid, and of its re-linearisations
+
+
 def mtus_to_clear(pf: HorizonPowerFlow) -> np.ndarray:
     """Converged MTUs with a base-case overload or voltage outside the band."""
     v = pf.violations()
@@ -107,6 +124,7 @@ def clear_market(
     needs_rule: str = "registered_capacity",
     cache: LinearisationCache | None = None,
     grid_rows: str = "auto",
+    inputs: MarketInputs | None = None,
 ) -> MarketResult:
     """Clear one market on the base case ``pf`` and check it in AC.
 
@@ -120,7 +138,8 @@ def clear_market(
     ``cache`` (of ``pf.model``): the Jacobian linearisations shared with the other markets
     of a study, so that each MTU's base point is linearised once (None: this market's own).
     ``grid_rows``: the representation of the linearised grid's rows (``grid.linear``:
-    "dense", "adjoint", or "auto" by size; the same coefficients either way).
+    "dense", "adjoint", or "auto" by size; the same coefficients either way). ``inputs``:
+    the areas' grid, bids and needs already made (``prepare_market``) for these zones.
     """
     if method not in MARKET_METHODS:
         raise InputError(
@@ -132,18 +151,28 @@ def clear_market(
         raise InputError(
             f"unknown needs rule '{needs_rule}': choose one of {', '.join(NEEDS_RULES)}"
         )
-    zones = _market_areas(pf, method, zones)
     if segmentation_error is None:
         segmentation_error = 0.0 if method == "nodal" else np.nan
     cache = LinearisationCache(pf.model) if cache is None else cache
-    W = zones.aggregation(pd.Series(1.0, index=zones.buses) if weights is None else weights)
-    grid = grid or linear_grid(
-        pf, W, sensitivity_method, mtus_to_clear(pf), cache=cache, representation=grid_rows
-    )
-    times = pf.times
-    bids = build_bids(resources, zones, times, max_steps)
-    active = bids.steps[bids.steps.mtu.isin(grid.mtus)]
-    needs, unfixable = dso_needs(grid, active if needs_rule == "registered_capacity" else None)
+    if inputs is None:
+        inputs = prepare_market(
+            pf,
+            resources,
+            method,
+            zones,
+            weights,
+            sensitivity_method,
+            max_steps,
+            needs_rule,
+            cache,
+            grid,
+            grid_rows,
+        )
+    elif inputs.needs_rule != needs_rule:
+        raise LfmError("the market inputs were prepared for another needs rule")
+    zones, W, grid, bids, active = inputs.zones, inputs.W, inputs.grid, inputs.bids, inputs.active
+    sensitivity_method = inputs.sensitivity_method
+    needs, unfixable, times = inputs.needs, inputs.unfixable, pf.times
     penalty = DEFAULT_PENALTY_EUR_PER_MWH if penalty_eur_per_mwh is None else penalty_eur_per_mwh
     started = time.perf_counter()
     if len(grid.mtus) == 0:  # no MTU with a violation: nothing to buy
@@ -183,6 +212,34 @@ def clear_market(
     )
     kpis = _kpis(res, pf, pricing, status, solved, slp, clear_s, segmentation_error, penalty)
     return MarketResult(**{**res.__dict__, "kpis": kpis})
+
+
+def prepare_market(
+    pf: HorizonPowerFlow,
+    resources: Resources,
+    method: str,
+    zones: Zones | None = None,
+    weights: pd.Series | None = None,
+    sensitivity_method: str = "jacobian",
+    max_steps: int = DEFAULT_MAX_STEPS,
+    needs_rule: str = "registered_capacity",
+    cache: LinearisationCache | None = None,
+    grid: LinearGrid | None = None,
+    grid_rows: str = "auto",
+) -> MarketInputs:
+    """The market areas' linearised grid at the base case, the bids and the DSO's needs
+    (the arguments as ``clear_market``'s)."""
+    zones = _market_areas(pf, method, zones)
+    W = zones.aggregation(pd.Series(1.0, index=zones.buses) if weights is None else weights)
+    grid = grid or linear_grid(
+        pf, W, sensitivity_method, mtus_to_clear(pf), cache=cache, representation=grid_rows
+    )
+    bids = build_bids(resources, zones, pf.times, max_steps)
+    active = bids.steps[bids.steps.mtu.isin(grid.mtus)]
+    needs, unfixable = dso_needs(grid, active if needs_rule == "registered_capacity" else None)
+    return MarketInputs(
+        zones, W, grid, bids, active, needs, unfixable, needs_rule, sensitivity_method
+    )
 
 
 def _market_areas(pf: HorizonPowerFlow, method: str, zones: Zones | None) -> Zones:

@@ -22,7 +22,7 @@ from lfm_zonal.grid.profiles import Horizon, Profiles, load_profiles
 from lfm_zonal.grid.sensitivity import LinearisationCache
 from lfm_zonal.grid.sources import Grid, load_grid
 from lfm_zonal.limits import require_memory
-from lfm_zonal.market.clearing import MarketResult, clear_market
+from lfm_zonal.market.clearing import MarketResult, clear_market, prepare_market
 from lfm_zonal.market.resources import (
     FlexibilitySpec,
     Resources,
@@ -263,7 +263,7 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
     inputs_accepted()  # the last input checks (resources, zone counts) are behind us
     m = scenario["market"]
     markets = []
-    zones_done = set()
+    inputs = {}  # per K of zones: the markets' grid, bids and needs (clearing.MarketInputs)
     for method, k in tqdm(
         market_cases(scenario),
         desc="markets",
@@ -275,23 +275,31 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
         zones = (
             None if method == "nodal" else seg.zones(k, scenario["zones"]["method"], scenario.seed)
         )
-        if zones is not None and k not in zones_done:
-            zones_done.add(k)
+        if zones is not None and k not in inputs:
             stage(f"zones: K = {k} done")
-        markets.append(
-            clear_market(
+        if method == "nodal" or k not in inputs:  # the zonal and needs-based market share them
+            inputs[k] = prepare_market(
                 base.powerflow,
                 resources,
                 method,
                 zones,
                 weights=seg.weights,
                 sensitivity_method=seg.sensitivity_method,
+                max_steps=scenario["flexibility"]["max_steps"],
+                needs_rule=m["needs"],
+                cache=cache,
+            )
+        markets.append(
+            clear_market(
+                base.powerflow,
+                resources,
+                method,
                 segmentation_error=None if zones is None else seg.error(zones),
                 pricing=m["pricing"],
                 penalty_eur_per_mwh=m["penalty_eur_per_mwh"],
                 needs_rule=m["needs"],
-                max_steps=scenario["flexibility"]["max_steps"],
                 cache=cache,
+                inputs=inputs.pop(k) if method == "nodal" else inputs[k],
             )
         )
         stage(
