@@ -140,16 +140,25 @@ class StageTimers:
 
         setattr(owner, name, timed)
 
-    def wrap_clear_market(self, owner) -> None:
-        inner = owner.clear_market
+    def wrap_markets(self, owner) -> None:
+        """A market's row: its ``prepare_market`` (linearised grid, bids, DSO needs; the
+        needs-based market shares the zonal one's of its K and has none) and ``clear_market``."""
+        prepare, inner = owner.prepare_market, owner.clear_market
+        self.prepared_s = 0.0
 
-        def timed(pf, resources, method, zones=None, **kwargs):
-            label = method if zones is None else f"{method} K={zones.k}"
-            progress(f"market {label} ...")
-            self.market = {}
+        def timed_prepare(*args, **kwargs):
             started = time.perf_counter()
-            result = inner(pf, resources, method, zones, **kwargs)
-            wall = time.perf_counter() - started
+            out = prepare(*args, **kwargs)
+            self.prepared_s = time.perf_counter() - started
+            return out
+
+        def timed(pf, resources, method, *args, **kwargs):
+            zones = kwargs["inputs"].zones
+            label = method if method == "nodal" else f"{method} K={zones.k}"
+            progress(f"market {label} ...")
+            started = time.perf_counter()
+            result = inner(pf, resources, method, *args, **kwargs)
+            wall = time.perf_counter() - started + self.prepared_s
             self.stages["markets"] = self.stages.get("markets", 0.0) + wall
             k = result.kpis
             self.rows.append(
@@ -180,9 +189,10 @@ class StageTimers:
                 f"market {label} done in {wall:.1f} s (clear {k['clear_s']:.1f} s, "
                 f"HiGHS {k['solve_s']:.1f} s, AC check {self.market.get('ac', 0):.1f} s)"
             )
+            self.market, self.prepared_s = {}, 0.0
             return result
 
-        owner.clear_market = timed
+        owner.prepare_market, owner.clear_market = timed_prepare, timed
 
 
 def _plain(value):
@@ -216,7 +226,7 @@ def run_child(case: str, quick: bool) -> dict:
     t.wrap(job, "prepare_segmentation_of", "segmentation")
     t.wrap(Segmentation, "zones", "zones(K)")
     t.wrap(Segmentation, "error", "segmentation error(K)")
-    t.wrap_clear_market(job)
+    t.wrap_markets(job)
     for name, label in (
         ("linear_grid", "linear_grid"),
         ("build_bids", "bids"),

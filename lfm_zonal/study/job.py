@@ -262,49 +262,53 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
     seg = prepare_segmentation_of(base, resources, cache)
     inputs_accepted()  # the last input checks (resources, zone counts) are behind us
     m = scenario["market"]
-    markets = []
-    inputs = {}  # per K of zones: the markets' grid, bids and needs (clearing.MarketInputs)
-    for method, k in tqdm(
-        market_cases(scenario),
-        desc="markets",
-        unit="case",
-        disable=None if progress else True,
-        leave=False,
+    cases = market_cases(scenario)
+    # Cleared K by K, so that the zonal and the needs-based market of one K share their
+    # grid, bids and needs (clearing.MarketInputs) and only one K's are held at a time;
+    # listed in the scenario's order.
+    order = sorted(range(len(cases)), key=lambda i: (cases[i][1] is not None, cases[i][1] or 0, i))
+    markets: list[MarketResult | None] = [None] * len(cases)
+    inputs, inputs_k = None, None
+    for i in tqdm(
+        order, desc="markets", unit="case", disable=None if progress else True, leave=False
     ):
+        method, k = cases[i]
         # The market takes plain inputs: the base case, the resources and its areas.
         zones = (
             None if method == "nodal" else seg.zones(k, scenario["zones"]["method"], scenario.seed)
         )
-        if zones is not None and k not in inputs:
-            stage(f"zones: K = {k} done")
-        if method == "nodal" or k not in inputs:  # the zonal and needs-based market share them
-            inputs[k] = prepare_market(
-                base.powerflow,
-                resources,
-                method,
-                zones,
-                weights=seg.weights,
-                sensitivity_method=seg.sensitivity_method,
-                max_steps=scenario["flexibility"]["max_steps"],
-                needs_rule=m["needs"],
-                cache=cache,
+        if method == "nodal" or k != inputs_k:
+            if zones is not None:
+                stage(f"zones: K = {k} done")
+            inputs = None  # the last K's, no longer needed
+            inputs, inputs_k = (
+                prepare_market(
+                    base.powerflow,
+                    resources,
+                    method,
+                    zones,
+                    weights=seg.weights,
+                    sensitivity_method=seg.sensitivity_method,
+                    max_steps=scenario["flexibility"]["max_steps"],
+                    needs_rule=m["needs"],
+                    cache=cache,
+                ),
+                k,
             )
-        markets.append(
-            clear_market(
-                base.powerflow,
-                resources,
-                method,
-                segmentation_error=None if zones is None else seg.error(zones),
-                pricing=m["pricing"],
-                penalty_eur_per_mwh=m["penalty_eur_per_mwh"],
-                needs_rule=m["needs"],
-                cache=cache,
-                inputs=inputs.pop(k) if method == "nodal" else inputs[k],
-            )
+        markets[i] = clear_market(
+            base.powerflow,
+            resources,
+            method,
+            segmentation_error=None if zones is None else seg.error(zones),
+            pricing=m["pricing"],
+            penalty_eur_per_mwh=m["penalty_eur_per_mwh"],
+            needs_rule=m["needs"],
+            cache=cache,
+            inputs=inputs,
         )
         stage(
             f"{method} market{'' if zones is None else f' K = {k}'}: cleared and checked in AC, "
-            f"cost {markets[-1].kpis['cost_eur']:.2f} EUR"
+            f"cost {markets[i].kpis['cost_eur']:.2f} EUR"
         )
     return StudyResult(base, resources, seg, markets)
 
