@@ -7,7 +7,7 @@ folder is written by ``results`` (``run_scenario``), the report by ``report``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -240,7 +240,9 @@ def market_cases(scenario: Scenario) -> list[tuple[str, int | None]]:
 
 @dataclass(frozen=True)
 class StudyResult:
-    """The main job's results in memory: base case, segmentation, one MarketResult per case."""
+    """The main job's results in memory: base case, segmentation, one MarketResult per case
+    (its ``bids``: the accepted steps only, as ``accepted_bids.csv``; every step of a
+    5,000-bus grid's day is millions of rows per market, its KPIs are already counted)."""
 
     base: BaseCase
     resources: Resources
@@ -295,7 +297,7 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
                 ),
                 k,
             )
-        markets[i] = clear_market(
+        result = clear_market(
             base.powerflow,
             resources,
             method,
@@ -306,6 +308,7 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
             cache=cache,
             inputs=inputs,
         )
+        markets[i] = replace(result, bids=result.bids[result.bids.accepted_mw > 0])
         stage(
             f"{method} market{'' if zones is None else f' K = {k}'}: cleared and checked in AC, "
             f"cost {markets[i].kpis['cost_eur']:.2f} EUR"
