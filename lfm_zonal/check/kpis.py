@@ -58,8 +58,8 @@ KPIS: tuple[KPI, ...] = (
         "sensitivities at the reference MTU (the zones' error curve at this K; 0 for nodal)",
         report=True),
     KPI("solve_s", "s", "HiGHS time of every LP of the market", timing=True),
-    KPI("n_variables", "", "columns of the market's last LP"),
-    KPI("n_constraints", "", "rows of the market's last LP"),
+    KPI("n_variables", "", "columns of the market's last LP (all its MTU blocks)"),
+    KPI("n_constraints", "", "rows of the market's last LP (all its MTU blocks)"),
     KPI("pricing", "", "pay_as_bid or pay_as_clear"),
     KPI("residual_mwh", "MWh",
         "AC residual in MW-equivalent (largest excess / sensitivity per MTU) x MTU length"),
@@ -82,11 +82,11 @@ KPIS: tuple[KPI, ...] = (
     KPI("solver_status", "", "status of the market's last LP"),
     KPI("build_s", "s", "time to build the LPs", timing=True),
     KPI("clear_s", "s", "time of the clearing: its LPs and sequential AC loop", timing=True),
-    KPI("generation_rounds", "", "constraint-generation rounds over every LP"),
+    KPI("generation_rounds", "", "LP solves over every LP and MTU block"),
     KPI("ac_rounds", "", "rounds of the sequential LP"),
     KPI("ac_best_round", "", "the round whose dispatch is returned (best merit in AC)"),
     KPI("ac_converged", "0/1", "1 when the sequential LP converged before its round cap"),
-    KPI("column_rounds", "", "column-generation rounds over every LP"),
+    KPI("column_rounds", "", "column-generation rounds over every LP and MTU block"),
 )
 # fmt: on
 

@@ -60,7 +60,8 @@ class SolveStatus(StrEnum):
 
 @dataclass(frozen=True)
 class SolveStats:
-    """What clearing LPs took (summed over the LPs solved) and the size of the last one."""
+    """What clearing LPs took (summed over the LPs solved) and the size of the last one (its
+    MTU blocks together, ``beside``)."""
 
     rounds: int = 0  # LP solves: constraint-generation rounds
     column_rounds: int = 0  # clearing LPs: column-generation rounds
