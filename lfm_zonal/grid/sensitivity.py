@@ -169,9 +169,13 @@ def _active_end(model: NetworkModel, V: np.ndarray):
 LINEARISATION_CACHE_SIZE = 256
 #: Bytes of linearisations a LinearisationCache keeps by default, as estimated by
 #: ``LinearisationCache.entry_bytes``: the count bound alone let 256 linearisations of a
-#: 5,479-bus grid (1-MVLV-rural-all-0-sw, about 4.6 MB each) reach 1.2 GB; a grid that
-#: size now keeps about 110 of them, a grid of a few hundred buses stays bound by the count.
-LINEARISATION_CACHE_BYTES = 512 * 2**20
+#: 5,479-bus grid (1-MVLV-rural-all-0-sw, about 4.6 MB each) reach 1.2 GB. On that grid
+#: (8 MTUs, nodal and 2 x 4 zonal markets) a 512 MiB budget let resident memory grow from
+#: 0.9 to 1.7 GB over the markets, 128 MiB from 0.7 to 1.2 GB, none stay at 0.6-0.7 GB
+#: and ran 5% faster (re-linearising a base point there takes 8 ms): at this size the
+#: factorisations cost more memory than they save time. A grid of a few hundred buses
+#: (under 0.1 MB a linearisation) stays bound by the count.
+LINEARISATION_CACHE_BYTES = 64 * 2**20
 #: Resident bytes of a SuperLU factorisation per stored nonzero (SuperLU's ``nnz``, L and U
 #: with their supernodes): 12 for the float64 value and its int32 row index, the rest the
 #: factorisation's own bookkeeping. Measured as the growth of resident memory per ``splu``
