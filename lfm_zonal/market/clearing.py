@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from lfm_zonal.check.ac import (
     RESIDUAL_COLUMNS,
@@ -91,7 +92,7 @@ class MarketInputs:
     and the DSO's needs (``prepare_market``)."""
 
     zones: Zones
-    W: object  # internal bus x area weights (zones.aggregation)
+    W: sp.spmatrix  # internal bus x area weights (zones.aggregation)
     grid: LinearGrid
     bids: Bids
     active: pd.DataFrame  # the bid steps of the MTUs to clear
