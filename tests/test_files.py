@@ -341,12 +341,18 @@ def test_sigint_and_sigterm_leave_nothing(tmp_path):
     """Ctrl-C while computing, SIGTERM while writing, Ctrl-C during the imports: one line,
     exit code 130 / 143, no folder, no partial folder, no lock."""
     sc = _short_scenario(tmp_path)
-    computing = _cli("run", sc, "--quiet", "--out", "a", cwd=tmp_path)
+    # The full day: its lock is held for seconds, so the Ctrl-C surely finds it computing
+    # (the test waits for nothing else between seeing the lock and sending the signal).
+    computing = _cli("run", str(SCENARIO), "--quiet", "--out", "a", cwd=tmp_path)
     writing = _cli("run", sc, "--quiet", "--out", "b", cwd=tmp_path)
     starting = _cli("run", sc, "--quiet", "--out", "c", cwd=tmp_path)
     try:
         time.sleep(0.3)
         starting.send_signal(signal.SIGINT)
+        _wait_for(".a.lock", tmp_path, computing)
+        computing.send_signal(signal.SIGINT)
+        _wait_for(".b.partial-*", tmp_path, writing)
+        writing.send_signal(signal.SIGTERM)
         code, _, err = _finish(starting)
         assert code == 130
         # The command line starts in about 0.15 s: the signal may find it loading libraries,
@@ -355,10 +361,6 @@ def test_sigint_and_sigterm_leave_nothing(tmp_path):
             "lfm-zonal: interrupted while starting; nothing was written",
             "lfm-zonal: interrupted; no results folder was written",
         )
-        _wait_for(".a.lock", tmp_path, computing)
-        computing.send_signal(signal.SIGINT)
-        _wait_for(".b.partial-*", tmp_path, writing)
-        writing.send_signal(signal.SIGTERM)
         code, _, err = _finish(computing)
         assert code == 130
         assert one_line(err) == "lfm-zonal: interrupted; no results folder was written"
