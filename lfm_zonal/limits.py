@@ -6,6 +6,9 @@ estimate is above the budget: ``MEMORY_SHARE`` of the memory available now
 (cgroup limit, /proc/meminfo MemAvailable or ``os.sysconf``, the smallest), or
 the ``LFM_ZONAL_MAX_MEMORY_GIB`` environment variable where set.
 
+``release_free_memory`` returns the C heap's free pages to the system between the
+stages of a long study.
+
 ``truncated_normal`` draws a normal kept within bounds: a bounded number of
 redraw rounds (the stream of the plain redraw loop wherever it finishes in them),
 then scipy.stats' truncated normal for what is left, so no bound and no spread
@@ -14,6 +17,8 @@ can make it loop forever.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -29,6 +34,25 @@ REDRAW_ROUNDS = 100  # redraw rounds before the rest is drawn from scipy's trunc
 MIN_ACCEPTANCE = 0.01  # below this share inside the window, no redraw round at all
 
 Term = Sequence[tuple[float, str]]  # factors of one array family: (count, label), ...
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere), as Dask's workers do. Called between the markets of a study: each market
+    frees hundreds of MB of sparse factors and LP arrays in small blocks that glibc keeps
+    mapped, so the resident memory of a long study would otherwise only grow (SimBench
+    MV+LV, 96 MTUs, nine markets: peak RSS 4.68 GB without, 3.25 GB with)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 def available_memory_bytes() -> float:

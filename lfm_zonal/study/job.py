@@ -21,7 +21,7 @@ from lfm_zonal.grid.powerflow import HorizonPowerFlow, run_horizon
 from lfm_zonal.grid.profiles import Horizon, Profiles, load_profiles
 from lfm_zonal.grid.sensitivity import LinearisationCache
 from lfm_zonal.grid.sources import Grid, load_grid
-from lfm_zonal.limits import require_memory
+from lfm_zonal.limits import release_free_memory, require_memory
 from lfm_zonal.market.clearing import MarketResult, clear_market, prepare_market
 from lfm_zonal.market.resources import (
     FlexibilitySpec,
@@ -283,6 +283,7 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
             if zones is not None:
                 stage(f"zones: K = {k} done")
             inputs = None  # the last K's, no longer needed
+            release_free_memory()
             inputs, inputs_k = (
                 prepare_market(
                     base.powerflow,
@@ -309,6 +310,8 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
             inputs=inputs,
         )
         markets[i] = replace(result, bids=result.bids[result.bids.accepted_mw > 0])
+        del result
+        release_free_memory()
         stage(
             f"{method} market{'' if zones is None else f' K = {k}'}: cleared and checked in AC, "
             f"cost {markets[i].kpis['cost_eur']:.2f} EUR"
