@@ -231,3 +231,83 @@ def test_area_injections_as_columns_or_substituted_give_one_optimum(monkeypatch,
     assert out["columns"][2]["cost_eur"] == pytest.approx(
         out["substituted"][2]["cost_eur"], rel=1e-6
     )
+
+
+def test_leave_out_small_terms_by_hand_and_at_every_corner():
+    """Terms of least reach (|coefficient| x quantity) go while their reaches sum to at most
+    the budget, never an unbounded step; what they can do at worst is exactly the extreme
+    of the left-out part over the box of the steps (so a tightened limit is safe), and the
+    next term would not have fitted."""
+    from lfm_zonal.market.formulation import leave_out_small_terms
+
+    # By hand: reaches 0.1, 0.2, 3, 0 and an unbounded step; budget 0.35 leaves out 0.1 and
+    # 0.2 (sum 0.3; adding 3 would not fit), the zero, and never the unbounded one.
+    coef = np.array([[0.1, -0.2, 3.0, 0.0, 1e-9]])
+    quantity = np.array([1.0, 1.0, 1.0, 2.0, np.inf])
+    kept, towards = leave_out_small_terms(coef, quantity, np.array([0.35]))
+    np.testing.assert_array_equal(kept, [[0.0, 0.0, 3.0, 0.0, 1e-9]])
+    np.testing.assert_allclose(towards, [[0.1, -0.2]])
+    # Random rows: every corner of the box [0, quantity] stays within what they can do.
+    rng = np.random.default_rng(7)
+    coef = rng.normal(size=(6, 9)) * rng.choice([1e-4, 1e-2, 1.0], size=(6, 9))
+    quantity = rng.uniform(0.1, 2.0, size=9)
+    budget = rng.uniform(0.0, 0.05, size=6)
+    kept, towards = leave_out_small_terms(coef, quantity, budget)
+    out = (kept == 0) & (coef != 0)
+    reach = np.abs(coef) * quantity
+    assert out.any() and (~out).any()
+    assert ((reach * out).sum(1) <= budget + 1e-15).all()
+    for i in range(len(coef)):  # the next smallest kept term would not have fitted
+        if (~out[i]).any():
+            assert (reach[i] * out[i]).sum() + reach[i][~out[i]].min() > budget[i]
+    corners = np.array(np.meshgrid(*[[0.0, 1.0]] * 9)).reshape(9, -1).T * quantity
+    left_out = (coef - kept) @ corners.T
+    np.testing.assert_allclose(left_out.max(1), towards[:, 0], atol=1e-15)
+    np.testing.assert_allclose(left_out.min(1), towards[:, 1], atol=1e-15)
+
+
+def test_rows_without_their_small_terms_stay_on_the_safe_side(monkeypatch):
+    """A nodal LP whose grid rows leave out small terms (20 tolerances here, so that many
+    go): its solution keeps every full linear row, even where the steps of the left-out
+    terms are all taken, and it costs at least the full LP's optimum, and little more;
+    without a budget no term is left out."""
+    import lfm_zonal.market.formulation as formulation
+
+    pf, res, seg = market_case("cigre_mv", 1.1, 0.3)
+    zones = seg.zones(seg.n_buses)
+    grid = linear_grid(
+        pf, zones.aggregation(seg.weights), seg.sensitivity_method, mtus_to_clear(pf)
+    )
+    steps = build_bids(res, zones, pf.times, 4).steps
+    steps = steps[steps.mtu.isin(grid.mtus)].reset_index(drop=True)
+    left_out = []
+    inner = formulation.leave_out_small_terms
+
+    def counted(coef, quantity, budget):
+        kept, towards = inner(coef, quantity, budget)
+        left_out.append(int(((kept == 0) & (coef != 0)).sum()))
+        return kept, towards
+
+    monkeypatch.setattr(formulation, "leave_out_small_terms", counted)
+    monkeypatch.setattr(formulation, "ROW_LEAVE_OUT_FROM_STEPS", 1)  # CIGRE's rows are short
+    # Paid to be accepted: every step is taken up to what the rows allow, the steps of the
+    # left-out terms too, so the rows are met only thanks to the tightened limits.
+    steps["price_eur_per_mwh"] = -1.0
+    out = {}
+    for share in (0.0, 20.0):
+        monkeypatch.setattr(formulation, "ROW_LEAVE_OUT_SHARE", share)
+        left_out.clear()
+        out[share] = solve_clearing(grid, steps, res.table, penalty_eur_per_mwh=1e5)
+        out[share, "left out"] = sum(left_out)
+    full, short = out[0.0], out[20.0]
+    assert out[0.0, "left out"] == 0 and out[20.0, "left out"] > 0
+    assert full.status is short.status is SolveStatus.OPTIMAL
+    assert full.slack_mw.max() == short.slack_mw.max() == 0.0  # every row can be met
+    for sol in (full, short):
+        loading, vm = grid.after(sol.p_mw, sol.q_mvar)
+        assert (grid.violations(loading, vm) <= 1e-3 * grid.row_tolerances()).all()
+    assert (
+        full.objective_eur
+        <= short.objective_eur
+        <= full.objective_eur + 0.01 * abs(full.objective_eur)
+    )
