@@ -23,6 +23,7 @@ import pandas as pd
 from matplotlib.colors import to_hex
 
 from lfm_zonal.report.plots import (
+    BIG_MAP_BUSES,
     LINE_STYLES,
     bus_positions,
     not_connected,
@@ -213,7 +214,7 @@ def zone_map_figure(
     names = net.bus.name.reindex(buses)
     vn_kv = net.bus.vn_kv.reindex(buses).to_numpy()
     sizes = np.bincount(zone, minlength=k)
-    big = len(buses) > 500
+    big = len(buses) > BIG_MAP_BUSES
     for z in range(k):
         at = np.flatnonzero(zone == z)
         traces.append(
