@@ -104,6 +104,21 @@ def zone_colour_index(
     return colour
 
 
+def zone_colours(colour_index: np.ndarray) -> np.ndarray:
+    """RGBA of each zone from its colour number (``zone_colour_index``): the one mapping
+    of the PNG and the HTML map, so the two agree."""
+    return _palette(len(colour_index))[colour_index]
+
+
+def zoned_edges(graph: nx.Graph, buses: pd.Index) -> tuple[np.ndarray, np.ndarray]:
+    """The graph's edges with both ends among ``buses``, as the positions of their two
+    ends in ``buses`` (edges to buses left out of the zones are not drawn)."""
+    edges = np.array(list(graph.edges()), dtype=np.int64).reshape(-1, 2)
+    ia, ib = buses.get_indexer(edges[:, 0]), buses.get_indexer(edges[:, 1])
+    both = (ia >= 0) & (ib >= 0)
+    return ia[both], ib[both]
+
+
 def _palette(n: int) -> np.ndarray:
     """n colours: ZONE_PALETTE, then its darkened shades, then evenly spaced hues."""
     dark = ZONE_PALETTE.copy()
@@ -146,7 +161,7 @@ def bus_positions(net, graph: nx.Graph) -> dict[int, tuple[float, float]]:
     return pos
 
 
-def _not_connected(net, pos: dict) -> tuple[list, list]:
+def not_connected(net, pos: dict) -> tuple[list, list]:
     """Lines and trafos with both ends on the map that carry no power (an open switch or
     out of service), as segments, and every open switch as a point: a quarter along its
     line or trafo from its bus, half way along a bus-bus switch."""
@@ -178,7 +193,12 @@ def _not_connected(net, pos: dict) -> tuple[list, list]:
 
 
 def draw_zones(
-    graph: nx.Graph, net, zone_of_bus: pd.Series, medoids: pd.Series, title: str
+    graph: nx.Graph,
+    net,
+    zone_of_bus: pd.Series,
+    medoids: pd.Series,
+    title: str,
+    pos: dict | None = None,
 ) -> plt.Figure:
     """The zone map as a figure (``plot_zones`` saves it).
 
@@ -188,14 +208,15 @@ def draw_zones(
     every in-service ext_grid as an open square; each zone's medoid as a star with its
     zone number where the label fits beside the others; bus numbers only up to
     BUS_LABEL_MAX_BUSES buses. A few collections whatever the size of the grid, and a
-    legend naming every line style and marker drawn."""
-    pos = bus_positions(net, graph)
+    legend naming every line style and marker drawn. ``pos``: the buses' positions
+    (``bus_positions``; computed when not given)."""
+    pos = bus_positions(net, graph) if pos is None else pos
     buses = pd.Index(zone_of_bus.index)
     zone = zone_of_bus.to_numpy()
     n, k = len(buses), int(zone.max()) + 1
     big = n > BIG_MAP_BUSES
     colour_index = zone_colour_index(graph, zone_of_bus, pos)
-    colours = _palette(k)[colour_index]
+    colours = zone_colours(colour_index)
     width = 1.0 if big else 2.5
     fig, ax = plt.subplots(figsize=(13, 10) if big else (9, 7))
     handles: list = []
@@ -236,12 +257,10 @@ def draw_zones(
         )
 
     xy = np.array([pos[b] for b in buses], dtype=float)
-    edges = np.array(list(graph.edges()), dtype=np.int64).reshape(-1, 2)
-    ia, ib = buses.get_indexer(edges[:, 0]), buses.get_indexer(edges[:, 1])
-    ia, ib = ia[(ia >= 0) & (ib >= 0)], ib[(ia >= 0) & (ib >= 0)]
+    ia, ib = zoned_edges(graph, buses)
     ends = np.stack([xy[ia], xy[ib]], axis=1)
     inside = zone[ia] == zone[ib]
-    off_segments, open_switches = _not_connected(net, pos)
+    off_segments, open_switches = not_connected(net, pos)
     if off_segments:
         lines("open", off_segments, LINE_STYLES["open"]["color"], width, 1)
     if inside.any():
@@ -386,10 +405,16 @@ def _zone_labels(fig, ax, medoids: pd.Series, pos: dict, colours, zone_of_bus, k
 
 
 def plot_zones(
-    graph: nx.Graph, net, zone_of_bus: pd.Series, medoids: pd.Series, path: Path, title: str
+    graph: nx.Graph,
+    net,
+    zone_of_bus: pd.Series,
+    medoids: pd.Series,
+    path: Path,
+    title: str,
+    pos: dict | None = None,
 ) -> None:
     """The zone map (``draw_zones``) as a PNG."""
-    save(draw_zones(graph, net, zone_of_bus, medoids, title), path)
+    save(draw_zones(graph, net, zone_of_bus, medoids, title, pos), path)
 
 
 def plot_error_curve(curve: pd.DataFrame, path: Path, title: str) -> None:

@@ -8,6 +8,7 @@ import pandas as pd
 
 from lfm_zonal.check.kpis import REPORT_COLUMNS
 from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
+from lfm_zonal.report.html_map import plotly_available
 from lfm_zonal.study.job import StudyResult, base_case_summary
 
 
@@ -119,7 +120,9 @@ def report_markdown(
         f"Zones at MTU {seg.reference_mtu} ({pf.times[seg.reference_mtu]}), reference MTU rule "
         f"{seg.reference_rule}.",
         "",
-        "Zones: see `zones/` (maps `zones_k<K>.png`, error curve `error_curve.png`).",
+        "Zones: see `zones/` (maps `zones_k<K>.png`"
+        + (", interactive `zones_k<K>.html`" if plotly_available() else "")
+        + ", error curve `error_curve.png`).",
         "",
     ]
     return "\n".join(lines)

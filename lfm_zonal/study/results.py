@@ -22,7 +22,9 @@ from lfm_zonal.grid.violations import violated_state
 from lfm_zonal.market.clearing import MarketResult
 from lfm_zonal.progress import elapsed_s as progress_elapsed_s
 from lfm_zonal.progress import stage
+from lfm_zonal.report.html_map import write_zone_map_html
 from lfm_zonal.report.plots import (
+    bus_positions,
     plot_before_after,
     plot_error_curve,
     plot_k_comparison,
@@ -182,9 +184,12 @@ def read_sensitivities(path: str | Path) -> Sensitivities:
 
 
 def write_zones(seg: Segmentation, zone_sets: list[Zones], folder: Path, grid_name: str) -> None:
-    """zones.csv, zone_errors.csv, zonal indices per K, error curve over every K, zone maps."""
+    """zones.csv, zone_errors.csv, zonal indices per K, error curve over every K, zone maps
+    (PNG, and HTML when plotly is installed; the bus positions computed once for every K)."""
     folder.mkdir(parents=True, exist_ok=True)
     rows, errors = [], []
+    net = seg.pf.grid.net
+    pos = bus_positions(net, seg.graph)
     for zones in zone_sets:
         idx = seg.indices(zones)
         med = seg.medoids(zones)
@@ -209,15 +214,20 @@ def write_zones(seg: Segmentation, zone_sets: list[Zones], folder: Path, grid_na
             write_csv(getattr(idx, name), sub / f"{name}.csv")
         write_csv(idx.element_error, sub / "element_error.csv")
         err = idx.overall_error()
-        plot_zones(
-            seg.graph,
-            seg.pf.grid.net,
-            zones.zone_of_bus,
-            med,
-            folder / f"zones_k{zones.k}.png",
+        title = (
             f"{grid_name}: K = {zones.k} zones ({zones.method}), error "
-            f"loading {err['loading']:.2f} / voltage {err['vm']:.2f}",
+            f"loading {err['loading']:.2f} / voltage {err['vm']:.2f}"
         )
+        for draw, suffix in ((plot_zones, "png"), (write_zone_map_html, "html")):
+            draw(
+                seg.graph,
+                net,
+                zones.zone_of_bus,
+                med,
+                folder / f"zones_k{zones.k}.{suffix}",
+                title,
+                pos,
+            )
         stage(f"zones: K = {zones.k} indices and map written")
     write_csv(pd.concat(rows, ignore_index=True), folder / "zones.csv", index=False)
     columns = ["k", "zone", "buses", "weight", "medoid", "loading_error", "vm_error"]
