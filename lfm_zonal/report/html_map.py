@@ -32,6 +32,8 @@ from lfm_zonal.report.plots import (
     zoned_edges,
 )
 
+#: plotly.js beside the pages (``include_plotlyjs="directory"`` names it so).
+PLOTLY_BUNDLE = "plotly.min.js"
 HTML_DIV_ID = "lfm-zonal-zone-map"  # plotly writes a random div id otherwise: stable bytes
 HTML_CONFIG = {"scrollZoom": True, "displaylogo": False}
 SIGNIFICANT_DIGITS_OF_SPAN = 6  # coordinates rounded to 1e-6 of the map's extent
@@ -316,18 +318,26 @@ def write_zone_map_html(
     title: str,
     pos: dict | None = None,
 ):
-    """The zone map (``zone_map_figure``) as a self-contained HTML page (plotly.js inside,
-    fixed div id: the same inputs give the same bytes). Returns the figure, or None and
-    writes nothing when plotly is not installed."""
+    """The zone map (``zone_map_figure``) as an HTML page that opens offline: plotly.js
+    is ``plotly.min.js`` beside it (written once per folder, 4.8 MB; the maps of every K
+    share it, each page is the map's data only), and the div id is fixed, so the same
+    inputs give the same bytes. Returns the figure, or None and writes nothing when plotly
+    is not installed."""
     if not plotly_available():
         return None
     figure = zone_map_figure(graph, net, zone_of_bus, medoids, title, pos)
     page = figure.to_html(
-        include_plotlyjs=True,
+        include_plotlyjs="directory",
         full_html=True,
         div_id=HTML_DIV_ID,
         config=HTML_CONFIG,
         default_height="100vh",
     )
-    Path(path).write_text(page, encoding="utf-8")
+    path = Path(path)
+    path.write_text(page, encoding="utf-8")
+    bundle = path.parent / PLOTLY_BUNDLE
+    if not bundle.exists():
+        from plotly.offline import get_plotlyjs
+
+        bundle.write_text(get_plotlyjs(), encoding="utf-8")
     return figure
