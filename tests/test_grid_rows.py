@@ -97,3 +97,60 @@ def test_nodal_market_with_adjoint_rows_is_the_dense_market(shipped):
         dense["security_adjusted_cost_eur"], rel=1e-3
     )
     assert adjoint["residual_violations"] == dense["residual_violations"]
+
+
+def test_rows_come_by_transposed_solves_then_from_the_state_sensitivity():
+    """Adjoint rows of a few zones: the first rows asked for of an MTU come by transposed
+    solves; once 2K rows have been asked for, the state's sensitivity to every area is made
+    and kept, and every row after comes from it. Both give the dense coefficients; beyond
+    the budget the least recently used is dropped and its count starts again."""
+    from test_market import market_case
+
+    from lfm_zonal.grid.linear import StateSensitivities
+
+    pf, _, seg = market_case("cigre_mv", 1.25, 0.2)
+    zones = seg.zones(3)
+    dense, adjoint = _both(pf, zones.aggregation(seg.weights), None)
+    lin0, lin1 = adjoint.rows.linearisations[:2]
+    states = adjoint.rows.states
+    rows = np.random.default_rng(1).permutation(dense.n_rows)[:10]
+    for i, r in enumerate(rows):
+        assert (states.kept(lin0) is not None) == (i >= 2 * 3)  # made by the 6th row
+        got = adjoint.rows.coefficients(np.array([0]), np.array([r]))
+        want = dense.rows.coefficients(np.array([0]), np.array([r]))
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+    # A budget for one: the next MTU's state sensitivity drops the first one's.
+    small = StateSensitivities(budget_bytes=1)
+    seeds = np.arange(6), np.arange(0)
+    for lin in (lin0, lin1):
+        small.rows(lin, adjoint.rows.W, *seeds)
+    assert small.kept(lin0) is None and small.kept(lin1) is not None
+    dp, _ = small.rows(lin0, adjoint.rows.W, np.arange(1), np.arange(0))  # counted anew
+    assert small.kept(lin0) is None
+    np.testing.assert_allclose(dp, dense.rows.coefficients(np.array([0]), np.array([0]))[0])
+
+
+def test_scales_learnt_from_the_base_rows_only():
+    """RowScales keeps the scales of rows whose coefficients a market's first LP computed on
+    the base linearisation (no second solve), through a block's view too, and ignores
+    coefficients of another linearisation (a later sequential-LP round)."""
+    from test_market import market_case
+
+    pf, _, seg = market_case("cigre_mv", 1.25, 0.2)
+    W = seg.zones(3).aggregation(seg.weights)
+    mtus = mtus_to_clear(pf)
+    base = linear_grid(pf, W, "jacobian", mtus, representation="adjoint")
+    other = linear_grid(pf, W, "jacobian", mtus[::-1], representation="adjoint")
+    assert len(mtus) > 1
+    t, r = np.array([1, 1]), np.array([0, base.n_rows - 1])
+    truth = RowScales(base).of(t, r)
+    scales = RowScales(base)
+    keep = np.zeros(len(mtus), bool)
+    keep[1] = True
+    block, in_block = base.select(keep), scales.select(keep)
+    cp, cq = block.rows.coefficients(np.zeros(2, np.int64), r)
+    in_block.learn(other.select(keep).rows, np.zeros(2, np.int64), r, 7 * cp, 7 * cq)
+    assert np.isnan(scales._value[t, r]).all()  # not its linearisation: not learnt
+    in_block.learn(block.rows, np.zeros(2, np.int64), r, cp, cq)
+    np.testing.assert_array_equal(scales._value[t, r], truth)

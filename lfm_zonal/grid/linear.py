@@ -18,9 +18,11 @@ The sensitivities have two representations with the same values:
     Per MTU the sparse factorised Jacobian J, the sparse derivatives of loading and
     voltage with respect to the state [dtheta; dV], and W. A row's coefficients on the
     areas are computed when the LP asks for that row, by one transposed solve
-    (w = J^-T d row / dx, coefficients = W^T E^T w); the linearised state of every row
-    after area injections p is one solve per MTU (J dx = E W p). Memory grows with the
-    branches and MTUs, not with buses x areas: the nodal market and large K.
+    (w = J^-T d row / dx, coefficients = W^T E^T w), or, for a few areas once an MTU's
+    rows asked for add up to 2K, from the state's sensitivity to every area
+    (``StateSensitivities``: J^-1 E W, kept for the last MTUs); the linearised state of
+    every row after area injections p is one solve per MTU (J dx = E W p). Memory grows
+    with the branches and MTUs, not with buses x areas: the nodal market and large K.
 
 ``linear_grid`` picks the dense arrays where they fit in DENSE_ROWS_MAX_BYTES, else the
 adjoint rows (``representation`` forces one; a test checks that both clear alike).
@@ -35,7 +37,8 @@ screened rows as dense adjoint rows (1,007 rows) solved in 11 s on a loaded mach
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -66,6 +69,14 @@ DENSE_ROWS_MAX_BYTES = 256 * 2**20
 #: Rows whose coefficients one transposed solve computes at a time (bounds its memory:
 #: states x rows).
 ADJOINT_CHUNK_ROWS = 256
+#: Up to this many areas, adjoint rows take an MTU's coefficients from the state's
+#: sensitivity to every area (one solve of 2K right-hand sides per linearisation, kept in
+#: ``StateSensitivities``) instead of one transposed solve per row: a zonal LP asks for
+#: far more than 2K rows of an MTU over its generation rounds and its scales. The nodal
+#: market (K = buses) stays with the transposed solves.
+FORWARD_MAX_AREAS = 128
+#: Bytes of state sensitivities an AdjointRows keeps (the last MTUs' linearisations).
+FORWARD_CACHE_BYTES = 64 * 2**20
 
 
 class GridRows(Protocol):
@@ -128,6 +139,63 @@ class DenseRows:
         return np.concatenate([row_scale(self.sl_p, self.sl_q), sv, sv], axis=1)
 
 
+class StateSensitivities:
+    """dx per area injection (states x 2K, ``JacobianLinearisation.state_sensitivity``) of
+    the linearisations whose rows are asked for most, up to ``budget_bytes``.
+
+    A linearisation's state sensitivity costs one solve of 2K right-hand sides, its rows
+    one right-hand side each by transposed solves. Which pays depends on how many rows
+    will be asked for, so rows are solved apart until they add up to 2K; then the state
+    sensitivity is made and kept (at most twice the work of the better choice made in
+    hindsight). The least recently used are dropped beyond the budget, and their count
+    starts again.
+    """
+
+    def __init__(self, budget_bytes: int = FORWARD_CACHE_BYTES) -> None:
+        self.budget_bytes = budget_bytes
+        # id(lin) -> (lin, its state sensitivity or None, rows asked for while None)
+        self._by_id: OrderedDict[int, list] = OrderedDict()
+        self._bytes = 0
+
+    def kept(self, lin: JacobianLinearisation) -> np.ndarray | None:
+        """The state sensitivity of ``lin`` if it is kept, else None."""
+        entry = self._by_id.get(id(lin))
+        if entry is None or entry[0] is not lin or entry[1] is None:
+            return None
+        self._by_id.move_to_end(id(lin))
+        return entry[1]
+
+    def rows(
+        self, lin: JacobianLinearisation, W: sp.csr_matrix, branches: np.ndarray, buses: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The coefficients of rows (the loading of ``branches``, then the vm of ``buses``)
+        on the areas' P and Q (``rows_sensitivity`` with the patterns W)."""
+        K = W.shape[1]
+        dx = self.kept(lin)
+        if dx is None:
+            entry = self._by_id.get(id(lin))
+            if entry is None or entry[0] is not lin:
+                entry = self._by_id[id(lin)] = [lin, None, 0]  # holds lin: its id stays
+            entry[2] += len(branches) + len(buses)
+            if entry[2] < 2 * K:
+                return lin.rows_sensitivity(branches, buses, W)
+            dx = entry[1] = lin.state_sensitivity(W)
+            self._by_id.move_to_end(id(lin))
+            self._bytes += dx.nbytes
+            self._drop_beyond_budget()
+        c = lin.row_seeds(branches, buses) @ dx
+        return c[:, :K], c[:, K:]
+
+    def _drop_beyond_budget(self) -> None:
+        for key in list(self._by_id):
+            if self._bytes <= self.budget_bytes:
+                return
+            entry = self._by_id[key]
+            if entry[1] is not None and key != next(reversed(self._by_id)):
+                self._bytes -= entry[1].nbytes
+                del self._by_id[key]
+
+
 @dataclass(frozen=True)
 class AdjointRows:
     """Per MTU the Jacobian linearisation and the areas' weights W; coefficients on demand."""
@@ -137,6 +205,10 @@ class AdjointRows:
     n_branch: int
     n_bus: int
     dense = False
+    # Shared by the copies ``select`` makes (the blocks of one market's LPs).
+    states: StateSensitivities = field(
+        default_factory=StateSensitivities, repr=False, compare=False
+    )
 
     @property
     def k(self) -> int:
@@ -148,7 +220,11 @@ class AdjointRows:
         with one_blas_thread():
             for i, lin in enumerate(self.linearisations):
                 if np.any(p[i]) or np.any(q[i]):
-                    dx = lin.state_change(self.W @ p[i], self.W @ q[i])
+                    kept = self.states.kept(lin)  # no solve where it is at hand
+                    if kept is not None:
+                        dx = kept @ np.r_[p[i], q[i]]
+                    else:
+                        dx = lin.state_change(self.W @ p[i], self.W @ q[i])
                     loading[i], vm[i] = lin.dloading_dx @ dx, lin.E_q.T @ dx
         return loading, vm
 
@@ -162,9 +238,12 @@ class AdjointRows:
                     at = rows[t[rows] == tt]
                     is_line = r[at] < self.n_branch
                     line, bus = at[is_line], at[~is_line]
-                    dp, dq = self.linearisations[tt].rows_sensitivity(
-                        r[line], (r[bus] - self.n_branch) % self.n_bus, self.W
-                    )
+                    lin = self.linearisations[tt]
+                    branches, buses = r[line], (r[bus] - self.n_branch) % self.n_bus
+                    if self.k <= FORWARD_MAX_AREAS:
+                        dp, dq = self.states.rows(lin, self.W, branches, buses)
+                    else:
+                        dp, dq = lin.rows_sensitivity(branches, buses, self.W)
                     cp[np.r_[line, bus]], cq[np.r_[line, bus]] = dp, dq
         return cp, cq
 
@@ -270,6 +349,21 @@ class RowScales:
             cp, cq = self._rows.coefficients(todo[:, 0], todo[:, 1])
             self._value[todo[:, 0], todo[:, 1]] = row_scale(cp, cq)
         return self._value[t, r]
+
+    def learn(
+        self, rows: GridRows, t: np.ndarray, r: np.ndarray, cp: np.ndarray, cq: np.ndarray
+    ) -> None:
+        """Keep the scales of rows (t, r) from their coefficients ``cp``, ``cq`` on ``rows``
+        where those are this object's own linearisation of MTU t (a market's first LPs, on
+        the base case), so that ``of`` needs no second solve for them."""
+        own = getattr(self._rows, "linearisations", None)
+        theirs = getattr(rows, "linearisations", None)
+        if own is None or theirs is None or len(t) == 0:
+            return  # dense rows: every scale is at hand
+        t, r = np.asarray(t, np.int64), np.asarray(r, np.int64)
+        same = np.array([theirs[i] is own[j] for i, j in zip(t, self._t[t], strict=True)])
+        tt, rr = self._t[t[same]], r[same]
+        self._value[tt, rr] = row_scale(cp[same], cq[same])
 
     def ranking(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:
         """A unit that orders rows for the screen: the scales where every coefficient is at

@@ -200,7 +200,9 @@ class JacobianLinearisation:
     # depend on the bus types only) that a LinearisationCache holds; None: made each time.
     pattern_rhs: PatternRhs | None = field(default=None, repr=False, compare=False)
 
-    def sensitivities(self, patterns: sp.spmatrix | None) -> SensitivityArrays:
+    def state_sensitivity(self, patterns: sp.spmatrix | None) -> np.ndarray:
+        """dx per MW, then per Mvar, of every pattern (states x 2 patterns): one solve with
+        J of all the patterns' right-hand sides."""
         rhs = None if self.pattern_rhs is None else self.pattern_rhs.get(patterns)
         if rhs is None:
             E_p, E_q = self.E_p, self.E_q
@@ -209,8 +211,11 @@ class JacobianLinearisation:
             rhs = sp.hstack([E_p, E_q]).toarray()
             if self.pattern_rhs is not None and patterns is not None:
                 self.pattern_rhs.put(patterns, rhs)
-        m = rhs.shape[1] // 2
-        dx = self.lu.solve(rhs) / self.base_mva
+        return self.lu.solve(rhs) / self.base_mva
+
+    def sensitivities(self, patterns: sp.spmatrix | None) -> SensitivityArrays:
+        dx = self.state_sensitivity(patterns)
+        m = dx.shape[1] // 2
         dloading = self.dloading_dx @ dx  # loading_percent per MW (Mvar)
         dvm = self.E_q.T @ dx
         return SensitivityArrays(
@@ -232,12 +237,17 @@ class JacobianLinearisation:
         (positions), then d vm_pu of the buses at positions ``vm_buses``, per MW and per Mvar
         of every pattern (rows x patterns), by transposed solves (one per row) instead of
         solves for every pattern (the adjoint method)."""
-        seeds = sp.vstack([self.dloading_dx[branches], self.E_q[:, vm_buses].T]).toarray()
+        seeds = self.row_seeds(branches, vm_buses).toarray()
         w = self.lu.solve(seeds.T, trans="T") / self.base_mva  # states x rows
         dp, dq = (self.E_p.T @ w).T, (self.E_q.T @ w).T  # rows x buses
         if patterns is not None:
             dp, dq = np.asarray(dp @ patterns), np.asarray(dq @ patterns)
         return dp, dq
+
+    def row_seeds(self, branches: np.ndarray, vm_buses: np.ndarray) -> sp.csr_matrix:
+        """d row / dx of the monitored ``branches``' loading_percent, then of the vm_pu of
+        the buses at positions ``vm_buses`` (rows x states, sparse)."""
+        return sp.vstack([self.dloading_dx[branches], self.E_q[:, vm_buses].T]).tocsr()
 
     def row_sensitivity(self, loading: bool, row: int) -> tuple[np.ndarray, np.ndarray]:
         """One row of ``sensitivities(None)``: d loading_percent of monitored branch ``row``

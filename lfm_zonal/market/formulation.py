@@ -487,6 +487,7 @@ def define_grid_rows(
     n_l, n_b = len(grid.branches), len(grid.buses)
     is_line, upper = r < n_l, r < n_l + n_b
     cp, cq = grid.rows.coefficients(t, r)
+    scales.learn(grid.rows, t, r, cp, cq)
     base = np.empty(n)
     base[is_line] = grid.loading0[t[is_line], r[is_line]]
     base[~is_line] = grid.vm0[t[~is_line], (r[~is_line] - n_l) % n_b]
