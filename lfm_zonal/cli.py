@@ -45,7 +45,13 @@ from lfm_zonal.config import (  # noqa: E402
 )
 from lfm_zonal.errors import InputError, LfmError, SolverError  # noqa: E402
 from lfm_zonal.files import SENSITIVITY_FORMATS  # noqa: E402
-from lfm_zonal.progress import finished, inputs_accepted, reporting, stage  # noqa: E402
+from lfm_zonal.progress import (  # noqa: E402
+    checked_when_accepted,
+    finished,
+    inputs_accepted,
+    reporting,
+    stage,
+)
 from lfm_zonal.study.scenario import (  # noqa: E402
     DEFAULT_SCENARIO,
     Scenario,
@@ -851,6 +857,19 @@ def _claim(args: argparse.Namespace, inputs: list[Path]):
     return claim_output(out, kind=kind, overwrite=overwrite, inputs=inputs, exists_ok=True)
 
 
+def _writable(args: argparse.Namespace, inputs: list[Path]) -> None:
+    """--out may be written as the command will write it (``_claim`` leaves the refusal of
+    a taken --out to here, once the inputs are accepted, so that an input mistake is
+    reported first and a taken folder before the work)."""
+    from lfm_zonal.files.outputs import check_output_path
+
+    kind = OUTPUT_KIND.get(args.command)
+    out = getattr(args, "out", None)
+    if kind in ("folder", "file") and out is not None and not getattr(args, "list", False):
+        overwrite = getattr(args, "overwrite", False)
+        check_output_path(out, kind=kind, overwrite=overwrite, inputs=inputs)
+
+
 @contextlib.contextmanager
 def _signals_as_exceptions():
     """SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP raise Terminated, so every
@@ -903,7 +922,11 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.filterwarnings("ignore")
             inputs = _declared_inputs(args)
             shows_progress = args.command in PROGRESS_COMMANDS and not args.quiet
-            with _claim(args, inputs), reporting(shows_progress):
+            with (
+                _claim(args, inputs),
+                checked_when_accepted(lambda: _writable(args, inputs)),
+                reporting(shows_progress),
+            ):
                 args.func(args)
                 finished()
         except LfmError as exc:

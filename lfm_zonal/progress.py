@@ -22,7 +22,7 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 #: Seconds the lines of the first stages are held back at most (see the module docstring).
 HOLD_S = 20.0
@@ -100,8 +100,27 @@ def stage(message: str) -> None:
         reporter.line(message)
 
 
+#: Checks to run when a command's inputs are accepted (``checked_when_accepted``).
+_CHECKS: list[Callable[[], None]] = []
+
+
+@contextlib.contextmanager
+def checked_when_accepted(check: Callable[[], None]) -> Iterator[None]:
+    """Run ``check`` (which refuses by raising) as the last input check of the block's
+    command, at :func:`inputs_accepted`: the command line checks there that ``--out`` may
+    be written, so that a taken folder is refused before the work, not after it."""
+    _CHECKS.append(check)
+    try:
+        yield
+    finally:
+        _CHECKS.remove(check)
+
+
 def inputs_accepted() -> None:
-    """Every input of the command has been checked: held lines go out, later ones at once."""
+    """Every input of the command has been checked (the last ones by the checks of
+    :func:`checked_when_accepted`): held lines go out, later ones at once."""
+    for check in list(_CHECKS):
+        check()
     reporter = _ACTIVE
     if reporter is not None:
         reporter.release()

@@ -105,6 +105,28 @@ def test_a_solver_failure_gives_one_line_and_exit_code_1(capsys, tmp_path, monke
     assert not any(tmp_path.iterdir())  # no results folder
 
 
+def test_a_taken_out_is_refused_before_the_markets(capsys, tmp_path, monkeypatch):
+    """run --out on a folder that is not empty: one line, exit code 2, once the inputs are
+    accepted and before any market is cleared (on a big grid, minutes not lost); the folder
+    is left as it was."""
+    import lfm_zonal.study.job as job
+
+    def no_market(*args, **kwargs):
+        raise AssertionError("a market was cleared")
+
+    monkeypatch.setattr(job, "clear_market", no_market)
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    code, _, err = run_cli(capsys, "run", "--out", str(out))  # with progress lines
+    assert code == 2
+    assert (
+        err == f"lfm-zonal: error: output folder {out} exists and is not empty (use --overwrite)\n"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.slow
 def test_run_writes_a_complete_folder_only(capsys, tmp_path):
     out = tmp_path / "results"
