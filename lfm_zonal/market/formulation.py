@@ -448,18 +448,27 @@ def leave_out_small_terms(
     with the limit tightened by that worst case holds for every solution that keeps the
     shortened row: the LP stays on the safe side of the full one, by at most ``budget``.
     """
-    with np.errstate(invalid="ignore"):  # 0 x inf: a zero coefficient reaches nothing
-        reach = np.where(coef != 0.0, np.abs(coef) * quantity, 0.0)
-    ordered = np.sort(reach, axis=1)
-    fits = (np.cumsum(ordered, axis=1) <= budget[:, None]).sum(axis=1)
+    bounded = np.isfinite(quantity)
+    reach = np.abs(coef) * np.where(bounded, quantity, 0.0)
+    if not bounded.all():  # an unbounded step reaches without bound, unless its coefficient is 0
+        reach[:, ~bounded] = np.where(coef[:, ~bounded] != 0.0, np.inf, 0.0)
+    # Ordered in single precision (twice as fast as double; a nodal row of SimBench MV+LV has
+    # 10,000 terms) and compared in it, within a budget shrunk by more than its rounding:
+    # what is left out still sums to at most the budget.
+    single = reach.astype(np.float32)
+    ordered = np.sort(single, axis=1)
+    shrunk = (1.0 - 1e-6) * budget[:, None]
+    prefix = int((ordered <= shrunk).sum(axis=1).max(initial=0))  # only these can fit
+    fits = (np.cumsum(ordered[:, :prefix].astype(np.float64), axis=1) <= shrunk).sum(axis=1)
     # Left out: the reaches below the first one that does not fit (ties stay in).
-    first_kept = np.append(ordered, np.full((len(coef), 1), np.inf), axis=1)[
+    first_kept = np.append(ordered, np.full((len(coef), 1), np.inf, np.float32), axis=1)[
         np.arange(len(coef)), fits
     ]
-    out = reach < first_kept[:, None]
-    worst = np.where(out, coef, 0.0) * np.where(np.isfinite(quantity), quantity, 0.0)
-    towards = np.stack([np.clip(worst, 0.0, None).sum(1), np.clip(worst, None, 0.0).sum(1)], 1)
-    return np.where(out, 0.0, coef), towards
+    out = single < first_kept[:, None]
+    worst = coef * np.where(bounded, quantity, 0.0) * out
+    most = np.clip(worst, 0.0, None).sum(axis=1)
+    towards = np.stack([most, worst.sum(axis=1) - most], axis=1)
+    return coef * ~out, towards
 
 
 def define_grid_rows(
