@@ -845,15 +845,23 @@ def _files_named_in(toml_text: str, origin: Path) -> list[Path]:
     return found
 
 
+def _written_out(args: argparse.Namespace) -> tuple[str, str, bool] | None:
+    """(kind, --out, --overwrite) of a command that writes a folder or a file, else None."""
+    kind = OUTPUT_KIND.get(args.command)
+    out = getattr(args, "out", None)
+    if kind not in ("folder", "file") or out is None or getattr(args, "list", False):
+        return None
+    return kind, out, getattr(args, "overwrite", False)
+
+
 def _claim(args: argparse.Namespace, inputs: list[Path]):
     """Hold --out for the whole command: checked and locked before any work."""
     from lfm_zonal.files.outputs import claim_output
 
-    kind = OUTPUT_KIND.get(args.command)
-    out = getattr(args, "out", None)
-    if kind not in ("folder", "file") or out is None or getattr(args, "list", False):
+    written = _written_out(args)
+    if written is None:
         return contextlib.nullcontext()
-    overwrite = getattr(args, "overwrite", False)
+    kind, out, overwrite = written
     return claim_output(out, kind=kind, overwrite=overwrite, inputs=inputs, exists_ok=True)
 
 
@@ -863,10 +871,9 @@ def _writable(args: argparse.Namespace, inputs: list[Path]) -> None:
     reported first and a taken folder before the work)."""
     from lfm_zonal.files.outputs import check_output_path
 
-    kind = OUTPUT_KIND.get(args.command)
-    out = getattr(args, "out", None)
-    if kind in ("folder", "file") and out is not None and not getattr(args, "list", False):
-        overwrite = getattr(args, "overwrite", False)
+    written = _written_out(args)
+    if written is not None:
+        kind, out, overwrite = written
         check_output_path(out, kind=kind, overwrite=overwrite, inputs=inputs)
 
 

@@ -486,9 +486,9 @@ def define_grid_rows(
     Row (t, r) (loading, then upper, then lower voltage limits) reads
     ``sum_a cp_a p_ta + cq_a q_ta - sense s <= or >= rhs`` on the area columns, or (``areas``
     None) with the area injections written out over the MTU's selected bid steps (from
-    ROW_LEAVE_OUT_FROM_STEPS of them, less the terms ``leave_out_small_terms`` leaves out,
-    the limit tightened by what they can do),
-    every coefficient divided by the row's scale g so that its slack s is MW-equivalent."""
+    ROW_LEAVE_OUT_FROM_STEPS steps on, less the terms ``leave_out_small_terms`` leaves out
+    and with the limit tightened by what they can do), every coefficient divided by the
+    row's scale g so that its slack s is MW-equivalent."""
     n = len(rows)
     if n == 0:
         return GridRows.none(grid.k)
