@@ -313,10 +313,13 @@ class GridRows:
         empty = np.zeros(0, np.int64)
         return GridRows(empty.reshape(0, 2), empty, empty, np.zeros((0, k)), np.zeros((0, k)))
 
-    def __add__(self, later: GridRows) -> GridRows:
-        return GridRows(
-            *(np.concatenate([getattr(self, f), getattr(later, f)]) for f in _GRID_ROW_FIELDS)
-        )
+    @staticmethod
+    def joined(parts: list[GridRows]) -> GridRows:
+        """The rows of ``parts`` in order, as one (joined once: a generation round only adds a
+        part, where joining every round copied the nodal coefficients quadratically)."""
+        if len(parts) == 1:
+            return parts[0]
+        return GridRows(*(np.concatenate([getattr(p, f) for p in parts]) for f in _GRID_ROW_FIELDS))
 
 
 _GRID_ROW_FIELDS = ("rows", "row", "slack_col", "cp", "cq")

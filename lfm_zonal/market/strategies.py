@@ -35,6 +35,7 @@ from lfm_zonal.grid.sensitivity import LinearisationCache
 from lfm_zonal.grid.violations import largest_per_mtu
 from lfm_zonal.market.bids import merit_order_fill
 from lfm_zonal.market.formulation import (
+    GridRows,
     LpBuilder,
     MarketBids,
     build_clearing_lp,
@@ -144,7 +145,7 @@ class ClearingModel:
             self.p_bounds,
         )
         self.highs = self.lp.builder.highs()
-        self.grid_rows = self.lp.grid
+        self.grid_parts = [self.lp.grid]  # the LP's grid rows, joined once at the end
         self.rows = list(rows)
 
     def _add_grid_rows(self, rows: list[tuple[int, int]]) -> None:
@@ -161,7 +162,7 @@ class ClearingModel:
             self.lp.areas,
         )
         lp.append_to(self.highs)
-        self.grid_rows += added
+        self.grid_parts.append(added)
         self.rows += rows
 
     def _spent(self, **effort) -> None:
@@ -273,7 +274,7 @@ class ClearingModel:
             if areas.q_row is not None:
                 price_q[b.pair_t, b.pair_area] = -duals[areas.q_row]
         else:
-            rows = self.grid_rows
+            rows = GridRows.joined(self.grid_parts)
             y = duals[rows.row]
             for tt in np.unique(rows.rows[:, 0]):
                 i = rows.rows[:, 0] == tt
@@ -287,7 +288,8 @@ class ClearingModel:
 
     def _solution(self, x, p, q) -> Solution:
         T = len(self.grid.mtus)
-        slack = np.asarray(self.highs.getSolution().col_value)[self.grid_rows.slack_col]
+        slack_col = np.concatenate([part.slack_col for part in self.grid_parts])
+        slack = np.asarray(self.highs.getSolution().col_value)[slack_col]
         slack_mw = np.zeros(T)
         if len(self.rows):  # the worst row of each MTU: MW the best area would need
             t = np.array([row[0] for row in self.rows], np.int64)
