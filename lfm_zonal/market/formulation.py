@@ -452,7 +452,8 @@ def leave_out_small_terms(
     shortened row: the LP stays on the safe side of the full one, by at most ``budget``.
     """
     bounded = np.isfinite(quantity)
-    reach = np.abs(coef) * np.where(bounded, quantity, 0.0)
+    mw = np.where(bounded, quantity, 0.0)  # an unbounded step's reach: set below
+    reach = np.abs(coef) * mw
     if not bounded.all():  # an unbounded step reaches without bound, unless its coefficient is 0
         reach[:, ~bounded] = np.where(coef[:, ~bounded] != 0.0, np.inf, 0.0)
     # Ordered in single precision (twice as fast as double; a nodal row of SimBench MV+LV has
@@ -468,7 +469,7 @@ def leave_out_small_terms(
         np.arange(len(coef)), fits
     ]
     out = single < first_kept[:, None]
-    worst = coef * np.where(bounded, quantity, 0.0) * out
+    worst = coef * mw * out
     most = np.clip(worst, 0.0, None).sum(axis=1)
     towards = np.stack([most, worst.sum(axis=1) - most], axis=1)
     return coef * ~out, towards
