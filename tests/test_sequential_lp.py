@@ -289,7 +289,7 @@ def test_rows_without_their_small_terms_stay_on_the_safe_side(monkeypatch):
         return kept, towards
 
     monkeypatch.setattr(formulation, "leave_out_small_terms", counted)
-    monkeypatch.setattr(formulation, "ROW_LEAVE_OUT_FROM_STEPS", 1)  # CIGRE's rows are short
+    monkeypatch.setattr(formulation, "LONG_ROW_STEPS", 1)  # CIGRE's rows are short
     # Paid to be accepted: every step is taken up to what the rows allow, the steps of the
     # left-out terms too, so the rows are met only thanks to the tightened limits.
     steps["price_eur_per_mwh"] = -1.0

@@ -46,6 +46,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from lfm_zonal.errors import InputError
+from lfm_zonal.grid.feeders import AreaFeeders, area_feeders
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
 from lfm_zonal.grid.sensitivity import (
     JacobianLinearisation,
@@ -90,6 +91,9 @@ class GridRows(Protocol):
 
     #: True where every row's coefficients are at hand (the screen ranks rows by them).
     dense: bool
+    #: The feeders by area (``grid.feeders.AreaFeeders``) whose equivalents ``equivalents``
+    #: gives per MTU, or None.
+    feeders: AreaFeeders | None
 
     def delta(self, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Change of loading (T x branches) and voltage (T x buses) after area injections p,
@@ -111,6 +115,7 @@ class DenseRows:
     sv_p: np.ndarray  # (T, n_bus, K) p.u. per MW
     sv_q: np.ndarray
     dense = True
+    feeders = None  # every coefficient is at hand: no feeder equivalents
 
     @property
     def k(self) -> int:
@@ -208,10 +213,13 @@ class AdjointRows:
     n_branch: int
     n_bus: int
     dense = False
+    #: The feeders (``grid.feeders``) where every area is one bus, else None.
+    feeders: AreaFeeders | None = None
     # Shared by the copies ``select`` makes (the blocks of one market's LPs).
     states: StateSensitivities = field(
         default_factory=StateSensitivities, repr=False, compare=False
     )
+    _equivalents: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def k(self) -> int:
@@ -253,6 +261,16 @@ class AdjointRows:
     def select(self, keep: np.ndarray) -> AdjointRows:
         kept = tuple(lin for lin, k in zip(self.linearisations, keep, strict=True) if k)
         return replace(self, linearisations=kept)
+
+    def equivalents(self, t: int) -> np.ndarray:
+        """The feeder equivalents of MTU t's linearisation by area (``AreaFeeders.equivalents``;
+        computed once per linearisation)."""
+        lin = self.linearisations[t]
+        entry = self._equivalents.get(id(lin))
+        if entry is None or entry[0] is not lin:
+            with one_blas_thread():
+                entry = self._equivalents[id(lin)] = (lin, self.feeders.equivalents(lin))
+        return entry[1]
 
 
 @dataclass(frozen=True)
@@ -433,7 +451,7 @@ def linear_grid(
     else:
         with one_blas_thread():
             lins = tuple(linearisation(model, V[i], cache) for i in range(T))
-        rows = AdjointRows(lins, W, n_l, n_b)
+        rows = AdjointRows(lins, W, n_l, n_b, area_feeders(model, W))
     loading0 = model.loading_percent(V).reshape(T, n_l)
     vm0 = model.vm_pu(V).reshape(T, n_b)
     if p_prev is not None:

@@ -196,6 +196,7 @@ class JacobianLinearisation:
     E_p: sp.csr_matrix  # states x buses: the P mismatch row of each pandapower bus
     E_q: sp.csr_matrix  # the Q mismatch row (also the bus's Vm state; PQ buses only)
     base_mva: float
+    J: sp.csc_matrix | None = field(default=None, repr=False, compare=False)  # factorised in lu
     # [E_p W, E_q W] by pattern W, shared by the linearisations of one model (E_p and E_q
     # depend on the bus types only) that a LinearisationCache holds; None: made each time.
     pattern_rhs: PatternRhs | None = field(default=None, repr=False, compare=False)
@@ -345,7 +346,7 @@ class LinearisationCache:
         the sparse derivatives (within about 10% of the measured growth of resident memory on
         synthetic_radial_2000 and 1-MVLV-rural-all-0-sw)."""
         lu_bytes = lin.lu.nnz * SUPERLU_BYTES_PER_NONZERO + 2 * 4 * lin.lu.shape[0]
-        matrices = (lin.dloading_dx, lin.E_p, lin.E_q)
+        matrices = [m for m in (lin.dloading_dx, lin.E_p, lin.E_q, lin.J) if m is not None]
         return lu_bytes + sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in matrices)
 
     def at(self, V: np.ndarray) -> JacobianLinearisation:
@@ -402,13 +403,24 @@ def _linearise(model: NetworkModel, V: np.ndarray) -> JacobianLinearisation:
         ),
         shape=(len(model.branch_rows), E_p.shape[0]),
     )
+    J = model.jacobian(V)
     return JacobianLinearisation(
-        lu=splu(model.jacobian(V)),
+        lu=splu(J),
         dloading_dx=dloading_dx,
         E_p=E_p,
         E_q=E_q,
         base_mva=model.base_mva,
+        J=J,
     )
+
+
+def model_states(
+    model: NetworkModel,
+) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix, sp.csr_matrix]:
+    """The state index of each internal bus's angle and magnitude (-1: none; also its P and
+    Q mismatch row) and the selectors E_p, E_q (states x pandapower buses) of ``model``."""
+    va_state, vm_state, E_p, E_q, _ = _model_constants(model)
+    return va_state, vm_state, E_p, E_q
 
 
 def _model_constants(model: NetworkModel):

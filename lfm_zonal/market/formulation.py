@@ -53,7 +53,7 @@ INF = highspy.kHighsInf
 #: their own (``wants_area_columns``). A grid row then has K coefficients instead of one per
 #: step: zonal K = 64 on SimBench 1-MVLV-rural-all-0-sw has about 160 steps per pair.
 AREA_COLUMNS_STEPS_PER_PAIR = 4
-#: A grid row written over at least ROW_LEAVE_OUT_FROM_STEPS bid steps leaves out its
+#: A grid row written over at least LONG_ROW_STEPS bid steps leaves out its
 #: smallest terms while what they can do sums to at most ROW_LEAVE_OUT_SHARE of its
 #: violation tolerance, and its limit is tightened by that (``leave_out_small_terms``):
 #: every solution of the LP keeps the full linear row, and the LP is at most one tolerance
@@ -65,7 +65,11 @@ AREA_COLUMNS_STEPS_PER_PAIR = 4
 #: a thousand buses are exact. Ten tolerances left out two thirds, but moved the nodal
 #: cost on CIGRE MV 5% above the AC OPF.
 ROW_LEAVE_OUT_SHARE = 1.0
-ROW_LEAVE_OUT_FROM_STEPS = 5_000
+#: An MTU with at least this many selected bid steps has *long rows* when the area
+#: injections are substituted: its rows are written through the feeder equivalents where
+#: the grid has them (``define_feeder_columns``), and a row whose direct steps are still
+#: this many leaves out its small terms (``leave_out_small_terms``).
+LONG_ROW_STEPS = 5_000
 
 
 class LpBuilder:
@@ -334,6 +338,7 @@ class ClearingLp:
     storage_rows: np.ndarray
     trust_rows: np.ndarray  # per (MTU, area) pair with a bid (-1: unbounded or area columns)
     areas: AreaColumns | None  # the area injections as columns (None: substituted)
+    feeders: FeederColumns | None  # the feeder equivalents of long-row MTUs (None: none)
     grid: GridRows
 
 
@@ -347,6 +352,69 @@ class AreaColumns:
     p_row: np.ndarray
     q_col: np.ndarray | None
     q_row: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class FeederColumns:
+    """The feeder equivalents of an LP's long-row MTUs as columns (``grid.feeders``): per
+    (MTU, feeder) with a selected step, P_eq (and Q_eq where the boundary is a PQ bus), each
+    tied to the feeder's steps by one row: P_eq - sum_b sigma_b (dP_eq/dp_a + tan_phi_b
+    dP_eq/dq_a) x_b = 0. A grid row outside a feeder reads these two columns with its own
+    coefficients on P and Q at the feeder's boundary, instead of one term per step."""
+
+    long: np.ndarray  # (T,) the MTUs whose rows are written through the feeders
+    p_col: np.ndarray  # (T, feeders): column of P_eq (-1: none)
+    q_col: np.ndarray  # (T, feeders): column of Q_eq (-1: none)
+    cols: np.ndarray  # every one of them (basic in a warm start)
+    rows: np.ndarray  # their tie rows (nonbasic in a warm start)
+
+
+def define_feeder_columns(
+    lp: LpBuilder, grid: LinearGrid, bids: MarketBids, x_col: np.ndarray
+) -> FeederColumns | None:
+    """P_eq and Q_eq with their tie rows for every long-row MTU (at least LONG_ROW_STEPS
+    selected steps) and feeder with a selected step there; None without any."""
+    feeders = grid.rows.feeders
+    if feeders is None:
+        return None
+    T = len(grid.mtus)
+    selected = x_col >= 0
+    long = np.bincount(bids.t_of_bid[selected], minlength=T) >= LONG_ROW_STEPS
+    b = np.flatnonzero(selected & long[bids.t_of_bid])
+    f = feeders.of_area[bids.area_of_bid[b]]
+    b, f = b[f >= 0], f[f >= 0]
+    if len(b) == 0:
+        return None
+    t = bids.t_of_bid[b]
+    n_f = len(feeders)
+    cols, rows = [], []
+    p_col, q_col = np.full((T, n_f), -1, np.int64), np.full((T, n_f), -1, np.int64)
+    pair, at = np.unique(t * n_f + f, return_inverse=True)
+    pt, pf = pair // n_f, pair % n_f
+    eq = np.zeros((4, len(b)))  # dP_eq/dp, dP_eq/dq, dQ_eq/dp, dQ_eq/dq of each step's area
+    for tt in np.unique(pt):
+        i = t == tt
+        eq[:, i] = grid.rows.equivalents(tt)[:, bids.area_of_bid[b[i]]]
+    for out, has, dp, dq in (
+        (p_col, feeders.has_p, eq[0], eq[1]),
+        (q_col, feeders.has_q, eq[2], eq[3]),
+    ):
+        with_it = has[pf]
+        n = int(with_it.sum())
+        col, row = lp.columns(np.zeros(n), -INF, INF), lp.rows(np.zeros(n), 0.0)
+        lp.coefficients(row, col, np.ones(n))
+        out[pt[with_it], pf[with_it]] = col
+        number = np.full(len(pair), -1, np.int64)
+        number[with_it] = row
+        on = with_it[at]
+        lp.coefficients(
+            number[at[on]],
+            x_col[b[on]],
+            -bids.sign[b[on]] * (dp[on] + bids.tan_phi[b[on]] * dq[on]),
+        )
+        cols.append(col)
+        rows.append(row)
+    return FeederColumns(long, p_col, q_col, np.concatenate(cols), np.concatenate(rows))
 
 
 def wants_area_columns(bids: MarketBids, selected: np.ndarray) -> bool:
@@ -484,15 +552,18 @@ def define_grid_rows(
     rows: np.ndarray,
     penalty_eur_per_mwh: float,
     areas: AreaColumns | None,
+    feeders: FeederColumns | None = None,
 ) -> GridRows:
     """Grid rows (t, r) of the violation layout, each with its penalised slack column.
 
     Row (t, r) (loading, then upper, then lower voltage limits) reads
     ``sum_a cp_a p_ta + cq_a q_ta - sense s <= or >= rhs`` on the area columns, or (``areas``
-    None) with the area injections written out over the MTU's selected bid steps (from
-    ROW_LEAVE_OUT_FROM_STEPS steps on, less the terms ``leave_out_small_terms`` leaves out
-    and with the limit tightened by what they can do), every coefficient divided by the
-    row's scale g so that its slack s is MW-equivalent."""
+    None) with the area injections written out over the MTU's selected bid steps (in a
+    long-row MTU, the steps of a feeder the row is outside of through the feeder's
+    equivalents, ``feeders``; over LONG_ROW_STEPS steps or more, less the terms
+    ``leave_out_small_terms`` leaves out and with the limit tightened by what they can
+    do), every coefficient divided by the row's scale g so that its slack s is
+    MW-equivalent."""
     n = len(rows)
     if n == 0:
         return GridRows.none(grid.k)
@@ -520,13 +591,12 @@ def define_grid_rows(
         for tt in np.unique(t):
             i = np.flatnonzero(t == tt)
             b = by_mtu[starts[tt] : starts[tt + 1]]
-            a = bids.area_of_bid[b]
-            coef = bids.sign[b] * (cp[np.ix_(i, a)] + bids.tan_phi[b] * cq[np.ix_(i, a)])
-            if len(b) >= ROW_LEAVE_OUT_FROM_STEPS:
-                coef, towards = leave_out_small_terms(coef, bids.quantity[b], budget[i])
-                rhs[i] -= np.where(upper[i], towards[:, 0], towards[:, 1])
-            ii, jj = np.nonzero(coef)
-            terms.append((i[ii], x_col[b[jj]], coef[ii, jj]))
+            direct, equivalent = [(i, b)], []
+            if feeders is not None and feeders.long[tt]:
+                direct, equivalent = _through_feeders(grid, bids, feeders, tt, i, r, b, cp, cq)
+            for ii, bb in direct:
+                terms.append(_direct(bids, x_col, ii, bb, cp, cq, budget, upper, rhs))
+            terms += equivalent
     row = lp.rows(np.where(sense > 0, -INF, rhs), np.where(sense > 0, rhs, INF))
     lp.coefficients(row, slack, -sense)
     if areas is not None:  # each row on the area columns of its MTU: cp_a, cq_a
@@ -543,6 +613,40 @@ def define_grid_rows(
     for i, col, coef in terms:  # sigma_b (cp_a + tan_phi_b cq_a) on the MTU's steps b
         lp.coefficients(row[i], col, coef)
     return GridRows(rows, row, slack, cp, cq)
+
+
+def _direct(bids, x_col, i, b, cp, cq, budget, upper, rhs) -> tuple:
+    """Rows i on steps b of one MTU, term by term: sigma_b (cp_a + tan_phi_b cq_a); a row
+    over at least LONG_ROW_STEPS steps less the terms ``leave_out_small_terms`` leaves out,
+    its limit in ``rhs`` tightened by what they can do."""
+    a = bids.area_of_bid[b]
+    coef = bids.sign[b] * (cp[np.ix_(i, a)] + bids.tan_phi[b] * cq[np.ix_(i, a)])
+    if len(b) >= LONG_ROW_STEPS:
+        coef, towards = leave_out_small_terms(coef, bids.quantity[b], budget[i])
+        rhs[i] -= np.where(upper[i], towards[:, 0], towards[:, 1])
+    ii, jj = np.nonzero(coef)
+    return i[ii], x_col[b[jj]], coef[ii, jj]
+
+
+def _through_feeders(grid, bids, feeders, tt, i, r, b, cp, cq) -> list[tuple]:
+    """Rows i of MTU tt on its steps b through the feeders: each row on the steps of its own
+    feeder (if any) and of no feeder, as (rows, steps) for ``_direct``, and on the
+    P_eq and Q_eq of every other feeder (its coefficients on P and Q at that feeder's
+    boundary), as (rows, columns, coefficients)."""
+    af = grid.rows.feeders
+    fa, fr = af.of_area[bids.area_of_bid[b]], af.of_row[r[i]]
+    direct = []
+    for f in np.unique(fr):  # rows outside every feeder (-1), then each feeder's own rows
+        rows, steps = fr == f, (fa < 0) | (fa == f)
+        direct.append((i[rows], b[steps]))
+    equivalent = []
+    for col, c in ((feeders.p_col[tt], cp), (feeders.q_col[tt], cq)):
+        has = np.flatnonzero(col >= 0)
+        coef = c[np.ix_(i, af.boundary_area[has])]
+        coef[fr[:, None] == has[None, :]] = 0.0  # a row inside a feeder: its steps direct
+        m, n = np.nonzero(coef)
+        equivalent.append((i[m], col[has[n]], coef[m, n]))
+    return direct, equivalent
 
 
 def build_clearing_lp(
@@ -566,6 +670,9 @@ def build_clearing_lp(
         trust = np.full(len(bids.pair_key), -1, np.int64)
     else:
         areas, trust = None, define_trust_region(lp, bids, x_col, p_bounds)
+    feeders = None if areas is not None else define_feeder_columns(lp, grid, bids, x_col)
     define_objective(lp, bids, x_col)
-    rows = define_grid_rows(lp, grid, scales, bids, x_col, grid_rows, penalty_eur_per_mwh, areas)
-    return ClearingLp(lp, x_col, storage, trust, areas, rows)
+    rows = define_grid_rows(
+        lp, grid, scales, bids, x_col, grid_rows, penalty_eur_per_mwh, areas, feeders
+    )
+    return ClearingLp(lp, x_col, storage, trust, areas, feeders, rows)

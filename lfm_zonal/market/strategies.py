@@ -160,6 +160,7 @@ class ClearingModel:
             _pairs(rows),
             self.penalty,
             self.lp.areas,
+            self.lp.feeders,
         )
         lp.append_to(self.highs)
         self.grid_parts.append(added)
@@ -213,8 +214,8 @@ class ClearingModel:
         return self._solution(x, p, q)
 
     def _set_basis(self, basis: MarketBasis) -> None:
-        """Start from a market basis: grid and trust-region rows basic, area columns basic
-        and their balances tight, slacks at zero (HiGHS makes the rest of it valid, as an
+        """Start from a market basis: grid and trust-region rows basic, area columns and
+        feeder equivalents basic and their balances tight, slacks at zero (HiGHS makes the rest of it valid, as an
         alien basis)."""
         n_col, n_row = self.highs.getNumCol(), self.highs.getNumRow()
         col = np.full(n_col, int(highspy.HighsBasisStatus.kLower))
@@ -229,6 +230,10 @@ class ClearingModel:
                 if c is not None:
                     col[c] = int(highspy.HighsBasisStatus.kBasic)
                     row[r] = int(highspy.HighsBasisStatus.kLower)
+        feeders = self.lp.feeders
+        if feeders is not None:  # the feeder equivalents basic in place of their tie rows
+            col[feeders.cols] = int(highspy.HighsBasisStatus.kBasic)
+            row[feeders.rows] = int(highspy.HighsBasisStatus.kLower)
         start = highspy.HighsBasis()
         start.col_status = [_STATUS[v] for v in col.tolist()]
         start.row_status = [_STATUS[v] for v in row.tolist()]
