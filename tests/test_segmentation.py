@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 
 from lfm_zonal import Horizon, InputError, load_grid, load_profiles, run_horizon
-from lfm_zonal.zones.segmentation import SEGMENTATION_METHODS, prepare_segmentation
+from lfm_zonal.zones.segmentation import (
+    SEGMENTATION_METHODS,
+    overall_error,
+    prepare_segmentation,
+)
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +156,30 @@ def test_merge_sweep_equals_indices_at_every_k(segs, name):
         rtol=1e-9,
         atol=1e-12,
     )
+
+
+def test_primed_indices_are_the_per_k_ones_in_one_streamed_pass(simbench_mv_pf, monkeypatch):
+    # The streamed path forced on a small grid: prime_indices solves the bus columns once for
+    # every partition, and each partition's indices are bitwise those of its own pass.
+    from lfm_zonal.zones.streamed import COLUMN_CHUNK, SensitivityColumns
+
+    seg = prepare_segmentation(simbench_mv_pf, 0, exact_max_buses=10)
+    assert seg.streamed and seg.n_buses > 2 * COLUMN_CHUNK  # several blocks
+    zone_sets = [seg.zones(1), seg.zones(5), seg.zones(17), seg.zones(5, "spectral")]
+    per_k = [seg._indices(zones, None) for zones in zone_sets]  # one pass each, no memo
+    solved = []
+    block = SensitivityColumns.block
+    monkeypatch.setattr(
+        SensitivityColumns, "block", lambda cols, pos: solved.append(len(pos)) or block(cols, pos)
+    )
+    seg.prime_indices(zone_sets + [seg.zones(5)])  # an equal partition is computed once
+    assert sum(solved) == seg.n_buses and len(solved) == -(-seg.n_buses // COLUMN_CHUNK)
+    for zones, alone in zip(zone_sets, per_k, strict=True):
+        primed = seg.indices(zones)  # a memo hit
+        for name in ("error", "element_error", "loading_p", "loading_q", "vm_p", "vm_q"):
+            a, b = getattr(primed, name), getattr(alone, name)
+            assert a.index.equals(b.index) and a.columns.equals(b.columns)
+            assert np.array_equal(a.to_numpy(), b.to_numpy()), (zones.k, name)
+        assert seg.error(zones) == overall_error(alone.error)["mean"]
+    seg.prime_indices(zone_sets)  # all in the memo: no pass
+    assert sum(solved) == seg.n_buses

@@ -265,6 +265,15 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
     inputs_accepted()  # the last input checks (resources, zone counts) are behind us
     m = scenario["market"]
     cases = market_cases(scenario)
+    # The zones of every K, and their segmentation errors (each market's KPI) at once: on a
+    # big grid one pass over every bus's sensitivity column for all K instead of one per K
+    # (synthetic_radial_10000, K = 1, 4, 16, 64: 12.6 s of CPU instead of 30 s).
+    zone_sets = {
+        k: seg.zones(k, scenario["zones"]["method"], scenario.seed)
+        for _, k in cases
+        if k is not None
+    }
+    seg.prime_indices(zone_sets.values())
     # Cleared K by K, so that the zonal and the needs-based market of one K share their
     # grid, bids and needs (clearing.MarketInputs) and only one K's are held at a time;
     # listed in the scenario's order.
@@ -276,9 +285,7 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
     ):
         method, k = cases[i]
         # The market takes plain inputs: the base case, the resources and its areas.
-        zones = (
-            None if method == "nodal" else seg.zones(k, scenario["zones"]["method"], scenario.seed)
-        )
+        zones = None if method == "nodal" else zone_sets[k]
         if method == "nodal" or k != inputs_k:
             if zones is not None:
                 stage(f"zones: K = {k} done")

@@ -185,8 +185,11 @@ def read_sensitivities(path: str | Path) -> Sensitivities:
 
 def write_zones(seg: Segmentation, zone_sets: list[Zones], folder: Path, grid_name: str) -> None:
     """zones.csv, zone_errors.csv, zonal indices per K, error curve over every K, zone maps
-    (PNG, and HTML when plotly is installed; the bus positions computed once for every K)."""
+    (PNG, and HTML when plotly is installed; the bus positions computed once for every K).
+    The indices of every K are computed together (``Segmentation.prime_indices``: one pass over
+    the bus columns on a big grid; the main job has them already)."""
     folder.mkdir(parents=True, exist_ok=True)
+    seg.prime_indices(zone_sets)
     rows, errors = [], []
     net = seg.pf.grid.net
     pos = bus_positions(net, seg.graph)
