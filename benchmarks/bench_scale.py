@@ -226,6 +226,7 @@ def run_child(case: str, quick: bool) -> dict:
     t.wrap(job, "prepare_segmentation_of", "segmentation")
     t.wrap(Segmentation, "zones", "zones(K)")
     t.wrap(Segmentation, "error", "segmentation error(K)")
+    t.wrap(Segmentation, "prime_indices", "segmentation error(K)")
     t.wrap_markets(job)
     for name, label in (
         ("linear_grid", "linear_grid"),
