@@ -234,3 +234,40 @@ def test_readme_kpi_table_is_the_schema():
     """The README's column list of kpis.csv is produced from the KPI schema."""
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     assert markdown_table() in readme, "refresh the README's KPI table: check.kpis.markdown_table()"
+
+
+def test_markets_of_a_study_share_the_facts_of_their_residual_rows(cigre_pf, monkeypatch):
+    """A second market leaving the same rows violated finds their largest sensitivity and
+    relieving offers in the study's cache (no transposed solve), and its table is the one a
+    fresh computation gives, with its own dispatch."""
+    import lfm_zonal.grid.sensitivity as sensitivity
+    from lfm_zonal.grid.sensitivity import LinearisationCache
+
+    pf = cigre_pf
+    res = generate_resources(
+        pf, FlexibilitySpec(load_up_share=0.05, load_down_share=0.05, sgen_down_share=0.05), seed=3
+    )
+    ac = base_check(pf)
+    ac.loading_percent.iloc[:3, :2] = pf.grid.loading_max_percent + 5.0
+    ac.vm_pu.iloc[2:5, 3:6] = pf.grid.vm_min_pu - 0.01
+    one = res.table.index[0]
+    dispatches = [
+        pd.DataFrame(columns=["mtu", "resource_id", "direction", "p_mw"]),
+        pd.DataFrame({"mtu": [0, 2], "resource_id": [one, one], "direction": "up", "p_mw": 0.01}),
+    ]
+    cache = LinearisationCache(pf.model)
+    solves = []
+    inner = sensitivity.JacobianLinearisation.rows_sensitivity
+    monkeypatch.setattr(
+        sensitivity.JacobianLinearisation,
+        "rows_sensitivity",
+        lambda self, *a, **k: solves.append(1) or inner(self, *a, **k),
+    )
+    first = residual_violations(pf, ac, res, dispatches[0], cache)
+    assert len(first) >= 3 * 2 + 3 * 3 and solves
+    solves.clear()
+    second = residual_violations(pf, ac, res, dispatches[1], cache)
+    assert not solves  # every row's facts known
+    fresh = residual_violations(pf, ac, res, dispatches[1])
+    pd.testing.assert_frame_equal(second, fresh)
+    assert (second.relieving_dispatched_mw > 0).any()  # the dispatch is this market's own

@@ -325,6 +325,10 @@ class LinearisationCache:
         self._by_point: OrderedDict[bytes, tuple[JacobianLinearisation, int]] = OrderedDict()
         self._bytes = 0  # sum of the kept entries' estimated bytes
         self._pattern_rhs = PatternRhs()
+        #: What callers derive from the linearisations of these points and key themselves
+        #: (``check.ac.residual_violations``: a row's facts at an MTU's base point, asked for
+        #: again by every market of a study that leaves the row violated).
+        self.derived: dict = {}
 
     def __len__(self) -> int:
         return len(self._by_point)
@@ -338,6 +342,7 @@ class LinearisationCache:
         self._by_point.clear()
         self._bytes = 0
         self._pattern_rhs = PatternRhs()
+        self.derived = {}
 
     @staticmethod
     def entry_bytes(lin: JacobianLinearisation) -> int:
