@@ -8,9 +8,12 @@ import highspy
 import numpy as np
 import pandas as pd
 import pytest
+from test_ac_check import factorisations  # noqa: F401  (fixture)
 from test_market import clear_on, hand_case, market_case  # noqa: F401  (module fixture)
 
+import lfm_zonal.market.clearing as clearing_module
 import lfm_zonal.market.strategies as market_module
+from lfm_zonal.check.ac import ac_check, solve_with_injections
 from lfm_zonal.config import DEFAULT_PENALTY_EUR_PER_MWH
 from lfm_zonal.errors import SolverError
 from lfm_zonal.grid.linear import RowScales, linear_grid
@@ -97,6 +100,46 @@ def test_nodal_clearing_converges_to_the_ac_band_edge():
     assert one.kpis["vm_min_after_pu"] < vmin - 1e-5 or one.kpis["cost_eur"] >= full.kpis[
         "cost_eur"
     ] * (1 - 5e-4)
+
+
+@pytest.mark.parametrize("grid_rows", ["dense", "adjoint"])
+def test_warm_started_power_flows_are_those_from_the_base_point(
+    grid_rows,
+    monkeypatch,
+    factorisations,  # noqa: F811
+):
+    """Each round's power flows start from its linearisation point (with the Jacobian the
+    adjoint rows hold factorised there), the AC check from the best round's AC point: they
+    reach the power flows a start from the base point reaches, to the Newton-Raphson
+    tolerance. The nodal market's dispatch is its own model's, so its AC check keeps that
+    point without a factorisation."""
+    pf, res, seg = market_case("ieee33", 1.3, 0.8, n_mtu=4)
+    rounds, checked = [], []
+    judge, check = market_module._judge, clearing_module.ac_check
+
+    def judged(pf, lp_grid, lp_V, market, sol, W, *rest):
+        this = judge(pf, lp_grid, lp_V, market, sol, W, *rest)
+        rounds.append((lp_grid.mtus, sol.p_mw @ W.T, sol.q_mvar @ W.T, this.V, this.converged))
+        return this
+
+    def counted(*args, **kwargs):
+        before = factorisations[0]
+        out = check(*args, **kwargs)
+        checked.append(factorisations[0] - before)
+        return out
+
+    monkeypatch.setattr(market_module, "_judge", judged)
+    monkeypatch.setattr(clearing_module, "ac_check", counted)
+    result = clear_market(pf, res, "nodal", grid_rows=grid_rows)
+    assert len(rounds) >= 2
+    for mtus, p, q, V, ok in rounds:
+        base, base_ok = solve_with_injections(pf, mtus, p, q)
+        np.testing.assert_array_equal(ok, base_ok)
+        np.testing.assert_allclose(V[ok], base[ok], rtol=0, atol=1e-9)
+    assert checked == [0]
+    fresh = ac_check(pf, result.dispatch)
+    np.testing.assert_allclose(result.ac.vm_pu, fresh.vm_pu, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(result.ac.loading_percent, fresh.loading_percent, rtol=0, atol=1e-6)
 
 
 def _clear_with_rounds(pf, res, rounds: int):

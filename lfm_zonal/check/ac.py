@@ -64,13 +64,36 @@ class ACCheck:
     failures: tuple[str, ...]
 
 
+#: Mismatch (p.u.) within which the AC check's power flows are solved (newton_raphson's
+#: default, passed explicitly): also the test that keeps a point that already solves them.
+AC_TOLERANCE_PU = 1e-8
+
+
 def solve_with_injections(
-    pf: HorizonPowerFlow, mtus, bus_p_mw: np.ndarray, bus_q_mvar: np.ndarray
+    pf: HorizonPowerFlow,
+    mtus,
+    bus_p_mw: np.ndarray,
+    bus_q_mvar: np.ndarray,
+    start: np.ndarray | None = None,
+    factorised=None,
+    solved: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """AC power flow of ``mtus`` with extra injections per bus (rows: MTU, columns: model.buses).
 
-    Warm-started from each MTU's base point; returns internal voltages (NaN rows
-    where it did not converge) and a converged mask.
+    From each MTU's base point, or warm-started from ``start`` (internal voltages, one row
+    per MTU; a NaN row: the base point) and from the base point again where that start
+    does not converge. A start closer to the solution takes fewer Newton steps and reaches
+    the same power flow to the tolerance: a sequential LP's round starts from the AC point
+    its LP was linearised at (on SimBench 1-MVLV-rural-all-0-sw, 72 MTUs: 1.1 to 2.1
+    factorisations per MTU and round instead of 2.9). ``factorised`` (with ``start``; one
+    per MTU, or None): the Jacobian at the MTU's start already factorised
+    (``newton_raphson``'s ``lu0``, the first step without a factorisation of its own).
+
+    ``solved`` (internal voltages, one row per MTU, NaN rows ignored): points that may
+    already solve these injections, kept as the MTU's power flow where their mismatch is
+    within AC_TOLERANCE_PU (the test that ends every Newton-Raphson) without a step; the
+    others are solved as above. Returns internal voltages (NaN rows where it did not
+    converge) and a converged mask.
     """
     model = pf.model
     mtus = np.asarray(mtus, dtype=np.int64)
@@ -80,16 +103,50 @@ def solve_with_injections(
     for i, t in enumerate(mtus):
         dS = np.zeros(model.n_bus, complex)
         np.add.at(dS, internal, (bus_p_mw[i] + 1j * bus_q_mvar[i]) / model.base_mva)
-        try:
-            V[i] = newton_raphson(model, pf.Sbus[t] + dS, pf.V[t])
-            ok[i] = True
-        except PowerFlowNotConverged:
+        Sbus = pf.Sbus[t] + dS
+        if solved is not None and _solves(model, Sbus, solved[i]):
+            V[i], ok[i] = solved[i], True
             continue
+        starts = [(pf.V[t], None)]  # the base point, its Jacobian factorised afresh
+        if start is not None and np.all(np.isfinite(start[i])):
+            starts.insert(0, (start[i], None if factorised is None else factorised[i]))
+        for V0, lu0 in starts:
+            try:
+                V[i] = newton_raphson(model, Sbus, V0, AC_TOLERANCE_PU, lu0=lu0)
+            except PowerFlowNotConverged:
+                continue
+            ok[i] = True
+            break
     return V, ok
 
 
-def ac_check(pf: HorizonPowerFlow, dispatch: pd.DataFrame) -> ACCheck:
-    """AC power flow of every MTU with a dispatch, from its base point (same model as the base case)."""
+def _solves(model, Sbus: np.ndarray, V: np.ndarray) -> bool:
+    """Whether ``V`` solves the injections ``Sbus`` within AC_TOLERANCE_PU: the mismatch
+    ``newton_raphson`` tests before each step (P at PV and PQ buses, Q at PQ buses)."""
+    with np.errstate(all="ignore"):
+        mis = V * np.conj(model.Ybus @ V) - Sbus
+    F = np.concatenate((mis[model.jacobian.pvpq].real, mis[model.pq].imag))
+    return bool(np.all(np.isfinite(F)) and np.max(np.abs(F), initial=0.0) < AC_TOLERANCE_PU)
+
+
+def ac_check(
+    pf: HorizonPowerFlow, dispatch: pd.DataFrame, solved: np.ndarray | None = None
+) -> ACCheck:
+    """AC power flow of every MTU with a dispatch, from its base point (same model as the base case).
+
+    ``solved`` (internal voltages, one row per MTU of the horizon; NaN rows: none): the AC
+    point a market's own model of this dispatch reached, kept where it solves the
+    dispatch's injections to the tolerance (``solve_with_injections``). The nodal market's
+    model is its dispatch (one bus per area): its check is then its best round's AC point,
+    on SimBench 1-MVLV-rural-all-0-sw (72 MTUs) with 0 factorisations instead of 209 (0.07 s
+    instead of 1.3). Tested, not assumed: the P at each bus is the model's, but an
+    aggregator's step of several resources at one bus bids their mean tan_phi, and a partly
+    accepted step is dispatched to the cheapest of them with their own Q; such an MTU is
+    solved. A zonal market's dispatch is not its model's; warm-started from that model's
+    point, its check took 2.92 factorisations per MTU instead of 2.94 from the base point,
+    and ended further from the exact power flow within the tolerance (1e-9 p.u. of
+    voltage instead of 1e-11): it starts from the base point.
+    """
     model = pf.model
     loading = pf.loading_percent.copy()
     vm = pf.vm_pu.copy()
@@ -105,7 +162,7 @@ def ac_check(pf: HorizonPowerFlow, dispatch: pd.DataFrame) -> ACCheck:
     col = position.reindex(dispatch.bus.to_numpy()).to_numpy()
     np.add.at(p, (row, col), dispatch.p_mw.to_numpy())
     np.add.at(q, (row, col), dispatch.q_mvar.to_numpy())
-    V, ok = solve_with_injections(pf, mtus, p, q)
+    V, ok = solve_with_injections(pf, mtus, p, q, solved=None if solved is None else solved[mtus])
     for i, t in enumerate(mtus):
         if ok[i]:
             loading.iloc[t] = model.loading_percent(V[i])

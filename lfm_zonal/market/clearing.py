@@ -194,7 +194,13 @@ def clear_market(
     p, q = _area_injections(active, accepted, grid)
     residual, still_unfixable = dso_needs(grid.shifted(p, q))
     dispatch = _dispatch(bids, result_bids)
-    ac = ac_check(pf, dispatch)
+    # The best round's AC point, the market's model of this dispatch: kept by the AC check
+    # where it solves the dispatch's injections (the nodal market's, see ac_check).
+    ac_point = None
+    if slp.ac_point is not None:
+        ac_point = np.full_like(pf.V, np.nan)
+        ac_point[grid.mtus] = slp.ac_point
+    ac = ac_check(pf, dispatch, ac_point)
     left = residual_violations(pf, ac, resources, dispatch, cache)
     unmet = _unmet_table(grid, residual, still_unfixable, unfixable, times, left)
     res = MarketResult(

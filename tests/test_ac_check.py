@@ -1,0 +1,110 @@
+"""The AC check's power flows: a warm start reaches the power flow a start from the base
+point reaches (to the Newton-Raphson tolerance), in fewer factorisations, and falls back to
+the base point where it fails; a point that already solves the injections is kept as it is."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.sparse.linalg import splu
+
+from lfm_zonal.check.ac import ac_check, solve_with_injections
+from lfm_zonal.grid.powerflow import JacobianBuilder, newton_raphson
+
+
+@pytest.fixture
+def factorisations(monkeypatch):
+    """A count of the Jacobians factorised by Newton-Raphson steps (``JacobianBuilder.solve``)."""
+    count = [0]
+    real = JacobianBuilder.solve
+
+    def counting(self, *args, **kwargs):
+        count[0] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(JacobianBuilder, "solve", counting)
+    return count
+
+
+def _injections(pf, scale: float = 1.0):
+    """Every MTU: 0.4 MW less load at the first three buses with a load, 0.1 Mvar at one
+    of them (per MTU x model.buses), times ``scale``."""
+    buses = pf.model.buses
+    loaded = pf.grid.net.load.bus[pf.grid.net.load.bus.isin(buses)].unique()[:3]
+    p = np.zeros((len(pf.times), len(buses)))
+    q = np.zeros_like(p)
+    p[:, buses.get_indexer(loaded)] = 0.4 * scale
+    q[:, buses.get_indexer(loaded[:1])] = 0.1 * scale
+    return p, q
+
+
+def test_the_jacobian_factorised_at_the_start_takes_the_first_step(cigre_pf, factorisations):
+    pf = cigre_pf
+    model = pf.model
+    p, q = _injections(pf)
+    dS = np.zeros(model.n_bus, complex)
+    np.add.at(dS, model.bus_lookup.to_numpy(), (p[0] + 1j * q[0]) / model.base_mva)
+    S, V0 = pf.Sbus[0] + dS, pf.V[0]
+    plain = newton_raphson(model, S, V0)
+    steps = factorisations[0]
+    assert steps >= 2
+    held = newton_raphson(model, S, V0, lu0=splu(model.jacobian(V0)))
+    assert factorisations[0] - steps == steps - 1  # the same iterates, one factorisation less
+    np.testing.assert_allclose(held, plain, rtol=0, atol=1e-12)
+
+
+def test_a_warm_start_reaches_the_power_flow_of_the_base_start(cigre_pf, factorisations):
+    pf = cigre_pf
+    mtus = np.arange(len(pf.times))
+    p, q = _injections(pf)
+    V, ok = solve_with_injections(pf, mtus, p, q)
+    from_base = factorisations[0]
+    assert ok.all()
+    # From the AC point of nearby injections (a sequential LP's last round): the same
+    # power flow, in fewer factorisations.
+    near, _ = solve_with_injections(pf, mtus, *_injections(pf, 0.9))
+    factorisations[0] = 0
+    warm, ok = solve_with_injections(pf, mtus, p, q, near)
+    assert ok.all() and factorisations[0] < from_base
+    np.testing.assert_allclose(warm, V, rtol=0, atol=1e-9)
+    # From the AC point of these very injections: no step.
+    factorisations[0] = 0
+    same, _ = solve_with_injections(pf, mtus, p, q, V)
+    assert factorisations[0] == 0
+    np.testing.assert_array_equal(same, V)
+    # A NaN row starts from the base point; a start that fails (zero voltages) falls back to
+    # it: the very power flow of the base start.
+    start = near.copy()
+    start[0] = np.nan
+    start[1] = 0.0
+    fallback, ok = solve_with_injections(pf, mtus, p, q, start)
+    assert ok.all()
+    np.testing.assert_array_equal(fallback[:2], V[:2])
+
+
+def test_the_ac_check_keeps_a_point_only_where_it_solves_the_dispatch(cigre_pf, factorisations):
+    pf = cigre_pf
+    mtus = np.arange(len(pf.times))
+    p, q = _injections(pf)
+    t, col = np.nonzero(p)
+    dispatch = pd.DataFrame(
+        {"mtu": t, "bus": pf.model.buses[col], "p_mw": p[t, col], "q_mvar": q[t, col]}
+    )
+    base = ac_check(pf, dispatch)
+    from_base = factorisations[0]
+    assert from_base > 0
+    # The AC point of these injections (a nodal market's best round): kept, no factorisation.
+    V, _ = solve_with_injections(pf, mtus, p, q)
+    factorisations[0] = 0
+    kept = ac_check(pf, dispatch, V)
+    assert factorisations[0] == 0
+    pd.testing.assert_frame_equal(kept.vm_pu, base.vm_pu)
+    # The AC point of other injections (a zonal model's), or none: the check from the base.
+    other, _ = solve_with_injections(pf, mtus, *_injections(pf, 0.8))
+    other[2] = np.nan
+    factorisations[0] = 0
+    checked = ac_check(pf, dispatch, other)
+    assert factorisations[0] == from_base
+    pd.testing.assert_frame_equal(checked.vm_pu, base.vm_pu)
+    pd.testing.assert_frame_equal(checked.loading_percent, base.loading_percent)
