@@ -628,7 +628,7 @@ def _direct(bids, x_col, i, b, cp, cq, budget, upper, rhs) -> tuple:
     return i[ii], x_col[b[jj]], coef[ii, jj]
 
 
-def _through_feeders(grid, bids, feeders, tt, i, r, b, cp, cq) -> list[tuple]:
+def _through_feeders(grid, bids, feeders, tt, i, r, b, cp, cq) -> tuple[list, list]:
     """Rows i of MTU tt on its steps b through the feeders: each row on the steps of its own
     feeder (if any) and of no feeder, as (rows, steps) for ``_direct``, and on the
     P_eq and Q_eq of every other feeder (its coefficients on P and Q at that feeder's
