@@ -117,10 +117,20 @@ def test_rows_outside_a_feeder_see_its_steps_through_the_equivalents(small_feede
 
 def test_an_lp_through_the_feeders_is_the_lp_over_every_step(small_feeders, monkeypatch):
     """The nodal clearing LP and the DSO-needs LP written through the feeders' equivalents
-    (every MTU's rows long) have the optimum of the same LPs written step by step."""
+    (every MTU's rows long, the steps substituted) have the optimum of the same LPs written
+    step by step; the feeders' columns are really in them."""
     scenario, base, _ = small_feeders
     monkeypatch.setattr(formulation, "LONG_ROW_STEPS", 1)
     monkeypatch.setattr(formulation, "ROW_LEAVE_OUT_SHARE", 0.0)  # no term left out
+    # Steps substituted into the rows however many an area has (where the feeders apply).
+    monkeypatch.setattr(formulation, "AREA_COLUMNS_STEPS_PER_PAIR", 10**9)
+    made = []
+    define = formulation.define_feeder_columns
+    monkeypatch.setattr(
+        formulation,
+        "define_feeder_columns",
+        lambda *a: made.append(define(*a)) or made[-1],
+    )
     pf = base.powerflow
     resources = prepare_resources(base)
     zones = nodal_zones(pf.model.buses)
@@ -135,3 +145,5 @@ def test_an_lp_through_the_feeders_is_the_lp_over_every_step(small_feeders, monk
     np.testing.assert_allclose(through.marginal_price, direct.marginal_price, rtol=1e-6, atol=1e-6)
     needs = [dso_needs(g, active)[0].need_mw.sum() for g in (grid, plain)]
     assert needs[0] == pytest.approx(needs[1], rel=1e-6)
+    through_feeders = [f for f in made if f is not None]
+    assert through_feeders and all(f.long.any() and len(f.cols) for f in through_feeders)

@@ -271,3 +271,35 @@ def test_markets_of_a_study_share_the_facts_of_their_residual_rows(cigre_pf, mon
     fresh = residual_violations(pf, ac, res, dispatches[1])
     pd.testing.assert_frame_equal(second, fresh)
     assert (second.relieving_dispatched_mw > 0).any()  # the dispatch is this market's own
+
+
+def test_residual_row_facts_are_the_mtus_own(cigre_pf):
+    """Two MTUs at one operating point but with other offers: each MTU's relieving offers
+    are its own (the facts are kept by MTU, not by operating point alone)."""
+    import dataclasses
+
+    from lfm_zonal.grid.sensitivity import LinearisationCache
+    from lfm_zonal.market.resources import Resources
+
+    V = cigre_pf.V.copy()
+    V[1] = V[0]
+    pf = dataclasses.replace(cigre_pf, V=V)
+    res = generate_resources(
+        pf, FlexibilitySpec(load_up_share=0.05, load_down_share=0.05, sgen_down_share=0.05), seed=3
+    )
+    up = res.up_mw.copy()
+    up.iloc[1, ::2] = 0.0  # MTU 1 offers less
+    res = Resources(res.table, up, res.down_mw)
+    ac = base_check(pf)
+    ac.loading_percent.iloc[:3, :2] = pf.grid.loading_max_percent + 5.0
+    ac.vm_pu.iloc[:3, 3:6] = pf.grid.vm_max_pu + 0.01
+    kept = residual_violations(pf, ac, res, None, LinearisationCache(pf.model))
+    V2 = V.copy()
+    V2[1] = V[0] * (1 + 1e-15)  # the same point to rounding, another key
+    apart = residual_violations(dataclasses.replace(pf, V=V2), ac, res, None)
+    np.testing.assert_allclose(kept.relieving_offered_mw, apart.relieving_offered_mw, rtol=1e-9)
+    at = kept.mtu.isin([0, 1])
+    assert not np.allclose(  # the two MTUs' offers differ, and so do their rows' figures
+        kept[at & (kept.mtu == 0)].relieving_offered_mw.to_numpy()[:3],
+        kept[at & (kept.mtu == 1)].relieving_offered_mw.to_numpy()[:3],
+    )

@@ -35,7 +35,7 @@ def test_nodal_results_match_the_golden_file(name):
 
 @pytest.mark.slow
 def test_the_dso_scale_nodal_result_matches():
-    """SimBench MV+LV's nodal market (about 25 s): the one shipped grid whose nodal rows are
+    """SimBench MV+LV's nodal market (15-25 s): the one shipped grid whose nodal rows are
     long enough to go through the feeders' equivalents (``grid.feeders``), an exact
     rewriting of the LP: its golden file is the result of the rows written step by step
     (cost 1012.806721 EUR)."""

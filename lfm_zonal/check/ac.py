@@ -23,7 +23,12 @@ import pandapower as pp
 import pandas as pd
 
 from lfm_zonal.errors import PowerFlowNotConverged
-from lfm_zonal.grid.powerflow import HorizonPowerFlow, newton_raphson
+from lfm_zonal.grid.powerflow import (
+    HorizonPowerFlow,
+    converged,
+    mismatch,
+    newton_raphson,
+)
 from lfm_zonal.grid.sensitivity import LinearisationCache, linearisation
 from lfm_zonal.grid.violations import (
     VIOLATION_TOLERANCE_LOADING_PERCENT,
@@ -64,11 +69,6 @@ class ACCheck:
     failures: tuple[str, ...]
 
 
-#: Mismatch (p.u.) within which the AC check's power flows are solved (newton_raphson's
-#: default, passed explicitly): also the test that keeps a point that already solves them.
-AC_TOLERANCE_PU = 1e-8
-
-
 def solve_with_injections(
     pf: HorizonPowerFlow,
     mtus,
@@ -91,9 +91,9 @@ def solve_with_injections(
 
     ``solved`` (internal voltages, one row per MTU, NaN rows ignored): points that may
     already solve these injections, kept as the MTU's power flow where their mismatch is
-    within AC_TOLERANCE_PU (the test that ends every Newton-Raphson) without a step; the
-    others are solved as above. Returns internal voltages (NaN rows where it did not
-    converge) and a converged mask.
+    within ``grid.powerflow.NR_TOLERANCE_PU`` (the test that ends every Newton-Raphson)
+    without a step; the others are solved as above. Returns internal voltages (NaN rows
+    where it did not converge) and a converged mask.
     """
     model = pf.model
     mtus = np.asarray(mtus, dtype=np.int64)
@@ -112,7 +112,7 @@ def solve_with_injections(
             starts.insert(0, (start[i], None if factorised is None else factorised[i]))
         for V0, lu0 in starts:
             try:
-                V[i] = newton_raphson(model, Sbus, V0, AC_TOLERANCE_PU, lu0=lu0)
+                V[i] = newton_raphson(model, Sbus, V0, lu0=lu0)
             except PowerFlowNotConverged:
                 continue
             ok[i] = True
@@ -121,18 +121,14 @@ def solve_with_injections(
 
 
 def _solves(model, Sbus: np.ndarray, V: np.ndarray) -> bool:
-    """Whether ``V`` solves the injections ``Sbus`` within AC_TOLERANCE_PU: the mismatch
-    ``newton_raphson`` tests before each step (P at PV and PQ buses, Q at PQ buses)."""
-    with np.errstate(all="ignore"):
-        mis = V * np.conj(model.Ybus @ V) - Sbus
-    F = np.concatenate((mis[model.jacobian.pvpq].real, mis[model.pq].imag))
-    return bool(np.all(np.isfinite(F)) and np.max(np.abs(F), initial=0.0) < AC_TOLERANCE_PU)
+    """Whether ``V`` solves the injections ``Sbus``: the test that ends a Newton-Raphson."""
+    return converged(mismatch(model, Sbus, V)[0])
 
 
 def ac_check(
     pf: HorizonPowerFlow, dispatch: pd.DataFrame, solved: np.ndarray | None = None
 ) -> ACCheck:
-    """AC power flow of every MTU with a dispatch, from its base point (same model as the base case).
+    """AC power flow of every MTU with a dispatch, from its base point (as the base case).
 
     ``solved`` (internal voltages, one row per MTU of the horizon; NaN rows: none): the AC
     point a market's own model of this dispatch reached, kept where it solves the
@@ -296,7 +292,7 @@ def residual_violations(
     for mtu in np.unique(t):
         at_mtu = np.flatnonzero(t == mtu)
         point = pf.V[mtu].tobytes()
-        facts = [known.get((point, int(kind[i]), int(r[i]))) for i in at_mtu]
+        facts = [known.get((int(mtu), point, int(kind[i]), int(r[i]))) for i in at_mtu]
         todo = at_mtu[[f is None for f in facts]]
         offer = None if offers is None else offers(int(mtu))
         if len(todo):  # transposed solves, a chunk of rows at a time
@@ -318,8 +314,8 @@ def residual_violations(
                         relieving_sign[at, None] * effect > noise[:, None], axis=1
                     )
                 for i, g_i, rel in zip(at, row_gain, relieves, strict=True):
-                    known[(point, int(kind[i]), int(r[i]))] = (float(g_i), rel)
-            facts = [known[(point, int(kind[i]), int(r[i]))] for i in at_mtu]
+                    known[(int(mtu), point, int(kind[i]), int(r[i]))] = (float(g_i), rel)
+            facts = [known[(int(mtu), point, int(kind[i]), int(r[i]))] for i in at_mtu]
         gain[at_mtu] = [f[0] for f in facts]
         if offer is None:
             continue
@@ -371,12 +367,13 @@ _ROW_FACTS_MAX = 100_000
 
 
 def _row_facts(cache: LinearisationCache | None, resources) -> dict:
-    """A violated row's facts at its MTU's base point, by (point, kind, row): its largest
-    |sensitivity| to an active injection and which of the MTU's offers relieve it (packed
-    bits; None without ``resources``). They depend on the base point and the resources
-    only, so the markets of a study share them through its linearisation ``cache`` (SimBench
-    MV+LV, 9 markets: every market left 2,000-3,000 rows violated, mostly the same ones, at
-    a transposed solve each). Without a cache: a fresh table."""
+    """A violated row's facts at its MTU's base point, by (MTU, point, kind, row): its
+    largest |sensitivity| to an active injection and which of the MTU's offers relieve it
+    (packed bits over the MTU's offers; None without ``resources``). They depend on the MTU
+    (its offers), its base point and the resources only, so the markets of a study share
+    them through its linearisation ``cache`` (SimBench MV+LV, 9 markets: every market left
+    2,000-3,000 rows violated, mostly the same ones, at a transposed solve each). Without
+    a cache: a fresh table. At most _ROW_FACTS_MAX rows are kept (then it starts afresh)."""
     if cache is None:
         return {}
     key = ("residual row facts", id(resources))

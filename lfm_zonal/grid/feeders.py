@@ -175,18 +175,22 @@ def feeder_states(feeders: Feeders, va_state: np.ndarray, vm_state: np.ndarray) 
     )
 
 
-def feeder_equivalents(J: sp.spmatrix, fs: FeederStates) -> np.ndarray:
+def feeder_equivalents(J: sp.spmatrix, fs: FeederStates) -> np.ndarray | None:
     """The equivalent injections at each feeder's boundary per unit injection in its
     states' mismatch rows (2 x n_states: the P equivalent, then the Q one; zero outside
     the feeders and where the boundary has no such row): -J_mF J_FF^-1, for every feeder
-    at once (J_FF is block diagonal over the feeders: two transposed solves)."""
+    at once (J_FF is block diagonal over the feeders: two transposed solves). None where
+    J_FF is singular (that MTU's rows are then written step by step)."""
     n = J.shape[0]
     out = np.zeros((2, n))
     if len(fs.states) == 0:
         return out
     J = sp.csr_matrix(J)
     J_FF = J[fs.states][:, fs.states].tocsc()
-    lu = splu(J_FF)
+    try:
+        lu = splu(J_FF)
+    except RuntimeError:  # exactly singular
+        return None
     for k, rows in enumerate((fs.p_row, fs.q_row)):
         has = np.flatnonzero(rows >= 0)
         if len(has) == 0:
@@ -219,8 +223,11 @@ class AreaFeeders:
 
     def equivalents(self, lin: JacobianLinearisation) -> np.ndarray:
         """(4, K): dP_eq / dp_a, dP_eq / dq_a, dQ_eq / dp_a, dQ_eq / dq_a of every area a at
-        its feeder's boundary, MW per MW (zero outside the feeders)."""
+        its feeder's boundary, MW per MW (zero outside the feeders); None where the
+        feeders' block of J is singular."""
         alpha = feeder_equivalents(lin.J, self.states)  # 2 x states
+        if alpha is None:
+            return None
         p, q = alpha @ self.E_pW, alpha @ self.E_qW  # 2 x K each
         return np.stack([p[0], q[0], p[1], q[1]])
 
@@ -240,7 +247,8 @@ def area_feeders(model: NetworkModel, W: sp.spmatrix) -> AreaFeeders | None:
     area_of_bus[bus_of_area[::-1]] = np.arange(len(bus_of_area))[::-1]  # first area of a bus
     boundary_area = area_of_bus[feeders.boundary]
     va_state, vm_state, E_p, E_q = model_states(model)
-    # A feeder whose boundary is no area (or a slack) gets no columns: its steps stay direct.
+    # A feeder whose boundary is no area is dropped: its steps stay direct. (One hung off a
+    # slack is kept without columns: rows outside it do not move with its steps at all.)
     usable = boundary_area >= 0
     if not usable.any():
         return None

@@ -357,7 +357,8 @@ class AreaColumns:
 @dataclass(frozen=True)
 class FeederColumns:
     """The feeder equivalents of an LP's long-row MTUs as columns (``grid.feeders``): per
-    (MTU, feeder) with a selected step, P_eq (and Q_eq where the boundary is a PQ bus), each
+    (MTU, feeder) with a selected step, P_eq where the boundary is not a slack and Q_eq
+    where it is a PQ bus (a slack boundary's feeder moves no row outside it), each
     tied to the feeder's steps by one row: P_eq - sum_b sigma_b (dP_eq/dp_a + tan_phi_b
     dP_eq/dq_a) x_b = 0. A grid row outside a feeder reads these two columns with its own
     coefficients on P and Q at the feeder's boundary, instead of one term per step."""
@@ -380,6 +381,9 @@ def define_feeder_columns(
     T = len(grid.mtus)
     selected = x_col >= 0
     long = np.bincount(bids.t_of_bid[selected], minlength=T) >= LONG_ROW_STEPS
+    equivalents = {int(tt): grid.rows.equivalents(tt) for tt in np.flatnonzero(long)}
+    for tt, eq_t in equivalents.items():
+        long[tt] = eq_t is not None  # a singular feeder block: that MTU step by step
     b = np.flatnonzero(selected & long[bids.t_of_bid])
     f = feeders.of_area[bids.area_of_bid[b]]
     b, f = b[f >= 0], f[f >= 0]
@@ -394,7 +398,7 @@ def define_feeder_columns(
     eq = np.zeros((4, len(b)))  # dP_eq/dp, dP_eq/dq, dQ_eq/dp, dQ_eq/dq of each step's area
     for tt in np.unique(pt):
         i = t == tt
-        eq[:, i] = grid.rows.equivalents(tt)[:, bids.area_of_bid[b[i]]]
+        eq[:, i] = equivalents[int(tt)][:, bids.area_of_bid[b[i]]]
     for out, has, dp, dq in (
         (p_col, feeders.has_p, eq[0], eq[1]),
         (q_col, feeders.has_q, eq[2], eq[3]),

@@ -215,8 +215,8 @@ class ClearingModel:
 
     def _set_basis(self, basis: MarketBasis) -> None:
         """Start from a market basis: grid and trust-region rows basic, area columns and
-        feeder equivalents basic and their balances tight, slacks at zero (HiGHS makes the rest of it valid, as an
-        alien basis)."""
+        feeder equivalents basic and their balances tight, slacks at zero (HiGHS makes the
+        rest of it valid, as an alien basis)."""
         n_col, n_row = self.highs.getNumCol(), self.highs.getNumRow()
         col = np.full(n_col, int(highspy.HighsBasisStatus.kLower))
         x_col = self.lp.x_col
