@@ -274,6 +274,8 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
         if k is not None
     }
     seg.prime_indices(zone_sets.values())
+    if zone_sets:
+        stage(f"zones: K = {', '.join(map(str, zone_sets))} and their segmentation errors done")
     # Cleared K by K, so that the zonal and the needs-based market of one K share their
     # grid, bids and needs (clearing.MarketInputs) and only one K's are held at a time;
     # listed in the scenario's order.
@@ -287,8 +289,6 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
         # The market takes plain inputs: the base case, the resources and its areas.
         zones = None if method == "nodal" else zone_sets[k]
         if method == "nodal" or k != inputs_k:
-            if zones is not None:
-                stage(f"zones: K = {k} done")
             inputs = None  # the last K's, no longer needed
             release_free_memory()
             inputs, inputs_k = (
