@@ -104,7 +104,7 @@ def solve_with_injections(
         dS = np.zeros(model.n_bus, complex)
         np.add.at(dS, internal, (bus_p_mw[i] + 1j * bus_q_mvar[i]) / model.base_mva)
         Sbus = pf.Sbus[t] + dS
-        if solved is not None and _solves(model, Sbus, solved[i]):
+        if solved is not None and converged(mismatch(model, Sbus, solved[i])[0]):
             V[i], ok[i] = solved[i], True
             continue
         starts = [(pf.V[t], None)]  # the base point, its Jacobian factorised afresh
@@ -118,11 +118,6 @@ def solve_with_injections(
             ok[i] = True
             break
     return V, ok
-
-
-def _solves(model, Sbus: np.ndarray, V: np.ndarray) -> bool:
-    """Whether ``V`` solves the injections ``Sbus``: the test that ends a Newton-Raphson."""
-    return converged(mismatch(model, Sbus, V)[0])
 
 
 def ac_check(
@@ -292,7 +287,11 @@ def residual_violations(
     for mtu in np.unique(t):
         at_mtu = np.flatnonzero(t == mtu)
         point = pf.V[mtu].tobytes()
-        facts = [known.get((int(mtu), point, int(kind[i]), int(r[i]))) for i in at_mtu]
+
+        def key(i, mtu=int(mtu), point=point):  # the row's facts depend on these alone
+            return mtu, point, int(kind[i]), int(r[i])
+
+        facts = [known.get(key(i)) for i in at_mtu]
         todo = at_mtu[[f is None for f in facts]]
         offer = None if offers is None else offers(int(mtu))
         if len(todo):  # transposed solves, a chunk of rows at a time
@@ -314,8 +313,8 @@ def residual_violations(
                         relieving_sign[at, None] * effect > noise[:, None], axis=1
                     )
                 for i, g_i, rel in zip(at, row_gain, relieves, strict=True):
-                    known[(int(mtu), point, int(kind[i]), int(r[i]))] = (float(g_i), rel)
-            facts = [known[(int(mtu), point, int(kind[i]), int(r[i]))] for i in at_mtu]
+                    known[key(i)] = (float(g_i), rel)
+            facts = [known[key(i)] for i in at_mtu]
         gain[at_mtu] = [f[0] for f in facts]
         if offer is None:
             continue

@@ -452,33 +452,25 @@ class JacobianBuilder:
                     self.indices[take].astype(np.int32),
                     np.r_[0, np.cumsum(lengths)].astype(np.int32),
                 )
-        if order is None:
-            x, info = _gssv(
-                self.n_x,
-                self.nnz,
-                data,
-                self.indices,
-                self.indptr,
-                np.asarray(rhs, float),
-                1,
-                options={"ColPerm": None},
-            )
-            if info != 0:
-                x.fill(np.nan)
-            return x.ravel()
-        source, take, indices, indptr = order
+        if order is None:  # SuperLU orders them itself (COLAMD)
+            source, columns, indices, indptr, options = None, data, self.indices, self.indptr, None
+        else:
+            source, take, indices, indptr = order
+            columns, options = data[take], "NATURAL"
         y, info = _gssv(
             self.n_x,
             self.nnz,
-            data[take],
+            columns,
             indices,
             indptr,
             np.asarray(rhs, float),
             1,
-            options={"ColPerm": "NATURAL"},
+            options={"ColPerm": options},
         )
-        x = np.empty(self.n_x)
-        x[source] = y.ravel()
+        x = y.ravel()
+        if source is not None:  # back in J's column order
+            x = np.empty(self.n_x)
+            x[source] = y.ravel()
         if info != 0:
             x.fill(np.nan)
         return x
