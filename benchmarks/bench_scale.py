@@ -14,9 +14,12 @@
 
 A and B run ``run_study`` with timers wrapped around its stages (base case, resources,
 segmentation, zones of each K, each market's linearised grid, DSO needs, bids, clearing, AC
-check, residual table); the timers only measure. Peak memory is the case process's peak RSS
-(``wait4``). ``--quick`` clears 8 MTUs (from 10:00, where the PV overloads are) for a smoke
-run. Progress lines carry the elapsed time, the RSS so far and the load average: the machine
+check, residual table); the timers only measure. ``--workers`` (default: one per core, as
+``lfm-zonal run``) processes clear the markets at once; a market's row is its own wall time,
+in its worker. Peak memory is the case's processes together: the larger of their summed
+proportional set sizes (sampled every 0.2 s; pages the forked workers share with the parent
+count once) and the largest single process's peak RSS (``wait4``). ``--quick`` clears 8
+MTUs (from 10:00, where the PV overloads are) for a smoke run. Progress lines carry the elapsed time, the RSS so far and the load average: the machine
 is shared, absolute times drift with the load.
 """
 
@@ -37,6 +40,8 @@ import warnings
 from pathlib import Path
 
 from bench_main_job import CASES as MAIN_JOB_CASES  # a script beside this one
+
+from lfm_zonal.limits import available_cores
 
 MARKETS = 'methods = ["nodal", "zonal", "needs_based"]'
 CASES = {
@@ -159,32 +164,32 @@ class StageTimers:
             started = time.perf_counter()
             result = inner(pf, resources, method, *args, **kwargs)
             wall = time.perf_counter() - started + self.prepared_s
-            self.stages["markets"] = self.stages.get("markets", 0.0) + wall
             k = result.kpis
-            self.rows.append(
-                {
-                    "market": label,
-                    "wall_s": wall,
-                    **{f"{part}_s": s for part, s in self.market.items()},
-                    **{
-                        name: _plain(k[name])
-                        for name in (
-                            "clear_s",
-                            "build_s",
-                            "solve_s",
-                            "n_variables",
-                            "n_constraints",
-                            "cost_eur",
-                            "new_violations",
-                            "residual_overload_max_percent",
-                            "residual_voltage_max_pu",
-                            "solver_status",
-                            "ac_rounds",
-                        )
-                    },
-                    "load": load(),
-                }
-            )
+            row = {
+                "market": label,
+                "wall_s": wall,
+                **{f"{part}_s": s for part, s in self.market.items()},
+                **{
+                    name: _plain(k[name])
+                    for name in (
+                        "clear_s",
+                        "build_s",
+                        "solve_s",
+                        "n_variables",
+                        "n_constraints",
+                        "cost_eur",
+                        "new_violations",
+                        "residual_overload_max_percent",
+                        "residual_voltage_max_pu",
+                        "solver_status",
+                        "ac_rounds",
+                    )
+                },
+                "load": load(),
+            }
+            # A market may clear in a forked worker process: its row goes to the parent
+            # through the case's stdout (run_case collects the MARKET lines).
+            print("MARKET " + json.dumps(row), flush=True)
             progress(
                 f"market {label} done in {wall:.1f} s (clear {k['clear_s']:.1f} s, "
                 f"HiGHS {k['solve_s']:.1f} s, AC check {self.market.get('ac', 0):.1f} s)"
@@ -199,7 +204,7 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def run_child(case: str, quick: bool) -> dict:
+def run_child(case: str, quick: bool, workers: int) -> dict:
     warnings.filterwarnings("ignore")
     faulthandler.register(signal.SIGUSR1)  # where a case was when the parent stops it
     from lfm_zonal.study import job
@@ -212,7 +217,7 @@ def run_child(case: str, quick: bool) -> dict:
 
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
-            run_scenario(scenario, Path(tmp) / "out")
+            run_scenario(scenario, Path(tmp) / "out", workers=workers)
             seconds = time.perf_counter() - started
         progress(f"main job done in {seconds:.1f} s")
         return {"main_job_s": seconds, "load": load()}
@@ -237,13 +242,14 @@ def run_child(case: str, quick: bool) -> dict:
     ):
         t.wrap(clearing, name, label, market_part=True)
     started = time.perf_counter()
-    study = job.run_study(scenario)
+    study = job.run_study(scenario, workers=workers)
     total = time.perf_counter() - started
     pf = study.base.powerflow
+    t.stages["markets (wall, all workers)"] = total - sum(t.stages.values())
     return {
         "total_s": total,
+        "workers": workers,
         "stages": t.stages,
-        "markets": t.rows,
         "grid": f"{study.base.grid.name}: {len(pf.model.buses)} buses, {len(pf.times)} MTUs, "
         f"{len(study.resources)} resources",
         "load": load(),
@@ -253,20 +259,38 @@ def run_child(case: str, quick: bool) -> dict:
 # --- parent: one fresh process per case, its peak RSS from wait4 -------------------------
 
 
+def tree_pss_gb(pid: int) -> float | None:
+    """Proportional set size of a process and its descendants together (GB; None once it
+    has ended): pages shared by forked workers are counted once."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration, ValueError):
+            if p == pid:
+                return None
+    return total * 1024 / GB
+
+
 def run_case(case: str, args) -> dict | None:
-    command = [sys.executable, __file__, "--child", case] + (["--quick"] if args.quick else [])
+    command = [sys.executable, __file__, "--child", case, "--workers", str(args.workers)]
+    command += ["--quick"] if args.quick else []
     with tempfile.TemporaryFile("w+") as stderr:
         started = time.perf_counter()
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        done, killed = threading.Event(), []
+        done, killed, peak_sum = threading.Event(), [], [0.0]
 
         def watchdog() -> None:  # stop a case beyond the time or memory cap
-            while not done.wait(0.5):
-                try:
-                    with open(f"/proc/{child.pid}/statm") as f:
-                        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GB
-                except OSError:
+            while not done.wait(0.2):
+                rss = tree_pss_gb(child.pid)
+                if rss is None:
                     return
+                peak_sum[0] = max(peak_sum[0], rss)
                 wall = time.perf_counter() - started
                 if wall > args.timeout or rss > args.max_rss_gb:
                     killed.append(f"stopped at {wall:.0f} s, RSS {rss:.1f} GB")
@@ -277,10 +301,12 @@ def run_case(case: str, args) -> dict | None:
 
         watcher = threading.Thread(target=watchdog, daemon=True)
         watcher.start()
-        result = None
+        result, markets = None, []
         for line in child.stdout:
             if line.startswith("RESULT "):
                 result = json.loads(line.removeprefix("RESULT "))
+            elif line.startswith("MARKET "):
+                markets.append(json.loads(line.removeprefix("MARKET ")))
             else:
                 print(line, end="", flush=True)
         done.set()
@@ -294,7 +320,11 @@ def run_case(case: str, args) -> dict | None:
         print(f"case {case} FAILED ({'; '.join(killed) or 'exit ' + str(status)}):\n{tail}")
         return None
     result["process_s"] = wall
-    result["peak_rss_gb"] = usage.ru_maxrss * 1024 / GB  # ru_maxrss in KiB
+    result["markets"] = markets
+    # The case's processes together (its market workers share the parent's pages until
+    # written: proportional set sizes, sampled), and the largest single one (exact).
+    result["peak_rss_gb"] = max(peak_sum[0], usage.ru_maxrss * 1024 / GB)  # ru_maxrss in KiB
+    result["peak_single_rss_gb"] = usage.ru_maxrss * 1024 / GB
     return result
 
 
@@ -307,8 +337,10 @@ def report_study(case: str, r: dict) -> None:
     print(f"\n=== case {case}: {r['grid']} (load at end {r['load']})")
     print(
         f"run_study {r['total_s']:.1f} s (target < {t_max:.0f} s: "
-        f"{verdict(r['total_s'] < t_max)}); process {r['process_s']:.1f} s; peak RSS "
-        f"{r['peak_rss_gb']:.2f} GB (target < {m_max:.0f} GB: {verdict(r['peak_rss_gb'] < m_max)})"
+        f"{verdict(r['total_s'] < t_max)}) with {r['workers']} market worker(s); process "
+        f"{r['process_s']:.1f} s; peak memory {r['peak_rss_gb']:.2f} GB (target < {m_max:.0f} GB: "
+        f"{verdict(r['peak_rss_gb'] < m_max)}; largest single process "
+        f"{r['peak_single_rss_gb']:.2f} GB)"
     )
     print("stages: " + ", ".join(f"{name} {s:.1f} s" for name, s in r["stages"].items()))
     print(
@@ -346,10 +378,16 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="8 MTUs from 10:00: a smoke run")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per case process")
     parser.add_argument("--max-rss-gb", type=float, default=12.0, help="stop a case beyond it")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=available_cores(),
+        help="processes clearing markets at once (default: one per core, as lfm-zonal run)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_child(args.child, args.quick)), flush=True)
+        print("RESULT " + json.dumps(run_child(args.child, args.quick, args.workers)), flush=True)
         return 0
     print(f"bench_scale ({'quick, 8 MTUs' if args.quick else '96 MTUs'}), load {load()}")
     failed = False
@@ -372,7 +410,7 @@ def main() -> int:
                     lines.append(
                         f"{case:<7} {run:<11} main job {r['main_job_s']:6.1f} s (target < "
                         f"{target:.0f} s: {verdict(r['main_job_s'] < target)}), process "
-                        f"{r['process_s']:6.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB, "
+                        f"{r['process_s']:6.1f} s, peak memory {r['peak_rss_gb']:.2f} GB, "
                         f"load {r['load']}"
                     )
         print("\n=== case C: main job (run_scenario into a temporary folder)")

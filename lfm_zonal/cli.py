@@ -360,14 +360,25 @@ def _mtu_or_peak(text: str):
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from lfm_zonal.limits import available_cores
     from lfm_zonal.study.results import run_scenario
 
+    workers = available_cores() if args.workers is None else args.workers
+    if not 1 <= workers <= MAX_MARKET_WORKERS:
+        raise InputError(
+            f"--workers {args.workers}: give a number of processes from 1 to {MAX_MARKET_WORKERS}"
+        )
     scenario = load_scenario(args.scenario)
-    out = run_scenario(scenario, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    out = run_scenario(
+        scenario, args.out, overwrite=args.overwrite, progress=not args.quiet, workers=workers
+    )
     print(f"results of scenario {scenario.name} in {out}/")
     _warn_residuals(out)
 
 
+#: Market worker processes of one run at most (a study has one nodal market and a group of
+#: markets per K; more processes than cores only share them).
+MAX_MARKET_WORKERS = 64
 #: Days one sweep may hold (a case is a day; a year of them takes hours already).
 MAX_SWEEP_DAYS = 366
 #: Values one --flag first:last[:step] range may give (the studies check sizes again).
@@ -622,6 +633,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"built-in scenario name or TOML file (default: {DEFAULT_SCENARIO})",
     )
     _add_out_folder(p, "results", "results folder")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="processes clearing markets at once (default: one per core; 1: one by one, "
+        "in this process; each holds one market's LP)",
+    )
     _add_quiet(p)
     p.set_defaults(func=cmd_run)
 
@@ -877,6 +894,10 @@ def _writable(args: argparse.Namespace, inputs: list[Path]) -> None:
         check_output_path(out, kind=kind, overwrite=overwrite, inputs=inputs)
 
 
+#: The signals of this command so far, as the exceptions they raised (see ``main``).
+_SIGNALS: list[KeyboardInterrupt] = []
+
+
 @contextlib.contextmanager
 def _signals_as_exceptions():
     """SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP raise Terminated, so every
@@ -885,10 +906,16 @@ def _signals_as_exceptions():
         yield
         return
 
-    def terminate(signum, frame):
-        raise Terminated(signal.Signals(signum).name)
+    def interrupt(signum, frame):
+        _SIGNALS.append(KeyboardInterrupt())
+        raise _SIGNALS[-1]
 
-    wanted = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: terminate}
+    def terminate(signum, frame):
+        _SIGNALS.append(Terminated(signal.Signals(signum).name))
+        raise _SIGNALS[-1]
+
+    _SIGNALS.clear()
+    wanted = {signal.SIGINT: interrupt, signal.SIGTERM: terminate}
     if hasattr(signal, "SIGHUP"):
         wanted[signal.SIGHUP] = terminate
     previous = {s: signal.signal(s, h) for s, h in wanted.items()}
@@ -899,16 +926,26 @@ def _signals_as_exceptions():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
-def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
-    from lfm_zonal.files.outputs import completed
+def _signalled(args: argparse.Namespace | None, exc: KeyboardInterrupt) -> int:
+    """Say in one line what a signal left, and return the exit code (128 + the signal)."""
+    # Before the arguments are read, nothing can have been written: as while starting.
+    print(_interrupted(args, exc) if args is not None else STARTING_INTERRUPTED, file=sys.stderr)
+    return 143 if isinstance(exc, Terminated) else 130
 
+
+def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
     what = f"terminated ({exc.args[0]})" if isinstance(exc, Terminated) else "interrupted"
     kind, out = OUTPUT_KIND.get(args.command), getattr(args, "out", None)
     if out is None or kind is None or getattr(args, "list", False):
         return f"lfm-zonal: {what}"
     if kind == "sweep":
         return f"lfm-zonal: {what}; finished cases in {out}/ are kept (run again to resume)"
-    if completed(out):
+    # Not imported here: the signal may have come while it was being imported (with pandas),
+    # and importing it again from a half-imported pandas fails with a traceback. If it is not
+    # imported, nothing has been written.
+    outputs = sys.modules.get("lfm_zonal.files.outputs")
+    completed = getattr(outputs, "completed", None)
+    if completed is not None and completed(out):
         return f"lfm-zonal: {what} after {out} was written completely"
     if kind == "file":
         return f"lfm-zonal: {what}; {out} was not written"
@@ -944,11 +981,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"lfm-zonal: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
             return 2
+        except Exception:
+            # A signal that came while a C extension was being imported (pandas) surfaces as
+            # that import's own error (ImportError, AttributeError of a half-imported module).
+            if not _SIGNALS:
+                raise
+            return _signalled(args, _SIGNALS[0])
         except KeyboardInterrupt as exc:
-            # Before the arguments are read, nothing can have been written: as while starting.
-            message = _interrupted(args, exc) if args is not None else STARTING_INTERRUPTED
-            print(message, file=sys.stderr)
-            return 143 if isinstance(exc, Terminated) else 130
+            return _signalled(args, exc)
     return 0
 
 

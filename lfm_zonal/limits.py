@@ -55,6 +55,14 @@ def _malloc_trim():
         return None
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity; all of the machine's elsewhere)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def available_memory_bytes() -> float:
     """Memory this process may still take: the smallest of the cgroup's room, MemAvailable
     and the free physical pages (whichever the system reports)."""

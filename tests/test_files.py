@@ -337,6 +337,28 @@ def test_two_runs_on_one_out_and_a_killed_run(tmp_path):
                 p.communicate()
 
 
+def test_a_signal_that_breaks_an_import_is_still_one_line(monkeypatch, capsys):
+    """Ctrl-C while a C extension is being imported (pandas) surfaces as that import's own
+    error (ImportError, or AttributeError of a half-imported module), not as
+    KeyboardInterrupt: still the one line of an interrupt and its exit code, no traceback."""
+    from lfm_zonal import cli
+
+    def interrupted_import(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises before this ends
+        except KeyboardInterrupt:
+            raise ImportError('PyCapsule_Import could not import module "pandas"') from None
+
+    monkeypatch.setattr(cli, "cmd_grids", interrupted_import)
+    assert main(["grids"]) == 130
+    assert capsys.readouterr().err == "lfm-zonal: interrupted\n"
+    # An error of the same kind without a signal is a bug: its traceback is not hidden.
+    monkeypatch.setattr(cli, "cmd_grids", lambda args: [][1])
+    with pytest.raises(IndexError):
+        main(["grids"])
+
+
 def test_sigint_and_sigterm_leave_nothing(tmp_path):
     """Ctrl-C while computing, SIGTERM while writing, Ctrl-C during the imports: one line,
     exit code 130 / 143, no folder, no partial folder, no lock."""

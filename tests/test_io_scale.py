@@ -98,30 +98,48 @@ def _assert_stages(err: str, expected: list[str]) -> None:
     assert messages[-1] == f"finished in {seconds[-1]:.1f} s"
 
 
+RUN_STAGES = [
+    "base case: 4 MTUs on grid cigre_mv",
+    "resources:",
+    "zones: sensitivities and features at MTU",
+    "zones: K = 1, 2 and their segmentation errors done",
+    "zones: K = 1 indices and map written",
+    "zones: K = 2 indices and map written",
+    "zones: error curve over",
+    "nodal market: cleared and checked in AC, cost",
+    "zonal market K = 1: cleared and checked in AC, cost",
+    "zonal market K = 2: cleared and checked in AC, cost",
+]
+
+
 def test_a_run_prints_its_stages_with_elapsed_times_in_order(tmp_path, capsys):
-    code = main(["run", str(_small_scenario(tmp_path)), "--out", str(tmp_path / "out")])
+    """In one process: the zones folder is written first, then the markets, K ascending."""
+    out = tmp_path / "out"
+    code = main(["run", str(_small_scenario(tmp_path)), "--out", str(out), "--workers", "1"])
     err = capsys.readouterr().err
     assert code == 0, err
-    _assert_stages(
-        err,
-        [
-            "base case: 4 MTUs on grid cigre_mv",
-            "resources:",
-            "zones: sensitivities and features at MTU",
-            "zones: K = 1, 2 and their segmentation errors done",
-            "nodal market: cleared and checked in AC, cost",
-            "zonal market K = 1: cleared and checked in AC, cost",
-            "zonal market K = 2: cleared and checked in AC, cost",
-            "zones: K = 1 indices and map written",
-            "zones: K = 2 indices and map written",
-            "zones: error curve over",
-            f"results written to {tmp_path / 'out'}",
-            "finished in",
-        ],
-    )
+    _assert_stages(err, [*RUN_STAGES, f"results written to {out}", "finished in"])
     # --quiet: neither progress bars nor stage lines.
     main(["run", str(_small_scenario(tmp_path)), "--out", str(tmp_path / "q"), "--quiet"])
     assert not any(STAGE_LINE.match(line) for line in capsys.readouterr().err.splitlines())
+
+
+def test_a_run_with_two_workers_prints_every_stage_once(tmp_path, capfd):
+    """Two worker processes write their own lines on the same stderr (captured at the file
+    descriptor): every stage once, the zones folder's in order, then the results."""
+    out = tmp_path / "out"
+    code = main(["run", str(_small_scenario(tmp_path)), "--out", str(out), "--workers", "2"])
+    err = capfd.readouterr().err
+    assert code == 0, err
+    stages = [m.groups() for line in err.splitlines() if (m := STAGE_LINE.match(line))]
+    lines = [text for _, text in stages]
+    assert len(lines) == len(RUN_STAGES) + 2, err
+    found = [next(i for i, line in enumerate(lines) if line.startswith(s)) for s in RUN_STAGES]
+    assert found[:4] == [0, 1, 2, 3]  # before the workers start
+    assert found[4] < found[5] < found[6]  # the zones folder, in one worker
+    assert sorted(found[4:]) == list(range(4, len(RUN_STAGES)))
+    assert lines[-2:] == [f"results written to {out}", lines[-1]]
+    assert lines[-1].startswith("finished in")
 
 
 def test_an_input_refused_after_the_base_case_is_still_one_line(tmp_path, capsys):

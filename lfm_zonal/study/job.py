@@ -6,7 +6,9 @@ folder is written by ``results`` (``run_scenario``), the report by ``report``.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -31,7 +33,8 @@ from lfm_zonal.market.resources import (
 )
 from lfm_zonal.progress import inputs_accepted, stage
 from lfm_zonal.study.scenario import Scenario
-from lfm_zonal.zones.segmentation import Segmentation, prepare_segmentation
+from lfm_zonal.study.workers import forked
+from lfm_zonal.zones.segmentation import Segmentation, Zones, prepare_segmentation
 
 log = logging.getLogger(__name__)
 
@@ -248,14 +251,27 @@ class StudyResult:
     resources: Resources
     segmentation: Segmentation
     markets: list[MarketResult]
+    zone_sets: list[Zones]  # every K's zones, K ascending (the fewest for a nodal-only study)
 
     def kpis(self) -> pd.DataFrame:
         """One row per market, the columns of the KPI schema in its order."""
         return pd.DataFrame([m.kpis for m in self.markets], columns=list(KPI_NAMES))
 
 
-def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
-    """Every market case of the scenario, from the grid to the AC check (no files written)."""
+def run_study(
+    scenario: Scenario,
+    progress: bool = False,
+    workers: int = 1,
+    alongside: Callable[[Segmentation, list[Zones]], None] | None = None,
+) -> StudyResult:
+    """Every market case of the scenario, from the grid to the AC check (no files written).
+
+    ``workers`` > 1: the markets are cleared by that many forked processes at once, each
+    taking the next group of ``market_groups`` (heaviest first); the results are those of
+    one process, byte for byte (every market is computed from the same inputs alone).
+    ``alongside(segmentation, zone_sets)``, if given, runs once the zones are made, as one
+    more task of the workers (the main job writes its zones folder so while markets clear).
+    """
     base = prepare_base_case(scenario, progress=progress)
     resources = prepare_resources(base)
     stage(f"resources: {len(resources)}")
@@ -263,7 +279,6 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
     cache = LinearisationCache(base.powerflow.model)
     seg = prepare_segmentation_of(base, resources, cache)
     inputs_accepted()  # the last input checks (resources, zone counts) are behind us
-    m = scenario["market"]
     cases = market_cases(scenario)
     # The zones of every K, and their segmentation errors (each market's KPI) at once: on a
     # big grid one pass over every bus's sensitivity column for all K instead of one per K
@@ -276,54 +291,100 @@ def run_study(scenario: Scenario, progress: bool = False) -> StudyResult:
     seg.prime_indices(zone_sets.values())
     if zone_sets:
         stage(f"zones: K = {', '.join(map(str, zone_sets))} and their segmentation errors done")
-    # Cleared K by K, so that the zonal and the needs-based market of one K share their
-    # grid, bids and needs (clearing.MarketInputs) and only one K's are held at a time;
-    # listed in the scenario's order.
-    order = sorted(range(len(cases)), key=lambda i: (cases[i][1] is not None, cases[i][1] or 0, i))
+    # The zones folder's zones: every K of the study; for a nodal-only one, the fewest zones
+    # the grid allows (one per separate part).
+    zone_list = sorted(zone_sets.values(), key=lambda z: z.k) or [seg.zones(seg.n_parts)]
+    study = _MarketContext(scenario, base, resources, seg, cache, cases, zone_sets)
+    # In one process: the nodal market, then K ascending. In several: the heaviest first,
+    # since the first free worker takes the next task: the nodal market, the task alongside
+    # (zone maps: seconds on a big grid), then the groups of each K, largest first.
+    groups = market_groups(cases, largest_k_first=workers > 1)
+    tasks = [functools.partial(_clear_group, study, group) for group in groups]
+    if alongside is not None:
+        tasks.insert(1 if workers > 1 else 0, functools.partial(alongside, seg, zone_list))
     markets: list[MarketResult | None] = [None] * len(cases)
-    inputs, inputs_k = None, None
-    for i in tqdm(
-        order, desc="markets", unit="case", disable=None if progress else True, leave=False
-    ):
-        method, k = cases[i]
-        # The market takes plain inputs: the base case, the resources and its areas.
-        zones = None if method == "nodal" else zone_sets[k]
-        if method == "nodal" or k != inputs_k:
-            inputs = None  # the last K's, no longer needed
-            release_free_memory()
-            inputs, inputs_k = (
-                prepare_market(
-                    base.powerflow,
-                    resources,
-                    method,
-                    zones,
-                    weights=seg.weights,
-                    sensitivity_method=seg.sensitivity_method,
-                    max_steps=scenario["flexibility"]["max_steps"],
-                    needs_rule=m["needs"],
-                    cache=cache,
-                ),
-                k,
-            )
+    bar = tqdm(
+        total=len(cases),
+        desc="markets",
+        unit="case",
+        disable=None if progress else True,
+        leave=False,
+    )
+    with bar, forked(tasks, processes=workers if workers > 1 else 0) as done:
+        for _, results in done:
+            for i, result in results or ():  # the task alongside returns nothing
+                markets[i] = result
+                bar.update()
+    return StudyResult(base, resources, seg, markets, zone_list)
+
+
+def market_groups(
+    cases: list[tuple[str, int | None]], largest_k_first: bool = False
+) -> list[list[int]]:
+    """The cases (indices into ``cases``) cleared together: the nodal market alone, then the
+    zonal and the needs-based market of each K, K ascending (or descending). A group
+    shares its grid, bids and needs (clearing.MarketInputs), and only one group's are held
+    at a time in a process."""
+    by_k: dict[int | None, list[int]] = {}
+    for i, (method, k) in enumerate(cases):
+        by_k.setdefault(None if method == "nodal" else k, []).append(i)
+    sign = -1 if largest_k_first else 1
+    return [by_k[k] for k in sorted(by_k, key=lambda k: (k is not None, sign * (k or 0)))]
+
+
+@dataclass(frozen=True)
+class _MarketContext:
+    """What every market of a study clears from (inherited by forked worker processes)."""
+
+    scenario: Scenario
+    base: BaseCase
+    resources: Resources
+    seg: Segmentation
+    cache: LinearisationCache
+    cases: list[tuple[str, int | None]]
+    zone_sets: dict[int, Zones]
+
+
+def _clear_group(study: _MarketContext, group: list[int]) -> list[tuple[int, MarketResult]]:
+    """(case index, MarketResult) of one group of cases (``market_groups``)."""
+    scenario, m = study.scenario, study.scenario["market"]
+    base, seg = study.base, study.seg
+    method, k = study.cases[group[0]]
+    zones = None if k is None or method == "nodal" else study.zone_sets[k]
+    release_free_memory()
+    inputs = prepare_market(
+        base.powerflow,
+        study.resources,
+        method,
+        zones,
+        weights=seg.weights,
+        sensitivity_method=seg.sensitivity_method,
+        max_steps=scenario["flexibility"]["max_steps"],
+        needs_rule=m["needs"],
+        cache=study.cache,
+    )
+    results = []
+    for i in group:
+        method = study.cases[i][0]
         result = clear_market(
             base.powerflow,
-            resources,
+            study.resources,
             method,
             segmentation_error=None if zones is None else seg.error(zones),
             pricing=m["pricing"],
             penalty_eur_per_mwh=m["penalty_eur_per_mwh"],
             needs_rule=m["needs"],
-            cache=cache,
+            cache=study.cache,
             inputs=inputs,
         )
-        markets[i] = replace(result, bids=result.bids[result.bids.accepted_mw > 0])
-        del result
+        result = replace(result, bids=result.bids[result.bids.accepted_mw > 0])
         release_free_memory()
         stage(
             f"{method} market{'' if zones is None else f' K = {k}'}: cleared and checked in AC, "
-            f"cost {markets[i].kpis['cost_eur']:.2f} EUR"
+            f"cost {result.kpis['cost_eur']:.2f} EUR"
         )
-    return StudyResult(base, resources, seg, markets)
+        results.append((i, result))
+    return results
 
 
 def base_case_summary(pf: HorizonPowerFlow) -> dict:

@@ -3,6 +3,7 @@ study in memory (``job.run_study``)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import replace
@@ -33,6 +34,7 @@ from lfm_zonal.report.plots import (
 from lfm_zonal.study.job import StudyResult, base_case_summary, run_study
 from lfm_zonal.study.report import report_markdown
 from lfm_zonal.study.scenario import Scenario
+from lfm_zonal.study.workers import forked
 from lfm_zonal.zones.segmentation import Segmentation, Zones
 
 log = logging.getLogger(__name__)
@@ -263,11 +265,36 @@ def _long(frames: list[tuple[MarketResult, pd.DataFrame]]) -> pd.DataFrame:
     return out[["method", "k", *[c for c in out.columns if c not in ("method", "k")]]]
 
 
-def write_results(study: StudyResult, folder: Path) -> None:
-    """Every output file of the main job (listed in the README)."""
-    base, seg = study.base, study.segmentation
+def write_results(study: StudyResult, folder: Path, workers: int = 1) -> None:
+    """Every output file of the main job (listed in the README) but its zones folder, which
+    ``run_scenario`` writes while the markets clear (``write_zones``). With ``workers`` > 1
+    the plots are drawn by a forked process while this one writes the tables."""
+    base = study.base
     pf = base.powerflow
     kpis = study.kpis()
+    worst = worst_mtu(pf)
+    plots = [
+        functools.partial(plot_k_comparison, kpis, folder / "k_comparison.png", base.grid.name)
+    ]
+    if worst is not None:
+        plots.append(
+            functools.partial(
+                plot_before_after,
+                pf,
+                {_label(m): m.ac for m in study.markets if m.method != "needs_based"},
+                worst,
+                folder / "before_after.png",
+            )
+        )
+    with forked(plots, processes=1 if workers > 1 else 0) as drawn:
+        _write_tables(study, kpis, worst, folder)
+        for _ in drawn:  # here, or waited for
+            pass
+
+
+def _write_tables(study: StudyResult, kpis: pd.DataFrame, worst: int | None, folder: Path) -> None:
+    base, seg = study.base, study.segmentation
+    pf = base.powerflow
     write_csv(kpis, folder / "kpis.csv", index=False)
     write_csv(base.powerflow.violations(), folder / "base_case.csv")
     # The tables that grow with resources x MTUs x markets: gzip above GZIP_ABOVE_ROWS rows.
@@ -289,20 +316,6 @@ def write_results(study: StudyResult, folder: Path) -> None:
     write_csv(residual, folder / "residual_violations.csv", index=False)
     resources = study.resources.table.reset_index()
     write_csv(resources, folder / "resources.csv", index=False)
-    zone_sets = sorted(
-        {m.zones.k: m.zones for m in study.markets if m.method != "nodal"}.values(),
-        key=lambda z: z.k,
-    ) or [seg.zones(1)]
-    write_zones(seg, zone_sets, folder / "zones", base.grid.name)
-    plot_k_comparison(kpis, folder / "k_comparison.png", base.grid.name)
-    worst = worst_mtu(pf)
-    if worst is not None:
-        plot_before_after(
-            pf,
-            {_label(m): m.ac for m in study.markets if m.method != "needs_based"},
-            worst,
-            folder / "before_after.png",
-        )
     summary = {
         "scenario": base.scenario.name,
         "scenario_source": base.scenario.path,
@@ -359,13 +372,26 @@ def worst_mtu(pf: HorizonPowerFlow) -> int | None:
 
 
 def run_scenario(
-    scenario: Scenario, out: str | Path, *, overwrite: bool = False, progress: bool = False
+    scenario: Scenario,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    workers: int = 1,
 ) -> Path:
-    """Run the main job of ``scenario`` and write its results folder ``out`` (complete or absent)."""
+    """Run the main job of ``scenario`` and write its results folder ``out`` (complete or
+    absent); ``workers``: processes clearing markets at once (``run_study``)."""
     started = time.perf_counter()
-    study = run_study(scenario, progress=progress)
     with result_folder(out, overwrite=overwrite) as folder:
-        write_results(study, folder)
+        study = run_study(
+            scenario,
+            progress=progress,
+            workers=workers,
+            alongside=lambda seg, zone_sets: write_zones(
+                seg, zone_sets, folder / "zones", seg.pf.grid.name
+            ),
+        )
+        write_results(study, folder, workers=workers)
     stage(f"results written to {out}")
     if progress_elapsed_s() is None:  # the command line says it in its last stage line
         log.info("finished in %.1f s", time.perf_counter() - started)

@@ -1,0 +1,116 @@
+"""Markets and plots in forked worker processes: the same bytes as one process, errors
+raised in the parent as one line, a dead worker named."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import re
+import signal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lfm_zonal.check.kpis import TIMING_COLUMNS
+from lfm_zonal.cli import main
+from lfm_zonal.errors import InputError, LfmError
+from lfm_zonal.study import job
+from lfm_zonal.study.job import market_groups
+from lfm_zonal.study.workers import forked
+
+SCENARIOS = Path(__file__).parents[1] / "scenarios"
+
+
+def _scenario(folder: Path) -> Path:
+    """The default scenario on 4 MTUs of its evening peak, every market at K = 1, 2, 4."""
+    text = (SCENARIOS / "cigre_mv_evening_peak.toml").read_text()
+    text = re.sub(r"n_mtu = \d+", "n_mtu = 4", text).replace("00:00", "17:00")
+    text = re.sub(r"(?m)^k = .*$", "k = [1, 2, 4]", text)
+    text = re.sub(r"(?m)^methods = .*$", 'methods = ["nodal", "zonal", "needs_based"]', text)
+    path = folder / "small.toml"
+    path.write_text(text)
+    return path
+
+
+def test_forked_tasks_run_in_other_processes_and_come_back_by_index():
+    here = os.getpid()
+    tasks = [lambda i=i: (i * i, os.getpid()) for i in range(5)]
+    with forked(tasks, processes=2) as done:
+        results = dict(done)
+    assert sorted(results) == [0, 1, 2, 3, 4]
+    assert [results[i][0] for i in range(5)] == [0, 1, 4, 9, 16]
+    pids = {pid for _, pid in results.values()}
+    assert here not in pids and 1 <= len(pids) <= 2
+    # processes = 0: here, in list order, as the results are read.
+    ran = []
+    with forked([lambda i=i: ran.append(i) or os.getpid() for i in range(3)], 0) as done:
+        assert ran == []
+        assert list(done) == [(0, here), (1, here), (2, here)]
+    assert ran == [0, 1, 2]
+
+
+def test_a_task_error_is_raised_here_and_a_dead_worker_is_named():
+    def refuse():
+        raise InputError("bids.csv, row 3: price is not a number")
+
+    with pytest.raises(InputError, match="row 3"), forked([refuse, lambda: 1], 2) as done:
+        list(done)
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    with pytest.raises(LfmError, match="worker process died"), forked([die], 1) as done:
+        list(done)
+
+
+def test_market_groups_put_the_nodal_market_first_and_keep_each_k_together():
+    cases = [("nodal", None), ("zonal", 1), ("zonal", 4), ("needs_based", 1), ("needs_based", 4)]
+    assert market_groups(cases) == [[0], [1, 3], [2, 4]]
+    assert market_groups(cases, largest_k_first=True) == [[0], [2, 4], [1, 3]]
+    assert market_groups(cases[1:]) == [[0, 2], [1, 3]]
+
+
+def test_two_workers_write_the_bytes_of_one_process(tmp_path):
+    """Every market computed from the same inputs alone: the same files, byte for byte, but
+    the wall-clock columns of kpis.csv."""
+    scenario = _scenario(tmp_path)
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}"
+        assert main(["run", str(scenario), "--out", str(out), "--quiet", "--workers", workers]) == 0
+    one, two = tmp_path / "w1", tmp_path / "w2"
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    assert len(files) > 20
+    differ = [f for f in files if not filecmp.cmp(one / f, two / f, shallow=False)]
+    assert differ == [Path("kpis.csv")]
+    a, b = (pd.read_csv(d / "kpis.csv").drop(columns=list(TIMING_COLUMNS)) for d in (one, two))
+    pd.testing.assert_frame_equal(a, b)
+    assert len(a) == 7  # nodal, zonal and needs-based at three K
+
+
+def test_a_market_refused_in_a_worker_is_one_line_and_no_folder(tmp_path, capfd, monkeypatch):
+    inner = job.clear_market
+
+    def refuse_k2(pf, resources, method, *args, **kwargs):
+        if kwargs["inputs"].zones.k == 2:
+            raise InputError("zone K = 2: refused for the test")
+        return inner(pf, resources, method, *args, **kwargs)
+
+    monkeypatch.setattr(job, "clear_market", refuse_k2)  # inherited by the forked workers
+    out = tmp_path / "out"
+    code = main(["run", str(_scenario(tmp_path)), "--out", str(out), "--quiet", "--workers", "2"])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert err == "lfm-zonal: error: zone K = 2: refused for the test\n"
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("workers", ["0", "-1", "65"])
+def test_a_bad_number_of_workers_is_refused(tmp_path, capsys, workers):
+    code = main(
+        ["run", str(_scenario(tmp_path)), "--out", str(tmp_path / "o"), "--workers", workers]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"--workers {workers}" in err
+    assert not (tmp_path / "o").exists()
