@@ -125,7 +125,6 @@ class StageTimers:
     def __init__(self) -> None:
         self.stages: dict[str, float] = {}
         self.market: dict[str, float] = {}
-        self.rows: list[dict] = []
 
     def wrap(self, owner, name: str, label: str, market_part: bool = False) -> None:
         inner = getattr(owner, name)

@@ -43,7 +43,7 @@ from lfm_zonal.config import (  # noqa: E402
     WEIGHT_POLICIES,
     with_overrides,
 )
-from lfm_zonal.errors import InputError, LfmError, SolverError  # noqa: E402
+from lfm_zonal.errors import InputError, LfmError, SolverError, WorkerDied  # noqa: E402
 from lfm_zonal.files import SENSITIVITY_FORMATS  # noqa: E402
 from lfm_zonal.progress import (  # noqa: E402
     checked_when_accepted,
@@ -363,10 +363,12 @@ def cmd_run(args: argparse.Namespace) -> None:
     from lfm_zonal.limits import available_cores
     from lfm_zonal.study.results import run_scenario
 
-    workers = available_cores() if args.workers is None else args.workers
-    if not 1 <= workers <= MAX_MARKET_WORKERS:
+    # One per core, at most MAX_MARKET_WORKERS (a study has fewer groups of markets anyway).
+    workers = min(available_cores(), MAX_MARKET_WORKERS) if args.workers is None else args.workers
+    if not 0 <= workers <= MAX_MARKET_WORKERS:
         raise InputError(
-            f"--workers {args.workers}: give a number of processes from 1 to {MAX_MARKET_WORKERS}"
+            f"--workers {args.workers}: give a number of processes from 0 to "
+            f"{MAX_MARKET_WORKERS} (0 or 1: one market at a time, in this process)"
         )
     scenario = load_scenario(args.scenario)
     out = run_scenario(
@@ -636,8 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=int,
-        help="processes clearing markets at once (default: one per core; 1: one by one, "
-        "in this process; each holds one market's LP)",
+        help="processes clearing markets at once (default: one per core; 0 or 1: one by "
+        "one, in this process; each holds one market's LP)",
     )
     _add_quiet(p)
     p.set_defaults(func=cmd_run)
@@ -902,6 +904,7 @@ _SIGNALS: list[KeyboardInterrupt] = []
 def _signals_as_exceptions():
     """SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP raise Terminated, so every
     partial output is removed on the way out; the previous handlers come back after."""
+    _SIGNALS.clear()  # another command's, in this process
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -914,7 +917,6 @@ def _signals_as_exceptions():
         _SIGNALS.append(Terminated(signal.Signals(signum).name))
         raise _SIGNALS[-1]
 
-    _SIGNALS.clear()
     wanted = {signal.SIGINT: interrupt, signal.SIGTERM: terminate}
     if hasattr(signal, "SIGHUP"):
         wanted[signal.SIGHUP] = terminate
@@ -975,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
                 finished()
         except LfmError as exc:
             print(f"lfm-zonal: error: {_one_line(exc)}", file=sys.stderr)
-            return 1 if isinstance(exc, SolverError) else 2
+            return 1 if isinstance(exc, (SolverError, WorkerDied)) else 2
         except OSError as exc:
             if exc.filename is None:
                 raise

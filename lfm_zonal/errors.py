@@ -17,6 +17,12 @@ class PowerFlowNotConverged(LfmError):
     """An AC power flow did not converge (names the MTU)."""
 
 
+class WorkerDied(LfmError):
+    """A worker process of a command ended without its result (killed when out of memory).
+
+    Not a user mistake: the command line exits with code 1 for it, not 2."""
+
+
 class SolverError(LfmError):
     """An LP the solver did not solve to optimality (names the LP and the solver's status).
 

@@ -19,6 +19,7 @@ run is never silent for long; only a refusal after that much work follows them.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -137,3 +138,16 @@ def elapsed_s() -> float | None:
     """Seconds since the command turned progress on (None if it is off)."""
     reporter = _ACTIVE
     return None if reporter is None else reporter.elapsed_s()
+
+
+def _lock_of_its_own() -> None:
+    """A forked child (``study.workers``) writes its stage lines with a lock of its own: the
+    parent's timer thread (``_Reporter.release`` at HOLD_S) may hold the inherited one at
+    the fork, and no thread of the child would ever release it."""
+    reporter = _ACTIVE
+    if reporter is not None:
+        reporter.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_lock_of_its_own)

@@ -224,7 +224,8 @@ def test_zones_command_says_which_reference_rule(tmp_path, capsys):
     )
 
 
-def test_a_nodal_only_run_on_two_parts_writes_zones_of_one_per_part(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_nodal_only_run_on_two_parts_writes_zones_of_one_per_part(tmp_path, workers):
     """A nodal market needs no zones, but its results folder has a zones folder: on a grid of
     two separate parts its zones are the fewest the grid allows, K = 2 (K = 1 was refused
     there, failing the run at the last step)."""
@@ -237,7 +238,8 @@ def test_a_nodal_only_run_on_two_parts_writes_zones_of_one_per_part(tmp_path):
     text = re.sub(r"(?m)^methods = .*$", 'methods = ["nodal"]', text)
     text = re.sub(r"(?m)^n_mtu = .*$", "n_mtu = 2", text)
     (tmp_path / "nodal.toml").write_text(text, encoding="utf-8")
-    assert main(["run", str(tmp_path / "nodal.toml"), "--out", str(tmp_path / "out")]) == 0
+    out = str(tmp_path / "out")
+    assert main(["run", str(tmp_path / "nodal.toml"), "--out", out, "--workers", workers]) == 0
     zones = pd.read_csv(tmp_path / "out" / "zones" / "zones.csv")
     assert set(zones.k) == {2}
     assert (tmp_path / "out" / "zones" / "zones_k2.png").exists()

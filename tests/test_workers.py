@@ -6,7 +6,12 @@ from __future__ import annotations
 import filecmp
 import os
 import re
+import select
 import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -54,8 +59,13 @@ def test_a_task_error_is_raised_here_and_a_dead_worker_is_named():
     def refuse():
         raise InputError("bids.csv, row 3: price is not a number")
 
-    with pytest.raises(InputError, match="row 3"), forked([refuse, lambda: 1], 2) as done:
+    started = time.monotonic()
+    with (
+        pytest.raises(InputError, match="row 3"),
+        forked([refuse, lambda: time.sleep(60)], 2) as done,
+    ):
         list(done)
+    assert time.monotonic() - started < 20  # the other task is stopped, not waited for
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
@@ -106,7 +116,7 @@ def test_a_market_refused_in_a_worker_is_one_line_and_no_folder(tmp_path, capfd,
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("workers", ["0", "-1", "65"])
+@pytest.mark.parametrize("workers", ["-1", "65"])
 def test_a_bad_number_of_workers_is_refused(tmp_path, capsys, workers):
     code = main(
         ["run", str(_scenario(tmp_path)), "--out", str(tmp_path / "o"), "--workers", workers]
@@ -114,3 +124,99 @@ def test_a_bad_number_of_workers_is_refused(tmp_path, capsys, workers):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and f"--workers {workers}" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_default_number_of_workers_is_one_per_core_up_to_the_cap(tmp_path, monkeypatch):
+    """More cores than MAX_MARKET_WORKERS: a plain run takes the cap (it refused itself with
+    "--workers None: give a number of processes from 1 to 64")."""
+    from lfm_zonal import cli, limits
+    from lfm_zonal.study import results
+
+    asked = []
+
+    def stop(scenario, out, **kwargs):
+        asked.append(kwargs["workers"])
+        raise InputError("stopped for the test")
+
+    monkeypatch.setattr(limits, "available_cores", lambda: 96)
+    monkeypatch.setattr(results, "run_scenario", stop)
+    assert main(["run", str(_scenario(tmp_path)), "--out", str(tmp_path / "o")]) == 2
+    assert asked == [cli.MAX_MARKET_WORKERS]
+
+
+def _parent(tmp_path: Path, body: str) -> subprocess.Popen:
+    path = tmp_path / "parent.py"
+    path.write_text(textwrap.dedent(body))
+    return subprocess.Popen(
+        [sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_no_worker_outlives_a_killed_command(tmp_path):
+    """A command killed outright (SIGKILL, the OOM killer) leaves no worker behind: one would
+    hold the output's lock, the study's memory and the pipes of whoever waits for the command
+    (bench_scale's stopped cases)."""
+    p = _parent(
+        tmp_path,
+        """
+        import time
+        from lfm_zonal.study.workers import forked
+        with forked([lambda: time.sleep(60)] * 2, 2) as done:
+            print("forked", flush=True)
+            list(done)
+        """,
+    )
+    assert p.stdout.readline() == "forked\n"
+    time.sleep(0.5)
+    p.kill()
+    p.wait()
+    ready, _, _ = select.select([p.stdout], [], [], 20)
+    assert ready and p.stdout.read() == ""  # end of file: no process holds the pipe
+
+
+def test_a_worker_dying_while_sending_its_result_is_named(tmp_path):
+    """A worker killed halfway through sending its result (out of memory while a large
+    result goes out) is the error line of a dead worker, not a command waiting forever."""
+    p = _parent(
+        tmp_path,
+        """
+        import os, signal, struct, time
+        import concurrent.futures.process as pool_module
+        from lfm_zonal.errors import LfmError
+        from lfm_zonal.study.workers import forked
+
+        def half_sent():
+            def send(result_queue, *args, **kwargs):
+                result_queue._writer._send(struct.pack("!i", 1000) + b"x" * 10)
+                os.kill(os.getpid(), signal.SIGKILL)
+            pool_module._sendback_result = send  # in this worker only
+            return 1
+
+        try:
+            with forked([half_sent, lambda: time.sleep(1)], 2) as done:
+                list(done)
+        except LfmError as exc:
+            print(exc, flush=True)
+        """,
+    )
+    try:
+        out, _ = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert "a worker process died" in out, out
+
+
+def test_run_study_and_write_results_from_python_write_the_zones_folder_too(tmp_path):
+    """The Python API's two steps give the folder of the command line, zones included (the
+    command writes them while its markets clear)."""
+    from lfm_zonal.study.results import write_results
+    from lfm_zonal.study.scenario import load_scenario
+
+    study = job.run_study(load_scenario(_scenario(tmp_path)), workers=2)
+    (tmp_path / "api").mkdir()
+    write_results(study, tmp_path / "api", workers=2)
+    assert main(["run", str(_scenario(tmp_path)), "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+    api, cli = tmp_path / "api", tmp_path / "cli"
+    for name in ("zones/zones.csv", "zones/zone_errors.csv", "zones/error_curve.csv"):
+        assert filecmp.cmp(api / name, cli / name, shallow=False), name
+    assert [z.k for z in study.zone_sets] == [1, 2, 4]

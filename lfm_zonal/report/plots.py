@@ -21,8 +21,11 @@ from matplotlib.collections import LineCollection
 PNG_METADATA = {"Software": None}  # no library version in the file: stable bytes
 
 
-def save(fig: plt.Figure, path: Path) -> None:
-    fig.savefig(path, dpi=120, metadata=PNG_METADATA, bbox_inches="tight")
+def save(fig: plt.Figure, path: Path, laid_out: bool = False) -> None:
+    """``fig`` as PNG, cropped to what is drawn; ``laid_out``: already fitted to its figure
+    by ``tight_layout`` (not cropped again: the crop draws the figure twice, 0.15 s of the
+    0.4-0.55 s of each of the main job's two wide plots)."""
+    fig.savefig(path, dpi=120, metadata=PNG_METADATA, bbox_inches=None if laid_out else "tight")
     plt.close(fig)
 
 
@@ -484,7 +487,7 @@ def plot_k_comparison(kpis: pd.DataFrame, path: Path, grid_name: str) -> None:
         )
     fig.suptitle(f"{grid_name}: market performance against the number of zones")
     fig.tight_layout()
-    save(fig, path)
+    save(fig, path, laid_out=True)
 
 
 def plot_before_after(pf, ac_by_market: dict, mtu: int, path: Path) -> None:
@@ -514,7 +517,7 @@ def plot_before_after(pf, ac_by_market: dict, mtu: int, path: Path) -> None:
     ax_l.legend(fontsize=7, ncol=3, loc="best")
     fig.suptitle(f"{g.name}: worst MTU {mtu} ({pf.times[mtu]}) before and after clearing (AC)")
     fig.tight_layout()
-    save(fig, path)
+    save(fig, path, laid_out=True)
 
 
 def _before_after_lines(ax, quantity: str, pf, ac_by_market: dict, mtu: int) -> np.ndarray:

@@ -295,9 +295,10 @@ def run_study(
     # the grid allows (one per separate part).
     zone_list = sorted(zone_sets.values(), key=lambda z: z.k) or [seg.zones(seg.n_parts)]
     study = _MarketContext(scenario, base, resources, seg, cache, cases, zone_sets)
-    # In one process: the nodal market, then K ascending. In several: the heaviest first,
-    # since the first free worker takes the next task: the nodal market, the task alongside
-    # (zone maps: seconds on a big grid), then the groups of each K, largest first.
+    # In one process: the task alongside (the zone maps, seen early), the nodal market, then
+    # K ascending. In several: the heaviest first, since the first free worker takes the
+    # next task: the nodal market, the task alongside (seconds on a big grid), then the
+    # groups of each K, largest first.
     groups = market_groups(cases, largest_k_first=workers > 1)
     tasks = [functools.partial(_clear_group, study, group) for group in groups]
     if alongside is not None:

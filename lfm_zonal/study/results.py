@@ -265,11 +265,15 @@ def _long(frames: list[tuple[MarketResult, pd.DataFrame]]) -> pd.DataFrame:
     return out[["method", "k", *[c for c in out.columns if c not in ("method", "k")]]]
 
 
-def write_results(study: StudyResult, folder: Path, workers: int = 1) -> None:
-    """Every output file of the main job (listed in the README) but its zones folder, which
-    ``run_scenario`` writes while the markets clear (``write_zones``). With ``workers`` > 1
-    the plots are drawn by a forked process while this one writes the tables."""
+def write_results(
+    study: StudyResult, folder: Path, workers: int = 1, zones_written: bool = False
+) -> None:
+    """Every output file of the main job (listed in the README); its zones folder unless
+    ``zones_written`` (``run_scenario`` writes it while the markets clear). With ``workers``
+    > 1 the plots are drawn by a forked process while this one writes the tables."""
     base = study.base
+    if not zones_written:
+        write_zones(study.segmentation, study.zone_sets, folder / "zones", base.grid.name)
     pf = base.powerflow
     kpis = study.kpis()
     worst = worst_mtu(pf)
@@ -391,7 +395,7 @@ def run_scenario(
                 seg, zone_sets, folder / "zones", seg.pf.grid.name
             ),
         )
-        write_results(study, folder, workers=workers)
+        write_results(study, folder, workers=workers, zones_written=True)
     stage(f"results written to {out}")
     if progress_elapsed_s() is None:  # the command line says it in its last stage line
         log.info("finished in %.1f s", time.perf_counter() - started)

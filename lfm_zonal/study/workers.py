@@ -12,25 +12,35 @@ process until written to); only its result is pickled back. The first free proce
 the next task in list order, so put the heaviest first. With ``processes`` = 0 the tasks
 run here, one by one, in list order, as ``done`` is read.
 
-A task's exception is raised by ``done`` in this process; the remaining tasks are dropped.
-Fork is safe here because the processes are made before anything of this process runs a
-thread pool of its own that a child would use (HiGHS solves its LPs serially, its
-scheduler is never started; OpenBLAS restarts its threads after a fork), and each
-process uses one BLAS thread: the processes share the cores already.
+A task's exception is raised by ``done`` in this process; the remaining tasks are dropped:
+their processes are stopped, and waited for, before ``forked`` returns. The processes end
+with this process however it ends (a killed command leaves no worker behind holding its
+output's lock and memory).
+
+Fork: a child uses nothing of this process's threads. OpenBLAS stops its threads before a
+fork and restarts them after; HiGHS starts its scheduler's threads at its first ``run``
+(half the cores by default), which a ``run`` command never does in this process before
+the markets are forked (a child would inherit a scheduler without threads: its serial
+simplex does not use them, but do not rely on it); the progress reporter's timer thread
+takes its lock for a moment at ``progress.HOLD_S`` (``progress`` renews the lock in a
+child). Each process uses one BLAS thread: the processes share the cores already.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import multiprocessing as mp
+import multiprocessing.connection
+import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from lfm_zonal.errors import LfmError
+from lfm_zonal.errors import WorkerDied
 from lfm_zonal.grid.sensitivity import one_blas_thread
 from lfm_zonal.limits import release_free_memory
 
@@ -47,47 +57,115 @@ def forked(
         yield ((i, task()) for i, task in enumerate(tasks))
         return
     global _TASKS
-    _TASKS = tasks
-    # The children share this process's pages until they write to them: its free heap goes
-    # back to the system first, and its objects are moved out of the garbage collector's
-    # reach, so the children's collections do not write to (and copy) every page of them.
-    release_free_memory()
-    gc.freeze()
-    pool = ProcessPoolExecutor(
-        max_workers=processes, mp_context=mp.get_context("fork"), initializer=_worker_signals
-    )
+    pool = None
     finished = False
+    # Signals wait until the processes exist and have their own handlers (_worker_signals):
+    # one that came while they were being forked would run this process's handler in them.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)
     try:
+        _TASKS = tasks
+        # The children share this process's pages until they write to them: its free heap
+        # goes back to the system first, and its objects are moved out of the garbage
+        # collector's reach, so the children's collections do not write to (and copy) every
+        # page of them.
+        release_free_memory()
+        gc.freeze()
+        pool = ProcessPoolExecutor(
+            max_workers=processes,
+            mp_context=mp.get_context("fork"),
+            initializer=_worker_signals,
+            initargs=(os.getpid(),),
+        )
         futures = {pool.submit(_run, i): i for i in range(len(tasks))}  # all forked here
         _TASKS = ()
-        yield _finished(futures, processes)
+        # Only the processes write to the result pipe. Without this process's copy of its
+        # end, a process that dies while sending its result (killed when out of memory, or
+        # stopped by _stop) ends the pool's read of it (a broken pool) instead of leaving
+        # the pool's thread waiting for the rest forever, and this process with it.
+        pool._result_queue._writer.close()
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending signal raises here
+        yield _finished(futures, processes, pool)
         finished = True
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         _TASKS = ()
-        if not finished:  # a failed task or an interrupt: the others are not waited for
-            for process in list(getattr(pool, "_processes", {}).values()):
-                process.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            if not finished:  # a failed task or an interrupt: the others are not waited for
+                _stop(pool)
+            pool.shutdown(wait=True, cancel_futures=True)
         gc.unfreeze()
 
 
-def _finished(futures: dict, processes: int) -> Iterator[tuple[int, Any]]:
-    for future in as_completed(futures):
-        try:
-            result = future.result()  # re-raises the task's exception here
-        except BrokenProcessPool:
-            raise LfmError(
-                f"a worker process died (out of memory?): run with --workers 1 (each of the "
-                f"{processes} worker processes held a market's LP or a plot at once)"
-            ) from None
-        yield futures[future], result
+#: Signals the command line turns into exceptions (cli._signals_as_exceptions).
+_PARENT_SIGNALS = {signal.SIGINT, signal.SIGTERM} | (
+    {signal.SIGHUP} if hasattr(signal, "SIGHUP") else set()
+)
 
 
-def _worker_signals() -> None:
-    """A worker leaves signals to this process: Ctrl-C (sent to the whole process group) is
-    ignored, SIGTERM (this process stopping it) ends it at once, without a traceback."""
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """End the pool's processes now, and wait until they have (they may be writing in a
+    folder the caller removes next)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join()
+
+
+def _finished(
+    futures: dict, processes: int, pool: ProcessPoolExecutor
+) -> Iterator[tuple[int, Any]]:
+    ended = [p.sentinel for p in pool._processes.values()]  # readable once a process ends
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=_LIVENESS_S, return_when=FIRST_COMPLETED)
+        for future in done:
+            try:
+                result = future.result()  # re-raises the task's exception here
+            except BrokenProcessPool:
+                raise _died(processes) from None
+            yield futures[future], result
+        # A process that died while sending its result leaves the pool reading the rest
+        # of it (the other processes hold the pipe open): it never says the pool is broken.
+        if not done and mp.connection.wait(ended, timeout=0):
+            raise _died(processes)
+
+
+#: Seconds between two looks at whether every process is still there.
+_LIVENESS_S = 1.0
+
+
+def _died(processes: int) -> WorkerDied:
+    return WorkerDied(
+        f"a worker process died (out of memory?) while {processes} of them held a market "
+        "or a plot each: run with --workers 1 for one market at a time"
+    )
+
+
+def _worker_signals(parent: int) -> None:
+    """A worker leaves signals to this process: Ctrl-C (sent to the whole process group) and
+    a hang-up are ignored, SIGTERM (this process stopping it) ends it at once, without a
+    traceback; and it ends with this process, however that ends (killed: no orphan holding
+    the output's lock and the memory)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _die_with_parent()
+    if os.getppid() != parent:  # it ended before that was set
+        os._exit(1)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        pass
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _run(i: int) -> Any:
