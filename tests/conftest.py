@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import warnings
+from pathlib import Path
 
 import pandapower as pp
 import pandapower.networks as pn
@@ -11,6 +13,23 @@ import pytest
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
 
 warnings.filterwarnings("ignore")
+
+SCENARIOS = Path(__file__).parents[1] / "scenarios"
+
+
+def small_scenario(
+    folder: Path, k: str = "1, 2", methods: str = '"nodal", "zonal"', name: str = "small.toml"
+) -> Path:
+    """The default scenario on 4 MTUs of its evening peak, ``methods`` at the K of ``k``,
+    written to ``folder / name``."""
+    text = (SCENARIOS / "cigre_mv_evening_peak.toml").read_text()
+    text = re.sub(r"n_mtu = \d+", "n_mtu = 4", text).replace("00:00", "17:00")
+    text = re.sub(r"(?m)^k = .*$", f"k = [{k}]", text)
+    text = re.sub(r"(?m)^methods = .*$", f"methods = [{methods}]", text)
+    path = folder / name
+    path.write_text(text)
+    return path
+
 
 # A short horizon around the evening peak keeps the suite fast.
 PEAK = Horizon(start="2016-01-14 17:00", n_mtu=8, mtu_minutes=15)

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import small_scenario
 
 from lfm_zonal import Horizon, load_grid, load_profiles, progress
 from lfm_zonal.cli import main
-
-SCENARIOS = Path(__file__).parents[1] / "scenarios"
 
 
 def _year_profiles(grid, horizon: Horizon) -> dict[str, pd.DataFrame]:
@@ -76,13 +75,7 @@ STAGE_LINE = re.compile(r"^lfm-zonal: \[ *(\d+\.\d) s\] (.+)$")
 
 def _small_scenario(folder: Path) -> Path:
     """The default scenario on 4 MTUs of its evening peak, nodal and zonal at K = 1 and 2."""
-    text = (SCENARIOS / "cigre_mv_evening_peak.toml").read_text()
-    text = re.sub(r"n_mtu = \d+", "n_mtu = 4", text).replace("00:00", "17:00")
-    text = re.sub(r"(?m)^k = .*$", "k = [1, 2]", text)
-    text = re.sub(r"(?m)^methods = .*$", 'methods = ["nodal", "zonal"]', text)
-    path = folder / "small.toml"
-    path.write_text(text)
-    return path
+    return small_scenario(folder)
 
 
 def _assert_stages(err: str, expected: list[str]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import filecmp
 import os
-import re
 import select
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import small_scenario
 
 from lfm_zonal.check.kpis import TIMING_COLUMNS
 from lfm_zonal.cli import main
@@ -24,18 +24,10 @@ from lfm_zonal.study import job
 from lfm_zonal.study.job import market_groups
 from lfm_zonal.study.workers import forked
 
-SCENARIOS = Path(__file__).parents[1] / "scenarios"
-
 
 def _scenario(folder: Path) -> Path:
     """The default scenario on 4 MTUs of its evening peak, every market at K = 1, 2, 4."""
-    text = (SCENARIOS / "cigre_mv_evening_peak.toml").read_text()
-    text = re.sub(r"n_mtu = \d+", "n_mtu = 4", text).replace("00:00", "17:00")
-    text = re.sub(r"(?m)^k = .*$", "k = [1, 2, 4]", text)
-    text = re.sub(r"(?m)^methods = .*$", 'methods = ["nodal", "zonal", "needs_based"]', text)
-    path = folder / "small.toml"
-    path.write_text(text)
-    return path
+    return small_scenario(folder, "1, 2, 4", '"nodal", "zonal", "needs_based"')
 
 
 def test_forked_tasks_run_in_other_processes_and_come_back_by_index():
