@@ -896,8 +896,15 @@ def _writable(args: argparse.Namespace, inputs: list[Path]) -> None:
         check_output_path(out, kind=kind, overwrite=overwrite, inputs=inputs)
 
 
-#: The signals of this command so far, as the exceptions they raised (see ``main``).
-_SIGNALS: list[KeyboardInterrupt] = []
+#: The signals of this command so far (see ``main``).
+_SIGNALS: list[int] = []
+
+
+def _signal_exception(signum: int) -> KeyboardInterrupt:
+    """What a signal raises: KeyboardInterrupt for SIGINT, Terminated for the others."""
+    if signum == signal.SIGINT:
+        return KeyboardInterrupt()
+    return Terminated(signal.Signals(signum).name)
 
 
 @contextlib.contextmanager
@@ -909,17 +916,13 @@ def _signals_as_exceptions():
         yield
         return
 
-    def interrupt(signum, frame):
-        _SIGNALS.append(KeyboardInterrupt())
-        raise _SIGNALS[-1]
+    def raise_it(signum, frame):
+        _SIGNALS.append(signum)
+        raise _signal_exception(signum)
 
-    def terminate(signum, frame):
-        _SIGNALS.append(Terminated(signal.Signals(signum).name))
-        raise _SIGNALS[-1]
-
-    wanted = {signal.SIGINT: interrupt, signal.SIGTERM: terminate}
+    wanted = {signal.SIGINT: raise_it, signal.SIGTERM: raise_it}
     if hasattr(signal, "SIGHUP"):
-        wanted[signal.SIGHUP] = terminate
+        wanted[signal.SIGHUP] = raise_it
     previous = {s: signal.signal(s, h) for s, h in wanted.items()}
     try:
         yield
@@ -988,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
             # that import's own error (ImportError, AttributeError of a half-imported module).
             if not _SIGNALS:
                 raise
-            return _signalled(args, _SIGNALS[0])
+            return _signalled(args, _signal_exception(_SIGNALS[0]))
         except KeyboardInterrupt as exc:
             return _signalled(args, exc)
     return 0

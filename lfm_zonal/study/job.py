@@ -270,7 +270,8 @@ def run_study(
     taking the next group of ``market_groups`` (heaviest first); the results are those of
     one process, byte for byte (every market is computed from the same inputs alone).
     ``alongside(segmentation, zone_sets)``, if given, runs once the zones are made, as one
-    more task of the workers (the main job writes its zones folder so while markets clear).
+    more task of the workers: the main job writes its zones folder with it while the
+    markets clear.
     """
     base = prepare_base_case(scenario, progress=progress)
     resources = prepare_resources(base)

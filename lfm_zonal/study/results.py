@@ -297,6 +297,7 @@ def write_results(
 
 
 def _write_tables(study: StudyResult, kpis: pd.DataFrame, worst: int | None, folder: Path) -> None:
+    """The CSV tables, summary.json and report.md of ``write_results``."""
     base, seg = study.base, study.segmentation
     pf = base.powerflow
     write_csv(kpis, folder / "kpis.csv", index=False)
