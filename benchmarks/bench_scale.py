@@ -97,11 +97,17 @@ def load() -> str:
 
 
 def progress(message: str) -> None:
-    print(
+    say(
         f"  [{time.perf_counter() - STARTED:7.1f} s, RSS {rss_gb():5.2f} GB, load {load()}] "
-        f"{message}",
-        flush=True,
+        f"{message}"
     )
+
+
+def say(line: str) -> None:
+    """One line to stdout in one write: the market workers share the pipe, and a line
+    written in pieces could be cut by another worker's (atomic up to PIPE_BUF bytes)."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
 
 
 def scenario_text(case: str, quick: bool) -> str:
@@ -188,7 +194,7 @@ class StageTimers:
             }
             # A market may clear in a forked worker process: its row goes to the parent
             # through the case's stdout (run_case collects the MARKET lines).
-            print("MARKET " + json.dumps(row), flush=True)
+            say("MARKET " + json.dumps(row))
             progress(
                 f"market {label} done in {wall:.1f} s (clear {k['clear_s']:.1f} s, "
                 f"HiGHS {k['solve_s']:.1f} s, AC check {self.market.get('ac', 0):.1f} s)"
