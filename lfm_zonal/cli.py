@@ -46,6 +46,7 @@ from lfm_zonal.config import (  # noqa: E402
 from lfm_zonal.errors import InputError, LfmError, SolverError, WorkerDied  # noqa: E402
 from lfm_zonal.files import SENSITIVITY_FORMATS  # noqa: E402
 from lfm_zonal.progress import (  # noqa: E402
+    COMMAND_SIGNALS,
     checked_when_accepted,
     finished,
     inputs_accepted,
@@ -920,10 +921,7 @@ def _signals_as_exceptions():
         _SIGNALS.append(signum)
         raise _signal_exception(signum)
 
-    wanted = {signal.SIGINT: raise_it, signal.SIGTERM: raise_it}
-    if hasattr(signal, "SIGHUP"):
-        wanted[signal.SIGHUP] = raise_it
-    previous = {s: signal.signal(s, h) for s, h in wanted.items()}
+    previous = {s: signal.signal(s, raise_it) for s in COMMAND_SIGNALS}
     try:
         yield
     finally:

@@ -20,11 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 
+#: Signals a command turns into exceptions, so that it cleans up on the way out (the
+#: command line's handlers; worker processes block them while they are being forked).
+COMMAND_SIGNALS = frozenset(
+    {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+)
 #: Seconds the lines of the first stages are held back at most (see the module docstring).
 HOLD_S = 20.0
 PREFIX = "lfm-zonal"

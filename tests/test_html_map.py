@@ -39,7 +39,9 @@ def case(request):
     graph = energised_graph(net)
     zone, medoids = dfs_blocks(graph, k)
     pos = plots.bus_positions(net, graph)
-    figure = html_map.zone_map_figure(graph, net, zone, medoids, "test", pos)
+    import plotly.graph_objects as go
+
+    figure = go.Figure(html_map.zone_map_dict(graph, net, zone, medoids, "test", pos))
     return net, graph, zone, medoids, pos, figure
 
 

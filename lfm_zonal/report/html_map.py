@@ -107,22 +107,6 @@ def _branches_between(net) -> dict[tuple[int, int], list[str]]:
     return named
 
 
-def zone_map_figure(
-    graph: nx.Graph,
-    net,
-    zone_of_bus: pd.Series,
-    medoids: pd.Series,
-    title: str,
-    pos: dict | None = None,
-):
-    """The zone map as a plotly figure: ``zone_map_dict`` checked by plotly's
-    ``graph_objects``. Raises ImportError without plotly."""
-    go = _graph_objects()
-    if go is None:
-        raise ImportError("plotly is not installed: pip install .[html]")
-    return go.Figure(zone_map_dict(graph, net, zone_of_bus, medoids, title, pos))
-
-
 def zone_map_dict(
     graph: nx.Graph,
     net,
@@ -132,8 +116,8 @@ def zone_map_dict(
     pos: dict | None = None,
 ) -> dict:
     """The zone map as plotly's figure JSON (``data``, ``layout``), as plotly's own
-    ``graph_objects`` would write it (tested); ``write_zone_map_html`` writes it without
-    checking it again (plotly's checks of every property were 0.5 s of the 0.8 s of
+    ``graph_objects`` would write it (``go.Figure(zone_map_dict(...))``, tested);
+    ``write_zone_map_html`` writes it without plotly's checks (plotly's checks of every property were 0.5 s of the 0.8 s of
     SimBench MV's six HTML maps).
 
     The PNG's map (``plots.draw_zones``) with the same positions (``bus_positions``) and
@@ -325,16 +309,8 @@ def zone_map_dict(
 
 
 def _scatter(**properties) -> dict:
-    """A scatter trace as plotly's JSON: plain lists and numbers (as ``go.Scatter`` gives)."""
-    return {"type": "scatter", **{k: _plain(v) for k, v in properties.items()}}
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        return [_plain(v) for v in value]
-    return value.item() if isinstance(value, np.generic) else value
+    """A scatter trace as plotly's JSON."""
+    return {"type": "scatter", **properties}
 
 
 def _template() -> dict:
@@ -353,7 +329,7 @@ def write_zone_map_html(
     title: str,
     pos: dict | None = None,
 ):
-    """The zone map (``zone_map_figure``) as an HTML page that opens offline: plotly.js
+    """The zone map (``zone_map_dict``) as an HTML page that opens offline: plotly.js
     is ``plotly.min.js`` beside it (written once per folder, 4.8 MB; the maps of every K
     share it, each page is the map's data only), and the div id is fixed, so the same
     inputs give the same bytes. Returns the figure's JSON, or None and writes nothing when plotly

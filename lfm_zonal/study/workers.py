@@ -43,6 +43,7 @@ from typing import Any
 from lfm_zonal.errors import WorkerDied
 from lfm_zonal.grid.sensitivity import one_blas_thread
 from lfm_zonal.limits import release_free_memory
+from lfm_zonal.progress import COMMAND_SIGNALS
 
 _TASKS: Sequence[Callable[[], Any]] = ()  # the tasks of the processes being forked
 
@@ -61,7 +62,7 @@ def forked(
     finished = False
     # Signals wait until the processes exist and have their own handlers (_worker_signals):
     # one that came while they were being forked would run this process's handler in them.
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, COMMAND_SIGNALS)
     try:
         _TASKS = tasks
         # The children share this process's pages until they write to them: its free heap
@@ -94,12 +95,6 @@ def forked(
                 _stop(pool)
             pool.shutdown(wait=True, cancel_futures=True)
         gc.unfreeze()
-
-
-#: Signals the command line turns into exceptions (cli._signals_as_exceptions).
-_PARENT_SIGNALS = {signal.SIGINT, signal.SIGTERM} | (
-    {signal.SIGHUP} if hasattr(signal, "SIGHUP") else set()
-)
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -154,7 +149,7 @@ def _worker_signals(parent: int) -> None:
     _die_with_parent()
     if os.getppid() != parent:  # it ended before that was set
         os._exit(1)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, COMMAND_SIGNALS)
 
 
 def _die_with_parent() -> None:
