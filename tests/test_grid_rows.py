@@ -101,28 +101,30 @@ def test_nodal_market_with_adjoint_rows_is_the_dense_market(shipped):
 
 def test_rows_come_by_transposed_solves_then_from_the_state_sensitivity():
     """Adjoint rows of a few zones: the first rows asked for of an MTU come by transposed
-    solves; once 2K rows have been asked for, the state's sensitivity to every area is made
-    and kept, and every row after comes from it. Both give the dense coefficients; beyond
+    solves; once they cost as much as the state's sensitivity to every area (2K right-hand
+    sides, STATE_COLUMN_COST_IN_ROWS rows each), it is made and kept, and every row after
+    comes from it. Both give the dense coefficients; beyond
     the budget the least recently used is dropped and its count starts again."""
     from test_market import market_case
 
-    from lfm_zonal.grid.linear import StateSensitivities
+    from lfm_zonal.grid.linear import STATE_COLUMN_COST_IN_ROWS, StateSensitivities
 
     pf, _, seg = market_case("cigre_mv", 1.25, 0.2)
     zones = seg.zones(3)
     dense, adjoint = _both(pf, zones.aggregation(seg.weights), None)
     lin0, lin1 = adjoint.rows.linearisations[:2]
     states = adjoint.rows.states
-    rows = np.random.default_rng(1).permutation(dense.n_rows)[:10]
+    switch = 2 * 3 * STATE_COLUMN_COST_IN_ROWS
+    rows = np.random.default_rng(1).permutation(dense.n_rows)[: switch + 4]
     for i, r in enumerate(rows):
-        assert (states.kept(lin0) is not None) == (i >= 2 * 3)  # made by the 6th row
+        assert (states.kept(lin0) is not None) == (i >= switch)  # made by the switch-th row
         got = adjoint.rows.coefficients(np.array([0]), np.array([r]))
         want = dense.rows.coefficients(np.array([0]), np.array([r]))
         for a, b in zip(want, got, strict=True):
             np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
     # A budget for one: the next MTU's state sensitivity drops the first one's.
     small = StateSensitivities(budget_bytes=1)
-    seeds = np.arange(6), np.arange(0)
+    seeds = np.arange(switch), np.arange(0)
     for lin in (lin0, lin1):
         small.rows(lin, adjoint.rows.W, *seeds)
     assert small.kept(lin0) is None and small.kept(lin1) is not None

@@ -187,3 +187,18 @@ def test_linearisation_cache_is_bounded_in_bytes(cigre_pf, monkeypatch):
     assert len(tiny) == 1 and tiny.nbytes == sizes[1] and ask(tiny, 1)[1] is False
     with pytest.raises(ValueError, match="at least 0 bytes"):
         sens.LinearisationCache(model, budget_bytes=-1)
+
+
+def test_transposed_factor_solves_with_j_and_with_its_transpose(cigre_pf):
+    """The linearisation's factor (SuperLU of J^T) solves J x = b and J^T w = b, one
+    right-hand side or many, to the residual of a direct factorisation of J."""
+    from lfm_zonal.grid.sensitivity import TransposedFactor
+
+    J = cigre_pf.model.jacobian(cigre_pf.V[5])
+    dense = J.toarray()
+    factor = TransposedFactor(J)
+    rhs = np.random.default_rng(3).standard_normal((J.shape[0], 4))
+    for b in (rhs, rhs[:, 0]):
+        assert np.abs(dense @ factor.solve(b) - b).max() < 1e-9
+        assert np.abs(dense.T @ factor.solve(b, trans="T") - b).max() < 1e-9
+    assert factor.shape == J.shape and factor.nnz >= J.nnz
