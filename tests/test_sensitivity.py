@@ -192,7 +192,7 @@ def test_linearisation_cache_is_bounded_in_bytes(cigre_pf, monkeypatch):
 def test_transposed_factor_solves_with_j_and_with_its_transpose(cigre_pf):
     """The linearisation's factor (SuperLU of J^T) solves J x = b and J^T w = b, one
     right-hand side or many, to the residual of a direct factorisation of J."""
-    from lfm_zonal.grid.sensitivity import TransposedFactor
+    from lfm_zonal.grid.powerflow import TransposedFactor
 
     J = cigre_pf.model.jacobian(cigre_pf.V[5])
     dense = J.toarray()

@@ -36,12 +36,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from pandapower.pypower.makePTDF import makePTDF
-from scipy.sparse.linalg import splu
 from threadpoolctl import ThreadpoolController
 
 from lfm_zonal.config import SENSITIVITY_METHODS
 from lfm_zonal.errors import GridError, InputError
-from lfm_zonal.grid.powerflow import HorizonPowerFlow, NetworkModel
+from lfm_zonal.grid.powerflow import HorizonPowerFlow, NetworkModel, TransposedFactor
 
 
 @functools.cache
@@ -181,30 +180,6 @@ LINEARISATION_CACHE_BYTES = 64 * 2**20
 #: factorisation's own bookkeeping. Measured as the growth of resident memory per ``splu``
 #: of the Jacobian kept alive: 30.6 on synthetic_radial_2000, 32.0 on 1-MVLV-rural-all-0-sw.
 SUPERLU_BYTES_PER_NONZERO = 32
-
-
-class TransposedFactor:
-    """J factorised as its transpose (SuperLU of J^T), solving as SuperLU of J would.
-
-    SuperLU solves with its factors' own matrix blockwise over all right-hand sides at
-    once, and with the transposed one right-hand side at a time. The rows' transposed
-    solves (J^T w = row seed, tens of right-hand sides a call) are most of the solves of a
-    nodal market and of the zonal rows at large K: they take the blocked path. On SimBench
-    1-MVLV-rural-all-0-sw (10,964 states), per right-hand side: 16 rows 0.18 ms instead
-    of 0.37-0.44, one solve with J 0.34 ms instead of 0.6 (Newton's first step, the
-    market's state changes); solves with J of many right-hand sides (state sensitivities,
-    the segmentation's features) 0.37-0.40 ms instead of 0.19-0.27. Its nodal market (72
-    MTUs): the rows' solves 15.1 s -> 9.4 s; the same memory as one factorisation.
-    """
-
-    def __init__(self, J: sp.spmatrix) -> None:
-        self._lu = splu(sp.csc_matrix(J.T))
-        self.nnz = self._lu.nnz
-        self.shape = self._lu.shape
-
-    def solve(self, rhs: np.ndarray, trans: str = "N") -> np.ndarray:
-        """J^-1 rhs (``trans`` "N") or J^-T rhs ("T"), as ``SuperLU.solve``."""
-        return self._lu.solve(rhs, trans="T" if trans == "N" else "N")
 
 
 @dataclass(frozen=True)
