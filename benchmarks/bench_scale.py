@@ -233,6 +233,7 @@ def run_child(case: str, quick: bool, workers: int) -> dict:
     t = StageTimers()
     t.wrap(job, "prepare_base_case", "base case (grid, profiles, AC power flows)")
     t.wrap(job, "prepare_resources", "resources")
+    t.wrap(job, "plan_zones", "reference MTU, zone counts")
     t.wrap(job, "prepare_segmentation_of", "segmentation")
     t.wrap(Segmentation, "zones", "zones(K)")
     t.wrap(Segmentation, "error", "segmentation error(K)")

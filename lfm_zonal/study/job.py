@@ -6,11 +6,13 @@ folder is written by ``results`` (``run_scenario``), the report by ``report``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import networkx as nx
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
@@ -34,7 +36,14 @@ from lfm_zonal.market.resources import (
 from lfm_zonal.progress import inputs_accepted, stage
 from lfm_zonal.study.scenario import Scenario
 from lfm_zonal.study.workers import forked
-from lfm_zonal.zones.segmentation import Segmentation, Zones, prepare_segmentation
+from lfm_zonal.zones.segmentation import (
+    Segmentation,
+    Zones,
+    bus_graph,
+    grid_parts,
+    prepare_segmentation,
+    require_converged_reference,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,34 +207,59 @@ def prepare_resources(base: BaseCase) -> Resources:
     return generate_resources(base.powerflow, flexibility_spec(base.scenario), base.scenario.seed)
 
 
-def prepare_segmentation_of(
-    base: BaseCase, resources: Resources | None = None, cache: LinearisationCache | None = None
-) -> Segmentation:
-    """Segmentation inputs at the scenario's reference MTU (capacity weights from the resources;
-    ``cache``: the study's linearisations)."""
+@dataclass(frozen=True)
+class ZonePlan:
+    """The zones' reference MTU and the graph of the grid as switched, the zone counts
+    checked against it (``plan_zones``)."""
+
+    reference: ReferenceMtu
+    graph: nx.Graph
+
+
+def plan_zones(base: BaseCase, cache: LinearisationCache | None = None) -> ZonePlan:
+    """The zones' reference MTU and the zone counts, checked before any segmentation work
+    (each refusal its one line; ``cache``: the study's linearisations)."""
     z = base.scenario["zones"]
+    pf = base.powerflow
     ref = base.zones_reference(z["reference_mtu"], cache)
-    seg = prepare_segmentation(
-        base.powerflow,
-        ref.position,
-        reference_rule=f"{ref.rule}: {ref.reason}",
-        sensitivity_method=base.scenario["sensitivity"]["method"],
-        weight_policy=z["weights"],
-        flexible_capacity_mw=None if resources is None else resources.capacity_per_bus(),
-        cache=cache,
-    )
-    too_few = [k for k in z["k"] if k < seg.n_parts]
+    require_converged_reference(pf, ref.position)
+    graph = bus_graph(pf)
+    parts = grid_parts(pf.model.buses, graph)
+    n_parts, n_buses = int(parts.max(initial=-1)) + 1, len(pf.model.buses)
+    too_few = [k for k in z["k"] if k < n_parts]
     if too_few:
         raise InputError(
-            f"{base.scenario.path}: 'zones.k' = {too_few[0]} is below the {seg.n_parts} "
-            f"separate parts of grid {base.grid.name}: choose K >= {seg.n_parts}"
+            f"{base.scenario.path}: 'zones.k' = {too_few[0]} is below the {n_parts} "
+            f"separate parts of grid {base.grid.name}: choose K >= {n_parts}"
         )
-    too_many = [k for k in z["k"] if k > seg.n_buses]
+    too_many = [k for k in z["k"] if k > n_buses]
     if too_many:
         raise InputError(
             f"{base.scenario.path}: 'zones.k' = {too_many[0]} is out of range: the grid "
-            f"has {seg.n_buses} energised buses, so 1 <= K <= {seg.n_buses}"
+            f"has {n_buses} energised buses, so 1 <= K <= {n_buses}"
         )
+    return ZonePlan(ref, graph)
+
+
+def prepare_segmentation_of(
+    base: BaseCase,
+    resources: Resources | None = None,
+    cache: LinearisationCache | None = None,
+    plan: ZonePlan | None = None,
+) -> Segmentation:
+    """Segmentation inputs at the scenario's reference MTU (capacity weights from the resources;
+    ``cache``: the study's linearisations; ``plan``: ``plan_zones`` if already made)."""
+    plan = plan_zones(base, cache) if plan is None else plan
+    seg = prepare_segmentation(
+        base.powerflow,
+        plan.reference.position,
+        reference_rule=f"{plan.reference.rule}: {plan.reference.reason}",
+        sensitivity_method=base.scenario["sensitivity"]["method"],
+        weight_policy=base.scenario["zones"]["weights"],
+        flexible_capacity_mw=None if resources is None else resources.capacity_per_bus(),
+        cache=cache,
+        graph=plan.graph,
+    )
     stage(f"zones: sensitivities and features at MTU {seg.reference_mtu}")
     return seg
 
@@ -268,42 +302,30 @@ def run_study(
 
     ``workers`` > 1: the markets are cleared by that many forked processes at once, each
     taking the next group of ``market_groups`` (heaviest first); the results are those of
-    one process, byte for byte (every market is computed from the same inputs alone).
-    ``alongside(segmentation, zone_sets)``, if given, runs once the zones are made, as one
-    more task of the workers: the main job writes its zones folder with it while the
-    markets clear.
+    one process, byte for byte (every market is computed from the same inputs alone). The
+    processes are forked once the inputs are accepted, before the segmentation: the nodal
+    market (which needs no zones) clears while this process makes the zones, and the
+    zonal groups follow with their zones as arguments.
+    ``alongside(segmentation, zone_sets)``, if given, runs once the zones are made (in this
+    process, while the markets clear): the main job writes its zones folder with it.
     """
     base = prepare_base_case(scenario, progress=progress)
     resources = prepare_resources(base)
     stage(f"resources: {len(resources)}")
     # Every market linearises the same base points: each once, for the whole study.
     cache = LinearisationCache(base.powerflow.model)
-    seg = prepare_segmentation_of(base, resources, cache)
+    plan = plan_zones(base, cache)
     inputs_accepted()  # the last input checks (resources, zone counts) are behind us
     cases = market_cases(scenario)
-    # The zones of every K, and their segmentation errors (each market's KPI) at once: on a
-    # big grid one pass over every bus's sensitivity column for all K instead of one per K
-    # (synthetic_radial_10000, K = 1, 4, 16, 64: 12.6 s of CPU instead of 30 s).
-    zone_sets = {
-        k: seg.zones(k, scenario["zones"]["method"], scenario.seed)
-        for _, k in cases
-        if k is not None
-    }
-    seg.prime_indices(zone_sets.values())
-    if zone_sets:
-        stage(f"zones: K = {', '.join(map(str, zone_sets))} and their segmentation errors done")
-    # The zones folder's zones: every K of the study; for a nodal-only one, the fewest zones
-    # the grid allows (one per separate part).
-    zone_list = sorted(zone_sets.values(), key=lambda z: z.k) or [seg.zones(seg.n_parts)]
-    study = _MarketContext(scenario, base, resources, seg, cache, cases, zone_sets)
+    parallel = workers > 1
     # In one process: the task alongside (the zone maps, seen early), the nodal market, then
     # K ascending. In several: the heaviest first, since the first free worker takes the
-    # next task: the nodal market, the task alongside (seconds on a big grid), then the
-    # groups of each K, largest first.
-    groups = market_groups(cases, largest_k_first=workers > 1)
-    tasks = [functools.partial(_clear_group, study, group) for group in groups]
-    if alongside is not None:
-        tasks.insert(1 if workers > 1 else 0, functools.partial(alongside, seg, zone_list))
+    # next group: the nodal market, then the groups of each K, largest first.
+    groups = market_groups(cases, largest_k_first=parallel)
+    nodal = [(0, (g, None, None, np.nan)) for g in groups if cases[g[0]][0] == "nodal"]
+    tasks = [
+        functools.partial(_clear_group, _MarketContext(scenario, base, resources, cache, cases))
+    ]
     markets: list[MarketResult | None] = [None] * len(cases)
     bar = tqdm(
         total=len(cases),
@@ -312,10 +334,48 @@ def run_study(
         disable=None if progress else True,
         leave=False,
     )
-    with bar, forked(tasks, processes=workers if workers > 1 else 0) as done:
+    with bar, contextlib.ExitStack() as stack:
+        processes = min(workers, len(groups)) if parallel else 0
+        done = stack.enter_context(forked(tasks, processes, nodal)) if parallel and nodal else None
+        seg = prepare_segmentation_of(base, resources, cache, plan)
+        # The zones of every K, and their segmentation errors (each market's KPI) at once: on
+        # a big grid one pass over every bus's sensitivity column for all K instead of one
+        # per K (synthetic_radial_10000, K = 1, 4, 16, 64: 12.6 s of CPU instead of 30 s).
+        zone_sets = {
+            k: seg.zones(k, scenario["zones"]["method"], scenario.seed)
+            for _, k in cases
+            if k is not None
+        }
+        seg.prime_indices(zone_sets.values())
+        if zone_sets:
+            stage(f"zones: K = {', '.join(map(str, zone_sets))} and their segmentation errors done")
+        # The zones folder's zones: every K of the study; for a nodal-only one, the fewest
+        # zones the grid allows (one per separate part).
+        zone_list = sorted(zone_sets.values(), key=lambda z: z.k) or [seg.zones(seg.n_parts)]
+        zonal = []
+        for g in groups:
+            k = cases[g[0]][1]
+            if cases[g[0]][0] != "nodal":
+                zones = zone_sets[k]
+                zonal.append((0, (g, zones, seg.weights, seg.error(zones))))
+        if done is None:
+            if alongside is not None and not parallel:
+                alongside(seg, zone_list)
+            done = stack.enter_context(forked(tasks, processes, nodal + zonal))
+        else:
+            for task, args in zonal:
+                done.submit(task, *args)
+        if alongside is not None and parallel:
+            alongside(seg, zone_list)
+            release_free_memory()  # the maps' drawing, held while the markets clear
         for _, results in done:
-            for i, result in results or ():  # the task alongside returns nothing
+            for i, result in results:
                 markets[i] = result
+                method, k = cases[i]
+                stage(
+                    f"{method} market{'' if k is None else f' K = {k}'}: cleared and checked "
+                    f"in AC, cost {result.kpis['cost_eur']:.2f} EUR"
+                )
                 bar.update()
     return StudyResult(base, resources, seg, markets, zone_list)
 
@@ -341,38 +401,42 @@ class _MarketContext:
     scenario: Scenario
     base: BaseCase
     resources: Resources
-    seg: Segmentation
     cache: LinearisationCache
     cases: list[tuple[str, int | None]]
-    zone_sets: dict[int, Zones]
 
 
-def _clear_group(study: _MarketContext, group: list[int]) -> list[tuple[int, MarketResult]]:
-    """(case index, MarketResult) of one group of cases (``market_groups``)."""
+def _clear_group(
+    study: _MarketContext,
+    group: list[int],
+    zones: Zones | None,
+    weights: pd.Series | None,
+    segmentation_error: float,
+) -> list[tuple[int, MarketResult]]:
+    """(case index, MarketResult) of one group of cases (``market_groups``): the nodal
+    market (``zones`` None), or the zonal and needs-based markets of ``zones`` with their
+    virtual buses' ``weights`` and ``segmentation_error``."""
     scenario, m = study.scenario, study.scenario["market"]
-    base, seg = study.base, study.seg
-    method, k = study.cases[group[0]]
-    zones = None if k is None or method == "nodal" else study.zone_sets[k]
+    base = study.base
+    method = study.cases[group[0]][0]
     release_free_memory()
     inputs = prepare_market(
         base.powerflow,
         study.resources,
         method,
         zones,
-        weights=seg.weights,
-        sensitivity_method=seg.sensitivity_method,
+        weights=weights,
+        sensitivity_method=scenario["sensitivity"]["method"],
         max_steps=scenario["flexibility"]["max_steps"],
         needs_rule=m["needs"],
         cache=study.cache,
     )
     results = []
     for i in group:
-        method = study.cases[i][0]
         result = clear_market(
             base.powerflow,
             study.resources,
-            method,
-            segmentation_error=None if zones is None else seg.error(zones),
+            study.cases[i][0],
+            segmentation_error=None if zones is None else segmentation_error,
             pricing=m["pricing"],
             penalty_eur_per_mwh=m["penalty_eur_per_mwh"],
             needs_rule=m["needs"],
@@ -381,10 +445,6 @@ def _clear_group(study: _MarketContext, group: list[int]) -> list[tuple[int, Mar
         )
         result = replace(result, bids=result.bids[result.bids.accepted_mw > 0])
         release_free_memory()
-        stage(
-            f"{method} market{'' if zones is None else f' K = {k}'}: cleared and checked in AC, "
-            f"cost {result.kpis['cost_eur']:.2f} EUR"
-        )
         results.append((i, result))
     return results
 

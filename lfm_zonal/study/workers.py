@@ -2,15 +2,18 @@
 
     with forked([task_a, task_b, task_c], processes=2) as done:
         ...                          # this process goes on meanwhile
-        for i, result in done:       # (task index, its return value), as they finish
+        for i, result in done:       # (call number, its return value), as they finish
             ...
 
-Tasks are callables without arguments. With ``processes`` >= 1 they run in that many
-processes forked when the block starts: a task and everything it reads are inherited with
-the memory, not pickled (a study's grid, base case and sensitivities stay shared with this
-process until written to); only its result is pickled back. The first free process takes
-the next task in list order, so put the heaviest first. With ``processes`` = 0 the tasks
-run here, one by one, in list order, as ``done`` is read.
+Tasks are callables. With ``processes`` >= 1 they run in that many processes forked when
+the block starts: a task and everything it reads are inherited with the memory, not
+pickled (a study's grid, base case and sensitivities stay shared with this process until
+written to); only a call's arguments and its result are pickled. By default each task is
+called once without arguments; ``calls`` chooses the first calls instead, and
+``done.submit(task, *args)`` adds one later (with arguments made after the fork: a study's
+zones, while its nodal market already clears). Calls are numbered in submission order.
+The first free process takes the next call, so submit the heaviest first. With
+``processes`` = 0 the calls run here, one by one, in submission order, as ``done`` is read.
 
 A task's exception is raised by ``done`` in this process; the remaining tasks are dropped:
 their processes are stopped, and waited for, before ``forked`` returns. The processes end
@@ -48,14 +51,51 @@ from lfm_zonal.progress import COMMAND_SIGNALS
 _TASKS: Sequence[Callable[[], Any]] = ()  # the tasks of the processes being forked
 
 
+class Calls:
+    """The calls of a ``forked`` block: ``submit`` adds one, iterating yields (call number,
+    result) of every call submitted, as they finish (here: in submission order)."""
+
+    def __init__(self, tasks: Sequence[Callable[..., Any]], pool, processes: int) -> None:
+        self._tasks, self._pool, self._processes = tasks, pool, processes
+        self._futures: dict = {}  # future -> call number (processes)
+        self._queued: list[tuple[int, int, tuple]] = []  # (number, task, args) to run here
+        self._count = 0
+
+    def submit(self, task: int, *args) -> int:
+        """Call ``tasks[task](*args)``; returns the call's number."""
+        number = self._count
+        self._count += 1
+        if self._pool is None:
+            self._queued.append((number, task, args))
+        else:
+            self._futures[self._pool.submit(_run, task, args)] = number
+        return number
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        if self._pool is None:
+            while self._queued:
+                number, task, args = self._queued.pop(0)
+                yield number, self._tasks[task](*args)
+            return
+        yield from _finished(self._futures, self._processes, self._pool)
+
+
 @contextlib.contextmanager
 def forked(
-    tasks: Sequence[Callable[[], Any]], processes: int
-) -> Iterator[Iterator[tuple[int, Any]]]:
-    """Run ``tasks`` in ``processes`` forked processes, or here if 0 (module docstring)."""
-    processes = min(processes, len(tasks))
+    tasks: Sequence[Callable[..., Any]],
+    processes: int,
+    calls: Sequence[tuple[int, tuple]] | None = None,
+) -> Iterator[Calls]:
+    """Run ``tasks`` in ``processes`` forked processes, or here if 0 (module docstring).
+    ``calls``: the first calls, (task, args) each (default: every task once, no args)."""
+    if calls is None:
+        calls = [(i, ()) for i in range(len(tasks))]
+        processes = min(processes, len(tasks))
     if processes <= 0:
-        yield ((i, task()) for i, task in enumerate(tasks))
+        done = Calls(tasks, None, 0)
+        for task, args in calls:
+            done.submit(task, *args)
+        yield done
         return
     global _TASKS
     pool = None
@@ -77,15 +117,16 @@ def forked(
             initializer=_worker_signals,
             initargs=(os.getpid(),),
         )
-        futures = {pool.submit(_run, i): i for i in range(len(tasks))}  # all forked here
-        _TASKS = ()
+        done = Calls(tasks, pool, processes)
+        for task, args in calls:  # the first submission forks every process (fork context)
+            done.submit(task, *args)
         # Only the processes write to the result pipe. Without this process's copy of its
         # end, a process that dies while sending its result (killed when out of memory, or
         # stopped by _stop) ends the pool's read of it (a broken pool) instead of leaving
         # the pool's thread waiting for the rest forever, and this process with it.
         pool._result_queue._writer.close()
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending signal raises here
-        yield _finished(futures, processes, pool)
+        yield done
         finished = True
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -111,10 +152,11 @@ def _finished(
     futures: dict, processes: int, pool: ProcessPoolExecutor
 ) -> Iterator[tuple[int, Any]]:
     ended = [p.sentinel for p in pool._processes.values()]  # readable once a process ends
-    pending = set(futures)
-    while pending:
-        done, pending = wait(pending, timeout=_LIVENESS_S, return_when=FIRST_COMPLETED)
+    yielded: set = set()
+    while pending := set(futures) - yielded:  # with the calls submitted meanwhile
+        done, _ = wait(pending, timeout=_LIVENESS_S, return_when=FIRST_COMPLETED)
         for future in done:
+            yielded.add(future)
             try:
                 result = future.result()  # re-raises the task's exception here
             except BrokenProcessPool:
@@ -163,6 +205,6 @@ def _die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _run(i: int) -> Any:
+def _run(task: int, args: tuple) -> Any:
     with one_blas_thread():
-        return _TASKS[i]()
+        return _TASKS[task](*args)

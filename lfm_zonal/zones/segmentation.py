@@ -763,6 +763,14 @@ def _as_error(t: np.ndarray) -> dict[str, float]:
     return {"loading": float(loading), "vm": float(vm), "mean": 0.5 * float(loading + vm)}
 
 
+def require_converged_reference(pf: HorizonPowerFlow, reference_mtu: int) -> int:
+    """The reference MTU's position, refused where its base case did not converge."""
+    t = pf.mtu_position(reference_mtu)
+    if not pf.converged.iloc[t]:
+        raise InputError(f"reference MTU {t} ({pf.times[t]}) has no converged power flow")
+    return t
+
+
 def prepare_segmentation(
     pf: HorizonPowerFlow,
     reference_mtu: int,
@@ -773,22 +781,22 @@ def prepare_segmentation(
     cache: LinearisationCache | None = None,
     reference_rule: str = "given",
     exact_max_buses: int = EXACT_SEGMENTATION_MAX_BUSES,
+    graph: nx.Graph | None = None,
 ) -> Segmentation:
     """Sensitivities, features and graph at the reference MTU (zones are published from there).
+    ``graph``: ``bus_graph(pf)`` if already made.
 
     ``cache`` (of ``pf.model``) shares the reference MTU's linearisation with the markets.
     Above ``exact_max_buses`` energised buses (Jacobian method) the streamed path is taken:
     no dense nodal matrices, sketch features (``zones.streamed``).
     """
-    t = pf.mtu_position(reference_mtu)
-    if not pf.converged.iloc[t]:
-        raise InputError(f"reference MTU {t} ({pf.times[t]}) has no converged power flow")
+    t = require_converged_reference(pf, reference_mtu)
     n = len(pf.model.buses)
     common = {
         "pf": pf,
         "reference_mtu": t,
         "sensitivity_method": sensitivity_method,
-        "graph": bus_graph(pf),
+        "graph": bus_graph(pf) if graph is None else graph,
         "weights": bus_weights(pf, weight_policy, flexible_capacity_mw),
         "reference_rule": reference_rule,
     }
