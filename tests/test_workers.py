@@ -47,6 +47,47 @@ def test_forked_tasks_run_in_other_processes_and_come_back_by_index():
     assert ran == [0, 1, 2]
 
 
+def test_calls_submitted_after_the_fork_take_their_arguments_along():
+    """The first calls fork the processes; a call submitted later carries arguments made
+    after the fork (a study's zones) and runs in one of them, numbered in submission
+    order; with processes = 0, here, in that order."""
+    here = os.getpid()
+
+    def scaled(values, factor):
+        return [v * factor for v in values], os.getpid()
+
+    for processes in (2, 0):
+        with forked([scaled], processes, calls=[(0, ([1, 2], 10))]) as done:
+            later = [3, 4, 5]  # made after the processes were forked
+            assert done.submit(0, later, 2) == 1
+            results = dict(done)
+        assert [results[i][0] for i in (0, 1)] == [[10, 20], [6, 8, 10]]
+        pids = {pid for _, pid in results.values()}
+        assert (here in pids) == (processes == 0)
+
+
+def test_a_refusal_while_the_nodal_market_clears_is_one_line_and_no_folder(
+    tmp_path, capfd, monkeypatch
+):
+    """With two workers the nodal market is forked before the segmentation: a refusal there
+    (after the zone counts were checked) stops it and is the command's one line, exit 2,
+    no folder and no process left behind."""
+
+    def refuse(*args, **kwargs):
+        raise InputError("segmentation refused for the test")
+
+    monkeypatch.setattr(job, "prepare_segmentation", refuse)
+    out = tmp_path / "out"
+    code = main(["run", str(_scenario(tmp_path)), "--out", str(out), "--workers", "2"])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert err == "lfm-zonal: error: segmentation refused for the test\n"
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+    if children.exists():
+        assert children.read_text().split() == []
+
+
 def test_a_task_error_is_raised_here_and_a_dead_worker_is_named():
     def refuse():
         raise InputError("bids.csv, row 3: price is not a number")

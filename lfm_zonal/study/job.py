@@ -303,9 +303,9 @@ def run_study(
     ``workers`` > 1: the markets are cleared by that many forked processes at once, each
     taking the next group of ``market_groups`` (heaviest first); the results are those of
     one process, byte for byte (every market is computed from the same inputs alone). The
-    processes are forked once the inputs are accepted, before the segmentation: the nodal
-    market (which needs no zones) clears while this process makes the zones, and the
-    zonal groups follow with their zones as arguments.
+    processes are forked once the zone counts are checked (``plan_zones``), before the
+    segmentation: the nodal market (which needs no zones) clears while this process
+    makes the zones, and the zonal groups follow with their zones as arguments.
     ``alongside(segmentation, zone_sets)``, if given, runs once the zones are made (in this
     process, while the markets clear): the main job writes its zones folder with it.
     """
@@ -315,7 +315,6 @@ def run_study(
     # Every market linearises the same base points: each once, for the whole study.
     cache = LinearisationCache(base.powerflow.model)
     plan = plan_zones(base, cache)
-    inputs_accepted()  # the last input checks (resources, zone counts) are behind us
     cases = market_cases(scenario)
     parallel = workers > 1
     # In one process: the task alongside (the zone maps, seen early), the nodal market, then
@@ -338,6 +337,9 @@ def run_study(
         processes = min(workers, len(groups)) if parallel else 0
         done = stack.enter_context(forked(tasks, processes, nodal)) if parallel and nodal else None
         seg = prepare_segmentation_of(base, resources, cache, plan)
+        # The last input checks (resources, zone counts, segmentation) are behind us. The
+        # nodal market's worker writes no line: its market's line is written here.
+        inputs_accepted()
         # The zones of every K, and their segmentation errors (each market's KPI) at once: on
         # a big grid one pass over every bus's sensitivity column for all K instead of one
         # per K (synthetic_radial_10000, K = 1, 4, 16, 64: 12.6 s of CPU instead of 30 s).
