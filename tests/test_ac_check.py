@@ -157,3 +157,25 @@ def test_the_ac_check_keeps_a_point_only_where_it_solves_the_dispatch(cigre_pf, 
     assert factorisations[0] == from_base
     pd.testing.assert_frame_equal(checked.vm_pu, base.vm_pu)
     pd.testing.assert_frame_equal(checked.loading_percent, base.loading_percent)
+
+
+def test_a_chord_step_that_makes_it_worse_is_undone(cigre_pf, monkeypatch):
+    """With a factorisation of a Jacobian far from the start, the first chord step makes the
+    mismatch worse: it is undone (the next mismatch is the start's again) and Newton-Raphson
+    goes on from the start to plain Newton-Raphson's power flow."""
+    model = cigre_pf.model
+    S, V0 = cigre_pf.Sbus[0] * 2.0, cigre_pf.V[0]
+    sizes = []
+    real = powerflow.mismatch
+
+    def recorded(model, Sbus, V):
+        F, i_bus = real(model, Sbus, V)
+        sizes.append(float(np.max(np.abs(F))))
+        return F, i_bus
+
+    monkeypatch.setattr(powerflow, "mismatch", recorded)
+    far = TransposedFactor(model.jacobian(V0 * 0.3 * np.exp(0.5j)))  # a wrong Jacobian
+    got = newton_raphson(model, S, V0, lu0=far)
+    assert sizes[1] > sizes[0] and sizes[2] == sizes[0]
+    monkeypatch.setattr(powerflow, "CHORD_MAX_STEPS", 0)
+    np.testing.assert_allclose(got, newton_raphson(model, S, V0), rtol=0, atol=1e-9)

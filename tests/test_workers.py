@@ -4,6 +4,7 @@ raised in the parent as one line, a dead worker named."""
 from __future__ import annotations
 
 import filecmp
+import logging
 import os
 import select
 import signal
@@ -22,7 +23,14 @@ from lfm_zonal.cli import main
 from lfm_zonal.errors import InputError, LfmError
 from lfm_zonal.study import job
 from lfm_zonal.study.job import market_groups
+from lfm_zonal.study.scenario import load_scenario
 from lfm_zonal.study.workers import forked
+
+
+def _children() -> set[str]:
+    """This process's child processes (Linux; none known elsewhere)."""
+    listing = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+    return set(listing.read_text().split()) if listing.exists() else set()
 
 
 def _scenario(folder: Path) -> Path:
@@ -71,21 +79,54 @@ def test_a_refusal_while_the_nodal_market_clears_is_one_line_and_no_folder(
 ):
     """With two workers the nodal market is forked before the segmentation: a refusal there
     (after the zone counts were checked) stops it and is the command's one line, exit 2,
-    no folder and no process left behind."""
+    no folder and no process left behind: the market's warnings are held in its worker and
+    written by the command with its results."""
+
+    started, inner = tmp_path / "nodal market started", job.clear_market
+
+    def warn(pf, resources, method, *args, **kwargs):  # the nodal market, in its worker
+        logging.getLogger("lfm_zonal.market.strategies").warning("a warning of the market")
+        started.touch()
+        return inner(pf, resources, method, *args, **kwargs)
 
     def refuse(*args, **kwargs):
+        time.sleep(3)  # the nodal market clears meanwhile, and logs its warning
         raise InputError("segmentation refused for the test")
 
+    monkeypatch.setattr(job, "clear_market", warn)
     monkeypatch.setattr(job, "prepare_segmentation", refuse)
     out = tmp_path / "out"
+    before = _children()  # other tests' processes (a Dask cluster) may still be there
     code = main(["run", str(_scenario(tmp_path)), "--out", str(out), "--workers", "2"])
     err = capfd.readouterr().err
     assert code == 2
     assert err == "lfm-zonal: error: segmentation refused for the test\n"
+    assert started.exists()  # the nodal market cleared before the refusal
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
-    if children.exists():
-        assert children.read_text().split() == []
+    assert _children() <= before  # the nodal market's worker is gone
+
+
+def test_the_warnings_of_a_worker_are_written_here_in_the_order_of_one_process(
+    tmp_path, caplog, monkeypatch
+):
+    """A market's warnings logged in a worker come to this process's handlers with its
+    results: the same lines, in the same order per market, as in one process."""
+    inner = job.clear_market
+
+    def warn(pf, resources, method, *args, **kwargs):
+        k = kwargs["inputs"].zones.k
+        logging.getLogger("lfm_zonal.market.strategies").warning("%s K = %d", method, k)
+        return inner(pf, resources, method, *args, **kwargs)
+
+    monkeypatch.setattr(job, "clear_market", warn)
+    scenario = load_scenario(str(small_scenario(tmp_path, "1, 2", '"nodal", "zonal"')))
+    seen = {}
+    for workers in (1, 2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lfm_zonal"):
+            job.run_study(scenario, workers=workers)
+        seen[workers] = sorted(r.getMessage() for r in caplog.records if " K = " in r.getMessage())
+    assert seen[1] == seen[2] == ["nodal K = 15", "zonal K = 1", "zonal K = 2"]
 
 
 def test_a_task_error_is_raised_here_and_a_dead_worker_is_named():

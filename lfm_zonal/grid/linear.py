@@ -19,7 +19,8 @@ The sensitivities have two representations with the same values:
     voltage with respect to the state [dtheta; dV], and W. A row's coefficients on the
     areas are computed when the LP asks for that row, by one transposed solve
     (w = J^-T d row / dx, coefficients = W^T E^T w), or, for a few areas once an MTU's
-    rows asked for add up to 2K, from the state's sensitivity to every area
+    rows asked for cost as much as its 2K state columns (STATE_COLUMN_COST_IN_ROWS rows
+    each), from the state's sensitivity to every area
     (``StateSensitivities``: J^-1 E W, kept for the last MTUs); the linearised state of
     every row after area injections p is one solve per MTU (J dx = E W p). Memory grows
     with the branches and MTUs, not with buses x areas: the nodal market and large K.
@@ -161,8 +162,8 @@ class StateSensitivities:
     one right-hand side each by transposed solves, each about half a state's column
     (STATE_COLUMN_COST_IN_ROWS). Which pays depends on how many rows will be asked for,
     so rows are solved apart until they cost as much as the state sensitivity; then it
-    is made and kept (at most twice the work of the better choice made in hindsight). The least recently used are dropped beyond the budget, and their count
-    starts again.
+    is made and kept (at most twice the work of the better choice made in hindsight).
+    The least recently used are dropped beyond the budget, and their count starts again.
     """
 
     def __init__(self, budget_bytes: int = FORWARD_CACHE_BYTES) -> None:

@@ -584,7 +584,7 @@ def newton_raphson(
                     dx = chord.solve(-F)
                     chord_steps += 1
                     largest, before = size, V
-                elif newton_steps > max_iter:
+                elif newton_steps >= max_iter:  # max_iter Newton steps, as before
                     break
                 elif newton_steps == 0 and lu0 is None:  # the first step: kept for the next
                     chord = TransposedFactor(jacobian(V))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import networkx as nx
@@ -317,7 +317,7 @@ def run_study(
     plan = plan_zones(base, cache)
     cases = market_cases(scenario)
     parallel = workers > 1
-    # In one process: the task alongside (the zone maps, seen early), the nodal market, then
+    # In one process: ``alongside`` (the zone maps, seen early), the nodal market, then
     # K ascending. In several: the heaviest first, since the first free worker takes the
     # next group: the nodal market, then the groups of each K, largest first.
     groups = market_groups(cases, largest_k_first=parallel)
@@ -370,7 +370,9 @@ def run_study(
         if alongside is not None and parallel:
             alongside(seg, zone_list)
             release_free_memory()  # the maps' drawing, held while the markets clear
-        for _, results in done:
+        for _, (results, records) in done:
+            for record in records:  # the group's warnings, in the order it logged them
+                logging.getLogger(record.name).handle(record)
             for i, result in results:
                 markets[i] = result
                 method, k = cases[i]
@@ -413,42 +415,73 @@ def _clear_group(
     zones: Zones | None,
     weights: pd.Series | None,
     segmentation_error: float,
-) -> list[tuple[int, MarketResult]]:
+) -> tuple[list[tuple[int, MarketResult]], list[logging.LogRecord]]:
     """(case index, MarketResult) of one group of cases (``market_groups``): the nodal
     market (``zones`` None), or the zonal and needs-based markets of ``zones`` with their
-    virtual buses' ``weights`` and ``segmentation_error``."""
+    virtual buses' ``weights`` and ``segmentation_error``; and the warnings they logged,
+    held for the caller to write (a worker writes no line of its own: a nodal market
+    forked before the inputs are accepted, and one process or several, the same order)."""
     scenario, m = study.scenario, study.scenario["market"]
     base = study.base
     method = study.cases[group[0]][0]
     release_free_memory()
-    inputs = prepare_market(
-        base.powerflow,
-        study.resources,
-        method,
-        zones,
-        weights=weights,
-        sensitivity_method=scenario["sensitivity"]["method"],
-        max_steps=scenario["flexibility"]["max_steps"],
-        needs_rule=m["needs"],
-        cache=study.cache,
-    )
     results = []
-    for i in group:
-        result = clear_market(
+    with _held_log_records() as records:
+        inputs = prepare_market(
             base.powerflow,
             study.resources,
-            study.cases[i][0],
-            segmentation_error=None if zones is None else segmentation_error,
-            pricing=m["pricing"],
-            penalty_eur_per_mwh=m["penalty_eur_per_mwh"],
+            method,
+            zones,
+            weights=weights,
+            sensitivity_method=scenario["sensitivity"]["method"],
+            max_steps=scenario["flexibility"]["max_steps"],
             needs_rule=m["needs"],
             cache=study.cache,
-            inputs=inputs,
         )
-        result = replace(result, bids=result.bids[result.bids.accepted_mw > 0])
-        release_free_memory()
-        results.append((i, result))
-    return results
+        for i in group:
+            result = clear_market(
+                base.powerflow,
+                study.resources,
+                study.cases[i][0],
+                segmentation_error=None if zones is None else segmentation_error,
+                pricing=m["pricing"],
+                penalty_eur_per_mwh=m["penalty_eur_per_mwh"],
+                needs_rule=m["needs"],
+                cache=study.cache,
+                inputs=inputs,
+            )
+            result = replace(result, bids=result.bids[result.bids.accepted_mw > 0])
+            release_free_memory()
+            results.append((i, result))
+    return results, records
+
+
+class _Held(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg, record.args = record.getMessage(), None  # picklable: its text
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _held_log_records() -> Iterator[list[logging.LogRecord]]:
+    """The records logged by the package within the block, held instead of written."""
+    logger = logging.getLogger("lfm_zonal")
+    held = _Held()
+    propagate = logger.propagate
+    logger.addHandler(held)
+    logger.propagate = False
+    try:
+        yield held.records
+    finally:
+        logger.removeHandler(held)
+        logger.propagate = propagate
 
 
 def base_case_summary(pf: HorizonPowerFlow) -> dict:

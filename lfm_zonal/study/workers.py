@@ -48,7 +48,7 @@ from lfm_zonal.grid.sensitivity import one_blas_thread
 from lfm_zonal.limits import release_free_memory
 from lfm_zonal.progress import COMMAND_SIGNALS
 
-_TASKS: Sequence[Callable[[], Any]] = ()  # the tasks of the processes being forked
+_TASKS: Sequence[Callable[..., Any]] = ()  # the tasks of the forked processes (until the end)
 
 
 class Calls:
@@ -68,7 +68,11 @@ class Calls:
         if self._pool is None:
             self._queued.append((number, task, args))
         else:
-            self._futures[self._pool.submit(_run, task, args)] = number
+            try:
+                future = self._pool.submit(_run, task, args)
+            except BrokenProcessPool:  # a process died before this call (out of memory?)
+                raise _died(self._processes) from None
+            self._futures[future] = number
         return number
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
@@ -91,6 +95,10 @@ def forked(
     if calls is None:
         calls = [(i, ()) for i in range(len(tasks))]
         processes = min(processes, len(tasks))
+    if processes > 0 and not calls:
+        # The processes are forked by the first call, before this process closes its end of
+        # the result pipe: processes forked by a later submit would inherit it closed.
+        raise ValueError("forked: give at least one first call to run in processes")
     if processes <= 0:
         done = Calls(tasks, None, 0)
         for task, args in calls:
