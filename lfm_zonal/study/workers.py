@@ -163,7 +163,7 @@ def _finished(
     yielded: set = set()
     while pending := set(futures) - yielded:  # with the calls submitted meanwhile
         done, _ = wait(pending, timeout=_LIVENESS_S, return_when=FIRST_COMPLETED)
-        for future in done:
+        for future in sorted(done, key=futures.__getitem__):  # those done together: in order
             yielded.add(future)
             try:
                 result = future.result()  # re-raises the task's exception here
