@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import logging.handlers
+import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -456,32 +458,25 @@ def _clear_group(
     return results, records
 
 
-class _Held(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        record.msg, record.args = record.getMessage(), None  # picklable: its text
-        if record.exc_info:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-            record.exc_info = None
-        self.records.append(record)
-
-
 @contextlib.contextmanager
 def _held_log_records() -> Iterator[list[logging.LogRecord]]:
-    """The records logged by the package within the block, held instead of written."""
+    """The records logged by the package within the block, held instead of written (as
+    ``logging.handlers.QueueHandler`` prepares them: their text, picklable); the list is
+    filled when the block ends."""
     logger = logging.getLogger("lfm_zonal")
-    held = _Held()
+    queued: queue.SimpleQueue = queue.SimpleQueue()
+    held = logging.handlers.QueueHandler(queued)
     propagate = logger.propagate
     logger.addHandler(held)
     logger.propagate = False
+    records: list[logging.LogRecord] = []
     try:
-        yield held.records
+        yield records
     finally:
         logger.removeHandler(held)
         logger.propagate = propagate
+        while not queued.empty():
+            records.append(queued.get())
 
 
 def base_case_summary(pf: HorizonPowerFlow) -> dict:
