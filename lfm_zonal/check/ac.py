@@ -16,7 +16,7 @@ MW of an MTU is the largest over its violated rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandapower as pp
@@ -67,6 +67,10 @@ class ACCheck:
     vm_pu: pd.DataFrame  # time x bus
     converged: pd.Series
     failures: tuple[str, ...]
+    #: Internal voltages per MTU of the horizon where a dispatch was solved (NaN rows: none,
+    #: or not converged): a later check of a dispatch that differs in some MTUs only keeps
+    #: the others (``ac_check``'s ``solved``).
+    V: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 def solve_with_injections(
@@ -126,8 +130,9 @@ def ac_check(
     """AC power flow of every MTU with a dispatch, from its base point (as the base case).
 
     ``solved`` (internal voltages, one row per MTU of the horizon; NaN rows: none): the AC
-    point a market's own model of this dispatch reached, kept where it solves the
-    dispatch's injections to the tolerance (``solve_with_injections``). The nodal market's
+    point a market's own model of this dispatch reached, or the check of an earlier
+    dispatch (``ACCheck.V``; a margin round changes some MTUs only), kept where it solves
+    the dispatch's injections to the tolerance (``solve_with_injections``). The nodal market's
     model is its dispatch (one bus per area): its check is then its best round's AC point,
     on SimBench 1-MVLV-rural-all-0-sw (72 MTUs) with 0 factorisations instead of 209 (0.07 s
     instead of 1.3). Tested, not assumed: the P at each bus is the model's, but an
@@ -154,6 +159,8 @@ def ac_check(
     np.add.at(p, (row, col), dispatch.p_mw.to_numpy())
     np.add.at(q, (row, col), dispatch.q_mvar.to_numpy())
     V, ok = solve_with_injections(pf, mtus, p, q, solved=None if solved is None else solved[mtus])
+    V_all = np.full_like(pf.V, np.nan)
+    V_all[mtus[ok]] = V[ok]
     for i, t in enumerate(mtus):
         if ok[i]:
             loading.iloc[t] = model.loading_percent(V[i])
@@ -165,7 +172,7 @@ def ac_check(
             failures.append(
                 f"MTU {t} ({pf.times[t]}): AC power flow after dispatch did not converge"
             )
-    return ACCheck(loading, vm, converged, tuple(failures))
+    return ACCheck(loading, vm, converged, tuple(failures), V_all)
 
 
 def dispatched_net(pf: HorizonPowerFlow, dispatch: pd.DataFrame, mtu: int) -> pp.pandapowerNet:

@@ -81,12 +81,20 @@ KPIS: tuple[KPI, ...] = (
         "MTUs whose AC check did not converge (left out of the maxima and sums)"),
     KPI("solver_status", "", "status of the market's last LP"),
     KPI("build_s", "s", "time to build the LPs", timing=True),
-    KPI("clear_s", "s", "time of the clearing: its LPs and sequential AC loop", timing=True),
+    KPI("clear_s", "s",
+        "time of the clearing: its LPs, sequential AC loop and margin rounds (their AC "
+        "checks included, the kept clearing's check not)", timing=True),
     KPI("generation_rounds", "", "LP solves over every LP and MTU block"),
     KPI("ac_rounds", "", "rounds of the sequential LP"),
     KPI("ac_best_round", "", "the round whose dispatch is returned (best merit in AC)"),
     KPI("ac_converged", "0/1", "1 when the sequential LP converged before its round cap"),
     KPI("column_rounds", "", "column-generation rounds over every LP and MTU block"),
+    KPI("margin_rounds", "",
+        "clearings after the first, each with margins on the rows_unmet_in_ac of the one "
+        "before (market.strategies.RowMargins)"),
+    KPI("rows_unmet_in_ac", "rows",
+        "(MTU, row) pairs the AC check violates that the market's model met, or that the "
+        "base case had within their limits (what margins are for)"),
 )
 # fmt: on
 

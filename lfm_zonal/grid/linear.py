@@ -330,6 +330,24 @@ class LinearGrid:
             vm_min_pu=self.vm_min_pu - VIOLATION_TOLERANCE_VM_PU,
         )
 
+    def tightened(self, margins: np.ndarray | None) -> LinearGrid:
+        """The same grid with each (MTU, row) limit tightened by ``margins`` (T x n_rows in
+        the layout of ``violations``, >= 0; None: no margin).
+
+        A margin is applied as a shift of the row's base value toward its limit, which the
+        LP and every excess see alike. A bus has one voltage for two limits: its margins
+        on overvoltage and undervoltage shift it by their difference (the other limit is
+        a band's width away, 0.1 p.u. against margins of 1e-3).
+        """
+        if margins is None:
+            return self
+        nb, n = len(self.branches), len(self.buses)
+        return replace(
+            self,
+            loading0=self.loading0 + margins[:, :nb],
+            vm0=self.vm0 + margins[:, nb : nb + n] - margins[:, nb + n :],
+        )
+
     def select(self, keep: np.ndarray) -> LinearGrid:
         """The same grid on the MTUs where ``keep`` (one flag per MTU) is true."""
         if np.all(keep):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -58,13 +58,22 @@ from lfm_zonal.market.bids import (
     dispatch_steps,
     merit_order_fill,
 )
-from lfm_zonal.market.lp import Solution, SolveStats, SolveStatus
+from lfm_zonal.market.lp import Solution, SolveStats, SolveStatus, require_optimal
 from lfm_zonal.market.needs import dso_needs
 from lfm_zonal.market.resources import Resources
-from lfm_zonal.market.strategies import SequentialLP, sequential_clearing
+from lfm_zonal.market.strategies import (
+    MARGIN_MAX_ROUNDS,
+    RowMargins,
+    SequentialLP,
+    column_quota,
+    sequential_clearing,
+    solve_clearing,
+)
 from lfm_zonal.zones.segmentation import Zones, nodal_zones
 
 log = logging.getLogger(__name__)
+
+_LP_SIZE = ("n_variables", "n_constraints", "n_nonzeros", "n_grid_rows")  # SolveStats
 
 
 @dataclass(frozen=True)
@@ -171,36 +180,40 @@ def clear_market(
         )
     elif inputs.needs_rule != needs_rule:
         raise LfmError("the market inputs were prepared for another needs rule")
-    zones, W, grid, bids, active = inputs.zones, inputs.W, inputs.grid, inputs.bids, inputs.active
-    sensitivity_method = inputs.sensitivity_method
-    needs, unfixable, times = inputs.needs, inputs.unfixable, pf.times
+    zones, grid, bids, active = inputs.zones, inputs.grid, inputs.bids, inputs.active
+    unfixable, times = inputs.unfixable, pf.times
     penalty = DEFAULT_PENALTY_EUR_PER_MWH if penalty_eur_per_mwh is None else penalty_eur_per_mwh
+    # Cleared, dispatched and checked in AC; cleared again with margins on the rows its AC
+    # check violates that margins are for (RowMargins), until none is left, the count
+    # stalls or MARGIN_MAX_ROUNDS. Kept: the fewest such rows, then the cheapest.
     started = time.perf_counter()
-    if len(grid.mtus) == 0:  # no MTU with a violation: nothing to buy
-        accepted, price = np.zeros(len(active)), np.full(len(active), np.nan)
-        status, solved, slp = SolveStatus.NOTHING_TO_CLEAR, SolveStats(), SequentialLP()
-    elif method == "needs_based":
-        accepted, price = _merit_order_to_needs(active, needs, penalty)
-        status, solved, slp = SolveStatus.MERIT_ORDER, SolveStats(), SequentialLP()
-    else:
-        sol, grid, solved, slp = sequential_clearing(
-            pf, zones.k, W, sensitivity_method, grid, active, resources.table, penalty, needs, cache
+    margins = RowMargins(grid)
+    last = kept = None
+    margin_rounds = 0
+    while True:
+        this, real_excess, unmet_rows = _clear_in_model(
+            pf, method, zones.k, inputs, resources.table, penalty, cache, margins, last
         )
-        status, accepted, price = sol.status, sol.accepted_mw, _bid_prices(active, sol, grid)
-    clear_s = time.perf_counter() - started
+        if last is None:
+            solved = this.solved
+        else:  # a margin round's effort; the size stays the whole LP's (it solves parts)
+            solved += replace(this.solved, **{n: getattr(solved, n) for n in _LP_SIZE})
+        if kept is None or (this.n_unmet, this.cost_eur) < (kept.n_unmet, kept.cost_eur):
+            kept = this
+        stalled = last is not None and this.n_unmet >= last.n_unmet
+        if this.n_unmet == 0 or stalled or margin_rounds == MARGIN_MAX_ROUNDS:
+            break
+        margins.grow(real_excess, unmet_rows)
+        last, margin_rounds = this, margin_rounds + 1
+    clear_s = time.perf_counter() - started - kept.ac_s  # the kept check is the AC check
+    grid, accepted, dispatch = kept.grid, kept.accepted, kept.dispatch
+    ac = replace(kept.ac, V=None)  # its voltages were for the next round's check
+    status, slp, needs = kept.status, kept.slp, kept.needs
     result_bids = _bid_table(
-        bids.steps, active.index, accepted, price, pf.profiles.horizon.mtu_hours
+        bids.steps, active.index, accepted, kept.price, pf.profiles.horizon.mtu_hours
     )
     p, q = _area_injections(active, accepted, grid)
     residual, still_unfixable = dso_needs(grid.shifted(p, q))
-    dispatch = _dispatch(bids, result_bids)
-    # The best round's AC point, the market's model of this dispatch: kept by the AC check
-    # where it solves the dispatch's injections (the nodal market's, see ac_check).
-    ac_point = None
-    if slp.ac_point is not None:
-        ac_point = np.full_like(pf.V, np.nan)
-        ac_point[grid.mtus] = slp.ac_point
-    ac = ac_check(pf, dispatch, ac_point)
     left = residual_violations(pf, ac, resources, dispatch, cache)
     unmet = _unmet_table(grid, residual, still_unfixable, unfixable, times, left)
     res = MarketResult(
@@ -217,7 +230,8 @@ def clear_market(
         ac=ac,
         residual=left,
     )
-    kpis = _kpis(res, pf, pricing, status, solved, slp, clear_s, segmentation_error, penalty)
+    effort = (solved, slp, clear_s, margin_rounds, kept.n_unmet)
+    kpis = _kpis(res, pf, pricing, status, effort, segmentation_error, penalty)
     return MarketResult(**{**res.__dict__, "kpis": kpis})
 
 
@@ -264,6 +278,139 @@ def _market_areas(pf: HorizonPowerFlow, method: str, zones: Zones | None) -> Zon
     if method == "nodal" and zones.k != len(buses):
         raise InputError(f"the nodal market clears one area per bus, not K = {zones.k} zones")
     return zones
+
+
+@dataclass
+class _Cleared:
+    """One clearing of a market (with the margins of its round), dispatched and checked."""
+
+    grid: LinearGrid  # the linearisation the clearing was made on (the best SLP round's)
+    needs: pd.DataFrame  # the needs it cleared against (with the margins: needs-based)
+    accepted: np.ndarray  # MW per active step
+    price: np.ndarray  # clearing price per active step
+    status: SolveStatus
+    solved: SolveStats
+    slp: SequentialLP
+    solution: Solution | None  # the LP's (None: merit order, or nothing to clear)
+    dispatch: pd.DataFrame
+    ac: ACCheck
+    ac_s: float
+    cost_eur: float
+    n_unmet: int  # rows its AC check violates that margins are for (RowMargins.unmet)
+
+
+def _clear_in_model(
+    pf: HorizonPowerFlow,
+    method: str,
+    k: int,
+    inputs: MarketInputs,
+    resources_table: pd.DataFrame,
+    penalty: float,
+    cache: LinearisationCache,
+    margins: RowMargins,
+    last: _Cleared | None,
+) -> tuple[_Cleared, np.ndarray, np.ndarray]:
+    """Clear the market on its model with ``margins``, dispatch it and check it in AC.
+
+    The first clearing (``last`` None) is the sequential LP from the base case, or the
+    needs-based merit order. A margin round clears again the MTUs whose margins grew
+    (``RowMargins.grown``), the others keep the clearing before: an LP market on the
+    linearisation of its last clearing (the LP warm-started from its solution), the
+    needs-based market against the needs of its tightened limits.
+
+    Returns the clearing, its AC excess per (MTU, row) of ``grid`` (NaN where the power
+    flow failed) and the rows that margins are for (``RowMargins.unmet``).
+    """
+    grid, active, needs = inputs.grid, inputs.active, inputs.needs
+    solved, slp, solution = SolveStats(), SequentialLP(), None
+    if len(grid.mtus) == 0:  # no MTU with a violation: nothing to buy
+        accepted, price = np.zeros(len(active)), np.full(len(active), np.nan)
+        status = SolveStatus.NOTHING_TO_CLEAR
+    elif method == "needs_based":
+        if last is not None:
+            needs = _needs_with_margins(last.needs, inputs, margins)
+        accepted, price = _merit_order_to_needs(active, needs, penalty)
+        status = SolveStatus.MERIT_ORDER
+    else:
+        if last is None:
+            solution, grid, solved, slp = sequential_clearing(
+                pf,
+                k,
+                inputs.W,
+                inputs.sensitivity_method,
+                grid,
+                active,
+                resources_table,
+                penalty,
+                needs,
+                cache,
+            )
+        else:
+            grid, slp = last.grid, last.slp
+            solution = solve_clearing(
+                grid.tightened(margins.values),
+                active,
+                resources_table,
+                penalty_eur_per_mwh=penalty,
+                quota_mw=column_quota(needs, grid.mtus),
+                market=slp.market,
+                include=last.solution.accepted_mw > 0,
+                basis=last.solution.basis,
+                scales=slp.scales,
+                only=margins.grown,
+                previous=last.solution,
+            )
+            require_optimal(solution, f"clearing with K = {k} and margins")
+            solved = solution.stats
+        status, accepted = solution.status, solution.accepted_mw
+        price = _bid_prices(active, solution, grid)
+    dt = pf.profiles.horizon.mtu_hours
+    dispatch = _dispatch(inputs.bids, _bid_table(active, active.index, accepted, price, dt))
+    # Kept by the AC check where they solve the dispatch's injections: a margin round's
+    # clearing before (the MTUs it did not clear again); the best round's AC point, the
+    # market's model of this dispatch (the nodal market's, see ac_check).
+    solved_points = None if last is None else last.ac.V
+    if last is None and slp.ac_point is not None:
+        solved_points = np.full_like(pf.V, np.nan)
+        solved_points[grid.mtus] = slp.ac_point
+    started = time.perf_counter()
+    ac = ac_check(pf, dispatch, solved_points)
+    ac_s = time.perf_counter() - started
+    mtus = grid.mtus
+    real = grid.violations(ac.loading_percent.to_numpy()[mtus], ac.vm_pu.to_numpy()[mtus])
+    base = grid.violations(pf.loading_percent.to_numpy()[mtus], pf.vm_pu.to_numpy()[mtus])
+    modelled = grid.tightened(margins.values)
+    predicted = modelled.violations(*modelled.after(*_area_injections(active, accepted, grid)))
+    unmet = margins.unmet(real, predicted, base)
+    cost = float((accepted * active.price_eur_per_mwh.to_numpy()).sum() * dt)
+    this = _Cleared(
+        grid,
+        needs,
+        accepted,
+        price,
+        status,
+        solved,
+        slp,
+        solution,
+        dispatch,
+        ac,
+        ac_s,
+        cost,
+        int(unmet.sum()),
+    )
+    return this, real, unmet
+
+
+def _needs_with_margins(
+    needs: pd.DataFrame, inputs: MarketInputs, margins: RowMargins
+) -> pd.DataFrame:
+    """The needs of the MTUs whose margins grew, on the tightened limits (``dso_needs``);
+    the other MTUs' as before."""
+    grid, grown = inputs.grid, margins.grown
+    registered = inputs.active if inputs.needs_rule == "registered_capacity" else None
+    fresh, _ = dso_needs(grid.tightened(margins.values).select(grown), registered)
+    kept = needs[~needs.mtu.isin(grid.mtus[grown])]
+    return pd.concat([kept, fresh]).sort_values("mtu", kind="stable").reset_index(drop=True)
 
 
 def _bid_prices(active: pd.DataFrame, sol: Solution, grid: LinearGrid) -> np.ndarray:
@@ -410,12 +557,13 @@ def _kpis(
     pf: HorizonPowerFlow,
     pricing: str,
     status: SolveStatus,
-    solved: SolveStats,
-    slp: SequentialLP,
-    clear_s: float,
+    effort: tuple[SolveStats, SequentialLP, float, int, int],
     segmentation_error: float,
     penalty_eur_per_mwh: float = DEFAULT_PENALTY_EUR_PER_MWH,
 ) -> dict:
+    """The KPI row of a market; ``effort``: its LPs, sequential LP, clearing time, margin
+    rounds and rows its AC check violates that margins are for."""
+    solved, slp, clear_s, margin_rounds, rows_unmet = effort
     dt = pf.profiles.horizon.mtu_hours
     bids = res.bids
     cost_bid = float(bids.cost_pay_as_bid_eur.sum())
@@ -456,6 +604,8 @@ def _kpis(
         "ac_best_round": slp.best_round,
         "ac_converged": int(slp.converged),
         "column_rounds": solved.column_rounds,
+        "margin_rounds": margin_rounds,
+        "rows_unmet_in_ac": rows_unmet,
     }
     outside = set(values) ^ set(KPI_NAMES)
     if outside:  # the schema orders and documents every column of kpis.csv

@@ -14,6 +14,12 @@ would lower the cost are added. The result is the LP optimum over all bids.
 
 **Sequential AC loop** (``sequential_clearing``). Clear, re-linearise at the AC point
 of the market's own model of the result, clear again, until the rounds agree with AC.
+
+**Margins** (``RowMargins``). Where the AC check of the real dispatch violates a row that
+the market's model met (a zonal market spreads a zone's activation by the virtual bus's
+weights, the dispatch puts it where the offers are), the row's limit is tightened and the
+market clears again on the same linearisation, in the MTUs concerned
+(``market.clearing.clear_market``).
 """
 
 from __future__ import annotations
@@ -73,6 +79,14 @@ SLP_MIN_STEP_MW = 1e-4
 #: Share of the result tolerances the sequential LP works to: it ends its AC point closer to
 #: its model (and the binding limits) than a result must be to count as violated.
 SLP_TOLERANCE_SHARE = 0.1
+#: Margin rounds (``RowMargins``) at most: clearings after the first, each followed by an
+#: AC check of its real dispatch.
+MARGIN_MAX_ROUNDS = 6
+#: The range of a row's AC excess per unit of margin (``RowMargins``): a margin grows by
+#: at most 1 / 0.1 = 10 times the row's excess in one round.
+MARGIN_SLOPE_RANGE = (-1.0, -0.1)
+#: Relative rounding of a row's tolerance under which a model's prediction still meets it.
+MARGIN_ROUNDING = 1e-6
 
 
 #: HiGHS's basis statuses by code (made once: constructing them one by one was half the
@@ -360,6 +374,8 @@ def solve_clearing(
     include: np.ndarray | None = None,
     basis: MarketBasis | None = None,
     scales: RowScales | None = None,
+    only: np.ndarray | None = None,
+    previous: Solution | None = None,
 ) -> Solution:
     """Clear ``bids`` against the linearised grid: the LP over all its MTUs.
 
@@ -381,7 +397,10 @@ def solve_clearing(
     per bid) puts steps in the LP from the start whatever the quota (the steps of the
     point the trust region is centred on, so that it stays reachable). ``basis``
     warm-starts the first LP (each column-generation round starts from the one before).
-    ``scales``: the rows' MW-equivalent units (default: the grid's own).
+    ``scales``: the rows' MW-equivalent units (default: the grid's own). ``only`` (one
+    flag per MTU, with ``previous``, a solution of these bids on these MTUs): the blocks
+    without a flagged MTU keep ``previous``'s solution (with its objective: bid cost plus
+    priced slack) instead of being solved again.
     """
     stats = SolveStats()
     if market is None:
@@ -408,7 +427,7 @@ def solve_clearing(
     if include is not None:
         selected |= np.asarray(include, bool)
     blocks = market.blocks(BLOCK_MAX_STEPS)
-    if len(blocks) == 1:
+    if len(blocks) == 1 and (only is None or only.any()):
         return _clear_block(
             grid, market, selected, penalty_eur_per_mwh, p_bounds, basis, scales, stats
         )
@@ -421,16 +440,19 @@ def solve_clearing(
         keep = np.zeros(T, bool)
         keep[block] = True
         sub, bid = market.restricted(block)
-        sol = _clear_block(
-            grid.select(keep),
-            sub,
-            selected[bid],
-            penalty_eur_per_mwh,
-            None if p_bounds is None else (p_bounds[0][keep], p_bounds[1][keep]),
-            None if basis is None else _basis_of_block(basis, bid, sub),
-            scales.select(keep),
-            SolveStats(),
-        )
+        if only is not None and not only[block].any():
+            sol = _kept_block(previous, keep, bid, sub, penalty_eur_per_mwh, grid.dt_h)
+        else:
+            sol = _clear_block(
+                grid.select(keep),
+                sub,
+                selected[bid],
+                penalty_eur_per_mwh,
+                None if p_bounds is None else (p_bounds[0][keep], p_bounds[1][keep]),
+                None if basis is None else _basis_of_block(basis, bid, sub),
+                scales.select(keep),
+                SolveStats(),
+            )
         stats = stats.beside(sol.stats)
         if sol.status is not SolveStatus.OPTIMAL:
             return _failed(T, K, n_bids, sol.status, stats)
@@ -459,6 +481,33 @@ def solve_clearing(
         objective,
         stats,
         MarketBasis(bid_status, row_status),
+    )
+
+
+def _kept_block(
+    previous: Solution,
+    keep: np.ndarray,
+    bid: np.ndarray,
+    sub: MarketBids,
+    penalty_eur_per_mwh: float,
+    dt_h: float,
+) -> Solution:
+    """A block's part of an earlier solution (``solve_clearing``'s ``only``), with the LP's
+    objective of it: bid cost plus the slack priced at the penalty."""
+    accepted = previous.accepted_mw[bid]
+    slack = previous.slack_mw[keep]
+    objective = float((sub.price * accepted).sum() + penalty_eur_per_mwh * slack.sum()) * dt_h
+    return Solution(
+        SolveStatus.OPTIMAL,
+        accepted,
+        previous.p_mw[keep],
+        previous.q_mvar[keep],
+        slack,
+        previous.marginal_price[keep],
+        previous.marginal_price_q[keep],
+        objective,
+        SolveStats(),
+        _basis_of_block(previous.basis, bid, sub),
     )
 
 
@@ -515,6 +564,10 @@ class SequentialLP:
     #: one row per MTU cleared, NaN where it diverged), which the market's AC check keeps
     #: where it solves the dispatch (``check.ac.ac_check``). None: no loop.
     ac_point: np.ndarray | None = field(default=None, repr=False, compare=False)
+    #: The market side and the rows' MW-equivalent units the loop cleared with: a later
+    #: clearing of the same bids (a margin round) reuses them.
+    market: MarketBids | None = field(default=None, repr=False, compare=False)
+    scales: RowScales | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -532,6 +585,13 @@ class _Round:
     @property
     def merit(self) -> float:
         return float(self.merit_eur.sum())
+
+
+def column_quota(needs: pd.DataFrame, mtus: np.ndarray) -> np.ndarray:
+    """Column quota per MTU (``solve_clearing``): the DSO need of the base case, with margin
+    (a sequential LP's later rounds also take the steps of its best round; column
+    generation brings in whatever else pays)."""
+    return 1.5 * needs.groupby("mtu").need_mw.sum().reindex(mtus, fill_value=0.0).to_numpy()
 
 
 def sequential_clearing(
@@ -589,9 +649,7 @@ def sequential_clearing(
     lp_V = pf.V[grid.mtus]  # its point per MTU
     radius = np.full(T, np.inf)  # trust region on the area injections, MW per MTU
     converged = False
-    # Column quota per MTU: the DSO need of the base case, with margin (later rounds also take
-    # the steps of the best round; column generation brings in whatever else pays).
-    quota = 1.5 * needs.groupby("mtu").need_mw.sum().reindex(grid.mtus, fill_value=0.0)
+    quota = column_quota(needs, grid.mtus)
     for number in range(1, SLP_MAX_ROUNDS + 1):
         p0 = np.zeros((T, grid.k)) if best is None else best.sol.p_mw
         sol = solve_clearing(
@@ -599,7 +657,7 @@ def sequential_clearing(
             active,
             resources_table,
             penalty_eur_per_mwh=penalty_eur_per_mwh,
-            quota_mw=quota.to_numpy(),
+            quota_mw=quota,
             market=market,
             p_bounds=(p0 - radius[:, None], p0 + radius[:, None]) if best else None,
             include=None if best is None else best.sol.accepted_mw > 0,
@@ -650,7 +708,8 @@ def sequential_clearing(
             number,
             best.number,
         )
-    return best.sol, best.grid, solved, SequentialLP(number, best.number, converged, best.V)
+    course = SequentialLP(number, best.number, converged, best.V, market, scales)
+    return best.sol, best.grid, solved, course
 
 
 def _judge(pf, lp_grid, lp_V, market, sol, W, scales, penalty_eur_per_mwh, number) -> _Round:
@@ -702,3 +761,67 @@ def _better(this: _Round, best: _Round) -> bool:
 def _close(a: float, b: float) -> bool:
     """Merits equal to the sequential LP's relative tolerance."""
     return abs(a - b) <= SLP_COST_RTOL * max(abs(a), abs(b), 1e-9)
+
+
+# ---------------------------------------------------------------------- margins
+class RowMargins:
+    """Margins on a market's row limits, grown where its real dispatch violates in AC a row
+    that its model met.
+
+    A market's model injects each area's activation at its virtual bus (spread over the
+    area by the aggregation weights); the real dispatch injects it where the accepted
+    offers are. For the nodal market the two are the same; for a zonal one the AC check
+    can find rows violated, often where the base case had none, that the model met. Such
+    a row (violated in AC beyond its tolerance while the model, with its margin, predicts
+    it within the tolerance, or the base case had it within) gets a margin and the market
+    clears again: the limits that flow-based market coupling keeps as reliability
+    margins, here learnt from the check.
+
+    A margin round clears again on the linearisation of the clearing before (the margins
+    absorb its error too), in the MTUs whose margins grew (``grown``).
+
+    A row's first margin is its AC excess; a later one grows by the excess divided by how
+    much the excess fell per unit of margin in the round before (a secant, bounded by
+    MARGIN_SLOPE_RANGE), so that a row whose zonal sensitivity overstates the dispatch's
+    is met in a few rounds. Each step adds half the row's tolerance, so that the row ends
+    inside it. A row the model leaves violated (offers short, priced as unmet need) gets
+    no margin: the market could not meet it any better.
+    """
+
+    def __init__(self, grid: LinearGrid) -> None:
+        self.values = np.zeros((len(grid.mtus), grid.n_rows))
+        self._tolerances = grid.row_tolerances()
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # margins, excess before
+        self.grown = np.zeros(len(grid.mtus), bool)  # MTUs whose margins the last grow moved
+
+    def unmet(
+        self, real_excess: np.ndarray, predicted_excess: np.ndarray, base_excess: np.ndarray
+    ) -> np.ndarray:
+        """Rows the real dispatch violates in AC (T x n_rows excess beyond the limits; NaN:
+        not converged) that the model with its margins met, to its tolerance (the
+        needs-based market's needs leave rows at it: ``dso_needs``) and rounding, or that
+        the base case did not violate (a violation the dispatch created, which less of it
+        would avoid: the needs-based market, filling each zone's need on its own, can
+        create one in its model too)."""
+        tol = self._tolerances
+        marginable = (predicted_excess <= tol * (1.0 + MARGIN_ROUNDING)) | (base_excess <= tol)
+        with np.errstate(invalid="ignore"):
+            return (real_excess > tol) & marginable
+
+    def grow(self, real_excess: np.ndarray, unmet: np.ndarray) -> None:
+        """Margins for the next clearing, on the ``unmet`` rows."""
+        step = real_excess
+        if self._last is not None:
+            before, excess_before = self._last
+            moved = self.values - before
+            with np.errstate(invalid="ignore"):
+                slope = np.divide(
+                    real_excess - excess_before,
+                    moved,
+                    out=np.full_like(moved, MARGIN_SLOPE_RANGE[0]),
+                    where=moved > 0,
+                )
+                step = real_excess / -np.clip(slope, *MARGIN_SLOPE_RANGE)
+        self._last = (self.values.copy(), real_excess)
+        self.values = self.values + np.where(unmet, step + 0.5 * self._tolerances, 0.0)
+        self.grown = unmet.any(axis=1)
