@@ -63,6 +63,8 @@ from lfm_zonal.market.needs import dso_needs
 from lfm_zonal.market.resources import Resources
 from lfm_zonal.market.strategies import (
     MARGIN_MAX_ROUNDS,
+    MARGIN_PATIENCE,
+    MARGIN_PROGRESS,
     RowMargins,
     SequentialLP,
     column_quota,
@@ -184,12 +186,14 @@ def clear_market(
     unfixable, times = inputs.unfixable, pf.times
     penalty = DEFAULT_PENALTY_EUR_PER_MWH if penalty_eur_per_mwh is None else penalty_eur_per_mwh
     # Cleared, dispatched and checked in AC; cleared again with margins on the rows its AC
-    # check violates that margins are for (RowMargins), until none is left, the count
-    # stalls or MARGIN_MAX_ROUNDS. Kept: the fewest such rows, then the cheapest.
+    # check violates that margins are for (RowMargins), until none is left, their excess
+    # stalls (MARGIN_PROGRESS, MARGIN_PATIENCE) or MARGIN_MAX_ROUNDS. Kept: the least such
+    # excess, then the cheapest.
     started = time.perf_counter()
     margins = RowMargins(grid)
     last = kept = None
-    margin_rounds = 0
+    margin_rounds = idle = 0
+    least = np.inf  # the least shortfall so far
     while True:
         this, real_excess, unmet_rows = _clear_in_model(
             pf, method, zones.k, inputs, resources.table, penalty, cache, margins, last
@@ -198,10 +202,11 @@ def clear_market(
             solved = this.solved
         else:  # a margin round's effort; the size stays the whole LP's (it solves parts)
             solved += replace(this.solved, **{n: getattr(solved, n) for n in _LP_SIZE})
-        if kept is None or (this.n_unmet, this.cost_eur) < (kept.n_unmet, kept.cost_eur):
+        if kept is None or (this.shortfall, this.cost_eur) < (kept.shortfall, kept.cost_eur):
             kept = this
-        stalled = last is not None and this.n_unmet >= last.n_unmet
-        if this.n_unmet == 0 or stalled or margin_rounds == MARGIN_MAX_ROUNDS:
+        idle = 0 if this.shortfall <= MARGIN_PROGRESS * least else idle + 1
+        least = min(least, this.shortfall)
+        if this.n_unmet == 0 or idle == MARGIN_PATIENCE or margin_rounds == MARGIN_MAX_ROUNDS:
             break
         margins.grow(real_excess, unmet_rows)
         last, margin_rounds = this, margin_rounds + 1
@@ -297,6 +302,7 @@ class _Cleared:
     ac_s: float
     cost_eur: float
     n_unmet: int  # rows its AC check violates that margins are for (RowMargins.unmet)
+    shortfall: float  # their AC excess in tolerances, summed
 
 
 def _clear_in_model(
@@ -382,6 +388,7 @@ def _clear_in_model(
     modelled = grid.tightened(margins.values)
     predicted = modelled.violations(*modelled.after(*_area_injections(active, accepted, grid)))
     unmet = margins.unmet(real, predicted, base)
+    shortfall = float((real / grid.row_tolerances())[unmet].sum())
     cost = float((accepted * active.price_eur_per_mwh.to_numpy()).sum() * dt)
     this = _Cleared(
         grid,
@@ -397,6 +404,7 @@ def _clear_in_model(
         ac_s,
         cost,
         int(unmet.sum()),
+        shortfall,
     )
     return this, real, unmet
 

@@ -82,6 +82,11 @@ SLP_TOLERANCE_SHARE = 0.1
 #: Margin rounds (``RowMargins``) at most: clearings after the first, each followed by an
 #: AC check of its real dispatch.
 MARGIN_MAX_ROUNDS = 6
+#: Margin rounds stop when the AC excess on the rows margins are for (in row tolerances,
+#: summed) has not fallen below MARGIN_PROGRESS of its least so far for MARGIN_PATIENCE
+#: rounds in a row (a round can trade rows for others, e.g. where storage moves energy).
+MARGIN_PROGRESS = 0.9
+MARGIN_PATIENCE = 2
 #: The range of a row's AC excess per unit of margin (``RowMargins``): a margin grows by
 #: at most 1 / 0.1 = 10 times the row's excess in one round.
 MARGIN_SLOPE_RANGE = (-1.0, -0.1)
