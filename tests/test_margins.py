@@ -6,18 +6,27 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from test_market import market_case
 
 import lfm_zonal.market.clearing as clearing_module
 from lfm_zonal.check.ac import ac_check
+from lfm_zonal.grid.linear import linear_grid
 from lfm_zonal.grid.violations import (
     VIOLATION_TOLERANCE_LOADING_PERCENT,
     VIOLATION_TOLERANCE_VM_PU,
     excess,
 )
-from lfm_zonal.market.clearing import clear_market
-from lfm_zonal.market.strategies import MARGIN_SLOPE_RANGE, SLP_COST_RTOL, RowMargins
+from lfm_zonal.market.bids import build_bids
+from lfm_zonal.market.clearing import clear_market, mtus_to_clear
+from lfm_zonal.market.lp import SolveStatus
+from lfm_zonal.market.strategies import (
+    MARGIN_SLOPE_RANGE,
+    SLP_COST_RTOL,
+    RowMargins,
+    solve_clearing,
+)
 
 
 def _margins(n_rows: int = 3) -> RowMargins:
@@ -108,3 +117,51 @@ def test_a_zonal_market_meets_in_ac_what_its_model_meets(ieee33_case, monkeypatc
         assert np.nanmax(rows.to_numpy()) <= tol
     assert k["cost_eur"] > without.kpis["cost_eur"]
     assert k["cost_eur"] >= nodal.kpis["cost_eur"] * (1 - SLP_COST_RTOL)
+
+
+def test_a_margin_round_keeps_the_mtus_it_does_not_clear():
+    """``solve_clearing`` with ``only`` (a margin round): the MTUs not flagged keep the
+    previous solution, those standing alone exactly, those a battery links to a flagged MTU
+    (one LP block) through their area injections held by ``p_bounds``; with the same limits
+    the flagged MTUs reach the same optimum again."""
+    pf, res, seg = market_case(
+        "cigre_mv", 1.25, 0.05, n_mtu=16, storage_units=2, storage_p_mw=2.0, storage_hours=0.5
+    )
+    zones = seg.zones(2)
+    grid = linear_grid(
+        pf, zones.aggregation(seg.weights), seg.sensitivity_method, mtus_to_clear(pf)
+    )
+    steps = build_bids(res, zones, pf.times, 4).steps
+    steps = steps[steps.mtu.isin(grid.mtus)].reset_index(drop=True)
+    linked = [3, 4, 5, 9]  # the batteries bid in these MTUs only: one block
+    storage = steps.resource_id != ""
+    steps = steps[~storage | steps.mtu.isin(grid.mtus[linked])].reset_index(drop=True)
+    assert (steps.resource_id != "").any()
+    quota = np.full(len(grid.mtus), 1.0)
+    previous = solve_clearing(grid, steps, res.table, quota_mw=quota)
+    only = np.zeros(len(grid.mtus), bool)
+    only[[4, 7]] = True  # one MTU in the battery's block, one standing alone
+    held = ~only[:, None]
+    again = solve_clearing(
+        grid,
+        steps,
+        res.table,
+        quota_mw=quota,
+        p_bounds=(np.where(held, previous.p_mw, -np.inf), np.where(held, previous.p_mw, np.inf)),
+        include=previous.accepted_mw > 0,
+        basis=previous.basis,
+        only=only,
+        previous=previous,
+    )
+    assert again.status is SolveStatus.OPTIMAL
+    t = pd.Series(np.arange(len(grid.mtus)), index=grid.mtus).reindex(steps.mtu).to_numpy()
+    alone = ~np.isin(t, linked + [7])
+    assert alone.any()
+    np.testing.assert_array_equal(again.accepted_mw[alone], previous.accepted_mw[alone])
+    for m in (3, 5, 9):
+        np.testing.assert_allclose(again.p_mw[m], previous.p_mw[m], atol=1e-7)
+    cost = steps.price_eur_per_mwh.to_numpy() * grid.dt_h
+    assert (cost * again.accepted_mw).sum() == pytest.approx(
+        (cost * previous.accepted_mw).sum(), rel=1e-6
+    )
+    np.testing.assert_allclose(again.slack_mw, previous.slack_mw, atol=1e-7)

@@ -58,8 +58,11 @@ KPIS: tuple[KPI, ...] = (
         "sensitivities at the reference MTU (the zones' error curve at this K; 0 for nodal)",
         report=True),
     KPI("solve_s", "s", "HiGHS time of every LP of the market", timing=True),
-    KPI("n_variables", "", "columns of the market's last LP (all its MTU blocks)"),
-    KPI("n_constraints", "", "rows of the market's last LP (all its MTU blocks)"),
+    KPI("n_variables", "",
+        "columns of the market's last sequential-LP round (all its MTU blocks; margin "
+        "rounds solve parts of it)"),
+    KPI("n_constraints", "",
+        "rows of the market's last sequential-LP round (all its MTU blocks)"),
     KPI("pricing", "", "pay_as_bid or pay_as_clear"),
     KPI("residual_mwh", "MWh",
         "AC residual in MW-equivalent (largest excess / sensitivity per MTU) x MTU length"),

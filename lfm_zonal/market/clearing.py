@@ -47,7 +47,7 @@ from lfm_zonal.check.ac import (
 )
 from lfm_zonal.check.kpis import KPI_NAMES
 from lfm_zonal.config import DEFAULT_PENALTY_EUR_PER_MWH, MARKET_METHODS, NEEDS_RULES, PRICING
-from lfm_zonal.errors import InputError, LfmError
+from lfm_zonal.errors import InputError, LfmError, SolverError
 from lfm_zonal.grid.linear import LinearGrid, linear_grid
 from lfm_zonal.grid.powerflow import HorizonPowerFlow
 from lfm_zonal.grid.sensitivity import LinearisationCache
@@ -187,22 +187,33 @@ def clear_market(
     penalty = DEFAULT_PENALTY_EUR_PER_MWH if penalty_eur_per_mwh is None else penalty_eur_per_mwh
     # Cleared, dispatched and checked in AC; cleared again with margins on the rows its AC
     # check violates that margins are for (RowMargins), until none is left, their excess
-    # stalls (MARGIN_PROGRESS, MARGIN_PATIENCE) or MARGIN_MAX_ROUNDS. Kept: the least such
-    # excess, then the cheapest.
+    # stalls (MARGIN_PROGRESS, MARGIN_PATIENCE) or MARGIN_MAX_ROUNDS. Kept: the fewest MTUs
+    # whose check failed, then the least excess left in AC, then the cheapest.
     started = time.perf_counter()
     margins = RowMargins(grid)
     last = kept = None
     margin_rounds = idle = 0
     least = np.inf  # the least shortfall so far
     while True:
-        this, real_excess, unmet_rows = _clear_in_model(
-            pf, method, zones.k, inputs, resources.table, penalty, cache, margins, last
-        )
+        try:
+            this, real_excess, unmet_rows = _clear_in_model(
+                pf, method, zones.k, inputs, resources.table, penalty, cache, margins, last
+            )
+        except SolverError as error:
+            if last is None:
+                raise
+            log.warning(
+                "%s K = %d: a margin round failed (%s); kept the clearings before",
+                method,
+                zones.k,
+                error,
+            )
+            break
         if last is None:
             solved = this.solved
         else:  # a margin round's effort; the size stays the whole LP's (it solves parts)
             solved += replace(this.solved, **{n: getattr(solved, n) for n in _LP_SIZE})
-        if kept is None or (this.shortfall, this.cost_eur) < (kept.shortfall, kept.cost_eur):
+        if kept is None or (this.left, this.cost_eur) < (kept.left, kept.cost_eur):
             kept = this
         idle = 0 if this.shortfall <= MARGIN_PROGRESS * least else idle + 1
         least = min(least, this.shortfall)
@@ -303,6 +314,7 @@ class _Cleared:
     cost_eur: float
     n_unmet: int  # rows its AC check violates that margins are for (RowMargins.unmet)
     shortfall: float  # their AC excess in tolerances, summed
+    left: tuple[int, float]  # MTUs whose AC check failed; violated rows' excess (tolerances)
 
 
 def _clear_in_model(
@@ -353,6 +365,10 @@ def _clear_in_model(
             )
         else:
             grid, slp = last.grid, last.slp
+            # The MTUs not cleared again keep their solution; where storage links them to
+            # those that are (one LP block), their area injections are held.
+            held = ~margins.grown[:, None]
+            before = last.solution.p_mw
             solution = solve_clearing(
                 grid.tightened(margins.values),
                 active,
@@ -362,6 +378,7 @@ def _clear_in_model(
                 market=slp.market,
                 include=last.solution.accepted_mw > 0,
                 basis=last.solution.basis,
+                p_bounds=(np.where(held, before, -np.inf), np.where(held, before, np.inf)),
                 scales=slp.scales,
                 only=margins.grown,
                 previous=last.solution,
@@ -385,10 +402,16 @@ def _clear_in_model(
     mtus = grid.mtus
     real = grid.violations(ac.loading_percent.to_numpy()[mtus], ac.vm_pu.to_numpy()[mtus])
     base = grid.violations(pf.loading_percent.to_numpy()[mtus], pf.vm_pu.to_numpy()[mtus])
-    modelled = grid.tightened(margins.values)
-    predicted = modelled.violations(*modelled.after(*_area_injections(active, accepted, grid)))
+    predicted = grid.violations(*grid.after(*_area_injections(active, accepted, grid)))
     unmet = margins.unmet(real, predicted, base)
-    shortfall = float((real / grid.row_tolerances())[unmet].sum())
+    tolerances = grid.row_tolerances()
+    with np.errstate(invalid="ignore"):
+        violated = real > tolerances
+    # What the AC check leaves, to rank the clearings: MTUs whose check failed, then every
+    # violated row's excess in tolerances (the rows margins are for decide when to stop).
+    failed = int((~ac.converged.to_numpy()[mtus] & pf.converged.to_numpy()[mtus]).sum())
+    left = float((real / tolerances)[violated].sum())
+    shortfall = float((real / tolerances)[unmet].sum())
     cost = float((accepted * active.price_eur_per_mwh.to_numpy()).sum() * dt)
     this = _Cleared(
         grid,
@@ -405,6 +428,7 @@ def _clear_in_model(
         cost,
         int(unmet.sum()),
         shortfall,
+        (failed, left),
     )
     return this, real, unmet
 

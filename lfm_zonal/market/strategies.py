@@ -403,9 +403,10 @@ def solve_clearing(
     point the trust region is centred on, so that it stays reachable). ``basis``
     warm-starts the first LP (each column-generation round starts from the one before).
     ``scales``: the rows' MW-equivalent units (default: the grid's own). ``only`` (one
-    flag per MTU, with ``previous``, a solution of these bids on these MTUs): the blocks
-    without a flagged MTU keep ``previous``'s solution (with its objective: bid cost plus
-    priced slack) instead of being solved again.
+    flag per MTU, with ``previous``, a solution of these bids on these MTUs): every MTU
+    that no storage links is a block of its own, and the blocks without a flagged MTU keep
+    ``previous``'s solution instead of being solved again (the objective is then NaN: a
+    kept block's is not known); hold a linked block's unflagged MTUs with ``p_bounds``.
     """
     stats = SolveStats()
     if market is None:
@@ -431,7 +432,7 @@ def solve_clearing(
         selected |= market.resource != ""  # storage: energy-limited, always in
     if include is not None:
         selected |= np.asarray(include, bool)
-    blocks = market.blocks(BLOCK_MAX_STEPS)
+    blocks = market.blocks(BLOCK_MAX_STEPS if only is None else 0)
     if len(blocks) == 1 and (only is None or only.any()):
         return _clear_block(
             grid, market, selected, penalty_eur_per_mwh, p_bounds, basis, scales, stats
@@ -446,7 +447,7 @@ def solve_clearing(
         keep[block] = True
         sub, bid = market.restricted(block)
         if only is not None and not only[block].any():
-            sol = _kept_block(previous, keep, bid, sub, penalty_eur_per_mwh, grid.dt_h)
+            sol = _kept_block(previous, keep, bid, sub)
         else:
             sol = _clear_block(
                 grid.select(keep),
@@ -489,28 +490,18 @@ def solve_clearing(
     )
 
 
-def _kept_block(
-    previous: Solution,
-    keep: np.ndarray,
-    bid: np.ndarray,
-    sub: MarketBids,
-    penalty_eur_per_mwh: float,
-    dt_h: float,
-) -> Solution:
-    """A block's part of an earlier solution (``solve_clearing``'s ``only``), with the LP's
-    objective of it: bid cost plus the slack priced at the penalty."""
-    accepted = previous.accepted_mw[bid]
-    slack = previous.slack_mw[keep]
-    objective = float((sub.price * accepted).sum() + penalty_eur_per_mwh * slack.sum()) * dt_h
+def _kept_block(previous: Solution, keep: np.ndarray, bid: np.ndarray, sub: MarketBids):
+    """A block's part of an earlier solution (``solve_clearing``'s ``only``); its objective
+    is not known (NaN)."""
     return Solution(
         SolveStatus.OPTIMAL,
-        accepted,
+        previous.accepted_mw[bid],
         previous.p_mw[keep],
         previous.q_mvar[keep],
-        slack,
+        previous.slack_mw[keep],
         previous.marginal_price[keep],
         previous.marginal_price_q[keep],
-        objective,
+        float("nan"),
         SolveStats(),
         _basis_of_block(previous.basis, bid, sub),
     )
@@ -777,13 +768,14 @@ class RowMargins:
     area by the aggregation weights); the real dispatch injects it where the accepted
     offers are. For the nodal market the two are the same; for a zonal one the AC check
     can find rows violated, often where the base case had none, that the model met. Such
-    a row (violated in AC beyond its tolerance while the model, with its margin, predicts
-    it within the tolerance, or the base case had it within) gets a margin and the market
+    a row (violated in AC beyond its tolerance while the model predicts it within its
+    limit and the tolerance, or the base case had it within) gets a margin and the market
     clears again: the limits that flow-based market coupling keeps as reliability
     margins, here learnt from the check.
 
     A margin round clears again on the linearisation of the clearing before (the margins
-    absorb its error too), in the MTUs whose margins grew (``grown``).
+    absorb its error too), in the MTUs whose margins grew (``grown``); the others keep
+    their solution.
 
     A row's first margin is its AC excess; a later one grows by the excess divided by how
     much the excess fell per unit of margin in the round before (a secant, bounded by
@@ -803,11 +795,11 @@ class RowMargins:
         self, real_excess: np.ndarray, predicted_excess: np.ndarray, base_excess: np.ndarray
     ) -> np.ndarray:
         """Rows the real dispatch violates in AC (T x n_rows excess beyond the limits; NaN:
-        not converged) that the model with its margins met, to its tolerance (the
-        needs-based market's needs leave rows at it: ``dso_needs``) and rounding, or that
-        the base case did not violate (a violation the dispatch created, which less of it
-        would avoid: the needs-based market, filling each zone's need on its own, can
-        create one in its model too)."""
+        not converged) that the model met at their limits (``predicted_excess``, without
+        the margins), to the tolerance (the needs-based market's needs leave rows at it:
+        ``dso_needs``) and rounding, or that the base case did not violate (a violation the
+        dispatch created, which less of it would avoid: the needs-based market, filling
+        each zone's need on its own, can create one in its model too)."""
         tol = self._tolerances
         marginable = (predicted_excess <= tol * (1.0 + MARGIN_ROUNDING)) | (base_excess <= tol)
         with np.errstate(invalid="ignore"):
