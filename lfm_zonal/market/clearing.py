@@ -3,7 +3,8 @@
 ``clear_market`` runs one method for one zone count::
 
     zones -> MTUs with a base-case violation -> linearised grid (zonal indices per MTU)
-    -> DSO needs -> bids -> clearing -> dispatch to resources -> AC check -> KPIs
+    -> DSO needs -> bids -> clearing -> dispatch to resources -> AC check
+    -> (margin rounds: rows the check violates tightened, cleared and checked again) -> KPIs
 
 Methods:
 
