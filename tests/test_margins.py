@@ -6,7 +6,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
-import pandas as pd
 import pytest
 from test_market import market_case
 
@@ -20,6 +19,7 @@ from lfm_zonal.grid.violations import (
 )
 from lfm_zonal.market.bids import build_bids
 from lfm_zonal.market.clearing import clear_market, mtus_to_clear
+from lfm_zonal.market.formulation import MarketBids
 from lfm_zonal.market.lp import SolveStatus
 from lfm_zonal.market.strategies import (
     MARGIN_SLOPE_RANGE,
@@ -121,9 +121,9 @@ def test_a_zonal_market_meets_in_ac_what_its_model_meets(ieee33_case, monkeypatc
 
 def test_a_margin_round_keeps_the_mtus_it_does_not_clear():
     """``solve_clearing`` with ``only`` (a margin round): the MTUs not flagged keep the
-    previous solution, those standing alone exactly, those a battery links to a flagged MTU
-    (one LP block) through their area injections held by ``p_bounds``; with the same limits
-    the flagged MTUs reach the same optimum again."""
+    previous solution, those standing alone exactly (not solved), those a battery links to
+    a flagged MTU (one LP block) through their bids held (``MarketBids.held``); with the
+    same limits the flagged MTUs reach the same optimum again."""
     pf, res, seg = market_case(
         "cigre_mv", 1.25, 0.05, n_mtu=16, storage_units=2, storage_p_mw=2.0, storage_hours=0.5
     )
@@ -141,25 +141,27 @@ def test_a_margin_round_keeps_the_mtus_it_does_not_clear():
     previous = solve_clearing(grid, steps, res.table, quota_mw=quota)
     only = np.zeros(len(grid.mtus), bool)
     only[[4, 7]] = True  # one MTU in the battery's block, one standing alone
-    held = ~only[:, None]
+    market = MarketBids(grid.mtus, grid.k, grid.dt_h, steps, res.table)
     again = solve_clearing(
         grid,
         steps,
         res.table,
         quota_mw=quota,
-        p_bounds=(np.where(held, previous.p_mw, -np.inf), np.where(held, previous.p_mw, np.inf)),
+        market=market.held(~only[market.t_of_bid], previous.accepted_mw),
         include=previous.accepted_mw > 0,
         basis=previous.basis,
         only=only,
         previous=previous,
     )
     assert again.status is SolveStatus.OPTIMAL
-    t = pd.Series(np.arange(len(grid.mtus)), index=grid.mtus).reindex(steps.mtu).to_numpy()
+    t = market.t_of_bid
     alone = ~np.isin(t, linked + [7])
     assert alone.any()
     np.testing.assert_array_equal(again.accepted_mw[alone], previous.accepted_mw[alone])
-    for m in (3, 5, 9):
-        np.testing.assert_allclose(again.p_mw[m], previous.p_mw[m], atol=1e-7)
+    linked_held = np.isin(t, [3, 5, 9])
+    np.testing.assert_allclose(
+        again.accepted_mw[linked_held], previous.accepted_mw[linked_held], rtol=0, atol=1e-9
+    )
     cost = steps.price_eur_per_mwh.to_numpy() * grid.dt_h
     assert (cost * again.accepted_mw).sum() == pytest.approx(
         (cost * previous.accepted_mw).sum(), rel=1e-6

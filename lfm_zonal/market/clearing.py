@@ -209,6 +209,7 @@ def clear_market(
                 zones.k,
                 error,
             )
+            margin_rounds -= 1  # counted before it ran: it did not
             break
         if last is None:
             solved = this.solved
@@ -366,20 +367,18 @@ def _clear_in_model(
             )
         else:
             grid, slp = last.grid, last.slp
-            # The MTUs not cleared again keep their solution; where storage links them to
-            # those that are (one LP block), their area injections are held.
-            held = ~margins.grown[:, None]
-            before = last.solution.p_mw
+            # The MTUs not cleared again keep their solution: their own LP blocks are not
+            # solved; where storage links them to those that are, their bids are held.
+            held = ~margins.grown[slp.market.t_of_bid]
             solution = solve_clearing(
                 grid.tightened(margins.values),
                 active,
                 resources_table,
                 penalty_eur_per_mwh=penalty,
                 quota_mw=column_quota(needs, grid.mtus),
-                market=slp.market,
+                market=slp.market.held(held, last.solution.accepted_mw),
                 include=last.solution.accepted_mw > 0,
                 basis=last.solution.basis,
-                p_bounds=(np.where(held, before, -np.inf), np.where(held, before, np.inf)),
                 scales=slp.scales,
                 only=margins.grown,
                 previous=last.solution,

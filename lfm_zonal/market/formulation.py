@@ -37,6 +37,7 @@ one ``addVars`` and one ``addRows`` (``LpBuilder.append_to``). How the LP is sol
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -207,6 +208,7 @@ class MarketBids:
         self.sign = np.where(bids.direction.to_numpy() == "up", 1.0, -1.0)
         self.tan_phi = bids.tan_phi.to_numpy(float)
         self.quantity = bids.quantity_mw.to_numpy(float)
+        self.floor = np.zeros(len(self.quantity))  # the least MW taken (``held``)
         self.price = bids.price_eur_per_mwh.to_numpy(float)
         self.resource = bids.resource_id.to_numpy()
         self.storage = self._storage_chains(resources_table)
@@ -252,7 +254,7 @@ class MarketBids:
         out = object.__new__(MarketBids)
         out.mtus, out.k, out.dt_h = self.mtus[keep], self.k, self.dt_h
         out.t_of_bid = new_t[self.t_of_bid[bid]]
-        for name in ("area_of_bid", "sign", "tan_phi", "quantity", "price", "resource"):
+        for name in ("area_of_bid", "sign", "tan_phi", "quantity", "floor", "price", "resource"):
             setattr(out, name, getattr(self, name)[bid])
         out.storage = []
         for idx, t, energy, soc0, capacity in self.storage:
@@ -262,6 +264,13 @@ class MarketBids:
                 out.storage.append((new_bid[idx], new_t[t], energy, soc0, capacity))
         out._index_pairs()
         return out, bid
+
+    def held(self, bids: np.ndarray, accepted_mw: np.ndarray) -> MarketBids:
+        """The same market with ``bids`` (a flag per bid) fixed at ``accepted_mw``."""
+        out = copy.copy(self)
+        out.quantity = np.where(bids, accepted_mw, self.quantity)
+        out.floor = np.where(bids, accepted_mw, self.floor)
+        return out
 
     def __len__(self) -> int:
         return len(self.quantity)
@@ -431,10 +440,13 @@ def wants_area_columns(bids: MarketBids, selected: np.ndarray) -> bool:
 
 
 def define_bid_variables(lp: LpBuilder, bids: MarketBids, selected: np.ndarray) -> np.ndarray:
-    """0 <= x_b <= q_b for the selected steps (an infinite quantity is an unbounded bid);
-    the column of each bid, -1 where it is left out."""
+    """floor_b <= x_b <= q_b for the selected steps (floor 0 but where ``MarketBids.held``;
+    an infinite quantity is an unbounded bid); the column of each bid, -1 where it is left
+    out."""
     x_col = np.full(len(bids), -1, np.int64)
-    x_col[selected] = lp.columns(np.zeros(int(selected.sum())), 0.0, bids.quantity[selected])
+    x_col[selected] = lp.columns(
+        np.zeros(int(selected.sum())), bids.floor[selected], bids.quantity[selected]
+    )
     return x_col
 
 

@@ -406,7 +406,8 @@ def solve_clearing(
     flag per MTU, with ``previous``, a solution of these bids on these MTUs): every MTU
     that no storage links is a block of its own, and the blocks without a flagged MTU keep
     ``previous``'s solution instead of being solved again (the objective is then NaN: a
-    kept block's is not known); hold a linked block's unflagged MTUs with ``p_bounds``.
+    kept block's is not known); hold a linked block's unflagged MTUs' bids with
+    ``MarketBids.held``.
     """
     stats = SolveStats()
     if market is None:
