@@ -330,17 +330,15 @@ class LinearGrid:
             vm_min_pu=self.vm_min_pu - VIOLATION_TOLERANCE_VM_PU,
         )
 
-    def tightened(self, margins: np.ndarray | None) -> LinearGrid:
+    def tightened(self, margins: np.ndarray) -> LinearGrid:
         """The same grid with each (MTU, row) limit tightened by ``margins`` (T x n_rows in
-        the layout of ``violations``, >= 0; None: no margin).
+        the layout of ``violations``, >= 0).
 
         A margin is applied as a shift of the row's base value toward its limit, which the
         LP and every excess see alike. A bus has one voltage for two limits: its margins
         on overvoltage and undervoltage shift it by their difference (the other limit is
         a band's width away, 0.1 p.u. against margins of 1e-3).
         """
-        if margins is None:
-            return self
         nb, n = len(self.branches), len(self.buses)
         return replace(
             self,

@@ -193,7 +193,7 @@ def clear_market(
     started = time.perf_counter()
     margins = RowMargins(grid)
     last = kept = None
-    margin_rounds = idle = 0
+    clearings = idle = 0
     least = np.inf  # the least shortfall so far
     while True:
         try:
@@ -209,8 +209,8 @@ def clear_market(
                 zones.k,
                 error,
             )
-            margin_rounds -= 1  # counted before it ran: it did not
             break
+        clearings += 1
         if last is None:
             solved = this.solved
         else:  # a margin round's effort; the size stays the whole LP's (it solves parts)
@@ -219,10 +219,10 @@ def clear_market(
             kept = this
         idle = 0 if this.shortfall <= MARGIN_PROGRESS * least else idle + 1
         least = min(least, this.shortfall)
-        if this.n_unmet == 0 or idle == MARGIN_PATIENCE or margin_rounds == MARGIN_MAX_ROUNDS:
+        if this.n_unmet == 0 or idle == MARGIN_PATIENCE or clearings > MARGIN_MAX_ROUNDS:
             break
         margins.grow(real_excess, unmet_rows)
-        last, margin_rounds = this, margin_rounds + 1
+        last = this
     clear_s = time.perf_counter() - started - kept.ac_s  # the kept check is the AC check
     grid, accepted, dispatch = kept.grid, kept.accepted, kept.dispatch
     ac = replace(kept.ac, V=None)  # its voltages were for the next round's check
@@ -248,7 +248,7 @@ def clear_market(
         ac=ac,
         residual=left,
     )
-    effort = (solved, slp, clear_s, margin_rounds, kept.n_unmet)
+    effort = (solved, slp, clear_s, clearings - 1, kept.n_unmet)
     kpis = _kpis(res, pf, pricing, status, effort, segmentation_error, penalty)
     return MarketResult(**{**res.__dict__, "kpis": kpis})
 
@@ -404,14 +404,13 @@ def _clear_in_model(
     base = grid.violations(pf.loading_percent.to_numpy()[mtus], pf.vm_pu.to_numpy()[mtus])
     predicted = grid.violations(*grid.after(*_area_injections(active, accepted, grid)))
     unmet = margins.unmet(real, predicted, base)
-    tolerances = grid.row_tolerances()
-    with np.errstate(invalid="ignore"):
-        violated = real > tolerances
+    in_tolerances = real / grid.row_tolerances()  # > 1: violated (NaN: not converged)
     # What the AC check leaves, to rank the clearings: MTUs whose check failed, then every
     # violated row's excess in tolerances (the rows margins are for decide when to stop).
     failed = int((~ac.converged.to_numpy()[mtus] & pf.converged.to_numpy()[mtus]).sum())
-    left = float((real / tolerances)[violated].sum())
-    shortfall = float((real / tolerances)[unmet].sum())
+    with np.errstate(invalid="ignore"):
+        left = float(in_tolerances[in_tolerances > 1.0].sum())
+    shortfall = float(in_tolerances[unmet].sum())
     cost = float((accepted * active.price_eur_per_mwh.to_numpy()).sum() * dt)
     this = _Cleared(
         grid,
