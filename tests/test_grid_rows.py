@@ -156,3 +156,48 @@ def test_scales_learnt_from_the_base_rows_only():
     assert np.isnan(scales._value[t, r]).all()  # not its linearisation: not learnt
     in_block.learn(block.rows, np.zeros(2, np.int64), r, cp, cq)
     np.testing.assert_array_equal(scales._value[t, r], truth)
+
+
+def test_rows_asked_again_come_from_the_known_rows(monkeypatch):
+    """Adjoint rows asked for again (in any order, repeated in one request, through a
+    block's view) come from ``KnownRows`` with no solve, equal to the dense coefficients;
+    beyond its budget the least recently used linearisation's rows are dropped."""
+    from test_market import market_case
+
+    from lfm_zonal.grid.linear import AdjointRows, KnownRows
+
+    pf, _, seg = market_case("cigre_mv", 1.25, 0.2)
+    dense, adjoint = _both(pf, seg.zones(3).aggregation(seg.weights), None)
+    solved = []
+    solve = AdjointRows._solve_rows
+    monkeypatch.setattr(
+        AdjointRows,
+        "_solve_rows",
+        lambda self, lin, r: solved.append(len(r)) or solve(self, lin, r),
+    )
+    n_l = len(dense.branches)
+    r = np.array([dense.n_rows - 1, 0, n_l + 2, 0, n_l - 1, 5])  # buses and lines, mixed
+    t = np.array([0, 0, 1, 0, 1, 1])
+
+    def check(grid, t, r, want=dense):
+        for a, b in zip(want.rows.coefficients(t, r), grid.rows.coefficients(t, r), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+
+    check(adjoint, t, r)
+    assert sorted(solved) == [2, 3]  # each MTU's distinct rows, once
+    solved.clear()
+    check(adjoint, t[::-1], r[::-1])
+    keep = np.zeros(len(adjoint.mtus), bool)
+    keep[1] = True
+    check(adjoint.select(keep), np.zeros(2, np.int64), np.array([5, n_l + 2]), dense.select(keep))
+    assert solved == []  # all known, through the view too
+    check(adjoint, np.array([1, 1]), np.array([5, 6]))
+    assert solved == [1]  # only the new one
+
+    lin0, lin1 = adjoint.rows.linearisations[:2]
+    small = KnownRows(budget_bytes=1)
+    one = np.ones((1, 3))
+    small.add(lin0, np.array([4]), one, one)
+    small.add(lin1, np.array([4]), one, one)  # over budget: lin0's rows dropped
+    assert small.find(lin0, np.array([4]))[0].tolist() == [-1]
+    assert small.find(lin1, np.array([4]))[0].tolist() == [0]

@@ -88,6 +88,11 @@ FORWARD_MAX_AREAS = 128
 STATE_COLUMN_COST_IN_ROWS = 2
 #: Bytes of state sensitivities an AdjointRows keeps (the last MTUs' linearisations).
 FORWARD_CACHE_BYTES = 64 * 2**20
+#: Bytes of row coefficients an AdjointRows keeps (``KnownRows``), up to FORWARD_MAX_AREAS
+#: areas. SimBench 1-MVLV-rural-all-0-sw, 96 MTUs: its zonal market at K = 64 asks for
+#: 31,750 rows, 14,669 of them distinct (15 MB of coefficients). Its nodal market asks
+#: for 24,151, 17,410 distinct, of 88 kB each (1.5 GB): not kept.
+KNOWN_ROWS_BYTES = 128 * 2**20
 
 
 class GridRows(Protocol):
@@ -211,6 +216,52 @@ class StateSensitivities:
                 del self._by_id[key]
 
 
+class KnownRows:
+    """The coefficients of the rows already computed, per linearisation, up to
+    ``budget_bytes`` (the least recently used linearisation's dropped beyond it).
+
+    A market asks for the same rows of the same linearisation again: its DSO-needs LP and
+    the first clearing round are on the base case, a margin round is on the linearisation
+    of the clearing before, the needs-based market's needs with margins on the base case
+    again; each row would be a transposed solve again.
+    """
+
+    def __init__(self, budget_bytes: int = KNOWN_ROWS_BYTES) -> None:
+        self.budget_bytes = budget_bytes
+        # id(lin) -> (lin, {row: position}, cp, cq): the entry holds lin, so its id stays
+        self._by_id: OrderedDict[int, tuple] = OrderedDict()
+        self._bytes = 0
+
+    def find(self, lin: JacobianLinearisation, rows: np.ndarray) -> tuple[np.ndarray, tuple]:
+        """Positions of ``rows`` in ``lin``'s entry (-1: not known) and its (cp, cq)."""
+        entry = self._by_id.get(id(lin))
+        if entry is None or entry[0] is not lin:
+            return np.full(len(rows), -1, np.int64), (None, None)
+        self._by_id.move_to_end(id(lin))
+        index = entry[1]
+        return np.array([index.get(r, -1) for r in rows.tolist()], np.int64), entry[2:]
+
+    def add(self, lin: JacobianLinearisation, rows: np.ndarray, cp: np.ndarray, cq: np.ndarray):
+        """Keep the coefficients of ``rows`` (not known yet, distinct) of ``lin``."""
+        entry = self._by_id.get(id(lin))
+        if entry is None or entry[0] is not lin:
+            entry = (lin, {}, cp[:0], cq[:0])
+        lin_, index, old_p, old_q = entry
+        n = len(index)
+        index.update(zip(rows.tolist(), range(n, n + len(rows)), strict=True))
+        self._by_id[id(lin)] = (
+            lin_,
+            index,
+            np.concatenate([old_p, cp]),
+            np.concatenate([old_q, cq]),
+        )
+        self._by_id.move_to_end(id(lin))
+        self._bytes += cp.nbytes + cq.nbytes
+        while self._bytes > self.budget_bytes and len(self._by_id) > 1:
+            _, dropped = self._by_id.popitem(last=False)
+            self._bytes -= dropped[2].nbytes + dropped[3].nbytes
+
+
 @dataclass(frozen=True)
 class AdjointRows:
     """Per MTU the Jacobian linearisation and the areas' weights W; coefficients on demand."""
@@ -226,6 +277,7 @@ class AdjointRows:
     states: StateSensitivities = field(
         default_factory=StateSensitivities, repr=False, compare=False
     )
+    known: KnownRows = field(default_factory=KnownRows, repr=False, compare=False)
     _equivalents: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -248,22 +300,38 @@ class AdjointRows:
 
     def coefficients(self, t: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cp, cq = np.empty((len(t), self.k)), np.empty((len(t), self.k))
-        order = np.argsort(t, kind="stable")
+        keep = self.k <= FORWARD_MAX_AREAS  # the nodal market's rows: not kept (KNOWN_ROWS_BYTES)
         with one_blas_thread():
-            for start in range(0, len(order), ADJOINT_CHUNK_ROWS):
-                rows = order[start : start + ADJOINT_CHUNK_ROWS]
-                for tt in np.unique(t[rows]):
-                    at = rows[t[rows] == tt]
-                    is_line = r[at] < self.n_branch
-                    line, bus = at[is_line], at[~is_line]
-                    lin = self.linearisations[tt]
-                    branches, buses = r[line], (r[bus] - self.n_branch) % self.n_bus
-                    if self.k <= FORWARD_MAX_AREAS:
-                        dp, dq = self.states.rows(lin, self.W, branches, buses)
-                    else:
-                        dp, dq = lin.rows_sensitivity(branches, buses, self.W)
-                    cp[np.r_[line, bus]], cq[np.r_[line, bus]] = dp, dq
+            for tt in np.unique(t):
+                lin, at = self.linearisations[tt], np.flatnonzero(t == tt)
+                found, (known_p, known_q) = (
+                    self.known.find(lin, r[at]) if keep else (np.full(len(at), -1), (None, None))
+                )
+                old = found >= 0
+                if old.any():
+                    cp[at[old]], cq[at[old]] = known_p[found[old]], known_q[found[old]]
+                if old.all():
+                    continue
+                new, where = np.unique(r[at[~old]], return_inverse=True)
+                new_p, new_q = np.empty((len(new), self.k)), np.empty((len(new), self.k))
+                for start in range(0, len(new), ADJOINT_CHUNK_ROWS):
+                    part = slice(start, start + ADJOINT_CHUNK_ROWS)
+                    new_p[part], new_q[part] = self._solve_rows(lin, new[part])
+                cp[at[~old]], cq[at[~old]] = new_p[where], new_q[where]
+                if keep:
+                    self.known.add(lin, new, new_p, new_q)
         return cp, cq
+
+    def _solve_rows(self, lin: JacobianLinearisation, r: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The coefficients of rows ``r`` (violation layout) of one MTU's linearisation."""
+        is_line = r < self.n_branch
+        branches, buses = r[is_line], (r[~is_line] - self.n_branch) % self.n_bus
+        if self.k <= FORWARD_MAX_AREAS:
+            dp, dq = self.states.rows(lin, self.W, branches, buses)
+        else:
+            dp, dq = lin.rows_sensitivity(branches, buses, self.W)
+        order = np.argsort(np.r_[np.flatnonzero(is_line), np.flatnonzero(~is_line)])
+        return dp[order], dq[order]
 
     def select(self, keep: np.ndarray) -> AdjointRows:
         kept = tuple(lin for lin, k in zip(self.linearisations, keep, strict=True) if k)
