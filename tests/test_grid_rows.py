@@ -193,8 +193,18 @@ def test_rows_asked_again_come_from_the_known_rows(monkeypatch):
     assert solved == []  # all known, through the view too
     check(adjoint, np.array([1, 1]), np.array([5, 6]))
     assert solved == [1]  # only the new one
-
+    check(adjoint, np.array([1, 1, 1]), np.array([6, 5, n_l + 2]))  # after a second add
+    assert solved == [1]
+    # Rows solved in any order (buses before lines) come back in that order.
     lin0, lin1 = adjoint.rows.linearisations[:2]
+    rows = np.array([n_l + 3, 2, dense.n_rows - 2, 0])
+    for a, b in zip(
+        dense.rows.coefficients(np.zeros(4, np.int64), rows),
+        solve(adjoint.rows, lin0, rows),
+        strict=True,
+    ):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+
     small = KnownRows(budget_bytes=1)
     one = np.ones((1, 3))
     small.add(lin0, np.array([4]), one, one)

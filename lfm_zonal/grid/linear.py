@@ -244,7 +244,10 @@ class KnownRows:
     def add(self, lin: JacobianLinearisation, rows: np.ndarray, cp: np.ndarray, cq: np.ndarray):
         """Keep the coefficients of ``rows`` (not known yet, distinct) of ``lin``."""
         entry = self._by_id.get(id(lin))
-        if entry is None or entry[0] is not lin:
+        if entry is not None and entry[0] is not lin:  # an earlier object's id: its rows go
+            self._bytes -= entry[2].nbytes + entry[3].nbytes
+            entry = None
+        if entry is None:
             entry = (lin, {}, cp[:0], cq[:0])
         lin_, index, old_p, old_q = entry
         n = len(index)
