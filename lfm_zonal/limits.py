@@ -55,12 +55,51 @@ def _malloc_trim():
         return None
 
 
+#: Where a cgroup's CPU quota is read (v2: "max" or "quota period" in ``cpu.max``; v1: the
+#: quota in ``cpu.cfs_quota_us``, -1 for none, and the period in ``cpu.cfs_period_us``).
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
 def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity; all of the machine's elsewhere)."""
+    """Cores this process may use: its CPU affinity (all of the machine's elsewhere), at most
+    its cgroup's CPU quota rounded up where one is set (a container started with
+    ``--cpus 2`` on a 64-core host sees 64 cores but gets the time of 2: one market
+    worker per visible core would hold 64 markets' memory for no speed)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def cgroup_cpu_quota(root: str | None = None) -> float | None:
+    """The CPU time this process's cgroup may use, in cores (None: no quota, or no cgroup
+    files to read under ``root``, CGROUP_ROOT by default)."""
+    root = CGROUP_ROOT if root is None else root
+
+    def read(name: str) -> list[str] | None:
+        try:
+            with open(os.path.join(root, name), encoding="ascii") as f:
+                return f.read().split()
+        except OSError:
+            return None
+
+    v2 = read("cpu.max")
+    if v2 is not None:
+        quota, period = (v2 + ["100000"])[:2]
+    else:
+        quota, period = (
+            (read("cpu/cpu.cfs_quota_us") or ["-1"])[0],
+            (read("cpu/cpu.cfs_period_us") or ["100000"])[0],
+        )
+    try:
+        quota_us, period_us = float(quota), float(period)
+    except ValueError:  # "max": no quota
+        return None
+    if quota_us <= 0 or period_us <= 0:  # v1's -1: no quota
+        return None
+    return quota_us / period_us
 
 
 def available_memory_bytes() -> float:

@@ -255,3 +255,27 @@ def test_shipped_parameters_take_well_under_the_budget():
         )
         assert needed < 50 * 2**20  # 50 MiB
     assert time.perf_counter() - started < 1
+
+
+@pytest.mark.parametrize(
+    "files, cores",
+    [
+        ({"cpu.max": "max 100000\n"}, None),  # cgroup v2, no quota
+        ({"cpu.max": "200000 100000\n"}, 2.0),  # docker --cpus 2
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),
+        ({}, None),  # no cgroup files
+    ],
+)
+def test_cgroup_cpu_quota_read_from_v2_or_v1_files(tmp_path, monkeypatch, files, cores):
+    """A container's CPU quota bounds the cores the commands use (one market worker per
+    core): read from cgroup v2 or v1, none where there is no quota; rounded up, never 0."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert limits.cgroup_cpu_quota(str(tmp_path)) == cores
+    monkeypatch.setattr(limits, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(limits.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    expected = 64 if cores is None else max(1, math.ceil(cores))
+    assert limits.available_cores() == expected

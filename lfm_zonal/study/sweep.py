@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import shutil
 import socket
@@ -36,6 +35,7 @@ from lfm_zonal.files.outputs import (
     json_text,
     write_csv,
 )
+from lfm_zonal.limits import available_cores
 from lfm_zonal.study.scenario import Scenario, validate_values
 
 CASES = "cases"
@@ -184,7 +184,7 @@ def check_workers(workers: int | None) -> None:
     """``workers``: None (one per core), 0 (no Dask) or a number this machine can run."""
     if workers is None:
         return
-    limit = WORKERS_PER_CORE * (os.cpu_count() or 1)
+    limit = WORKERS_PER_CORE * available_cores()
     if workers < 0:
         raise InputError(f"--workers {workers}: give 0 (no Dask) or a number of processes >= 1")
     if workers > limit:
@@ -255,7 +255,7 @@ def _run_on_dask(scenario, todo, ks, methods, out, workers, scheduler, bar, on_c
             ) from None
         cluster = None
     else:
-        n = workers or os.cpu_count() or 1
+        n = workers or available_cores()
         cluster = LocalCluster(
             n_workers=n,
             threads_per_worker=1,
