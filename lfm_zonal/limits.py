@@ -139,9 +139,22 @@ def available_memory_bytes() -> float:
     return min(found)
 
 
+#: Processes of one command that may each hold a request at once (``share_memory``).
+_sharing = 1
+
+
+def share_memory(processes: int) -> None:
+    """Called in each of a command's ``processes`` worker processes (``study.workers``):
+    a request there gets its share of the budget, since the others may hold theirs at the
+    same time (each alone would see the whole machine's memory as available)."""
+    global _sharing
+    _sharing = max(1, int(processes))
+
+
 def memory_budget_bytes() -> tuple[float, float]:
-    """(budget, available) in bytes: the override of LFM_ZONAL_MAX_MEMORY_GIB, else
-    MEMORY_SHARE of what is available."""
+    """(budget, available) in bytes for one request: the override of LFM_ZONAL_MAX_MEMORY_GIB,
+    else MEMORY_SHARE of what is available; in a command's worker processes, their share
+    of it (``share_memory``)."""
     text = os.environ.get(MEMORY_ENV, "").strip()
     if text:
         try:
@@ -150,8 +163,8 @@ def memory_budget_bytes() -> tuple[float, float]:
             gib = math.nan
         if not (gib > 0 and math.isfinite(gib)):
             raise InputError(f"{MEMORY_ENV}={text!r}: give a positive number of GiB")
-        return gib * GIB, gib * GIB
-    available = available_memory_bytes()
+        return gib * GIB / _sharing, gib * GIB / _sharing
+    available = available_memory_bytes() / _sharing
     return MEMORY_SHARE * available, available
 
 
@@ -202,6 +215,8 @@ def require_memory(
         if os.environ.get(MEMORY_ENV, "").strip()
         else f"the machine has {available / GIB:.3g} GiB available"
     )
+    if _sharing > 1:
+        where += f" for each of {_sharing} worker processes (--workers 1: all of it for one)"
     raise InputError(
         f"{what}: this request needs {amount} ({dims}); {where}" + (f"; {hint}" if hint else "")
     )

@@ -279,3 +279,24 @@ def test_cgroup_cpu_quota_read_from_v2_or_v1_files(tmp_path, monkeypatch, files,
     monkeypatch.setattr(limits.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     expected = 64 if cores is None else max(1, math.ceil(cores))
     assert limits.available_cores() == expected
+
+
+def test_worker_processes_share_the_memory_budget(monkeypatch):
+    """A request in one of N worker processes gets a Nth of the budget (the others may hold
+    theirs at once): accepted alone, refused when shared, the message says so; and the
+    forked workers of a command are set up with their number."""
+    from lfm_zonal.study.workers import forked
+
+    monkeypatch.setenv(limits.MEMORY_ENV, "8")
+    three_gib = [[(3 * 2**30 / 8, "items")]]
+    assert limits.require_memory("request", three_gib) == 3 * 2**30
+    monkeypatch.setattr(limits, "_sharing", 1)
+    limits.share_memory(4)
+    assert limits.memory_budget_bytes() == (2 * limits.GIB, 2 * limits.GIB)
+    with pytest.raises(InputError, match="for each of 4 worker processes"):
+        limits.require_memory("request", three_gib)
+    limits.share_memory(1)
+    with forked([limits.memory_budget_bytes], 2, [(0, ()), (0, ())]) as done:
+        budgets = [budget for _, (budget, _) in done]
+    assert budgets == [4 * limits.GIB, 4 * limits.GIB]
+    assert limits.memory_budget_bytes()[0] == 8 * limits.GIB  # this process: all of it

@@ -45,7 +45,7 @@ from typing import Any
 
 from lfm_zonal.errors import WorkerDied
 from lfm_zonal.grid.sensitivity import one_blas_thread
-from lfm_zonal.limits import release_free_memory
+from lfm_zonal.limits import release_free_memory, share_memory
 from lfm_zonal.progress import COMMAND_SIGNALS
 
 _TASKS: Sequence[Callable[..., Any]] = ()  # the tasks of the forked processes (until the end)
@@ -108,7 +108,7 @@ def forked(
     global _TASKS
     pool = None
     finished = False
-    # Signals wait until the processes exist and have their own handlers (_worker_signals):
+    # Signals wait until the processes exist and have their own handlers (_worker_setup):
     # one that came while they were being forked would run this process's handler in them.
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, COMMAND_SIGNALS)
     try:
@@ -122,8 +122,8 @@ def forked(
         pool = ProcessPoolExecutor(
             max_workers=processes,
             mp_context=mp.get_context("fork"),
-            initializer=_worker_signals,
-            initargs=(os.getpid(),),
+            initializer=_worker_setup,
+            initargs=(os.getpid(), processes),
         )
         done = Calls(tasks, pool, processes)
         for task, args in calls:  # the first submission forks every process (fork context)
@@ -187,11 +187,13 @@ def _died(processes: int) -> WorkerDied:
     )
 
 
-def _worker_signals(parent: int) -> None:
-    """A worker leaves signals to this process: Ctrl-C (sent to the whole process group) and
-    a hang-up are ignored, SIGTERM (this process stopping it) ends it at once, without a
-    traceback; and it ends with this process, however that ends (killed: no orphan holding
-    the output's lock and the memory)."""
+def _worker_setup(parent: int, processes: int) -> None:
+    """A worker's memory requests get their share of the budget (``limits.share_memory``:
+    the ``processes`` may each hold one at once). It leaves signals to this process: Ctrl-C
+    (sent to the whole process group) and a hang-up are ignored, SIGTERM (this process
+    stopping it) ends it at once, without a traceback; and it ends with this process,
+    however that ends (killed: no orphan holding the output's lock and the memory)."""
+    share_memory(processes)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "SIGHUP"):
