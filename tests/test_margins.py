@@ -29,14 +29,16 @@ from lfm_zonal.market.strategies import (
 )
 
 
-def _margins(n_rows: int = 3) -> RowMargins:
-    """Margins of one MTU over voltage rows only (their tolerance)."""
+def _margins(base: np.ndarray) -> RowMargins:
+    """Margins of one MTU over voltage rows only (their tolerance), the base case's excess
+    ``base`` (1 x rows)."""
+    n_rows = base.shape[1]
     grid = SimpleNamespace(
         mtus=np.array([0]),
         n_rows=n_rows,
         row_tolerances=lambda: np.full(n_rows, VIOLATION_TOLERANCE_VM_PU),
     )
-    return RowMargins(grid)
+    return RowMargins(grid, base)
 
 
 def test_a_row_is_met_in_two_rounds_when_ac_answers_linearly():
@@ -44,21 +46,21 @@ def test_a_row_is_met_in_two_rounds_when_ac_answers_linearly():
     (s = 0.3 instead of 1). By hand: m1 = e0 + tol/2, e1 = e0 - s m1; the secant gives
     slope -s, so m2 = m1 + e1 / s + tol/2 and e2 = -s tol/2: inside the limit."""
     tol, e0, s = VIOLATION_TOLERANCE_VM_PU, 0.002, 0.3
-    margins = _margins(1)
     predicted = np.array([[-1e-6]])  # the model meets it (at its tightened limit)
     base = np.array([[0.01]])  # violated in the base case
+    margins = _margins(base)
     real = np.array([[e0]])
-    unmet = margins.unmet(real, predicted, base)
+    unmet = margins.unmet(real, predicted)
     assert unmet.all()
     margins.grow(real, unmet)
     m1 = margins.values[0, 0]
     assert m1 == pytest.approx(e0 + tol / 2)
     np.testing.assert_array_equal(margins.grown, [True])
     real = np.array([[e0 - s * m1]])
-    margins.grow(real, margins.unmet(real, predicted, base))
+    margins.grow(real, margins.unmet(real, predicted))
     e2 = e0 - s * margins.values[0, 0]
     assert e2 == pytest.approx(-s * tol / 2)
-    assert not margins.unmet(np.array([[e2]]), predicted, base).any()
+    assert not margins.unmet(np.array([[e2]]), predicted).any()
 
 
 def test_margins_go_to_rows_the_model_met_or_the_dispatch_created():
@@ -68,13 +70,13 @@ def test_margins_go_to_rows_the_model_met_or_the_dispatch_created():
     it: margin). An MTU that did not converge (NaN) gets none. A row that does not answer
     its margin at all grows by at most 1 / |MARGIN_SLOPE_RANGE[1]| times its excess."""
     tol = VIOLATION_TOLERANCE_VM_PU
-    margins = _margins(4)
     real = np.array([[0.004, 0.004, -0.001, 0.002]])
     predicted = np.array([[0.0, 0.003, -0.002, 0.001]])
     base = np.array([[0.01, 0.01, 0.01, -0.001]])
-    unmet = margins.unmet(real, predicted, base)
+    margins = _margins(base)
+    unmet = margins.unmet(real, predicted)
     np.testing.assert_array_equal(unmet, [[True, False, False, True]])
-    assert not margins.unmet(np.full((1, 4), np.nan), predicted, base).any()
+    assert not margins.unmet(np.full((1, 4), np.nan), predicted).any()
     margins.grow(real, unmet)
     np.testing.assert_allclose(margins.values, [[0.004 + tol / 2, 0.0, 0.0, 0.002 + tol / 2]])
     margins.grow(real, unmet)  # the same excess again: the rows did not answer

@@ -191,7 +191,10 @@ def clear_market(
     # stalls (MARGIN_PROGRESS, MARGIN_PATIENCE) or MARGIN_MAX_ROUNDS. Kept: the fewest MTUs
     # whose check failed, then the least excess left in AC, then the cheapest.
     started = time.perf_counter()
-    margins = RowMargins(grid)
+    mtus = grid.mtus
+    margins = RowMargins(
+        grid, grid.violations(pf.loading_percent.to_numpy()[mtus], pf.vm_pu.to_numpy()[mtus])
+    )
     last = kept = None
     clearings = idle = 0
     least = np.inf  # the least shortfall so far
@@ -401,9 +404,8 @@ def _clear_in_model(
     ac_s = time.perf_counter() - started
     mtus = grid.mtus
     real = grid.violations(ac.loading_percent.to_numpy()[mtus], ac.vm_pu.to_numpy()[mtus])
-    base = grid.violations(pf.loading_percent.to_numpy()[mtus], pf.vm_pu.to_numpy()[mtus])
     predicted = grid.violations(*grid.after(*_area_injections(active, accepted, grid)))
-    unmet = margins.unmet(real, predicted, base)
+    unmet = margins.unmet(real, predicted)
     in_tolerances = real / grid.row_tolerances()  # > 1: violated (NaN: not converged)
     # What the AC check leaves, to rank the clearings: MTUs whose check failed, then every
     # violated row's excess in tolerances (the rows margins are for decide when to stop).

@@ -786,15 +786,14 @@ class RowMargins:
     no margin: the market could not meet it any better.
     """
 
-    def __init__(self, grid: LinearGrid) -> None:
+    def __init__(self, grid: LinearGrid, base_excess: np.ndarray) -> None:
         self.values = np.zeros((len(grid.mtus), grid.n_rows))
         self._tolerances = grid.row_tolerances()
+        self._base = base_excess  # the base case's excess per row (T x n_rows)
         self._last: tuple[np.ndarray, np.ndarray] | None = None  # margins, excess before
         self.grown = np.zeros(len(grid.mtus), bool)  # MTUs whose margins the last grow moved
 
-    def unmet(
-        self, real_excess: np.ndarray, predicted_excess: np.ndarray, base_excess: np.ndarray
-    ) -> np.ndarray:
+    def unmet(self, real_excess: np.ndarray, predicted_excess: np.ndarray) -> np.ndarray:
         """Rows the real dispatch violates in AC (T x n_rows excess beyond the limits; NaN:
         not converged) that the model met at their limits (``predicted_excess``, without
         the margins), to the tolerance (the needs-based market's needs leave rows at it:
@@ -802,7 +801,7 @@ class RowMargins:
         dispatch created, which less of it would avoid: the needs-based market, filling
         each zone's need on its own, can create one in its model too)."""
         tol = self._tolerances
-        marginable = (predicted_excess <= tol * (1.0 + MARGIN_ROUNDING)) | (base_excess <= tol)
+        marginable = (predicted_excess <= tol * (1.0 + MARGIN_ROUNDING)) | (self._base <= tol)
         with np.errstate(invalid="ignore"):
             return (real_excess > tol) & marginable
 
