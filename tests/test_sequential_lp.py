@@ -12,11 +12,12 @@ from test_ac_check import factorisations  # noqa: F401  (fixture)
 from test_market import clear_on, hand_case, market_case  # noqa: F401  (module fixture)
 
 import lfm_zonal.market.clearing as clearing_module
+import lfm_zonal.market.formulation as formulation
 import lfm_zonal.market.strategies as market_module
 from lfm_zonal.check.ac import ac_check, solve_with_injections
 from lfm_zonal.config import DEFAULT_PENALTY_EUR_PER_MWH
 from lfm_zonal.errors import SolverError
-from lfm_zonal.grid.linear import RowScales, linear_grid
+from lfm_zonal.grid.linear import DenseRows, LinearGrid, RowScales, linear_grid
 from lfm_zonal.market.bids import build_bids
 from lfm_zonal.market.clearing import clear_market, mtus_to_clear
 from lfm_zonal.market.formulation import MarketBids
@@ -59,6 +60,54 @@ def test_lp_objective_is_bid_cost_plus_slack_penalty(hand_case):  # noqa: F811
     assert sol.slack_mw[0] == pytest.approx(slack, rel=1e-6)
     expected = 80.0 * 0.5 * grid.dt_h + DEFAULT_PENALTY_EUR_PER_MWH * grid.dt_h * slack
     assert sol.objective_eur == pytest.approx(expected, rel=1e-7)
+
+
+def test_a_violation_the_market_would_create_costs_more_than_one_it_removes(monkeypatch):
+    """By hand, on a linear grid of two lines and two areas: line 0 is at 110% and line 1 at
+    99%; the one bid (area 0, up, up to 5 MW at 10 EUR/MWh) relieves line 0 by 5 pp/MW and
+    loads line 1 by 1 pp/MW, which area 1 (no bid) moves by 10 pp/MW. In MW-equivalent
+    (g: 5 and 10 pp/MW), each MW bought removes 1 of line 0's violation and, beyond 1 MW,
+    adds 0.1 of line 1's: at one price for every slack the LP buys 2 MW and takes line 1,
+    within its limit before, to 101%. Its slack priced NEW_VIOLATION_PENALTY_FACTOR times
+    higher, the LP buys 1 MW: line 1 at its limit, line 0 at 105%, 1 MW-equivalent unmet."""
+    dt = 0.25
+    no_bus = np.zeros((1, 1, 2))
+    rows = DenseRows(np.array([[[-5.0, 0.0], [1.0, 10.0]]]), np.zeros((1, 2, 2)), no_bus, no_bus)
+    grid = LinearGrid(
+        mtus=np.array([0]),
+        dt_h=dt,
+        branches=pd.MultiIndex.from_tuples([("line", 0), ("line", 1)]),
+        buses=pd.Index([0]),
+        loading0=np.array([[110.0, 99.0]]),
+        vm0=np.array([[1.0]]),
+        rows=rows,
+        loading_max_percent=100.0,
+        vm_min_pu=0.9,
+        vm_max_pu=1.1,
+    )
+    bids = pd.DataFrame(
+        {
+            "mtu": [0],
+            "zone": [0],
+            "direction": ["up"],
+            "quantity_mw": [5.0],
+            "price_eur_per_mwh": [10.0],
+            "tan_phi": [0.0],
+            "resource_id": [""],
+            "aggregator": ["agg"],
+        }
+    )
+    penalty = DEFAULT_PENALTY_EUR_PER_MWH
+    sol = solve_clearing(grid, bids)
+    assert sol.accepted_mw[0] == pytest.approx(1.0)
+    assert sol.slack_mw[0] == pytest.approx(1.0)
+    assert sol.objective_eur == pytest.approx((10.0 * 1.0 + penalty * 1.0) * dt)
+    loading, _ = grid.after(sol.p_mw, sol.q_mvar)
+    assert loading[0] == pytest.approx([105.0, 100.0])
+    monkeypatch.setattr(formulation, "NEW_VIOLATION_PENALTY_FACTOR", 1.0)
+    one_price = solve_clearing(grid, bids)
+    assert one_price.accepted_mw[0] == pytest.approx(2.0)
+    assert grid.after(one_price.p_mw, one_price.q_mvar)[0][0] == pytest.approx([100.0, 101.0])
 
 
 def test_a_worse_second_round_returns_the_first(hand_case, monkeypatch):  # noqa: F811

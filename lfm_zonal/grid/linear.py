@@ -443,12 +443,15 @@ class RowScales:
 
     Computed on first use of a row (every row at once for dense rows) and kept: a
     sequential LP fixes the scales of its base case for every round, so that every round
-    prices a violation alike.
+    prices a violation alike. For the same reason it keeps which rows the base case has
+    within their limits (``within_at_base``): a violation there would be a new one.
     """
 
     def __init__(self, grid: LinearGrid) -> None:
         self._rows = grid.rows
         self._tolerances = grid.row_tolerances()
+        # As the new_violations KPI counts: within the limit to the tolerance.
+        self._within = grid.violations(grid.loading0, grid.vm0) <= self._tolerances
         if grid.rows.dense:
             self._value = grid.rows.all_scales()
         else:
@@ -479,6 +482,11 @@ class RowScales:
         same = np.array([theirs[i] is own[j] for i, j in zip(t, self._t[t], strict=True)])
         tt, rr = self._t[t[same]], r[same]
         self._value[tt, rr] = row_scale(cp[same], cq[same])
+
+    def within_at_base(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:
+        """Whether rows (t, r) are within their limits (to the tolerance) in the grid these
+        scales were made on: the base case of a market."""
+        return self._within[self._t[np.asarray(t, np.int64)], np.asarray(r, np.int64)]
 
     def ranking(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:
         """A unit that orders rows for the screen: the scales where every coefficient is at

@@ -3,7 +3,7 @@
 For the MTUs t to clear, market areas a (zones; one zone per bus is the nodal market)
 and bid steps b::
 
-    min   sum_b price_b dt x_b  +  sum_rows penalty dt s_row                  (objective)
+    min   sum_b price_b dt x_b  +  sum_rows penalty_row dt s_row              (objective)
     s.t.  0 <= x_b <= q_b                                                  (bid variables)
           0 <= soc0_r - dt sum_{tau <= t} (x_up_r,tau / eta_r - eta_r x_down_r,tau) <= E_r
                                                                             (storage)
@@ -25,7 +25,10 @@ linear grid (``grid.linear``: dense arrays or adjoint rows, the same coefficient
 the row's largest |coefficient| on active power (``grid.linear.RowScales``), turns a
 slack into the MW of the most effective flexibility that would remove it, so the
 penalty is a price per MWh of unmet need. A slack above zero is unmet need and is
-reported, never hidden. Areas are only those with a bid in the MTU: an area without one
+reported, never hidden. penalty_row is that penalty on a row the base case violates, and
+NEW_VIOLATION_PENALTY_FACTOR times it on a row the base case has within its limit
+(``slack_prices``): the market buys flexibility to fix violations, not to trade them for
+new ones. Areas are only those with a bid in the MTU: an area without one
 cannot inject.
 
 ``build_clearing_lp`` lists the blocks; each ``define_*`` adds its columns, rows and
@@ -71,6 +74,29 @@ ROW_LEAVE_OUT_SHARE = 1.0
 #: the grid has them (``define_feeder_columns``), and a row whose direct steps are still
 #: this many leaves out its small terms (``leave_out_small_terms``).
 LONG_ROW_STEPS = 5_000
+
+
+#: A grid row that the base case has within its limit (to the tolerance) prices its slack
+#: this many times the penalty of unmet need (``slack_prices``): a violation the market
+#: would create costs more than any it removes. With one price for every row, the zonal
+#: market K = 16 of SimBench 1-MVLV-rural-all-0-sw (29 May, PV x2.2) bought up-offers
+#: in a zone of a long LV feeder for their reactive power, which relieved a hundred
+#: overvoltage rows left unmet by a little each, and took one bus of that zone over its
+#: limit in MTUs 51 and 52: margins on that bus did not move the LP, since they cost less
+#: than that relief. Every solution that creates no violation keeps this factor out of the
+#: objective; the LP stays feasible (a slack, not a hard row) where a re-linearised or
+#: margin round's limit cannot be met.
+NEW_VIOLATION_PENALTY_FACTOR = 100.0
+
+
+def slack_prices(
+    scales: RowScales, t: np.ndarray, r: np.ndarray, penalty_eur_per_mwh: float
+) -> np.ndarray:
+    """EUR per MW-equivalent and hour of the slacks of grid rows (t, r): the penalty of
+    unmet need, NEW_VIOLATION_PENALTY_FACTOR times it on rows within their limits in the
+    base case (``RowScales.within_at_base``)."""
+    factor = np.where(scales.within_at_base(t, r), NEW_VIOLATION_PENALTY_FACTOR, 1.0)
+    return penalty_eur_per_mwh * factor
 
 
 class LpBuilder:
@@ -570,7 +596,8 @@ def define_grid_rows(
     areas: AreaColumns | None,
     feeders: FeederColumns | None = None,
 ) -> GridRows:
-    """Grid rows (t, r) of the violation layout, each with its penalised slack column.
+    """Grid rows (t, r) of the violation layout, each with its penalised slack column
+    (``slack_prices``).
 
     Row (t, r) (loading, then upper, then lower voltage limits) reads
     ``sum_a cp_a p_ta + cq_a q_ta - sense s <= or >= rhs`` on the area columns, or (``areas``
@@ -597,7 +624,7 @@ def define_grid_rows(
     g = scales.of(t, r)
     cp, cq = cp / g[:, None], cq / g[:, None]
     rhs, sense = (limit - base) / g, np.where(upper, 1.0, -1.0)
-    slack = lp.columns(np.full(n, penalty_eur_per_mwh * grid.dt_h), 0.0, INF)
+    slack = lp.columns(slack_prices(scales, t, r, penalty_eur_per_mwh) * grid.dt_h, 0.0, INF)
     if areas is None:  # each row on the selected steps of its MTU
         budget = ROW_LEAVE_OUT_SHARE * grid.row_tolerances()[r] / g
         selected = np.flatnonzero(x_col >= 0)

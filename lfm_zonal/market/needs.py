@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from lfm_zonal.grid.linear import LinearGrid
+from lfm_zonal.grid.linear import LinearGrid, RowScales
 from lfm_zonal.market.lp import require_optimal
 from lfm_zonal.market.strategies import solve_clearing
 
@@ -54,7 +54,6 @@ def dso_needs(
     """
     excess = grid.violations(grid.loading0, grid.vm0)
     violated = (excess > grid.row_tolerances()).any(axis=1)
-    grid = grid.tolerated()  # what is within the tolerance of its limit needs nothing
     if not violated.any():  # no linearised violation: no need, no LP
         empty = pd.DataFrame(
             {
@@ -82,7 +81,11 @@ def dso_needs(
             registered.quantity_mw.to_numpy(float)[keep],
         )
     bids = unlimited_bids(sub, capacity)
-    sol = require_optimal(solve_clearing(sub, bids), "DSO-needs LP")
+    # What is within the tolerance of its limit needs nothing; the rows' units and which of
+    # them the base case violates are the untolerated grid's.
+    sol = require_optimal(
+        solve_clearing(sub.tolerated(), bids, scales=RowScales(sub)), "DSO-needs LP"
+    )
     out = bids[["mtu", "zone", "direction"]].assign(need_mw=sol.accepted_mw)
     unfixable = np.zeros(len(grid.mtus))
     unfixable[violated] = sol.slack_mw

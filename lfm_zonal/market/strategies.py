@@ -46,6 +46,7 @@ from lfm_zonal.market.formulation import (
     MarketBids,
     build_clearing_lp,
     define_grid_rows,
+    slack_prices,
 )
 from lfm_zonal.market.lp import (
     MarketBasis,
@@ -733,17 +734,18 @@ def _judge(pf, lp_grid, lp_V, market, sol, W, scales, penalty_eur_per_mwh, numbe
     excess[ok] = lp_grid.violations(model.loading_percent(V[ok]), model.vm_pu(V[ok]))
     cost = np.zeros(len(lp_grid.mtus))
     np.add.at(cost, market.t_of_bid, market.price * sol.accepted_mw * lp_grid.dt_h)
-    # Priced as the LP prices its slacks (MW-equivalent, summed over rows), for what is
-    # violated: beyond the tolerance. Within it, AC differs from the model by second-order
-    # noise that would otherwise decide between rounds of the same cost.
+    # Priced as the LP prices its slacks (MW-equivalent, slack_prices, summed over rows),
+    # for what is violated: beyond the tolerance. Within it, AC differs from the model by
+    # second-order noise that would otherwise decide between rounds of the same cost.
     tol = SLP_TOLERANCE_SHARE * lp_grid.row_tolerances()
     beyond = np.clip(excess - tol, 0.0, None)
     t, r = np.nonzero(np.isfinite(beyond) & (beyond > 0))
-    residual_mw = np.where(ok, 0.0, np.inf)
-    np.add.at(residual_mw, t, beyond[t, r] / scales.of(t, r))
+    residual_eur = np.where(ok, 0.0, np.inf)
+    price = slack_prices(scales, t, r, penalty_eur_per_mwh) * lp_grid.dt_h
+    np.add.at(residual_eur, t, price * beyond[t, r] / scales.of(t, r))
     predicted = lp_grid.violations(*lp_grid.after(sol.p_mw, sol.q_mvar))
     as_modelled = (excess <= np.maximum(predicted, 0.0) + tol).all(axis=1)
-    merit = cost + penalty_eur_per_mwh * lp_grid.dt_h * residual_mw
+    merit = cost + residual_eur
     return _Round(number, sol, V, ok, merit, as_modelled, lp_grid)
 
 
