@@ -77,6 +77,9 @@ def test_security_adjusted_cost_is_hand_computed(tmp_path):
     assert row.excess == pytest.approx(loading - 100.0, abs=1e-5)
     assert row.sensitivity_per_mw == pytest.approx(g, rel=1e-5)
     assert not bool(row.offers_exhausted) and row.relieving_offered_mw == pytest.approx(4.0)
+    # Left: 4 MW at bus 2, the most effective bus (bus 1 does not move line 1).
+    assert row.relief_left == pytest.approx(4.0 * g, rel=1e-5)
+    assert not bool(row.offers_short)
     assert_finite_kpis(k)
 
 
@@ -96,6 +99,8 @@ def test_offers_that_cannot_fix_an_element_are_reported(tmp_path):
             assert bool(row.offers_exhausted)
             assert row.relieving_offered_mw == pytest.approx(0.5)
             assert row.relieving_dispatched_mw == pytest.approx(0.5)
+            assert row.relief_left == pytest.approx(0.0, abs=1e-9)
+        assert bool(row.offers_short)
         assert result.kpis["unmet_mwh"] > 0
         assert result.unmet.unmet_mw.iloc[0] >= row.residual_mw
         assert result.kpis["residual_violations"] == 1
@@ -116,6 +121,23 @@ def test_offers_not_used_are_not_exhausted(tmp_path):
     assert not bool(row.offers_exhausted)
     assert row.relieving_offered_mw == pytest.approx(4.0)
     assert result.kpis["residual_offers_exhausted"] == 0
+    assert row.relief_left == pytest.approx(4.0 * row.sensitivity_per_mw, rel=1e-6)  # float32
+    assert not bool(row.offers_short) and row.relief_left > row.excess
+
+
+def test_offers_left_too_small_are_short_though_not_exhausted(tmp_path):
+    """0.5 MW at bus 2, not bought (a penalty below its price): not exhausted, but what it
+    could still do, 0.5 MW x the bus's sensitivity, is less than line 1's excess: short,
+    and the warning says so."""
+    pf, res, seg = feeder_case(tmp_path, HEADER + "A,agg1,2,load,up,0.5,50,0,,,\n")
+    result = clear_market(pf, res, "nodal", penalty_eur_per_mwh=1.0)
+    row = result.residual.iloc[0]
+    assert result.dispatch.empty and not bool(row.offers_exhausted)
+    assert row.relief_left == pytest.approx(0.5 * row.sensitivity_per_mw, rel=1e-6)  # float32
+    assert row.relief_left < row.excess and bool(row.offers_short)
+    table = result.residual.assign(method=result.method, k=result.k)
+    (warning,) = residual_warnings(pd.DataFrame([result.kpis]), table)
+    assert "offers short for 1 of them (exhausted for 0)" in warning
 
 
 # ----------------------------------------------------------------------------- one tolerance

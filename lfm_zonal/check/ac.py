@@ -55,7 +55,9 @@ RESIDUAL_COLUMNS = [
     "residual_mw",
     "relieving_offered_mw",
     "relieving_dispatched_mw",
+    "relief_left",
     "offers_exhausted",
+    "offers_short",
 ]
 
 
@@ -250,7 +252,13 @@ def residual_violations(
     offered in that MTU by every resource whose effect on the row relieves it (up raises its
     bus's net injection, down lowers it; P plus tan_phi Q), ``relieving_dispatched_mw`` what
     of it was dispatched, and ``offers_exhausted`` is True when each of those resources was
-    dispatched to its full offer (also when none relieves the row). ``cache`` holds the
+    dispatched to its full offer (also when none relieves the row). ``relief_left`` (pp or
+    p.u., as ``excess``) is how much of the excess their MW not dispatched could still
+    remove, linear at the MTU's base point, and ``offers_short`` is True when that is less
+    than the excess: the offers could not remove the violation, whatever their price
+    (False: the market chose not to, at its penalty, or its zones did not see it). On
+    SimBench MV+LV's nodal market every residual row has relieving offers left, a few kW
+    far from the bus (``offers_exhausted`` False), whose relief is 1/100 of the excess. ``cache`` holds the
     base points' linearisations when the market already took them (see ``sensitivity``).
     ``rows_per_mtu`` keeps, of each kind of violation in each MTU, only that many rows of
     largest excess (None: every row).
@@ -288,6 +296,7 @@ def residual_violations(
         offers = _offers_by_mtu(resources, dispatch, pd.Series(np.arange(n_b), index=model.buses))
     gain = np.zeros(len(t))
     offered_mw, done_mw = np.full(len(t), np.nan), np.full(len(t), np.nan)
+    relief_left = np.full(len(t), np.nan)
     exhausted = np.full(len(t), None, dtype=object)
     relieving_sign = np.where(kind == 1, 1.0, -1.0)
     known = _row_facts(cache, resources)
@@ -309,18 +318,20 @@ def residual_violations(
                 at = np.r_[line, bus]
                 cp, cq = lin.rows_sensitivity(r[line], r[bus])
                 row_gain = np.abs(cp).max(axis=1, initial=0.0)
-                relieves = [None] * len(at)
+                relieves, relief = [None] * len(at), [None] * len(at)
                 if offer is not None:
                     _, _, col, direction, tan_phi = offer
                     effect = direction * (cp[:, col] + tan_phi * cq[:, col])  # rows x offers
                     noise = _EFFECT_NOISE * np.maximum(
                         row_gain, np.abs(cq).max(axis=1, initial=0.0)
                     )
-                    relieves = np.packbits(
-                        relieving_sign[at, None] * effect > noise[:, None], axis=1
-                    )
-                for i, g_i, rel in zip(at, row_gain, relieves, strict=True):
-                    known[key(i)] = (float(g_i), rel)
+                    effect *= relieving_sign[at, None]  # > 0: relieves
+                    mask = effect > noise[:, None]
+                    relieves = np.packbits(mask, axis=1)
+                    # per MW of each relieving offer, in its order
+                    relief = [e[m].astype(np.float32) for e, m in zip(effect, mask, strict=True)]
+                for i, g_i, rel, per_mw in zip(at, row_gain, relieves, relief, strict=True):
+                    known[key(i)] = (float(g_i), rel, per_mw)
             facts = [known[key(i)] for i in at_mtu]
         gain[at_mtu] = [f[0] for f in facts]
         if offer is None:
@@ -330,6 +341,8 @@ def residual_violations(
         relieves = relieves.astype(bool)
         offered_mw[at_mtu] = relieves @ offered
         done_mw[at_mtu] = relieves @ np.minimum(done, offered)
+        left = offered - np.minimum(done, offered)
+        relief_left[at_mtu] = [f[2] @ left[m] for f, m in zip(facts, relieves, strict=True)]
         exhausted[at_mtu] = (~relieves | (done >= offered - 1e-6)).all(axis=1).tolist()
     line, bus = np.flatnonzero(is_line), np.flatnonzero(~is_line)
     value = np.empty(len(t))
@@ -359,7 +372,9 @@ def residual_violations(
             "residual_mw": amount / np.where(gain > 0, gain, 1.0),
             "relieving_offered_mw": offered_mw,
             "relieving_dispatched_mw": done_mw,
+            "relief_left": relief_left,
             "offers_exhausted": exhausted,
+            "offers_short": np.where(np.isnan(relief_left), None, relief_left < amount),
         }
     )
     return out[list(RESIDUAL_COLUMNS)]
@@ -367,26 +382,33 @@ def residual_violations(
 
 #: Rows whose sensitivities one batch of transposed solves computes (memory: rows x buses).
 _ROWS_PER_SOLVE = 256
-#: Violated rows whose facts (largest sensitivity, which offers relieve it) a study keeps
-#: (``_row_facts``), about 1.3 KB each on SimBench MV+LV.
-_ROW_FACTS_MAX = 100_000
+#: Bytes of violated rows' facts (largest sensitivity, which offers relieve it and by how
+#: much) a study keeps (``_row_facts``): on SimBench MV+LV about 1.3 KB of bits and up to
+#: 24 KB of reliefs per row (4 bytes per relieving offer).
+_ROW_FACTS_MAX_BYTES = 256 * 2**20
 
 
 def _row_facts(cache: LinearisationCache | None, resources) -> dict:
     """A violated row's facts at its MTU's base point, by (MTU, point, kind, row): its
     largest |sensitivity| to an active injection and which of the MTU's offers relieve it
-    (packed bits over the MTU's offers; None without ``resources``). They depend on the MTU
+    (packed bits over the MTU's offers) and the relief per MW of each (None without
+    ``resources``). They depend on the MTU
     (its offers), its base point and the resources only, so the markets of a study share
     them through its linearisation ``cache`` (SimBench MV+LV, 9 markets: every market left
     2,000-3,000 rows violated, mostly the same ones, at a transposed solve each). Without
-    a cache: a fresh table. At most _ROW_FACTS_MAX rows are kept (then it starts afresh)."""
+    a cache: a fresh table. Beyond _ROW_FACTS_MAX_BYTES it starts afresh."""
     if cache is None:
         return {}
     key = ("residual row facts", id(resources))
     kept = cache.derived.get(key)
-    if kept is None or kept[0] is not resources or len(kept[1]) > _ROW_FACTS_MAX:
+    if kept is None or kept[0] is not resources or _nbytes(kept[1]) > _ROW_FACTS_MAX_BYTES:
         kept = cache.derived[key] = (resources, {})
     return kept[1]
+
+
+def _nbytes(facts: dict) -> int:
+    """Bytes of the arrays in a table of row facts."""
+    return sum(a.nbytes for f in facts.values() for a in f[1:] if a is not None)
 
 
 def _offers_by_mtu(resources, dispatch: pd.DataFrame | None, position: pd.Series):

@@ -40,11 +40,13 @@ def residual_warnings(kpis: pd.DataFrame, residual: pd.DataFrame, limit: int = 4
             ]
             more = len(worst) - len(named)
             exhausted = rows.offers_exhausted.eq(True)
+            short = rows.offers_short.eq(True)
             parts.append(
                 f"{len(rows)} violation(s) left after the AC check in {rows.mtu.nunique()} MTU(s): "
                 + ", ".join(named)
                 + (f" and {more} more" if more > 0 else "")
-                + f"; offers exhausted for {int(exhausted.sum())} of them"
+                + f"; offers short for {int(short.sum())} of them"
+                + f" (exhausted for {int(exhausted.sum())})"
                 + f"; residual {float(rec.residual_mwh):.3g} MWh-equivalent"
             )
         if failed:
