@@ -101,7 +101,9 @@ def test_dense_and_adjoint_rows_clear_alike(shipped, areas, monkeypatch):
     # equivalents, then without them), each on the safe side. Without those devices the
     # LPs are the same.
     lp, needs = optima()
-    long_rows = active.groupby("mtu").size().max() >= formulation.LONG_ROW_STEPS
+    # (the DSO-needs LP has two steps per area and MTU)
+    steps = max(active.groupby("mtu").size().max(), 2 * dense.k)
+    long_rows = steps >= formulation.LONG_ROW_STEPS
     with monkeypatch.context() as patch:
         patch.setattr(formulation, "LONG_ROW_STEPS", np.iinfo(np.int64).max)
         exact, exact_needs = optima() if long_rows else (lp, needs)

@@ -11,15 +11,15 @@ import numpy as np
 import pandapower as pp
 import pandas as pd
 import pytest
-from test_market import clear_on, feeder_case
+from test_market import clear_on, feeder_case, three_bus_feeder
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
-from lfm_zonal.check.ac import ACCheck, residual_violations, violation_kpis
+from lfm_zonal.check.ac import ACCheck, ac_check, residual_violations, violation_kpis
 from lfm_zonal.check.kpis import KPI_NAMES, markdown_table
 from lfm_zonal.config import DEFAULT_PENALTY_EUR_PER_MWH
 from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
 from lfm_zonal.market.clearing import clear_market
-from lfm_zonal.market.resources import FlexibilitySpec, generate_resources
+from lfm_zonal.market.resources import FlexibilitySpec, generate_resources, read_resources
 from lfm_zonal.study.report import residual_warnings
 from lfm_zonal.zones.segmentation import prepare_segmentation
 
@@ -138,6 +138,44 @@ def test_offers_left_too_small_are_short_though_not_exhausted(tmp_path):
     table = result.residual.assign(method=result.method, k=result.k)
     (warning,) = residual_warnings(pd.DataFrame([result.kpis]), table)
     assert "offers short for 1 of them (exhausted for 0)" in warning
+
+
+def test_a_dispatch_that_worsens_a_row_counts_as_relief_left(tmp_path):
+    """A dispatch of 3 MW of load increase at bus 2 (B down) takes line 1 from within its
+    limit to far over it; 0.2 MW of load reduction (A up) there is offered. Withdrawing B's
+    3 MW and dispatching A's 0.2 MW could still remove 3.2 MW x the bus's sensitivity of
+    the excess, more than the excess: not short, though A is far too small alone."""
+    (tmp_path / "resources.csv").write_text(
+        HEADER + "A,agg1,2,load,up,0.2,50,0,,,\nB,agg1,2,load,down,3,0,50,,,\n"
+    )
+    pd.DataFrame({"load_0_p_mw": [4.5]}).to_csv(tmp_path / "profiles.csv", index=False)
+
+    grid = load_grid(three_bus_feeder(), vm_min_pu=0.9, vm_max_pu=1.1)
+    pf = run_horizon(
+        grid,
+        load_profiles(grid, Horizon(n_mtu=1, mtu_minutes=60), csv=tmp_path / "profiles.csv"),
+    )
+    assert pf.loading_percent.iloc[0][("line", 1)] < 100.0
+    res = read_resources(tmp_path / "resources.csv", pf)
+    dispatch = pd.DataFrame(
+        {
+            "time": pf.times[[0]],
+            "mtu": [0],
+            "resource_id": ["B"],
+            "aggregator": ["agg1"],
+            "bus": [2],
+            "direction": ["down"],
+            "p_mw": [-3.0],
+            "q_mvar": [0.0],
+        }
+    )
+    left = residual_violations(pf, ac_check(pf, dispatch), res, dispatch)
+    (row,) = left.itertuples(index=False)
+    assert (row.element_type, row.element) == ("line", 1)
+    assert row.relieving_offered_mw == pytest.approx(0.2)  # A only: B worsens line 1
+    assert 0.2 * row.sensitivity_per_mw < row.excess
+    assert row.relief_left == pytest.approx(3.2 * row.sensitivity_per_mw, rel=1e-6)
+    assert not row.offers_short and not row.offers_exhausted
 
 
 # ----------------------------------------------------------------------------- one tolerance

@@ -18,9 +18,10 @@ from lfm_zonal.check.ac import ac_check, solve_with_injections
 from lfm_zonal.config import DEFAULT_PENALTY_EUR_PER_MWH
 from lfm_zonal.errors import SolverError
 from lfm_zonal.grid.linear import DenseRows, LinearGrid, RowScales, linear_grid
+from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_LOADING_PERCENT
 from lfm_zonal.market.bids import build_bids
 from lfm_zonal.market.clearing import clear_market, mtus_to_clear
-from lfm_zonal.market.formulation import MarketBids
+from lfm_zonal.market.formulation import MarketBids, slack_prices
 from lfm_zonal.market.lp import SolveStats, SolveStatus
 from lfm_zonal.market.strategies import ClearingModel, solve_clearing
 
@@ -62,41 +63,55 @@ def test_lp_objective_is_bid_cost_plus_slack_penalty(hand_case):  # noqa: F811
     assert sol.objective_eur == pytest.approx(expected, rel=1e-7)
 
 
-def test_a_violation_the_market_would_create_costs_more_than_one_it_removes(monkeypatch):
-    """By hand, on a linear grid of two lines and two areas: line 0 is at 110% and line 1 at
-    99%; the one bid (area 0, up, up to 5 MW at 10 EUR/MWh) relieves line 0 by 5 pp/MW and
-    loads line 1 by 1 pp/MW, which area 1 (no bid) moves by 10 pp/MW. In MW-equivalent
-    (g: 5 and 10 pp/MW), each MW bought removes 1 of line 0's violation and, beyond 1 MW,
-    adds 0.1 of line 1's: at one price for every slack the LP buys 2 MW and takes line 1,
-    within its limit before, to 101%. Its slack priced NEW_VIOLATION_PENALTY_FACTOR times
-    higher, the LP buys 1 MW: line 1 at its limit, line 0 at 105%, 1 MW-equivalent unmet."""
-    dt = 0.25
-    no_bus = np.zeros((1, 1, 2))
-    rows = DenseRows(np.array([[[-5.0, 0.0], [1.0, 10.0]]]), np.zeros((1, 2, 2)), no_bus, no_bus)
-    grid = LinearGrid(
-        mtus=np.array([0]),
+def _two_lines(loading0: np.ndarray, dt: float = 0.25) -> LinearGrid:
+    """A linear grid of two lines (and one bus no injection moves) seen through two areas,
+    one row of ``loading0`` per MTU: area 0 moves line 0 by -5 and line 1 by +1 pp/MW, area
+    1 moves line 1 by +10 pp/MW."""
+    T = len(loading0)
+    sl_p = np.broadcast_to(np.array([[-5.0, 0.0], [1.0, 10.0]]), (T, 2, 2)).copy()
+    no_bus = np.zeros((T, 1, 2))
+    return LinearGrid(
+        mtus=np.arange(T),
         dt_h=dt,
         branches=pd.MultiIndex.from_tuples([("line", 0), ("line", 1)]),
         buses=pd.Index([0]),
-        loading0=np.array([[110.0, 99.0]]),
-        vm0=np.array([[1.0]]),
-        rows=rows,
+        loading0=np.asarray(loading0, float),
+        vm0=np.ones((T, 1)),
+        rows=DenseRows(sl_p, np.zeros((T, 2, 2)), no_bus, no_bus),
         loading_max_percent=100.0,
         vm_min_pu=0.9,
         vm_max_pu=1.1,
     )
-    bids = pd.DataFrame(
+
+
+def _bids(zone, direction, quantity, price) -> pd.DataFrame:
+    n = len(zone)
+    return pd.DataFrame(
         {
-            "mtu": [0],
-            "zone": [0],
-            "direction": ["up"],
-            "quantity_mw": [5.0],
-            "price_eur_per_mwh": [10.0],
-            "tan_phi": [0.0],
-            "resource_id": [""],
-            "aggregator": ["agg"],
+            "mtu": [0] * n,
+            "zone": zone,
+            "direction": direction,
+            "quantity_mw": quantity,
+            "price_eur_per_mwh": price,
+            "tan_phi": [0.0] * n,
+            "resource_id": [""] * n,
+            "aggregator": ["agg"] * n,
         }
     )
+
+
+def test_a_violation_the_market_would_create_costs_more_than_one_it_removes(monkeypatch):
+    """By hand (``_two_lines``): line 0 is at 110% and line 1 at 99%; the one bid (area 0,
+    up, up to 5 MW at 10 EUR/MWh) relieves line 0 by 5 pp/MW and loads line 1 by 1 pp/MW,
+    which area 1 (no bid) moves by 10 pp/MW. In MW-equivalent (g: 5 and 10 pp/MW), each MW
+    bought removes 1 of line 0's violation and, beyond 1 MW, adds 0.1 of line 1's: at one
+    price for every slack the LP buys 2 MW and takes line 1, within its limit before, to
+    101%. Its slack priced NEW_VIOLATION_PENALTY_FACTOR times higher, the LP buys 1 MW:
+    line 1 at its limit, line 0 at 105%, 1 MW-equivalent unmet. A bid priced above the
+    penalty (area 1 down, which would make room on line 1) is never bought."""
+    dt = 0.25
+    grid = _two_lines(np.array([[110.0, 99.0]]), dt)
+    bids = _bids([0], ["up"], [5.0], [10.0])
     penalty = DEFAULT_PENALTY_EUR_PER_MWH
     sol = solve_clearing(grid, bids)
     assert sol.accepted_mw[0] == pytest.approx(1.0)
@@ -104,10 +119,26 @@ def test_a_violation_the_market_would_create_costs_more_than_one_it_removes(monk
     assert sol.objective_eur == pytest.approx((10.0 * 1.0 + penalty * 1.0) * dt)
     loading, _ = grid.after(sol.p_mw, sol.q_mvar)
     assert loading[0] == pytest.approx([105.0, 100.0])
+    dear = _bids([0, 1], ["up", "down"], [5.0, 1.0], [10.0, 2.0 * penalty])
+    capped = solve_clearing(grid, dear)
+    assert capped.accepted_mw == pytest.approx([1.0, 0.0])
     monkeypatch.setattr(formulation, "NEW_VIOLATION_PENALTY_FACTOR", 1.0)
     one_price = solve_clearing(grid, bids)
     assert one_price.accepted_mw[0] == pytest.approx(2.0)
     assert grid.after(one_price.p_mw, one_price.q_mvar)[0][0] == pytest.approx([100.0, 101.0])
+
+
+def test_rows_within_their_limit_are_those_of_the_base_case_mtu():
+    """A row within its limit (not over it, even within the tolerance) is priced as a new
+    violation; through a block's view, each MTU keeps its own."""
+    tol = VIOLATION_TOLERANCE_LOADING_PERCENT
+    scales = RowScales(_two_lines(np.array([[110.0, 99.0], [99.0, 100.0 + tol / 2]])))
+    t, r = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    assert scales.within_at_base(t, r).tolist() == [False, True, True, False]
+    second = scales.select(np.array([False, True]))
+    assert second.within_at_base(np.array([0, 0]), np.array([0, 1])).tolist() == [True, False]
+    price = slack_prices(second, np.array([0, 0]), np.array([0, 1]), 10.0)
+    assert price.tolist() == [10.0 * formulation.NEW_VIOLATION_PENALTY_FACTOR, 10.0]
 
 
 def test_a_worse_second_round_returns_the_first(hand_case, monkeypatch):  # noqa: F811

@@ -253,12 +253,13 @@ def residual_violations(
     bus's net injection, down lowers it; P plus tan_phi Q), ``relieving_dispatched_mw`` what
     of it was dispatched, and ``offers_exhausted`` is True when each of those resources was
     dispatched to its full offer (also when none relieves the row). ``relief_left`` (pp or
-    p.u., as ``excess``) is how much of the excess their MW not dispatched could still
-    remove, linear at the MTU's base point, and ``offers_short`` is True when that is less
-    than the excess: the offers could not remove the violation, whatever their price
-    (False: the market chose not to, at its penalty, or its zones did not see it). On
-    SimBench MV+LV's nodal market every residual row has relieving offers left, a few kW
-    far from the bus (``offers_exhausted`` False), whose relief is 1/100 of the excess. ``cache`` holds the
+    p.u., as ``excess``) is how much of the excess the offers could still remove, linear at
+    the MTU's base point: the relieving ones' MW not dispatched, and the dispatch that
+    worsens the row withdrawn. ``offers_short`` is True when that is less than the excess:
+    the offers could not remove the violation, whatever their price (False: the market
+    chose not to, at its prices, or its zones did not see it). On SimBench MV+LV (96 MTUs)
+    the nodal market leaves 384 residual rows, each with relieving offers left (a few kW
+    far from the bus: ``offers_exhausted`` False), 343 of them short. ``cache`` holds the
     base points' linearisations when the market already took them (see ``sensitivity``).
     ``rows_per_mtu`` keeps, of each kind of violation in each MTU, only that many rows of
     largest excess (None: every row).
@@ -325,10 +326,10 @@ def residual_violations(
                     noise = _EFFECT_NOISE * np.maximum(
                         row_gain, np.abs(cq).max(axis=1, initial=0.0)
                     )
-                    effect *= relieving_sign[at, None]  # > 0: relieves
-                    mask = effect > noise[:, None]
-                    relieves = np.packbits(mask, axis=1)
-                    # per MW of each relieving offer, in its order
+                    effect *= relieving_sign[at, None]  # > 0: relieves, < 0: worsens
+                    mask = np.abs(effect) > noise[:, None]
+                    relieves = np.packbits(mask, axis=1)  # the offers that move the row
+                    # and by how much per MW (float32), in their order
                     relief = [e[m].astype(np.float32) for e, m in zip(effect, mask, strict=True)]
                 for i, g_i, rel, per_mw in zip(at, row_gain, relieves, relief, strict=True):
                     known[key(i)] = (float(g_i), rel, per_mw)
@@ -337,12 +338,19 @@ def residual_violations(
         if offer is None:
             continue
         offered, done = offer[0], offer[1]
-        relieves = np.unpackbits(np.stack([f[1] for f in facts]), axis=1, count=len(offered))
-        relieves = relieves.astype(bool)
+        done = np.minimum(done, offered)
+        moves = np.unpackbits(np.stack([f[1] for f in facts]), axis=1, count=len(offered))
+        relieves = np.zeros(moves.shape, bool)
+        for j, (f, m) in enumerate(zip(facts, moves.astype(bool), strict=True)):
+            moving, per_mw = np.flatnonzero(m), f[2]
+            relieves[j, moving[per_mw > 0]] = True
+            # Relieving MW not dispatched, and the dispatch that worsens the row withdrawn.
+            relief_left[at_mtu[j]] = (
+                per_mw.clip(0, None) @ (offered - done)[moving]
+                - per_mw.clip(None, 0) @ done[moving]
+            )
         offered_mw[at_mtu] = relieves @ offered
-        done_mw[at_mtu] = relieves @ np.minimum(done, offered)
-        left = offered - np.minimum(done, offered)
-        relief_left[at_mtu] = [f[2] @ left[m] for f, m in zip(facts, relieves, strict=True)]
+        done_mw[at_mtu] = relieves @ done
         exhausted[at_mtu] = (~relieves | (done >= offered - 1e-6)).all(axis=1).tolist()
     line, bus = np.flatnonzero(is_line), np.flatnonzero(~is_line)
     value = np.empty(len(t))
@@ -382,17 +390,17 @@ def residual_violations(
 
 #: Rows whose sensitivities one batch of transposed solves computes (memory: rows x buses).
 _ROWS_PER_SOLVE = 256
-#: Bytes of violated rows' facts (largest sensitivity, which offers relieve it and by how
+#: Bytes of violated rows' facts (largest sensitivity, which offers move it and by how
 #: much) a study keeps (``_row_facts``): on SimBench MV+LV about 1.3 KB of bits and up to
-#: 24 KB of reliefs per row (4 bytes per relieving offer).
+#: 48 KB of effects per row (4 bytes per offer that moves it).
 _ROW_FACTS_MAX_BYTES = 256 * 2**20
 
 
 def _row_facts(cache: LinearisationCache | None, resources) -> dict:
     """A violated row's facts at its MTU's base point, by (MTU, point, kind, row): its
-    largest |sensitivity| to an active injection and which of the MTU's offers relieve it
-    (packed bits over the MTU's offers) and the relief per MW of each (None without
-    ``resources``). They depend on the MTU
+    largest |sensitivity| to an active injection, which of the MTU's offers move it
+    (packed bits over the MTU's offers) and the relief per MW of each (negative: worsens;
+    None without ``resources``). They depend on the MTU
     (its offers), its base point and the resources only, so the markets of a study share
     them through its linearisation ``cache`` (SimBench MV+LV, 9 markets: every market left
     2,000-3,000 rows violated, mostly the same ones, at a transposed solve each). Without
@@ -406,9 +414,16 @@ def _row_facts(cache: LinearisationCache | None, resources) -> dict:
     return kept[1]
 
 
+#: Bytes counted per row fact beside its arrays (key, tuple, float).
+_ROW_FACT_OVERHEAD_BYTES = 400
+
+
 def _nbytes(facts: dict) -> int:
-    """Bytes of the arrays in a table of row facts."""
-    return sum(a.nbytes for f in facts.values() for a in f[1:] if a is not None)
+    """Bytes of a table of row facts: its arrays, an overhead per row, and the MTU points
+    in its keys (each bytes object once)."""
+    points = {id(key[1]): len(key[1]) for key in facts}
+    arrays = sum(a.nbytes for f in facts.values() for a in f[1:] if a is not None)
+    return arrays + _ROW_FACT_OVERHEAD_BYTES * len(facts) + sum(points.values())
 
 
 def _offers_by_mtu(resources, dispatch: pd.DataFrame | None, position: pd.Series):

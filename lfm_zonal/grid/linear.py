@@ -444,14 +444,15 @@ class RowScales:
     Computed on first use of a row (every row at once for dense rows) and kept: a
     sequential LP fixes the scales of its base case for every round, so that every round
     prices a violation alike. For the same reason it keeps which rows the base case has
-    within their limits (``within_at_base``): a violation there would be a new one.
+    within their limits (``within_at_base``): a violation there would be the market's.
     """
 
     def __init__(self, grid: LinearGrid) -> None:
         self._rows = grid.rows
         self._tolerances = grid.row_tolerances()
-        # As the new_violations KPI counts: within the limit to the tolerance.
-        self._within = grid.violations(grid.loading0, grid.vm0) <= self._tolerances
+        # Within the limit itself: a row over it, even by less than the tolerance, already
+        # has a slack at no activation, which is not the market's doing.
+        self._within = grid.violations(grid.loading0, grid.vm0) <= 0.0
         if grid.rows.dense:
             self._value = grid.rows.all_scales()
         else:
@@ -484,8 +485,8 @@ class RowScales:
         self._value[tt, rr] = row_scale(cp[same], cq[same])
 
     def within_at_base(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:
-        """Whether rows (t, r) are within their limits (to the tolerance) in the grid these
-        scales were made on: the base case of a market."""
+        """Whether rows (t, r) are within their limits in the grid these scales were made
+        on: a market's base case (the DSO-needs LP: the grid its needs are for)."""
         return self._within[self._t[np.asarray(t, np.int64)], np.asarray(r, np.int64)]
 
     def ranking(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:

@@ -25,11 +25,11 @@ linear grid (``grid.linear``: dense arrays or adjoint rows, the same coefficient
 the row's largest |coefficient| on active power (``grid.linear.RowScales``), turns a
 slack into the MW of the most effective flexibility that would remove it, so the
 penalty is a price per MWh of unmet need. A slack above zero is unmet need and is
-reported, never hidden. penalty_row is that penalty on a row the base case violates, and
-NEW_VIOLATION_PENALTY_FACTOR times it on a row the base case has within its limit
+reported, never hidden. penalty_row is that penalty on a row the base case has beyond
+its limit, and NEW_VIOLATION_PENALTY_FACTOR times it on a row the base case has within it
 (``slack_prices``): the market buys flexibility to fix violations, not to trade them for
-new ones. Areas are only those with a bid in the MTU: an area without one
-cannot inject.
+new ones. A step priced above the penalty is never bought (the one price cap). Areas
+are only those with a bid in the MTU: an area without one cannot inject.
 
 ``build_clearing_lp`` lists the blocks; each ``define_*`` adds its columns, rows and
 coefficients to an ``LpBuilder`` as numpy arrays, and HiGHS receives the whole matrix
@@ -76,16 +76,11 @@ ROW_LEAVE_OUT_SHARE = 1.0
 LONG_ROW_STEPS = 5_000
 
 
-#: A grid row that the base case has within its limit (to the tolerance) prices its slack
-#: this many times the penalty of unmet need (``slack_prices``): a violation the market
-#: would create costs more than any it removes. With one price for every row, the zonal
-#: market K = 16 of SimBench 1-MVLV-rural-all-0-sw (29 May, PV x2.2) bought up-offers
-#: in a zone of a long LV feeder for their reactive power, which relieved a hundred
-#: overvoltage rows left unmet by a little each, and took one bus of that zone over its
-#: limit in MTUs 51 and 52: margins on that bus did not move the LP, since they cost less
-#: than that relief. Every solution that creates no violation keeps this factor out of the
-#: objective; the LP stays feasible (a slack, not a hard row) where a re-linearised or
-#: margin round's limit cannot be met.
+#: A grid row that the base case has within its limit prices its slack this many times the
+#: penalty of unmet need (``slack_prices``): a violation the market would create costs more
+#: than any it removes (README, "A new violation costs more than an old one": the case of
+#: SimBench MV+LV's zonal K = 16). A slack, not a hard row: the LP stays feasible where a
+#: re-linearised or margin round's limit cannot be met.
 NEW_VIOLATION_PENALTY_FACTOR = 100.0
 
 

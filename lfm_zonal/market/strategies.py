@@ -526,7 +526,12 @@ def _clear_block(
     scales: RowScales,
     stats: SolveStats,
 ) -> Solution:
-    """Row and column generation on one block of MTUs (``solve_clearing``)."""
+    """Row and column generation on one block of MTUs (``solve_clearing``). A step priced
+    above the penalty of unmet need, the one price cap, never enters: with a row's slack
+    priced higher (``slack_prices``), the LP would otherwise buy it to avoid a new
+    violation."""
+    affordable = market.price <= penalty_eur_per_mwh
+    selected = selected & affordable
     rows: list[tuple[int, int]] = []
     while True:
         model = ClearingModel(
@@ -542,7 +547,7 @@ def _clear_block(
         value = market.sign * (
             sol.marginal_price[t, a] + market.tan_phi * sol.marginal_price_q[t, a]
         )
-        improving = ~selected & (market.price < value - 1e-7)
+        improving = ~selected & affordable & (market.price < value - 1e-7)
         if not improving.any():
             break
         selected |= improving
@@ -576,7 +581,7 @@ class _Round:
     sol: Solution
     V: np.ndarray  # internal voltages of the market's model of the dispatch (NaN: diverged)
     converged: np.ndarray  # per MTU
-    merit_eur: np.ndarray  # per MTU: bid cost plus the AC residual priced at the penalty
+    merit_eur: np.ndarray  # per MTU: bid cost plus the AC residual priced as the LP's slacks
     as_modelled: np.ndarray  # per MTU: AC no worse than the round's linear model, to tolerance
     grid: LinearGrid  # the linearisation the round's LP was solved on
 
@@ -614,7 +619,7 @@ def sequential_clearing(
     AC check of the real dispatch measures what that view misses.
 
     Every round is judged by its merit: bid cost plus the AC excess beyond the limits'
-    tolerances, in MW-equivalent as the LP's slacks, priced at the penalty. A round
+    tolerances, in MW-equivalent as the LP's slacks, priced as them (``slack_prices``). A round
     better than the best so far (or as good, where the best was not as modelled) is
     accepted and the grid is re-linearised at its AC point (exact there). A worse one is
     rejected, and the next LP is solved again around the best point. The LP's area
@@ -712,7 +717,7 @@ def sequential_clearing(
 
 def _judge(pf, lp_grid, lp_V, market, sol, W, scales, penalty_eur_per_mwh, number) -> _Round:
     """AC power flow of a round's market model, its merit per MTU (bid cost plus the AC
-    residual priced at the penalty; inf where the flow diverged) and whether AC is as
+    residual priced as the LP's slacks; inf where the flow diverged) and whether AC is as
     the round's linear model said. ``lp_V``: the internal voltages per MTU the round's
     grid was linearised at."""
     # From the round's linearisation point (the best AC point so far; the base case in round
