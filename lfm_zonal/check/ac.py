@@ -257,9 +257,9 @@ def residual_violations(
     the MTU's base point: the relieving ones' MW not dispatched, and the dispatch that
     worsens the row withdrawn. ``offers_short`` is True when that is less than the excess:
     the offers could not remove the violation, whatever their price (False: the market
-    chose not to, at its prices, or its zones did not see it). On SimBench MV+LV (96 MTUs)
-    the nodal market leaves 384 residual rows, each with relieving offers left (a few kW
-    far from the bus: ``offers_exhausted`` False), 343 of them short. ``cache`` holds the
+    chose not to, at its prices, or its zones did not see it). On SimBench MV+LV every
+    residual row of the nodal market has relieving offers left, a few kW far from the bus
+    (``offers_exhausted`` False), and most are short. ``cache`` holds the
     base points' linearisations when the market already took them (see ``sensitivity``).
     ``rows_per_mtu`` keeps, of each kind of violation in each MTU, only that many rows of
     largest excess (None: every row).
