@@ -400,8 +400,8 @@ def _row_facts(cache: LinearisationCache | None, resources) -> dict:
     """A violated row's facts at its MTU's base point, by (MTU, point, kind, row): its
     largest |sensitivity| to an active injection, which of the MTU's offers move it
     (packed bits over the MTU's offers) and the relief per MW of each (negative: worsens;
-    None without ``resources``). They depend on the MTU
-    (its offers), its base point and the resources only, so the markets of a study share
+    None without ``resources``). They depend on the MTU (its offers), its base point and
+    the resources only, so the markets of a study share
     them through its linearisation ``cache`` (SimBench MV+LV, 9 markets: every market left
     2,000-3,000 rows violated, mostly the same ones, at a transposed solve each). Without
     a cache: a fresh table. Beyond _ROW_FACTS_MAX_BYTES it starts afresh."""

@@ -619,8 +619,8 @@ def sequential_clearing(
     AC check of the real dispatch measures what that view misses.
 
     Every round is judged by its merit: bid cost plus the AC excess beyond the limits'
-    tolerances, in MW-equivalent as the LP's slacks, priced as them (``slack_prices``). A round
-    better than the best so far (or as good, where the best was not as modelled) is
+    tolerances, in MW-equivalent as the LP's slacks, priced as them (``slack_prices``). A
+    round better than the best so far (or as good, where the best was not as modelled) is
     accepted and the grid is re-linearised at its AC point (exact there). A worse one is
     rejected, and the next LP is solved again around the best point. The LP's area
     injections stay in a trust region around the best point, per MTU: unbounded for the
