@@ -14,8 +14,8 @@ from lfm_zonal.study.job import StudyResult, base_case_summary
 
 def residual_warnings(kpis: pd.DataFrame, residual: pd.DataFrame, limit: int = 4) -> list[str]:
     """One line per market that leaves a violation after the AC check (or an MTU whose AC
-    check did not converge): how many, where (elements named, worst first), whether the
-    offers there were exhausted, and the residual MW-equivalent it leaves."""
+    check did not converge): how many, where (elements named, worst first), for how many
+    the offers were short (and exhausted), and the residual MW-equivalent it leaves."""
     lines = []
     for rec in kpis.itertuples(index=False):
         label = "nodal" if rec.method == "nodal" else f"{rec.method} K = {rec.k}"
@@ -101,11 +101,13 @@ def report_markdown(
         lines += [
             "",
             "Each (MTU, element) is in `residual_violations.csv`, with its excess, its residual MW "
-            "(excess over the element's largest nodal sensitivity to an injection) and whether "
-            "the offers there were exhausted: every resource whose activation relieves the "
-            "element was dispatched to its full offer in that MTU. Offers exhausted: the "
-            "flexibility offered cannot fix it; not exhausted: the market chose not to, or its "
-            "model did not see it.",
+            "(excess over the element's largest nodal sensitivity to an injection), the relief "
+            "the offers could still give (`relief_left`: the relieving offers' MW not "
+            "dispatched, and the dispatch that worsens the element withdrawn) and whether the "
+            "offers were short (`offers_short`: that relief is less than the excess) or "
+            "exhausted (every resource that relieves the element dispatched in full). Short: "
+            "the flexibility offered cannot fix it, whatever its price; not short: the market "
+            "chose not to, at its prices, or its model did not see it.",
             "",
         ]
     else:
