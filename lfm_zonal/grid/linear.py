@@ -159,7 +159,38 @@ class DenseRows:
         return np.concatenate([row_scale(self.sl_p, self.sl_q), sv, sv], axis=1)
 
 
-class StateSensitivities:
+class _PerLinearisation:
+    """What a grid's rows keep per linearisation object, least recently used first, within
+    ``budget_bytes``. Keyed by the object's id; each entry (a list) holds the object first,
+    so that its id is not reused while the entry is kept."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._by_id: OrderedDict[int, list] = OrderedDict()
+        self._bytes = 0  # of the kept entries (``_entry_bytes``)
+
+    @staticmethod
+    def _entry_bytes(entry: list) -> int:
+        raise NotImplementedError
+
+    def _entry(self, lin: JacobianLinearisation, new=None) -> list | None:
+        """``lin``'s entry, now the most recently used; None if there is none, or (``new``
+        given) ``new()`` kept as its entry. An entry of an earlier object under the same id
+        is dropped, its bytes given back."""
+        key = id(lin)
+        entry = self._by_id.get(key)
+        if entry is not None and entry[0] is not lin:
+            self._bytes -= self._entry_bytes(self._by_id.pop(key))
+            entry = None
+        if entry is None:
+            if new is None:
+                return None
+            entry = self._by_id[key] = new()
+        self._by_id.move_to_end(key)
+        return entry
+
+
+class StateSensitivities(_PerLinearisation):
     """dx per area injection (states x 2K, ``JacobianLinearisation.state_sensitivity``) of
     the linearisations whose rows are asked for most, up to ``budget_bytes``.
 
@@ -171,19 +202,19 @@ class StateSensitivities:
     The least recently used are dropped beyond the budget, and their count starts again.
     """
 
+    # entry: [lin, its state sensitivity or None, rows asked for while None]
+
     def __init__(self, budget_bytes: int = FORWARD_CACHE_BYTES) -> None:
-        self.budget_bytes = budget_bytes
-        # id(lin) -> (lin, its state sensitivity or None, rows asked for while None)
-        self._by_id: OrderedDict[int, list] = OrderedDict()
-        self._bytes = 0
+        super().__init__(budget_bytes)
+
+    @staticmethod
+    def _entry_bytes(entry: list) -> int:
+        return 0 if entry[1] is None else entry[1].nbytes
 
     def kept(self, lin: JacobianLinearisation) -> np.ndarray | None:
         """The state sensitivity of ``lin`` if it is kept, else None."""
-        entry = self._by_id.get(id(lin))
-        if entry is None or entry[0] is not lin or entry[1] is None:
-            return None
-        self._by_id.move_to_end(id(lin))
-        return entry[1]
+        entry = self._entry(lin)
+        return None if entry is None else entry[1]
 
     def rows(
         self, lin: JacobianLinearisation, W: sp.csr_matrix, branches: np.ndarray, buses: np.ndarray
@@ -191,16 +222,13 @@ class StateSensitivities:
         """The coefficients of rows (the loading of ``branches``, then the vm of ``buses``)
         on the areas' P and Q (``rows_sensitivity`` with the patterns W)."""
         K = W.shape[1]
-        dx = self.kept(lin)
+        entry = self._entry(lin, lambda: [lin, None, 0])
+        dx = entry[1]
         if dx is None:
-            entry = self._by_id.get(id(lin))
-            if entry is None or entry[0] is not lin:
-                entry = self._by_id[id(lin)] = [lin, None, 0]  # holds lin: its id stays
             entry[2] += len(branches) + len(buses)
             if entry[2] < 2 * K * STATE_COLUMN_COST_IN_ROWS:
                 return lin.rows_sensitivity(branches, buses, W)
             dx = entry[1] = lin.state_sensitivity(W)
-            self._by_id.move_to_end(id(lin))
             self._bytes += dx.nbytes
             self._drop_beyond_budget()
         c = lin.row_seeds(branches, buses) @ dx
@@ -216,7 +244,7 @@ class StateSensitivities:
                 del self._by_id[key]
 
 
-class KnownRows:
+class KnownRows(_PerLinearisation):
     """The coefficients of the rows already computed, per linearisation, up to
     ``budget_bytes`` (the least recently used linearisation's dropped beyond it).
 
@@ -226,43 +254,34 @@ class KnownRows:
     again; each row would be a transposed solve again.
     """
 
+    # entry: [lin, {row: position}, cp, cq]
+
     def __init__(self, budget_bytes: int = KNOWN_ROWS_BYTES) -> None:
-        self.budget_bytes = budget_bytes
-        # id(lin) -> (lin, {row: position}, cp, cq): the entry holds lin, so its id stays
-        self._by_id: OrderedDict[int, tuple] = OrderedDict()
-        self._bytes = 0
+        super().__init__(budget_bytes)
+
+    @staticmethod
+    def _entry_bytes(entry: list) -> int:
+        return entry[2].nbytes + entry[3].nbytes
 
     def find(self, lin: JacobianLinearisation, rows: np.ndarray) -> tuple[np.ndarray, tuple]:
         """Positions of ``rows`` in ``lin``'s entry (-1: not known) and its (cp, cq)."""
-        entry = self._by_id.get(id(lin))
-        if entry is None or entry[0] is not lin:
+        entry = self._entry(lin)
+        if entry is None:
             return np.full(len(rows), -1, np.int64), (None, None)
-        self._by_id.move_to_end(id(lin))
         index = entry[1]
-        return np.array([index.get(r, -1) for r in rows.tolist()], np.int64), entry[2:]
+        return np.array([index.get(r, -1) for r in rows.tolist()], np.int64), (entry[2], entry[3])
 
     def add(self, lin: JacobianLinearisation, rows: np.ndarray, cp: np.ndarray, cq: np.ndarray):
         """Keep the coefficients of ``rows`` (not known yet, distinct) of ``lin``."""
-        entry = self._by_id.get(id(lin))
-        if entry is not None and entry[0] is not lin:  # an earlier object's id: its rows go
-            self._bytes -= entry[2].nbytes + entry[3].nbytes
-            entry = None
-        if entry is None:
-            entry = (lin, {}, cp[:0], cq[:0])
-        lin_, index, old_p, old_q = entry
+        entry = self._entry(lin, lambda: [lin, {}, cp[:0], cq[:0]])
+        index = entry[1]
         n = len(index)
         index.update(zip(rows.tolist(), range(n, n + len(rows)), strict=True))
-        self._by_id[id(lin)] = (
-            lin_,
-            index,
-            np.concatenate([old_p, cp]),
-            np.concatenate([old_q, cq]),
-        )
-        self._by_id.move_to_end(id(lin))
+        entry[2], entry[3] = np.concatenate([entry[2], cp]), np.concatenate([entry[3], cq])
         self._bytes += cp.nbytes + cq.nbytes
         while self._bytes > self.budget_bytes and len(self._by_id) > 1:
             _, dropped = self._by_id.popitem(last=False)
-            self._bytes -= dropped[2].nbytes + dropped[3].nbytes
+            self._bytes -= self._entry_bytes(dropped)
 
 
 @dataclass(frozen=True)
