@@ -80,6 +80,9 @@ def test_security_adjusted_cost_is_hand_computed(tmp_path):
     # Left: 4 MW at bus 2, the most effective bus (bus 1 does not move line 1).
     assert row.relief_left == pytest.approx(4.0 * g, rel=1e-5)
     assert not bool(row.offers_short)
+    # Nothing bought: the market's model (linearised at the base point) expected it all.
+    assert row.model_excess == pytest.approx(row.excess, rel=1e-9)
+    assert row.missed_by_model is False
     assert_finite_kpis(k)
 
 
@@ -101,6 +104,10 @@ def test_offers_that_cannot_fix_an_element_are_reported(tmp_path):
             assert row.relieving_dispatched_mw == pytest.approx(0.5)
             assert row.relief_left == pytest.approx(0.0, abs=1e-9)
         assert bool(row.offers_short)
+        # Each market expected what is left: the nodal and the zonal one at the AC point of
+        # their model (exact there), the needs-based one at the base point (0.5 MW away).
+        tol = 2e-3 if method == "needs_based" else 1e-6
+        assert row.model_excess == pytest.approx(row.excess, abs=tol * row.excess)
         assert result.kpis["unmet_mwh"] > 0
         assert result.unmet.unmet_mw.iloc[0] >= row.residual_mw
         assert result.kpis["residual_violations"] == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from test_market import market_case
 
@@ -27,6 +28,7 @@ from lfm_zonal.market.strategies import (
     RowMargins,
     solve_clearing,
 )
+from lfm_zonal.study.report import residual_warnings
 
 
 def _margins(base: np.ndarray) -> RowMargins:
@@ -107,6 +109,13 @@ def test_a_zonal_market_meets_in_ac_what_its_model_meets(ieee33_case, monkeypatc
     assert without.kpis["margin_rounds"] == 0
     assert without.kpis["rows_unmet_in_ac"] > 0
     assert without.kpis["residual_violations"] > 0
+    # Its residual table says so: each row left, its model had within the limit.
+    missed = without.residual
+    assert (missed.model_excess == 0.0).all() and missed.missed_by_model.eq(True).all()
+    assert (
+        "missed by its model for " + str(len(missed))
+        in residual_warnings(pd.DataFrame([without.kpis]), missed.assign(method="zonal", k=2))[0]
+    )
     k = with_margins.kpis
     assert k["margin_rounds"] >= 1
     assert k["rows_unmet_in_ac"] == 0
@@ -169,3 +178,15 @@ def test_a_margin_round_keeps_the_mtus_it_does_not_clear():
         (cost * previous.accepted_mw).sum(), rel=1e-6
     )
     np.testing.assert_allclose(again.slack_mw, previous.slack_mw, atol=1e-7)
+
+
+def test_the_nodal_market_expects_what_it_leaves():
+    """IEEE 33 at 130% load with 5% of it flexible: the nodal market cannot lift every
+    voltage, and leaves rows as unmet need. Its model is its dispatch at the AC point of
+    that dispatch, exact there: every row it leaves, overload or voltage, its model
+    expected to the power flow's tolerance, and none is missed by it."""
+    pf, res, _ = market_case("ieee33", 1.3, 0.05, n_mtu=2, start="2016-01-14 18:00")
+    left = clear_market(pf, res, "nodal").residual
+    assert (left.violation == "undervoltage").sum() >= 10
+    np.testing.assert_allclose(left.model_excess, left.excess, rtol=0, atol=1e-8)
+    assert left.missed_by_model.eq(False).all()

@@ -22,7 +22,7 @@ import numpy as np
 import pandapower as pp
 import pandas as pd
 
-from lfm_zonal.errors import PowerFlowNotConverged
+from lfm_zonal.errors import LfmError, PowerFlowNotConverged
 from lfm_zonal.grid.powerflow import (
     HorizonPowerFlow,
     converged,
@@ -50,6 +50,7 @@ RESIDUAL_COLUMNS = [
     "value",
     "limit",
     "excess",
+    "model_excess",
     "ac_converged",
     "sensitivity_per_mw",
     "residual_mw",
@@ -58,6 +59,7 @@ RESIDUAL_COLUMNS = [
     "relief_left",
     "offers_exhausted",
     "offers_short",
+    "missed_by_model",
 ]
 
 
@@ -238,12 +240,22 @@ def residual_violations(
     dispatch: pd.DataFrame | None = None,
     cache: LinearisationCache | None = None,
     rows_per_mtu: int | None = None,
+    predicted: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """Every (MTU, element) still violated after the AC check, with its residual MW.
 
     One row per violated loading or voltage row (``violation``: overload, undervoltage,
     overvoltage; ``element_type`` line / trafo / bus, ``element`` its pandapower index).
-    ``excess`` is beyond the limit (pp or p.u.); ``sensitivity_per_mw`` g is the row's
+    ``excess`` is beyond the limit (pp or p.u.); ``model_excess`` what the market's own
+    model expected of it after its clearing: with ``predicted`` (the MTUs it cleared, and
+    its linearised grid's excess per MTU and row after the clearing, T x (branches +
+    2 buses), ``LinearGrid.violations``), beyond the limit or 0; NaN in an MTU it did not
+    clear, or without ``predicted``. About ``excess`` (to the linearisation's error): the
+    market left the violation, priced as unmet need (at the LP's optimum nothing left to
+    buy removes it for less than its penalty, counting what it does to the other rows);
+    below it by more than the violation tolerance (``missed_by_model``): its model missed
+    the rest (its zones, its linearisation; None where ``model_excess`` is NaN).
+    ``sensitivity_per_mw`` g is the row's
     largest |d row / d P| over the buses at the MTU's base point (Jacobian, nodal);
     ``residual_mw`` = excess / g. An MTU whose AC check did not converge is listed with its
     base-case violations (``ac_converged`` False): its state after the dispatch is unknown.
@@ -292,6 +304,17 @@ def residual_violations(
     order = np.lexsort((kind, r, kind != 0, t))  # per MTU: overloads, then buses by position
     t, kind, r, amount = t[order], kind[order], r[order], amount[order]
     is_line = kind == 0
+    model_excess = np.full(len(t), np.nan)
+    tols = VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
+    if predicted is not None:  # the grid rows: branches, overvoltage, undervoltage
+        mtus, beyond = predicted
+        n_l = len(model.branches)
+        if beyond.shape[1] != n_l + 2 * n_b:
+            raise LfmError("the market's predicted excess is not on this grid's rows")
+        at = np.searchsorted(mtus, t).clip(0, max(len(mtus) - 1, 0))
+        cleared = np.zeros(len(t), bool) if len(mtus) == 0 else mtus[at] == t
+        row = np.select([kind == 0, kind == 2], [r, n_l + r], n_l + n_b + r)
+        model_excess[cleared] = beyond[at[cleared], row[cleared]].clip(0.0, None)
     offers = None
     if resources is not None:
         offers = _offers_by_mtu(resources, dispatch, pd.Series(np.arange(n_b), index=model.buses))
@@ -374,6 +397,7 @@ def residual_violations(
             "value": value,
             "limit": limit.astype(float),
             "excess": amount.astype(float),
+            "model_excess": model_excess,
             "ac_converged": ~failed[t],
             "sensitivity_per_mw": gain,
             # A row no injection moves (e.g. the slack bus voltage): 1 unit per MW, as the LP.
@@ -383,6 +407,9 @@ def residual_violations(
             "relief_left": relief_left,
             "offers_exhausted": exhausted,
             "offers_short": np.where(np.isnan(relief_left), None, relief_left < amount),
+            "missed_by_model": np.where(
+                np.isnan(model_excess), None, amount - model_excess > np.where(is_line, *tols)
+            ),
         }
     )
     return out[list(RESIDUAL_COLUMNS)]

@@ -235,7 +235,9 @@ def clear_market(
     )
     p, q = _area_injections(active, accepted, grid)
     residual, still_unfixable = dso_needs(grid.shifted(p, q))
-    left = residual_violations(pf, ac, resources, dispatch, cache)
+    left = residual_violations(
+        pf, ac, resources, dispatch, cache, predicted=(grid.mtus, kept.predicted)
+    )
     unmet = _unmet_table(grid, residual, still_unfixable, unfixable, times, left)
     res = MarketResult(
         method=method,
@@ -317,6 +319,7 @@ class _Cleared:
     ac: ACCheck
     ac_s: float
     cost_eur: float
+    predicted: np.ndarray  # its model's excess per (MTU, row) of grid (without margins)
     n_unmet: int  # rows its AC check violates that margins are for (RowMargins.unmet)
     shortfall: float  # their AC excess in tolerances, summed
     left: tuple[int, float]  # MTUs whose AC check failed; violated rows' excess (tolerances)
@@ -427,6 +430,7 @@ def _clear_in_model(
         ac,
         ac_s,
         cost,
+        predicted,
         int(unmet.sum()),
         shortfall,
         (failed, left),

@@ -41,12 +41,14 @@ def residual_warnings(kpis: pd.DataFrame, residual: pd.DataFrame, limit: int = 4
             more = len(worst) - len(named)
             exhausted = rows.offers_exhausted.eq(True)
             short = rows.offers_short.eq(True)
+            missed = rows.missed_by_model.eq(True)
             parts.append(
                 f"{len(rows)} violation(s) left after the AC check in {rows.mtu.nunique()} MTU(s): "
                 + ", ".join(named)
                 + (f" and {more} more" if more > 0 else "")
                 + f"; offers short for {int(short.sum())} of them"
                 + f" (exhausted for {int(exhausted.sum())})"
+                + f", missed by its model for {int(missed.sum())}"
                 + f"; residual {float(rec.residual_mwh):.3g} MWh-equivalent"
             )
         if failed:
@@ -107,7 +109,12 @@ def report_markdown(
             "offers were short (`offers_short`: that relief is less than the excess) or "
             "exhausted (every resource that relieves the element dispatched in full). Short: "
             "the flexibility offered cannot fix it, whatever its price; not short: the market "
-            "chose not to, at its prices, or its model did not see it.",
+            "chose not to, at its prices, or its model did not see it. `model_excess` is what "
+            "the market's own model (its linearised grid, its zones) expected to be left: "
+            "the excess, where the market left the violation as unmet need, priced at the "
+            "penalty (nothing it could still buy removes it for less, counting what it does "
+            "to the other elements); less, by more than the tolerance, where its model missed "
+            "it (`missed_by_model`).",
             "",
         ]
     else:
