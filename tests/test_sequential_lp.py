@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import highspy
 import numpy as np
@@ -126,6 +127,42 @@ def test_a_violation_the_market_would_create_costs_more_than_one_it_removes(monk
     one_price = solve_clearing(grid, bids)
     assert one_price.accepted_mw[0] == pytest.approx(2.0)
     assert grid.after(one_price.p_mw, one_price.q_mvar)[0][0] == pytest.approx([100.0, 101.0])
+
+
+def test_a_round_is_judged_as_the_lp_prices_its_slacks(monkeypatch):
+    """A sequential-LP round's merit (``_judge``) is its bid cost plus its AC excess beyond
+    SLP_TOLERANCE_SHARE of the tolerance, in MW-equivalent, priced as the LP prices its
+    slacks. By hand on ``_two_lines`` (the LP buys 1 MW at 10 EUR/MWh), AC stubbed to
+    line 0 at 105% and line 1 at 101%: line 0, over its limit in the base case, 5 pp at
+    g = 5 pp/MW at the penalty; line 1, within it, 1 pp at g = 10 pp/MW at
+    NEW_VIOLATION_PENALTY_FACTOR times the penalty."""
+    dt, penalty = 0.25, DEFAULT_PENALTY_EUR_PER_MWH
+    grid = _two_lines(np.array([[110.0, 99.0]]), dt)
+    bids = _bids([0], ["up"], [5.0], [10.0])
+    market = MarketBids(grid.mtus, grid.k, dt, bids, None)
+    sol = solve_clearing(grid, bids, market=market)
+    assert sol.accepted_mw[0] == pytest.approx(1.0)
+    solved = np.ones((1, 2), complex), np.array([True])
+    monkeypatch.setattr(market_module, "solve_with_injections", lambda *a, **k: solved)
+    model = SimpleNamespace(
+        loading_percent=lambda V: np.array([[105.0, 101.0]]), vm_pu=lambda V: np.ones((1, 1))
+    )
+    judged = market_module._judge(
+        SimpleNamespace(model=model),
+        grid,
+        solved[0],
+        market,
+        sol,
+        np.eye(2),
+        RowScales(grid),
+        penalty,
+        1,
+    )
+    tol = market_module.SLP_TOLERANCE_SHARE * VIOLATION_TOLERANCE_LOADING_PERCENT
+    factor = formulation.NEW_VIOLATION_PENALTY_FACTOR
+    residual = penalty * dt * ((5.0 - tol) / 5.0 + factor * (1.0 - tol) / 10.0)
+    assert judged.merit_eur[0] == pytest.approx(10.0 * 1.0 * dt + residual, rel=1e-12)
+    assert not judged.as_modelled[0]  # the LP said 105% and 100%
 
 
 def test_rows_within_their_limit_are_those_of_the_base_case_mtu():
