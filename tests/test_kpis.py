@@ -11,12 +11,13 @@ import numpy as np
 import pandapower as pp
 import pandas as pd
 import pytest
-from test_market import clear_on, feeder_case, three_bus_feeder
+from test_market import clear_on, feeder_case, market_case, three_bus_feeder
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
 from lfm_zonal.check.ac import ACCheck, ac_check, residual_violations, violation_kpis
 from lfm_zonal.check.kpis import KPI_NAMES, markdown_table
 from lfm_zonal.config import DEFAULT_PENALTY_EUR_PER_MWH
+from lfm_zonal.errors import LfmError
 from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
 from lfm_zonal.market.clearing import clear_market
 from lfm_zonal.market.resources import FlexibilitySpec, generate_resources, read_resources
@@ -370,3 +371,30 @@ def test_residual_row_facts_are_the_mtus_own(cigre_pf):
         kept[at & (kept.mtu == 0)].relieving_offered_mw.to_numpy()[:3],
         kept[at & (kept.mtu == 1)].relieving_offered_mw.to_numpy()[:3],
     )
+
+
+def test_model_excess_is_read_at_each_rows_mtu_and_row():
+    """``predicted`` gives the market's model per cleared MTU (in any order, with gaps) and
+    row (branches, overvoltage, undervoltage): each residual row reads its own, NaN in an
+    MTU not cleared or whose AC check failed (its rows are the base case's)."""
+    pf, _, _ = market_case("cigre_mv", 1.25, 0.5)
+    T, n_l, n_b = len(pf.times), len(pf.model.branches), len(pf.model.buses)
+    ac = ACCheck(pf.loading_percent.copy(), pf.vm_pu.copy(), pf.converged.copy(), ())
+    failed = int((pf.loading_percent.max(axis=1)).to_numpy().argmax())
+    ac.loading_percent.iloc[failed] = np.nan
+    ac.vm_pu.iloc[failed] = np.nan
+    ac.converged.iloc[failed] = False
+    cleared = np.arange(failed % 2, T, 2)[::-1]  # every other MTU, the failed one's, last first
+    # Each entry names its MTU and its row kind: 1000 x MTU + 1 / 2 / 3 (branch / over / under).
+    kind_of_row = np.r_[np.full(n_l, 1.0), np.full(n_b, 2.0), np.full(n_b, 3.0)]
+    beyond = 1000.0 * cleared[:, None] + kind_of_row
+    left = residual_violations(pf, ac, predicted=(cleared, beyond))
+    assert len(left) and (left.mtu == failed).any()
+    read = left.mtu.isin(cleared) & (left.mtu != failed)
+    assert read.any() and (~left.mtu.isin(cleared)).any()
+    code = {"overload": 1.0, "overvoltage": 2.0, "undervoltage": 3.0}
+    expected = 1000.0 * left.mtu[read] + left.violation[read].map(code)
+    np.testing.assert_array_equal(left.model_excess[read], expected)
+    assert left.model_excess[~read].isna().all() and left.missed_by_model[~read].isna().all()
+    with pytest.raises(LfmError, match="not on this grid's MTUs and rows"):
+        residual_violations(pf, ac, predicted=(cleared, beyond[:-1]))

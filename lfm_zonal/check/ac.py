@@ -250,11 +250,13 @@ def residual_violations(
     model expected of it after its clearing: with ``predicted`` (the MTUs it cleared, and
     its linearised grid's excess per MTU and row after the clearing, T x (branches +
     2 buses), ``LinearGrid.violations``), beyond the limit or 0; NaN in an MTU it did not
-    clear, or without ``predicted``. About ``excess`` (to the linearisation's error): the
-    market left the violation, priced as unmet need (at the LP's optimum nothing left to
-    buy removes it for less than its penalty, counting what it does to the other rows);
-    below it by more than the violation tolerance (``missed_by_model``): its model missed
-    the rest (its zones, its linearisation; None where ``model_excess`` is NaN).
+    clear or whose AC check failed, or without ``predicted``. About ``excess`` (to the
+    linearisation's error): its model foresaw the violation and left it as unmet need (an
+    LP market: the optimum of its linear model, within the sequential LP's trust region,
+    over the steps priced up to the penalty; the needs-based market: what its needs and
+    merit order left). Below it by more than the violation tolerance
+    (``missed_by_model``): its model missed the rest (its zones, its linearisation, a
+    sequential LP stopped before converging; None where ``model_excess`` is NaN).
     ``sensitivity_per_mw`` g is the row's
     largest |d row / d P| over the buses at the MTU's base point (Jacobian, nodal);
     ``residual_mw`` = excess / g. An MTU whose AC check did not converge is listed with its
@@ -309,10 +311,10 @@ def residual_violations(
     if predicted is not None:  # the grid rows: branches, overvoltage, undervoltage
         mtus, beyond = predicted
         n_l = len(model.branches)
-        if beyond.shape[1] != n_l + 2 * n_b:
-            raise LfmError("the market's predicted excess is not on this grid's rows")
-        at = np.searchsorted(mtus, t).clip(0, max(len(mtus) - 1, 0))
-        cleared = np.zeros(len(t), bool) if len(mtus) == 0 else mtus[at] == t
+        if beyond.shape != (len(mtus), n_l + 2 * n_b):
+            raise LfmError("the market's predicted excess is not on this grid's MTUs and rows")
+        at = pd.Index(mtus).get_indexer(t)
+        cleared = (at >= 0) & ~failed[t]  # a failed check lists the base case's rows
         row = np.select([kind == 0, kind == 2], [r, n_l + r], n_l + n_b + r)
         model_excess[cleared] = beyond[at[cleared], row[cleared]].clip(0.0, None)
     offers = None

@@ -111,9 +111,8 @@ def report_markdown(
             "the flexibility offered cannot fix it, whatever its price; not short: the market "
             "chose not to, at its prices, or its model did not see it. `model_excess` is what "
             "the market's own model (its linearised grid, its zones) expected to be left: "
-            "the excess, where the market left the violation as unmet need, priced at the "
-            "penalty (nothing it could still buy removes it for less, counting what it does "
-            "to the other elements); less, by more than the tolerance, where its model missed "
+            "the excess, where its model foresaw the violation and left it as unmet need at "
+            "its prices and penalty; less, by more than the tolerance, where its model missed "
             "it (`missed_by_model`).",
             "",
         ]
