@@ -243,3 +243,17 @@ def test_a_nodal_only_run_on_two_parts_writes_zones_of_one_per_part(tmp_path, wo
     zones = pd.read_csv(tmp_path / "out" / "zones" / "zones.csv")
     assert set(zones.k) == {2}
     assert (tmp_path / "out" / "zones" / "zones_k2.png").exists()
+
+
+def test_the_streamed_curve_is_the_error_of_every_cut():
+    """The streamed error curve computes each distinct zone of the hierarchy once, whichever
+    cuts hold it, and no zone of one bus: at every K it is still the error of the cut at K
+    computed zone by zone on its own (``Segmentation.error``)."""
+    grid = load_grid("synthetic_radial_600")
+    pf = run_horizon(grid, load_profiles(grid, Horizon(start="2016-01-14 18:00", n_mtu=1)))
+    streamed = prepare_segmentation(pf, 0, exact_max_buses=100)
+    curve = streamed.error_curve().set_index("k").segmentation_error
+    assert len(curve) >= 25
+    zones = [streamed.zones(k) for k in curve.index]
+    streamed.prime_indices(zones)  # every cut's error in one pass of the columns
+    np.testing.assert_allclose(curve, [streamed.error(z) for z in zones], rtol=1e-9, atol=0)

@@ -294,13 +294,19 @@ def streamed_curve(
     """Weighted error terms (abs_l, ref_l, abs_v, ref_v, as ``overall_error`` sums them) of
     several partitions whose zones are contiguous runs of ``order``, in one pass of blocks.
 
-    ``partitions``: K -> zone of each bus (model order). A block holds ``size`` buses of
-    ``order``; a zone inside it gets its mean column from the block itself, a zone crossing
-    its edge from one solve made beforehand.
+    ``partitions``: K -> zone of each bus (model order). A zone's error depends on its
+    buses alone (its mean column, each bus's share in it and weight), so each distinct run
+    of ``order`` is computed once, whichever partitions hold it (a hierarchy's zones
+    persist from one K to the next), and a run of one bus, its own mean, has none: on
+    SimBench 1-MVLV-rural-all-0-sw's 30 values of K, 67k bus columns instead of 159k. A
+    block holds ``size`` buses of ``order``; a run inside it gets its mean column from the
+    block itself, a run crossing its edge from one solve made beforehand.
     """
     n = len(order)
     edges = np.arange(size, n, size)  # block starts (positions in order) after the first
-    plans = {}
+    runs: dict[tuple[int, int], int] = {}  # (start, end) in order -> run number
+    new_runs: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # start, end, shares, weights
+    plans = {}  # K -> (its runs of two or more buses, each position's weight in the curve)
     for k, zone in partitions.items():
         z_in_order = zone[order]
         starts = np.r_[0, np.flatnonzero(np.diff(z_in_order)) + 1]  # run starts in order
@@ -308,48 +314,94 @@ def streamed_curve(
         if len(starts) != k:
             raise ValueError(f"the zones of K = {k} are not contiguous runs of the leaf order")
         share, zone_weight = zone_terms(zone, weights, k, by_count)
-        run_of = np.repeat(np.arange(k), ends - starts)  # run of each position in order
-        crossing = np.unique(run_of[edges][starts[run_of[edges]] < edges]) if len(edges) else []
-        crossing = np.asarray(crossing, dtype=np.int64)
-        if len(crossing):
-            cols_of = [order[starts[r] : ends[r]] for r in crossing]
-            rows = np.concatenate(cols_of)
-            pat = sp.csc_matrix(
-                (
-                    share[rows],
-                    (rows, np.repeat(np.arange(len(crossing)), [len(c) for c in cols_of])),
-                ),
-                shape=(len(order), len(crossing)),
-            )
-            far_l, far_v = cols.times(pat)
-        else:
-            far_l = np.zeros((cols.n_branches, 0))
-            far_v = np.zeros((cols.n_buses, 0))
-        plans[k] = (
-            run_of,
-            share[order] * zone_weight[z_in_order],
-            crossing,
-            far_l,
-            far_v,
-            share[order],
+        share, bus_weight = share[order], share[order] * zone_weight[z_in_order]
+        mine = []
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            if b - a > 1:
+                number = runs.setdefault((a, b), len(runs))
+                if number == len(new_runs):
+                    new_runs.append((a, b, share[a:b], bus_weight[a:b]))
+                mine.append(number)
+        plans[k] = (np.asarray(mine, np.int64), bus_weight)
+    # The distinct runs in layers of disjoint runs: a block computes each layer's runs in it
+    # with a few array operations.
+    layers = _layers(new_runs)
+    bounds = np.array([(a, b) for a, b, _, _ in new_runs], np.int64).reshape(-1, 2)
+    after = np.searchsorted(edges, bounds[:, 0], side="right")  # the first edge after a start
+    crossing = (
+        np.flatnonzero(
+            (after < len(edges)) & (edges[np.minimum(after, len(edges) - 1)] < bounds[:, 1])
         )
-    out = {k: np.zeros(4) for k in partitions}
+        if len(edges)
+        else np.zeros(0, np.int64)
+    )
+    far_of = np.full(len(new_runs), -1)
+    far_of[crossing] = np.arange(len(crossing))
+    if len(crossing):
+        members = [order[bounds[r, 0] : bounds[r, 1]] for r in crossing]
+        pat = sp.csc_matrix(
+            (
+                np.concatenate([new_runs[r][2] for r in crossing]),
+                (
+                    np.concatenate(members),
+                    np.repeat(np.arange(len(crossing)), [len(m) for m in members]),
+                ),
+            ),
+            shape=(n, len(crossing)),
+        )
+        far_l, far_v = cols.times(pat)
+    else:
+        far_l, far_v = np.zeros((cols.n_branches, 0)), np.zeros((cols.n_buses, 0))
+    diff_l, diff_v = np.zeros(len(new_runs)), np.zeros(len(new_runs))
+    ref_l, ref_v = np.zeros(n), np.zeros(n)  # per position in order: sum_rows |S|
     for start, pos, L, V in cols.blocks(order, size):
         stop = start + len(pos)
-        ref = (np.abs(L).sum(axis=0), np.abs(V).sum(axis=0))
-        for k, (run_of, bus_weight_all, crossing, far_l, far_v, share) in plans.items():
-            runs = run_of[start:stop]
-            local = runs - runs[0]  # run of each column, from 0 in this block
-            w = share[start:stop]
-            bounds = np.r_[0, np.flatnonzero(np.diff(local)) + 1]
-            bus_weight = bus_weight_all[start:stop]
-            far = np.minimum(np.searchsorted(crossing, runs[bounds]), max(len(crossing) - 1, 0))
-            is_far = crossing[far] == runs[bounds] if len(crossing) else np.zeros(len(bounds), bool)
-            for j, (S, far_cols) in enumerate(((L, far_l), (V, far_v))):
-                Sz = np.add.reduceat(S * w, bounds, axis=1)
-                if is_far.any():
-                    Sz[:, is_far] = far_cols[:, far[is_far]]
-                diff = np.abs(S - Sz[:, local])
-                out[k][2 * j] += float(diff.sum(axis=0) @ bus_weight)
-                out[k][2 * j + 1] += float(ref[j] @ bus_weight)
+        ref_l[start:stop], ref_v[start:stop] = np.abs(L).sum(axis=0), np.abs(V).sum(axis=0)
+        for at, run, share, weight in layers:
+            lo, hi = np.searchsorted(at, [start, stop])
+            if lo == hi:
+                continue
+            local, r = at[lo:hi] - start, run[lo:hi]  # this layer's columns in the block
+            cuts = np.r_[0, np.flatnonzero(np.diff(r)) + 1]
+            first, far = r[cuts], far_of[r[cuts]]
+            spans = np.diff(np.r_[cuts, len(r)])
+            for S, far_cols, total in ((L, far_l, diff_l), (V, far_v, diff_v)):
+                part = S[:, local]
+                Sz = np.add.reduceat(part * share[lo:hi], cuts, axis=1)
+                if (far >= 0).any():
+                    Sz[:, far >= 0] = far_cols[:, far[far >= 0]]
+                part -= np.repeat(Sz, spans, axis=1)
+                np.abs(part, out=part)
+                total[first] += np.add.reduceat(part.sum(axis=0) * weight[lo:hi], cuts)
+    return {
+        k: np.array([diff_l[mine].sum(), ref_l @ w, diff_v[mine].sum(), ref_v @ w])
+        for k, (mine, w) in plans.items()
+    }
+
+
+def _layers(runs: list[tuple[int, int, np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, ...]]:
+    """Runs (start, end, shares, weights) in layers of disjoint runs, each layer as arrays
+    over its positions in increasing order: position, run number, share, weight."""
+    layers: list[list[int]] = []
+    ends: list[int] = []  # each layer's last end
+    for number in sorted(range(len(runs)), key=lambda i: runs[i][0]):
+        a = runs[number][0]
+        for j, end in enumerate(ends):  # the first layer this run fits after
+            if end <= a:
+                layers[j].append(number)
+                ends[j] = runs[number][1]
+                break
+        else:
+            layers.append([number])
+            ends.append(runs[number][1])
+    out = []
+    for members in layers:
+        out.append(
+            (
+                np.concatenate([np.arange(runs[i][0], runs[i][1]) for i in members]),
+                np.repeat(members, [runs[i][1] - runs[i][0] for i in members]),
+                np.concatenate([runs[i][2] for i in members]),
+                np.concatenate([runs[i][3] for i in members]),
+            )
+        )
     return out
