@@ -69,12 +69,45 @@ def sweep(name: str) -> None:
             )
 
 
+def streamed(scenario: str = "simbench_mvlv_rural_pv_noon") -> None:
+    """The error curve of a grid above EXACT_SEGMENTATION_MAX_BUSES (the streamed path, at
+    CURVE_POINTS values of K): its time, and the bus columns each distinct zone of two or
+    more buses takes against every zone of every K."""
+    from lfm_zonal.files.inputs import shipped_toml_text
+    from lfm_zonal.study.job import prepare_base_case, prepare_resources, prepare_segmentation_of
+    from lfm_zonal.study.scenario import parse_scenario
+    from lfm_zonal.zones.streamed import curve_ks, leaf_order
+
+    base = prepare_base_case(parse_scenario(shipped_toml_text(scenario), scenario))
+    seg = prepare_segmentation_of(base, prepare_resources(base))
+    seg.zones(seg.n_parts)  # the hierarchy, outside the curve's time
+    t0 = time.perf_counter()
+    curve = seg.error_curve()
+    seconds = time.perf_counter() - t0
+    n = seg.n_buses
+    order = leaf_order(seg.hierarchy.children, n)
+    every, distinct = 0, set()
+    for k in curve_ks(seg.n_parts, n)[:-1]:  # K = N: every zone one bus, no error to compute
+        labels = np.unique(seg.hierarchy.labels(k), return_inverse=True)[1].ravel()[order]
+        cuts = np.r_[0, np.flatnonzero(np.diff(labels)) + 1, n]
+        every += n
+        distinct |= {(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b - a > 1}
+    columns = sum(b - a for a, b in distinct)
+    print(
+        f"  {scenario} ({n} buses, streamed): error curve at {len(curve)} values of K "
+        f"{seconds:5.2f} s; bus columns {columns} (distinct zones of two or more buses) "
+        f"of {every} (every zone of every K)"
+    )
+
+
 def main() -> int:
     print(
         "Full K sweep, one hierarchy (agglomerative) vs starting over for each K; methods compared"
     )
     for name in ("cigre_mv", "ieee33", "1-MV-rural--0-sw", "synthetic_radial_1000"):
         sweep(name)
+    print("Error curve of a big grid (streamed)")
+    streamed()
     return 0
 
 
