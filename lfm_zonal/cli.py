@@ -296,6 +296,7 @@ def _mtu(text: str):
 def cmd_zones(args: argparse.Namespace) -> None:
     from lfm_zonal.files.outputs import result_folder
     from lfm_zonal.grid.sensitivity import LinearisationCache
+    from lfm_zonal.limits import available_cores
     from lfm_zonal.study.job import prepare_base_case, prepare_segmentation_of
     from lfm_zonal.study.results import write_zones
 
@@ -310,7 +311,7 @@ def cmd_zones(args: argparse.Namespace) -> None:
         for k in z["k"]:
             zone_sets.append(seg.zones(k, z["method"], scenario.seed))
             stage(f"zones: K = {k} done")
-        write_zones(seg, zone_sets, folder, base.grid.name)
+        write_zones(seg, zone_sets, folder, base.grid.name, workers=available_cores())
     stage(f"results written to {args.out}")
     print(
         f"{base.grid.name}: {seg.n_buses} buses, zones at MTU {seg.reference_mtu} "
