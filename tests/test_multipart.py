@@ -252,8 +252,40 @@ def test_the_streamed_curve_is_the_error_of_every_cut():
     grid = load_grid("synthetic_radial_600")
     pf = run_horizon(grid, load_profiles(grid, Horizon(start="2016-01-14 18:00", n_mtu=1)))
     streamed = prepare_segmentation(pf, 0, exact_max_buses=100)
-    curve = streamed.error_curve().set_index("k").segmentation_error
+    curve = streamed.error_curve().set_index("k")
     assert len(curve) >= 25
     zones = [streamed.zones(k) for k in curve.index]
     streamed.prime_indices(zones)  # every cut's error in one pass of the columns
-    np.testing.assert_allclose(curve, [streamed.error(z) for z in zones], rtol=1e-9, atol=0)
+    np.testing.assert_allclose(
+        curve[["loading_error", "vm_error", "segmentation_error"]].to_numpy(),
+        [list(streamed.indices(z).overall_error().values()) for z in zones],
+        rtol=1e-9,
+        atol=0,
+    )
+
+
+def test_a_big_grids_curve_is_written_when_its_process_dies(tmp_path, monkeypatch, caplog):
+    """``write_zones`` computes a big grid's error curve in a forked process beside the
+    maps; killed there (out of memory), the curve is computed again in this process: the
+    same file as in one process, and a warning."""
+    import os
+
+    from lfm_zonal.study.results import write_zones
+
+    grid = load_grid("synthetic_radial_600")
+    pf = run_horizon(grid, load_profiles(grid, Horizon(start="2016-01-14 18:00", n_mtu=1)))
+    seg = prepare_segmentation(pf, 0, exact_max_buses=100)
+    zones = [seg.zones(2)]
+    write_zones(seg, zones, tmp_path / "alone", "g", workers=1)
+    parent, curve = os.getpid(), type(seg).error_curve
+
+    def dies_in_a_child(self, *args, **kwargs):
+        if os.getpid() != parent:
+            os._exit(1)
+        return curve(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(seg), "error_curve", dies_in_a_child)
+    write_zones(seg, zones, tmp_path / "beside", "g", workers=2)
+    assert "error curve's process died" in caplog.text
+    for name in ("error_curve.csv", "zones.csv"):
+        assert (tmp_path / "beside" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()

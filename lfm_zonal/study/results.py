@@ -14,7 +14,7 @@ import pandas as pd
 
 from lfm_zonal.check.ac import RESIDUAL_COLUMNS
 from lfm_zonal.check.kpis import TIMING_COLUMNS
-from lfm_zonal.errors import InputError
+from lfm_zonal.errors import InputError, WorkerDied
 from lfm_zonal.files import SENSITIVITY_FORMATS
 from lfm_zonal.files.outputs import result_folder, write_csv, write_json, write_npz, write_table
 from lfm_zonal.grid.powerflow import BRANCH_INDEX_NAMES, HorizonPowerFlow
@@ -200,9 +200,15 @@ def write_zones(
     seg.prime_indices(zone_sets)
     method = zone_sets[0].method
     beside = seg.streamed and workers > 1
-    with forked([functools.partial(seg.error_curve, method=method)], int(beside)) as curves:
-        _write_zone_sets(seg, zone_sets, folder, grid_name)
-        ((_, curve),) = list(curves)
+    curve = None
+    try:
+        with forked([functools.partial(seg.error_curve, method=method)], int(beside)) as curves:
+            _write_zone_sets(seg, zone_sets, folder, grid_name)
+            ((_, curve),) = list(curves)
+    except WorkerDied:  # its process was killed (out of memory?): once more, alone, here
+        log.warning("the error curve's process died (out of memory?); computing it here")
+    if curve is None:
+        curve = seg.error_curve(method=method)
     write_csv(curve, folder / "error_curve.csv", index=False)
     plot_error_curve(
         curve, folder / "error_curve.png", f"{grid_name}: segmentation error against K ({method})"
