@@ -216,7 +216,9 @@ def write_zones(
     stage(f"zones: error curve over {len(curve)} zone counts written")
 
 
-def _write_zone_sets(seg: Segmentation, zone_sets: list[Zones], folder: Path, grid_name: str):
+def _write_zone_sets(
+    seg: Segmentation, zone_sets: list[Zones], folder: Path, grid_name: str
+) -> None:
     """zones.csv, zone_errors.csv, the zonal indices and maps of every K (``write_zones``)."""
     rows, errors = [], []
     net = seg.pf.grid.net
