@@ -681,7 +681,13 @@ class Segmentation:
         else:
             if ks is None:
                 ks = range(self.n_parts, n + 1) if not self.streamed else curve_ks(self.n_parts, n)
-            curve = {k: overall_error(self._indices(self.zones(k, method), None).error) for k in ks}
+            # One BLAS thread: spectral zones on 600 buses (streamed), 28 values of K, 2.6 s
+            # instead of 3.2 on an idle machine, 4.4 s instead of 11.7 with both cores busy (as
+            # the main job's market workers keep them).
+            with one_blas_thread():
+                curve = {
+                    k: overall_error(self._indices(self.zones(k, method), None).error) for k in ks
+                }
         return pd.DataFrame(
             [
                 {
