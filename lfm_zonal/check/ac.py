@@ -299,15 +299,14 @@ def residual_violations(
         t, r = np.nonzero(values > tol)
         if rows_per_mtu is not None:  # the largest excesses of the kind in each MTU
             t, r = largest_per_mtu(t, r, values[t, r], rows_per_mtu)
-        parts.append((t, np.full(len(t), kind), r, values[t, r]))
-    t, kind, r, amount = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        parts.append((t, np.full(len(t), kind), r, values[t, r], np.full(len(t), tol)))
+    t, kind, r, amount, tol = (np.concatenate([p[i] for p in parts]) for i in range(5))
     if len(t) == 0:
         return pd.DataFrame(columns=RESIDUAL_COLUMNS)
     order = np.lexsort((kind, r, kind != 0, t))  # per MTU: overloads, then buses by position
-    t, kind, r, amount = t[order], kind[order], r[order], amount[order]
+    t, kind, r, amount, tol = t[order], kind[order], r[order], amount[order], tol[order]
     is_line = kind == 0
     model_excess = np.full(len(t), np.nan)
-    tols = VIOLATION_TOLERANCE_LOADING_PERCENT, VIOLATION_TOLERANCE_VM_PU
     if predicted is not None:  # the grid rows: branches, overvoltage, undervoltage
         mtus, beyond = predicted
         n_l = len(model.branches)
@@ -409,9 +408,7 @@ def residual_violations(
             "relief_left": relief_left,
             "offers_exhausted": exhausted,
             "offers_short": np.where(np.isnan(relief_left), None, relief_left < amount),
-            "missed_by_model": np.where(
-                np.isnan(model_excess), None, amount - model_excess > np.where(is_line, *tols)
-            ),
+            "missed_by_model": np.where(np.isnan(model_excess), None, amount - model_excess > tol),
         }
     )
     return out[list(RESIDUAL_COLUMNS)]
