@@ -218,6 +218,49 @@ def test_row_screening_is_only_a_speed_device(ieee33_market, monkeypatch):
     assert np.nanmin(one_at_a_time.ac.vm_pu.to_numpy()) >= pf.grid.vm_min_pu - 0.002
 
 
+def test_rows_carried_to_the_next_lp_are_only_a_speed_device(ieee33_market, monkeypatch):
+    """The rows an LP hands on (``Solution.rows``: those with a dual price) sit at their
+    limits in its linear model, at the MTU they name, also solved MTU by MTU; an LP
+    started with them reaches the same optimum in fewer generation rounds. The same for
+    the DSO-needs LP's rows."""
+    from lfm_zonal.grid.linear import linear_grid
+    from lfm_zonal.market import strategies
+    from lfm_zonal.market.bids import build_bids
+    from lfm_zonal.market.clearing import mtus_to_clear
+    from lfm_zonal.market.needs import dso_needs
+    from lfm_zonal.zones.segmentation import nodal_zones
+
+    pf, res, seg = ieee33_market
+    zones = nodal_zones(pf.model.buses)
+    grid = linear_grid(
+        pf, zones.aggregation(pd.Series(1.0, index=zones.buses)), "jacobian", mtus_to_clear(pf)
+    )
+    steps = build_bids(res, zones, pf.times).steps
+    active = steps[steps.mtu.isin(grid.mtus)]
+    tolerance = grid.row_tolerances()
+
+    def at_limits(rows, p, q):
+        excess = grid.violations(*grid.after(p, q))[rows[:, 0], rows[:, 1]]
+        return np.all(excess >= -1e-6 * tolerance[rows[:, 1]])
+
+    monkeypatch.setattr(strategies, "BLOCK_MAX_STEPS", 1)  # one LP block per MTU
+    first = strategies.solve_clearing(grid, active, res.table)
+    assert len(first.rows) > 0 and len(np.unique(first.rows[:, 0])) > 1
+    assert at_limits(first.rows, first.p_mw, first.q_mvar)
+    again = strategies.solve_clearing(grid, active, res.table, rows=first.rows)
+    assert again.objective_eur == pytest.approx(first.objective_eur, rel=1e-9)
+    assert again.stats.rounds < first.stats.rounds
+
+    needs = dso_needs(grid, active)
+    assert len(needs.rows) > 0
+    # The needs as an LP of their own: their injections, at the needs LP's rows' limits.
+    fill = needs.needs.assign(sign=np.where(needs.needs.direction == "up", 1.0, -1.0))
+    p = np.zeros((len(grid.mtus), grid.k))
+    t = pd.Index(grid.mtus).get_indexer(fill.mtu)
+    np.add.at(p, (t, fill.zone.to_numpy()), fill.sign * fill.need_mw)
+    assert at_limits(needs.rows, p, np.zeros_like(p))
+
+
 def test_zonal_with_k_equal_n_is_nodal(cigre_market):
     pf, res, seg = cigre_market
     nodal = clear_market(pf, res, "nodal")

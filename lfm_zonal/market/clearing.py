@@ -110,6 +110,7 @@ class MarketInputs:
     active: pd.DataFrame  # the bid steps of the MTUs to clear
     needs: pd.DataFrame
     unfixable: np.ndarray
+    needs_rows: np.ndarray  # the grid rows the DSO-needs LP rests on (DsoNeeds.rows)
     needs_rule: str
     sensitivity_method: str  # of the grid, and of its re-linearisations
 
@@ -234,7 +235,7 @@ def clear_market(
         bids.steps, active.index, accepted, kept.price, pf.profiles.horizon.mtu_hours
     )
     p, q = _area_injections(active, accepted, grid)
-    residual, still_unfixable = dso_needs(grid.shifted(p, q))
+    residual, still_unfixable, _ = dso_needs(grid.shifted(p, q))
     left = residual_violations(
         pf, ac, resources, dispatch, cache, predicted=(grid.mtus, kept.predicted)
     )
@@ -280,10 +281,8 @@ def prepare_market(
     )
     bids = build_bids(resources, zones, pf.times, max_steps)
     active = bids.steps[bids.steps.mtu.isin(grid.mtus)]
-    needs, unfixable = dso_needs(grid, active if needs_rule == "registered_capacity" else None)
-    return MarketInputs(
-        zones, W, grid, bids, active, needs, unfixable, needs_rule, sensitivity_method
-    )
+    needs = dso_needs(grid, active if needs_rule == "registered_capacity" else None)
+    return MarketInputs(zones, W, grid, bids, active, *needs, needs_rule, sensitivity_method)
 
 
 def _market_areas(pf: HorizonPowerFlow, method: str, zones: Zones | None) -> Zones:
@@ -370,6 +369,7 @@ def _clear_in_model(
                 penalty,
                 needs,
                 cache,
+                inputs.needs_rows,
             )
         else:
             grid, slp = last.grid, last.slp
@@ -388,6 +388,7 @@ def _clear_in_model(
                 scales=slp.scales,
                 only=margins.grown,
                 previous=last.solution,
+                rows=last.solution.rows,
             )
             require_optimal(solution, f"clearing with K = {k} and margins")
             solved = solution.stats
@@ -445,7 +446,7 @@ def _needs_with_margins(
     the other MTUs' as before."""
     grid, grown = inputs.grid, margins.grown
     registered = inputs.active if inputs.needs_rule == "registered_capacity" else None
-    fresh, _ = dso_needs(grid.tightened(margins.values).select(grown), registered)
+    fresh = dso_needs(grid.tightened(margins.values).select(grown), registered).needs
     kept = needs[~needs.mtu.isin(grid.mtus[grown])]
     return pd.concat([kept, fresh]).sort_values("mtu", kind="stable").reset_index(drop=True)
 

@@ -6,7 +6,7 @@ the sequential AC loop) is ``market.strategies``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
 import highspy
@@ -108,6 +108,10 @@ class Solution:
     objective_eur: float
     stats: SolveStats = SolveStats()
     basis: MarketBasis | None = None  # where the LP ended, to warm-start the next one
+    #: The grid rows with a dual price (the optimum rests on them), (MTU position, row in
+    #: the violation layout) pairs: the next LP of these bids starts with them
+    #: (``solve_clearing``'s ``rows``).
+    rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,14 @@ violation, for the needs-based market (Vannoni et al.'s DSO-needs LP)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import pandas as pd
 
 from lfm_zonal.grid.linear import LinearGrid, RowScales
 from lfm_zonal.market.lp import require_optimal
-from lfm_zonal.market.strategies import solve_clearing
+from lfm_zonal.market.strategies import place_rows, solve_clearing
 
 
 def unlimited_bids(grid: LinearGrid, capacity_mw: np.ndarray | None = None) -> pd.DataFrame:
@@ -34,9 +36,17 @@ def unlimited_bids(grid: LinearGrid, capacity_mw: np.ndarray | None = None) -> p
     )
 
 
-def dso_needs(
-    grid: LinearGrid, registered: pd.DataFrame | None = None
-) -> tuple[pd.DataFrame, np.ndarray]:
+class DsoNeeds(NamedTuple):
+    """``dso_needs``'s result."""
+
+    needs: pd.DataFrame  # mtu, zone, direction, need_mw (positive needs only)
+    unfixable: np.ndarray  # per MTU of the grid: MW-equivalent the rule's flexibility cannot fix
+    #: The grid rows its LP's optimum rests on, (MTU position in the grid, row) pairs
+    #: (``Solution.rows``): a clearing on the same linearisation starts with them.
+    rows: np.ndarray
+
+
+def dso_needs(grid: LinearGrid, registered: pd.DataFrame | None = None) -> DsoNeeds:
     """Per MTU, area and direction: the least total area activation (MW) that removes every
     linearised violation.
 
@@ -48,9 +58,9 @@ def dso_needs(
     same LP minimises first the violation left (the slack penalty) and then the MW, so
     the need is at most the registered capacity, everywhere.
 
-    Returns the needs (columns mtu, zone, direction, need_mw, only positive needs) and,
-    per MTU, what the flexibility of the rule cannot fix (MW-equivalent slack; with
-    ``registered``: what the offers cannot fix).
+    Returns the needs (columns mtu, zone, direction, need_mw, only positive needs), per
+    MTU what the flexibility of the rule cannot fix (MW-equivalent slack; with
+    ``registered``: what the offers cannot fix), and the grid rows its optimum rests on.
     """
     excess = grid.violations(grid.loading0, grid.vm0)
     violated = (excess > grid.row_tolerances()).any(axis=1)
@@ -63,7 +73,7 @@ def dso_needs(
                 "need_mw": np.zeros(0),
             }
         )
-        return empty, np.zeros(len(grid.mtus))
+        return DsoNeeds(empty, np.zeros(len(grid.mtus)), np.zeros((0, 2), np.int64))
     # MTUs without a violation need nothing: the LP covers the others only.
     sub = grid.select(violated)
     capacity = None
@@ -89,4 +99,6 @@ def dso_needs(
     out = bids[["mtu", "zone", "direction"]].assign(need_mw=sol.accepted_mw)
     unfixable = np.zeros(len(grid.mtus))
     unfixable[violated] = sol.slack_mw
-    return out[out.need_mw > 1e-6].reset_index(drop=True), unfixable
+    return DsoNeeds(
+        out[out.need_mw > 1e-6].reset_index(drop=True), unfixable, place_rows(sol.rows, violated)
+    )

@@ -314,8 +314,13 @@ class ClearingModel:
 
     def _solution(self, x, p, q) -> Solution:
         T = len(self.grid.mtus)
-        slack_col = np.concatenate([part.slack_col for part in self.grid_parts])
-        slack = np.asarray(self.highs.getSolution().col_value)[slack_col]
+        held = GridRows.joined(self.grid_parts)
+        lp_solution = self.highs.getSolution()
+        slack = np.asarray(lp_solution.col_value)[held.slack_col]
+        # The rows the optimum rests on (a dual price): the next LP of these bids starts
+        # with them. (Every row held: as many generation rounds fewer, but building the rows
+        # the optimum did not need cost more than the rounds; nodal, SimBench MV+LV.)
+        binding = held.rows[np.abs(np.asarray(lp_solution.row_dual)[held.row]) > 1e-9]
         slack_mw = np.zeros(T)
         if len(self.rows):  # the worst row of each MTU: MW the best area would need
             t = np.array([row[0] for row in self.rows], np.int64)
@@ -342,6 +347,7 @@ class ClearingModel:
             float(info.objective_function_value),
             self.stats,
             self._basis(),
+            binding,
         )
 
     def _failed(self, status: SolveStatus) -> Solution:
@@ -382,6 +388,7 @@ def solve_clearing(
     scales: RowScales | None = None,
     only: np.ndarray | None = None,
     previous: Solution | None = None,
+    rows: np.ndarray | None = None,
 ) -> Solution:
     """Clear ``bids`` against the linearised grid: the LP over all its MTUs.
 
@@ -408,9 +415,13 @@ def solve_clearing(
     that no storage links is a block of its own, and the blocks without a flagged MTU keep
     ``previous``'s solution instead of being solved again (the objective is then NaN: a
     kept block's is not known); hold a linked block's unflagged MTUs' bids with
-    ``MarketBids.held``.
+    ``MarketBids.held``. ``rows`` ((MTU position, row) pairs, as ``Solution.rows``): grid
+    rows the LP starts with besides its screen, those an LP of these bids needed on a
+    nearby linearisation (a sequential-LP or margin round's, the DSO-needs LP's), so that
+    row generation finds fewer.
     """
     stats = SolveStats()
+    rows = np.zeros((0, 2), np.int64) if rows is None else np.asarray(rows, np.int64)
     if market is None:
         started = time.perf_counter()
         market = MarketBids(
@@ -437,13 +448,14 @@ def solve_clearing(
     blocks = market.blocks(BLOCK_MAX_STEPS if only is None else 0)
     if len(blocks) == 1 and (only is None or only.any()):
         return _clear_block(
-            grid, market, selected, penalty_eur_per_mwh, p_bounds, basis, scales, stats
+            grid, market, selected, penalty_eur_per_mwh, p_bounds, basis, scales, stats, rows
         )
     T, K = len(grid.mtus), grid.k
     accepted, slack_mw = np.zeros(n_bids), np.zeros(T)
     p, q, price_p, price_q = (np.zeros((T, K)) for _ in range(4))
     bid_status = np.full(n_bids, int(highspy.HighsBasisStatus.kLower), np.int8)
     row_status, objective = np.zeros(0, np.int8), 0.0
+    held_rows = []  # each block's rows with a dual price, at the whole LP's MTU positions
     for block in blocks:
         keep = np.zeros(T, bool)
         keep[block] = True
@@ -460,6 +472,7 @@ def solve_clearing(
                 None if basis is None else _basis_of_block(basis, bid, sub),
                 scales.select(keep),
                 SolveStats(),
+                select_rows(rows, keep),
             )
         stats = stats.beside(sol.stats)
         if sol.status is not SolveStatus.OPTIMAL:
@@ -478,6 +491,7 @@ def solve_clearing(
         bid_status[bid] = sol.basis.bid_status
         if sub.storage:
             row_status = sol.basis.row_status
+        held_rows.append(place_rows(sol.rows, keep))
     return Solution(
         SolveStatus.OPTIMAL,
         accepted,
@@ -489,6 +503,7 @@ def solve_clearing(
         objective,
         stats,
         MarketBasis(bid_status, row_status),
+        np.concatenate(held_rows).astype(np.int64),
     )
 
 
@@ -506,7 +521,21 @@ def _kept_block(previous: Solution, keep: np.ndarray, bid: np.ndarray, sub: Mark
         float("nan"),
         SolveStats(),
         _basis_of_block(previous.basis, bid, sub),
+        select_rows(previous.rows, keep),
     )
+
+
+def select_rows(rows: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The (MTU position, row) pairs of ``rows`` in the MTUs ``keep`` flags, at their
+    positions among them (as ``LinearGrid.select(keep)`` numbers them)."""
+    kept = rows[keep[rows[:, 0]]]
+    return np.column_stack([(np.cumsum(keep) - 1)[kept[:, 0]], kept[:, 1]])
+
+
+def place_rows(rows: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``rows`` of the MTUs ``keep`` flags back at their positions among all (the inverse
+    of ``select_rows``)."""
+    return np.column_stack([np.flatnonzero(keep)[rows[:, 0]], rows[:, 1]])
 
 
 def _basis_of_block(basis: MarketBasis, bid: np.ndarray, sub: MarketBids) -> MarketBasis:
@@ -525,14 +554,15 @@ def _clear_block(
     basis: MarketBasis | None,
     scales: RowScales,
     stats: SolveStats,
+    known_rows: np.ndarray,
 ) -> Solution:
-    """Row and column generation on one block of MTUs (``solve_clearing``). A step priced
-    above the penalty of unmet need, the one price cap, never enters: with a row's slack
-    priced higher (``slack_prices``), the LP would otherwise buy it to avoid a new
-    violation."""
+    """Row and column generation on one block of MTUs (``solve_clearing``), starting with
+    its ``known_rows`` besides the screen. A step priced above the penalty of unmet need,
+    the one price cap, never enters: with a row's slack priced higher (``slack_prices``),
+    the LP would otherwise buy it to avoid a new violation."""
     affordable = market.price <= penalty_eur_per_mwh
     selected = selected & affordable
-    rows: list[tuple[int, int]] = []
+    rows = list(map(tuple, known_rows.tolist()))
     while True:
         model = ClearingModel(
             grid, market, selected.copy(), penalty_eur_per_mwh, rows, p_bounds, basis, scales
@@ -608,6 +638,7 @@ def sequential_clearing(
     penalty_eur_per_mwh: float,
     needs: pd.DataFrame,
     cache: LinearisationCache,
+    rows: np.ndarray | None = None,
 ):
     """Sequential LP: clear, re-linearise at the AC point of the market's own model of the
     result, clear again, until the rounds agree with AC.
@@ -635,7 +666,9 @@ def sequential_clearing(
     at SLP_MAX_ROUNDS (both with a warning when not converged). The best round is
     returned, never a worse later one.
 
-    Every round's grid has the base case's representation of its rows.
+    Every round's grid has the base case's representation of its rows. The first round's
+    LP starts with ``rows`` (grid rows an LP needed on the base case's linearisation: the
+    DSO-needs LP's), a later one with the best round's.
     Returns the best round's solution and grid, the LPs' effort and the loop's course.
     """
     # The market side (bids, balances, storage) is the same in every round: made once.
@@ -666,6 +699,7 @@ def sequential_clearing(
             include=None if best is None else best.sol.accepted_mw > 0,
             basis=None if best is None else best.sol.basis,
             scales=scales,
+            rows=rows if best is None else best.sol.rows,
         )
         require_optimal(sol, f"clearing with K = {k}")
         solved += sol.stats
