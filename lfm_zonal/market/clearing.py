@@ -69,6 +69,8 @@ from lfm_zonal.market.strategies import (
     RowMargins,
     SequentialLP,
     column_quota,
+    place_rows,
+    select_rows,
     sequential_clearing,
     solve_clearing,
 )
@@ -235,7 +237,9 @@ def clear_market(
         bids.steps, active.index, accepted, kept.price, pf.profiles.horizon.mtu_hours
     )
     p, q = _area_injections(active, accepted, grid)
-    residual, still_unfixable, _ = dso_needs(grid.shifted(p, q))
+    # Started with the rows the kept clearing (or its needs) rested on: what it left is there.
+    rows = kept.needs_rows if kept.solution is None else kept.solution.rows
+    residual, still_unfixable, _ = dso_needs(grid.shifted(p, q), rows=rows)
     left = residual_violations(
         pf, ac, resources, dispatch, cache, predicted=(grid.mtus, kept.predicted)
     )
@@ -308,6 +312,7 @@ class _Cleared:
 
     grid: LinearGrid  # the linearisation the clearing was made on (the best SLP round's)
     needs: pd.DataFrame  # the needs it cleared against (with the margins: needs-based)
+    needs_rows: np.ndarray  # the grid rows their LPs rested on (DsoNeeds.rows)
     accepted: np.ndarray  # MW per active step
     price: np.ndarray  # clearing price per active step
     status: SolveStatus
@@ -346,14 +351,14 @@ def _clear_in_model(
     Returns the clearing, its AC excess per (MTU, row) of ``grid`` (NaN where the power
     flow failed) and the rows that margins are for (``RowMargins.unmet``).
     """
-    grid, active, needs = inputs.grid, inputs.active, inputs.needs
+    grid, active, needs, needs_rows = inputs.grid, inputs.active, inputs.needs, inputs.needs_rows
     solved, slp, solution = SolveStats(), SequentialLP(), None
     if len(grid.mtus) == 0:  # no MTU with a violation: nothing to buy
         accepted, price = np.zeros(len(active)), np.full(len(active), np.nan)
         status = SolveStatus.NOTHING_TO_CLEAR
     elif method == "needs_based":
         if last is not None:
-            needs = _needs_with_margins(last.needs, inputs, margins)
+            needs, needs_rows = _needs_with_margins(last.needs, last.needs_rows, inputs, margins)
         accepted, price = _merit_order_to_needs(active, needs, penalty)
         status = SolveStatus.MERIT_ORDER
     else:
@@ -421,6 +426,7 @@ def _clear_in_model(
     this = _Cleared(
         grid,
         needs,
+        needs_rows,
         accepted,
         price,
         status,
@@ -440,15 +446,20 @@ def _clear_in_model(
 
 
 def _needs_with_margins(
-    needs: pd.DataFrame, inputs: MarketInputs, margins: RowMargins
-) -> pd.DataFrame:
-    """The needs of the MTUs whose margins grew, on the tightened limits (``dso_needs``);
-    the other MTUs' as before."""
+    needs: pd.DataFrame, rows: np.ndarray, inputs: MarketInputs, margins: RowMargins
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """The needs of the MTUs whose margins grew, on the tightened limits (``dso_needs``,
+    started with the ``rows`` the needs before rested on); the other MTUs' as before. And
+    the rows the new needs rest on."""
     grid, grown = inputs.grid, margins.grown
     registered = inputs.active if inputs.needs_rule == "registered_capacity" else None
-    fresh = dso_needs(grid.tightened(margins.values).select(grown), registered).needs
+    fresh = dso_needs(
+        grid.tightened(margins.values).select(grown), registered, select_rows(rows, grown)
+    )
     kept = needs[~needs.mtu.isin(grid.mtus[grown])]
-    return pd.concat([kept, fresh]).sort_values("mtu", kind="stable").reset_index(drop=True)
+    needs = pd.concat([kept, fresh.needs]).sort_values("mtu", kind="stable")
+    rows = np.concatenate([rows[~grown[rows[:, 0]]], place_rows(fresh.rows, grown)])
+    return needs.reset_index(drop=True), rows
 
 
 def _bid_prices(active: pd.DataFrame, sol: Solution, grid: LinearGrid) -> np.ndarray:

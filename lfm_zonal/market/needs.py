@@ -10,7 +10,7 @@ import pandas as pd
 
 from lfm_zonal.grid.linear import LinearGrid, RowScales
 from lfm_zonal.market.lp import require_optimal
-from lfm_zonal.market.strategies import place_rows, solve_clearing
+from lfm_zonal.market.strategies import place_rows, select_rows, solve_clearing
 
 
 def unlimited_bids(grid: LinearGrid, capacity_mw: np.ndarray | None = None) -> pd.DataFrame:
@@ -46,7 +46,9 @@ class DsoNeeds(NamedTuple):
     rows: np.ndarray
 
 
-def dso_needs(grid: LinearGrid, registered: pd.DataFrame | None = None) -> DsoNeeds:
+def dso_needs(
+    grid: LinearGrid, registered: pd.DataFrame | None = None, rows: np.ndarray | None = None
+) -> DsoNeeds:
     """Per MTU, area and direction: the least total area activation (MW) that removes every
     linearised violation.
 
@@ -61,6 +63,7 @@ def dso_needs(grid: LinearGrid, registered: pd.DataFrame | None = None) -> DsoNe
     Returns the needs (columns mtu, zone, direction, need_mw, only positive needs), per
     MTU what the flexibility of the rule cannot fix (MW-equivalent slack; with
     ``registered``: what the offers cannot fix), and the grid rows its optimum rests on.
+    ``rows`` (as ``DsoNeeds.rows``): grid rows its LP starts with besides its screen.
     """
     excess = grid.violations(grid.loading0, grid.vm0)
     violated = (excess > grid.row_tolerances()).any(axis=1)
@@ -94,7 +97,13 @@ def dso_needs(grid: LinearGrid, registered: pd.DataFrame | None = None) -> DsoNe
     # What is within the tolerance of its limit needs nothing; the rows' units and which of
     # them the base case violates are the untolerated grid's.
     sol = require_optimal(
-        solve_clearing(sub.tolerated(), bids, scales=RowScales(sub)), "DSO-needs LP"
+        solve_clearing(
+            sub.tolerated(),
+            bids,
+            scales=RowScales(sub),
+            rows=None if rows is None else select_rows(rows, violated),
+        ),
+        "DSO-needs LP",
     )
     out = bids[["mtu", "zone", "direction"]].assign(need_mw=sol.accepted_mw)
     unfixable = np.zeros(len(grid.mtus))
