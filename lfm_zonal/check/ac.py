@@ -154,7 +154,7 @@ def ac_check(
     failures = []
     if dispatch.empty:
         return ACCheck(loading, vm, converged, ())
-    mtus = np.array(sorted({int(t) for t in dispatch.mtu}))
+    mtus = np.unique(dispatch.mtu.to_numpy(np.int64))
     position = pd.Series(np.arange(len(model.buses)), index=model.buses)
     p = np.zeros((len(mtus), len(model.buses)))
     q = np.zeros_like(p)

@@ -581,8 +581,9 @@ def _unmet_table(
 
 def _dispatch(bids: Bids, result: pd.DataFrame) -> pd.DataFrame:
     """Accepted steps dispatched to resources (cheapest first): signed change of net injection."""
-    used = dispatch_steps(bids, result.set_index("bid_id").accepted_mw)
-    step = result.set_index("bid_id").loc[used.bid_id.to_numpy()]
+    by_id = result.set_index("bid_id")
+    used = dispatch_steps(bids, by_id.accepted_mw)
+    step = by_id.loc[used.bid_id.to_numpy()]
     sign = np.where(step.direction.to_numpy() == "up", 1.0, -1.0)
     out = pd.DataFrame(
         {
