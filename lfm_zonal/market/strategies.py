@@ -456,6 +456,7 @@ def solve_clearing(
     bid_status = np.full(n_bids, int(highspy.HighsBasisStatus.kLower), np.int8)
     row_status, objective = np.zeros(0, np.int8), 0.0
     held_rows = []  # each block's rows with a dual price, at the whole LP's MTU positions
+    last_rows = np.zeros((0, 2), np.int64)  # the rows the block solved last rested on
     for block in blocks:
         keep = np.zeros(T, bool)
         keep[block] = True
@@ -472,8 +473,9 @@ def solve_clearing(
                 None if basis is None else _basis_of_block(basis, bid, sub),
                 scales.select(keep),
                 SolveStats(),
-                select_rows(rows, keep),
+                _with_rows_before(select_rows(rows, keep), len(block), last_rows),
             )
+            last_rows = sol.rows
         stats = stats.beside(sol.stats)
         if sol.status is not SolveStatus.OPTIMAL:
             return _failed(T, K, n_bids, sol.status, stats)
@@ -523,6 +525,16 @@ def _kept_block(previous: Solution, keep: np.ndarray, bid: np.ndarray, sub: Mark
         _basis_of_block(previous.basis, bid, sub),
         select_rows(previous.rows, keep),
     )
+
+
+def _with_rows_before(rows: np.ndarray, n_mtus: int, before: np.ndarray) -> np.ndarray:
+    """A one-MTU block's ``rows`` (at position 0) and the rows the block solved before it
+    rested on, at its MTU: an MTU later, mostly the same elements bind (the nodal DSO-needs
+    LP of SimBench MV+LV, one block per MTU: 9.3 -> 6.5 s)."""
+    if n_mtus != 1 or len(before) == 0:
+        return rows
+    before = np.column_stack([np.zeros(len(before), np.int64), before[:, 1]])
+    return np.unique(np.concatenate([rows, before]), axis=0)
 
 
 def select_rows(rows: np.ndarray, keep: np.ndarray) -> np.ndarray:
