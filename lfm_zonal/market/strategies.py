@@ -505,7 +505,7 @@ def solve_clearing(
         objective,
         stats,
         MarketBasis(bid_status, row_status),
-        np.concatenate(held_rows).astype(np.int64),
+        np.concatenate([np.zeros((0, 2), np.int64), *held_rows]).astype(np.int64),
     )
 
 
