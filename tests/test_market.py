@@ -222,8 +222,9 @@ def test_rows_carried_to_the_next_lp_are_only_a_speed_device(ieee33_market, monk
     """The rows an LP hands on (``Solution.rows``: those with a dual price) sit at their
     limits in its linear model, at the MTU they name, also solved MTU by MTU; an LP
     started with them reaches the same optimum in fewer generation rounds. The same for
-    the DSO-needs LP's rows."""
+    the DSO-needs LP's rows, also where only some MTUs are violated (its LP solves those)."""
     from lfm_zonal.grid.linear import linear_grid
+    from lfm_zonal.market import needs as needs_module
     from lfm_zonal.market import strategies
     from lfm_zonal.market.bids import build_bids
     from lfm_zonal.market.clearing import mtus_to_clear
@@ -239,9 +240,16 @@ def test_rows_carried_to_the_next_lp_are_only_a_speed_device(ieee33_market, monk
     active = steps[steps.mtu.isin(grid.mtus)]
     tolerance = grid.row_tolerances()
 
-    def at_limits(rows, p, q):
-        excess = grid.violations(*grid.after(p, q))[rows[:, 0], rows[:, 1]]
+    def at_limits(rows, p, q, on=grid):
+        excess = on.violations(*on.after(p, q))[rows[:, 0], rows[:, 1]]
         return np.all(excess >= -1e-6 * tolerance[rows[:, 1]])
+
+    def injections(needs):
+        fill = needs.assign(sign=np.where(needs.direction == "up", 1.0, -1.0))
+        p = np.zeros((len(grid.mtus), grid.k))
+        t = pd.Index(grid.mtus).get_indexer(fill.mtu)
+        np.add.at(p, (t, fill.zone.to_numpy()), fill.sign * fill.need_mw)
+        return p
 
     monkeypatch.setattr(strategies, "BLOCK_MAX_STEPS", 1)  # one LP block per MTU
     first = strategies.solve_clearing(grid, active, res.table)
@@ -261,11 +269,25 @@ def test_rows_carried_to_the_next_lp_are_only_a_speed_device(ieee33_market, monk
     needs = dso_needs(grid, active)
     assert len(needs.rows) > 0
     # The needs as an LP of their own: their injections, at the needs LP's rows' limits.
-    fill = needs.needs.assign(sign=np.where(needs.needs.direction == "up", 1.0, -1.0))
-    p = np.zeros((len(grid.mtus), grid.k))
-    t = pd.Index(grid.mtus).get_indexer(fill.mtu)
-    np.add.at(p, (t, fill.zone.to_numpy()), fill.sign * fill.need_mw)
+    p = injections(needs.needs)
     assert at_limits(needs.rows, p, np.zeros_like(p))
+
+    # Half the MTUs relieved by their needs: the DSO-needs LP of the others names its rows
+    # at their MTUs among all, and started with them it needs the same, in fewer rounds.
+    half = np.arange(len(grid.mtus)) % 2 == 0
+    shifted = grid.shifted(np.where(half[:, None], p, 0.0), np.zeros_like(p))
+    solved = []
+    solve = needs_module.solve_clearing
+    monkeypatch.setattr(
+        needs_module, "solve_clearing", lambda *a, **k: solved.append(solve(*a, **k)) or solved[-1]
+    )
+    rest = dso_needs(shifted)
+    seeded = dso_needs(shifted, rows=rest.rows)
+    assert len(rest.rows) > 0 and not half[rest.rows[:, 0]].any()
+    p_rest = injections(rest.needs)
+    assert at_limits(rest.rows, p_rest, np.zeros_like(p_rest), on=shifted.tolerated())
+    pd.testing.assert_frame_equal(seeded.needs, rest.needs, rtol=1e-7, atol=1e-9)
+    assert solved[1].stats.rounds < solved[0].stats.rounds
 
 
 def test_zonal_with_k_equal_n_is_nodal(cigre_market):

@@ -109,8 +109,8 @@ class Solution:
     stats: SolveStats = SolveStats()
     basis: MarketBasis | None = None  # where the LP ended, to warm-start the next one
     #: The grid rows with a dual price (the optimum rests on them), (MTU position, row in
-    #: the violation layout) pairs: the next LP of these bids starts with them
-    #: (``solve_clearing``'s ``rows``).
+    #: the violation layout) pairs: the next LP on these MTUs (of these bids, or the
+    #: DSO-needs LP's) starts with them (``solve_clearing``'s ``rows``).
     rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
 
 

@@ -2,7 +2,8 @@
 
 **Row generation** (``ClearingModel``). The LP starts with the grid rows violated or
 within a margin of their limit (at most ROWS_PER_MTU_AND_ROUND per MTU, the most
-violated first), and after every solve the linearised state of *every* monitored
+violated first), plus the rows a nearby LP rested on (``solve_clearing``'s ``rows``), and
+after every solve the linearised state of *every* monitored
 element is checked; rows the activations violate are added (the same cap per round) to
 the running, warm-started HiGHS instance and the LP is solved again, so no element is
 dropped and no new congestion is created in the linear model.
@@ -104,7 +105,8 @@ _STATUS = {int(v): v for v in highspy.HighsBasisStatus.__members__.values()}
 class ClearingModel:
     """One clearing LP: the selected steps in a HiGHS instance, plus grid rows.
 
-    The grid rows start from a screen (``initial_rows``) and grow by row generation,
+    The grid rows start from a screen and the rows an earlier LP needed
+    (``initial_rows``) and grow by row generation,
     added to the running (warm-started) HiGHS instance without a rebuild.
     """
 
@@ -165,7 +167,7 @@ class ClearingModel:
             self.p_bounds,
         )
         self.highs = self.lp.builder.highs()
-        self.grid_parts = [self.lp.grid]  # the LP's grid rows, joined once at the end
+        self.grid_parts = [self.lp.grid]  # the LP's grid rows, joined once solved
         self.rows = list(rows)
 
     def _add_grid_rows(self, rows: list[tuple[int, int]]) -> None:
@@ -416,9 +418,9 @@ def solve_clearing(
     ``previous``'s solution instead of being solved again (the objective is then NaN: a
     kept block's is not known); hold a linked block's unflagged MTUs' bids with
     ``MarketBids.held``. ``rows`` ((MTU position, row) pairs, as ``Solution.rows``): grid
-    rows the LP starts with besides its screen, those an LP of these bids needed on a
-    nearby linearisation (a sequential-LP or margin round's, the DSO-needs LP's), so that
-    row generation finds fewer.
+    rows the LP starts with besides its screen, those an LP on these MTUs rested on at a
+    nearby point (a sequential-LP or margin round's, or the DSO-needs LP's, whose bids
+    differ), so that row generation finds fewer.
     """
     stats = SolveStats()
     rows = np.zeros((0, 2), np.int64) if rows is None else np.asarray(rows, np.int64)
