@@ -167,7 +167,7 @@ class ClearingModel:
             self.p_bounds,
         )
         self.highs = self.lp.builder.highs()
-        self.grid_parts = [self.lp.grid]  # the LP's grid rows, joined once solved
+        self.grid_parts = [self.lp.grid]  # the LP's grid rows, joined once solved (_solution)
         self.rows = list(rows)
 
     def _add_grid_rows(self, rows: list[tuple[int, int]]) -> None:
@@ -289,12 +289,11 @@ class ClearingModel:
         np.add.at(q, (b.t_of_bid, b.area_of_bid), b.sign * b.tan_phi * x)
         return x[kept], p, q
 
-    def _area_prices(self) -> tuple[np.ndarray, np.ndarray]:
+    def _area_prices(self, rows: GridRows, duals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """EUR/MWh (EUR/Mvarh) of a free injection in each area and MTU: the duals of the grid
-        rows weighted by the area's coefficients, plus the trust region's (NaN in an area
-        without a bid in the MTU)."""
+        rows (``rows``, the LP's; ``duals`` of every row) weighted by the area's
+        coefficients, plus the trust region's (NaN in an area without a bid in the MTU)."""
         T, K, b = len(self.grid.mtus), self.grid.k, self.bids
-        duals = np.asarray(self.highs.getSolution().row_dual)
         price_p, price_q = np.zeros((T, K)), np.zeros((T, K))
         areas = self.lp.areas
         if areas is not None:  # the balance rows' duals (p_at - sum sigma x = 0)
@@ -302,7 +301,6 @@ class ClearingModel:
             if areas.q_row is not None:
                 price_q[b.pair_t, b.pair_area] = -duals[areas.q_row]
         else:
-            rows = GridRows.joined(self.grid_parts)
             y = duals[rows.row]
             for tt in np.unique(rows.rows[:, 0]):
                 i = rows.rows[:, 0] == tt
@@ -319,15 +317,16 @@ class ClearingModel:
         held = GridRows.joined(self.grid_parts)
         lp_solution = self.highs.getSolution()
         slack = np.asarray(lp_solution.col_value)[held.slack_col]
-        # The rows the optimum rests on (a dual price): the next LP of these bids starts
+        # The rows the optimum rests on (a dual price): the next LP on these MTUs starts
         # with them. (Every row held: as many generation rounds fewer, but building the rows
         # the optimum did not need cost more than the rounds; nodal, SimBench MV+LV.)
-        binding = held.rows[np.abs(np.asarray(lp_solution.row_dual)[held.row]) > 1e-9]
+        duals = np.asarray(lp_solution.row_dual)
+        binding = held.rows[np.abs(duals[held.row]) > 1e-9]
         slack_mw = np.zeros(T)
         if len(self.rows):  # the worst row of each MTU: MW the best area would need
             t = np.array([row[0] for row in self.rows], np.int64)
             np.maximum.at(slack_mw, t, slack)
-        price_p, price_q = self._area_prices()
+        price_p, price_q = self._area_prices(held, duals)
         info = self.highs.getInfo()
         self.stats = replace(
             self.stats,
