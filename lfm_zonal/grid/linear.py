@@ -189,6 +189,17 @@ class _PerLinearisation:
         self._by_id.move_to_end(key)
         return entry
 
+    def _drop_beyond_budget(self) -> None:
+        """Drop the least recently used entries that hold bytes (never the newest) until
+        the kept ones are within the budget."""
+        for key in list(self._by_id):
+            if self._bytes <= self.budget_bytes:
+                return
+            nbytes = self._entry_bytes(self._by_id[key])
+            if nbytes and key != next(reversed(self._by_id)):
+                self._bytes -= nbytes
+                del self._by_id[key]
+
 
 class StateSensitivities(_PerLinearisation):
     """dx per area injection (states x 2K, ``JacobianLinearisation.state_sensitivity``) of
@@ -234,15 +245,6 @@ class StateSensitivities(_PerLinearisation):
         c = lin.row_seeds(branches, buses) @ dx
         return c[:, :K], c[:, K:]
 
-    def _drop_beyond_budget(self) -> None:
-        for key in list(self._by_id):
-            if self._bytes <= self.budget_bytes:
-                return
-            entry = self._by_id[key]
-            if entry[1] is not None and key != next(reversed(self._by_id)):
-                self._bytes -= entry[1].nbytes
-                del self._by_id[key]
-
 
 class KnownRows(_PerLinearisation):
     """The coefficients of the rows already computed, per linearisation, up to
@@ -279,9 +281,7 @@ class KnownRows(_PerLinearisation):
         index.update(zip(rows.tolist(), range(n, n + len(rows)), strict=True))
         entry[2], entry[3] = np.concatenate([entry[2], cp]), np.concatenate([entry[3], cq])
         self._bytes += cp.nbytes + cq.nbytes
-        while self._bytes > self.budget_bytes and len(self._by_id) > 1:
-            _, dropped = self._by_id.popitem(last=False)
-            self._bytes -= self._entry_bytes(dropped)
+        self._drop_beyond_budget()
 
 
 @dataclass(frozen=True)
