@@ -471,3 +471,92 @@ def test_rows_without_their_small_terms_stay_on_the_safe_side(monkeypatch):
         <= short.objective_eur
         <= full.objective_eur + 0.01 * abs(full.objective_eur)
     )
+
+
+def _highs_basis(highs: highspy.Highs) -> tuple[np.ndarray, np.ndarray]:
+    basis = highs.getBasis()
+    return (
+        np.array([int(s) for s in basis.col_status]),
+        np.array([int(s) for s in basis.row_status]),
+    )
+
+
+def test_basis_statuses_read_from_the_solution_are_highs_own():
+    """``_basis_status`` (from the basic variables, the values and the duals) gives
+    getBasis's status of every column and row of an LP with each case by hand: basic,
+    nonbasic at a lower or an upper bound, and fixed columns and equality rows whose
+    side only their dual's sign tells (one each way)."""
+    lp = formulation.LpBuilder()
+    inf = np.inf
+    # x0, x1 basic on equality rows (cost +1 and -1: row duals of both signs); x2, x3 fixed
+    # (cost +1, -1); x4 at its upper bound, x5 at its lower; x6 and x7 basic under rows
+    # at their upper and lower bounds.
+    x = lp.columns(
+        [1.0, -1.0, 1.0, -1.0, -1.0, 1.0, -1.0, 1.0],
+        [0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, -5.0],
+        [5.0, 5.0, 1.0, 1.0, 3.0, 3.0, 10.0, 10.0],
+    )
+    r = lp.rows([1.0, 1.0, -inf, 1.0], [1.0, 1.0, 2.0, inf])
+    lp.coefficients(r, x[[0, 1, 6, 7]], np.ones(4))
+    highs = lp.highs()
+    highs.run()
+    col, row = _highs_basis(highs)
+    S = highspy.HighsBasisStatus
+    lower, upper, basic = int(S.kLower), int(S.kUpper), int(S.kBasic)
+    assert col[[2, 3, 4, 5]].tolist() == [lower, upper, upper, lower]
+    assert sorted(row[:2].tolist()) == [lower, upper]  # equality rows: one each side
+    assert row[2:].tolist() == [upper, lower] and (col[[0, 1, 6, 7]] == basic).all()
+    solution = highs.getSolution()
+    _, variables = highs.getBasicVariables()
+    read_col = market_module._basis_status(
+        x,
+        variables[variables >= 0],
+        np.asarray(solution.col_value),
+        np.asarray(solution.col_dual),
+        lp.col_bounds,
+        upper_if_fixed_dual=-1.0,
+    )
+    read_row = market_module._basis_status(
+        r,
+        -1 - variables[variables < 0],
+        np.asarray(solution.row_value),
+        np.asarray(solution.row_dual),
+        lp.row_bounds,
+        upper_if_fixed_dual=1.0,
+    )
+    np.testing.assert_array_equal(read_col, col)
+    np.testing.assert_array_equal(read_row, row)
+
+
+def test_every_clearing_lp_carries_highs_own_market_basis(monkeypatch):
+    """The market basis a solved clearing LP hands on (its bid steps and storage rows) is
+    getBasis's, in every LP of a clearing with batteries: steps basic and at both bounds,
+    storage rows basic and at a bound."""
+    pf, res, seg = market_case(
+        "cigre_mv", 1.25, 0.05, n_mtu=16, storage_units=2, storage_p_mw=2.0, storage_hours=0.5
+    )
+    zones = seg.zones(seg.n_buses)
+    grid = linear_grid(
+        pf, zones.aggregation(seg.weights), seg.sensitivity_method, mtus_to_clear(pf)
+    )
+    steps = build_bids(res, zones, pf.times, 4).steps
+    steps = steps[steps.mtu.isin(grid.mtus)].reset_index(drop=True)
+    read = ClearingModel._basis
+    seen_bid, seen_row = set(), set()
+
+    def compared(self, solution):
+        basis = read(self, solution)
+        col, row = _highs_basis(self.highs)
+        kept = self.lp.x_col >= 0
+        np.testing.assert_array_equal(basis.bid_status[kept], col[self.lp.x_col[kept]])
+        np.testing.assert_array_equal(basis.row_status, row[self.lp.storage_rows])
+        seen_bid.update(basis.bid_status[kept].tolist())
+        seen_row.update(basis.row_status.tolist())
+        return basis
+
+    monkeypatch.setattr(ClearingModel, "_basis", compared)
+    sol = solve_clearing(grid, steps, res.table)
+    assert sol.status is SolveStatus.OPTIMAL
+    S = highspy.HighsBasisStatus
+    assert seen_bid == {int(S.kLower), int(S.kUpper), int(S.kBasic)}
+    assert int(S.kBasic) in seen_row and len(seen_row) >= 2

@@ -151,8 +151,10 @@ class LpBuilder:
         return [np.clip(x, -INF, INF) for x in cols], [np.clip(x, -INF, INF) for x in rows], A
 
     def highs(self) -> highspy.Highs:
-        """A new HiGHS instance holding the LP (one ``passModel``)."""
+        """A new HiGHS instance holding the LP (one ``passModel``); its bounds are kept as
+        ``col_bounds`` and ``row_bounds`` (the basis statuses are read from them)."""
         (cost, lower, upper), (row_lower, row_upper), A = self._arrays()
+        self.col_bounds, self.row_bounds = (lower, upper), (row_lower, row_upper)
         A = A.tocsc()
         highs = highspy.Highs()
         highs.setOptionValue("output_flag", False)

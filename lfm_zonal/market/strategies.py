@@ -262,17 +262,29 @@ class ClearingModel:
         start.alien = True
         self.highs.setBasis(start)
 
-    def _basis(self) -> MarketBasis:
-        """The market side's part of the final basis."""
-        basis = self.highs.getBasis()
-        # int() of each status (2.7x faster than its .value; each list is built on access)
-        col = np.fromiter(map(int, basis.col_status), np.int8)
-        row = np.fromiter(map(int, basis.row_status), np.int8)
-        x_col = self.lp.x_col
-        bid = np.full(len(x_col), int(highspy.HighsBasisStatus.kLower), np.int8)
+    def _basis(self, solution: highspy.HighsSolution) -> MarketBasis:
+        """The market side's part of the final basis (``solution``: the LP's)."""
+        x_col, storage = self.lp.x_col, self.lp.storage_rows
         kept = x_col >= 0
-        bid[kept] = col[x_col[kept]]
-        return MarketBasis(bid, row[self.lp.storage_rows])
+        _, basic = self.highs.getBasicVariables()
+        bid = np.full(len(x_col), int(highspy.HighsBasisStatus.kLower), np.int8)
+        bid[kept] = _basis_status(
+            x_col[kept],
+            basic[basic >= 0],
+            np.asarray(solution.col_value),
+            np.asarray(solution.col_dual),
+            self.lp.builder.col_bounds,
+            upper_if_fixed_dual=-1.0,
+        )
+        row = _basis_status(
+            storage,
+            -1 - basic[basic < 0],
+            np.asarray(solution.row_value),
+            np.asarray(solution.row_dual),
+            self.lp.builder.row_bounds,
+            upper_if_fixed_dual=1.0,
+        )
+        return MarketBasis(bid, row)
 
     def _values(self):
         """Accepted MW of the selected steps, area injections p and q (T x K)."""
@@ -347,7 +359,7 @@ class ClearingModel:
             price_q,
             float(info.objective_function_value),
             self.stats,
-            self._basis(),
+            self._basis(lp_solution),
             binding,
         )
 
@@ -369,6 +381,33 @@ def _failed(T: int, K: int, n_bids: int, status: SolveStatus, stats: SolveStats)
         float("nan"),
         stats,
     )
+
+
+def _basis_status(
+    index: np.ndarray,
+    basic: np.ndarray,
+    value: np.ndarray,
+    dual: np.ndarray,
+    bounds: tuple[np.ndarray, np.ndarray],
+    upper_if_fixed_dual: float,
+) -> np.ndarray:
+    """HiGHS basis status codes of the columns (or rows) ``index`` of a solved LP, as
+    ``Highs.getBasis`` gives them, from its ``basic`` ones (``getBasicVariables``) and its
+    solution: a nonbasic one at the bound it sits nearer to (``bounds``: of the LP as
+    built); a fixed one at its upper bound where its dual has the sign of
+    ``upper_if_fixed_dual`` (-1 for columns, +1 for rows, HiGHS's sign conventions).
+    getBasis builds a Python list of every column's and row's status: 11 ms per nodal LP
+    of SimBench MV+LV, 3.6 s per nodal market, where this takes a fraction of one."""
+    lower, upper = bounds[0][index], bounds[1][index]
+    v, d = value[index], dual[index]
+    at_upper = np.where(
+        lower == upper, d * upper_if_fixed_dual > 0, np.abs(upper - v) < np.abs(v - lower)
+    )
+    status = np.where(
+        at_upper, int(highspy.HighsBasisStatus.kUpper), int(highspy.HighsBasisStatus.kLower)
+    ).astype(np.int8)
+    status[np.isin(index, basic)] = int(highspy.HighsBasisStatus.kBasic)
+    return status
 
 
 def _pairs(rows: list[tuple[int, int]]) -> np.ndarray:
