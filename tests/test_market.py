@@ -11,6 +11,7 @@ import pytest
 
 from lfm_zonal import Horizon, InputError, load_grid, load_profiles, run_horizon
 from lfm_zonal.check.ac import dispatched_net
+from lfm_zonal.market.bids import Bids, dispatch_steps
 from lfm_zonal.market.clearing import clear_market
 from lfm_zonal.market.resources import FlexibilitySpec, generate_resources, read_resources
 from lfm_zonal.zones.segmentation import prepare_segmentation
@@ -103,6 +104,30 @@ def test_the_market_takes_its_areas_as_plain_inputs(hand_case, monkeypatch):
     base = {pf.V[t].tobytes() for t in first.ac.loading_percent.index.map(pf.mtu_position)}
     assert not base & {V.tobytes() for V in linearised}
     assert again.kpis["cost_eur"] == first.kpis["cost_eur"]
+
+
+def test_an_accepted_step_is_dispatched_to_its_cheapest_resources_first():
+    """By hand: step 0 (r1 1 MW at 10, r2 2 MW at 20) accepted for 0.5 MW takes it from r1;
+    step 1 (r3) not accepted; step 2 (r4 1.5 MW at 7, r5 1 MW at 9, r6 at 30) accepted for
+    2 MW takes r4 whole and 0.5 MW of r5; an accepted id without members takes nothing. The
+    accepted MW in any order, zeros among them."""
+    members = pd.DataFrame(
+        {
+            "bid_id": [0, 0, 1, 2, 2, 2],
+            "resource_id": ["r1", "r2", "r3", "r4", "r5", "r6"],
+            "bus": [1, 2, 3, 4, 5, 6],
+            "quantity_mw": [1.0, 2.0, 1.0, 1.5, 1.0, 1.0],
+            "cost_eur_per_mwh": [10.0, 20.0, 5.0, 7.0, 9.0, 30.0],
+            "tan_phi": [0.0, 0.1, 0.0, 0.2, 0.3, 0.0],
+        }
+    )
+    accepted = pd.Series([2.0, 0.5, 0.0, 1.0], index=[2, 0, 1, 5])
+    used = dispatch_steps(Bids(pd.DataFrame(), members), accepted)
+    assert used.bid_id.tolist() == [0, 2, 2]
+    assert used.resource_id.tolist() == ["r1", "r4", "r5"]
+    assert used.bus.tolist() == [1, 4, 5]
+    np.testing.assert_allclose(used.dispatched_mw, [0.5, 1.5, 0.5])
+    np.testing.assert_allclose(used.tan_phi, [0.0, 0.2, 0.3])
 
 
 def test_hand_computed_optimum(hand_case):

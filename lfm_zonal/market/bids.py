@@ -43,7 +43,8 @@ STEP_COLUMNS = [
 @dataclass(frozen=True)
 class Bids:
     """``steps``: one row per bid step (``resource_id`` is set for storage steps only);
-    ``members``: bid_id, resource_id, bus, quantity_mw, cost_eur_per_mwh, tan_phi."""
+    ``members``: bid_id, resource_id, bus, quantity_mw, cost_eur_per_mwh, tan_phi, by
+    bid_id and each step's cheapest first."""
 
     steps: pd.DataFrame
     members: pd.DataFrame
@@ -187,7 +188,11 @@ def _sorted(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     keys = [frame[c].to_numpy() for c in columns]
     if any(k.dtype.kind not in "biuf" or (k.dtype.kind == "f" and np.isnan(k).any()) for k in keys):
         return frame.sort_values(columns, kind="stable", ignore_index=True)
-    return frame.take(np.lexsort(keys[::-1])).reset_index(drop=True)
+    out = frame.take(np.lexsort(keys[::-1]))
+    # A new index, not reset_index (which copies the taken frame again, block by block:
+    # 1.2 s of the nodal market's bids on SimBench MV+LV).
+    out.index = pd.RangeIndex(len(out))
+    return out
 
 
 def _decoded(frame: pd.DataFrame, text: dict) -> pd.DataFrame:
@@ -219,11 +224,20 @@ def dispatch_steps(bids: Bids, accepted_mw: pd.Series) -> pd.DataFrame:
 
     Returns bid_id, resource_id, bus, dispatched_mw, tan_phi (one row per resource used).
     """
-    members = bids.members
-    take = accepted_mw.reindex(members.bid_id.to_numpy()).fillna(0.0).to_numpy()
-    # Members are listed per step cheapest first.
+    accepted = accepted_mw[accepted_mw.to_numpy() > 0].sort_index()
+    # The members of the accepted steps only (a few percent of all on a big grid), found by
+    # bisection: they are listed by bid_id, each step's cheapest first.
+    listed, ids = bids.members.bid_id.to_numpy(), accepted.index.to_numpy()
+    first = np.searchsorted(listed, ids, "left")
+    count = np.searchsorted(listed, ids, "right") - first
+    members = bids.members.iloc[
+        np.arange(count.sum()) + np.repeat(first - count.cumsum() + count, count)
+    ]
     dispatched, _ = merit_order_fill(
-        members.quantity_mw.to_numpy(), members.bid_id.to_numpy(), np.arange(len(members)), take
+        members.quantity_mw.to_numpy(),
+        members.bid_id.to_numpy(),
+        np.arange(len(members)),
+        np.repeat(accepted.to_numpy(), count),
     )
     out = members.assign(dispatched_mw=dispatched)
     return out[out.dispatched_mw > 1e-9][

@@ -581,7 +581,7 @@ def _unmet_table(
 
 def _dispatch(bids: Bids, result: pd.DataFrame) -> pd.DataFrame:
     """Accepted steps dispatched to resources (cheapest first): signed change of net injection."""
-    by_id = result.set_index("bid_id")
+    by_id = result[result.accepted_mw.to_numpy() > 0].set_index("bid_id")
     used = dispatch_steps(bids, by_id.accepted_mw)
     step = by_id.loc[used.bid_id.to_numpy()]
     sign = np.where(step.direction.to_numpy() == "up", 1.0, -1.0)
