@@ -530,8 +530,10 @@ def test_basis_statuses_read_from_the_solution_are_highs_own():
 
 def test_every_clearing_lp_carries_highs_own_market_basis(monkeypatch):
     """The market basis a solved clearing LP hands on (its bid steps and storage rows) is
-    getBasis's, in every LP of a clearing with batteries: steps basic and at both bounds,
-    storage rows basic and at a bound."""
+    getBasis's, in every LP of a clearing with batteries and of a margin round after it
+    (the bids of the MTUs a battery links to the re-cleared ones held: fixed columns,
+    whose side only their dual tells): steps basic and at both bounds, storage rows
+    basic and at a bound."""
     pf, res, seg = market_case(
         "cigre_mv", 1.25, 0.05, n_mtu=16, storage_units=2, storage_p_mw=2.0, storage_hours=0.5
     )
@@ -541,8 +543,11 @@ def test_every_clearing_lp_carries_highs_own_market_basis(monkeypatch):
     )
     steps = build_bids(res, zones, pf.times, 4).steps
     steps = steps[steps.mtu.isin(grid.mtus)].reset_index(drop=True)
+    linked = [3, 4, 5, 9]  # the batteries bid in these MTUs only: one LP block
+    storage = steps.resource_id != ""
+    steps = steps[~storage | steps.mtu.isin(grid.mtus[linked])].reset_index(drop=True)
     read = ClearingModel._basis
-    seen_bid, seen_row = set(), set()
+    seen_bid, seen_row, fixed = set(), set(), []
 
     def compared(self, solution):
         basis = read(self, solution)
@@ -552,11 +557,45 @@ def test_every_clearing_lp_carries_highs_own_market_basis(monkeypatch):
         np.testing.assert_array_equal(basis.row_status, row[self.lp.storage_rows])
         seen_bid.update(basis.bid_status[kept].tolist())
         seen_row.update(basis.row_status.tolist())
+        lower, upper = (b[self.lp.x_col[kept]] for b in self.lp.builder.col_bounds)
+        fixed.extend(basis.bid_status[kept][lower == upper].tolist())
         return basis
 
     monkeypatch.setattr(ClearingModel, "_basis", compared)
-    sol = solve_clearing(grid, steps, res.table)
-    assert sol.status is SolveStatus.OPTIMAL
+    quota = np.full(len(grid.mtus), 1.0)
+    first = solve_clearing(grid, steps, res.table, quota_mw=quota)
+    assert first.status is SolveStatus.OPTIMAL
+    only = np.zeros(len(grid.mtus), bool)
+    only[4] = True  # re-cleared: the battery's other MTUs 3, 5, 9 held in its block
+    market = MarketBids(grid.mtus, grid.k, grid.dt_h, steps, res.table)
+    again = solve_clearing(
+        grid,
+        steps,
+        res.table,
+        quota_mw=quota,
+        market=market.held(~only[market.t_of_bid], first.accepted_mw),
+        include=first.accepted_mw > 0,
+        basis=first.basis,
+        only=only,
+        previous=first,
+    )
+    assert again.status is SolveStatus.OPTIMAL
     S = highspy.HighsBasisStatus
     assert seen_bid == {int(S.kLower), int(S.kUpper), int(S.kBasic)}
     assert int(S.kBasic) in seen_row and len(seen_row) >= 2
+    assert {int(S.kLower), int(S.kUpper)} <= set(fixed)  # held steps on both sides
+
+
+def test_an_lp_without_matrix_entries_hands_on_its_basis():
+    """A trust-region LP of an MTU far from its limits (no grid row) whose only bounded
+    area has nothing selected: rows (its trust row) but no matrix entry. HiGHS solves it
+    without the simplex, where getBasicVariables would end the process; its basis is
+    getBasis's, and nothing is bought."""
+    grid = _two_lines(np.array([[50.0, 50.0]]))  # no row within the screen's margin
+    penalty = DEFAULT_PENALTY_EUR_PER_MWH
+    bids = _bids([0, 1], ["up", "up"], [5.0, 1.0], [2.0 * penalty, 10.0])
+    bounds = (np.array([[-1.0, -np.inf]]), np.array([[1.0, np.inf]]))
+    sol = solve_clearing(grid, bids, p_bounds=bounds)
+    assert sol.status is SolveStatus.OPTIMAL
+    np.testing.assert_array_equal(sol.accepted_mw, [0.0, 0.0])
+    assert sol.basis.bid_status.tolist() == [int(highspy.HighsBasisStatus.kLower)] * 2

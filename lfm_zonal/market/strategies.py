@@ -266,8 +266,17 @@ class ClearingModel:
         """The market side's part of the final basis (``solution``: the LP's)."""
         x_col, storage = self.lp.x_col, self.lp.storage_rows
         kept = x_col >= 0
-        _, basic = self.highs.getBasicVariables()
         bid = np.full(len(x_col), int(highspy.HighsBasisStatus.kLower), np.int8)
+        if self.highs.getNumNz() == 0:
+            # No matrix entry (no grid row, no storage, no balance): HiGHS solves it without
+            # the simplex, and getBasicVariables then ends the process (a segmentation
+            # fault, highspy 1.11-1.13). Such an LP is small: its basis as getBasis has it.
+            basis = self.highs.getBasis()
+            col = np.array([int(s) for s in basis.col_status], np.int8)
+            row = np.array([int(s) for s in basis.row_status], np.int8)
+            bid[kept] = col[x_col[kept]]
+            return MarketBasis(bid, row[storage])
+        _, basic = self.highs.getBasicVariables()
         bid[kept] = _basis_status(
             x_col[kept],
             basic[basic >= 0],
