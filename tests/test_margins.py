@@ -130,33 +130,37 @@ def test_a_zonal_market_meets_in_ac_what_its_model_meets(ieee33_case, monkeypatc
     assert k["cost_eur"] >= nodal.kpis["cost_eur"] * (1 - SLP_COST_RTOL)
 
 
-def test_a_margin_round_keeps_the_mtus_it_does_not_clear():
-    """``solve_clearing`` with ``only`` (a margin round): the MTUs not flagged keep the
-    previous solution, those standing alone exactly (not solved), those a battery links to
-    a flagged MTU (one LP block) through their bids held (``MarketBids.held``); with the
-    same limits the flagged MTUs reach the same optimum again."""
+#: The batteries of ``battery_case`` bid in these MTU positions only: one LP block.
+LINKED = [3, 4, 5, 9]
+
+
+def battery_case(k: int | None = 2):
+    """CIGRE MV at 125% load with two batteries, 16 MTUs, in ``k`` zones (None: one per
+    bus): the linear grid of the MTUs to clear, their bid steps (the batteries' in LINKED
+    only) and the resources."""
     pf, res, seg = market_case(
         "cigre_mv", 1.25, 0.05, n_mtu=16, storage_units=2, storage_p_mw=2.0, storage_hours=0.5
     )
-    zones = seg.zones(2)
+    zones = seg.zones(seg.n_buses if k is None else k)
     grid = linear_grid(
         pf, zones.aggregation(seg.weights), seg.sensitivity_method, mtus_to_clear(pf)
     )
     steps = build_bids(res, zones, pf.times, 4).steps
     steps = steps[steps.mtu.isin(grid.mtus)].reset_index(drop=True)
-    linked = [3, 4, 5, 9]  # the batteries bid in these MTUs only: one block
     storage = steps.resource_id != ""
-    steps = steps[~storage | steps.mtu.isin(grid.mtus[linked])].reset_index(drop=True)
+    steps = steps[~storage | steps.mtu.isin(grid.mtus[LINKED])].reset_index(drop=True)
     assert (steps.resource_id != "").any()
-    quota = np.full(len(grid.mtus), 1.0)
-    previous = solve_clearing(grid, steps, res.table, quota_mw=quota)
-    only = np.zeros(len(grid.mtus), bool)
-    only[[4, 7]] = True  # one MTU in the battery's block, one standing alone
-    market = MarketBids(grid.mtus, grid.k, grid.dt_h, steps, res.table)
+    return grid, steps, res
+
+
+def margin_round(grid, steps, table, previous, only, quota):
+    """``solve_clearing`` as a margin round clears: the MTUs ``only`` again, the bids of
+    those a battery links to them held at ``previous``; and each bid's MTU position."""
+    market = MarketBids(grid.mtus, grid.k, grid.dt_h, steps, table)
     again = solve_clearing(
         grid,
         steps,
-        res.table,
+        table,
         quota_mw=quota,
         market=market.held(~only[market.t_of_bid], previous.accepted_mw),
         include=previous.accepted_mw > 0,
@@ -164,9 +168,22 @@ def test_a_margin_round_keeps_the_mtus_it_does_not_clear():
         only=only,
         previous=previous,
     )
+    return again, market.t_of_bid
+
+
+def test_a_margin_round_keeps_the_mtus_it_does_not_clear():
+    """``solve_clearing`` with ``only`` (a margin round): the MTUs not flagged keep the
+    previous solution, those standing alone exactly (not solved), those a battery links to
+    a flagged MTU (one LP block) through their bids held (``MarketBids.held``); with the
+    same limits the flagged MTUs reach the same optimum again."""
+    grid, steps, res = battery_case()
+    quota = np.full(len(grid.mtus), 1.0)
+    previous = solve_clearing(grid, steps, res.table, quota_mw=quota)
+    only = np.zeros(len(grid.mtus), bool)
+    only[[4, 7]] = True  # one MTU in the battery's block, one standing alone
+    again, t = margin_round(grid, steps, res.table, previous, only, quota)
     assert again.status is SolveStatus.OPTIMAL
-    t = market.t_of_bid
-    alone = ~np.isin(t, linked + [7])
+    alone = ~np.isin(t, LINKED + [7])
     assert alone.any()
     np.testing.assert_array_equal(again.accepted_mw[alone], previous.accepted_mw[alone])
     linked_held = np.isin(t, [3, 5, 9])

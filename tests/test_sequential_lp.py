@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from test_ac_check import factorisations  # noqa: F401  (fixture)
+from test_margins import battery_case, margin_round
 from test_market import clear_on, hand_case, market_case  # noqa: F401  (module fixture)
 
 import lfm_zonal.market.clearing as clearing_module
@@ -534,18 +535,7 @@ def test_every_clearing_lp_carries_highs_own_market_basis(monkeypatch):
     (the bids of the MTUs a battery links to the re-cleared ones held: fixed columns,
     whose side only their dual tells): steps basic and at both bounds, storage rows
     basic and at a bound."""
-    pf, res, seg = market_case(
-        "cigre_mv", 1.25, 0.05, n_mtu=16, storage_units=2, storage_p_mw=2.0, storage_hours=0.5
-    )
-    zones = seg.zones(seg.n_buses)
-    grid = linear_grid(
-        pf, zones.aggregation(seg.weights), seg.sensitivity_method, mtus_to_clear(pf)
-    )
-    steps = build_bids(res, zones, pf.times, 4).steps
-    steps = steps[steps.mtu.isin(grid.mtus)].reset_index(drop=True)
-    linked = [3, 4, 5, 9]  # the batteries bid in these MTUs only: one LP block
-    storage = steps.resource_id != ""
-    steps = steps[~storage | steps.mtu.isin(grid.mtus[linked])].reset_index(drop=True)
+    grid, steps, res = battery_case(k=None)
     read = ClearingModel._basis
     seen_bid, seen_row, fixed = set(), set(), []
 
@@ -567,18 +557,7 @@ def test_every_clearing_lp_carries_highs_own_market_basis(monkeypatch):
     assert first.status is SolveStatus.OPTIMAL
     only = np.zeros(len(grid.mtus), bool)
     only[4] = True  # re-cleared: the battery's other MTUs 3, 5, 9 held in its block
-    market = MarketBids(grid.mtus, grid.k, grid.dt_h, steps, res.table)
-    again = solve_clearing(
-        grid,
-        steps,
-        res.table,
-        quota_mw=quota,
-        market=market.held(~only[market.t_of_bid], first.accepted_mw),
-        include=first.accepted_mw > 0,
-        basis=first.basis,
-        only=only,
-        previous=first,
-    )
+    again, _ = margin_round(grid, steps, res.table, first, only, quota)
     assert again.status is SolveStatus.OPTIMAL
     S = highspy.HighsBasisStatus
     assert seen_bid == {int(S.kLower), int(S.kUpper), int(S.kBasic)}
