@@ -325,6 +325,86 @@ def test_a_big_sensitivity_matrix_is_written_as_npz_by_default(tmp_path, capsys,
 # --------------------------------------------------------------------------- compact tables
 
 
+def _awkward_table(n: int, seed: int = 0) -> pd.DataFrame:
+    """Every kind of column a results table has, and the awkward values of each."""
+    rng = np.random.default_rng(seed)
+    times = pd.date_range("2016-04-16", periods=96, freq="15min")
+    frame = pd.DataFrame(
+        {
+            "method": rng.choice(["nodal", "a,b", 'q"x', "new\nline", "", None], n),
+            "k": rng.integers(-5, 10**12, n),
+            "time": times[rng.integers(0, 96, n)],
+            "day": pd.Timestamp("2016-01-01") + pd.to_timedelta(rng.integers(0, 3, n), "D"),
+            "x_mw": rng.normal(size=n) * 10.0 ** rng.integers(-12, 12, n),
+            "flag": rng.random(n) > 0.5,
+            "small": rng.integers(0, 5, n).astype(np.uint8),
+            "single": rng.normal(size=n).astype(np.float32),
+            "mixed": np.array([1.5, "s", None, np.nan, 3], dtype=object)[rng.integers(0, 5, n)],
+        }
+    )
+    frame.loc[rng.random(n) < 0.1, "x_mw"] = np.nan
+    frame.loc[3, "x_mw"], frame.loc[4, "x_mw"] = -0.0, np.inf
+    frame.loc[rng.random(n) < 0.05, "time"] = pd.NaT
+    # pandas writes a dates-only chunk as dates, another with times of day in full
+    frame.loc[: n // 2, "day"] = pd.Timestamp("2016-01-01")
+    frame.loc[n - 2, "day"] = pd.Timestamp("2016-01-01 12:00")
+    return frame
+
+
+def test_tables_are_written_as_pandas_writes_them(tmp_path, monkeypatch):
+    """write_csv and write_table (plain and gzip) write the bytes of pandas' to_csv with
+    FLOAT_FORMAT: every column kind, missing values, text needing quotes, named and
+    unnamed index levels, a column kind (categorical) and a header (MultiIndex) left to
+    pandas; over several chunks of rows, a dates-only column written as pandas writes it
+    in each (dates alone, or with the time of day where one has it)."""
+    import lfm_zonal.files.outputs as outputs
+
+    options = {"float_format": outputs.FLOAT_FORMAT, "lineterminator": "\n"}
+    ours, theirs = tmp_path / "ours.csv", tmp_path / "theirs.csv"
+    # pandas' own chunks: 12,000 rows of 9 columns are two
+    frame = _awkward_table(12_000)
+    outputs.write_csv(frame, ours, index=False)
+    frame.to_csv(theirs, index=False, **options)
+    assert ours.read_bytes() == theirs.read_bytes()
+    written = ours.read_text()
+    assert ",2016-01-01," in written and ",2016-01-01 00:00:00," in written
+    assert '"a,b"' in written and '"q""x"' in written and '"new\nline"' in written
+
+    monkeypatch.setattr(outputs, "TEXT_FLOATS_FROM_ROWS", 10)
+    monkeypatch.setattr(outputs, "CSV_CHUNK_CELLS", 2000)  # chunks of 2000 // columns rows
+    frame = _awkward_table(1200, seed=1)
+    cases = {
+        "plain": (frame, False),
+        "index": (frame.set_index("k"), True),
+        "two named levels": (frame.set_index(["method", "k"]), True),
+        "unnamed index": (frame.set_axis(pd.RangeIndex(len(frame)) * 2), True),
+        "float index": (frame.set_axis(pd.Index(np.linspace(-1, 1, len(frame)))), True),
+        "categorical": (frame.assign(c=pd.Categorical(frame.flag.map(str))), False),
+        "column levels": (
+            frame[["k", "x_mw"]].set_axis(pd.MultiIndex.from_tuples([("a", 1), ("b", 2)]), axis=1),
+            True,
+        ),
+        "number labels": (frame[["k", "x_mw"]].set_axis([0, 1], axis=1), True),
+    }
+    for name, (table, index) in cases.items():
+        outputs.write_csv(table, ours, index=index)
+        table.to_csv(theirs, index=index, chunksize=2000 // len(table.columns), **options)
+        assert ours.read_bytes() == theirs.read_bytes(), name
+
+    monkeypatch.setattr(outputs, "GZIP_ABOVE_ROWS", 100)
+    (tmp_path / "pandas").mkdir()
+    packed = outputs.write_table(frame, tmp_path / "table.csv")
+    frame.to_csv(
+        tmp_path / "pandas" / "table.csv.gz",  # the file's name is in the gzip header
+        index=False,
+        chunksize=2000 // len(frame.columns),
+        compression={"method": "gzip", **outputs.GZIP_LEVEL},
+        **options,
+    )
+    assert packed.name == "table.csv.gz"
+    assert packed.read_bytes() == (tmp_path / "pandas" / "table.csv.gz").read_bytes()
+
+
 def test_big_result_tables_are_written_gzip_compressed(tmp_path, capsys, monkeypatch):
     """Above GZIP_ABOVE_ROWS rows a table is NAME.csv.gz with the same columns and numbers,
     the same bytes on every run; below it the CSV is as before."""
