@@ -353,6 +353,15 @@ class LinearisationCache:
         matrices = [m for m in (lin.dloading_dx, lin.E_p, lin.E_q, lin.J) if m is not None]
         return lu_bytes + sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in matrices)
 
+    def held(self, V: np.ndarray) -> JacobianLinearisation | None:
+        """The linearisation at internal voltages ``V`` if kept, else None (nothing made)."""
+        key = np.ascontiguousarray(V).tobytes()
+        entry = self._by_point.get(key)
+        if entry is None:
+            return None
+        self._by_point.move_to_end(key)
+        return entry[0]
+
     def at(self, V: np.ndarray) -> JacobianLinearisation:
         """The linearisation at internal voltages ``V``, linearised on first use."""
         key = np.ascontiguousarray(V).tobytes()

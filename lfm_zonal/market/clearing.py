@@ -409,7 +409,7 @@ def _clear_in_model(
         solved_points = np.full_like(pf.V, np.nan)
         solved_points[grid.mtus] = slp.ac_point
     started = time.perf_counter()
-    ac = ac_check(pf, dispatch, solved_points)
+    ac = ac_check(pf, dispatch, solved_points, cache)
     ac_s = time.perf_counter() - started
     mtus = grid.mtus
     real = grid.violations(ac.loading_percent.to_numpy()[mtus], ac.vm_pu.to_numpy()[mtus])

@@ -764,7 +764,7 @@ def sequential_clearing(
         )
         require_optimal(sol, f"clearing with K = {k}")
         solved += sol.stats
-        this = _judge(pf, lp_grid, lp_V, market, sol, W, scales, penalty_eur_per_mwh, number)
+        this = _judge(pf, lp_grid, lp_V, market, sol, W, scales, penalty_eur_per_mwh, number, cache)
         step = np.abs(sol.p_mw - p0).max(axis=1, initial=0.0)
         if best is None or _better(this, best):
             settled = best is not None and _close(best.merit, this.merit)
@@ -810,16 +810,20 @@ def sequential_clearing(
     return best.sol, best.grid, solved, course
 
 
-def _judge(pf, lp_grid, lp_V, market, sol, W, scales, penalty_eur_per_mwh, number) -> _Round:
+def _judge(
+    pf, lp_grid, lp_V, market, sol, W, scales, penalty_eur_per_mwh, number, cache=None
+) -> _Round:
     """AC power flow of a round's market model, its merit per MTU (bid cost plus the AC
     residual priced as the LP's slacks; inf where the flow diverged) and whether AC is as
     the round's linear model said. ``lp_V``: the internal voltages per MTU the round's
-    grid was linearised at."""
+    grid was linearised at; ``cache``: the study's linearisations (``solve_with_injections``)."""
     # From the round's linearisation point (the best AC point so far; the base case in round
     # 1), with the Jacobian factorised there where the grid rows hold it (adjoint rows): the
     # first Newton step is then the LP's own linear prediction. On SimBench
     # 1-MVLV-rural-all-0-sw (72 MTUs, 3 rounds) factorisations per MTU and round: nodal 2.9
-    # -> 1.1, K = 64 (adjoint) 2.9 -> 1.07, K = 4 (dense) 2.9 -> 1.9.
+    # -> 1.1, K = 64 (adjoint) 2.9 -> 1.07, K = 4 (dense) 2.9 -> 1.9. Dense rows hold none:
+    # the first step takes the factorisation of that point's linearisation where the
+    # study's cache keeps it (all of SimBench MV's, a few of the MV+LV grid's).
     held = getattr(lp_grid.rows, "linearisations", None)
     V, ok = solve_with_injections(
         pf,
@@ -828,6 +832,7 @@ def _judge(pf, lp_grid, lp_V, market, sol, W, scales, penalty_eur_per_mwh, numbe
         sol.q_mvar @ W.T,
         lp_V,
         None if held is None else [lin.lu for lin in held],
+        cache=cache,
     )
     excess = np.full((len(lp_grid.mtus), lp_grid.n_rows), np.inf)
     model = pf.model
