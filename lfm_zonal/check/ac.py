@@ -160,12 +160,10 @@ def ac_check(
     factorisation where ``cache`` (the study's linearisations) holds it.
     """
     model = pf.model
-    loading = pf.loading_percent.copy()
-    vm = pf.vm_pu.copy()
     converged = pf.converged.copy()
     failures = []
     if dispatch.empty:
-        return ACCheck(loading, vm, converged, ())
+        return ACCheck(pf.loading_percent.copy(), pf.vm_pu.copy(), converged, ())
     mtus = np.unique(dispatch.mtu.to_numpy(np.int64))
     position = pd.Series(np.arange(len(model.buses)), index=model.buses)
     p = np.zeros((len(mtus), len(model.buses)))
@@ -179,7 +177,8 @@ def ac_check(
     )
     V_all = np.full_like(pf.V, np.nan)
     V_all[mtus[ok]] = V[ok]
-    loading_values, vm_values = loading.to_numpy(copy=True), vm.to_numpy(copy=True)
+    loading_values = pf.loading_percent.to_numpy(copy=True)
+    vm_values = pf.vm_pu.to_numpy(copy=True)
     for i, t in enumerate(mtus):
         if ok[i]:
             loading_values[t] = model.loading_percent(V[i])
@@ -190,8 +189,10 @@ def ac_check(
                 f"MTU {t} ({pf.times[t]}): AC power flow after dispatch did not converge"
             )
     converged.iloc[mtus[~ok]] = False
-    loading = pd.DataFrame(loading_values, index=loading.index, columns=loading.columns)
-    vm = pd.DataFrame(vm_values, index=vm.index, columns=vm.columns)
+    loading = pd.DataFrame(
+        loading_values, index=pf.loading_percent.index, columns=pf.loading_percent.columns
+    )
+    vm = pd.DataFrame(vm_values, index=pf.vm_pu.index, columns=pf.vm_pu.columns)
     return ACCheck(loading, vm, converged, tuple(failures), V_all)
 
 
