@@ -11,7 +11,7 @@ import pytest
 
 from lfm_zonal import Horizon, InputError, load_grid, load_profiles, run_horizon
 from lfm_zonal.check.ac import dispatched_net
-from lfm_zonal.market.bids import Bids, dispatch_steps
+from lfm_zonal.market.bids import Bids, dispatch_steps, sorted_rows
 from lfm_zonal.market.clearing import clear_market
 from lfm_zonal.market.resources import FlexibilitySpec, generate_resources, read_resources
 from lfm_zonal.zones.segmentation import prepare_segmentation
@@ -128,6 +128,33 @@ def test_an_accepted_step_is_dispatched_to_its_cheapest_resources_first():
     assert used.bus.tolist() == [1, 4, 5]
     np.testing.assert_allclose(used.dispatched_mw, [0.5, 1.5, 0.5])
     np.testing.assert_allclose(used.tan_phi, [0.0, 0.2, 0.3])
+
+
+def test_rows_are_sorted_as_pandas_sorts_them():
+    """sorted_rows gives the order of pandas' stable sort_values: numeric and text keys
+    (codes in pandas' order of the text: upper case first, digits by character), ties
+    kept in their order; keys with NaN, missing text or mixed kinds left to pandas."""
+    rng = np.random.default_rng(3)
+    n = 400
+    frame = pd.DataFrame(
+        {
+            "mtu": rng.integers(0, 5, n),
+            "resource_id": rng.choice(["load10-1", "load9-0", "Load2-0", "sgen1-2", "b"], n),
+            "direction": rng.choice(["up", "down"], n),
+            "price": rng.choice([3.5, 1.0, -2.0], n),
+            "row": np.arange(n),
+        }
+    )
+    cases = [
+        (frame, ["mtu", "resource_id", "direction"]),
+        (frame, ["direction", "price"]),  # ties: kept in their order
+        (frame.assign(price=frame.price.where(frame.row % 7 > 0)), ["price", "mtu"]),
+        (frame.assign(resource_id=frame.resource_id.where(frame.row % 5 > 0)), ["resource_id"]),
+        (frame.assign(resource_id=frame.resource_id.where(frame.row % 5 > 0, 3)), ["mtu"]),
+    ]
+    for table, columns in cases:
+        expected = table.sort_values(columns, kind="stable", ignore_index=True)
+        pd.testing.assert_frame_equal(sorted_rows(table, columns), expected)
 
 
 def test_hand_computed_optimum(hand_case):

@@ -118,7 +118,7 @@ def build_bids(
     # the text is put back at the end, the same rows in the same order.
     offers, text = _coded(offers, ["aggregator", "direction", "resource_id"])
     curve = ["mtu", "zone", "direction", "aggregator"]
-    offers = _sorted(offers, [*curve, "storage", "cost_eur_per_mwh", "resource_id"])
+    offers = sorted_rows(offers, [*curve, "storage", "cost_eur_per_mwh", "resource_id"])
     # Block number within each curve: storage units alone, the rest in <= max_steps blocks.
     # (Sorted by curve first, so each curve's offers are consecutive.)
     plain = ~offers.storage.to_numpy()
@@ -152,7 +152,7 @@ def build_bids(
     )
     steps["price_eur_per_mwh"] = np.round(steps.qc / steps.quantity_mw, 4)
     steps["tan_phi"] = steps.qt / steps.quantity_mw
-    steps = _sorted(steps, [*curve[:3], "price_eur_per_mwh", "aggregator", "block"])
+    steps = sorted_rows(steps, [*curve[:3], "price_eur_per_mwh", "aggregator", "block"])
     steps["step"] = steps.groupby(curve).cumcount() + 1
     steps["bid_id"] = np.arange(len(steps))
     steps["time"] = times[steps.mtu.to_numpy()]
@@ -161,7 +161,7 @@ def build_bids(
         key.get_indexer(pd.MultiIndex.from_frame(offers[[*curve, "block"]]))
     ]
     members = offers[["bid_id", "resource_id", "bus", "quantity_mw", "cost_eur_per_mwh", "tan_phi"]]
-    members = _sorted(members, ["bid_id", "cost_eur_per_mwh", "resource_id"])
+    members = sorted_rows(members, ["bid_id", "cost_eur_per_mwh", "resource_id"])
     steps = _decoded(steps, text | {"first_resource": text.get("resource_id")})
     steps["resource_id"] = np.where(steps.storage, steps.first_resource, "")
     return Bids(steps[STEP_COLUMNS], _decoded(members, text))
@@ -181,13 +181,19 @@ def _coded(frame: pd.DataFrame, columns: list[str]) -> tuple[pd.DataFrame, dict]
     return out, text
 
 
-def _sorted(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+def sorted_rows(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """``frame.sort_values(columns, kind="stable", ignore_index=True)``: by ``np.lexsort``
-    (stable too) where every key is numeric without NaN, the same order without pandas'
-    factorising each key."""
-    keys = [frame[c].to_numpy() for c in columns]
-    if any(k.dtype.kind not in "biuf" or (k.dtype.kind == "f" and np.isnan(k).any()) for k in keys):
-        return frame.sort_values(columns, kind="stable", ignore_index=True)
+    (stable too) where every key is numeric without NaN or text, a text key by its codes in
+    the order pandas sorts its values (``pandas.factorize(sort=True)``), the same order
+    without pandas' sorting machinery; other keys are left to pandas."""
+    keys = []
+    for column in columns:
+        key = frame[column].to_numpy()
+        if key.dtype.kind == "O" and pd.api.types.infer_dtype(key, skipna=False) == "string":
+            key = pd.factorize(key, sort=True)[0]
+        if key.dtype.kind not in "biuf" or (key.dtype.kind == "f" and np.isnan(key).any()):
+            return frame.sort_values(columns, kind="stable", ignore_index=True)
+        keys.append(key)
     out = frame.take(np.lexsort(keys[::-1]))
     # A new index, not reset_index (which copies the taken frame again, block by block:
     # 1.2 s of the nodal market's bids on SimBench MV+LV).

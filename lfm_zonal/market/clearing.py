@@ -58,6 +58,7 @@ from lfm_zonal.market.bids import (
     build_bids,
     dispatch_steps,
     merit_order_fill,
+    sorted_rows,
 )
 from lfm_zonal.market.lp import Solution, SolveStats, SolveStatus, require_optimal
 from lfm_zonal.market.needs import dso_needs
@@ -400,7 +401,7 @@ def _clear_in_model(
         status, accepted = solution.status, solution.accepted_mw
         price = _bid_prices(active, solution, grid)
     dt = pf.profiles.horizon.mtu_hours
-    dispatch = _dispatch(inputs.bids, _bid_table(active, active.index, accepted, price, dt))
+    dispatch = _dispatch(inputs.bids, active, accepted)
     # Kept by the AC check where they solve the dispatch's injections: a margin round's
     # clearing before (the MTUs it did not clear again); the best round's AC point, the
     # market's model of this dispatch (the nodal market's, see ac_check).
@@ -579,10 +580,13 @@ def _unmet_table(
     )
 
 
-def _dispatch(bids: Bids, result: pd.DataFrame) -> pd.DataFrame:
-    """Accepted steps dispatched to resources (cheapest first): signed change of net injection."""
-    by_id = result[result.accepted_mw.to_numpy() > 0].set_index("bid_id")
-    used = dispatch_steps(bids, by_id.accepted_mw)
+def _dispatch(bids: Bids, steps: pd.DataFrame, accepted: np.ndarray) -> pd.DataFrame:
+    """The ``accepted`` MW of each of ``steps`` (bid steps; above 1e-9 MW, as ``_bid_table``
+    counts them accepted) dispatched to resources, cheapest first: signed change of net
+    injection."""
+    taken = accepted > 1e-9
+    by_id = steps[taken].set_index("bid_id")
+    used = dispatch_steps(bids, pd.Series(accepted[taken], index=by_id.index))
     step = by_id.loc[used.bid_id.to_numpy()]
     sign = np.where(step.direction.to_numpy() == "up", 1.0, -1.0)
     out = pd.DataFrame(
@@ -599,7 +603,7 @@ def _dispatch(bids: Bids, result: pd.DataFrame) -> pd.DataFrame:
             "q_mvar": sign * used.dispatched_mw.to_numpy() * used.tan_phi.to_numpy(),
         }
     )
-    return out.sort_values(["mtu", "resource_id", "direction"], ignore_index=True)
+    return sorted_rows(out, ["mtu", "resource_id", "direction"])
 
 
 def _kpis(
