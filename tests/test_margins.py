@@ -130,6 +130,30 @@ def test_a_zonal_market_meets_in_ac_what_its_model_meets(ieee33_case, monkeypatc
     assert k["cost_eur"] >= nodal.kpis["cost_eur"] * (1 - SLP_COST_RTOL)
 
 
+def test_a_margin_round_expects_of_every_mtu_what_its_model_says(ieee33_case, monkeypatch):
+    """A margin round works its model's excess out again in the MTUs it clears again only
+    (the others keep their dispatch): every clearing's is its model's of its whole
+    dispatch, of the zonal and of the needs-based market."""
+    pf, res, seg = ieee33_case
+    cleared = []
+    inner = clearing_module._clear_in_model
+
+    def spy(pf, method, k, inputs, resources_table, penalty, cache, margins, last):
+        out = inner(pf, method, k, inputs, resources_table, penalty, cache, margins, last)
+        partly = last is not None and not margins.grown.all()
+        cleared.append((inputs.active, out[0], partly))
+        return out
+
+    monkeypatch.setattr(clearing_module, "_clear_in_model", spy)
+    for method in ("zonal", "needs_based"):
+        clear_market(pf, res, method, seg.zones(2), weights=seg.weights)
+    assert any(partly for _, _, partly in cleared)  # a margin round on some MTUs
+    for active, this, _ in cleared:
+        p, q = clearing_module._area_injections(active, this.accepted, this.grid)
+        whole = this.grid.violations(*this.grid.after(p, q))
+        np.testing.assert_array_equal(this.predicted, whole)
+
+
 #: The batteries of ``battery_case`` bid in these MTU positions only: one LP block.
 LINKED = [3, 4, 5, 9]
 

@@ -414,7 +414,14 @@ def _clear_in_model(
     ac_s = time.perf_counter() - started
     mtus = grid.mtus
     real = grid.violations(ac.loading_percent.to_numpy()[mtus], ac.vm_pu.to_numpy()[mtus])
-    predicted = grid.violations(*grid.after(*_area_injections(active, accepted, grid)))
+    p, q = _area_injections(active, accepted, grid)
+    if last is None or last.grid is not grid:
+        predicted = grid.violations(*grid.after(p, q))
+    else:  # a margin round: the MTUs not cleared again keep their dispatch, and its model
+        grown = margins.grown
+        predicted = last.predicted.copy()
+        cleared = grid.select(grown)
+        predicted[grown] = cleared.violations(*cleared.after(p[grown], q[grown]))
     unmet = margins.unmet(real, predicted)
     in_tolerances = real / grid.row_tolerances()  # > 1: violated (NaN: not converged)
     # What the AC check leaves, to rank the clearings: MTUs whose check failed, then every
