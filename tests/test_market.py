@@ -11,7 +11,7 @@ import pytest
 
 from lfm_zonal import Horizon, InputError, load_grid, load_profiles, run_horizon
 from lfm_zonal.check.ac import dispatched_net
-from lfm_zonal.market.bids import Bids, dispatch_steps, sorted_rows
+from lfm_zonal.market.bids import Bids, build_bids, dispatch_steps, sorted_rows
 from lfm_zonal.market.clearing import clear_market
 from lfm_zonal.market.resources import FlexibilitySpec, generate_resources, read_resources
 from lfm_zonal.zones.segmentation import prepare_segmentation
@@ -128,6 +128,55 @@ def test_an_accepted_step_is_dispatched_to_its_cheapest_resources_first():
     assert used.bus.tolist() == [1, 4, 5]
     np.testing.assert_allclose(used.dispatched_mw, [0.5, 1.5, 0.5])
     np.testing.assert_allclose(used.tan_phi, [0.0, 0.2, 0.3])
+
+
+def test_each_bid_step_is_its_members_offers(cigre_market):
+    """CIGRE MV in four zones, batteries among the resources: every offer (resource, MTU,
+    direction with MW available) stands behind exactly one step of its aggregator, zone,
+    MTU and direction; a step's MW is its members' sum, its price their quantity-weighted
+    cost (to 4 decimals); at most max_steps steps per curve besides one per battery; the
+    members listed by step, each step's cheapest first."""
+    pf, _, seg = cigre_market
+    spec = FlexibilitySpec(storage_units=2, units_per_element=4)
+    res = generate_resources(pf, spec, seed=7)
+    zones, max_steps = seg.zones(4), 3
+    bids = build_bids(res, zones, pf.times, max_steps)
+    steps, members = bids.steps.set_index("bid_id"), bids.members
+    table = res.table
+    offered = []
+    for direction, available in (("up", res.up_mw), ("down", res.down_mw)):
+        mw = available[table.index].to_numpy()
+        t, r = np.nonzero(mw > 1e-9)
+        offered.append(
+            pd.DataFrame(
+                {"mtu": t, "resource_id": table.index[r], "direction": direction, "mw": mw[t, r]}
+            )
+        )
+    offered = pd.concat(offered).set_index(["mtu", "resource_id", "direction"]).mw.sort_index()
+    step = steps.loc[members.bid_id.to_numpy()]
+    behind = pd.Series(
+        members.quantity_mw.to_numpy(),
+        index=pd.MultiIndex.from_arrays(
+            [step.mtu.to_numpy(), members.resource_id.to_numpy(), step.direction.to_numpy()]
+        ),
+    ).sort_index()
+    assert behind.index.is_unique and behind.index.equals(offered.index)
+    np.testing.assert_array_equal(behind.to_numpy(), offered.to_numpy())
+    resource = table.loc[members.resource_id.to_numpy()]
+    np.testing.assert_array_equal(step.aggregator.to_numpy(), resource.aggregator.to_numpy())
+    zone_of = zones.zone_of_bus.reindex(resource.bus.to_numpy()).to_numpy()
+    np.testing.assert_array_equal(step.zone.to_numpy(), zone_of)
+    by_step = members.groupby("bid_id")
+    np.testing.assert_allclose(by_step.quantity_mw.sum(), steps.quantity_mw, rtol=1e-12)
+    mean_cost = (members.quantity_mw * members.cost_eur_per_mwh).groupby(members.bid_id).sum()
+    np.testing.assert_allclose(
+        steps.price_eur_per_mwh, (mean_cost / by_step.quantity_mw.sum()).round(4), atol=1e-9
+    )
+    plain = steps[steps.resource_id == ""]
+    assert plain.groupby(["mtu", "zone", "direction", "aggregator"]).size().max() <= max_steps
+    assert (steps.resource_id != "").sum() > 0  # the batteries' own steps
+    order = members.sort_values(["bid_id", "cost_eur_per_mwh"], kind="stable")
+    np.testing.assert_array_equal(order.index.to_numpy(), members.index.to_numpy())
 
 
 def test_rows_are_sorted_as_pandas_sorts_them():

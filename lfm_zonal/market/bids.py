@@ -150,16 +150,22 @@ def build_bids(
         )
         .reset_index()
     )
+    steps["group"] = np.arange(len(steps))
     steps["price_eur_per_mwh"] = np.round(steps.qc / steps.quantity_mw, 4)
     steps["tan_phi"] = steps.qt / steps.quantity_mw
     steps = sorted_rows(steps, [*curve[:3], "price_eur_per_mwh", "aggregator", "block"])
     steps["step"] = steps.groupby(curve).cumcount() + 1
     steps["bid_id"] = np.arange(len(steps))
     steps["time"] = times[steps.mtu.to_numpy()]
-    key = pd.MultiIndex.from_frame(steps[[*curve, "block"]])
-    offers["bid_id"] = steps.bid_id.to_numpy()[
-        key.get_indexer(pd.MultiIndex.from_frame(offers[[*curve, "block"]]))
-    ]
+    # Each offer's step: the offers of a step are consecutive (sorted by curve, then blocks
+    # in ascending order within it), the steps were made in that order (numbered by
+    # ``group`` before their sort by price).
+    new_step = first.copy()
+    new_step[1:] |= block[1:] != block[:-1]
+    group_of_offer = np.cumsum(new_step) - 1
+    bid_of_group = np.empty(len(steps), np.int64)
+    bid_of_group[steps.group.to_numpy()] = steps.bid_id.to_numpy()
+    offers["bid_id"] = bid_of_group[group_of_offer]
     members = offers[["bid_id", "resource_id", "bus", "quantity_mw", "cost_eur_per_mwh", "tan_phi"]]
     members = sorted_rows(members, ["bid_id", "cost_eur_per_mwh", "resource_id"])
     steps = _decoded(steps, text | {"first_resource": text.get("resource_id")})
