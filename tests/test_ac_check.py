@@ -8,11 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from test_market import market_case
 
 from lfm_zonal.check.ac import ac_check, solve_with_injections
 from lfm_zonal.grid import powerflow
 from lfm_zonal.grid.powerflow import JacobianBuilder, TransposedFactor, newton_raphson
 from lfm_zonal.grid.sensitivity import LinearisationCache
+from lfm_zonal.market.clearing import clear_market
 
 
 @pytest.fixture
@@ -157,6 +159,26 @@ def test_a_start_the_cache_holds_takes_its_factorisation(cigre_pf, factorisation
         np.testing.assert_array_equal(cached, plain)
         np.testing.assert_array_equal(ok_cached, ok)
     assert ok.all()
+
+
+def test_a_market_hands_the_study_cache_to_its_power_flows(factorisations, monkeypatch):
+    """A zonal market's AC checks and sequential-LP rounds take the cached factorisations
+    (CIGRE MV, two zones, dense rows): most factorisations of a cache that never holds a
+    point are gone, the same result. A cache of another network model is refused."""
+    pf, res, seg = market_case("cigre_mv", 1.25, 0.5)
+    zones = seg.zones(2)
+    used = clear_market(pf, res, "zonal", zones, weights=seg.weights)
+    with_cache = factorisations[0]
+    factorisations[0] = 0
+    monkeypatch.setattr(LinearisationCache, "held", lambda self, V: None)
+    fresh = clear_market(pf, res, "zonal", zones, weights=seg.weights)
+    # 4 against 76 here; 40 where either the AC checks or the rounds go without the cache
+    assert with_cache < factorisations[0] / 4
+    pd.testing.assert_frame_equal(used.dispatch, fresh.dispatch)
+    assert used.kpis["cost_eur"] == fresh.kpis["cost_eur"]
+    other = LinearisationCache(market_case("ieee33", 1.3, 0.8)[0].model)
+    with pytest.raises(ValueError, match="another network model"):
+        solve_with_injections(pf, [0], np.zeros((1, len(pf.model.buses))), 0, cache=other)
 
 
 def test_the_ac_check_keeps_a_point_only_where_it_solves_the_dispatch(cigre_pf, factorisations):

@@ -385,10 +385,21 @@ def test_tables_are_written_as_pandas_writes_them(tmp_path, monkeypatch):
             True,
         ),
         "number labels": (frame[["k", "x_mw"]].set_axis([0, 1], axis=1), True),
+        "float labels": (frame[["k", "x_mw"]].set_axis([0.1 + 0.2, np.nan], axis=1), False),
+        "time labels": (
+            frame[["k", "x_mw"]].set_axis(pd.to_datetime(["2016-01-01", "2016-01-02"]), axis=1),
+            True,
+        ),
+        "levels named 0 and False": (
+            frame.set_index(["k", "flag"]).rename_axis([0, False]),
+            True,
+        ),
+        "a time level": (frame.set_index(["day", "k"]), True),  # pandas: over all rows
+        "no columns": (frame[[]], False),
     }
     for name, (table, index) in cases.items():
         outputs.write_csv(table, ours, index=index)
-        table.to_csv(theirs, index=index, chunksize=2000 // len(table.columns), **options)
+        table.to_csv(theirs, index=index, chunksize=2000 // max(len(table.columns), 1), **options)
         assert ours.read_bytes() == theirs.read_bytes(), name
 
     monkeypatch.setattr(outputs, "GZIP_ABOVE_ROWS", 100)

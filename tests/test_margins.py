@@ -133,22 +133,25 @@ def test_a_zonal_market_meets_in_ac_what_its_model_meets(ieee33_case, monkeypatc
 def test_a_margin_round_expects_of_every_mtu_what_its_model_says(ieee33_case, monkeypatch):
     """A margin round works its model's excess out again in the MTUs it clears again only
     (the others keep their dispatch): every clearing's is its model's of its whole
-    dispatch, of the zonal and of the needs-based market."""
-    pf, res, seg = ieee33_case
+    dispatch, in the zonal market of IEEE 33 and the needs-based market of CIGRE MV (two
+    zones each), both with margin rounds on some of their MTUs."""
     cleared = []
     inner = clearing_module._clear_in_model
 
     def spy(pf, method, k, inputs, resources_table, penalty, cache, margins, last):
         out = inner(pf, method, k, inputs, resources_table, penalty, cache, margins, last)
         partly = last is not None and not margins.grown.all()
-        cleared.append((inputs.active, out[0], partly))
+        cleared.append((method, inputs.active, out[0], partly))
         return out
 
     monkeypatch.setattr(clearing_module, "_clear_in_model", spy)
-    for method in ("zonal", "needs_based"):
+    for (pf, res, seg), method in (
+        (ieee33_case, "zonal"),
+        (market_case("cigre_mv", 1.25, 0.5), "needs_based"),
+    ):
         clear_market(pf, res, method, seg.zones(2), weights=seg.weights)
-    assert any(partly for _, _, partly in cleared)  # a margin round on some MTUs
-    for active, this, _ in cleared:
+        assert any(partly for m, _, _, partly in cleared if m == method), method
+    for _, active, this, _ in cleared:
         p, q = clearing_module._area_injections(active, this.accepted, this.grid)
         whole = this.grid.violations(*this.grid.after(p, q))
         np.testing.assert_array_equal(this.predicted, whole)

@@ -182,7 +182,8 @@ def test_each_bid_step_is_its_members_offers(cigre_market):
 def test_rows_are_sorted_as_pandas_sorts_them():
     """sorted_rows gives the order of pandas' stable sort_values: numeric and text keys
     (codes in pandas' order of the text: upper case first, digits by character), ties
-    kept in their order; keys with NaN, missing text or mixed kinds left to pandas."""
+    kept in their order; keys with NaN, missing text, mixed kinds or categories (ordered as
+    their categories) left to pandas."""
     rng = np.random.default_rng(3)
     n = 400
     frame = pd.DataFrame(
@@ -200,6 +201,8 @@ def test_rows_are_sorted_as_pandas_sorts_them():
         (frame.assign(price=frame.price.where(frame.row % 7 > 0)), ["price", "mtu"]),
         (frame.assign(resource_id=frame.resource_id.where(frame.row % 5 > 0)), ["resource_id"]),
         (frame.assign(resource_id=frame.resource_id.where(frame.row % 5 > 0, 3)), ["mtu"]),
+        # a categorical key: by its categories' order, not its text
+        (frame.assign(direction=pd.Categorical(frame.direction, ["up", "down"])), ["direction"]),
     ]
     for table, columns in cases:
         expected = table.sort_values(columns, kind="stable", ignore_index=True)

@@ -506,35 +506,35 @@ def _write_rows(frame: pd.DataFrame, handle, index: bool) -> None:
     """``frame`` as CSV text to ``handle``, the bytes of ``frame.to_csv(handle, index=index,
     float_format=FLOAT_FORMAT, lineterminator="\n")`` in about half the time.
 
-    pandas' own chunks of rows (pandas decides a datetime column's format chunk by chunk),
-    one at a time in memory: each column as the cells pandas writes for it (``_cells``),
-    the rows written by the same ``csv.writer`` as pandas' (its quoting). pandas formats a
-    value through several Python calls, and builds its rows again from object arrays: on
-    SimBench MV's activations (178k rows, 12 columns) 1.39 s -> 0.6-0.8 s. A chunk with a
-    column of another kind (categorical, time zone, ...) is written by pandas, its float
-    columns as text first (``as_text``).
+    pandas writes the header; the rows go in pandas' own chunks (pandas decides a datetime
+    column's format chunk by chunk), one at a time in memory: each column as the cells
+    pandas writes for it (``_cells``), the rows written by the same ``csv.writer`` as
+    pandas' (its quoting). pandas formats a value through several Python calls, and builds
+    its rows again from object arrays: on SimBench MV's activations (178k rows, 12 columns)
+    1.39 s -> 0.6-0.8 s. A chunk with a column of another kind (categorical, time zone,
+    ...) is written by pandas, its float columns as text first (``as_text``); a frame
+    without columns, with column levels, or with a datetime level in its row MultiIndex
+    (which pandas formats over all rows, not chunk by chunk) is written by pandas whole.
     """
-    rows = (CSV_CHUNK_CELLS // (len(frame.columns) or 1)) or 1
-    plain = not isinstance(frame.columns, pd.MultiIndex)  # else pandas writes its header rows
-    if plain and index:  # the index levels as leading columns, headed by their names or ""
-        names = [name if name is not None else "" for name in frame.index.names]
-        frame = frame.reset_index(names=[f"\0{i}" for i in range(len(names))])
-        frame.columns, index = names + list(frame.columns[len(names) :]), False
+    options = {"float_format": FLOAT_FORMAT, "lineterminator": "\n"}
+    levels = frame.index.levels if index and isinstance(frame.index, pd.MultiIndex) else []
+    if (
+        len(frame.columns) == 0
+        or isinstance(frame.columns, pd.MultiIndex)
+        or any(getattr(level.dtype, "kind", "") == "M" for level in levels)
+    ):
+        frame.to_csv(handle, index=index, **options)
+        return
+    rows = (CSV_CHUNK_CELLS // len(frame.columns)) or 1
+    frame.iloc[:0].to_csv(handle, index=index, **options)  # pandas' header: its label text
+    if index:  # the index levels as leading columns
+        frame = frame.reset_index(names=[f"\0{i}" for i in range(frame.index.nlevels)])
     writer = csv.writer(handle, lineterminator="\n")
-    if plain:
-        writer.writerow(frame.columns)
     for start in range(0, len(frame), rows):
         part = frame.iloc[start : start + rows]
-        cells = [_cells(part.iloc[:, i]) for i in range(part.shape[1])] if plain else [None]
+        cells = [_cells(part.iloc[:, i]) for i in range(part.shape[1])]
         if any(c is None for c in cells):
-            as_text(part).to_csv(
-                handle,
-                header=not plain and start == 0,
-                index=index,
-                chunksize=rows,
-                float_format=FLOAT_FORMAT,
-                lineterminator="\n",
-            )
+            as_text(part).to_csv(handle, header=False, index=False, chunksize=rows, **options)
         else:
             writer.writerows(zip(*cells, strict=True))
 

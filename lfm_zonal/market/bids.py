@@ -194,8 +194,9 @@ def sorted_rows(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     without pandas' sorting machinery; other keys are left to pandas."""
     keys = []
     for column in columns:
-        key = frame[column].to_numpy()
-        if key.dtype.kind == "O" and pd.api.types.infer_dtype(key, skipna=False) == "string":
+        values = frame[column]
+        key = values.to_numpy()
+        if values.dtype == object and pd.api.types.infer_dtype(key, skipna=False) == "string":
             key = pd.factorize(key, sort=True)[0]
         if key.dtype.kind not in "biuf" or (key.dtype.kind == "f" and np.isnan(key).any()):
             return frame.sort_values(columns, kind="stable", ignore_index=True)
