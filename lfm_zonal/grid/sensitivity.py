@@ -364,11 +364,11 @@ class LinearisationCache:
 
     def at(self, V: np.ndarray) -> JacobianLinearisation:
         """The linearisation at internal voltages ``V``, linearised on first use."""
+        held = self.held(V)
+        if held is not None:
+            return held
         key = np.ascontiguousarray(V).tobytes()
         cached = self._by_point
-        if key in cached:
-            cached.move_to_end(key)
-            return cached[key][0]
         lin = replace(_linearise(self.model, V), pattern_rhs=self._pattern_rhs)
         nbytes = self.entry_bytes(lin)
         cached[key] = (lin, nbytes)

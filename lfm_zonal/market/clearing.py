@@ -80,6 +80,9 @@ from lfm_zonal.zones.segmentation import Zones, nodal_zones
 log = logging.getLogger(__name__)
 
 _LP_SIZE = ("n_variables", "n_constraints", "n_nonzeros", "n_grid_rows")  # SolveStats
+#: A step bought for more than this many MW is accepted (its MW in the bid table, its
+#: dispatch, its group's marginal price); below, solver noise: rejected.
+ACCEPTED_MIN_MW = 1e-9
 
 
 @dataclass(frozen=True)
@@ -499,7 +502,9 @@ def _merit_order_to_needs(
     quantity = np.where(price_of <= penalty_eur_per_mwh, frame.quantity_mw.to_numpy(float), 0.0)
     accepted, _ = merit_order_fill(quantity, group, order, target)
     accepted = np.where(target > 0, accepted, 0.0)
-    marginal = pd.Series(np.where(accepted > 1e-9, price_of, np.nan)).groupby(group).max()
+    marginal = (
+        pd.Series(np.where(accepted > ACCEPTED_MIN_MW, price_of, np.nan)).groupby(group).max()
+    )
     price = marginal.reindex(group).to_numpy()
     return accepted, price
 
@@ -510,7 +515,7 @@ def _bid_table(
     out = bids.copy()
     out["accepted_mw"] = 0.0
     out["clearing_price_eur_per_mwh"] = np.nan
-    out.loc[active_index, "accepted_mw"] = np.where(accepted > 1e-9, accepted, 0.0)
+    out.loc[active_index, "accepted_mw"] = np.where(accepted > ACCEPTED_MIN_MW, accepted, 0.0)
     out.loc[active_index, "clearing_price_eur_per_mwh"] = price
     full = out.accepted_mw >= out.quantity_mw - 1e-9
     out["status"] = np.where(
@@ -588,10 +593,9 @@ def _unmet_table(
 
 
 def _dispatch(bids: Bids, steps: pd.DataFrame, accepted: np.ndarray) -> pd.DataFrame:
-    """The ``accepted`` MW of each of ``steps`` (bid steps; above 1e-9 MW, as ``_bid_table``
-    counts them accepted) dispatched to resources, cheapest first: signed change of net
-    injection."""
-    taken = accepted > 1e-9
+    """The ``accepted`` MW of each of ``steps`` (bid steps; above ACCEPTED_MIN_MW)
+    dispatched to resources, cheapest first: signed change of net injection."""
+    taken = accepted > ACCEPTED_MIN_MW
     by_id = steps[taken].set_index("bid_id")
     used = dispatch_steps(bids, pd.Series(accepted[taken], index=by_id.index))
     step = by_id.loc[used.bid_id.to_numpy()]
