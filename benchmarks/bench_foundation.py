@@ -84,7 +84,7 @@ def bench_sensitivities(name: str, sample: int | None) -> None:
 def bench_horizon(name: str) -> None:
     grid = load_grid(name)
     profiles = load_profiles(grid, Horizon(n_mtu=96))
-    run_horizon(grid, profiles)  # warm-up (numba compilation, caches)
+    run_horizon(grid, profiles)  # warm-up (caches)
 
     def engine():
         return run_horizon(grid, profiles, build_network_model(grid))

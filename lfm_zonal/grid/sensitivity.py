@@ -571,7 +571,7 @@ def finite_difference_sensitivities(
     def solve(bus: int, p_mw: float, q_mvar: float) -> tuple[np.ndarray, np.ndarray]:
         net = pf.operating_point(t)
         pp.create_sgen(net, bus, p_mw=p_mw, q_mvar=q_mvar)
-        pp.runpp(net, tolerance_mva=1e-10)
+        pp.runpp(net, tolerance_mva=1e-10, numba=False)
         loading = np.array(
             [net[f"res_{kind}"].at[idx, "loading_percent"] for kind, idx in branches]
         )
