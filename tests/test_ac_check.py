@@ -228,3 +228,37 @@ def test_a_chord_step_that_makes_it_worse_is_undone(cigre_pf, monkeypatch):
     assert sizes[1] > sizes[0] and sizes[2] == sizes[0]
     monkeypatch.setattr(powerflow, "CHORD_MAX_STEPS", 0)
     np.testing.assert_allclose(got, newton_raphson(model, S, V0), rtol=0, atol=1e-9)
+
+
+class _Forgetful(dict):
+    """A cache's weak table that keeps nothing (the cache as it was without one)."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+
+def test_a_market_finds_its_grids_linearisations_the_cache_dropped(factorisations):
+    """A market's linearised grid with adjoint rows holds every MTU's base-point
+    linearisation for the whole market; a cache whose byte budget keeps only the newest
+    point still finds the others there (it refers to them weakly), so the market's AC
+    checks start from the base point with those factorisations: far fewer factorisations,
+    the same result, bit for bit."""
+    pf, res, seg = market_case("cigre_mv", 1.25, 0.5)
+    zones = seg.zones(2)
+
+    def run(cache):
+        factorisations[0] = 0
+        result = clear_market(
+            pf, res, "zonal", zones, weights=seg.weights, cache=cache, grid_rows="adjoint"
+        )
+        return result, factorisations[0]
+
+    found, with_weak = run(LinearisationCache(pf.model, budget_bytes=0))
+    forgetful = LinearisationCache(pf.model, budget_bytes=0)
+    forgetful._alive = _Forgetful()
+    fresh, without = run(forgetful)
+    assert with_weak < without / 4  # 4 against 40 here
+    pd.testing.assert_frame_equal(found.dispatch, fresh.dispatch)
+    pd.testing.assert_frame_equal(found.ac.vm_pu, fresh.ac.vm_pu)
+    pd.testing.assert_frame_equal(found.ac.loading_percent, fresh.ac.loading_percent)
+    assert found.kpis["cost_eur"] == fresh.kpis["cost_eur"]

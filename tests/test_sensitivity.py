@@ -189,6 +189,38 @@ def test_linearisation_cache_is_bounded_in_bytes(cigre_pf, monkeypatch):
         sens.LinearisationCache(model, budget_bytes=-1)
 
 
+def test_a_dropped_linearisation_held_elsewhere_is_found_not_kept(cigre_pf, monkeypatch):
+    """A linearisation the cache dropped (beyond its budget) while something else still
+    holds it is found, the same object, without linearising again and without being kept
+    again; once nothing holds it, it is gone and linearised afresh."""
+    import gc
+
+    from lfm_zonal.grid import sensitivity as sens
+
+    model = cigre_pf.model
+    linearised = []
+    original = sens._linearise
+
+    def counting(model, V):
+        linearised.append(V)
+        return original(model, V)
+
+    monkeypatch.setattr(sens, "_linearise", counting)
+    cache = sens.LinearisationCache(model, budget_bytes=0)  # keeps the newest only
+    first = cache.at(cigre_pf.V[0])
+    second = cache.at(cigre_pf.V[1])  # pushes the first out
+    kept_bytes = cache.nbytes
+    assert len(cache) == 1 and len(linearised) == 2
+    assert cache.held(cigre_pf.V[0]) is first and cache.at(cigre_pf.V[0]) is first
+    assert len(linearised) == 2 and len(cache) == 1 and cache.nbytes == kept_bytes
+    assert cache.at(cigre_pf.V[1]) is second
+    del first
+    gc.collect()
+    assert cache.held(cigre_pf.V[0]) is None
+    cache.at(cigre_pf.V[0])
+    assert len(linearised) == 3
+
+
 def test_transposed_factor_solves_with_j_and_with_its_transpose(cigre_pf):
     """The linearisation's factor (SuperLU of J^T) solves J x = b and J^T w = b, one
     right-hand side or many, to the residual of a direct factorisation of J."""
