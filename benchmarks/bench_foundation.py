@@ -52,7 +52,7 @@ def perturbation_time_per_bus(pf, mtu: int, buses) -> float:
     for bus in buses:
         net = pf.operating_point(mtu)
         pp.create_sgen(net, int(bus), p_mw=1.0)
-        pp.runpp(net)
+        pp.runpp(net, numba=False)
     return (time.perf_counter() - t0) / len(buses)
 
 
@@ -96,7 +96,7 @@ def bench_horizon(name: str) -> None:
             net.load["q_mvar"] = profiles.load_q_mvar.iloc[t].to_numpy()
             net.sgen["p_mw"] = profiles.sgen_p_mw.iloc[t].to_numpy()
             net.sgen["q_mvar"] = profiles.sgen_q_mvar.iloc[t].to_numpy()
-            pp.runpp(net)
+            pp.runpp(net, numba=False)
 
     t_engine, _ = timed(engine, repeat=3)
     t_loop, _ = timed(plain_loop, repeat=1)

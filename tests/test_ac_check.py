@@ -258,7 +258,10 @@ def test_a_market_finds_its_grids_linearisations_the_cache_dropped(factorisation
     forgetful._alive = _Forgetful()
     fresh, without = run(forgetful)
     assert with_weak < without / 4  # 4 against 40 here
-    pd.testing.assert_frame_equal(found.dispatch, fresh.dispatch)
-    pd.testing.assert_frame_equal(found.ac.vm_pu, fresh.ac.vm_pu)
-    pd.testing.assert_frame_equal(found.ac.loading_percent, fresh.ac.loading_percent)
+    for a, b in (
+        (found.dispatch, fresh.dispatch),
+        (found.ac.vm_pu, fresh.ac.vm_pu),
+        (found.ac.loading_percent, fresh.ac.loading_percent),
+    ):
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
     assert found.kpis["cost_eur"] == fresh.kpis["cost_eur"]

@@ -35,7 +35,7 @@ def line1_loading(net: pp.pandapowerNet, bus: int | None = None, dp_mw: float = 
     n = copy.deepcopy(net)
     if bus is not None:
         pp.create_sgen(n, bus, p_mw=dp_mw)
-    pp.runpp(n, tolerance_mva=1e-10)
+    pp.runpp(n, tolerance_mva=1e-10, numba=False)
     return float(n.res_line.at[1, "loading_percent"])
 
 

@@ -46,7 +46,7 @@ def ac_relief_needed_mw(net: pp.pandapowerNet) -> float:
         mid = 0.5 * (lo + hi)
         n = copy.deepcopy(net)
         n.load.at[0, "p_mw"] = 6.0 - mid
-        pp.runpp(n)
+        pp.runpp(n, numba=False)
         lo, hi = (mid, hi) if n.res_line.at[1, "loading_percent"] > 100.0 else (lo, mid)
     return 0.5 * (lo + hi)
 
@@ -407,7 +407,7 @@ def test_zonal_residuals_equal_an_independent_ac_power_flow(cigre_market):
     result = clear_on(seg, res, "zonal", 2)
     for mtu in sorted(result.dispatch.mtu.unique())[:4]:
         net = dispatched_net(pf, result.dispatch, int(mtu))
-        pp.runpp(net)
+        pp.runpp(net, numba=False)
         loading = [net[f"res_{kind}"].at[idx, "loading_percent"] for kind, idx in pf.model.branches]
         np.testing.assert_allclose(
             result.ac.loading_percent.iloc[mtu].to_numpy(), loading, atol=1e-5

@@ -13,7 +13,7 @@ from lfm_zonal.grid.sources import simbench_net
 
 def runpp_results(pf, mtu):
     net = pf.operating_point(mtu)
-    pp.runpp(net)
+    pp.runpp(net, numba=False)
     loading = pd.Series(
         [net[f"res_{kind}"].at[idx, "loading_percent"] for kind, idx in pf.model.branches],
         index=pf.model.branches,

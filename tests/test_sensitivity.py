@@ -213,12 +213,30 @@ def test_a_dropped_linearisation_held_elsewhere_is_found_not_kept(cigre_pf, monk
     assert len(cache) == 1 and len(linearised) == 2
     assert cache.held(cigre_pf.V[0]) is first and cache.at(cigre_pf.V[0]) is first
     assert len(linearised) == 2 and len(cache) == 1 and cache.nbytes == kept_bytes
-    assert cache.at(cigre_pf.V[1]) is second
     del first
     gc.collect()
-    assert cache.held(cigre_pf.V[0]) is None
+    assert cache.held(cigre_pf.V[0]) is None  # not kept by being found
+    assert cache.held(cigre_pf.V[1]) is second
     cache.at(cigre_pf.V[0])
     assert len(linearised) == 3
+    cache.clear()  # forgets the ones held elsewhere too
+    assert cache.held(cigre_pf.V[1]) is None
+
+
+def test_looking_a_point_up_makes_it_the_most_recently_used(cigre_pf):
+    """``held`` (an AC check's look-up, which linearises nothing) counts as a use: the
+    point it found outlives a point used before it when the budget drops one."""
+    from lfm_zonal.grid import sensitivity as sens
+
+    model = cigre_pf.model
+    points = [cigre_pf.V[t] for t in (0, 3, 6)]
+    cache = sens.LinearisationCache(model, size=2)
+    kept = [cache.at(V) for V in points[:2]]
+    assert cache.held(points[0]) is kept[0]  # 0 is now more recent than 1
+    cache.at(points[2])  # one over the size: the least recently used goes
+    del kept
+    assert cache.held(points[0]) is not None and cache.held(points[1]) is None
+    assert len(cache) == 2
 
 
 def test_transposed_factor_solves_with_j_and_with_its_transpose(cigre_pf):

@@ -302,14 +302,13 @@ class LinearisationCache:
     Created by whoever runs several stages on the same operating points (a study: the
     segmentation, every market's base case and its AC check linearise the same MTUs) and
     passed to them; each point is then linearised once. A cached linearisation is the one
-    a fresh linearisation would give, so the cache changes no number (a dropped one is
-    linearised again when asked for).
+    a fresh linearisation would give, so the cache changes no number.
 
-    A dropped linearisation that something else still holds (a market's linearised grid
-    holds one per MTU for the whole market) is still found, without being kept: the
-    cache refers to it weakly. On 1-MVLV-rural-all-0-sw, whose base points the byte
-    budget keeps about 13 of 72, a market's AC checks then start every MTU's Newton-Raphson
-    with its grid's factorisation of the base point instead of a new one.
+    A dropped linearisation is still found while something else holds it (a market's grid
+    with adjoint rows holds one per MTU for the whole market, so its AC checks start from
+    the base points with their factorisations whatever the budget keeps): the cache refers
+    to every linearisation it made weakly too, which keeps none of them. One that nothing
+    holds any more is linearised again when asked for.
     """
 
     def __init__(
