@@ -458,7 +458,7 @@ def wants_area_columns(bids: MarketBids, selected: np.ndarray) -> bool:
     are at least AREA_COLUMNS_STEPS_PER_PAIR per (MTU, area) pair, a grid row is sparser on
     the areas than on the steps (a zonal market); one step or two per pair (the nodal
     market): substituted, without the balance rows."""
-    pairs = len(np.unique(bids.pair_of_bid[selected]))
+    pairs = np.count_nonzero(np.bincount(bids.pair_of_bid[selected], minlength=1))
     return int(selected.sum()) >= AREA_COLUMNS_STEPS_PER_PAIR * max(pairs, 1)
 
 
