@@ -144,7 +144,23 @@ def test_linearisation_is_reused_for_the_same_operating_point(cigre_pf):
         sens.sensitivity_arrays(model, cigre_pf.V[7], cache=other)
 
 
-def test_linearisation_cache_is_bounded_in_bytes(cigre_pf, monkeypatch):
+@pytest.fixture
+def linearised(monkeypatch):
+    """The points linearised afresh (``sensitivity._linearise``), in order."""
+    from lfm_zonal.grid import sensitivity as sens
+
+    points = []
+    original = sens._linearise
+
+    def counting(model, V):
+        points.append(V)
+        return original(model, V)
+
+    monkeypatch.setattr(sens, "_linearise", counting)
+    return points
+
+
+def test_linearisation_cache_is_bounded_in_bytes(cigre_pf, linearised):
     """Beyond its byte budget the cache drops the least recently used linearisations (the
     newest is kept even alone over budget); a dropped point asked for again is linearised
     afresh and gives the numbers it gave before."""
@@ -155,14 +171,6 @@ def test_linearisation_cache_is_bounded_in_bytes(cigre_pf, monkeypatch):
     sizes = [sens.LinearisationCache.entry_bytes(sens.linearisation(model, V)) for V in points]
     lu = sens.linearisation(model, points[0]).lu
     assert sizes[0] > lu.nnz * sens.SUPERLU_BYTES_PER_NONZERO  # the LU and the derivatives
-    linearised = []
-    original = sens._linearise
-
-    def counting(model, V):
-        linearised.append(V)
-        return original(model, V)
-
-    monkeypatch.setattr(sens, "_linearise", counting)
 
     def ask(cache, i):
         before = len(linearised)
@@ -189,7 +197,7 @@ def test_linearisation_cache_is_bounded_in_bytes(cigre_pf, monkeypatch):
         sens.LinearisationCache(model, budget_bytes=-1)
 
 
-def test_a_dropped_linearisation_held_elsewhere_is_found_not_kept(cigre_pf, monkeypatch):
+def test_a_dropped_linearisation_held_elsewhere_is_found_not_kept(cigre_pf, linearised):
     """A linearisation the cache dropped (beyond its budget) while something else still
     holds it is found, the same object, without linearising again and without being kept
     again; once nothing holds it, it is gone and linearised afresh."""
@@ -198,14 +206,6 @@ def test_a_dropped_linearisation_held_elsewhere_is_found_not_kept(cigre_pf, monk
     from lfm_zonal.grid import sensitivity as sens
 
     model = cigre_pf.model
-    linearised = []
-    original = sens._linearise
-
-    def counting(model, V):
-        linearised.append(V)
-        return original(model, V)
-
-    monkeypatch.setattr(sens, "_linearise", counting)
     cache = sens.LinearisationCache(model, budget_bytes=0)  # keeps the newest only
     first = cache.at(cigre_pf.V[0])
     second = cache.at(cigre_pf.V[1])  # pushes the first out
