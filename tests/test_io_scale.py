@@ -370,7 +370,7 @@ def test_tables_are_written_as_pandas_writes_them(tmp_path, monkeypatch):
     assert ",2016-01-01," in written and ",2016-01-01 00:00:00," in written
     assert '"a,b"' in written and '"q""x"' in written and '"new\nline"' in written
 
-    monkeypatch.setattr(outputs, "TEXT_FLOATS_FROM_ROWS", 10)
+    monkeypatch.setattr(outputs, "FAST_WRITER_FROM_ROWS", 10)
     monkeypatch.setattr(outputs, "CSV_CHUNK_CELLS", 2000)  # chunks of 2000 // columns rows
     frame = _awkward_table(1200, seed=1)
     cases = {

@@ -109,8 +109,8 @@ def solve_with_injections(
     Newton step (``newton_raphson``'s ``first_lu``): the same power flow, bit for bit.
     """
     model = pf.model
-    if cache is not None and cache.model is not model:
-        raise ValueError("the linearisation cache is of another network model")
+    if cache is not None:
+        cache.require_model(model)
     mtus = np.asarray(mtus, dtype=np.int64)
     internal = model.bus_lookup.to_numpy()
     V = np.full((len(mtus), model.n_bus), np.nan + 0j)

@@ -364,6 +364,11 @@ class LinearisationCache:
         matrices = [m for m in (lin.dloading_dx, lin.E_p, lin.E_q, lin.J) if m is not None]
         return lu_bytes + sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes for m in matrices)
 
+    def require_model(self, model: NetworkModel) -> None:
+        """Refuse to serve the linearisations of another network model than ``model``."""
+        if self.model is not model:
+            raise ValueError("the linearisation cache belongs to another network model")
+
     def held(self, V: np.ndarray) -> JacobianLinearisation | None:
         """The linearisation at internal voltages ``V`` if kept, or dropped but still held
         elsewhere; else None (nothing made)."""
@@ -399,8 +404,7 @@ def linearisation(
     ``model``'s), or linearised afresh without one."""
     if cache is None:
         return _linearise(model, V)
-    if cache.model is not model:
-        raise ValueError("the linearisation cache belongs to another network model")
+    cache.require_model(model)
     return cache.at(V)
 
 
