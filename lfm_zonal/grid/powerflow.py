@@ -46,6 +46,32 @@ log = logging.getLogger(__name__)
 
 #: Row labels of branch tables: (element type, pandapower index).
 BRANCH_INDEX_NAMES = ("element_type", "element")
+#: A trafo3w is monitored as its three windings, element types ``trafo3w_hv``,
+#: ``trafo3w_mv``, ``trafo3w_lv`` with the trafo3w's index: per winding, its side of
+#: pandapower's internal star (hv bus -> star, star -> mv bus, star -> lv bus), the end
+#: at the winding's bus, its rating and rated voltage.
+TRAFO3W_WINDINGS = ("hv", "mv", "lv")
+
+
+def pandapower_loading_percent(net: pp.pandapowerNet, branches: pd.MultiIndex) -> pd.Series:
+    """``loading_percent`` of the monitored ``branches`` ((element_type, element), as
+    ``NetworkModel.branches``) from pandapower's results of a solved ``net``: the
+    ``res_line`` and ``res_trafo`` values, and each trafo3w winding's loading, of which
+    ``res_trafo3w.loading_percent`` is the largest (the winding's current at its bus,
+    ``100 i_ka vn_kv sqrt(3) / sn_mva``). The engine's ``NetworkModel.loading_percent``
+    reproduces these to the power flow's tolerance (tested)."""
+    parts = {
+        kind: net[f"res_{kind}"].loading_percent for kind in ("line", "trafo") if len(net[kind])
+    }
+    if len(net.trafo3w):
+        t3, res = net.trafo3w, net.res_trafo3w
+        for w in TRAFO3W_WINDINGS:
+            parts[f"trafo3w_{w}"] = (
+                100.0 * np.sqrt(3) * res[f"i_{w}_ka"] * t3[f"vn_{w}_kv"] / t3[f"sn_{w}_mva"]
+            )
+    loading = pd.concat(parts) if parts else pd.Series(dtype=float)
+    loading.index = loading.index.set_names(BRANCH_INDEX_NAMES)
+    return loading.reindex(branches).rename("loading_percent")
 
 
 def _runpp_or_grid_error(net: pp.pandapowerNet, name: str) -> None:
@@ -76,9 +102,11 @@ class NetworkModel:
     """The grid in pandapower's internal form, with the index maps both ways.
 
     ``bus_lookup`` maps every energised pandapower bus to its internal index;
-    ``branch_rows`` maps every monitored line and trafo to its internal branch
-    row, with the factors that turn branch-end current (p.u.) into
-    ``loading_percent`` exactly as pandapower does.
+    ``branch_rows`` maps every monitored branch to its internal branch row, with the
+    factors that turn branch-end current (p.u.) into ``loading_percent`` exactly as
+    pandapower does. Monitored: every line and trafo, and each winding of a trafo3w
+    (``TRAFO3W_WINDINGS``: pandapower's ``res_trafo3w.loading_percent`` is the largest of
+    its three windings' loadings, each at its own bus).
     """
 
     base_mva: float
@@ -286,6 +314,30 @@ def build_network_model(grid: Grid) -> NetworkModel:
             rows.append(row)
             per_from.append(cf)
             per_to.append(ct)
+    if "trafo3w" in net._pd2ppc_lookups["branch"] and len(net.trafo3w):
+        # pandapower's internal rows: every hv winding (hv bus -> star), then every mv
+        # (star -> mv bus), then every lv one; loading = 100 i_ka vn_kv sqrt(3) / sn_mva
+        # at the winding's bus (results_branch._get_trafo3w_results, trafo_loading="current").
+        start, _ = net._pd2ppc_lookups["branch"]["trafo3w"]
+        table = net.trafo3w
+        for w, winding in enumerate(TRAFO3W_WINDINGS):
+            for pos, idx in enumerate(table.index):
+                r = start + w * len(table) + pos
+                if not bool(table.at[idx, "in_service"]) or not branch_is[r]:
+                    continue
+                row = ppci_row[r]
+                end = int(ppci_branch[row, F_BUS if winding == "hv" else T_BUS].real)
+                factor = (
+                    100.0
+                    * ppc["baseMVA"]
+                    * table.at[idx, f"vn_{winding}_kv"]
+                    / base_kv[end]
+                    / table.at[idx, f"sn_{winding}_mva"]
+                )
+                labels.append((f"trafo3w_{winding}", int(idx)))
+                rows.append(row)
+                per_from.append(factor if winding == "hv" else 0.0)
+                per_to.append(0.0 if winding == "hv" else factor)
     rows = np.asarray(rows, dtype=np.int64)
 
     def element_map(element: str) -> tuple[np.ndarray, ...]:

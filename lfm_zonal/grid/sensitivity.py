@@ -41,7 +41,12 @@ from threadpoolctl import ThreadpoolController
 
 from lfm_zonal.config import SENSITIVITY_METHODS
 from lfm_zonal.errors import GridError, InputError
-from lfm_zonal.grid.powerflow import HorizonPowerFlow, NetworkModel, TransposedFactor
+from lfm_zonal.grid.powerflow import (
+    HorizonPowerFlow,
+    NetworkModel,
+    TransposedFactor,
+    pandapower_loading_percent,
+)
 
 
 @functools.cache
@@ -589,9 +594,7 @@ def finite_difference_sensitivities(
         net = pf.operating_point(t)
         pp.create_sgen(net, bus, p_mw=p_mw, q_mvar=q_mvar)
         pp.runpp(net, tolerance_mva=1e-10, numba=False)
-        loading = np.array(
-            [net[f"res_{kind}"].at[idx, "loading_percent"] for kind, idx in branches]
-        )
+        loading = pandapower_loading_percent(net, branches).to_numpy()
         return loading, net.res_bus.vm_pu.reindex(pf.model.buses).to_numpy()
 
     out = {

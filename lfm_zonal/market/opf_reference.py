@@ -8,7 +8,7 @@ For one MTU the reference solves, on the pandapower net of that MTU
           0 <= p_up_r <= up_r,   0 <= p_down_r <= down_r                   (availability)
           q_r = tan_phi_r * (p_up_r - p_down_r)                            (power factor of the change)
           vm_min <= |V_b| <= vm_max                      for every bus b    (the grid's band)
-          loading_l <= loading_max                       for every line and two-winding trafo
+          loading_l <= loading_max                       for every line, trafo and trafo3w
 
 ``up`` raises the net injection at the resource's bus, ``down`` lowers it, as
 in the engine's dispatch (``market._dispatch``): each direction is one
@@ -67,7 +67,7 @@ import scipy.sparse as sp
 from pandapower.pypower.add_userfcn import add_userfcn
 
 from lfm_zonal.errors import LfmError
-from lfm_zonal.grid.powerflow import BRANCH_INDEX_NAMES, HorizonPowerFlow
+from lfm_zonal.grid.powerflow import HorizonPowerFlow, pandapower_loading_percent
 from lfm_zonal.grid.violations import excess
 from lfm_zonal.market.resources import Resources
 
@@ -264,11 +264,9 @@ def opf_net(
             net[element] = net[element].iloc[0:0]
     net.bus["min_vm_pu"] = g.vm_min_pu
     net.bus["max_vm_pu"] = g.vm_max_pu
-    for element in ("line", "trafo"):
+    for element in ("line", "trafo", "trafo3w"):
         if len(net[element]):
             net[element]["max_loading_percent"] = g.loading_max_percent
-    if len(net.trafo3w):  # not monitored by the engine: no limit here either
-        net.trafo3w["max_loading_percent"] = 1e6
     for eg in net.ext_grid.index:
         pp.create_poly_cost(net, eg, "ext_grid", cp1_eur_per_mw=0.0)
 
@@ -387,15 +385,7 @@ def opf_reference(
     objective = float(net.res_cost)
     vm_opf = net.res_bus.vm_pu.reindex(buses).to_numpy(float)
     _check_with_runpp(net, tied)
-    loading = pd.concat(
-        {
-            element: net[f"res_{element}"].loading_percent
-            for element in ("line", "trafo")
-            if len(net[element])
-        }
-    )
-    loading.index = loading.index.set_names(BRANCH_INDEX_NAMES)
-    loading = loading.reindex(branches).rename("loading_percent")
+    loading = pandapower_loading_percent(net, branches)
     vm = net.res_bus.vm_pu.reindex(buses).rename("vm_pu")
     mismatch = float(np.nanmax(np.abs(vm_opf - vm.to_numpy())))
     return OpfResult(

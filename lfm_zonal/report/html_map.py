@@ -91,15 +91,17 @@ def _name(value) -> str:
 
 
 def _branches_between(net) -> dict[tuple[int, int], list[str]]:
-    """Lines, trafos and bus-bus switches by the (lower, higher) buses they join: the
-    elements behind an edge of the bus graph, named in the border's hover text."""
+    """Lines, trafos, trafo3w and bus-bus switches by the (lower, higher) buses they join:
+    the elements behind an edge of the bus graph, named in the border's hover text."""
     named: dict[tuple[int, int], list[str]] = {}
     switches = net.switch[net.switch.et == "b"]
-    for table, frame, a_col, b_col in (
-        ("line", net.line, "from_bus", "to_bus"),
-        ("trafo", net.trafo, "hv_bus", "lv_bus"),
-        ("switch", switches, "bus", "element"),
-    ):
+    joins = [("line", net.line, "from_bus", "to_bus"), ("trafo", net.trafo, "hv_bus", "lv_bus")]
+    if "trafo3w" in net:  # pandapower's graph joins each pair of its three buses
+        joins += [
+            ("trafo3w", net.trafo3w, a, b)
+            for a, b in (("hv_bus", "mv_bus"), ("hv_bus", "lv_bus"), ("mv_bus", "lv_bus"))
+        ]
+    for table, frame, a_col, b_col in (*joins, ("switch", switches, "bus", "element")):
         for idx, a, b in zip(frame.index, frame[a_col], frame[b_col], strict=True):
             named.setdefault((min(int(a), int(b)), max(int(a), int(b))), []).append(
                 f"{table} {idx}"
@@ -270,6 +272,28 @@ def zone_map_dict(
         size=9,
         line={"color": "black", "width": 1},
     )
+    if "trafo3w" in net:
+        on = net.trafo3w.in_service.astype(bool)
+        for side in ("hv_bus", "mv_bus", "lv_bus"):
+            on &= net.trafo3w[side].isin(list(pos))
+        trafos3w = net.trafo3w[on]
+        markers(
+            [
+                np.mean([pos[h], pos[m], pos[lv]], axis=0)
+                for h, m, lv in zip(trafos3w.hv_bus, trafos3w.mv_bus, trafos3w.lv_bus, strict=True)
+            ],
+            "trafo3w",
+            5,
+            [
+                f"trafo3w {i}<br>{_name(t['name'])}<br>{t.vn_hv_kv:g} / {t.vn_mv_kv:g} / "
+                f"{t.vn_lv_kv:g} kV, {t.sn_hv_mva:g} / {t.sn_mv_mva:g} / {t.sn_lv_mva:g} MVA"
+                for i, t in trafos3w.iterrows()
+            ],
+            symbol="triangle-down",
+            color="white",
+            size=9,
+            line={"color": "black", "width": 1},
+        )
     placed = medoids[medoids.isin(list(pos))]
     markers(
         [pos[b] for b in placed],

@@ -164,28 +164,43 @@ def bus_positions(net, graph: nx.Graph) -> dict[int, tuple[float, float]]:
     return pos
 
 
+#: The bus pairs each branch table joins on a map (a trafo3w: its hv bus to the other two).
+BRANCH_ENDS = {
+    "line": (("from_bus", "to_bus"),),
+    "trafo": (("hv_bus", "lv_bus"),),
+    "trafo3w": (("hv_bus", "mv_bus"), ("hv_bus", "lv_bus")),
+}
+_SWITCH_ET = {"line": "l", "trafo": "t", "trafo3w": "t3"}  # a bus-branch switch's ``et``
+
+
 def not_connected(net, pos: dict) -> tuple[list, list]:
-    """Lines and trafos with both ends on the map that carry no power (an open switch or
-    out of service), as segments, and every open switch as a point: a quarter along its
-    line or trafo from its bus, half way along a bus-bus switch."""
+    """Lines and trafos (a trafo3w: each side it does not feed) with both ends on the map
+    that carry no power (an open switch or out of service), as segments, and every open
+    switch as a point: a quarter along its line or trafo from its bus, half way along a
+    bus-bus switch."""
     segments, switches = [], []
     cut: dict[tuple[str, int], list[int]] = {}
     opened = net.switch.loc[~net.switch.closed.astype(bool), ["bus", "element", "et"]]
     for bus, element, et in opened.itertuples(index=False):
         cut.setdefault((et, int(element)), []).append(int(bus))
-    for table, et, a_col, b_col in (
-        ("line", "l", "from_bus", "to_bus"),
-        ("trafo", "t", "hv_bus", "lv_bus"),
-    ):
-        frame = net[table]
-        ends = zip(frame.index, frame[a_col], frame[b_col], frame.in_service, strict=True)
-        for idx, a, b, on in ends:
-            at = cut.get((et, int(idx)), [])
-            if (bool(on) and not at) or a not in pos or b not in pos:
-                continue
-            pa, pb = np.asarray(pos[a]), np.asarray(pos[b])
-            segments.append((pa, pb))
-            switches += [pa + 0.25 * (pb - pa) if s == a else pb + 0.25 * (pa - pb) for s in at]
+    marked: set = set()  # (et, element, bus) of the switches placed
+    for table, pairs in BRANCH_ENDS.items():
+        frame = net[table] if table in net else None
+        if frame is None or not len(frame):
+            continue
+        et = _SWITCH_ET[table]
+        for a_col, b_col in pairs:
+            ends = zip(frame.index, frame[a_col], frame[b_col], frame.in_service, strict=True)
+            for idx, a, b, on in ends:
+                at = [s for s in cut.get((et, int(idx)), []) if s in (a, b)]
+                if (bool(on) and not at) or a not in pos or b not in pos:
+                    continue
+                pa, pb = np.asarray(pos[a]), np.asarray(pos[b])
+                segments.append((pa, pb))
+                for s in at:
+                    if (et, int(idx), s) not in marked:  # a trafo3w's hv switch: once
+                        marked.add((et, int(idx), s))
+                        switches.append(pa + 0.25 * (pb - pa) if s == a else pb + 0.25 * (pa - pb))
     for (et, element), at in cut.items():
         for bus in at:
             if et == "b" and bus in pos and element in pos:
