@@ -5,6 +5,7 @@ its sensitivities against finite differences, its overload removed by the market
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pandapower as pp
@@ -23,7 +24,7 @@ from lfm_zonal.market.clearing import clear_market
 from lfm_zonal.market.opf_reference import opf_reference
 from lfm_zonal.market.resources import FlexibilitySpec, generate_resources
 from lfm_zonal.report.html_map import zone_map_dict
-from lfm_zonal.report.plots import not_connected
+from lfm_zonal.report.plots import bus_positions, not_connected
 from lfm_zonal.zones.segmentation import prepare_segmentation
 
 WINDINGS = ["trafo3w_hv", "trafo3w_mv", "trafo3w_lv"]
@@ -168,3 +169,17 @@ def test_winding_rows_are_the_same_in_both_representations(t3w_case):
     np.testing.assert_allclose(
         adjoint.bids.accepted_mw.to_numpy(), dense.bids.accepted_mw.to_numpy(), atol=1e-6
     )
+
+
+def test_a_grid_without_geodata_is_laid_out_with_its_trafos_apart(t3w_case):
+    """pandapower's graph weighs a trafo (and a trafo3w's three sides) 0 km: laid out at
+    the median line's length instead, no bus lands on another and no division by zero."""
+    pf, _, seg, _ = t3w_case
+    assert "geo" not in pf.grid.net.bus or pf.grid.net.bus.geo.isna().all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pos = bus_positions(pf.grid.net, seg.graph)
+    xy = np.array([pos[b] for b in seg.graph.nodes])
+    edge = np.median([np.hypot(*np.subtract(pos[a], pos[b])) for a, b in seg.graph.edges])
+    gaps = np.hypot(*(xy[:, None, :] - xy[None, :, :]).transpose(2, 0, 1))
+    assert gaps[np.triu_indices(len(xy), 1)].min() > 0.3 * edge

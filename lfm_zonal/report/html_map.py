@@ -36,7 +36,7 @@ from lfm_zonal.report.plots import (
 PLOTLY_BUNDLE = "plotly.min.js"
 HTML_DIV_ID = "lfm-zonal-zone-map"  # plotly writes a random div id otherwise: stable bytes
 HTML_CONFIG = {"scrollZoom": True, "displaylogo": False}
-SIGNIFICANT_DIGITS_OF_SPAN = 6  # coordinates rounded to 1e-6 of the map's extent
+SIGNIFICANT_DIGITS_OF_SPAN = 6  # coordinates rounded to a step of 1e-6 to 1e-5 of the map's extent
 # Line styles of the PNG (LINE_STYLES) in plotly's terms.
 BORDER_LINE = {"color": "black", "dash": "dash", "width": 1.5}
 OPEN_LINE = {"color": to_hex(LINE_STYLES["open"]["color"]), "dash": "dot", "width": 1.2}

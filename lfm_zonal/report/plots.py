@@ -144,9 +144,19 @@ def bus_positions(net, graph: nx.Graph) -> dict[int, tuple[float, float]]:
                     pos[int(bus)] = (float(coords[0]), float(coords[1]))
     if all(b in pos for b in graph.nodes):
         return pos
+    # Edge lengths for the layout: a line's length; a trafo or bus-bus switch (pandapower's
+    # weight 0, which would put its buses on one point) the median line's.
+    lengths = nx.get_edge_attributes(graph, "weight")
+    positive = [w for w in lengths.values() if w > 0]
+    typical = float(np.median(positive)) if positive else 1.0
+    laid = nx.Graph()
+    laid.add_nodes_from(graph.nodes)
+    laid.add_weighted_edges_from(
+        (a, b, lengths.get((a, b), 0.0) or typical) for a, b in graph.edges
+    )
     pos, x0 = {}, 0.0
-    for part in sorted(nx.connected_components(graph), key=min):
-        sub = graph.subgraph(sorted(part))
+    for part in sorted(nx.connected_components(laid), key=min):
+        sub = laid.subgraph(sorted(part))
         n = sub.number_of_nodes()
         if n <= 2:
             layout = {b: np.array([float(i), 0.0]) for i, b in enumerate(sub.nodes)}
