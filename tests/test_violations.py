@@ -7,7 +7,15 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from lfm_zonal.grid.violations import beyond_limits, excess, violated, violated_state
+from lfm_zonal.grid.linear import LinearGrid
+from lfm_zonal.grid.violations import (
+    beyond_limits,
+    excess,
+    layout_rows,
+    split_layout,
+    violated,
+    violated_state,
+)
 
 LIMITS = SimpleNamespace(loading_max_percent=100.0, vm_min_pu=0.95, vm_max_pu=1.05)
 
@@ -34,3 +42,23 @@ def test_signed_distance_and_pandas_frames():
     np.testing.assert_allclose(overv.iloc[0], [-0.05, -0.15])
     kept = violated(excess(LIMITS, loading, vm)[0], 0.01)
     assert isinstance(kept, pd.DataFrame) and kept.iloc[0].tolist() == [0.0, 10.0]
+
+
+def test_the_violation_layout_by_hand():
+    """Three branches and two buses: rows 0-2 the loadings, 3-4 the overvoltages, 5-6 the
+    undervoltages, as ``LinearGrid.violations`` lays them out; ``layout_rows`` inverts."""
+    loading = np.array([[90.0, 101.0, 100.0]])
+    vm = np.array([[1.06, 0.94]])
+    row = LinearGrid.violations(LIMITS, loading, vm)[0]
+    r = np.arange(7)
+    is_branch, upper, at = split_layout(r, 3, 2)
+    assert is_branch.tolist() == [True] * 3 + [False] * 4
+    assert upper.tolist() == [True] * 5 + [False] * 2
+    assert at.tolist() == [0, 1, 2, 0, 1, 0, 1]
+    by_hand = np.where(
+        is_branch,
+        loading[0, np.minimum(at, 2)] - 100.0,
+        np.where(upper, vm[0, np.minimum(at, 1)] - 1.05, 0.95 - vm[0, np.minimum(at, 1)]),
+    )
+    np.testing.assert_allclose(row, by_hand)
+    np.testing.assert_array_equal(layout_rows(is_branch, upper, at, 3, 2), r)

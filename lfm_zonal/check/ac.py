@@ -35,6 +35,7 @@ from lfm_zonal.grid.violations import (
     VIOLATION_TOLERANCE_VM_PU,
     excess,
     largest_per_mtu,
+    layout_rows,
     violated_state,
 )
 
@@ -333,7 +334,7 @@ def residual_violations(
             raise LfmError("the market's predicted excess is not on this grid's MTUs and rows")
         at = pd.Index(mtus).get_indexer(t)
         cleared = (at >= 0) & ~failed[t]  # a failed check lists the base case's rows
-        row = np.select([kind == 0, kind == 2], [r, n_l + r], n_l + n_b + r)
+        row = layout_rows(kind == 0, kind != 1, r, n_l, n_b)  # kind 1: undervoltage
         model_excess[cleared] = beyond[at[cleared], row[cleared]].clip(0.0, None)
     offers = None
     if resources is not None:

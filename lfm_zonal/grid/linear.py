@@ -6,7 +6,7 @@ the nodal model, spread over each area's buses by its weights W). The clearing L
 its grid rows from here; a sequential LP re-linearises at the AC point of its last round.
 
 Rows are numbered in the *violation layout*: the monitored branches (loading), then every
-bus's upper voltage limit, then every bus's lower one (``LinearGrid.violations``).
+bus's upper voltage limit, then every bus's lower one (``grid.violations``).
 
 The sensitivities have two representations with the same values:
 
@@ -60,6 +60,7 @@ from lfm_zonal.grid.violations import (
     VIOLATION_TOLERANCE_LOADING_PERCENT,
     VIOLATION_TOLERANCE_VM_PU,
     beyond_limits,
+    split_layout,
 )
 from lfm_zonal.limits import require_memory
 
@@ -139,14 +140,10 @@ class DenseRows:
         return loading, vm
 
     def coefficients(self, t: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n_l, n_b = self.sl_p.shape[1], self.sv_p.shape[1]
-        is_line = r < n_l
-        bus = (r[~is_line] - n_l) % n_b
+        is_line, _, at = split_layout(r, self.sl_p.shape[1], self.sv_p.shape[1])
+        line, bus = at[is_line], at[~is_line]
         cp, cq = np.empty((len(t), self.k)), np.empty((len(t), self.k))
-        cp[is_line], cq[is_line] = (
-            self.sl_p[t[is_line], r[is_line]],
-            self.sl_q[t[is_line], r[is_line]],
-        )
+        cp[is_line], cq[is_line] = self.sl_p[t[is_line], line], self.sl_q[t[is_line], line]
         cp[~is_line], cq[~is_line] = self.sv_p[t[~is_line], bus], self.sv_q[t[~is_line], bus]
         return cp, cq
 
@@ -346,8 +343,8 @@ class AdjointRows:
 
     def _solve_rows(self, lin: JacobianLinearisation, r: np.ndarray) -> tuple[np.ndarray, ...]:
         """The coefficients of rows ``r`` (violation layout) of one MTU's linearisation."""
-        is_line = r < self.n_branch
-        branches, buses = r[is_line], (r[~is_line] - self.n_branch) % self.n_bus
+        is_line, _, at = split_layout(r, self.n_branch, self.n_bus)
+        branches, buses = at[is_line], at[~is_line]
         if self.k <= FORWARD_MAX_AREAS:
             dp, dq = self.states.rows(lin, self.W, branches, buses)
         else:

@@ -6,6 +6,11 @@ bus; the limits are the grid's ``loading_max_percent``, ``vm_min_pu`` and ``vm_m
 Every function here works on numpy arrays and pandas frames alike, and an MTU that did
 not converge (NaN) stays NaN: it is never counted as within its limits.
 
+**The violation layout** numbers the rows of one MTU: every monitored branch's loading
+(``NetworkModel.branches`` order), then every bus's overvoltage, then every bus's
+undervoltage (``NetworkModel.buses`` order). The linear model's rows, the clearing LP's
+grid rows and the AC check's model excess use it (``split_layout``, ``layout_rows``).
+
 **Violated** means beyond one tolerance, the same in every KPI and table:
 ``VIOLATION_TOLERANCE_LOADING_PERCENT`` (0.01 percentage points of loading) and
 ``VIOLATION_TOLERANCE_VM_PU`` (1e-5 p.u.). An excess within it is reported as 0.
@@ -70,3 +75,19 @@ def largest_per_mtu(
     t, r = t[order], r[order]
     keep = np.arange(len(t)) - np.searchsorted(t, t, side="left") < n
     return t[keep], r[keep]
+
+
+def split_layout(
+    r: np.ndarray, n_branch: int, n_bus: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``r`` of the violation layout as (a branch's loading row, an upper limit: a
+    loading or overvoltage row, the branch's or the bus's position)."""
+    is_branch = r < n_branch
+    return is_branch, r < n_branch + n_bus, np.where(is_branch, r, (r - n_branch) % n_bus)
+
+
+def layout_rows(
+    is_branch: np.ndarray, upper: np.ndarray, position: np.ndarray, n_branch: int, n_bus: int
+) -> np.ndarray:
+    """The rows of the violation layout of branch or bus rows (``split_layout``'s inverse)."""
+    return np.where(is_branch, position, n_branch + np.where(upper, 0, n_bus) + position)

@@ -51,6 +51,7 @@ import scipy.sparse as sp
 
 from lfm_zonal.errors import LfmError
 from lfm_zonal.grid.linear import LinearGrid, RowScales
+from lfm_zonal.grid.violations import split_layout
 
 INF = highspy.kHighsInf
 #: Selected bid steps per (MTU, area) pair from which the area injections are columns of
@@ -608,13 +609,12 @@ def define_grid_rows(
     if n == 0:
         return GridRows.none(grid.k)
     t, r = rows[:, 0], rows[:, 1]
-    n_l, n_b = len(grid.branches), len(grid.buses)
-    is_line, upper = r < n_l, r < n_l + n_b
+    is_line, upper, at = split_layout(r, len(grid.branches), len(grid.buses))
     cp, cq = grid.rows.coefficients(t, r)
     scales.learn(grid.rows, t, r, cp, cq)
     base = np.empty(n)
     base[is_line] = grid.loading0[t[is_line], r[is_line]]
-    base[~is_line] = grid.vm0[t[~is_line], (r[~is_line] - n_l) % n_b]
+    base[~is_line] = grid.vm0[t[~is_line], at[~is_line]]
     limit = np.where(
         is_line, grid.loading_max_percent, np.where(upper, grid.vm_max_pu, grid.vm_min_pu)
     )
