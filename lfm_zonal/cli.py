@@ -681,8 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--elements",
         action="append",
         metavar="TYPE:INDICES",
-        help="rows to keep, by pandapower index: line:3,7, trafo:0, bus:10:20 (repeatable; "
-        "default every monitored line and trafo and every bus; a type not named keeps none)",
+        help="rows to keep, by pandapower index: line:3,7, trafo:0, trafo3w:1 (its three "
+        "windings; trafo3w_lv:1 one), bus:10:20 (repeatable; default every monitored element "
+        "and every bus; a type not named keeps none)",
     )
     p.add_argument(
         "--buses", help="bus columns to keep, e.g. 0,5,9 or 0:99 (default every energised bus)"

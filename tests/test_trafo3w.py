@@ -12,7 +12,7 @@ import pandapower as pp
 import pytest
 from test_opf_reference import COST_RTOL, HARD_LIMITS_EUR_PER_MWH
 
-from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
+from lfm_zonal import Horizon, InputError, load_grid, load_profiles, run_horizon
 from lfm_zonal.check.ac import dispatched_net
 from lfm_zonal.grid.powerflow import pandapower_loading_percent
 from lfm_zonal.grid.sensitivity import (
@@ -25,6 +25,7 @@ from lfm_zonal.market.opf_reference import opf_reference
 from lfm_zonal.market.resources import FlexibilitySpec, generate_resources
 from lfm_zonal.report.html_map import zone_map_dict
 from lfm_zonal.report.plots import bus_positions, not_connected
+from lfm_zonal.study.results import sensitivity_labels
 from lfm_zonal.zones.segmentation import prepare_segmentation
 
 WINDINGS = ["trafo3w_hv", "trafo3w_mv", "trafo3w_lv"]
@@ -183,3 +184,16 @@ def test_a_grid_without_geodata_is_laid_out_with_its_trafos_apart(t3w_case):
     edge = np.median([np.hypot(*np.subtract(pos[a], pos[b])) for a, b in seg.graph.edges])
     gaps = np.hypot(*(xy[:, None, :] - xy[None, :, :]).transpose(2, 0, 1))
     assert gaps[np.triu_indices(len(xy), 1)].min() > 0.3 * edge
+
+
+def test_sensitivities_command_takes_a_trafo3w_as_its_three_windings(t3w_case, tmp_path):
+    pf, _, _, _ = t3w_case
+    branches, buses = pf.model.branches, pf.model.buses.rename("bus")
+    rows, _, _ = sensitivity_labels(branches, buses, {"trafo3w": [0], "line": [2]})
+    assert list(rows) == [(w, 0) for w in WINDINGS] + [("line", 2)]
+    rows, _, _ = sensitivity_labels(branches, buses, {"trafo3w_lv": [0]})
+    assert list(rows) == [LV_WINDING]
+    with pytest.raises(InputError, match="trafo3w_hv:1: the grid has no monitored trafo3w_hv 1"):
+        sensitivity_labels(branches, buses, {"trafo3w": [1]})
+    with pytest.raises(InputError, match=r"types: bus, line, trafo3w, trafo3w_hv"):
+        sensitivity_labels(branches, buses, {"trafo": [0]})

@@ -17,7 +17,7 @@ from lfm_zonal.check.kpis import TIMING_COLUMNS
 from lfm_zonal.errors import InputError, WorkerDied
 from lfm_zonal.files import SENSITIVITY_FORMATS
 from lfm_zonal.files.outputs import result_folder, write_csv, write_json, write_npz, write_table
-from lfm_zonal.grid.powerflow import BRANCH_INDEX_NAMES, HorizonPowerFlow
+from lfm_zonal.grid.powerflow import BRANCH_INDEX_NAMES, TRAFO3W_WINDINGS, HorizonPowerFlow
 from lfm_zonal.grid.sensitivity import Sensitivities
 from lfm_zonal.grid.violations import violated_state
 from lfm_zonal.market.clearing import MarketResult
@@ -63,23 +63,27 @@ def sensitivity_labels(
 ) -> tuple[pd.MultiIndex, pd.Index, pd.Index]:
     """Rows of the loading matrices, rows of the voltage matrices and bus columns chosen from
     a grid's monitored ``branches`` and energised ``buses``: ``elements`` maps an element type
-    to pandapower indices (``line``, ``trafo``, ... rows of the loading matrices, ``bus`` rows
-    of the voltage matrices; None: every row; a type not named keeps no row), ``columns`` are
+    to pandapower indices (``line``, ``trafo``, ``trafo3w_hv``, ... rows of the loading
+    matrices, ``trafo3w`` its three windings' rows, ``bus`` rows of the voltage matrices;
+    None: every row; a type not named keeps no row), ``columns`` are
     bus indices (None: every bus), in the order given. An index the grid does not have is
     refused naming the flag (``--elements``, ``--buses``) and the index."""
     loading_rows, vm_rows = branches, buses
     if elements is not None:
         types = set(branches.get_level_values(0))
+        windings = [f"trafo3w_{w}" for w in TRAFO3W_WINDINGS if f"trafo3w_{w}" in types]
         picked = []
         for element, indices in elements.items():
-            if element != "bus" and element not in types:
-                known = ", ".join(sorted(types | {"bus"}))
+            # ``trafo3w``: its three windings' rows.
+            rows_of = windings if element == "trafo3w" and windings else [element]
+            if element != "bus" and rows_of[0] not in types:
+                known = ", ".join(sorted(types | {"bus"} | ({"trafo3w"} if windings else set())))
                 raise InputError(
                     f"--elements {element}: the grid has no monitored element of this type "
                     f"(types: {known})"
                 )
             if element != "bus":
-                picked += [(element, int(i)) for i in indices]
+                picked += [(row, int(i)) for i in indices for row in rows_of]
         _require(branches, picked, "--elements", "no monitored {0} {1}")
         loading_rows = pd.MultiIndex.from_tuples(picked, names=branches.names)
         vm_rows = pd.Index([int(i) for i in elements.get("bus", [])], name=buses.name)
