@@ -284,10 +284,11 @@ def test_profiles_csv_is_named_in_the_summary(tmp_path):
     assert summary["grid"]["profiles"] == f"csv:{prof}"
 
 
-def _one_bus_grid(path, vm_pu: float) -> None:
+def _one_bus_grid(path, vm_pu: float, dead_branches: bool = False) -> None:
     """One slack bus, a second bus merged into it by a closed bus-bus switch, a load and
     a PV unit, and no line or trafo: nothing to monitor. A third bus, connected to nothing,
-    holds a load that no power reaches."""
+    holds a load that no power reaches. ``dead_branches``: in-service branches among buses
+    no power reaches (a line from the third bus, a trafo3w behind it), monitored by none."""
     net = pp.create_empty_network(name="one_bus")
     b0 = pp.create_bus(net, vn_kv=20.0)
     b1 = pp.create_bus(net, vn_kv=20.0)
@@ -297,15 +298,20 @@ def _one_bus_grid(path, vm_pu: float) -> None:
     pp.create_load(net, b1, p_mw=1.0, q_mvar=0.2)
     pp.create_load(net, b2, p_mw=0.4, q_mvar=0.1)
     pp.create_sgen(net, b0, p_mw=0.5)
+    if dead_branches:
+        b3, b4, b5 = (pp.create_bus(net, vn_kv=kv) for kv in (20.0, 10.0, 0.4))
+        pp.create_line(net, b2, b3, 1.0, std_type="NA2XS2Y 1x95 RM/25 12/20 kV")
+        pp.create_transformer3w(net, b3, b4, b5, std_type="63/25/38 MVA 110/20/10 kV")
     pp.to_json(net, str(path))
 
 
-def test_grid_with_nothing_to_monitor_runs(tmp_path, caplog):
-    """No line or trafo: pandapower skips its power flow; the run still clears (to nothing),
-    every energised bus sits at the slack's set voltage, no KPI is NaN, and the load that
-    no power reaches is named."""
+@pytest.mark.parametrize("dead_branches", [False, True])
+def test_grid_with_nothing_to_monitor_runs(tmp_path, caplog, dead_branches):
+    """No line or trafo (or none that power reaches): pandapower skips its power flow; the
+    run still clears (to nothing), every energised bus sits at the slack's set voltage, no
+    KPI is NaN, and the load that no power reaches is named."""
     grid = tmp_path / "one_bus.json"
-    _one_bus_grid(grid, vm_pu=1.0)
+    _one_bus_grid(grid, vm_pu=1.0, dead_branches=dead_branches)
     body = f'[grid]\nsource = "{grid}"\n[horizon]\nstart = "2016-01-14 17:00"\nn_mtu = 2\n'
     with caplog.at_level(logging.WARNING):
         kpis = _run(tmp_path, body + "[zones]\nk = [1]\n")

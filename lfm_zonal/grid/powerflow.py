@@ -228,8 +228,8 @@ def _internal_without_branches(ppc: dict, lookup: np.ndarray) -> tuple[dict, np.
     empty = sp.csr_matrix((0, n), dtype=complex)
     internal = {
         "bus": bus,
-        "branch": np.array(ppc["branch"]),
-        "branch_is": np.zeros(0, bool),
+        "branch": np.zeros((0, np.shape(ppc["branch"])[1])),
+        "branch_is": np.zeros(len(ppc["branch"]), bool),  # none energised: none monitored
         "Ybus": sp.csr_matrix((n, n), dtype=complex),
         "Yf": empty,
         "Yt": empty,
