@@ -161,7 +161,7 @@ class GridSection(_Section):
     vm_max_pu: float = _key(DEFAULT_VM_MAX_PU, "upper voltage limit", gt=0, le=MAX_VM_PU)
     loading_max_percent: float = _key(
         DEFAULT_LOADING_MAX_PERCENT,
-        "loading limit of lines and trafos",
+        "loading limit of lines, trafos and trafo3w windings",
         gt=0,
         le=MAX_LOADING_PERCENT,
     )

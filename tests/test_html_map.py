@@ -78,8 +78,9 @@ def test_one_trace_per_zone_holds_its_buses_with_hover_text(case):
         assert list(trace.customdata) == list(buses)  # pandapower indices, zone order
         assert trace.name == f"Z{z}: {len(buses)} buses"
         xy = np.array([pos[b] for b in buses], dtype=float)
-        step = 10.0 ** -html_map._decimals(np.array(list(pos.values()), dtype=float))
-        assert np.allclose(np.c_[trace.x, trace.y], xy, rtol=0, atol=0.5 * step)
+        # Six significant digits of the extent: a rounding step below 1e-5 of it.
+        span = float(np.ptp(np.array(list(pos.values()), dtype=float), axis=0).max())
+        assert np.allclose(np.c_[trace.x, trace.y], xy, rtol=0, atol=5e-6 * span)
         for bus, text in zip(buses, trace.text, strict=True):
             name = net.bus.name[bus]
             lines = text.split("<br>")

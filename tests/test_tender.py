@@ -252,5 +252,7 @@ def test_zonal_tender_needs_a_congestion(ieee33_pf):
 
     res = generate_resources(ieee33_pf, FlexibilitySpec(), seed=0)
     seg = prepare_segmentation(ieee33_pf, 0)
-    with pytest.raises(InputError, match="no monitored line or trafo is overloaded"):
+    with pytest.raises(
+        InputError, match="no monitored line, trafo or trafo3w winding is overloaded"
+    ):
         congestion_needs(seg, res)

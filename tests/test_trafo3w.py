@@ -23,7 +23,8 @@ from lfm_zonal.grid.sensitivity import (
 from lfm_zonal.market.clearing import clear_market
 from lfm_zonal.market.opf_reference import opf_reference
 from lfm_zonal.market.resources import FlexibilitySpec, generate_resources
-from lfm_zonal.report.html_map import zone_map_dict
+from lfm_zonal.report import plots
+from lfm_zonal.report.html_map import _branches_between, zone_map_dict
 from lfm_zonal.report.plots import bus_positions, not_connected
 from lfm_zonal.study.results import sensitivity_labels
 from lfm_zonal.zones.segmentation import prepare_segmentation
@@ -98,6 +99,79 @@ def test_each_winding_is_monitored_as_pandapower_loads_it(t3w_case):
     assert pf.violations().overloaded_branches.iloc[worst] == 1
 
 
+def five_trafo3w() -> pp.pandapowerNet:
+    """Five trafo3w of one slack, indices 7, 3, 5, 1, 2 (not in creation order): 7 with a
+    tap on its mv side and a 21 kV mv bus; 3 out of service; 5 and 1 with an open switch
+    on the mv and the hv side (their mv buses fed by lines from 7's); 2 with its tap at
+    the star point, phase shifts and its losses on the lv side."""
+    net = pp.create_empty_network(sn_mva=1.0)
+    hv = pp.create_bus(net, 110.0)
+    pp.create_ext_grid(net, hv, vm_pu=1.02)
+
+    def trafo(mv, lv, index, **given):
+        kw = dict(
+            vn_hv_kv=110, vn_mv_kv=20, vn_lv_kv=10, sn_hv_mva=25, sn_mv_mva=20, sn_lv_mva=5,
+            vk_hv_percent=10, vk_mv_percent=10, vk_lv_percent=10, vkr_hv_percent=0.3,
+            vkr_mv_percent=0.3, vkr_lv_percent=0.3, pfe_kw=10, i0_percent=0.1,
+        )  # fmt: skip
+        pp.create_transformer3w_from_parameters(net, hv, mv, lv, index=index, **(kw | given))
+
+    def feeder(root, n, kv, load_mw):
+        for _ in range(n):
+            bus = pp.create_bus(net, kv)
+            pp.create_line_from_parameters(
+                net, root, bus, length_km=1.0, r_ohm_per_km=0.16, x_ohm_per_km=0.12,
+                c_nf_per_km=200, max_i_ka=0.4,
+            )  # fmt: skip
+            pp.create_load(net, bus, p_mw=load_mw, q_mvar=0.1)
+            root = bus
+
+    tap = dict(tap_pos=2, tap_neutral=0, tap_min=-5, tap_max=5, tap_changer_type="Ratio")
+    mv7, lv7 = pp.create_bus(net, 21.0), pp.create_bus(net, 10.0)
+    trafo(mv7, lv7, 7, tap_side="mv", tap_step_percent=1.5, **tap)
+    feeder(mv7, 3, 21.0, 0.8)
+    feeder(lv7, 3, 10.0, 0.9)
+    trafo(pp.create_bus(net, 20.0), pp.create_bus(net, 10.0), 3, in_service=False)
+    for index, open_at in ((5, "mv"), (1, "hv")):
+        mv, lv = pp.create_bus(net, 21.0), pp.create_bus(net, 10.0)
+        trafo(mv, lv, index, vn_mv_kv=21)
+        pp.create_switch(net, mv if open_at == "mv" else hv, index, et="t3", closed=False)
+        pp.create_line_from_parameters(
+            net, mv7, mv, length_km=1.0, r_ohm_per_km=0.16, x_ohm_per_km=0.12,
+            c_nf_per_km=200, max_i_ka=0.4,
+        )  # fmt: skip
+        feeder(lv, 2, 10.0, 0.6)
+    mv2, lv2 = pp.create_bus(net, 20.0), pp.create_bus(net, 10.0)
+    trafo(
+        mv2, lv2, 2, loss_side="lv", shift_lv_degree=150, shift_mv_degree=30, tap_side="hv",
+        tap_step_percent=1.25, tap_at_star_point=True, **(tap | {"tap_pos": -2}),
+    )  # fmt: skip
+    feeder(mv2, 2, 20.0, 1.0)
+    feeder(lv2, 2, 10.0, 0.8)
+    return net
+
+
+def test_several_trafo3w_each_winding_as_pandapower_loads_it():
+    grid = load_grid(five_trafo3w())
+    pf = run_horizon(grid, load_profiles(grid, Horizon(start="2016-01-14 17:00", n_mtu=2)))
+    monitored = [b for b in pf.model.branches if b[0].startswith("trafo3w")]
+    # Winding by winding, in service only (an open side stays monitored: 0 % as pandapower).
+    assert monitored == [(w, i) for w in WINDINGS for i in (7, 5, 1, 2)]
+    for t in range(2):
+        net = pf.operating_point(t)
+        pp.runpp(net, numba=False, tolerance_mva=1e-10)
+        np.testing.assert_allclose(
+            pf.loading_percent.iloc[t].to_numpy(),
+            pandapower_loading_percent(net, pf.model.branches).to_numpy(),
+            atol=1e-6,
+        )
+        for i in (7, 5, 1, 2):
+            assert pf.loading_percent.iloc[t][[(w, i) for w in WINDINGS]].max() == (
+                pytest.approx(net.res_trafo3w.at[i, "loading_percent"], abs=1e-6)
+            )
+        assert pf.loading_percent.iloc[t][("trafo3w_mv", 5)] == 0.0  # its open side
+
+
 def test_winding_sensitivities_against_finite_differences(t3w_case):
     pf, _, _, worst = t3w_case
     buses = [int(b) for b in pf.model.buses[[1, 2, 5, 14, 16]]]  # mv, lv busbars, feeders
@@ -158,6 +232,9 @@ def test_maps_name_and_cut_the_trafo3w(t3w_case):
     figure = zone_map_dict(seg.graph, pf.grid.net, zones.zone_of_bus, seg.medoids(zones), "t3w")
     hover = [t for trace in figure["data"] for t in trace.get("text") or []]
     assert any(t.startswith("trafo3w 0<br>") and "5 MVA" in t for t in hover)
+    # A border between two of its buses names it (each pair of the three).
+    named = _branches_between(pf.grid.net)
+    assert [named[pair] for pair in ((0, 1), (0, 2), (1, 2))] == [["trafo3w 0"]] * 3
 
 
 def test_winding_rows_are_the_same_in_both_representations(t3w_case):
@@ -186,14 +263,28 @@ def test_a_grid_without_geodata_is_laid_out_with_its_trafos_apart(t3w_case):
     assert gaps[np.triu_indices(len(xy), 1)].min() > 0.3 * edge
 
 
-def test_sensitivities_command_takes_a_trafo3w_as_its_three_windings(t3w_case, tmp_path):
+def test_sensitivities_command_takes_a_trafo3w_as_its_windings(t3w_case):
     pf, _, _, _ = t3w_case
     branches, buses = pf.model.branches, pf.model.buses.rename("bus")
     rows, _, _ = sensitivity_labels(branches, buses, {"trafo3w": [0], "line": [2]})
     assert list(rows) == [(w, 0) for w in WINDINGS] + [("line", 2)]
-    rows, _, _ = sensitivity_labels(branches, buses, {"trafo3w_lv": [0]})
-    assert list(rows) == [LV_WINDING]
-    with pytest.raises(InputError, match="trafo3w_hv:1: the grid has no monitored trafo3w_hv 1"):
+    rows, _, _ = sensitivity_labels(branches, buses, {"trafo3w_lv": [0], "trafo3w": [0]})
+    assert list(rows) == [LV_WINDING, ("trafo3w_hv", 0), ("trafo3w_mv", 0)]  # each row once
+    # Windings not monitored (out of service): the others.
+    rows, _, _ = sensitivity_labels(branches.drop(LV_WINDING), buses, {"trafo3w": [0]})
+    assert list(rows) == [("trafo3w_hv", 0), ("trafo3w_mv", 0)]
+    with pytest.raises(InputError, match="trafo3w:1: the grid has no monitored trafo3w 1$"):
         sensitivity_labels(branches, buses, {"trafo3w": [1]})
     with pytest.raises(InputError, match=r"types: bus, line, trafo3w, trafo3w_hv"):
         sensitivity_labels(branches, buses, {"trafo": [0]})
+
+
+def test_before_after_plot_names_each_winding(t3w_case, tmp_path, monkeypatch):
+    pf, res, _, worst = t3w_case
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, path, laid_out=False: figures.append(fig))
+    plots.plot_before_after(pf, {"nodal": clear_market(pf, res, "nodal").ac}, worst, tmp_path)
+    axis = figures[0].axes[0]
+    ticks = [t.get_text() for t in axis.get_xticklabels()]
+    assert ticks[-3:] == ["t3hv0", "t3mv0", "t3lv0"] and ticks[0] == "l0"
+    assert "trafo3w winding (t3hv, t3mv, t3lv)" in axis.get_xlabel()

@@ -265,7 +265,8 @@ def residual_violations(
     """Every (MTU, element) still violated after the AC check, with its residual MW.
 
     One row per violated loading or voltage row (``violation``: overload, undervoltage,
-    overvoltage; ``element_type`` line / trafo / bus, ``element`` its pandapower index).
+    overvoltage; ``element_type`` line / trafo / trafo3w_hv, _mv, _lv (a winding) / bus,
+    ``element`` its pandapower index).
     ``excess`` is beyond the limit (pp or p.u.); ``model_excess`` what the market's own
     model expected of it after its clearing: with ``predicted`` (the MTUs it cleared, and
     its linearised grid's excess per MTU and row after the clearing, T x (branches +

@@ -735,7 +735,8 @@ class HorizonPowerFlow:
         return net
 
     def violations(self) -> pd.DataFrame:
-        """Base-case violations per MTU: overloads and voltages outside the band."""
+        """Base-case violations per MTU: overloads and voltages outside the band
+        (``overloaded_branches`` counts monitored rows: each overloaded trafo3w winding)."""
         over, under, overv = excess(self.grid, self.loading_percent, self.vm_pu)
         loading_max = self.loading_percent.max(axis=1)
         if not self.loading_percent.shape[1]:  # nothing monitored: a converged MTU loads 0 %

@@ -613,7 +613,7 @@ def define_grid_rows(
     cp, cq = grid.rows.coefficients(t, r)
     scales.learn(grid.rows, t, r, cp, cq)
     base = np.empty(n)
-    base[is_line] = grid.loading0[t[is_line], r[is_line]]
+    base[is_line] = grid.loading0[t[is_line], at[is_line]]
     base[~is_line] = grid.vm0[t[~is_line], at[~is_line]]
     limit = np.where(
         is_line, grid.loading_max_percent, np.where(upper, grid.vm_max_pu, grid.vm_min_pu)

@@ -8,7 +8,7 @@ For one MTU the reference solves, on the pandapower net of that MTU
           0 <= p_up_r <= up_r,   0 <= p_down_r <= down_r                   (availability)
           q_r = tan_phi_r * (p_up_r - p_down_r)                            (power factor of the change)
           vm_min <= |V_b| <= vm_max                      for every bus b    (the grid's band)
-          loading_l <= loading_max                       for every line, trafo and trafo3w
+          loading_l <= loading_max                       for every line, trafo and trafo3w winding
 
 ``up`` raises the net injection at the resource's bus, ``down`` lowers it, as
 in the engine's dispatch (``market._dispatch``): each direction is one
@@ -39,7 +39,12 @@ market sees changes. ``init="flat"`` (1 p.u., 0 degrees): every MTU's OPF starts
 from the same point, independent of any earlier solution (``init="pf"`` reached
 the same costs on the MTUs tried). Termination tolerances: ``PIPS_OPTIONS``.
 Branch limits are PYPOWER's current limits (``OPF_FLOW_LIM = 2``, runopp's
-default), the engine's ``loading_percent`` by current.
+default), the engine's ``loading_percent`` by current. A trafo3w winding is an internal
+branch between its bus and the trafo3w's star point, limited by PYPOWER at both ends,
+where pandapower and the engine load it at its bus only: the same at neutral tap (tested);
+with a winding's tap off neutral its star end carries the current times the ratio and may
+bind first, so the reference can stop short of the limit there (by the ratio, 95% at
++5%), and costs more than the engine's optimum.
 
 **Verification.** The OPF's dispatch is put back into the net as fixed sgens and
 solved by ``runpp``: ``loading_percent`` and ``vm_pu`` of the result come from that

@@ -515,6 +515,16 @@ def plot_k_comparison(kpis: pd.DataFrame, path: Path, grid_name: str) -> None:
     save(fig, path, laid_out=True)
 
 
+#: Short names of the monitored element types on an axis (then the pandapower index).
+BRANCH_TICK = {
+    "line": "l",
+    "trafo": "t",
+    "trafo3w_hv": "t3hv",
+    "trafo3w_mv": "t3mv",
+    "trafo3w_lv": "t3lv",
+}
+
+
 def plot_before_after(pf, ac_by_market: dict, mtu: int, path: Path) -> None:
     """Loading of every monitored branch and voltage of every bus at one MTU: base case and
     after each market's dispatch (AC), with the limits."""
@@ -524,10 +534,15 @@ def plot_before_after(pf, ac_by_market: dict, mtu: int, path: Path) -> None:
     x_l = _before_after_lines(ax_l, "loading_percent", pf, ac_by_market, mtu)
     ax_l.axhline(g.loading_max_percent, color="red", ls="--", lw=1, label="limit")
     ax_l.set_ylabel("loading (%)")
-    ax_l.set_xlabel("monitored line (l) / trafo (t), pandapower index")
+    kinds = set(branches.get_level_values(0))
+    windings = " / trafo3w winding (t3hv, t3mv, t3lv)" if kinds - {"line", "trafo"} else ""
+    ax_l.set_xlabel(f"monitored line (l) / trafo (t){windings}, pandapower index")
     step = max(1, len(branches) // 25)
     ax_l.set_xticks(
-        x_l[::step], [f"{t[0][0]}{t[1]}" for t in branches[::step]], fontsize=7, rotation=90
+        x_l[::step],
+        [f"{BRANCH_TICK.get(t[0], t[0])}{t[1]}" for t in branches[::step]],
+        fontsize=7,
+        rotation=90,
     )
     buses = pf.vm_pu.columns
     x_v = _before_after_lines(ax_v, "vm_pu", pf, ac_by_market, mtu)

@@ -173,7 +173,10 @@ def _require_memory_for_horizon(scenario: Scenario, grid) -> None:
             [(T, "MTUs"), (elements, "loads and sgens"), (4, "profiles")],
             [
                 (T, "MTUs"),
-                (len(net.bus) + len(net.line) + len(net.trafo), "buses and branches"),
+                (
+                    len(net.bus) + len(net.line) + len(net.trafo) + 3 * len(net.trafo3w),
+                    "buses and branches",
+                ),
                 (4, "base-case tables"),
             ],  # fmt: skip
             [(T, "MTUs"), (units, "resources"), (2, "directions")],

@@ -71,21 +71,29 @@ def sensitivity_labels(
     loading_rows, vm_rows = branches, buses
     if elements is not None:
         types = set(branches.get_level_values(0))
-        windings = [f"trafo3w_{w}" for w in TRAFO3W_WINDINGS if f"trafo3w_{w}" in types]
-        picked = []
+        windings = [f"trafo3w_{w}" for w in TRAFO3W_WINDINGS]
+        if types & set(windings):
+            types.add("trafo3w")  # a trafo3w: its windings' rows (those monitored)
+        picked: dict[tuple[str, int], None] = {}  # in order, each row once
         for element, indices in elements.items():
-            # ``trafo3w``: its three windings' rows.
-            rows_of = windings if element == "trafo3w" and windings else [element]
-            if element != "bus" and rows_of[0] not in types:
-                known = ", ".join(sorted(types | {"bus"} | ({"trafo3w"} if windings else set())))
+            if element != "bus" and element not in types:
+                known = ", ".join(sorted(types | {"bus"}))
                 raise InputError(
                     f"--elements {element}: the grid has no monitored element of this type "
                     f"(types: {known})"
                 )
-            if element != "bus":
-                picked += [(row, int(i)) for i in indices for row in rows_of]
-        _require(branches, picked, "--elements", "no monitored {0} {1}")
-        loading_rows = pd.MultiIndex.from_tuples(picked, names=branches.names)
+            if element == "trafo3w":
+                for i in indices:
+                    rows = [(w, int(i)) for w in windings if (w, int(i)) in branches]
+                    if not rows:
+                        raise InputError(
+                            f"--elements trafo3w:{i}: the grid has no monitored trafo3w {i}"
+                        )
+                    picked.update(dict.fromkeys(rows))
+            elif element != "bus":
+                picked.update(dict.fromkeys((element, int(i)) for i in indices))
+        _require(branches, list(picked), "--elements", "no monitored {0} {1}")
+        loading_rows = pd.MultiIndex.from_tuples(list(picked), names=branches.names)
         vm_rows = pd.Index([int(i) for i in elements.get("bus", [])], name=buses.name)
         _require(buses, [("bus", b) for b in vm_rows], "--elements", "no energised {0} {1}")
     out = buses

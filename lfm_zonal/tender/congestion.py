@@ -3,8 +3,8 @@
 Reading (the brief's "need mapped through the zone's sensitivity to its congested
 element", made additive so that seed 001's per-node model applies unchanged):
 
-* The **congested element** is the monitored line or trafo with the largest overload
-  of the horizon, at its worst MTU. Its forecast loading is normal: the base-case
+* The **congested element** is the monitored line, trafo or trafo3w winding with the
+  largest overload of the horizon, at its worst MTU. Its forecast loading is normal: the base-case
   loading, with a standard deviation from independent load (or, for reverse-flow
   congestion, generation) forecast errors of ``forecast_error`` x their MW,
   propagated through the nodal sensitivities.
@@ -85,8 +85,8 @@ def congestion_needs(
     )
     if not (over.to_numpy() > 0).any():
         raise InputError(
-            f"{pf.grid.name}: no monitored line or trafo is overloaded in the horizon; the "
-            "zonal tender needs a congestion (choose a scenario with overloads)"
+            f"{pf.grid.name}: no monitored line, trafo or trafo3w winding is overloaded in the "
+            "horizon; the zonal tender needs a congestion (choose a scenario with overloads)"
         )
     mtu = int(np.nanargmax(over.max(axis=1).to_numpy()))
     element = over.iloc[mtu].idxmax()
