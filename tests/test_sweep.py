@@ -93,3 +93,24 @@ def test_leftovers_of_a_killed_sweep_are_recognised(tmp_path):
         path.write_text("x")
     _remove_partials(tmp_path)
     assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
+
+
+@pytest.mark.parametrize("sharing", [1, 3])
+def test_a_case_gets_its_share_of_the_memory_budget(short_scenario, tmp_path, monkeypatch, sharing):
+    """A case in one of N local Dask workers (``run_case``'s ``sharing``) sizes its requests
+    against a Nth of the budget, as a market worker of ``run --workers N`` does."""
+    from lfm_zonal import limits
+    from lfm_zonal.study import job, sweep
+
+    monkeypatch.setenv(limits.MEMORY_ENV, "6")
+    monkeypatch.setattr(limits, "_sharing", 1)
+    seen = []
+
+    def budget_then_stop(scenario):
+        seen.append(limits.memory_budget_bytes()[0])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "run_study", budget_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_case(short_scenario, DAYS[0], 0, [1], ["zonal"], str(tmp_path), sharing)
+    assert seen == [6 * limits.GIB / sharing]

@@ -35,7 +35,7 @@ from lfm_zonal.files.outputs import (
     json_text,
     write_csv,
 )
-from lfm_zonal.limits import available_cores
+from lfm_zonal.limits import available_cores, share_memory
 from lfm_zonal.study.scenario import Scenario, validate_values
 
 CASES = "cases"
@@ -71,12 +71,18 @@ def expected_rows(ks, methods) -> set[tuple[str, int]]:
     return {(m, int(k)) for m in methods if m != "nodal" for k in ks}
 
 
-def run_case(scenario: Scenario, day: str, seed: int, ks, methods, folder: str) -> str:
-    """Run one case and write its rows (atomically); returns the case file's path."""
+def run_case(
+    scenario: Scenario, day: str, seed: int, ks, methods, folder: str, sharing: int = 1
+) -> str:
+    """Run one case and write its rows (atomically); returns the case file's path.
+    ``sharing``: processes of this machine that may each run a case at once (the local
+    Dask workers): the case's memory requests get their share of the budget
+    (``limits.share_memory``), refused with an estimate rather than killed by the system."""
     import warnings
 
     from lfm_zonal.study.job import run_study
 
+    share_memory(sharing)
     warnings.filterwarnings("ignore")
     study = run_study(case_scenario(scenario, day, seed, ks, methods))
     kpis = study.kpis()
@@ -253,7 +259,7 @@ def _run_on_dask(scenario, todo, ks, methods, out, workers, scheduler, bar, on_c
             raise InputError(
                 f"--scheduler {scheduler}: no Dask scheduler answers there ({reason})"
             ) from None
-        cluster = None
+        cluster, n = None, 1  # the scheduler's workers: on their own machines, as they are
     else:
         n = workers or available_cores()
         cluster = LocalCluster(
@@ -267,7 +273,7 @@ def _run_on_dask(scenario, todo, ks, methods, out, workers, scheduler, bar, on_c
         client = Client(cluster)
     try:
         futures = [
-            client.submit(run_case, scenario, d, s, ks, methods, str(out.resolve()), pure=False)
+            client.submit(run_case, scenario, d, s, ks, methods, str(out.resolve()), n, pure=False)
             for d, s in todo
         ]
         names = {f.key: case_name(d, s) for f, (d, s) in zip(futures, todo, strict=True)}
