@@ -55,14 +55,100 @@ def _malloc_trim():
         return None
 
 
-#: Where a cgroup's CPU quota is read (v2: "max" or "quota period" in ``cpu.max``; v1: the
-#: quota in ``cpu.cfs_quota_us``, -1 for none, and the period in ``cpu.cfs_period_us``).
+#: Where the cgroup hierarchies are mounted. v2: one hierarchy, a CPU quota in ``cpu.max``
+#: ("max" or "quota period"), memory in ``memory.max`` and ``memory.current``; v1: one per
+#: controller, ``cpu/cpu.cfs_quota_us`` (-1 for none) and ``cpu/cpu.cfs_period_us``,
+#: ``memory/memory.limit_in_bytes`` and ``memory/memory.usage_in_bytes``.
 CGROUP_ROOT = "/sys/fs/cgroup"
+#: This process's cgroups, one line per hierarchy: "0::/path" (v2), "N:cpu,cpuacct:/path"
+#: (v1).
+PROC_CGROUP = "/proc/self/cgroup"
+
+
+def _read_words(path: str) -> list[str] | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().split()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def cgroup_dirs(controller: str, root: str | None = None, own: str | None = None) -> list[str]:
+    """The folders holding this process's cgroup files for ``controller`` (``cpu``,
+    ``memory``): v2's, then v1's, each from the process's own cgroup up to the root of
+    its hierarchy, those that exist. A limit can sit at any of them: a batch job's or a
+    systemd unit's in its own cgroup, a container's at the root it sees (a container with
+    its own cgroup namespace reads "/" as its path). ``root``: CGROUP_ROOT by default;
+    ``own``: the text of PROC_CGROUP (read by default)."""
+    root = CGROUP_ROOT if root is None else root
+    if own is None:
+        try:
+            with open(PROC_CGROUP, encoding="ascii") as f:
+                own = f.read()
+        except (OSError, UnicodeDecodeError):
+            own = ""
+    paths = {"v2": "/", "v1": "/"}
+    for line in own.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and parts[0] == "0" and parts[1] == "":
+            paths["v2"] = parts[2]
+        elif len(parts) == 3 and controller in parts[1].split(","):
+            paths["v1"] = parts[2]
+    dirs = []
+    for mount, path in ((root, paths["v2"]), (os.path.join(root, controller), paths["v1"])):
+        parts = [p for p in path.split("/") if p and p not in (".", "..")]
+        for depth in range(len(parts), -1, -1):
+            folder = os.path.join(mount, *parts[:depth])
+            if os.path.isdir(folder):
+                dirs.append(folder)
+    return dirs
+
+
+def cgroup_cpu_quota(root: str | None = None, own: str | None = None) -> float | None:
+    """The CPU time this process's cgroups allow, in cores: the smallest quota along
+    ``cgroup_dirs("cpu", root, own)`` (None: no quota, or no cgroup files)."""
+    quotas = []
+    for folder in cgroup_dirs("cpu", root, own):
+        v2 = _read_words(os.path.join(folder, "cpu.max"))
+        if v2 is not None:
+            quota, period = (v2 + ["100000"])[:2]
+        else:
+            quota = (_read_words(os.path.join(folder, "cpu.cfs_quota_us")) or ["-1"])[0]
+            period = (_read_words(os.path.join(folder, "cpu.cfs_period_us")) or ["100000"])[0]
+        try:
+            quota_us, period_us = float(quota), float(period)
+        except ValueError:  # "max": no quota
+            continue
+        if quota_us > 0 and period_us > 0:  # v1's -1: no quota
+            quotas.append(quota_us / period_us)
+    return min(quotas, default=None)
+
+
+def cgroup_memory_room(root: str | None = None, own: str | None = None) -> float | None:
+    """Bytes this process's cgroups still allow: the smallest limit minus usage along
+    ``cgroup_dirs("memory", root, own)`` (None: no limit, or no cgroup files)."""
+    rooms = []
+    for folder in cgroup_dirs("memory", root, own):
+        for limit_file, usage_file in (
+            ("memory.max", "memory.current"),
+            ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+        ):
+            limit = _read_words(os.path.join(folder, limit_file))
+            usage = _read_words(os.path.join(folder, usage_file))
+            if not limit or not usage:
+                continue
+            try:
+                limit_b, usage_b = float(limit[0]), float(usage[0])
+            except ValueError:  # "max": no limit
+                continue
+            if limit_b < 2.0**60:  # v1 writes "no limit" as a page-rounded 2**63
+                rooms.append(max(limit_b - usage_b, 0.0))
+    return min(rooms, default=None)
 
 
 def available_cores() -> int:
     """Cores this process may use: its CPU affinity (all of the machine's elsewhere), at most
-    its cgroup's CPU quota rounded up where one is set (a container started with
+    its cgroups' CPU quota rounded up where one is set (a container started with
     ``--cpus 2`` on a 64-core host sees 64 cores but gets the time of 2: one market
     worker per visible core would hold 64 markets' memory for no speed)."""
     try:
@@ -71,35 +157,6 @@ def available_cores() -> int:
         cores = os.cpu_count() or 1
     quota = cgroup_cpu_quota()
     return cores if quota is None else max(1, min(cores, math.ceil(quota)))
-
-
-def cgroup_cpu_quota(root: str | None = None) -> float | None:
-    """The CPU time this process's cgroup may use, in cores (None: no quota, or no cgroup
-    files to read under ``root``, CGROUP_ROOT by default)."""
-    root = CGROUP_ROOT if root is None else root
-
-    def read(name: str) -> list[str] | None:
-        try:
-            with open(os.path.join(root, name), encoding="ascii") as f:
-                return f.read().split()
-        except OSError:
-            return None
-
-    v2 = read("cpu.max")
-    if v2 is not None:
-        quota, period = (v2 + ["100000"])[:2]
-    else:
-        quota, period = (
-            (read("cpu/cpu.cfs_quota_us") or ["-1"])[0],
-            (read("cpu/cpu.cfs_period_us") or ["100000"])[0],
-        )
-    try:
-        quota_us, period_us = float(quota), float(period)
-    except ValueError:  # "max": no quota
-        return None
-    if quota_us <= 0 or period_us <= 0:  # v1's -1: no quota
-        return None
-    return quota_us / period_us
 
 
 def available_memory_bytes() -> float:
@@ -114,23 +171,9 @@ def available_memory_bytes() -> float:
                     break
     except OSError:
         pass
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        (
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-        ),
-    ):
-        try:
-            with open(limit_file, encoding="ascii") as f:
-                limit = f.read().strip()
-            with open(usage_file, encoding="ascii") as f:
-                usage = float(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and float(limit) < 2.0**60:
-            found.append(max(float(limit) - usage, 0.0))
-        break
+    room = cgroup_memory_room()
+    if room is not None:
+        found.append(room)
     if not found:
         try:
             found.append(float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")))

@@ -300,3 +300,45 @@ def test_worker_processes_share_the_memory_budget(monkeypatch):
         budgets = [budget for _, (budget, _) in done]
     assert budgets == [4 * limits.GIB, 4 * limits.GIB]
     assert limits.memory_budget_bytes()[0] == 8 * limits.GIB  # this process: all of it
+
+
+def _cgroup_tree(root, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_the_tightest_cgroup_limit_on_the_way_to_the_root_counts(tmp_path):
+    """A batch job's or systemd unit's limits sit in the process's own cgroup, below the
+    hierarchy's root (which a container sees as its own): the smallest quota and memory
+    room from the process's cgroup up to the root, v2 and v1 alike; folders that do not
+    exist (a container without its own cgroup namespace) are skipped."""
+    v2 = "0::/slurm/job_7/step_0\n"
+    _cgroup_tree(tmp_path, {
+        "cpu.max": "max 100000\n",
+        "slurm/cpu.max": "800000 100000\n",
+        "slurm/job_7/cpu.max": "300000 100000\n",  # the job: 3 cores
+        "slurm/job_7/step_0/cpu.max": "max 100000\n",
+        "memory.max": "max\n", "memory.current": "9000000000\n",
+        "slurm/job_7/memory.max": "4000000000\n", "slurm/job_7/memory.current": "1500000000\n",
+        "slurm/job_7/step_0/memory.max": "max\n", "slurm/job_7/step_0/memory.current": "1\n",
+    })  # fmt: skip
+    assert limits.cgroup_cpu_quota(str(tmp_path), v2) == 3.0
+    assert limits.cgroup_memory_room(str(tmp_path), v2) == 2_500_000_000
+    # The same process seen from its own cgroup namespace: "/" is the root, no limit there.
+    assert limits.cgroup_cpu_quota(str(tmp_path), "0::/\n") is None
+    assert limits.cgroup_memory_room(str(tmp_path), "0::/\n") is None
+    # cgroup v1: a hierarchy per controller; a path that does not exist here is skipped.
+    v1 = tmp_path / "v1"
+    _cgroup_tree(v1, {
+        "cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n",
+        "cpu/batch/cpu.cfs_quota_us": "150000\n", "cpu/batch/cpu.cfs_period_us": "100000\n",
+        "memory/memory.limit_in_bytes": "9223372036854771712\n",
+        "memory/memory.usage_in_bytes": "5\n",
+        "memory/batch/memory.limit_in_bytes": "2000000000\n",
+        "memory/batch/memory.usage_in_bytes": "500000000\n",
+    })  # fmt: skip
+    own = "4:memory:/batch/gone\n2:cpu,cpuacct:/batch\n0::/\n"
+    assert limits.cgroup_cpu_quota(str(v1), own) == 1.5
+    assert limits.cgroup_memory_room(str(v1), own) == 1_500_000_000
+    assert limits.cgroup_cpu_quota(str(v1), "") is None  # no /proc line: the root only
