@@ -33,6 +33,34 @@ WINDINGS = ["trafo3w_hv", "trafo3w_mv", "trafo3w_lv"]
 LV_WINDING = ("trafo3w_lv", 0)
 
 
+def _trafo3w(net, hv: int, mv: int, lv: int, index: int | None = None, **given) -> None:
+    """A 110/20/10 kV trafo3w of 25/20/5 MVA (``given`` overrides)."""
+    kw = dict(
+        vn_hv_kv=110, vn_mv_kv=20, vn_lv_kv=10, sn_hv_mva=25, sn_mv_mva=20, sn_lv_mva=5,
+        vk_hv_percent=10, vk_mv_percent=10, vk_lv_percent=10, vkr_hv_percent=0.3,
+        vkr_mv_percent=0.3, vkr_lv_percent=0.3, pfe_kw=10, i0_percent=0.1,
+    )  # fmt: skip
+    pp.create_transformer3w_from_parameters(net, hv, mv, lv, index=index, **(kw | given))
+
+
+def _line(net, a: int, b: int, length_km: float = 1.0) -> None:
+    pp.create_line_from_parameters(
+        net, a, b, length_km=length_km, r_ohm_per_km=0.16, x_ohm_per_km=0.12,
+        c_nf_per_km=200, max_i_ka=0.4,
+    )  # fmt: skip
+
+
+def _feeder(net, root: int, n: int, kv: float, load_mw: float, pv_mw: float = 0.0, km=1.0):
+    """n buses in a row from ``root``, each with a load (and a PV unit of ``pv_mw``)."""
+    for _ in range(n):
+        bus = pp.create_bus(net, kv)
+        _line(net, root, bus, km)
+        pp.create_load(net, bus, p_mw=load_mw, q_mvar=0.1)
+        if pv_mw:
+            pp.create_sgen(net, bus, p_mw=pv_mw, type="PV")
+        root = bus
+
+
 def substation_3w() -> pp.pandapowerNet:
     """110 kV slack, a 110/20/10 kV trafo3w (25/20/5 MVA), a 20 kV feeder of 8 buses with
     PV and a 10 kV feeder of 6 buses with 0.9 MW loads: at the evening peak the 5 MVA LV
@@ -40,24 +68,9 @@ def substation_3w() -> pp.pandapowerNet:
     net = pp.create_empty_network(sn_mva=1.0)
     hv, mv, lv = (pp.create_bus(net, kv) for kv in (110.0, 20.0, 10.0))
     pp.create_ext_grid(net, hv, vm_pu=1.02)
-    pp.create_transformer3w_from_parameters(
-        net, hv, mv, lv, vn_hv_kv=110, vn_mv_kv=20, vn_lv_kv=10,
-        sn_hv_mva=25, sn_mv_mva=20, sn_lv_mva=5,
-        vk_hv_percent=10, vk_mv_percent=10, vk_lv_percent=10,
-        vkr_hv_percent=0.3, vkr_mv_percent=0.3, vkr_lv_percent=0.3,
-        pfe_kw=10, i0_percent=0.1,
-    )  # fmt: skip
-    for root, n, kv, load_mw, pv_mw in ((mv, 8, 20.0, 0.6, 1.2), (lv, 6, 10.0, 0.9, 0.3)):
-        before = root
-        for _ in range(n):
-            bus = pp.create_bus(net, kv)
-            pp.create_line_from_parameters(
-                net, before, bus, length_km=1.5, r_ohm_per_km=0.16, x_ohm_per_km=0.12,
-                c_nf_per_km=200, max_i_ka=0.4,
-            )  # fmt: skip
-            pp.create_load(net, bus, p_mw=load_mw, q_mvar=0.1)
-            pp.create_sgen(net, bus, p_mw=pv_mw, type="PV")
-            before = bus
+    _trafo3w(net, hv, mv, lv)
+    _feeder(net, mv, 8, 20.0, 0.6, pv_mw=1.2, km=1.5)
+    _feeder(net, lv, 6, 10.0, 0.9, pv_mw=0.3, km=1.5)
     return net
 
 
@@ -107,47 +120,25 @@ def five_trafo3w() -> pp.pandapowerNet:
     net = pp.create_empty_network(sn_mva=1.0)
     hv = pp.create_bus(net, 110.0)
     pp.create_ext_grid(net, hv, vm_pu=1.02)
-
-    def trafo(mv, lv, index, **given):
-        kw = dict(
-            vn_hv_kv=110, vn_mv_kv=20, vn_lv_kv=10, sn_hv_mva=25, sn_mv_mva=20, sn_lv_mva=5,
-            vk_hv_percent=10, vk_mv_percent=10, vk_lv_percent=10, vkr_hv_percent=0.3,
-            vkr_mv_percent=0.3, vkr_lv_percent=0.3, pfe_kw=10, i0_percent=0.1,
-        )  # fmt: skip
-        pp.create_transformer3w_from_parameters(net, hv, mv, lv, index=index, **(kw | given))
-
-    def feeder(root, n, kv, load_mw):
-        for _ in range(n):
-            bus = pp.create_bus(net, kv)
-            pp.create_line_from_parameters(
-                net, root, bus, length_km=1.0, r_ohm_per_km=0.16, x_ohm_per_km=0.12,
-                c_nf_per_km=200, max_i_ka=0.4,
-            )  # fmt: skip
-            pp.create_load(net, bus, p_mw=load_mw, q_mvar=0.1)
-            root = bus
-
     tap = dict(tap_pos=2, tap_neutral=0, tap_min=-5, tap_max=5, tap_changer_type="Ratio")
     mv7, lv7 = pp.create_bus(net, 21.0), pp.create_bus(net, 10.0)
-    trafo(mv7, lv7, 7, tap_side="mv", tap_step_percent=1.5, **tap)
-    feeder(mv7, 3, 21.0, 0.8)
-    feeder(lv7, 3, 10.0, 0.9)
-    trafo(pp.create_bus(net, 20.0), pp.create_bus(net, 10.0), 3, in_service=False)
+    _trafo3w(net, hv, mv7, lv7, 7, tap_side="mv", tap_step_percent=1.5, **tap)
+    _feeder(net, mv7, 3, 21.0, 0.8)
+    _feeder(net, lv7, 3, 10.0, 0.9)
+    _trafo3w(net, hv, pp.create_bus(net, 20.0), pp.create_bus(net, 10.0), 3, in_service=False)
     for index, open_at in ((5, "mv"), (1, "hv")):
         mv, lv = pp.create_bus(net, 21.0), pp.create_bus(net, 10.0)
-        trafo(mv, lv, index, vn_mv_kv=21)
+        _trafo3w(net, hv, mv, lv, index, vn_mv_kv=21)
         pp.create_switch(net, mv if open_at == "mv" else hv, index, et="t3", closed=False)
-        pp.create_line_from_parameters(
-            net, mv7, mv, length_km=1.0, r_ohm_per_km=0.16, x_ohm_per_km=0.12,
-            c_nf_per_km=200, max_i_ka=0.4,
-        )  # fmt: skip
-        feeder(lv, 2, 10.0, 0.6)
+        _line(net, mv7, mv)
+        _feeder(net, lv, 2, 10.0, 0.6)
     mv2, lv2 = pp.create_bus(net, 20.0), pp.create_bus(net, 10.0)
-    trafo(
-        mv2, lv2, 2, loss_side="lv", shift_lv_degree=150, shift_mv_degree=30, tap_side="hv",
-        tap_step_percent=1.25, tap_at_star_point=True, **(tap | {"tap_pos": -2}),
+    _trafo3w(
+        net, hv, mv2, lv2, 2, loss_side="lv", shift_lv_degree=150, shift_mv_degree=30,
+        tap_side="hv", tap_step_percent=1.25, tap_at_star_point=True, **(tap | {"tap_pos": -2}),
     )  # fmt: skip
-    feeder(mv2, 2, 20.0, 1.0)
-    feeder(lv2, 2, 10.0, 0.8)
+    _feeder(net, mv2, 2, 20.0, 1.0)
+    _feeder(net, lv2, 2, 10.0, 0.8)
     return net
 
 

@@ -36,6 +36,7 @@ from lfm_zonal.report.plots import (
 PLOTLY_BUNDLE = "plotly.min.js"
 HTML_DIV_ID = "lfm-zonal-zone-map"  # plotly writes a random div id otherwise: stable bytes
 HTML_CONFIG = {"scrollZoom": True, "displaylogo": False}
+TRAFO_MARKER = {"color": "white", "size": 9, "line": {"color": "black", "width": 1}}
 SIGNIFICANT_DIGITS_OF_SPAN = 6  # coordinates rounded to a step of 1e-6 to 1e-5 of the map's extent
 # Line styles of the PNG (LINE_STYLES) in plotly's terms.
 BORDER_LINE = {"color": "black", "dash": "dash", "width": 1.5}
@@ -268,9 +269,7 @@ def zone_map_dict(
             for i, t in trafos.iterrows()
         ],
         symbol="triangle-up",
-        color="white",
-        size=9,
-        line={"color": "black", "width": 1},
+        **TRAFO_MARKER,
     )
     if "trafo3w" in net:
         on = net.trafo3w.in_service.astype(bool)
@@ -290,9 +289,7 @@ def zone_map_dict(
                 for i, t in trafos3w.iterrows()
             ],
             symbol="triangle-down",
-            color="white",
-            size=9,
-            line={"color": "black", "width": 1},
+            **TRAFO_MARKER,
         )
     placed = medoids[medoids.isin(list(pos))]
     markers(
