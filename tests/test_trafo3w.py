@@ -193,9 +193,33 @@ def test_markets_remove_the_winding_overload_in_ac(t3w_case, method, k):
     assert net.res_trafo3w.at[0, "loading_percent"] == pytest.approx(after[worst], abs=1e-4)
 
 
-def test_nodal_market_at_the_ac_optimum_of_the_winding_overload(t3w_case):
-    pf, res, _, worst = t3w_case
-    one = run_horizon(pf.grid, load_profiles(pf.grid, Horizon(start=str(pf.times[worst]), n_mtu=1)))
+#: The LV winding's tap off neutral (+5 %), and its rated voltage above its bus's (10.5 kV
+#: on 10 kV): pandapower loads a winding at its bus with its own vn_kv, PYPOWER limits
+#: its internal branch at both ends (opf_reference._winding_limits_at_their_buses).
+WINDING_CASES = {
+    "neutral": {},
+    "lv tap +5%": dict(
+        tap_side="lv",
+        tap_pos=2,
+        tap_neutral=0,
+        tap_step_percent=2.5,
+        tap_min=-5,
+        tap_max=5,
+        tap_changer_type="Ratio",
+    ),  # fmt: skip
+    "lv winding 10.5 kV": dict(vn_lv_kv=10.5),
+}
+
+
+@pytest.mark.parametrize("case", list(WINDING_CASES))
+def test_nodal_market_at_the_ac_optimum_of_the_winding_overload(t3w_case, case):
+    pf, _, _, worst = t3w_case
+    net = substation_3w()
+    for column, value in WINDING_CASES[case].items():
+        net.trafo3w[column] = value
+    grid = load_grid(net)
+    one = run_horizon(grid, load_profiles(grid, Horizon(start=str(pf.times[worst]), n_mtu=1)))
+    assert one.loading_percent[LV_WINDING].iloc[0] > 103.0
     resources = generate_resources(
         one, FlexibilitySpec(load_up_share=0.5, load_down_share=0.5, sgen_down_share=0.5), seed=3
     )

@@ -41,10 +41,10 @@ the same costs on the MTUs tried). Termination tolerances: ``PIPS_OPTIONS``.
 Branch limits are PYPOWER's current limits (``OPF_FLOW_LIM = 2``, runopp's
 default), the engine's ``loading_percent`` by current. A trafo3w winding is an internal
 branch between its bus and the trafo3w's star point, limited by PYPOWER at both ends,
-where pandapower and the engine load it at its bus only: the same at neutral tap (tested);
-with a winding's tap off neutral its star end carries the current times the ratio and may
-bind first, so the reference can stop short of the limit there (by the ratio, 95% at
-+5%), and costs more than the engine's optimum.
+where pandapower and the engine load it at its bus only: its rating is set so that the
+limit falls where the winding's loading at its bus reaches the limit, whatever its tap
+or rated voltage (``_winding_limits_at_their_buses``; without it a +5% tap stopped the
+reference at 95.2%).
 
 **Verification.** The OPF's dispatch is put back into the net as fixed sgens and
 solved by ``runpp``: ``loading_percent`` and ``vm_pu`` of the result come from that
@@ -70,6 +70,8 @@ import pandapower.optimal_powerflow as pp_opf
 import pandas as pd
 import scipy.sparse as sp
 from pandapower.pypower.add_userfcn import add_userfcn
+from pandapower.pypower.idx_brch import F_BUS, RATE_A, T_BUS, TAP
+from pandapower.pypower.idx_bus import BASE_KV
 
 from lfm_zonal.errors import LfmError
 from lfm_zonal.grid.powerflow import HorizonPowerFlow, pandapower_loading_percent
@@ -194,6 +196,33 @@ def _tie_q_to_p(om, args):
     return om
 
 
+def _winding_limits_at_their_buses(net: pp.pandapowerNet, ppci: dict) -> None:
+    """A trafo3w winding is an internal branch between its bus and the star point (hv bus
+    -> star, star -> mv or lv bus), which PYPOWER limits at both ends to RATE_A (p.u.
+    current times baseMVA), where pandapower loads it at its bus only, with its own rated
+    voltage: ``100 i_ka vn_kv sqrt(3) / sn_mva``. The limit at the bus is RATE_A x the
+    bus's base kV / vn_kv; without shunt, the star end's current is the bus end's times
+    the branch's ratio (hv) or divided by it (mv, lv), so RATE_A is set to the bus's
+    limit times that factor where it exceeds 1: the star end then binds exactly where the
+    bus end reaches the rating, and the bus end's own limit is slack."""
+    if "trafo3w" not in net._pd2ppc_lookups["branch"] or not len(net.trafo3w):
+        return
+    start, end = net._pd2ppc_lookups["branch"]["trafo3w"]
+    n = len(net.trafo3w)
+    branch_is = np.asarray(ppci["internal"]["branch_is"], bool)
+    ppc_rows = np.arange(start, end)[branch_is[start:end]]
+    rows = (np.cumsum(branch_is) - 1)[ppc_rows]
+    winding, position = np.divmod(ppc_rows - start, n)
+    hv = winding == 0
+    at = np.where(hv, ppci["branch"][rows, F_BUS].real, ppci["branch"][rows, T_BUS].real)
+    base_kv = ppci["bus"][at.astype(np.int64), BASE_KV].real
+    vn_kv = net.trafo3w[["vn_hv_kv", "vn_mv_kv", "vn_lv_kv"]].to_numpy(float)[position, winding]
+    ratio = np.abs(ppci["branch"][rows, TAP].real)
+    ratio = np.where(ratio == 0.0, 1.0, ratio)  # PYPOWER: 0 is a line's ratio 1
+    star = np.where(hv, ratio, 1.0 / ratio)
+    ppci["branch"][rows, RATE_A] *= base_kv / vn_kv * np.maximum(star, 1.0)
+
+
 @contextmanager
 def _tied_q(net: pp.pandapowerNet, sgens: np.ndarray, tan_phi: np.ndarray):
     """While ``runopp`` runs, add ``Qg = tan_phi Pg`` for ``sgens`` (pandapower sgen indices)."""
@@ -209,6 +238,7 @@ def _tied_q(net: pp.pandapowerNet, sgens: np.ndarray, tan_phi: np.ndarray):
         gen_is = np.asarray(ppci["internal"]["gen_is"], bool)
         ppci_rows = (np.cumsum(gen_is) - 1)[ppc_rows.astype(np.int64)]
         ppci = add_userfcn(ppci, "formulation", _tie_q_to_p, args=(ppci_rows, tan_phi))
+        _winding_limits_at_their_buses(net, ppci)
         return real_opf(ppci, ppopt)
 
     with _OPF_PATCH_LOCK:
