@@ -103,7 +103,7 @@ def test_a_case_gets_its_share_of_the_memory_budget(short_scenario, tmp_path, mo
     from lfm_zonal.study import job, sweep
 
     monkeypatch.setenv(limits.MEMORY_ENV, "6")
-    monkeypatch.setattr(limits, "_sharing", 1)
+    monkeypatch.setattr(limits, "_sharing", 2)  # as an earlier case in this process left it
     seen = []
 
     def budget_then_stop(scenario):

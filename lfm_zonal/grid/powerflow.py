@@ -285,12 +285,56 @@ def build_network_model(grid: Grid) -> NetworkModel:
     ppci_row = np.cumsum(branch_is) - 1
     ppci_branch = internal["branch"]
     base_kv = internal["bus"][:, BASE_KV].real
+    base_mva = ppc["baseMVA"]
+
+    def per_current(vn_kv: float, at_kv: float, rating_mva: float) -> float:
+        """loading_percent per p.u. current at a trafo's end: 100 i_ka vn_kv sqrt(3) /
+        rating (pandapower's trafo_loading="current"), i_ka = |I_pu| base_mva / (sqrt(3)
+        base_kv)."""
+        return 100.0 * base_mva * vn_kv / at_kv / rating_mva
+
+    def line(table, idx, f, t) -> tuple[float, float]:
+        i_max_ka = table.at[idx, "max_i_ka"] * table.at[idx, "df"] * table.at[idx, "parallel"]
+        # loading = 100 i_ka / i_max, i_ka = |I_pu| base_mva / (sqrt(3) base_kv)
+        return (
+            100.0 * base_mva / (np.sqrt(3) * base_kv[f] * i_max_ka),
+            100.0 * base_mva / (np.sqrt(3) * base_kv[t] * i_max_ka),
+        )
+
+    def trafo(table, idx, f, t) -> tuple[float, float]:
+        rating = table.at[idx, "sn_mva"] * table.at[idx, "parallel"] * table.at[idx, "df"]
+        return (
+            per_current(table.at[idx, "vn_hv_kv"], base_kv[f], rating),
+            per_current(table.at[idx, "vn_lv_kv"], base_kv[t], rating),
+        )
+
+    def winding(name: str):
+        """A trafo3w winding, loaded at its bus only: the hv winding's internal branch runs
+        hv bus -> star, the mv and lv ones star -> their bus."""
+
+        def factors(table, idx, f, t) -> tuple[float, float]:
+            at = f if name == "hv" else t
+            c = per_current(
+                table.at[idx, f"vn_{name}_kv"], base_kv[at], table.at[idx, f"sn_{name}_mva"]
+            )
+            return (c, 0.0) if name == "hv" else (0.0, c)
+
+        return factors
+
+    # (label, pandapower table, block of its internal rows, loading factors per end):
+    # pandapower's internal rows hold every hv winding of the trafo3w, then every mv, then
+    # every lv one (results_branch._get_trafo3w_results).
+    kinds = [("line", "line", 0, line), ("trafo", "trafo", 0, trafo)]
+    kinds += [
+        (f"trafo3w_{name}", "trafo3w", block, winding(name))
+        for block, name in enumerate(TRAFO3W_WINDINGS)
+    ]
     labels, rows, per_from, per_to = [], [], [], []
-    for element in ("line", "trafo"):
+    for label, element, block, factors in kinds:
         if element not in net._pd2ppc_lookups["branch"] or len(net[element]) == 0:
             continue
-        start, _ = net._pd2ppc_lookups["branch"][element]
         table = net[element]
+        start = net._pd2ppc_lookups["branch"][element][0] + block * len(table)
         for pos, idx in enumerate(table.index):
             r = start + pos
             if not bool(table.at[idx, "in_service"]) or not branch_is[r]:
@@ -298,46 +342,11 @@ def build_network_model(grid: Grid) -> NetworkModel:
             row = ppci_row[r]
             f = int(ppci_branch[row, F_BUS].real)
             t = int(ppci_branch[row, T_BUS].real)
-            if element == "line":
-                i_max_ka = (
-                    table.at[idx, "max_i_ka"] * table.at[idx, "df"] * table.at[idx, "parallel"]
-                )
-                # loading = 100 i_ka / i_max, i_ka = |I_pu| base_mva / (sqrt(3) base_kv)
-                cf = 100.0 * ppc["baseMVA"] / (np.sqrt(3) * base_kv[f] * i_max_ka)
-                ct = 100.0 * ppc["baseMVA"] / (np.sqrt(3) * base_kv[t] * i_max_ka)
-            else:
-                denom = table.at[idx, "sn_mva"] * table.at[idx, "parallel"] * table.at[idx, "df"]
-                # loading = 100 i_ka vn_kv sqrt(3) / sn_mva (pandapower's trafo_loading="current")
-                cf = 100.0 * ppc["baseMVA"] * table.at[idx, "vn_hv_kv"] / base_kv[f] / denom
-                ct = 100.0 * ppc["baseMVA"] * table.at[idx, "vn_lv_kv"] / base_kv[t] / denom
-            labels.append((element, int(idx)))
+            cf, ct = factors(table, idx, f, t)
+            labels.append((label, int(idx)))
             rows.append(row)
             per_from.append(cf)
             per_to.append(ct)
-    if "trafo3w" in net._pd2ppc_lookups["branch"] and len(net.trafo3w):
-        # pandapower's internal rows: every hv winding (hv bus -> star), then every mv
-        # (star -> mv bus), then every lv one; loading = 100 i_ka vn_kv sqrt(3) / sn_mva
-        # at the winding's bus (results_branch._get_trafo3w_results, trafo_loading="current").
-        start, _ = net._pd2ppc_lookups["branch"]["trafo3w"]
-        table = net.trafo3w
-        for w, winding in enumerate(TRAFO3W_WINDINGS):
-            for pos, idx in enumerate(table.index):
-                r = start + w * len(table) + pos
-                if not bool(table.at[idx, "in_service"]) or not branch_is[r]:
-                    continue
-                row = ppci_row[r]
-                end = int(ppci_branch[row, F_BUS if winding == "hv" else T_BUS].real)
-                factor = (
-                    100.0
-                    * ppc["baseMVA"]
-                    * table.at[idx, f"vn_{winding}_kv"]
-                    / base_kv[end]
-                    / table.at[idx, f"sn_{winding}_mva"]
-                )
-                labels.append((f"trafo3w_{winding}", int(idx)))
-                rows.append(row)
-                per_from.append(factor if winding == "hv" else 0.0)
-                per_to.append(0.0 if winding == "hv" else factor)
     rows = np.asarray(rows, dtype=np.int64)
 
     def element_map(element: str) -> tuple[np.ndarray, ...]:

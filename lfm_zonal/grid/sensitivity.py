@@ -377,7 +377,9 @@ class LinearisationCache:
     def held(self, V: np.ndarray) -> JacobianLinearisation | None:
         """The linearisation at internal voltages ``V`` if kept, or dropped but still held
         elsewhere; else None (nothing made)."""
-        key = np.ascontiguousarray(V).tobytes()
+        return self._held(np.ascontiguousarray(V).tobytes())
+
+    def _held(self, key: bytes) -> JacobianLinearisation | None:
         entry = self._by_point.get(key)
         if entry is None:
             return self._alive.get(key)
@@ -386,10 +388,10 @@ class LinearisationCache:
 
     def at(self, V: np.ndarray) -> JacobianLinearisation:
         """The linearisation at internal voltages ``V``, linearised on first use."""
-        held = self.held(V)
+        key = np.ascontiguousarray(V).tobytes()
+        held = self._held(key)
         if held is not None:
             return held
-        key = np.ascontiguousarray(V).tobytes()
         cached = self._by_point
         lin = replace(_linearise(self.model, V), pattern_rhs=self._pattern_rhs)
         nbytes = self.entry_bytes(lin)
