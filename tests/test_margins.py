@@ -19,7 +19,7 @@ from lfm_zonal.grid.violations import (
     excess,
 )
 from lfm_zonal.market.bids import build_bids
-from lfm_zonal.market.clearing import clear_market, mtus_to_clear
+from lfm_zonal.market.clearing import clear_market, mtus_to_clear, prepare_market
 from lfm_zonal.market.formulation import MarketBids
 from lfm_zonal.market.lp import SolveStatus
 from lfm_zonal.market.strategies import (
@@ -234,3 +234,26 @@ def test_the_nodal_market_expects_what_it_leaves():
     assert (left.violation == "undervoltage").sum() >= 10
     np.testing.assert_allclose(left.model_excess, left.excess, rtol=0, atol=1e-8)
     assert left.missed_by_model.eq(False).all()
+
+
+def test_a_margin_round_dispatches_again_only_the_mtus_whose_acceptances_moved():
+    """``_dispatch`` with the clearing before: the MTUs where every step is accepted as
+    before keep their rows, the others are dispatched again; bit for bit the dispatch made
+    from scratch, whether no MTU, some (one emptied, one newly accepted) or every one moved."""
+    pf, res, seg = market_case("ieee33", 1.3, 0.3, n_mtu=4)
+    inputs = prepare_market(pf, res, "zonal", seg.zones(4), weights=seg.weights)
+    bids, active = inputs.bids, inputs.active
+    mtu = active.mtu.to_numpy()
+    rng = np.random.default_rng(0)
+    first = rng.uniform(0.0, 1.0, len(active)) * active.quantity_mw.to_numpy()
+    first[mtu == mtu.max()] = 0.0  # nothing accepted in the last MTU
+    before = (first, clearing_module._dispatch(bids, active, first))
+    moved = first.copy()
+    moved[mtu == mtu.min()] = 0.0  # the first MTU emptied
+    moved[mtu == mtu.max()] = active.quantity_mw.to_numpy()[mtu == mtu.max()]
+    everything = 0.5 * active.quantity_mw.to_numpy()
+    for accepted in (first, moved, everything):
+        fresh = clearing_module._dispatch(bids, active, accepted)
+        again = clearing_module._dispatch(bids, active, accepted, before)
+        pd.testing.assert_frame_equal(again, fresh, check_exact=True)
+    assert len(before[1]) > 0 and len(set(before[1].mtu)) == len(set(mtu)) - 1

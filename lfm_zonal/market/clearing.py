@@ -404,7 +404,9 @@ def _clear_in_model(
         status, accepted = solution.status, solution.accepted_mw
         price = _bid_prices(active, solution, grid)
     dt = pf.profiles.horizon.mtu_hours
-    dispatch = _dispatch(inputs.bids, active, accepted)
+    dispatch = _dispatch(
+        inputs.bids, active, accepted, None if last is None else (last.accepted, last.dispatch)
+    )
     # Kept by the AC check where they solve the dispatch's injections: a margin round's
     # clearing before (the MTUs it did not clear again); the best round's AC point, the
     # market's model of this dispatch (the nodal market's, see ac_check).
@@ -592,9 +594,31 @@ def _unmet_table(
     )
 
 
-def _dispatch(bids: Bids, steps: pd.DataFrame, accepted: np.ndarray) -> pd.DataFrame:
+def _dispatch(
+    bids: Bids,
+    steps: pd.DataFrame,
+    accepted: np.ndarray,
+    before: tuple[np.ndarray, pd.DataFrame] | None = None,
+) -> pd.DataFrame:
     """The ``accepted`` MW of each of ``steps`` (bid steps; above ACCEPTED_MIN_MW)
-    dispatched to resources, cheapest first: signed change of net injection."""
+    dispatched to resources, cheapest first: signed change of net injection.
+
+    ``before``: an earlier clearing of the same steps (its accepted MW and this dispatch of
+    them). An MTU's dispatch depends on its own steps only: where every one of them is
+    accepted as before, bit for bit, the MTU keeps its rows, the others are dispatched again
+    (a margin round clears some MTUs again; SimBench 1-MVLV-rural-all-0-sw, 96 MTUs: 317k
+    rows, 0.18 s a dispatch).
+    """
+    if before is not None:
+        accepted_before, dispatch_before = before
+        mtu = steps.mtu.to_numpy()
+        again = np.unique(mtu[accepted != accepted_before])
+        kept = dispatch_before[~np.isin(dispatch_before.mtu.to_numpy(), again)]
+        redo = np.isin(mtu, again)
+        fresh = _dispatch(bids, steps[redo], accepted[redo])
+        parts = [part for part in (kept, fresh) if len(part)] or [kept]
+        # Each MTU's rows from one part, in their order: by MTU (stable) is the full order.
+        return sorted_rows(pd.concat(parts, ignore_index=True), ["mtu"])
     taken = accepted > ACCEPTED_MIN_MW
     by_id = steps[taken].set_index("bid_id")
     used = dispatch_steps(bids, pd.Series(accepted[taken], index=by_id.index))
