@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SCENARIOS
 from test_market import market_case
 
 import lfm_zonal.market.clearing as clearing_module
@@ -28,7 +29,9 @@ from lfm_zonal.market.strategies import (
     RowMargins,
     solve_clearing,
 )
+from lfm_zonal.study.job import run_study
 from lfm_zonal.study.report import residual_warnings
+from lfm_zonal.study.scenario import parse_scenario
 
 
 def _margins(base: np.ndarray) -> RowMargins:
@@ -222,6 +225,16 @@ def test_a_margin_round_keeps_the_mtus_it_does_not_clear():
         (cost * previous.accepted_mw).sum(), rel=1e-6
     )
     np.testing.assert_allclose(again.slack_mw, previous.slack_mw, atol=1e-7)
+    # Held bids price nothing (a fixed step takes any dual): the MTUs not flagged keep the
+    # previous prices, and every accepted step but the batteries' (whose value is in their
+    # stored energy too) is paid its offer or more.
+    kept = ~only
+    np.testing.assert_array_equal(again.marginal_price[kept], previous.marginal_price[kept])
+    np.testing.assert_array_equal(again.marginal_price_q[kept], previous.marginal_price_q[kept])
+    price = clearing_module._bid_prices(steps, again, grid)
+    paid = (again.accepted_mw > 1e-9) & (steps.resource_id == "").to_numpy()
+    assert paid[np.isin(t, LINKED)].any()
+    assert np.all(price[paid] >= steps.price_eur_per_mwh.to_numpy()[paid] - 1e-6)
 
 
 def test_the_nodal_market_expects_what_it_leaves():
@@ -257,3 +270,23 @@ def test_a_margin_round_dispatches_again_only_the_mtus_whose_acceptances_moved()
         again = clearing_module._dispatch(bids, active, accepted, before)
         pd.testing.assert_frame_equal(again, fresh, check_exact=True)
     assert len(before[1]) > 0 and len(set(before[1].mtu)) == len(set(mtu)) - 1
+
+
+def test_pay_as_clear_pays_every_offer_at_least_its_price_after_margin_rounds():
+    """CIGRE MV's evening peak (16:00-19:00, the batteries among the offers: one LP block),
+    zonal K = 1: its margin rounds clear some MTUs again, the others' bids held. The prices
+    of the kept clearing are its LPs' marginal prices where they cleared the steps: every
+    accepted step but the batteries' is paid its offer or more (before: 112 of 151 below
+    it, pay-as-clear 489 EUR against 1398 EUR pay-as-bid)."""
+    text = (SCENARIOS / "cigre_mv_evening_peak.toml").read_text()
+    text = text.replace("n_mtu = 96", "n_mtu = 12").replace("00:00", "16:00")
+    text = text.replace("k = [1, 2, 4, 8]", "k = [1]").replace(
+        '"nodal", "zonal", "needs_based"', '"zonal"'
+    )
+    market = run_study(parse_scenario(text, "evening peak")).markets[0]
+    assert market.kpis["margin_rounds"] >= 1
+    bids = market.bids
+    paid = bids[(bids.accepted_mw > 0) & (bids.resource_id == "")]
+    assert len(paid) > 100
+    assert (paid.clearing_price_eur_per_mwh >= paid.price_eur_per_mwh - 1e-6).all()
+    assert market.kpis["cost_pay_as_clear_eur"] >= market.kpis["cost_pay_as_bid_eur"]

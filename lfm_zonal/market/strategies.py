@@ -496,9 +496,10 @@ def solve_clearing(
         selected |= np.asarray(include, bool)
     blocks = market.blocks(BLOCK_MAX_STEPS if only is None else 0)
     if len(blocks) == 1 and (only is None or only.any()):
-        return _clear_block(
+        sol = _clear_block(
             grid, market, selected, penalty_eur_per_mwh, p_bounds, basis, scales, stats, rows
         )
+        return sol if only is None else _prices_held(sol, only, previous)
     T, K = len(grid.mtus), grid.k
     accepted, slack_mw = np.zeros(n_bids), np.zeros(T)
     p, q, price_p, price_q = (np.zeros((T, K)) for _ in range(4))
@@ -543,7 +544,7 @@ def solve_clearing(
         if sub.storage:
             row_status = sol.basis.row_status
         held_rows.append(place_rows(sol.rows, keep))
-    return Solution(
+    solution = Solution(
         SolveStatus.OPTIMAL,
         accepted,
         p,
@@ -556,6 +557,20 @@ def solve_clearing(
         MarketBasis(bid_status, row_status),
         np.concatenate([np.zeros((0, 2), np.int64), *held_rows]).astype(np.int64),
     )
+    return solution if only is None else _prices_held(solution, only, previous)
+
+
+def _prices_held(solution: Solution, only: np.ndarray, previous: Solution) -> Solution:
+    """The MTUs ``only`` does not flag keep ``previous``'s marginal prices: a block solved
+    again held their bids at its acceptances (``MarketBids.held``), and a held step's
+    bounds take any dual, so the LP's prices there price nothing (CIGRE MV with its
+    battery, zonal K = 1, margin rounds: 454 of 463 accepted steps paid 0)."""
+    price_p, price_q = solution.marginal_price.copy(), solution.marginal_price_q.copy()
+    price_p[~only], price_q[~only] = (
+        previous.marginal_price[~only],
+        previous.marginal_price_q[~only],
+    )
+    return replace(solution, marginal_price=price_p, marginal_price_q=price_q)
 
 
 def _kept_block(previous: Solution, keep: np.ndarray, bid: np.ndarray, sub: MarketBids):
