@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from lfm_zonal import InputError
-from lfm_zonal.files.outputs import partial_path
+from lfm_zonal.files.outputs import MARKER, MARKER_TEXT, partial_path
 from lfm_zonal.study.scenario import Scenario, load_scenario, validate_values
 from lfm_zonal.study.sweep import _remove_partials, run_sweep
 
@@ -74,6 +74,17 @@ def test_a_folder_of_another_sweep_is_refused(short_scenario, tmp_path):
     run_sweep(short_scenario, DAYS[:1], [1], [0], tmp_path, workers=0, methods=["zonal"])
     with pytest.raises(InputError, match="holds a sweep of another scenario"):
         run_sweep(short_scenario, DAYS[:1], [1], [0], tmp_path, workers=0, methods=["nodal"])
+
+
+def test_a_results_folder_of_another_command_is_refused_untouched(short_scenario, tmp_path):
+    """A folder lfm-zonal wrote (its marker) that holds no sweep (a ``run`` or ``zones``
+    results folder) is not a sweep to resume: refused, and nothing in it changes."""
+    (tmp_path / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
+    (tmp_path / "kpis.csv").write_text("method,k\n", encoding="utf-8")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(InputError, match="exists and is not empty .no sweep.json in it"):
+        run_sweep(short_scenario, DAYS[:1], [1], [0], tmp_path, workers=0, methods=["zonal"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_leftovers_of_a_killed_sweep_are_recognised(tmp_path):

@@ -137,8 +137,9 @@ def run_sweep(
             case_scenario(scenario, d, s, ks, methods)
     out = Path(out)
     manifest = {"scenario": scenario.values, "methods": methods}
-    resumed = (out / MANIFEST).is_file() or (out / MARKER).is_file()
-    # A sweep resumes its own folder and never replaces another.
+    # A sweep resumes its own folder (its manifest, written before anything else) and never
+    # writes into another, nor into another command's results folder (the marker only).
+    resumed = (out / MANIFEST).is_file()
     hint = f"no {MANIFEST} in it: choose another --out"
     with claim_output(out, overwrite=resumed, markers=(MARKER, MANIFEST), not_empty=hint):
         _check_manifest(out / MANIFEST, manifest, write=False)
@@ -148,8 +149,8 @@ def run_sweep(
             out.mkdir(exist_ok=True)
             (out / CASES).mkdir(exist_ok=True)
             _remove_partials(out)
-            (out / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
             _check_manifest(out / MANIFEST, manifest)
+            (out / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
             return _run_cases(
                 scenario, days, ks, seeds, out, methods, workers, scheduler, progress, on_case
             )
