@@ -940,6 +940,23 @@ def _signalled(args: argparse.Namespace | None, exc: KeyboardInterrupt) -> int:
 
 def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
     what = f"terminated ({exc.args[0]})" if isinstance(exc, Terminated) else "interrupted"
+    return _what_is_left(args, what)
+
+
+def _failed_write(args: argparse.Namespace | None, exc: OSError) -> str:
+    """One line for an OSError: the file it names, else (a full disk, a lost mount: a write
+    names no file) the output being written, and what the command left of it."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None:
+        return f"lfm-zonal: error: {exc.filename}: {reason}"
+    out = None if args is None else getattr(args, "out", None)
+    if out is None:
+        return f"lfm-zonal: error: {reason}"
+    return _what_is_left(args, f"error: writing {out}: {reason}")
+
+
+def _what_is_left(args: argparse.Namespace, what: str) -> str:
+    """``what`` stopped the command, and what it left of its output."""
     kind, out = OUTPUT_KIND.get(args.command), getattr(args, "out", None)
     if out is None or kind is None or getattr(args, "list", False):
         return f"lfm-zonal: {what}"
@@ -982,9 +999,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lfm-zonal: error: {_one_line(exc)}", file=sys.stderr)
             return 1 if isinstance(exc, (SolverError, WorkerDied)) else 2
         except OSError as exc:
-            if exc.filename is None:
+            if exc.filename is None and exc.errno is None:
                 raise
-            print(f"lfm-zonal: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+            print(_failed_write(args, exc), file=sys.stderr)
             return 2
         except Exception:
             # A signal that came while a C extension was being imported (pandas) surfaces as

@@ -141,6 +141,27 @@ def test_run_writes_a_complete_folder_only(capsys, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results"]
 
 
+def test_a_full_disk_gives_one_line_and_no_folder(capsys, tmp_path, monkeypatch):
+    """A write that fails without naming a file (ENOSPC from a full disk): one line naming
+    the results folder and the reason, exit 2, no folder left behind."""
+    from conftest import small_scenario
+
+    import lfm_zonal.study.results as results
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results, "write_csv", full_disk)
+    out = tmp_path / "results"
+    scenario = small_scenario(tmp_path, k="1", methods='"zonal"')
+    code, _, err = run_cli(capsys, "run", str(scenario), "--out", str(out), "--quiet")
+    assert code == 2
+    assert err == (
+        f"lfm-zonal: error: writing {out}: No space left on device; no results folder was written\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.toml"]
+
+
 @pytest.mark.slow
 def test_run_is_deterministic(capsys, tmp_path):
     """Same scenario and seed, same bytes: every file, plots included; in kpis.csv all but the
