@@ -102,7 +102,9 @@ def _add_out_folder(p: argparse.ArgumentParser, default: str, what: str = "outpu
 
 def _add_zone_options(p: argparse.ArgumentParser) -> None:
     """How a market's zones are made: their numbers, the segmentation and the weights."""
-    p.add_argument("--k", type=int, action="append", help="number of zones (repeatable)")
+    p.add_argument(
+        "--k", action=_WholeNumbers, help="zone counts: 1,2,4 or a range 1:8 (repeatable)"
+    )
     p.add_argument("--segmentation", choices=SEGMENTATION_METHODS, help="segmentation method")
     p.add_argument("--weights", choices=WEIGHT_POLICIES, help="virtual-bus weight policy")
 
@@ -156,6 +158,8 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
     overrides = {
         (section, key): getattr(args, flag, None) for flag, (section, key) in OVERRIDES.items()
     }
+    if overrides[("zones", "k")] is not None:  # --k: a tuple of distinct counts
+        overrides[("zones", "k")] = list(overrides[("zones", "k")])
     # A file named on the command line is relative to the working directory; the scenario
     # resolves its own paths against its folder, so hand it the path from there.
     folder = Path(origin).parent if args.scenario is not None else None
@@ -165,7 +169,21 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
             if value and (flag != "grid" or value.lower().endswith(".json")):
                 if not Path(value).is_absolute():
                     overrides[(section, key)] = os.path.relpath(value, folder)
-    return Scenario(origin, validate_values(with_overrides(values, overrides), origin))
+    # The scenario file was checked as it was read: a key refused now, a flag set it.
+    flags = {
+        f"{section}.{key}": f"--{flag.replace('_', '-')}"
+        for flag, (section, key) in OVERRIDES.items()
+        if getattr(args, flag, None) is not None
+    }
+    try:
+        checked = validate_values(with_overrides(values, overrides), origin)
+    except InputError as exc:
+        message = str(exc)
+        for key, flag in flags.items():
+            if message.startswith(f"{origin}: '{key}"):
+                raise InputError(flag + message[len(origin) :]) from None
+        raise
+    return Scenario(origin, checked, flags)
 
 
 def cmd_grids(args: argparse.Namespace) -> None:
@@ -335,8 +353,10 @@ def cmd_clear(args: argparse.Namespace) -> None:
     from lfm_zonal.check.kpis import TERMINAL_COLUMNS
     from lfm_zonal.study.results import run_scenario
 
-    if args.market != "nodal" and not args.k:
-        raise InputError(f"--market {args.market} needs --k (number of zones)")
+    if args.market == "nodal" and args.k is not None:
+        raise InputError("--k: the nodal market clears one area per bus; give no --k")
+    if args.market != "nodal" and args.k is None and args.scenario is None:
+        raise InputError(f"--market {args.market} needs --k (or a --scenario with zones.k)")
     scenario = scenario_from_args(args)
     out = run_scenario(scenario, args.out, overwrite=args.overwrite, progress=not args.quiet)
     kpis = pd.read_csv(out / "kpis.csv")
@@ -437,6 +457,27 @@ def _numbers(text: str, kind: type, flag: str) -> tuple:
     return tuple(values)
 
 
+def _listed(values) -> str:
+    """Numbers as a flag takes them: 1,2,4."""
+    return ",".join(map(str, values))
+
+
+class _WholeNumbers(argparse.Action):
+    """A flag of whole numbers (zone counts, seeds): a comma list (1,2,4) or a range
+    first:last[:step], and repeatable (``--k 1 --k 2`` is ``--k 1,2``); each value once, and
+    an empty one refused (not read as "the scenario's")."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest) or ()
+        if not values.strip(" ,"):
+            raise InputError(f"{option_string} '{values}' is empty")
+        added = _numbers(values, int, option_string)
+        repeated = next((v for v in added if v in before), None)
+        if repeated is not None:
+            raise InputError(f"{option_string} {repeated} is given twice")
+        setattr(namespace, self.dest, before + added)
+
+
 def cmd_tender(args: argparse.Namespace) -> None:
     from lfm_zonal.files.outputs import result_folder
     from lfm_zonal.tender.sizing import load_parameters, parameter_sets, run_tender_studies
@@ -490,7 +531,7 @@ def _tender_grid(args: argparse.Namespace, params, seeds: range) -> None:
     base = prepare_base_case(scenario, progress=True)
     resources = prepare_resources(base)
     seg = prepare_segmentation_of(base, resources)
-    ks = _numbers(args.k, int, "--k") if args.k is not None else tuple(range(1, seg.n_buses + 1))
+    ks = args.k if args.k is not None else tuple(range(1, seg.n_buses + 1))
     bad = [k for k in ks if not 1 <= k <= seg.n_buses]
     if bad:
         raise InputError(f"--k {bad[0]} is out of range: 1 <= K <= {seg.n_buses}")
@@ -563,24 +604,23 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from lfm_zonal.study.sweep import run_sweep
 
     scenario = load_scenario(args.scenario)
-    given = {name: getattr(args, name) for name in ("k", "seeds", "methods")}
-    for name, text in given.items():  # an empty value is a mistake, not "use the scenario's"
-        if text is not None and not text.strip(" ,"):
-            raise InputError(f"--{name} '{text}' is empty")
-    ks = _numbers(args.k, int, "--k") if args.k is not None else tuple(scenario["zones"]["k"])
-    seeds = (
-        _numbers(args.seeds, int, "--seeds") if args.seeds is not None else (int(scenario.seed),)
-    )
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods is not None else None
+    methods = None
+    if args.methods is not None:
+        text = ",".join(args.methods)
+        if not text.strip(" ,"):  # an empty value is a mistake, not "use the scenario's"
+            raise InputError(f"--methods '{text}' is empty")
+        methods = [m.strip() for m in text.split(",")]
+    ks = args.k if args.k is not None else tuple(scenario["zones"]["k"])
+    seeds = args.seeds if args.seeds is not None else (int(scenario.seed),)
     # Each flag checked as the scenario's key it sets, before any case runs.
     values = {section: dict(keys) for section, keys in scenario.values.items()}
     values["zones"] = values["zones"] | {"k": list(ks)}
-    validate_values(values, f"--k {args.k}")
+    validate_values(values, f"--k {_listed(ks)}")
     if methods is not None:
         values["market"] = values["market"] | {"methods": methods}
-        validate_values(values, f"--methods {args.methods}")
+        validate_values(values, f"--methods {','.join(methods)}")
     for seed in seeds:
-        validate_values(values | {"": values[""] | {"seed": seed}}, f"--seeds {args.seeds}")
+        validate_values(values | {"": values[""] | {"seed": seed}}, f"--seeds {seed}")
     table = run_sweep(
         scenario,
         _days(args.days),
@@ -733,9 +773,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--days", required=True, help="days: comma list or range, e.g. 2016-04-10:2016-04-16"
     )
-    p.add_argument("--k", help="zone counts, e.g. 1,2,4,8,16 (default: the scenario's)")
-    p.add_argument("--seeds", help="seeds, e.g. 0,1,2 or 0:4 (default: the scenario's seed)")
-    p.add_argument("--methods", help="markets, e.g. nodal,zonal (default: the scenario's)")
+    p.add_argument(
+        "--k", action=_WholeNumbers, help="zone counts, e.g. 1,2,4,8,16 (default: the scenario's)"
+    )
+    p.add_argument(
+        "--seeds",
+        action=_WholeNumbers,
+        help="seeds, e.g. 0,1,2 or 0:4 (default: the scenario's seed)",
+    )
+    p.add_argument(
+        "--methods",
+        action="append",
+        help="markets, e.g. nodal,zonal (repeatable; default: the scenario's)",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -779,7 +829,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="grid study: load forecast error, standard deviation / MW (default 0.1)",
     )
-    p.add_argument("--k", help="grid study: zone counts (default every K from 1 to N)")
+    p.add_argument(
+        "--k", action=_WholeNumbers, help="grid study: zone counts (default every K from 1 to N)"
+    )
     p.add_argument(
         "--params", help="parameter set (see --list) or TOML file of Table I keys (default table1)"
     )

@@ -33,6 +33,20 @@ def run_cli(capsys, *argv):
         (["powerflow", "--profiles", "nope.csv"], "profile file not found: nope.csv"),
         (["run", "no_such_scenario.toml"], "scenario not found: no_such_scenario.toml"),
         (["sensitivities", "--n-mtu", "4", "--mtu", "9"], "MTU 9 is outside the horizon"),
+        (["zones", "--k", "1", "--k", "1"], "--k 1 is given twice"),
+        (["sweep", "--days", "2016-01-14", "--k", "2", "--k", "1:3"], "--k 2 is given twice"),
+        (["zones", "--k", ""], "--k '' is empty"),
+        (["clear", "--market", "nodal", "--k", "3"], "nodal market clears one area per bus"),
+        (["clear", "--market", "zonal"], "needs --k (or a --scenario with zones.k)"),
+        # A key a flag set is reported against the flag, not the scenario file
+        (
+            ["zones", "--scenario", "cigre_mv_evening_peak", "--k", "0"],
+            "error: --k: 'zones.k[0]' must be > 0",
+        ),
+        (
+            ["clear", "--scenario", "cigre_mv_evening_peak", "--n-mtu", "2", "--k", "99"],
+            "error: --k: 'zones.k' = 99 is out of range",
+        ),
     ],
 )
 def test_user_mistakes_give_one_line(capsys, argv, expected, tmp_path, monkeypatch):
@@ -41,6 +55,16 @@ def test_user_mistakes_give_one_line(capsys, argv, expected, tmp_path, monkeypat
     assert code == 2
     assert expected in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_zone_counts_read_the_same_way_on_every_command():
+    """--k: a comma list, a range or repeated flags, the same counts on every command."""
+    from lfm_zonal.cli import build_parser
+
+    parser = build_parser()
+    for command in (["zones"], ["clear"], ["sweep", "--days", "2016-01-14"], ["tender", "grid"]):
+        for given in (["--k", "1,2,3"], ["--k", "1:3"], ["--k", "1", "--k", "2,3"]):
+            assert parser.parse_args(command + given).k == (1, 2, 3), (command, given)
 
 
 def test_malformed_json_grid(capsys, tmp_path):

@@ -499,7 +499,7 @@ def cli_cases() -> list[Case]:
         (("run", "scenario.toml", "--out", "", "--overwrite"), ("out",)),
         (("run", "scenario.toml", "--out", "/proc/lfm"), ("/proc",)),
         (("run", "missing.toml", "--out", "out"), ("missing.toml",)),
-        (("clear", "--scenario", "scenario.toml", "--market", "zonal"), ("--k",)),
+        (("clear", "--scenario", "scenario.toml", "--market", "nodal", "--k", "2"), ("--k",)),
         (("clear", "--scenario", "scenario.toml", "--market", "zonal", "--k", "0"), ("k",)),
         (("clear", "--scenario", "scenario.toml", "--market", "auction"), ("auction",)),
         (("sensitivities", "--scenario", "scenario.toml", "--mtu", "99"), ("99",)),

@@ -234,13 +234,13 @@ def plan_zones(base: BaseCase, cache: LinearisationCache | None = None) -> ZoneP
     too_few = [k for k in z["k"] if k < n_parts]
     if too_few:
         raise InputError(
-            f"{base.scenario.path}: 'zones.k' = {too_few[0]} is below the {n_parts} "
+            f"{base.scenario.where('zones.k')}: 'zones.k' = {too_few[0]} is below the {n_parts} "
             f"separate parts of grid {base.grid.name}: choose K >= {n_parts}"
         )
     too_many = [k for k in z["k"] if k > n_buses]
     if too_many:
         raise InputError(
-            f"{base.scenario.path}: 'zones.k' = {too_many[0]} is out of range: the grid "
+            f"{base.scenario.where('zones.k')}: 'zones.k' = {too_many[0]} is out of range: the grid "
             f"has {n_buses} energised buses, so 1 <= K <= {n_buses}"
         )
     return ZonePlan(ref, graph)

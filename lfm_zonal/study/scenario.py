@@ -10,7 +10,7 @@ documented in ``scenarios/README.md`` and printed by ``lfm-zonal scenarios --sch
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -68,9 +68,16 @@ class Scenario:
 
     path: str
     values: dict[str, dict[str, Any]]
+    #: Keys a command-line flag set ("zones.k": "--k"): a later check that refuses one of
+    #: them names the flag (``where``), not the file.
+    flags: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.values[section]
+
+    def where(self, key: str) -> str:
+        """Who set ``key`` ("section.key"): its flag, else the scenario file."""
+        return self.flags.get(key, self.path)
 
     @property
     def name(self) -> str:
