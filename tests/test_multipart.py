@@ -3,6 +3,8 @@ segmentation of large grids against the exact one; the worst-MTU reference rule.
 
 from __future__ import annotations
 
+import logging
+
 import networkx as nx
 import numpy as np
 import pandapower as pp
@@ -289,3 +291,15 @@ def test_a_big_grids_curve_is_written_when_its_process_dies(tmp_path, monkeypatc
     assert "error curve's process died" in caplog.text
     for name in ("error_curve.csv", "zones.csv"):
         assert (tmp_path / "beside" / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()
+
+
+def test_mv_oberrhein_loads_without_pandapower_warnings(caplog):
+    """Its built-in net runs pandapower's power flow with numba=True: the warning that numba
+    is missing would precede every command's output (one line per mistake, nothing else)."""
+    from lfm_zonal.grid import sources
+
+    with caplog.at_level(logging.DEBUG):
+        net = sources._mv_oberrhein()
+    assert len(net.bus) == 179
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert logging.getLogger("pandapower.auxiliary").level == logging.NOTSET

@@ -139,7 +139,16 @@ def _mv_oberrhein() -> pp.pandapowerNet:
     # "generation" case loads at 0.1, PV at 0.8). The synthetic daily shapes do that work
     # here, so each element keeps the scaling of its own worst case: loads 0.6 (the
     # published peak-load case), PV 0.8 (the published peak-generation case).
-    net = pn.mv_oberrhein()
+    # It runs a power flow with pandapower's default numba=True, whose warning that numba
+    # is not installed would precede every command's output: numba is not needed (every
+    # power flow of the engine is its own, or pandapower's with numba=False).
+    quiet = logging.getLogger("pandapower.auxiliary")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        net = pn.mv_oberrhein()
+    finally:
+        quiet.setLevel(level)
     net.load["scaling"] = 0.6
     net.sgen["scaling"] = 0.8
     for table in [t for t in net.keys() if t.startswith("res_")]:
