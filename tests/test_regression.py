@@ -59,3 +59,14 @@ def test_a_drift_beyond_tolerance_is_reported():
     assert len(lines) == 1 and lines[0].startswith("cost_eur:")
     within = dict(expected, cost_eur=expected["cost_eur"] * (1 + 1e-6))
     assert differences(expected, within) == []
+
+
+def test_a_missing_golden_file_is_not_to_be_made_up(tmp_path):
+    """Outside the repository (no tests/golden) the check says where the files are; a
+    missing file says how to record one on purpose, never to refresh blindly."""
+    from lfm_zonal import InputError
+
+    with pytest.raises(InputError, match="no such folder of golden files .* give --dir"):
+        read_golden(tmp_path / "tests" / "golden", "cigre_mv_evening_peak")
+    with pytest.raises(InputError, match="from results you have checked: lfm-zonal golden"):
+        read_golden(tmp_path, "cigre_mv_evening_peak")

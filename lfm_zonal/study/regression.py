@@ -67,8 +67,16 @@ def golden_file(folder: Path, name: str) -> Path:
 
 def read_golden(folder: Path, name: str) -> dict[str, float]:
     path = golden_file(folder, name)
+    if not folder.is_dir():  # a golden file is the repository's, not one made here
+        raise InputError(
+            f"{folder}: no such folder of golden files (they are the repository's "
+            "tests/golden: run from its root, or give --dir)"
+        )
     if not path.is_file():
-        raise InputError(f"{path}: no golden file (run 'lfm-zonal golden --refresh')")
+        raise InputError(
+            f"{path}: no golden file of {name} (record one on purpose, from results you "
+            f"have checked: lfm-zonal golden --refresh {name} --dir {folder})"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 
