@@ -47,10 +47,13 @@ from lfm_zonal.errors import InputError, LfmError, SolverError, WorkerDied  # no
 from lfm_zonal.files import SENSITIVITY_FORMATS  # noqa: E402
 from lfm_zonal.progress import (  # noqa: E402
     COMMAND_SIGNALS,
+    SIGNALLED,
+    Terminated,
     checked_when_accepted,
     finished,
     inputs_accepted,
     reporting,
+    signal_exception,
     stage,
 )
 from lfm_zonal.study.scenario import (  # noqa: E402
@@ -871,10 +874,6 @@ INPUT_FLAGS = {
 }
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (or SIGHUP): cleaned up like Ctrl-C."""
-
-
 def _declared_inputs(args: argparse.Namespace) -> list[Path]:
     """The input files named by the flags and inside a scenario TOML, each read once through
     ``read_input_text``: an undecodable file is refused before any work, and an output
@@ -951,34 +950,24 @@ def _writable(args: argparse.Namespace, inputs: list[Path]) -> None:
         check_output_path(out, kind=kind, overwrite=overwrite, inputs=inputs)
 
 
-#: The signals of this command so far (see ``main``).
-_SIGNALS: list[int] = []
-
-
-def _signal_exception(signum: int) -> KeyboardInterrupt:
-    """What a signal raises: KeyboardInterrupt for SIGINT, Terminated for the others."""
-    if signum == signal.SIGINT:
-        return KeyboardInterrupt()
-    return Terminated(signal.Signals(signum).name)
-
-
 @contextlib.contextmanager
 def _signals_as_exceptions():
     """SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP raise Terminated, so every
     partial output is removed on the way out; the previous handlers come back after."""
-    _SIGNALS.clear()  # another command's, in this process
+    SIGNALLED.clear()  # another command's, in this process
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def raise_it(signum, frame):
-        _SIGNALS.append(signum)
-        raise _signal_exception(signum)
+        SIGNALLED.append(signum)
+        raise signal_exception(signum)
 
     previous = {s: signal.signal(s, raise_it) for s in COMMAND_SIGNALS}
     try:
         yield
     finally:
+        SIGNALLED.clear()  # this command's: no later output in this process refused for them
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
@@ -1058,9 +1047,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             # A signal that came while a C extension was being imported (pandas) surfaces as
             # that import's own error (ImportError, AttributeError of a half-imported module).
-            if not _SIGNALS:
+            if not SIGNALLED:
                 raise
-            return _signalled(args, _signal_exception(_SIGNALS[0]))
+            return _signalled(args, signal_exception(SIGNALLED[0]))
         except KeyboardInterrupt as exc:
             return _signalled(args, exc)
     return 0

@@ -31,6 +31,31 @@ from collections.abc import Callable, Iterator
 COMMAND_SIGNALS = frozenset(
     {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
 )
+#: The command's signals so far, in order (the command line's handler records each before
+#: it raises it). Python ignores an exception raised inside an at-fork callback (logging's
+#: lock release, when a handler runs there because another thread took the signal while
+#: this one forked): ``raise_if_signalled`` raises it again before an output is made final.
+SIGNALLED: list[int] = []
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP): cleaned up like Ctrl-C."""
+
+
+def signal_exception(signum: int) -> KeyboardInterrupt:
+    """What a signal raises: KeyboardInterrupt for SIGINT, Terminated for the others."""
+    if signum == signal.SIGINT:
+        return KeyboardInterrupt()
+    return Terminated(signal.Signals(signum).name)
+
+
+def raise_if_signalled() -> None:
+    """Raise the command's first signal if one came (and was swallowed: the command goes on
+    only then)."""
+    if SIGNALLED:
+        raise signal_exception(SIGNALLED[0])
+
+
 #: Seconds the lines of the first stages are held back at most (see the module docstring).
 HOLD_S = 20.0
 PREFIX = "lfm-zonal"

@@ -38,6 +38,7 @@ import pandas as pd
 
 from lfm_zonal.errors import InputError, LfmError
 from lfm_zonal.files.inputs import inputs_read
+from lfm_zonal.progress import raise_if_signalled
 
 try:  # POSIX: a kernel lock, released however the process ends
     import fcntl
@@ -411,6 +412,7 @@ def result_folder(
             except OSError as exc:
                 raise InputError(f"--out {out}: cannot create {partial} ({exc.strerror})") from None
             yield partial
+            raise_if_signalled()  # one swallowed on the way (progress.SIGNALLED)
             (partial / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
             # Checked again: the block may have read inputs that live in ``out``.
             check_output_path(out, kind="folder", overwrite=overwrite, inputs=inputs)
@@ -461,6 +463,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     partial = partial_path(target)
     try:
         yield partial
+        raise_if_signalled()
         if not partial.is_file():
             raise LfmError(f"nothing was written for {target}")
     except BaseException:
