@@ -233,7 +233,6 @@ def cmd_powerflow(args: argparse.Namespace) -> None:
 
 
 def cmd_sensitivities(args: argparse.Namespace) -> None:
-    import pandas as pd
 
     from lfm_zonal.files.outputs import result_folder
     from lfm_zonal.grid.sensitivity import sensitivities
@@ -250,32 +249,30 @@ def cmd_sensitivities(args: argparse.Namespace) -> None:
     scenario = scenario_from_args(args)
     base = prepare_base_case(scenario, progress=not args.quiet)
     pf = base.powerflow
-    mtus = args.mtu if args.mtu else [base.reference_mtu]
     method = scenario["sensitivity"]["method"]
     model = pf.model  # every MTU and row checked before the first is computed
-    for t in mtus:
+    mtus = []  # positions: an MTU given by number or by time is one MTU, named by its number
+    for t in args.mtu or [base.reference_mtu]:
         position = pf.mtu_position(_mtu(t))
+        if position in mtus:
+            raise InputError(f"--mtu {t}: MTU {position} ({pf.times[position]}) is given twice")
         if not pf.converged.iloc[position]:
             raise InputError(
                 f"--mtu {t}: MTU {position} ({pf.times[position]}) has no converged power flow, "
                 "so no sensitivities"
             )
+        mtus.append(position)
     sensitivity_labels(model.branches, model.buses.rename("bus"), elements, buses)
     formats, biggest = set(), 0
     with result_folder(args.out, overwrite=args.overwrite) as folder:
         inputs_accepted()  # the MTUs, the rows and --out are checked
         for t in mtus:  # one MTU's matrices in memory at a time (0.96 GB on 5,479 buses)
-            sens = sensitivities(pf, _mtu(t), method)
+            sens = sensitivities(pf, t, method)
             stage(f"sensitivities: MTU {t} ({sens.time}) computed by {method}")
             if elements is not None or buses is not None:
                 sens = select_sensitivities(sens, elements, buses)
             biggest = max(biggest, sensitivity_csv_bytes(sens))
-            where = (
-                folder / f"mtu_{_mtu(t)}"
-                if str(t).isdigit()
-                else folder / pd.Timestamp(t).strftime("%Y%m%dT%H%M")
-            )
-            written = write_sensitivities(sens, where, args.format)
+            written = write_sensitivities(sens, folder / f"mtu_{t}", args.format)
             formats.add(written)
             stage(f"sensitivities: MTU {t} written as {written}")
             del sens
@@ -311,7 +308,8 @@ def _elements(items: list[str]) -> dict[str, list[int]]:
 
 
 def _mtu(text: str):
-    return int(text) if str(text).isdigit() else text
+    """An MTU as given: its number (negative too: refused as outside the horizon), or a time."""
+    return int(text) if re.fullmatch(r"\s*[+-]?\d+\s*", str(text)) else text
 
 
 def cmd_zones(args: argparse.Namespace) -> None:

@@ -34,6 +34,11 @@ def run_cli(capsys, *argv):
         (["run", "no_such_scenario.toml"], "scenario not found: no_such_scenario.toml"),
         (["sensitivities", "--n-mtu", "4", "--mtu", "9"], "MTU 9 is outside the horizon"),
         (["zones", "--k", "1", "--k", "1"], "--k 1 is given twice"),
+        (
+            ["sensitivities", "--mtu", "2", "--mtu", "2016-01-14 00:30"],
+            "--mtu 2016-01-14 00:30: MTU 2 (2016-01-14 00:30:00) is given twice",
+        ),
+        (["sensitivities", "--n-mtu", "4", "--mtu", "-1"], "MTU -1 is outside the horizon"),
         (["sweep", "--days", "2016-01-14", "--k", "2", "--k", "1:3"], "--k 2 is given twice"),
         (["zones", "--k", ""], "--k '' is empty"),
         (["clear", "--market", "nodal", "--k", "3"], "nodal market clears one area per bus"),
@@ -112,7 +117,9 @@ def test_sensitivities_command_writes_labelled_matrices(capsys, tmp_path):
     assert code == 0
     vm_p = pd.read_csv(out / "mtu_0" / "vm_p.csv", index_col=0)
     assert list(vm_p.index) == list(range(33)) and list(vm_p.columns) == [str(b) for b in range(33)]
-    loading = pd.read_csv(out / "20160114T0045" / "loading_p.csv", index_col=[0, 1])
+    # An MTU given by time is named by its number too (00:45: MTU 3 of 15-minute MTUs)
+    assert sorted(p.name for p in out.glob("mtu_*")) == ["mtu_0", "mtu_3"]
+    loading = pd.read_csv(out / "mtu_3" / "loading_p.csv", index_col=[0, 1])
     assert loading.index.names == ["element_type", "element"] and len(loading) == 32
     # Injecting at the feeder end raises its own voltage.
     assert vm_p.at[17, "17"] > 0
