@@ -194,6 +194,12 @@ HEADER = (
         ("R,a,4,load,up,1,1e300,50,0", "row 2 ('R'): cost_up_eur_per_mwh must be a finite"),
         ("R,a,4,load,up,1e9,50,50,0", "row 2 ('R'): p_max_mw must be a finite number >= 0 <="),
         ("R,a,4,load,up,1,50,50,0,7", "row 2, column 10: a value without a header"),
+        (
+            "R,a,4,storage,both,1,50,50,0",
+            "row 2 ('R'): a storage resource needs the column(s) "
+            "energy_mwh, soc_init_mwh, efficiency",
+        ),
+        ("", "no resources (a header and no rows)"),
     ],
 )
 def test_bad_resources_are_refused(row, expected, cigre_pf, tmp_path):
@@ -201,7 +207,7 @@ def test_bad_resources_are_refused(row, expected, cigre_pf, tmp_path):
 
     path = tmp_path / "r.csv"
     header = HEADER.rstrip("\n") + ("," if row.count(",") > 8 else "") + "\n"
-    path.write_text(header + row + "\n")
+    path.write_text(header + row + ("\n" if row else ""))
     with pytest.raises(InputError) as err:
         read_resources(path, cigre_pf)
     assert expected in str(err.value) and str(path) in str(err.value)

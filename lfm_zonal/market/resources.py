@@ -447,6 +447,8 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
     """Resources from a CSV file (see the module docstring); availability constant over the horizon."""
     path = Path(path)
     raw = read_csv_cells(path, "resource file")
+    if raw.empty:  # a market of no offers is no study: a file cut short, most likely
+        raise InputError(f"{path}: no resources (a header and no rows)")
     if "available_mw" in raw.columns or "price_eur_per_mwh" in raw.columns:
         return _read_long_form(path, raw, pf)
     required = [
@@ -525,6 +527,12 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
         tan_phi = number(row_no, rec, "tan_phi", 0.0, allow_negative=True, bound=MAX_TAN_PHI)
         storage = {"energy_mwh": np.nan, "soc_init_mwh": np.nan, "efficiency": np.nan}
         if kind == "storage":
+            absent = [c for c in storage if c not in raw.columns]
+            if absent:
+                raise InputError(
+                    f"{path}, row {row_no} ({rid!r}): a storage resource needs the column(s) "
+                    f"{', '.join(absent)}"
+                )
             storage = {
                 c: number(row_no, rec, c) for c in ("energy_mwh", "soc_init_mwh", "efficiency")
             }
