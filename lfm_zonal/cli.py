@@ -7,6 +7,7 @@ line and exits with code 1.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -32,6 +33,7 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import warnings  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from lfm_zonal import __version__  # noqa: E402
@@ -52,6 +54,7 @@ from lfm_zonal.progress import (  # noqa: E402
     checked_when_accepted,
     finished,
     inputs_accepted,
+    raise_if_signalled,
     reporting,
     signal_exception,
     stage,
@@ -182,9 +185,9 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
         checked = validate_values(with_overrides(values, overrides), origin)
     except InputError as exc:
         message = str(exc)
-        for key, flag in flags.items():
-            if message.startswith(f"{origin}: '{key}"):
-                raise InputError(flag + message[len(origin) :]) from None
+        blamed = [f for key, f in flags.items() if f"'{key}'" in message or f"'{key}[" in message]
+        if blamed and message.startswith(f"{origin}:"):
+            raise InputError(" ".join(blamed) + message[len(origin) :]) from None
         raise
     return Scenario(origin, checked, flags)
 
@@ -233,7 +236,6 @@ def cmd_powerflow(args: argparse.Namespace) -> None:
 
 
 def cmd_sensitivities(args: argparse.Namespace) -> None:
-
     from lfm_zonal.files.outputs import result_folder
     from lfm_zonal.grid.sensitivity import sensitivities
     from lfm_zonal.study.job import prepare_base_case
@@ -309,7 +311,10 @@ def _elements(items: list[str]) -> dict[str, list[int]]:
 
 def _mtu(text: str):
     """An MTU as given: its number (negative too: refused as outside the horizon), or a time."""
-    return int(text) if re.fullmatch(r"\s*[+-]?\d+\s*", str(text)) else text
+    try:
+        return _whole(str(text))
+    except ValueError:
+        return text
 
 
 def cmd_zones(args: argparse.Namespace) -> None:
@@ -452,15 +457,11 @@ def _numbers(text: str, kind: type, flag: str) -> tuple:
             f"{flag} '{text}': give a comma list (0,2,5) or a range first:last[:step]"
             + (" of whole numbers" if kind is int else "")
         ) from None
-    repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    seen: set = set()
+    repeated = next((v for v in values if v in seen or seen.add(v)), None)
     if repeated is not None:
         raise InputError(f"{flag} '{text}': {repeated} is given twice")
     return tuple(values)
-
-
-def _listed(values) -> str:
-    """Numbers as a flag takes them: 1,2,4."""
-    return ",".join(map(str, values))
 
 
 class _WholeNumbers(argparse.Action):
@@ -473,7 +474,8 @@ class _WholeNumbers(argparse.Action):
         if not values.strip(" ,"):
             raise InputError(f"{option_string} '{values}' is empty")
         added = _numbers(values, int, option_string)
-        repeated = next((v for v in added if v in before), None)
+        given = set(before)
+        repeated = next((v for v in added if v in given), None)
         if repeated is not None:
             raise InputError(f"{option_string} {repeated} is given twice")
         setattr(namespace, self.dest, before + added)
@@ -613,15 +615,19 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         methods = [m.strip() for m in text.split(",")]
     ks = args.k if args.k is not None else tuple(scenario["zones"]["k"])
     seeds = args.seeds if args.seeds is not None else (int(scenario.seed),)
+    # The later checks of a case (zone counts against the grid) name the flags that set keys.
+    flags = {"zones.k": "--k", ".seed": "--seeds", "market.methods": "--methods"}
+    given = {"zones.k": args.k, ".seed": args.seeds, "market.methods": args.methods}
+    scenario = replace(scenario, flags={k: f for k, f in flags.items() if given[k] is not None})
     # Each flag checked as the scenario's key it sets, before any case runs.
     values = {section: dict(keys) for section, keys in scenario.values.items()}
     values["zones"] = values["zones"] | {"k": list(ks)}
-    validate_values(values, f"--k {_listed(ks)}")
+    validate_values(values, "--k")
     if methods is not None:
         values["market"] = values["market"] | {"methods": methods}
-        validate_values(values, f"--methods {','.join(methods)}")
+        validate_values(values, "--methods")
     for seed in seeds:
-        validate_values(values | {"": values[""] | {"seed": seed}}, f"--seeds {seed}")
+        validate_values(values | {"": values[""] | {"seed": seed}}, "--seeds")
     table = run_sweep(
         scenario,
         _days(args.days),
@@ -982,9 +988,17 @@ def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
     return _what_is_left(args, what)
 
 
+#: Errors of the storage a write names no file for (full disk, quota, read-only, I/O).
+STORAGE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ENOSPC", "EDQUOT", "EFBIG", "EIO", "EROFS", "ESTALE")
+    if hasattr(errno, name)
+)
+
+
 def _failed_write(args: argparse.Namespace | None, exc: OSError) -> str:
-    """One line for an OSError: the file it names, else (a full disk, a lost mount: a write
-    names no file) the output being written, and what the command left of it."""
+    """One line for an OSError: the file it names, else (a storage error, STORAGE_ERRNOS: a
+    full disk's write names no file) the output being written, and what was left of it."""
     reason = exc.strerror or str(exc)
     if exc.filename is not None:
         return f"lfm-zonal: error: {exc.filename}: {reason}"
@@ -1033,13 +1047,18 @@ def main(argv: list[str] | None = None) -> int:
                 reporting(shows_progress),
             ):
                 args.func(args)
+                raise_if_signalled()  # one swallowed after the output was made final
                 finished()
         except LfmError as exc:
             print(f"lfm-zonal: error: {_one_line(exc)}", file=sys.stderr)
             return 1 if isinstance(exc, (SolverError, WorkerDied)) else 2
+        except BrokenPipeError:  # stdout closed by the reader (| head): nothing to say
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         except OSError as exc:
-            if exc.filename is None and exc.errno is None:
-                raise
+            if exc.filename is None and exc.errno not in STORAGE_ERRNOS:
+                raise  # no file and not the disk's: a bug to see, not an input to name
             print(_failed_write(args, exc), file=sys.stderr)
             return 2
         except Exception:

@@ -126,7 +126,9 @@ def reporting(enabled: bool = True, hold_s: float = HOLD_S) -> Iterator[None]:
 
 
 def stage(message: str) -> None:
-    """One progress line: ``message`` after the elapsed time (nothing if progress is off)."""
+    """One progress line: ``message`` after the elapsed time (nothing if progress is off).
+    A signal the command owes (``raise_if_signalled``) stops it here, between stages."""
+    raise_if_signalled()
     reporter = _ACTIVE
     if reporter is not None:
         reporter.line(message)

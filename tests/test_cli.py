@@ -52,6 +52,14 @@ def run_cli(capsys, *argv):
             ["clear", "--scenario", "cigre_mv_evening_peak", "--n-mtu", "2", "--k", "99"],
             "error: --k: 'zones.k' = 99 is out of range",
         ),
+        (
+            ["sweep", "--days", "2016-01-14", "--k", "99", "--workers", "0"],
+            "error: --k: 'zones.k' = 99 is out of range",
+        ),
+        (  # a rule of two keys, one of them the flag's
+            ["powerflow", "--scenario", "cigre_mv_evening_peak", "--vm-max-pu", "0.9"],
+            "error: --vm-max-pu: 'grid.vm_min_pu' must be below 'grid.vm_max_pu' (0.9)",
+        ),
     ],
 )
 def test_user_mistakes_give_one_line(capsys, argv, expected, tmp_path, monkeypatch):
@@ -221,6 +229,25 @@ def test_a_swallowed_sigterm_still_stops_the_run(capsys, tmp_path, monkeypatch):
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.toml"]
     assert progress.SIGNALLED == []
+
+
+def test_an_oserror_that_is_not_the_disks_is_not_passed_off_as_one(capsys, tmp_path, monkeypatch):
+    """Only storage errors (a full disk, a quota, a read-only or failing device) name no
+    file and still get one line: out of memory or a bad descriptor is a bug to see."""
+    import errno
+
+    from conftest import small_scenario
+
+    import lfm_zonal.study.results as results
+
+    def no_memory(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(results, "write_csv", no_memory)
+    scenario = small_scenario(tmp_path, k="1", methods='"zonal"')
+    with pytest.raises(OSError, match="Cannot allocate memory"):
+        main(["run", str(scenario), "--out", str(tmp_path / "results"), "--quiet"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.toml"]
 
 
 @pytest.mark.slow

@@ -199,7 +199,6 @@ HEADER = (
             "row 2 ('R'): a storage resource needs the column(s) "
             "energy_mwh, soc_init_mwh, efficiency",
         ),
-        ("", "no resources (a header and no rows)"),
     ],
 )
 def test_bad_resources_are_refused(row, expected, cigre_pf, tmp_path):
@@ -207,7 +206,7 @@ def test_bad_resources_are_refused(row, expected, cigre_pf, tmp_path):
 
     path = tmp_path / "r.csv"
     header = HEADER.rstrip("\n") + ("," if row.count(",") > 8 else "") + "\n"
-    path.write_text(header + row + ("\n" if row else ""))
+    path.write_text(header + row + "\n")
     with pytest.raises(InputError) as err:
         read_resources(path, cigre_pf)
     assert expected in str(err.value) and str(path) in str(err.value)

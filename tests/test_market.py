@@ -508,13 +508,16 @@ def test_a_horizon_without_violations_buys_nothing():
         assert (result.bids.status == "rejected").all()
 
 
-def test_no_resources_at_all_clears_to_nothing_and_reports_the_need(hand_case, tmp_path):
-    """A resources table with its header only: every market clears to nothing, and the
-    overload of line 1 stays as unmet need, named in the residual table."""
+def test_no_resources_at_all_clears_to_nothing_and_reports_the_need(hand_case, tmp_path, caplog):
+    """A resources table with its header only (said in a warning: it may be a file cut
+    short): every market clears to nothing, and the overload of line 1 stays as unmet need,
+    named in the residual table."""
     pf, _, seg = hand_case
     path = tmp_path / "none.csv"
     path.write_text(RESOURCES.splitlines()[0] + "\n")
-    res = read_resources(path, pf)
+    with caplog.at_level("WARNING"):
+        res = read_resources(path, pf)
+    assert "no resources (a header and no rows)" in caplog.text
     for method, k in (("nodal", None), ("zonal", 1), ("needs_based", 1)):
         result = clear_on(seg, res, method, k)
         assert result.kpis["cost_eur"] == 0.0 and result.dispatch.empty

@@ -447,8 +447,8 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
     """Resources from a CSV file (see the module docstring); availability constant over the horizon."""
     path = Path(path)
     raw = read_csv_cells(path, "resource file")
-    if raw.empty:  # a market of no offers is no study: a file cut short, most likely
-        raise InputError(f"{path}: no resources (a header and no rows)")
+    if raw.empty:  # the grid's need without offers; or a file cut short: said either way
+        log.warning("%s: no resources (a header and no rows): every market clears nothing", path)
     if "available_mw" in raw.columns or "price_eur_per_mwh" in raw.columns:
         return _read_long_form(path, raw, pf)
     required = [

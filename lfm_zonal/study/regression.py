@@ -96,10 +96,11 @@ def scenario_names(names: list[str] | None) -> list[str]:
 
 
 def check(folder: Path, names: list[str] | None = None) -> dict[str, list[str]]:
-    """Differences per scenario between its nodal run now and its golden file."""
+    """Differences per scenario between its nodal run now and its golden file (every file
+    read before the first run: a missing one is reported at once)."""
+    golden = {name: read_golden(folder, name) for name in scenario_names(names)}
     return {
-        name: differences(read_golden(folder, name), nodal_kpis(load_scenario(name)))
-        for name in scenario_names(names)
+        name: differences(kpis, nodal_kpis(load_scenario(name))) for name, kpis in golden.items()
     }
 
 

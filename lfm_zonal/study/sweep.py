@@ -59,7 +59,11 @@ def case_scenario(scenario: Scenario, day: str, seed: int, ks, methods) -> Scena
     values[""]["seed"] = int(seed)
     values["zones"]["k"] = [int(k) for k in ks]
     values["market"]["methods"] = list(methods)
-    return Scenario(f"{scenario.path} [{day}, seed {seed}]", validate_values(values, scenario.path))
+    return Scenario(
+        f"{scenario.path} [{day}, seed {seed}]",
+        validate_values(values, scenario.path),
+        scenario.flags,
+    )
 
 
 def case_name(day: str, seed: int) -> str:

@@ -46,7 +46,7 @@ from typing import Any
 from lfm_zonal.errors import WorkerDied
 from lfm_zonal.grid.sensitivity import one_blas_thread
 from lfm_zonal.limits import release_free_memory, share_memory
-from lfm_zonal.progress import COMMAND_SIGNALS
+from lfm_zonal.progress import COMMAND_SIGNALS, SIGNALLED, raise_if_signalled
 
 _TASKS: Sequence[Callable[..., Any]] = ()  # the tasks of the forked processes (until the end)
 
@@ -134,6 +134,9 @@ def forked(
         # the pool's thread waiting for the rest forever, and this process with it.
         pool._result_queue._writer.close()
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending signal raises here
+        # and one another thread took while this one forked, whose exception Python ignored
+        # in the at-fork callbacks that ran its handler (progress.SIGNALLED)
+        raise_if_signalled()
         yield done
         finished = True
     finally:
@@ -194,6 +197,7 @@ def _worker_setup(parent: int, processes: int) -> None:
     stopping it) ends it at once, without a traceback; and it ends with this process,
     however that ends (killed: no orphan holding the output's lock and the memory)."""
     share_memory(processes)
+    SIGNALLED.clear()  # a signal the parent owes (raise_if_signalled) is the parent's to raise
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "SIGHUP"):
