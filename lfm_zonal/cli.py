@@ -615,10 +615,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         methods = [m.strip() for m in text.split(",")]
     ks = args.k if args.k is not None else tuple(scenario["zones"]["k"])
     seeds = args.seeds if args.seeds is not None else (int(scenario.seed),)
-    # The later checks of a case (zone counts against the grid) name the flags that set keys.
-    flags = {"zones.k": "--k", ".seed": "--seeds", "market.methods": "--methods"}
-    given = {"zones.k": args.k, ".seed": args.seeds, "market.methods": args.methods}
-    scenario = replace(scenario, flags={k: f for k, f in flags.items() if given[k] is not None})
+    if args.k is not None:  # the zone counts, checked against the grid in each case
+        scenario = replace(scenario, flags={"zones.k": "--k"})
     # Each flag checked as the scenario's key it sets, before any case runs.
     values = {section: dict(keys) for section, keys in scenario.values.items()}
     values["zones"] = values["zones"] | {"k": list(ks)}
