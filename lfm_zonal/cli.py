@@ -620,12 +620,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     # Each flag checked as the scenario's key it sets, before any case runs.
     values = {section: dict(keys) for section, keys in scenario.values.items()}
     values["zones"] = values["zones"] | {"k": list(ks)}
-    validate_values(values, "--k")
+    validate_values(values, f"--k {','.join(map(str, ks))}")
     if methods is not None:
         values["market"] = values["market"] | {"methods": methods}
-        validate_values(values, "--methods")
+        validate_values(values, f"--methods {','.join(methods)}")
     for seed in seeds:
-        validate_values(values | {"": values[""] | {"seed": seed}}, "--seeds")
+        validate_values(values | {"": values[""] | {"seed": seed}}, f"--seeds {seed}")
     table = run_sweep(
         scenario,
         _days(args.days),
