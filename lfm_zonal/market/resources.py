@@ -533,9 +533,7 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
                     f"{path}, row {row_no} ({rid!r}): a storage resource needs the column(s) "
                     f"{', '.join(absent)}"
                 )
-            storage = {
-                c: number(row_no, rec, c) for c in ("energy_mwh", "soc_init_mwh", "efficiency")
-            }
+            storage = {c: number(row_no, rec, c) for c in storage}
             if (
                 storage["soc_init_mwh"] > storage["energy_mwh"]
                 or not 0 < storage["efficiency"] <= 1
