@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from lfm_zonal.cli import main
+from lfm_zonal.study.scenario import load_scenario
 
 
 def run_cli(capsys, *argv):
@@ -174,6 +175,13 @@ def test_run_writes_a_complete_folder_only(capsys, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["base_case"]["mtus_with_overload"] > 0
     assert summary["reference_mtu"]["time"] == "2016-01-14 19:00:00"
+    # Every market's needs are in needs.csv, the needs-based ones too: need_mwh is their sum.
+    kpis, needs = pd.read_csv(out / "kpis.csv"), pd.read_csv(out / "needs.csv")
+    dt_h = load_scenario("cigre_mv_evening_peak")["horizon"]["mtu_minutes"] / 60
+    need_mwh = needs.groupby(["method", "k"]).need_mw.sum() * dt_h
+    assert set(need_mwh.index) == set(zip(kpis.method, kpis.k, strict=True))
+    for market in kpis.itertuples():
+        assert need_mwh[(market.method, market.k)] == pytest.approx(market.need_mwh, abs=1e-6)
     # Refuses to overwrite, leaves the first result alone, and no partial folder is left behind.
     code, _, err = run_cli(capsys, "run", "--out", str(out), "--quiet")
     assert code == 2 and "exists and is not empty" in err

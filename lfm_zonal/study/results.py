@@ -344,11 +344,7 @@ def _write_tables(study: StudyResult, kpis: pd.DataFrame, worst: int | None, fol
     )
     write_table(_long([(m, m.dispatch) for m in study.markets]), folder / "activations.csv")
     write_table(_long([(m, m.activations) for m in study.markets]), folder / "zone_activations.csv")
-    write_csv(
-        _long([(m, m.needs) for m in study.markets if m.method != "needs_based"]),
-        folder / "needs.csv",
-        index=False,
-    )
+    write_csv(_long([(m, m.needs) for m in study.markets]), folder / "needs.csv", index=False)
     write_csv(_long([(m, m.unmet) for m in study.markets]), folder / "unmet.csv", index=False)
     residual = residual_table(study.markets)
     write_csv(residual, folder / "residual_violations.csv", index=False)
