@@ -321,13 +321,15 @@ def cmd_zones(args: argparse.Namespace) -> None:
     from lfm_zonal.files.outputs import result_folder
     from lfm_zonal.grid.sensitivity import LinearisationCache
     from lfm_zonal.limits import available_cores
-    from lfm_zonal.study.job import prepare_base_case, prepare_segmentation_of
+    from lfm_zonal.study.job import prepare_base_case, prepare_resources, prepare_segmentation_of
     from lfm_zonal.study.results import write_zones
 
     scenario = scenario_from_args(args)
     base = prepare_base_case(scenario, progress=not args.quiet)
+    # Capacity weights are the scenario's resources' flexible capacity, as in its main job.
+    resources = prepare_resources(base) if scenario["zones"]["weights"] == "capacity" else None
     # The worst MTU's search and the segmentation linearise the same point: once.
-    seg = prepare_segmentation_of(base, cache=LinearisationCache(base.powerflow.model))
+    seg = prepare_segmentation_of(base, resources, cache=LinearisationCache(base.powerflow.model))
     z = scenario["zones"]
     zone_sets = []
     with result_folder(args.out, overwrite=args.overwrite) as folder:

@@ -81,6 +81,24 @@ def test_zone_counts_read_the_same_way_on_every_command():
             assert parser.parse_args(command + given).k == (1, 2, 3), (command, given)
 
 
+def test_zones_weigh_buses_by_the_resources_as_the_main_job(capsys, tmp_path):
+    """`zones` weighs each bus by the flexible capacity of the scenario's resources, as `run`
+    does (it took the grid's load and sgen peaks: other medoids, indices and errors)."""
+    from lfm_zonal.study.job import prepare_base_case, prepare_resources
+
+    out = tmp_path / "z"
+    code, stdout, _ = run_cli(
+        capsys, "zones", "--scenario", "ieee33_undervoltage", "--k", "2", "--out", str(out)
+    )
+    assert code == 0 and "weights capacity" in stdout
+    capacity = prepare_resources(prepare_base_case(load_scenario("ieee33_undervoltage")))
+    capacity = capacity.capacity_per_bus()
+    zones = pd.read_csv(out / "zones.csv").set_index("bus")
+    expected = capacity.reindex(zones.index).fillna(0.0).to_numpy()
+    assert zones.weight_mw.to_numpy() == pytest.approx(expected, rel=1e-12)
+    assert capacity.sum() > 0
+
+
 def test_malformed_json_grid(capsys, tmp_path):
     bad = tmp_path / "grid.json"
     bad.write_text("{ this is not json")
