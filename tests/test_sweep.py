@@ -70,6 +70,19 @@ def test_dask_workers_give_the_same_table_as_one_process(short_scenario, tmp_pat
     assert set(pd.unique(parallel.seed)) == {0, 1}
 
 
+def test_what_a_case_would_refuse_is_refused_before_any_case_runs(short_scenario, tmp_path):
+    """A day beyond the profile data or a zone count beyond the grid: one error naming it,
+    before any case runs, and no folder (the cases before it ran and stayed, half a sweep,
+    and the Dask worker that met it printed its traceback)."""
+    lv = load_scenario("simbench_lv_pv_noon")
+    days = ["2016-12-31", "2017-01-01"]
+    with pytest.raises(InputError, match="sweep day 2017-01-01: horizon .* outside the SimBench"):
+        run_sweep(lv, days, [2], [0], tmp_path / "days", workers=2)
+    with pytest.raises(InputError, match="'zones.k' = 99 is out of range: the grid has 15"):
+        run_sweep(short_scenario, DAYS, [2, 99], [0], tmp_path / "k", workers=2)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_folder_of_another_sweep_is_refused(short_scenario, tmp_path):
     run_sweep(short_scenario, DAYS[:1], [1], [0], tmp_path, workers=0, methods=["zonal"])
     with pytest.raises(InputError, match="holds a sweep of another scenario"):

@@ -129,9 +129,9 @@ class ReferenceMtu:
     reason: str
 
 
-def prepare_base_case(scenario: Scenario, progress: bool = False) -> BaseCase:
-    """Grid, profiles and the AC power flow of every MTU of the horizon (``progress``: a
-    progress bar on a terminal); says so in a stage line."""
+def load_inputs(scenario: Scenario) -> tuple[Grid, Profiles]:
+    """The scenario's grid and its profiles over the horizon, each refused with its one line
+    (a grid file, a horizon outside the profile data, a horizon too large for memory)."""
     g, h, p = scenario["grid"], scenario["horizon"], scenario["profiles"]
     source = g["source"]
     if source.lower().endswith(".json"):
@@ -151,6 +151,13 @@ def prepare_base_case(scenario: Scenario, progress: bool = False) -> BaseCase:
         load_scale=p["load_scale"],
         sgen_scale=p["sgen_scale"],
     )
+    return grid, profiles
+
+
+def prepare_base_case(scenario: Scenario, progress: bool = False) -> BaseCase:
+    """Grid, profiles and the AC power flow of every MTU of the horizon (``progress``: a
+    progress bar on a terminal); says so in a stage line."""
+    grid, profiles = load_inputs(scenario)
     pf = run_horizon(grid, profiles, progress=progress)
     stage(
         f"base case: {len(pf.times)} MTUs on grid {grid.name} ({len(pf.model.buses)} buses), "
@@ -228,22 +235,29 @@ def plan_zones(base: BaseCase, cache: LinearisationCache | None = None) -> ZoneP
     pf = base.powerflow
     ref = base.zones_reference(z["reference_mtu"], cache)
     require_converged_reference(pf, ref.position)
-    graph = bus_graph(pf)
-    parts = grid_parts(pf.model.buses, graph)
-    n_parts, n_buses = int(parts.max(initial=-1)) + 1, len(pf.model.buses)
-    too_few = [k for k in z["k"] if k < n_parts]
+    graph = bus_graph(pf.grid.net, pf.model.buses)
+    check_zone_counts(base.scenario, base.grid.name, pf.model.buses, graph)
+    return ZonePlan(ref, graph)
+
+
+def check_zone_counts(scenario: Scenario, grid_name: str, buses: pd.Index, graph) -> None:
+    """The scenario's zone counts against the grid as switched: at least its number of
+    separate parts, at most its energised ``buses`` (``graph``: ``bus_graph``)."""
+    parts = grid_parts(buses, graph)
+    n_parts, n_buses = int(parts.max(initial=-1)) + 1, len(buses)
+    ks = scenario["zones"]["k"]
+    too_few = [k for k in ks if k < n_parts]
     if too_few:
         raise InputError(
-            f"{base.scenario.where('zones.k')}: 'zones.k' = {too_few[0]} is below the {n_parts} "
-            f"separate parts of grid {base.grid.name}: choose K >= {n_parts}"
+            f"{scenario.where('zones.k')}: 'zones.k' = {too_few[0]} is below the {n_parts} "
+            f"separate parts of grid {grid_name}: choose K >= {n_parts}"
         )
-    too_many = [k for k in z["k"] if k > n_buses]
+    too_many = [k for k in ks if k > n_buses]
     if too_many:
         raise InputError(
-            f"{base.scenario.where('zones.k')}: 'zones.k' = {too_many[0]} is out of range: the grid "
+            f"{scenario.where('zones.k')}: 'zones.k' = {too_many[0]} is out of range: the grid "
             f"has {n_buses} energised buses, so 1 <= K <= {n_buses}"
         )
-    return ZonePlan(ref, graph)
 
 
 def prepare_segmentation_of(

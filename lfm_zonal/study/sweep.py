@@ -139,6 +139,7 @@ def run_sweep(
     for d in days:
         for s in seeds:
             case_scenario(scenario, d, s, ks, methods)
+    check_cases(scenario, days, ks, seeds, methods)
     out = Path(out)
     manifest = {"scenario": scenario.values, "methods": methods}
     # A sweep resumes its own folder (its manifest, written before anything else) and never
@@ -162,6 +163,24 @@ def run_sweep(
             if set(_case_files(out)) == written:  # nothing finished: leave no trace
                 _undo(out, fresh, resumed)
             raise
+
+
+def check_cases(scenario: Scenario, days: list[str], ks, seeds, methods) -> None:
+    """What every case would refuse, found before any case runs or anything is written: the
+    first and the last day's horizons within the profile data (the days between lie within
+    them), and the zone counts against the grid as switched (the same grid every day)."""
+    from lfm_zonal.grid.powerflow import build_network_model
+    from lfm_zonal.study.job import check_zone_counts, load_inputs
+    from lfm_zonal.zones.segmentation import bus_graph
+
+    for day in sorted({min(days), max(days)}):
+        case = case_scenario(scenario, day, seeds[0], ks, methods)
+        try:
+            grid, _ = load_inputs(case)
+        except InputError as exc:
+            raise InputError(f"sweep day {day}: {exc}") from None
+    buses = build_network_model(grid).buses
+    check_zone_counts(case, grid.name, buses, bus_graph(grid.net, buses))
 
 
 def _case_files(out: Path) -> list[Path]:
@@ -273,7 +292,7 @@ def _run_on_dask(scenario, todo, ks, methods, out, workers, scheduler, bar, on_c
             processes=True,
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
-            silence_logs=logging.ERROR,
+            silence_logs=logging.CRITICAL,  # a case's error is raised here, in one line
         )
         client = Client(cluster)
     try:

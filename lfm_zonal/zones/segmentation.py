@@ -123,12 +123,13 @@ def nodal_zones(buses: pd.Index) -> Zones:
     return _numbered(np.arange(len(buses)), buses, len(buses), "nodal")
 
 
-def bus_graph(pf: HorizonPowerFlow) -> nx.Graph:
-    """Graph of the energised buses as switched (open switches and out-of-service elements respected)."""
+def bus_graph(net, buses: pd.Index) -> nx.Graph:
+    """Graph of the energised ``buses`` of ``net`` as switched (open switches and
+    out-of-service elements respected)."""
     graph = top.create_nxgraph(
-        pf.grid.net, respect_switches=True, include_out_of_service=False, multi=False
+        net, respect_switches=True, include_out_of_service=False, multi=False
     )
-    return nx.Graph(graph.subgraph(pf.model.buses))
+    return nx.Graph(graph.subgraph(buses))
 
 
 def electrical_features(sens: SensitivityArrays) -> np.ndarray:
@@ -790,7 +791,7 @@ def prepare_segmentation(
     graph: nx.Graph | None = None,
 ) -> Segmentation:
     """Sensitivities, features and graph at the reference MTU (zones are published from there).
-    ``graph``: ``bus_graph(pf)`` if already made.
+    ``graph``: ``bus_graph`` of its grid if already made.
 
     ``cache`` (of ``pf.model``) shares the reference MTU's linearisation with the markets.
     Above ``exact_max_buses`` energised buses (Jacobian method) the streamed path is taken:
@@ -802,7 +803,7 @@ def prepare_segmentation(
         "pf": pf,
         "reference_mtu": t,
         "sensitivity_method": sensitivity_method,
-        "graph": bus_graph(pf) if graph is None else graph,
+        "graph": bus_graph(pf.grid.net, pf.model.buses) if graph is None else graph,
         "weights": bus_weights(pf, weight_policy, flexible_capacity_mw),
         "reference_rule": reference_rule,
     }
