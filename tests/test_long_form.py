@@ -80,3 +80,21 @@ def test_a_bad_long_form_row_is_named(two_hours, row, message):
     path.write_text(LONG + row + "\n")
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_resources(path, pf)
+
+
+def test_offers_all_outside_the_horizon_are_a_warning_not_silence(two_hours, caplog):
+    """Every offer row on another day (a wrong year is easy to type): the file is read, no
+    resource offers anything, and a warning says why every market clears nothing."""
+    folder, pf = two_hours
+    other_day = LONG.replace("2016-01-14", "2020-01-14").replace("2016-01-15", "2020-01-15")
+    path = folder / "other_day.csv"
+    path.write_text(other_day)
+    with caplog.at_level("WARNING"):
+        res = read_resources(path, pf)
+    assert "each of its 5 offer row(s) is outside the horizon 2016-01-14 17:00:00" in caplog.text
+    assert res.up_mw.to_numpy().sum() == 0.0
+    caplog.clear()
+    path.write_text(LONG)  # one row outside: skipped without a warning
+    with caplog.at_level("WARNING"):
+        read_resources(path, pf)
+    assert "outside the horizon" not in caplog.text

@@ -410,7 +410,17 @@ def _read_long_form(path: Path, raw: pd.DataFrame, pf: HorizonPowerFlow) -> Reso
         price[t] = number(
             row_no, rid, "price_eur_per_mwh", rec["price_eur_per_mwh"], 0, MAX_PRICE_EUR_PER_MWH
         )
-    if skipped:
+    if skipped and not offers:  # a wrong date is easy to make: say what it leaves
+        times = position.index
+        log.warning(
+            "%s: each of its %d offer row(s) is outside the horizon %s .. %s: "
+            "every market clears nothing",
+            path,
+            skipped,
+            times[0],
+            times[-1],
+        )
+    elif skipped:
         log.info("%s: %d offer row(s) outside the horizon skipped", path, skipped)
     rows, up, down, prices = [], {}, {}, {"up": {}, "down": {}}
     for rid, (aggregator, bus, kind, tan_phi) in attributes.items():
