@@ -723,7 +723,10 @@ class TenderParameters:
         0.0, "skewness of the load (skew-normal need; 0: normal)", gt=-0.99, lt=0.99
     )
     kurtosis: float = _tender_field(
-        3.0, "kurtosis of the load (Student t need; 3: normal)", ge=1, le=MAX_KURTOSIS
+        3.0,
+        "kurtosis of the load (Student t need, heavier-tailed; 3: normal, the least)",
+        ge=3,
+        le=MAX_KURTOSIS,
     )
     capacity_mw: float = _tender_field(4.0, "grid capacity C", ge=0, le=MAX_POWER_MW)
     voll_eur_per_mwh: float = _tender_field(
@@ -750,8 +753,6 @@ class TenderParameters:
 
     @model_validator(mode="after")
     def _consistent(self) -> TenderParameters:
-        if self.kurtosis < 1 + self.skewness**2:
-            raise _rule("kurtosis", "must be >= 1 + skewness^2", self.kurtosis)
         if self.skewness != 0 and self.kurtosis != 3:
             raise _rule(
                 "kurtosis",

@@ -275,6 +275,7 @@ def test_cli_refuses_a_bad_number_in_one_line(capsys, tmp_path, monkeypatch):
         ({"utilisation": "0"}, "'utilisation' must be in (0, 1]"),
         ({"skewness": "0.995"}, "'skewness' must be in (-0.99, 0.99)"),
         ({"skewness": "0.5", "kurtosis": "4"}, "set either 'skewness'"),
+        ({"kurtosis": "2"}, "'kurtosis' must be >= 3"),  # a Student t: never flatter
         ({"truncation": "cut"}, "'truncation' must be one of resample, clip"),
         ({"w_on_voll": "maybe"}, "'w_on_voll' must be of type bool"),
         ({"points_per_offer": "3.5"}, "'points_per_offer' must be of type int"),
