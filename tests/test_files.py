@@ -63,6 +63,7 @@ def workdir(tmp_path, monkeypatch):
         (["run", "sc.toml", "--out", "notes.txt/res", "--overwrite"], "notes.txt is a file"),
         (["run", "sc.toml", "--out", "/proc/lfm-out"], "under /proc, a system folder"),
         (["zones", "--out", "/sys/lfm-out"], "under /sys, a system folder"),
+        (["zones", "--out", "/etc/lfm-out"], "under /etc, a system folder"),
         (["powerflow", "--out", "sub"], "is a folder; give a file name"),
         (["powerflow", "--out", "missing/pf.csv"], "folder"),
         (["powerflow", "--n-mtu", "1", "--out", "notes.txt"], "exists (use --overwrite to"),

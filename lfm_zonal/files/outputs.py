@@ -4,7 +4,7 @@ when complete, and plain table writers.
 Rules (every refusal is an :class:`~lfm_zonal.errors.InputError` of one line):
 
 * ``--out`` is never empty, the working directory or a folder above it, a system folder
-  (``/proc``, ``/sys``), a path under a file, or a folder that cannot be written;
+  (``/etc``, ``/usr``, ``/proc``, ... ``SYSTEM_FOLDERS``), a path under a file, or a folder that cannot be written;
 * an existing non-empty folder is replaced only with ``overwrite`` and only if lfm-zonal
   wrote it (the marker file :data:`MARKER` inside), and never if it holds an input of the
   run; an existing file is replaced only with ``overwrite``, and never an input;
@@ -53,7 +53,12 @@ MARKER_TEXT = (
     "This folder was written by lfm-zonal. `--overwrite` may replace it as a whole;\n"
     "do not keep your own files in it.\n"
 )
-SYSTEM_FOLDERS = ("/proc", "/sys")
+#: The operating system's own folders (the Filesystem Hierarchy Standard's): never a results
+#: folder, even for a user allowed to write there (root).
+SYSTEM_FOLDERS = (
+    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/run", "/sbin",
+    "/sys", "/usr",
+)  # fmt: skip
 
 _HELD: dict[Path, int] = {}  # output paths locked by this process -> nesting depth
 _COMPLETED: set[Path] = set()  # output paths completed by this process
