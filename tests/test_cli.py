@@ -32,6 +32,10 @@ def run_cli(capsys, *argv):
         (["powerflow", "--grid", "1-MV-rural--0-sw", "--mtu-minutes", "20"], "multiple of 15"),
         (["powerflow", "--n-mtu", "0"], "'horizon.n_mtu' must be > 0"),
         (["powerflow", "--profiles", "nope.csv"], "profile file not found: nope.csv"),
+        # a folder where a file is asked for is named as such, not as missing
+        (["powerflow", "--grid", "."], "grid file . is a folder, not a file"),
+        (["powerflow", "--profiles", "."], "profile file . is a folder, not a file"),
+        (["clear", "--market", "nodal", "--resources", "."], "resource file . is a folder"),
         (["run", "no_such_scenario.toml"], "scenario not found: no_such_scenario.toml"),
         (["sensitivities", "--n-mtu", "4", "--mtu", "9"], "MTU 9 is outside the horizon"),
         (["zones", "--k", "1", "--k", "1"], "--k 1 is given twice"),

@@ -40,12 +40,7 @@ def read_input_text(path: str | os.PathLike, what: str, *, max_bytes: int = MAX_
     if str(path) == "":
         raise InputError(f"{what}: empty file name")
     try:
-        if p.is_dir():
-            raise InputError(f"{what} {p} is a folder, not a file")
-        if not p.exists():
-            raise InputError(f"{what} not found: {p}")
-        if not p.is_file():
-            raise InputError(f"{what} {p} is not a regular file")
+        require_file(p, what)
         size = p.stat().st_size
         if size > max_bytes:
             raise InputError(
@@ -57,6 +52,17 @@ def read_input_text(path: str | os.PathLike, what: str, *, max_bytes: int = MAX_
         raise InputError(f"cannot read {what} {p}: {exc.strerror or exc}") from None
     remember_input(p)
     return decode_input(data, p, what)
+
+
+def require_file(path: Path, what: str) -> None:
+    """``path`` is an existing regular file, or one InputError line naming the ``what`` and
+    saying what it is instead (missing, a folder, a device or pipe)."""
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder, not a file")
+    if not path.exists():
+        raise InputError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise InputError(f"{what} {path} is not a regular file")
 
 
 def parse_toml(text: str, origin: str) -> dict:
@@ -97,8 +103,7 @@ def read_csv_cells(path: Path, what: str):
     line makes is dropped."""
     import pandas as pd
 
-    if not path.is_file():
-        raise InputError(f"{what} not found: {path}")
+    require_file(path, what)
     try:
         # index_col=False: a trailing comma on the data rows is not an index column.
         table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)

@@ -28,6 +28,7 @@ import pandas as pd
 
 from lfm_zonal.config import DEFAULTS
 from lfm_zonal.errors import GridError, InputError
+from lfm_zonal.files.inputs import require_file
 
 log = logging.getLogger(__name__)
 
@@ -417,8 +418,7 @@ def load_grid(
 
 
 def _read_json(path: Path) -> pp.pandapowerNet:
-    if not path.is_file():
-        raise InputError(f"grid file not found: {path}")
+    require_file(path, "grid file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -67,6 +67,8 @@ def golden_file(folder: Path, name: str) -> Path:
 
 def read_golden(folder: Path, name: str) -> dict[str, float]:
     path = golden_file(folder, name)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file, not a folder of golden files (give --dir a folder)")
     if not folder.is_dir():  # a golden file is the repository's, not one made here
         raise InputError(
             f"{folder}: no such folder of golden files (they are the repository's "
