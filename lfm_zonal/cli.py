@@ -326,10 +326,11 @@ def cmd_zones(args: argparse.Namespace) -> None:
 
     scenario = scenario_from_args(args)
     base = prepare_base_case(scenario, progress=not args.quiet)
-    # Capacity weights are the scenario's resources' flexible capacity, as in its main job.
-    resources = prepare_resources(base) if scenario["zones"]["weights"] == "capacity" else None
-    # The worst MTU's search and the segmentation linearise the same point: once.
-    seg = prepare_segmentation_of(base, resources, cache=LinearisationCache(base.powerflow.model))
+    # The worst MTU's search and the segmentation linearise the same point: once. The
+    # weights are the main job's (capacity: the scenario's resources' flexible capacity).
+    seg = prepare_segmentation_of(
+        base, prepare_resources(base), cache=LinearisationCache(base.powerflow.model)
+    )
     z = scenario["zones"]
     zone_sets = []
     with result_folder(args.out, overwrite=args.overwrite) as folder:

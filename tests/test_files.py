@@ -96,6 +96,20 @@ def test_bad_output_paths_get_one_line_and_lose_nothing(capsys, workdir, argv, e
     assert time.perf_counter() - started < 10  # before the computation, or after a short one
 
 
+@pytest.mark.parametrize(
+    "out", ["/usr/local/lfm-out", "/usr/src/app/results", "/run/user/1000/r", "/dev/shm/r"]
+)
+def test_places_users_write_to_are_not_system_folders(out):
+    """Mounted disks, a user's runtime folder, a container's working folder: usable as
+    --out wherever the user may write there (only whether they may is checked)."""
+    from lfm_zonal.files.outputs import check_output_path
+
+    try:
+        check_output_path(out)
+    except InputError as exc:
+        assert "system folder" not in str(exc)
+
+
 def test_read_only_parent_gets_one_line(capsys, workdir, monkeypatch):
     locked = workdir / "locked"
     locked.mkdir()

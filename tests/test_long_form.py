@@ -91,7 +91,9 @@ def test_offers_all_outside_the_horizon_are_a_warning_not_silence(two_hours, cap
     path.write_text(other_day)
     with caplog.at_level("WARNING"):
         res = read_resources(path, pf)
-    assert "each of its 5 offer row(s) is outside the horizon 2016-01-14 17:00:00" in caplog.text
+    assert (
+        "none of its 5 offer row(s) is at an MTU of the horizon 2016-01-14 17:00:00" in caplog.text
+    )
     assert res.up_mw.to_numpy().sum() == 0.0
     caplog.clear()
     path.write_text(LONG)  # one row outside: skipped without a warning

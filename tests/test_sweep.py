@@ -70,17 +70,35 @@ def test_dask_workers_give_the_same_table_as_one_process(short_scenario, tmp_pat
     assert set(pd.unique(parallel.seed)) == {0, 1}
 
 
-def test_what_a_case_would_refuse_is_refused_before_any_case_runs(short_scenario, tmp_path):
-    """A day beyond the profile data or a zone count beyond the grid: one error naming it,
+def test_what_a_case_would_refuse_is_refused_before_any_case_runs(
+    short_scenario, tmp_path, monkeypatch
+):
+    """A day the profile data do not cover (beyond SimBench's year, or missing from a
+    profiles CSV between two it has) or a zone count beyond the grid: one error naming it,
     before any case runs, and no folder (the cases before it ran and stayed, half a sweep,
     and the Dask worker that met it printed its traceback)."""
+    from lfm_zonal.study import sweep
+
+    def no_case(*args, **kwargs):
+        raise AssertionError("a case ran")
+
+    monkeypatch.setattr(sweep, "run_case", no_case)
     lv = load_scenario("simbench_lv_pv_noon")
-    days = ["2016-12-31", "2017-01-01"]
     with pytest.raises(InputError, match="sweep day 2017-01-01: horizon .* outside the SimBench"):
-        run_sweep(lv, days, [2], [0], tmp_path / "days", workers=2)
+        run_sweep(lv, ["2016-12-31", "2017-01-01"], [2], [0], tmp_path / "a", workers=0)
+    csv = tmp_path / "profiles.csv"
+    covered = ["2016-01-13", "2016-01-15"]  # and not the day between
+    times = [f"{day} {17 + q // 4}:{15 * (q % 4):02d}" for day in covered for q in range(8)]
+    csv.write_text("time,load_1_p_mw\n" + "".join(f"{t},1.0\n" for t in times))
+    values = {section: dict(keys) for section, keys in short_scenario.values.items()}
+    values["profiles"] |= {"csv": str(csv)}
+    with_csv = Scenario(short_scenario.path, validate_values(values, short_scenario.path))
+    days = ["2016-01-15", "2016-01-14", "2016-01-13"]
+    with pytest.raises(InputError, match="sweep day 2016-01-14: .*profiles.csv: horizon 2016-01"):
+        run_sweep(with_csv, days, [2], [0], tmp_path / "b", workers=0)
     with pytest.raises(InputError, match="'zones.k' = 99 is out of range: the grid has 15"):
-        run_sweep(short_scenario, DAYS, [2, 99], [0], tmp_path / "k", workers=2)
-    assert list(tmp_path.iterdir()) == []
+        run_sweep(short_scenario, DAYS, [2, 99], [0], tmp_path / "c", workers=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profiles.csv"]
 
 
 def test_a_folder_of_another_sweep_is_refused(short_scenario, tmp_path):

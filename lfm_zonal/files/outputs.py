@@ -4,7 +4,8 @@ when complete, and plain table writers.
 Rules (every refusal is an :class:`~lfm_zonal.errors.InputError` of one line):
 
 * ``--out`` is never empty, the working directory or a folder above it, a system folder
-  (``/etc``, ``/usr``, ``/proc``, ... ``SYSTEM_FOLDERS``), a path under a file, or a folder that cannot be written;
+  (``/etc``, ``/usr/lib``, ``/proc``, ... ``SYSTEM_FOLDERS``), a path under a file, or a
+  folder that cannot be written;
 * an existing non-empty folder is replaced only with ``overwrite`` and only if lfm-zonal
   wrote it (the marker file :data:`MARKER` inside), and never if it holds an input of the
   run; an existing file is replaced only with ``overwrite``, and never an input;
@@ -53,11 +54,14 @@ MARKER_TEXT = (
     "This folder was written by lfm-zonal. `--overwrite` may replace it as a whole;\n"
     "do not keep your own files in it.\n"
 )
-#: The operating system's own folders (the Filesystem Hierarchy Standard's): never a results
-#: folder, even for a user allowed to write there (root).
+#: The operating system's own folders: never a results folder, even for a user allowed to
+#: write there (root). Not /run, /usr or /dev as a whole: /run/media and /run/user (mounted
+#: disks, a user's runtime folder), /usr/local and /usr/src (a container's usual working
+#: folder) and /dev/shm are places users write to.
 SYSTEM_FOLDERS = (
-    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/run", "/sbin",
-    "/sys", "/usr",
+    "/bin", "/boot", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys",
+    "/usr/bin", "/usr/include", "/usr/lib", "/usr/lib64", "/usr/libexec", "/usr/sbin",
+    "/usr/share", "/private/etc", "/System",
 )  # fmt: skip
 
 _HELD: dict[Path, int] = {}  # output paths locked by this process -> nesting depth

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -290,15 +291,24 @@ _CSV_COLUMN = re.compile(r"^(load|sgen)_(\d+)_(p_mw|q_mvar)$")
 #: Largest |MW| or |Mvar| a profile value may hold per element (beyond: a unit mistake).
 
 
-def _from_csv(grid: Grid, horizon: Horizon, path: Path) -> Profiles:
-    """Profiles from a CSV file; every malformed cell is refused naming its row and column
-    (row 1 is the header). Elements without a column keep their stored power; an element
-    with a P column but no Q column gets Q at its stored power factor (q = p x q/p as
-    stored; Q as stored where the stored P is 0), said in a warning."""
+def horizon_check(grid: Grid, csv: str | Path | None = None) -> Callable[[Horizon], None]:
+    """A check of horizons against the profile data ``load_profiles(grid, horizon, csv=csv)``
+    reads (a CSV read once): it raises load_profiles's one-line InputError for a horizon
+    the data does not cover, without reading the values."""
+    if csv is not None:
+        path = Path(csv)
+        table = _csv_table(path)
+        return lambda horizon: _csv_rows(path, table, horizon)
+    if grid.profile_source == "simbench":
+        return _simbench_rows
+    return lambda horizon: None  # synthetic profiles cover any horizon
+
+
+def _csv_table(path: Path) -> pd.DataFrame:
+    """A profiles CSV as text cells, indexed by its times where it has a time column."""
     table = read_csv_cells(path, "profile file")
     if len(table) == 0:
         raise InputError(f"{path}: no data row")
-    times = horizon.times
     if "time" in table.columns:
         table.index = _csv_times(path, table.pop("time"))
         dup = table.index.duplicated(keep=False)
@@ -308,17 +318,34 @@ def _from_csv(grid: Grid, horizon: Horizon, path: Path) -> Profiles:
                 f"{path}, rows {rows[0]} and {rows[1]}, column 'time': "
                 f"{table.index[rows[0] - 2]} appears twice"
             )
+    return table
+
+
+def _csv_rows(path: Path, table: pd.DataFrame, horizon: Horizon) -> np.ndarray:
+    """The rows of a profiles CSV (``_csv_table``) for each MTU of ``horizon``: by time, or
+    the first rows of a table without a time column."""
+    times = horizon.times
+    if isinstance(table.index, pd.DatetimeIndex):
         missing = times.difference(table.index)
         if len(missing):
             raise InputError(
                 f"{path}: horizon {times[0]} .. {times[-1]} is outside the profile range "
                 f"{table.index.min()} .. {table.index.max()} (first missing MTU {missing[0]})"
             )
-        rows = table.index.get_indexer(times)
-    else:
-        if len(table) < horizon.n_mtu:
-            raise InputError(f"{path}: {len(table)} rows, but the horizon has {horizon.n_mtu} MTUs")
-        rows = np.arange(horizon.n_mtu)
+        return table.index.get_indexer(times)
+    if len(table) < horizon.n_mtu:
+        raise InputError(f"{path}: {len(table)} rows, but the horizon has {horizon.n_mtu} MTUs")
+    return np.arange(horizon.n_mtu)
+
+
+def _from_csv(grid: Grid, horizon: Horizon, path: Path) -> Profiles:
+    """Profiles from a CSV file; every malformed cell is refused naming its row and column
+    (row 1 is the header). Elements without a column keep their stored power; an element
+    with a P column but no Q column gets Q at its stored power factor (q = p x q/p as
+    stored; Q as stored where the stored P is 0), said in a warning."""
+    table = _csv_table(path)
+    rows = _csv_rows(path, table, horizon)
+    times = horizon.times
     net = grid.net
     given: dict[tuple[str, str], dict[int, np.ndarray]] = {
         (e, c): {} for e in ("load", "sgen") for c in ("p_mw", "q_mvar")

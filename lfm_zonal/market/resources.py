@@ -411,14 +411,14 @@ def _read_long_form(path: Path, raw: pd.DataFrame, pf: HorizonPowerFlow) -> Reso
             row_no, rid, "price_eur_per_mwh", rec["price_eur_per_mwh"], 0, MAX_PRICE_EUR_PER_MWH
         )
     if skipped and not offers:  # a wrong date is easy to make: say what it leaves
-        times = position.index
         log.warning(
-            "%s: each of its %d offer row(s) is outside the horizon %s .. %s: "
-            "every market clears nothing",
+            "%s: none of its %d offer row(s) is at an MTU of the horizon %s .. %s "
+            "(%g-minute MTUs): every market clears nothing",
             path,
             skipped,
             times[0],
             times[-1],
+            pf.profiles.horizon.mtu_minutes,
         )
     elif skipped:
         log.info("%s: %d offer row(s) outside the horizon skipped", path, skipped)

@@ -129,10 +129,10 @@ class ReferenceMtu:
     reason: str
 
 
-def load_inputs(scenario: Scenario) -> tuple[Grid, Profiles]:
-    """The scenario's grid and its profiles over the horizon, each refused with its one line
-    (a grid file, a horizon outside the profile data, a horizon too large for memory)."""
-    g, h, p = scenario["grid"], scenario["horizon"], scenario["profiles"]
+def load_scenario_grid(scenario: Scenario) -> Grid:
+    """The scenario's grid, refused in one line if its file is bad or its horizon's tables
+    would not fit in memory."""
+    g = scenario["grid"]
     source = g["source"]
     if source.lower().endswith(".json"):
         source = scenario.resolve_path(source)
@@ -143,21 +143,32 @@ def load_inputs(scenario: Scenario) -> tuple[Grid, Profiles]:
         loading_max_percent=g["loading_max_percent"],
     )
     _require_memory_for_horizon(scenario, grid)
-    horizon = Horizon(start=h["start"], n_mtu=h["n_mtu"], mtu_minutes=h["mtu_minutes"])
-    profiles = load_profiles(
-        grid,
-        horizon,
-        csv=scenario.resolve_path(p["csv"]) if p["csv"] else None,
-        load_scale=p["load_scale"],
-        sgen_scale=p["sgen_scale"],
-    )
-    return grid, profiles
+    return grid
+
+
+def scenario_horizon(scenario: Scenario) -> Horizon:
+    h = scenario["horizon"]
+    return Horizon(start=h["start"], n_mtu=h["n_mtu"], mtu_minutes=h["mtu_minutes"])
+
+
+def profiles_csv(scenario: Scenario):
+    """The scenario's profiles CSV (resolved), or None: the grid's own profiles."""
+    csv = scenario["profiles"]["csv"]
+    return scenario.resolve_path(csv) if csv else None
 
 
 def prepare_base_case(scenario: Scenario, progress: bool = False) -> BaseCase:
     """Grid, profiles and the AC power flow of every MTU of the horizon (``progress``: a
     progress bar on a terminal); says so in a stage line."""
-    grid, profiles = load_inputs(scenario)
+    grid = load_scenario_grid(scenario)
+    p = scenario["profiles"]
+    profiles = load_profiles(
+        grid,
+        scenario_horizon(scenario),
+        csv=profiles_csv(scenario),
+        load_scale=p["load_scale"],
+        sgen_scale=p["sgen_scale"],
+    )
     pf = run_horizon(grid, profiles, progress=progress)
     stage(
         f"base case: {len(pf.times)} MTUs on grid {grid.name} ({len(pf.model.buses)} buses), "
@@ -236,26 +247,26 @@ def plan_zones(base: BaseCase, cache: LinearisationCache | None = None) -> ZoneP
     ref = base.zones_reference(z["reference_mtu"], cache)
     require_converged_reference(pf, ref.position)
     graph = bus_graph(pf.grid.net, pf.model.buses)
-    check_zone_counts(base.scenario, base.grid.name, pf.model.buses, graph)
+    check_zone_counts(z["k"], base.scenario.where("zones.k"), base.grid.name, pf.model.buses, graph)
     return ZonePlan(ref, graph)
 
 
-def check_zone_counts(scenario: Scenario, grid_name: str, buses: pd.Index, graph) -> None:
-    """The scenario's zone counts against the grid as switched: at least its number of
-    separate parts, at most its energised ``buses`` (``graph``: ``bus_graph``)."""
+def check_zone_counts(ks, where: str, grid_name: str, buses: pd.Index, graph) -> None:
+    """Zone counts ``ks`` (set by ``where``: ``Scenario.where("zones.k")``) against the grid
+    as switched: at least its number of separate parts, at most its energised ``buses``
+    (``graph``: ``bus_graph``)."""
     parts = grid_parts(buses, graph)
     n_parts, n_buses = int(parts.max(initial=-1)) + 1, len(buses)
-    ks = scenario["zones"]["k"]
     too_few = [k for k in ks if k < n_parts]
     if too_few:
         raise InputError(
-            f"{scenario.where('zones.k')}: 'zones.k' = {too_few[0]} is below the {n_parts} "
+            f"{where}: 'zones.k' = {too_few[0]} is below the {n_parts} "
             f"separate parts of grid {grid_name}: choose K >= {n_parts}"
         )
     too_many = [k for k in ks if k > n_buses]
     if too_many:
         raise InputError(
-            f"{scenario.where('zones.k')}: 'zones.k' = {too_many[0]} is out of range: the grid "
+            f"{where}: 'zones.k' = {too_many[0]} is out of range: the grid "
             f"has {n_buses} energised buses, so 1 <= K <= {n_buses}"
         )
 

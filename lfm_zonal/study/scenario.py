@@ -111,7 +111,7 @@ def load_scenario(spec: str | Path | None = None) -> Scenario:
     if not spec.endswith(".toml") and spec in builtin_scenarios():
         return parse_scenario(shipped_toml_text(spec), f"builtin:{spec}")
     path = Path(spec)
-    if not path.is_file():
+    if not path.exists():  # a folder or a device: read_input_text says which
         known = ", ".join(builtin_scenarios())
         raise InputError(f"scenario not found: {spec} (not a file; built-in scenarios: {known})")
     return parse_scenario(read_input_text(path, "scenario TOML"), str(path))

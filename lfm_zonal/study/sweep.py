@@ -139,7 +139,6 @@ def run_sweep(
     for d in days:
         for s in seeds:
             case_scenario(scenario, d, s, ks, methods)
-    check_cases(scenario, days, ks, seeds, methods)
     out = Path(out)
     manifest = {"scenario": scenario.values, "methods": methods}
     # A sweep resumes its own folder (its manifest, written before anything else) and never
@@ -148,6 +147,7 @@ def run_sweep(
     hint = f"no {MANIFEST} in it: choose another --out"
     with claim_output(out, overwrite=resumed, markers=(MARKER, MANIFEST), not_empty=hint):
         _check_manifest(out / MANIFEST, manifest, write=False)
+        check_cases(scenario, days, ks, seeds, methods)  # --out first: it costs nothing
         fresh = not out.exists()
         written = set(_case_files(out))
         try:
@@ -166,21 +166,30 @@ def run_sweep(
 
 
 def check_cases(scenario: Scenario, days: list[str], ks, seeds, methods) -> None:
-    """What every case would refuse, found before any case runs or anything is written: the
-    first and the last day's horizons within the profile data (the days between lie within
-    them), and the zone counts against the grid as switched (the same grid every day)."""
+    """What every case would refuse in its inputs, found before any case runs: the grid
+    (loaded once), every day's horizon against the profile data (not read, only their
+    times) and the zone counts against the grid as switched. What only a case's own data
+    show (its resources, its reference MTU's power flow) is still found by the case."""
     from lfm_zonal.grid.powerflow import build_network_model
-    from lfm_zonal.study.job import check_zone_counts, load_inputs
+    from lfm_zonal.grid.profiles import horizon_check
+    from lfm_zonal.study.job import (
+        check_zone_counts,
+        load_scenario_grid,
+        profiles_csv,
+        scenario_horizon,
+    )
     from lfm_zonal.zones.segmentation import bus_graph
 
-    for day in sorted({min(days), max(days)}):
-        case = case_scenario(scenario, day, seeds[0], ks, methods)
+    cases = {day: case_scenario(scenario, day, seeds[0], ks, methods) for day in days}
+    grid = load_scenario_grid(cases[days[0]])
+    covered = horizon_check(grid, profiles_csv(scenario))
+    for day, case in cases.items():
         try:
-            grid, _ = load_inputs(case)
+            covered(scenario_horizon(case))
         except InputError as exc:
             raise InputError(f"sweep day {day}: {exc}") from None
     buses = build_network_model(grid).buses
-    check_zone_counts(case, grid.name, buses, bus_graph(grid.net, buses))
+    check_zone_counts(ks, scenario.where("zones.k"), grid.name, buses, bus_graph(grid.net, buses))
 
 
 def _case_files(out: Path) -> list[Path]:

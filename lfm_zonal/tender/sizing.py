@@ -85,7 +85,7 @@ def load_parameters(
             text = shipped_toml_text(spec, PARAMETER_SETS_FOLDER)
         else:
             path = Path(spec)
-            if not path.is_file():
+            if not path.exists():  # a folder or a device: read_input_text says which
                 known = ", ".join(parameter_sets())
                 raise InputError(f"tender parameters not found: {spec} (built-in sets: {known})")
             origin, text = str(path), read_input_text(path, "tender parameters TOML")
