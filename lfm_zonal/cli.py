@@ -38,6 +38,7 @@ from pathlib import Path  # noqa: E402
 
 from lfm_zonal import __version__  # noqa: E402
 from lfm_zonal.config import (  # noqa: E402
+    DEFAULTS,
     MARKET_METHODS,
     PRICING,
     SEGMENTATION_METHODS,
@@ -108,11 +109,23 @@ def _add_out_folder(p: argparse.ArgumentParser, default: str, what: str = "outpu
 
 def _add_zone_options(p: argparse.ArgumentParser) -> None:
     """How a market's zones are made: their numbers, the segmentation and the weights."""
+    z = DEFAULTS["zones"]
     p.add_argument(
-        "--k", action=_WholeNumbers, help="zone counts: 1,2,4 or a range 1:8 (repeatable)"
+        "--k",
+        action=_WholeNumbers,
+        help="zone counts: 1,2,4 or a range 1:8 (repeatable; default: the --scenario's "
+        f"zones.k; zones without --scenario: {','.join(map(str, z['k']))})",
     )
-    p.add_argument("--segmentation", choices=SEGMENTATION_METHODS, help="segmentation method")
-    p.add_argument("--weights", choices=WEIGHT_POLICIES, help="virtual-bus weight policy")
+    p.add_argument(
+        "--segmentation",
+        choices=SEGMENTATION_METHODS,
+        help=f"segmentation method (default: the scenario's, {z['method']} without one)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=WEIGHT_POLICIES,
+        help=f"virtual-bus weight policy (default: the scenario's, {z['weights']} without one)",
+    )
 
 
 def _case_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -712,7 +725,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _case_parser(
         sub, "sensitivities", "write nodal sensitivity matrices of chosen MTUs (CSV or npz)"
     )
-    p.add_argument("--method", choices=SENSITIVITY_METHODS, help="sensitivity method")
+    p.add_argument(
+        "--method",
+        choices=SENSITIVITY_METHODS,
+        help=f"sensitivity method (default: the scenario's, {DEFAULTS['sensitivity']['method']} "
+        "without one)",
+    )
     p.add_argument(
         "--mtu",
         action="append",
@@ -742,7 +760,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _case_parser(
         sub, "zones", "segment the grid into K connected zones; zonal indices, errors, maps"
     )
-    p.add_argument("--method", choices=SENSITIVITY_METHODS, help="sensitivity method")
+    p.add_argument(
+        "--method",
+        choices=SENSITIVITY_METHODS,
+        help=f"sensitivity method (default: the scenario's, {DEFAULTS['sensitivity']['method']} "
+        "without one)",
+    )
     _add_zone_options(p)
     p.add_argument(
         "--reference-mtu",
@@ -765,7 +788,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="CSV file of flexibility resources, relative to the working directory "
         "(default: generated)",
     )
-    p.add_argument("--pricing", choices=PRICING, help="pay_as_bid (default) or pay_as_clear")
+    p.add_argument(
+        "--pricing",
+        choices=PRICING,
+        help=f"default: the scenario's, {DEFAULTS['market']['pricing']} without one",
+    )
     _add_out_folder(p, "clearing")
     p.set_defaults(func=cmd_clear)
 

@@ -267,7 +267,7 @@ def check_zone_counts(ks, where: str, grid_name: str, buses: pd.Index, graph) ->
     if too_many:
         raise InputError(
             f"{where}: 'zones.k' = {too_many[0]} is out of range: the grid "
-            f"has {n_buses} energised buses, so 1 <= K <= {n_buses}"
+            f"has {n_buses} energised buses, so {max(n_parts, 1)} <= K <= {n_buses}"
         )
 
 
