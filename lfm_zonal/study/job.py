@@ -147,11 +147,12 @@ def load_scenario_grid(scenario: Scenario) -> Grid:
 
 
 def scenario_horizon(scenario: Scenario) -> Horizon:
+    """The scenario's horizon: its first MTU's start, number of MTUs and their length."""
     h = scenario["horizon"]
     return Horizon(start=h["start"], n_mtu=h["n_mtu"], mtu_minutes=h["mtu_minutes"])
 
 
-def profiles_csv(scenario: Scenario):
+def profiles_csv(scenario: Scenario) -> str | None:
     """The scenario's profiles CSV (resolved), or None: the grid's own profiles."""
     csv = scenario["profiles"]["csv"]
     return scenario.resolve_path(csv) if csv else None
