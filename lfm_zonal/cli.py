@@ -570,9 +570,9 @@ def _tender_grid(args: argparse.Namespace, params, seeds: range) -> None:
         f"{congestion.loading_percent:.1f}% +/- {congestion.loading_sd_percent:.1f} "
         f"({congestion.time}), {len(congestion.nodes)} buses with {congestion.direction} flexibility"
     )
-    print(
-        summary[["k", "tenders", "c_aggr_percent", "q_procured_mw"]].round(3).to_string(index=False)
-    )
+    table = summary[["k", "tenders", "c_aggr_percent", "q_procured_mw"]].round(3)
+    # The mean number of tenders over the seeds: a whole number printed as one.
+    print(table.assign(tenders=table.tenders.map("{:g}".format)).to_string(index=False))
     print(f"wrote zonal_tenders.csv, zonal_tender_needs.csv and zonal_tenders.png to {args.out}/")
 
 
