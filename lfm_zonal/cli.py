@@ -473,11 +473,16 @@ def _numbers(text: str, kind: type, flag: str) -> tuple:
             f"{flag} '{text}': give a comma list (0,2,5) or a range first:last[:step]"
             + (" of whole numbers" if kind is int else "")
         ) from None
-    seen: set = set()
-    repeated = next((v for v in values if v in seen or seen.add(v)), None)
+    repeated = _first_repeat(values)
     if repeated is not None:
         raise InputError(f"{flag} '{text}': {repeated} is given twice")
     return tuple(values)
+
+
+def _first_repeat(values):
+    """The first value seen before in ``values`` (a set: linear in their number), or None."""
+    seen: set = set()
+    return next((v for v in values if v in seen or seen.add(v)), None)
 
 
 class _WholeNumbers(argparse.Action):
@@ -489,9 +494,8 @@ class _WholeNumbers(argparse.Action):
         before = getattr(namespace, self.dest) or ()
         if not values.strip(" ,"):
             raise InputError(f"{option_string} '{values}' is empty")
-        added = _numbers(values, int, option_string)
-        given = set(before)
-        repeated = next((v for v in added if v in given), None)
+        added = _numbers(values, int, option_string)  # each value once within this flag
+        repeated = _first_repeat(before + added)  # and across its repeats
         if repeated is not None:
             raise InputError(f"{option_string} {repeated} is given twice")
         setattr(namespace, self.dest, before + added)
@@ -543,17 +547,20 @@ def cmd_tender(args: argparse.Namespace) -> None:
 def _tender_grid(args: argparse.Namespace, params, seeds: range) -> None:
     """One tender per zone of a scenario's feeder, for every K."""
     from lfm_zonal.files.outputs import result_folder
-    from lfm_zonal.study.job import prepare_base_case, prepare_resources, prepare_segmentation_of
+    from lfm_zonal.study.job import (
+        check_zone_counts,
+        prepare_base_case,
+        prepare_resources,
+        prepare_segmentation_of,
+    )
     from lfm_zonal.tender.congestion import write_zonal_tenders, zonal_tender_study
 
     scenario = load_scenario(args.scenario)
     base = prepare_base_case(scenario, progress=True)
     resources = prepare_resources(base)
     seg = prepare_segmentation_of(base, resources)
-    ks = args.k if args.k is not None else tuple(range(1, seg.n_buses + 1))
-    bad = [k for k in ks if not 1 <= k <= seg.n_buses]
-    if bad:
-        raise InputError(f"--k {bad[0]} is out of range: 1 <= K <= {seg.n_buses}")
+    ks = args.k if args.k is not None else tuple(range(seg.n_parts, seg.n_buses + 1))
+    check_zone_counts(ks, "--k", base.grid.name, seg.pf.model.buses, seg.graph)
     table, congestion = zonal_tender_study(
         seg,
         resources,

@@ -37,6 +37,7 @@ def run_cli(capsys, *argv):
         (["powerflow", "--profiles", "."], "profile file . is a folder, not a file"),
         (["clear", "--market", "nodal", "--resources", "."], "resource file . is a folder"),
         (["run", "."], "scenario TOML . is a folder, not a file"),
+        (["tender", "grid", "--k", "99"], "--k: 'zones.k' = 99 is out of range: the grid has 15"),
         (["run", "no_such_scenario.toml"], "scenario not found: no_such_scenario.toml"),
         (["sensitivities", "--n-mtu", "4", "--mtu", "9"], "MTU 9 is outside the horizon"),
         (["zones", "--k", "1", "--k", "1"], "--k 1 is given twice"),

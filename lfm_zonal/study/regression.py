@@ -65,14 +65,14 @@ def golden_file(folder: Path, name: str) -> Path:
     return Path(folder) / f"{name}.json"
 
 
-def _not_a_file(folder: Path) -> None:
+def _require_folder(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file, not a folder of golden files (give --dir a folder)")
 
 
 def read_golden(folder: Path, name: str) -> dict[str, float]:
     path = golden_file(folder, name)
-    _not_a_file(folder)
+    _require_folder(folder)
     if not folder.is_dir():  # a golden file is the repository's, not one made here
         raise InputError(
             f"{folder}: no such folder of golden files (they are the repository's "
@@ -112,7 +112,7 @@ def check(folder: Path, names: list[str] | None = None) -> dict[str, list[str]]:
 
 def refresh(folder: Path, names: list[str] | None = None) -> list[Path]:
     """Rewrite the golden files from the current code (on purpose: review the diff)."""
-    _not_a_file(Path(folder))
+    _require_folder(Path(folder))
     return [
         write_golden(folder, name, nodal_kpis(load_scenario(name)))
         for name in scenario_names(names)
