@@ -226,15 +226,19 @@ def test_a_margin_round_keeps_the_mtus_it_does_not_clear():
     )
     np.testing.assert_allclose(again.slack_mw, previous.slack_mw, atol=1e-7)
     # Held bids price nothing (a fixed step takes any dual): the MTUs not flagged keep the
-    # previous prices, and every accepted step but the batteries' (whose value is in their
-    # stored energy too) is paid its offer or more.
+    # previous prices, and their duals value every accepted step but the batteries' (whose
+    # value is in their stored energy too) at its offer or more, before the pay-as-clear
+    # floor (clearing_prices) would.
     kept = ~only
     np.testing.assert_array_equal(again.marginal_price[kept], previous.marginal_price[kept])
     np.testing.assert_array_equal(again.marginal_price_q[kept], previous.marginal_price_q[kept])
-    price = clearing_module._bid_prices(steps, again, grid)
+    a = steps.zone.to_numpy()
+    value = np.where(steps.direction == "up", 1.0, -1.0) * (
+        again.marginal_price[t, a] + steps.tan_phi.to_numpy() * again.marginal_price_q[t, a]
+    )
     paid = (again.accepted_mw > 1e-9) & (steps.resource_id == "").to_numpy()
     assert paid[np.isin(t, LINKED)].any()
-    assert np.all(price[paid] >= steps.price_eur_per_mwh.to_numpy()[paid] - 1e-6)
+    assert np.all(value[paid] >= steps.price_eur_per_mwh.to_numpy()[paid] - 1e-6)
 
 
 def test_the_nodal_market_expects_what_it_leaves():
@@ -272,21 +276,35 @@ def test_a_margin_round_dispatches_again_only_the_mtus_whose_acceptances_moved()
     assert len(before[1]) > 0 and len(set(before[1].mtu)) == len(set(mtu)) - 1
 
 
-def test_pay_as_clear_pays_every_offer_at_least_its_price_after_margin_rounds():
+def test_pay_as_clear_pays_every_offer_between_its_price_and_the_dearest_offer(monkeypatch):
     """CIGRE MV's evening peak (16:00-19:00, the batteries among the offers: one LP block),
-    zonal K = 1: its margin rounds clear some MTUs again, the others' bids held. The prices
-    of the kept clearing are its LPs' marginal prices where they cleared the steps: every
-    accepted step but the batteries' is paid its offer or more (before: 112 of 151 below
-    it, pay-as-clear 489 EUR against 1398 EUR pay-as-bid)."""
+    zonal K = 1: its margin rounds clear some MTUs again, the others' bids held. Every
+    accepted step, the batteries' too, is paid its offer or more (before the margin rounds
+    kept their prices: 112 of 151 below it), and no more than the dearest offer of its MTU
+    and direction (before, the duals of rows left short paid up to the penalty of unmet
+    need: 31,844 EUR against 3,128 pay-as-bid at K = 4 over the day); the one zone's steps
+    of one power factor are paid one price in an MTU and direction."""
     text = (SCENARIOS / "cigre_mv_evening_peak.toml").read_text()
     text = text.replace("n_mtu = 96", "n_mtu = 12").replace("00:00", "16:00")
     text = text.replace("k = [1, 2, 4, 8]", "k = [1]").replace(
         '"nodal", "zonal", "needs_based"', '"zonal"'
     )
+    offers = []  # the steps each pricing saw, every offer of the market's MTUs
+    price = clearing_module.clearing_prices
+    monkeypatch.setattr(
+        clearing_module,
+        "clearing_prices",
+        lambda active, *args: offers.append(active) or price(active, *args),
+    )
     market = run_study(parse_scenario(text, "evening peak")).markets[0]
     assert market.kpis["margin_rounds"] >= 1
-    bids = market.bids
-    paid = bids[(bids.accepted_mw > 0) & (bids.resource_id == "")]
-    assert len(paid) > 100
-    assert (paid.clearing_price_eur_per_mwh >= paid.price_eur_per_mwh - 1e-6).all()
+    paid = market.bids  # the accepted steps
+    assert len(paid) > 100 and (paid.resource_id != "").any()
+    assert (paid.clearing_price_eur_per_mwh >= paid.price_eur_per_mwh - 1e-9).all()
+    dearest = offers[-1].groupby(["mtu", "direction"]).price_eur_per_mwh.max()
+    cap = dearest.reindex(pd.MultiIndex.from_frame(paid[["mtu", "direction"]])).to_numpy()
+    assert (paid.clearing_price_eur_per_mwh.to_numpy() <= cap + 1e-9).all()
+    assert (paid.clearing_price_eur_per_mwh.to_numpy() > paid.price_eur_per_mwh + 1).any()
+    one_price = paid.groupby(["mtu", "direction", "tan_phi"]).clearing_price_eur_per_mwh
+    assert (one_price.max() - one_price.min()).max() < 1e-9
     assert market.kpis["cost_pay_as_clear_eur"] >= market.kpis["cost_pay_as_bid_eur"]

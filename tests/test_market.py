@@ -234,6 +234,22 @@ def test_hand_computed_optimum(hand_case):
     assert set(bids.status) >= {"partial", "rejected"}
 
 
+def test_a_market_short_of_offers_pays_its_dearest_offer_not_the_penalty(tmp_path):
+    """The three-bus feeder with 0.2 MW at bus 2 (A, 50 EUR/MWh) where about 1 MW is
+    needed: A is taken whole and the rest is unmet need. The duals price line 1 at the
+    penalty of unmet need, bus 2's marginal value thousands of EUR/MWh, but the
+    pay-as-clear price is set by the offers: A's 50 EUR/MWh, the dearest offer of the
+    MTU."""
+    header = RESOURCES.splitlines()[0]
+    pf, res, _ = feeder_case(tmp_path, f"{header}\nA,agg1,2,load,up,0.2,50,0,,,\n")
+    result = clear_market(pf, res, "nodal", pricing="pay_as_clear")
+    assert result.kpis["unmet_mwh"] > 0.5
+    assert result.dispatch.set_index("resource_id").p_mw.to_dict() == pytest.approx({"A": 0.2})
+    accepted = result.bids[result.bids.accepted_mw > 0]
+    assert accepted.clearing_price_eur_per_mwh.to_numpy() == pytest.approx(50.0, abs=1e-9)
+    assert result.kpis["cost_pay_as_clear_eur"] == pytest.approx(0.2 * 50.0, abs=1e-9)
+
+
 # ----------------------------------------------------------------------------- real feeders
 
 

@@ -402,7 +402,7 @@ def _clear_in_model(
             require_optimal(solution, f"clearing with K = {k} and margins")
             solved = solution.stats
         status, accepted = solution.status, solution.accepted_mw
-        price = _bid_prices(active, solution, grid)
+        price = _bid_prices(active, accepted, solution, grid)
     dt = pf.profiles.horizon.mtu_hours
     dispatch = _dispatch(
         inputs.bids, active, accepted, None if last is None else (last.accepted, last.dispatch)
@@ -475,11 +475,51 @@ def _needs_with_margins(
     return needs.reset_index(drop=True), rows
 
 
-def _bid_prices(active: pd.DataFrame, sol: Solution, grid: LinearGrid) -> np.ndarray:
-    """Pay-as-clear price of each bid: the zonal marginal price of its direction and MTU."""
+def _bid_prices(
+    active: pd.DataFrame, accepted: np.ndarray, sol: Solution, grid: LinearGrid
+) -> np.ndarray:
+    """Pay-as-clear price of each bid: the marginal price of its area, MTU and direction
+    from the LP's duals, within the merit order (``clearing_prices``)."""
     t, z = _positions(active, grid)
     lam = sol.marginal_price[t, z] + active.tan_phi.to_numpy(float) * sol.marginal_price_q[t, z]
-    return np.where(active.direction.to_numpy() == "up", lam, -lam)
+    return clearing_prices(
+        active, accepted, np.where(active.direction.to_numpy() == "up", lam, -lam)
+    )
+
+
+def clearing_prices(
+    active: pd.DataFrame, accepted: np.ndarray, marginal: np.ndarray | None = None
+) -> np.ndarray:
+    """Pay-as-clear price of each step (EUR/MWh of its direction): the ``marginal`` price of
+    its area, MTU and direction (the LP's duals), kept between the offers it clears:
+
+    * at least the dearest step accepted in its area, MTU and direction: no accepted step
+      is paid below its offer (a battery's, which the duals price over its whole cycle,
+      neither), and a zone's steps of one power factor are paid one price;
+    * at most the dearest step offered in its MTU and direction in any area: a price above
+      every offer is not set by one but by the model, by the penalty of unmet need (also
+      through a battery's energy, from an MTU left short) or by the sequential LP's trust
+      region (a step limit of the algorithm): where the market is short, the price is
+      the dearest offer, as at a price cap.
+
+    Without ``marginal`` (the needs-based market: no duals) the floor, its zone's marginal
+    step. NaN where nothing of a step's area, MTU and direction was accepted."""
+    prices = active.price_eur_per_mwh.to_numpy(float)
+    frame = pd.DataFrame(
+        {
+            "mtu": active.mtu.to_numpy(),
+            "zone": active.zone.to_numpy(),
+            "direction": active.direction.to_numpy(),
+            "bought": np.where(accepted > ACCEPTED_MIN_MW, prices, np.nan),
+            "offered": prices,
+        }
+    )
+    floor = frame.groupby(["mtu", "zone", "direction"], sort=False).bought.transform("max")
+    if marginal is None:
+        return floor.to_numpy()
+    cap = frame.groupby(["mtu", "direction"], sort=False).offered.transform("max")
+    clipped = np.minimum(np.fmax(marginal, floor.to_numpy()), cap.to_numpy())
+    return np.where(np.isnan(floor.to_numpy()), np.nan, clipped)
 
 
 def _merit_order_to_needs(
@@ -504,11 +544,7 @@ def _merit_order_to_needs(
     quantity = np.where(price_of <= penalty_eur_per_mwh, frame.quantity_mw.to_numpy(float), 0.0)
     accepted, _ = merit_order_fill(quantity, group, order, target)
     accepted = np.where(target > 0, accepted, 0.0)
-    marginal = (
-        pd.Series(np.where(accepted > ACCEPTED_MIN_MW, price_of, np.nan)).groupby(group).max()
-    )
-    price = marginal.reindex(group).to_numpy()
-    return accepted, price
+    return accepted, clearing_prices(frame, accepted)
 
 
 def _bid_table(
