@@ -45,6 +45,7 @@ from lfm_zonal.zones.segmentation import (
     grid_parts,
     prepare_segmentation,
     require_converged_reference,
+    zone_count_problem,
 )
 
 log = logging.getLogger(__name__)
@@ -254,22 +255,13 @@ def plan_zones(base: BaseCase, cache: LinearisationCache | None = None) -> ZoneP
 
 def check_zone_counts(ks, where: str, grid_name: str, buses: pd.Index, graph) -> None:
     """Zone counts ``ks`` (set by ``where``: ``Scenario.where("zones.k")``) against the grid
-    as switched: at least its number of separate parts, at most its energised ``buses``
-    (``graph``: ``bus_graph``)."""
-    parts = grid_parts(buses, graph)
-    n_parts, n_buses = int(parts.max(initial=-1)) + 1, len(buses)
-    too_few = [k for k in ks if k < n_parts]
-    if too_few:
-        raise InputError(
-            f"{where}: 'zones.k' = {too_few[0]} is below the {n_parts} "
-            f"separate parts of grid {grid_name}: choose K >= {n_parts}"
-        )
-    too_many = [k for k in ks if k > n_buses]
-    if too_many:
-        raise InputError(
-            f"{where}: 'zones.k' = {too_many[0]} is out of range: the grid "
-            f"has {n_buses} energised buses, so {max(n_parts, 1)} <= K <= {n_buses}"
-        )
+    as switched (``zone_count_problem``; ``graph``: ``bus_graph`` of its energised
+    ``buses``): the first one out of range is named."""
+    n_parts = int(grid_parts(buses, graph).max(initial=-1)) + 1
+    for k in ks:
+        problem = zone_count_problem(k, len(buses), n_parts, grid_name, "'zones.k'")
+        if problem:
+            raise InputError(f"{where}: {problem}")
 
 
 def prepare_segmentation_of(

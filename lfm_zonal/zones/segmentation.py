@@ -144,16 +144,26 @@ def electrical_features(sens: SensitivityArrays) -> np.ndarray:
     return np.vstack(blocks).T if blocks else np.zeros((sens.vm_p.shape[1], 1))
 
 
-def _check_k(k: int, n: int, n_parts: int = 1, name: str = "the grid") -> None:
-    if int(k) != k or not 1 <= k <= n:
-        raise InputError(
-            f"number of zones K = {k} is out of range: the grid has {n} energised "
-            f"buses, so 1 <= K <= {n}"
+def zone_count_problem(
+    k, n_buses: int, n_parts: int = 1, name: str = "the grid", label: str = "number of zones K"
+) -> str | None:
+    """What is wrong with the zone count ``k`` (called ``label``) on grid ``name`` of
+    ``n_buses`` energised buses in ``n_parts`` separate parts; None: nothing. The one rule
+    of zone counts: every part has a zone of its own, every zone a bus."""
+    if int(k) != k or not 1 <= k <= n_buses:
+        return (
+            f"{label} = {k} is out of range: the grid has {n_buses} energised buses, "
+            f"so {max(n_parts, 1)} <= K <= {n_buses}"
         )
     if k < n_parts:
-        raise InputError(
-            f"K = {k} is below the {n_parts} separate parts of grid {name}: choose K >= {n_parts}"
-        )
+        return f"{label} = {k} is below the {n_parts} separate parts of grid {name}: choose K >= {n_parts}"
+    return None
+
+
+def _check_k(k: int, n: int, n_parts: int = 1, name: str = "the grid") -> None:
+    problem = zone_count_problem(k, n, n_parts, name)
+    if problem:
+        raise InputError(problem)
 
 
 def _connectivity(buses: pd.Index, graph: nx.Graph) -> sp.csr_matrix:
