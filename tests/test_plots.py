@@ -123,6 +123,31 @@ def test_small_map_names_every_bus_zone_and_open_switch():
     plt.close(fig)
 
 
+def test_bus_numbers_overlap_none_and_sit_nearest_their_own_bus():
+    """IEEE 33 has no geodata: its layout puts buses 1 and 5, 25 and 26 a few pixels
+    apart, where every number below left of its bus stacked two numbers, or beside the
+    other bus. Each number is written once, overlaps no other, and its own bus is the
+    one nearest to it."""
+    net = load_grid("ieee33").net
+    graph = energised_graph(net)
+    zone, medoids = dfs_blocks(graph, 4)
+    fig = plots.draw_zones(graph, net, zone, medoids, "ieee33")
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    numbers = {t.get_text(): t for t in ax.texts if t.get_text().isdigit()}
+    assert sorted(numbers, key=int) == [str(b) for b in zone.index]
+    boxes = {name: t.get_window_extent(renderer) for name, t in numbers.items()}
+    names = list(boxes)
+    for i, a in enumerate(names):
+        assert not any(boxes[a].overlaps(boxes[b]) for b in names[i + 1 :]), a
+    pos = plots.bus_positions(net, graph)
+    points = ax.transData.transform(np.array([pos[b] for b in zone.index], float))
+    for name, box in boxes.items():
+        centre = np.array([(box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2])
+        assert zone.index[np.argmin(np.hypot(*(points - centre).T))] == int(name)
+    plt.close(fig)
+
+
 def two_substations() -> pp.pandapowerNet:
     """Two feeders, each with its own ext_grid, not connected to each other; no geodata."""
     net = pp.create_empty_network()

@@ -31,6 +31,8 @@ def save(fig: plt.Figure, path: Path, laid_out: bool = False) -> None:
 
 # Zone maps: a few artists (LineCollection, scatter) whatever the size of the grid.
 BUS_LABEL_MAX_BUSES = 60  # bus numbers on the map up to this many buses, none above
+#: Where a bus number is tried, in points from its bus (lower left corner of the text).
+BUS_LABEL_OFFSETS = ((-4, -11), (3, 3), (-11, 3), (3, -11))
 BIG_MAP_BUSES = 500  # above: a larger figure, thin lines, small bus dots without outline
 ZONE_LABEL_TRIED_ZONES = 200  # zone labels tried for the largest zones only (time)
 ZONE_LEGEND_MAX_ZONES = 9  # up to this many zones: a colour each, every zone in the legend
@@ -38,6 +40,12 @@ ZONE_LEGEND_MAX_ZONES = 9  # up to this many zones: a colour each, every zone in
 # ZONE_LEGEND_MAX_ZONES zones they repeat, never on two zones joined by a line.
 ZONE_PALETTE = plt.get_cmap("tab10")(np.array([0, 1, 2, 3, 4, 5, 6, 8, 9]))
 LABEL_BOX = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}
+BUS_LABEL_BOX = {
+    "boxstyle": "square,pad=0.05",
+    "facecolor": "white",
+    "edgecolor": "none",
+    "alpha": 0.7,
+}
 # One style per kind of line, shared by the map and its legend.
 LINE_STYLES = {
     "inner": {"linestyle": "solid", "label": "line inside a zone (zone colour)"},
@@ -351,15 +359,7 @@ def draw_zones(
     ax.set_aspect("equal", adjustable="box")
     _set_limits(ax, np.vstack([xy, *[np.asarray(seg) for seg in off_segments]]))
     if n <= BUS_LABEL_MAX_BUSES:  # small grids: bus numbers for the engineer
-        for b, (x, y) in zip(buses, xy, strict=True):
-            ax.annotate(
-                str(b),
-                (x, y),
-                xytext=(-4, -11),
-                textcoords="offset points",
-                fontsize=7,
-                color="0.35",
-            )
+        _bus_labels(fig, ax, buses, xy)
     shown = _zone_labels(fig, ax, placed, pos, colours, zone_of_bus, k)
     if k <= ZONE_LEGEND_MAX_ZONES:
         sizes = np.bincount(zone, minlength=k)
@@ -391,6 +391,40 @@ def _set_limits(ax, xy: np.ndarray) -> None:
     ax.set_xlim(lo[0] - pad, hi[0] + pad)
     ax.set_ylim(lo[1] - pad, hi[1] + pad)
     ax.apply_aspect()
+
+
+def _bus_labels(fig, ax, buses: pd.Index, xy: np.ndarray) -> None:
+    """Each bus number beside its bus, on white above the lines, where it overlaps no number placed
+    before and its own bus is the one nearest to it: below left, else above right, above
+    left or below right (below left where none is: buses a layout puts on one spot)."""
+    renderer = fig.canvas.get_renderer()
+    points = ax.transData.transform(xy)  # pixels (the limits and aspect are final)
+    boxes: list = []
+
+    def number(b, x, y, dx, dy):
+        return ax.annotate(
+            str(b),
+            (x, y),
+            xytext=(dx, dy),
+            textcoords="offset points",
+            fontsize=7,
+            color="0.3",
+            zorder=8.5,  # above the lines and bus markers, below the zone labels
+            bbox=BUS_LABEL_BOX,
+        )
+
+    for i, (b, (x, y)) in enumerate(zip(buses, xy, strict=True)):
+        for dx, dy in BUS_LABEL_OFFSETS:
+            text = number(b, x, y, dx, dy)
+            box = text.get_window_extent(renderer)
+            centre = np.array([(box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2])
+            nearest = int(np.argmin(np.hypot(*(points - centre).T)))
+            if nearest == i and not any(box.overlaps(other) for other in boxes):
+                break
+            text.remove()
+        else:
+            box = number(b, x, y, *BUS_LABEL_OFFSETS[0]).get_window_extent(renderer)
+        boxes.append(box)
 
 
 def _zone_labels(fig, ax, medoids: pd.Series, pos: dict, colours, zone_of_bus, k: int) -> int:
