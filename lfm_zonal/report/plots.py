@@ -394,9 +394,9 @@ def _set_limits(ax, xy: np.ndarray) -> None:
 
 
 def _bus_labels(fig, ax, buses: pd.Index, xy: np.ndarray) -> None:
-    """Each bus number beside its bus, on white above the lines, where it overlaps no number placed
-    before and its own bus is the one nearest to it: below left, else above right, above
-    left or below right (below left where none is: buses a layout puts on one spot)."""
+    """Each bus number beside its bus, on white above the lines, where it overlaps no number
+    placed before and its own bus is the one nearest to it: below left, else above right,
+    above left or below right (below left where none is: buses a layout puts on one spot)."""
     renderer = fig.canvas.get_renderer()
     points = ax.transData.transform(xy)  # pixels (the limits and aspect are final)
     boxes: list = []

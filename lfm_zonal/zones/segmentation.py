@@ -156,7 +156,10 @@ def zone_count_problem(
             f"so {max(n_parts, 1)} <= K <= {n_buses}"
         )
     if k < n_parts:
-        return f"{label} = {k} is below the {n_parts} separate parts of grid {name}: choose K >= {n_parts}"
+        return (
+            f"{label} = {k} is below the {n_parts} separate parts of grid {name}: "
+            f"choose K >= {n_parts}"
+        )
     return None
 
 
