@@ -12,7 +12,7 @@ import pytest
 from lfm_zonal import Horizon, InputError, load_grid, load_profiles, run_horizon
 from lfm_zonal.check.ac import dispatched_net
 from lfm_zonal.market.bids import Bids, build_bids, dispatch_steps, sorted_rows
-from lfm_zonal.market.clearing import clear_market
+from lfm_zonal.market.clearing import clear_market, clearing_prices
 from lfm_zonal.market.resources import FlexibilitySpec, generate_resources, read_resources
 from lfm_zonal.zones.segmentation import prepare_segmentation
 
@@ -60,12 +60,16 @@ S,agg1,2,storage,both,4,30,30,1.0,0.5,0.95
 """
 
 
-def feeder_case(folder, resources_csv: str):
-    """The three-bus feeder for one hour at 6 MW, the resources CSV text ``resources_csv``
-    read into it, and its segmentation at that hour."""
+def feeder_case(folder, resources_csv: str, load_q_mvar: float = 0.0, bus1_load_mw=None):
+    """The three-bus feeder (``three_bus_feeder``) for one hour at 6 MW, the resources CSV
+    text ``resources_csv`` read into it, and its segmentation at that hour."""
     (folder / "resources.csv").write_text(resources_csv)
-    pd.DataFrame({"load_0_p_mw": [6.0]}).to_csv(folder / "profiles.csv", index=False)
-    grid = load_grid(three_bus_feeder(), vm_min_pu=0.9, vm_max_pu=1.1)
+    profile = {"load_0_p_mw": [6.0]}
+    if bus1_load_mw is not None:
+        profile["load_1_p_mw"] = [bus1_load_mw]
+    pd.DataFrame(profile).to_csv(folder / "profiles.csv", index=False)
+    net = three_bus_feeder(load_q_mvar, bus1_load_mw)
+    grid = load_grid(net, vm_min_pu=0.9, vm_max_pu=1.1)
     pf = run_horizon(
         grid, load_profiles(grid, Horizon(n_mtu=1, mtu_minutes=60), csv=folder / "profiles.csv")
     )
@@ -234,20 +238,81 @@ def test_hand_computed_optimum(hand_case):
     assert set(bids.status) >= {"partial", "rejected"}
 
 
-def test_a_market_short_of_offers_pays_its_dearest_offer_not_the_penalty(tmp_path):
+def test_clearing_prices_by_hand():
+    """The pay-as-clear rule on nine steps. MTU 0, priced by offers: the duals' price
+    stands, also above every offer (step 3: a zone worth more than the marginal one); a
+    battery's charge whose dual is below its offer is paid its offer (4). MTU 1, priced by
+    the model (unmet need): capped at the dearest offer accepted there (70), not at one
+    rejected (900). A rejected step has no clearing price. The needs-based market pays
+    each zone and direction its dearest accepted step."""
+    steps = pd.DataFrame(
+        {
+            "mtu": [0, 0, 0, 0, 0, 1, 1, 1, 1],
+            "zone": [0, 0, 0, 1, 1, 0, 1, 1, 0],
+            "direction": ["up", "up", "up", "up", "down", "up", "up", "up", "down"],
+            "price_eur_per_mwh": [10.0, 25.0, 40.0, 12.0, 30.0, 50.0, 70.0, 900.0, 20.0],
+        }
+    )
+    accepted = np.array([1.0, 0.5, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    marginal = np.array([25.0, 25.0, 25.0, 60.0, 5.0, 9000.0, 8000.0, 8000.0, -8000.0])
+    by_model = steps.mtu.to_numpy() == 1
+    nan = np.nan
+    np.testing.assert_array_equal(
+        clearing_prices(steps, accepted, marginal, by_model),
+        [25.0, 25.0, nan, 60.0, 30.0, 70.0, 70.0, nan, 20.0],
+    )
+    np.testing.assert_array_equal(
+        clearing_prices(steps, accepted), [25.0, 25.0, nan, 12.0, 30.0, 50.0, 70.0, nan, 20.0]
+    )
+
+
+def test_a_market_short_of_offers_pays_its_dearest_accepted_offer_not_the_penalty(tmp_path):
     """The three-bus feeder with 0.2 MW at bus 2 (A, 50 EUR/MWh) where about 1 MW is
     needed: A is taken whole and the rest is unmet need. The duals price line 1 at the
-    penalty of unmet need, bus 2's marginal value thousands of EUR/MWh, but the
-    pay-as-clear price is set by the offers: A's 50 EUR/MWh, the dearest offer of the
-    MTU."""
+    penalty of unmet need, bus 2's marginal value thousands of EUR/MWh: pay-as-clear pays
+    at most the dearest offer accepted in the MTU, A's 50 EUR/MWh, not B's 900 at bus 1
+    (which relieves nothing) nor the dual."""
     header = RESOURCES.splitlines()[0]
-    pf, res, _ = feeder_case(tmp_path, f"{header}\nA,agg1,2,load,up,0.2,50,0,,,\n")
+    offers = "A,agg1,2,load,up,0.2,50,0,,,\nB,agg2,1,load,up,1,900,0,,,\n"
+    pf, res, _ = feeder_case(tmp_path, f"{header}\n{offers}", bus1_load_mw=2.0)
     result = clear_market(pf, res, "nodal", pricing="pay_as_clear")
     assert result.kpis["unmet_mwh"] > 0.5
     assert result.dispatch.set_index("resource_id").p_mw.to_dict() == pytest.approx({"A": 0.2})
     accepted = result.bids[result.bids.accepted_mw > 0]
     assert accepted.clearing_price_eur_per_mwh.to_numpy() == pytest.approx(50.0, abs=1e-9)
     assert result.kpis["cost_pay_as_clear_eur"] == pytest.approx(0.2 * 50.0, abs=1e-9)
+
+
+def test_a_step_giving_reactive_power_too_is_paid_its_worth_above_every_offer(tmp_path):
+    """The three-bus feeder with a 3 Mvar load: X (4 MW at 20 EUR/MWh, P only) is the
+    marginal offer, Y (0.2 MW at 30, tan_phi 1: it takes 0.2 Mvar off line 1 as well) is
+    taken whole. X is paid its own offer, and Y what one MW of it is worth on line 1:
+    20 x (1 + r), r the line's loading change per Mvar over its change per MW, by finite
+    differences of AC power flows at the cleared point: above every offer, and no cap
+    applies (the market is not short)."""
+    header = RESOURCES.splitlines()[0] + ",tan_phi"
+    offers = "X,agg1,2,load,up,4,20,0,,,,0\nY,agg2,2,load,up,0.2,30,0,,,,1.0\n"
+    pf, res, _ = feeder_case(tmp_path, f"{header}\n{offers}", load_q_mvar=3.0)
+    result = clear_market(pf, res, "nodal", pricing="pay_as_clear")
+    assert result.kpis["unmet_mwh"] == 0.0
+    taken = result.dispatch.set_index("resource_id").p_mw
+    assert taken["Y"] == pytest.approx(0.2, abs=1e-9) and 0.0 < taken["X"] < 4.0
+    net = three_bus_feeder(load_q_mvar=3.0)
+    net.load.at[0, "p_mw"] -= taken.sum()
+    net.load.at[0, "q_mvar"] -= taken["Y"]
+    loading = []
+    for dp, dq in ((0.0, 0.0), (1e-4, 0.0), (0.0, 1e-4)):
+        n = copy.deepcopy(net)
+        n.load.at[0, "p_mw"] -= dp
+        n.load.at[0, "q_mvar"] -= dq
+        pp.runpp(n, numba=False, tolerance_mva=1e-10)
+        loading.append(n.res_line.at[1, "loading_percent"])
+    r = (loading[0] - loading[2]) / (loading[0] - loading[1])
+    bids = result.bids[result.bids.accepted_mw > 0]
+    price = dict(zip(bids.tan_phi, bids.clearing_price_eur_per_mwh, strict=True))
+    assert price[0.0] == pytest.approx(20.0, abs=1e-6)
+    assert price[1.0] == pytest.approx(20.0 * (1.0 + r), rel=2e-3)
+    assert price[1.0] > 30.0
 
 
 # ----------------------------------------------------------------------------- real feeders

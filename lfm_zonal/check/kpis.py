@@ -73,7 +73,7 @@ KPIS: tuple[KPI, ...] = (
         "residual rows where every relieving offer was dispatched in full"),
     KPI("cost_pay_as_bid_eur", "EUR", "cost of the accepted bids at their own prices"),
     KPI("cost_pay_as_clear_eur", "EUR",
-        "cost of the accepted bids at the clearing prices (set by offers)"),
+        "cost of the accepted bids at the clearing prices (duals, at least each offer)"),
     KPI("accepted_bids", "steps", "bid steps accepted in full or in part"),
     KPI("need_mwh", "MWh", "DSO need published for the market", golden=(1e-4, 1e-6)),
     KPI("unmet_mw_max", "MW", "largest unmet need of an MTU"),

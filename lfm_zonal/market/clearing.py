@@ -479,47 +479,49 @@ def _bid_prices(
     active: pd.DataFrame, accepted: np.ndarray, sol: Solution, grid: LinearGrid
 ) -> np.ndarray:
     """Pay-as-clear price of each bid: the marginal price of its area, MTU and direction
-    from the LP's duals, within the merit order (``clearing_prices``)."""
+    from the LP's duals, kept to the offers where the model priced them (``clearing_prices``)."""
     t, z = _positions(active, grid)
     lam = sol.marginal_price[t, z] + active.tan_phi.to_numpy(float) * sol.marginal_price_q[t, z]
-    return clearing_prices(
-        active, accepted, np.where(active.direction.to_numpy() == "up", lam, -lam)
-    )
+    marginal = np.where(active.direction.to_numpy() == "up", lam, -lam)
+    return clearing_prices(active, accepted, marginal, sol.priced_by_model[t])
 
 
 def clearing_prices(
-    active: pd.DataFrame, accepted: np.ndarray, marginal: np.ndarray | None = None
+    active: pd.DataFrame,
+    accepted: np.ndarray,
+    marginal: np.ndarray | None = None,
+    by_model: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Pay-as-clear price of each step (EUR/MWh of its direction): the ``marginal`` price of
-    its area, MTU and direction (the LP's duals), kept between the offers it clears:
+    """Pay-as-clear price of each accepted step (EUR/MWh of its direction; NaN for a step
+    not accepted).
 
-    * at least the dearest step accepted in its area, MTU and direction: no accepted step
-      is paid below its offer (a battery's, which the duals price over its whole cycle,
-      neither), and a zone's steps of one power factor are paid one price;
-    * at most the dearest step offered in its MTU and direction in any area: a price above
-      every offer is not set by one but by the model, by the penalty of unmet need (also
-      through a battery's energy, from an MTU left short) or by the sequential LP's trust
-      region (a step limit of the algorithm): where the market is short, the price is
-      the dearest offer, as at a price cap.
+    An LP market (``marginal``: the duals' price of each step's area, MTU and direction, P
+    plus tan_phi times Q) pays that price, at least the step's own offer (a battery's
+    step, which the duals price over its whole cycle, and a step held in a margin round
+    too). Where ``by_model`` flags the step's MTU (``Solution.priced_by_model``: a row
+    priced at the penalty of unmet need, the sequential LP's trust region, or a battery
+    linking the MTU to one of those), the duals are the model's prices, not only offers':
+    there it pays at most the dearest step accepted in the MTU and direction, as at a
+    price cap. Elsewhere a price above every offer stands: a step that relieves more than
+    the marginal one, or gives reactive power too, is worth more.
 
-    Without ``marginal`` (the needs-based market: no duals) the floor, its zone's marginal
-    step. NaN where nothing of a step's area, MTU and direction was accepted."""
+    The needs-based market (no duals) pays each zone and direction its marginal step: the
+    dearest step accepted there."""
     prices = active.price_eur_per_mwh.to_numpy(float)
-    frame = pd.DataFrame(
-        {
-            "mtu": active.mtu.to_numpy(),
-            "zone": active.zone.to_numpy(),
-            "direction": active.direction.to_numpy(),
-            "bought": np.where(accepted > ACCEPTED_MIN_MW, prices, np.nan),
-            "offered": prices,
-        }
-    )
-    floor = frame.groupby(["mtu", "zone", "direction"], sort=False).bought.transform("max")
+    bought = np.where(accepted > ACCEPTED_MIN_MW, prices, np.nan)
+    keys = {
+        "mtu": active.mtu.to_numpy(),
+        "zone": active.zone.to_numpy(),
+        "direction": active.direction.to_numpy() == "up",  # a flag groups faster than text
+    }
+    frame = pd.DataFrame({**keys, "bought": bought})
     if marginal is None:
-        return floor.to_numpy()
-    cap = frame.groupby(["mtu", "direction"], sort=False).offered.transform("max")
-    clipped = np.minimum(np.fmax(marginal, floor.to_numpy()), cap.to_numpy())
-    return np.where(np.isnan(floor.to_numpy()), np.nan, clipped)
+        floor = frame.groupby(["mtu", "zone", "direction"], sort=False).bought.transform("max")
+        return np.where(np.isnan(bought), np.nan, floor.to_numpy())
+    cap = frame.groupby(["mtu", "direction"], sort=False).bought.transform("max").to_numpy()
+    price = np.fmax(marginal, prices)
+    price = np.where(by_model, np.minimum(price, cap), price)
+    return np.where(np.isnan(bought), np.nan, price)
 
 
 def _merit_order_to_needs(

@@ -112,6 +112,12 @@ class Solution:
     #: the violation layout) pairs: the next LP on these MTUs (of these bids, or the
     #: DSO-needs LP's) starts with them (``solve_clearing``'s ``rows``).
     rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    #: (T,) the MTUs whose duals carry the model's prices, not only offers': a grid row
+    #: priced at its slack's penalty (need left unmet), a bound of the sequential LP's trust
+    #: region (a step limit of the algorithm), or a battery taken in part in the MTU whose
+    #: energy links it to one of those.
+    #: Pay-as-clear caps their prices (``clearing.clearing_prices``).
+    priced_by_model: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,10 @@ MARGIN_PATIENCE = 2
 MARGIN_SLOPE_RANGE = (-1.0, -0.1)
 #: Relative rounding of a row's tolerance under which a model's prediction still meets it.
 MARGIN_ROUNDING = 1e-6
+#: A dual below this (a reduced cost below this share of its column's cost) is zero.
+DUAL_TOLERANCE = 1e-9
+#: A step taken within this of a bound is at it (HiGHS's primal feasibility tolerance).
+PRIMAL_TOLERANCE_MW = 1e-7
 
 
 #: HiGHS's basis statuses by code (made once: constructing them one by one was half the
@@ -310,28 +314,58 @@ class ClearingModel:
         np.add.at(q, (b.t_of_bid, b.area_of_bid), b.sign * b.tan_phi * x)
         return x[kept], p, q
 
-    def _area_prices(self, rows: GridRows, duals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _area_prices(
+        self, rows: GridRows, duals: np.ndarray, solution: highspy.HighsSolution
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """EUR/MWh (EUR/Mvarh) of a free injection in each area and MTU: the duals of the grid
         rows (``rows``, the LP's; ``duals`` of every row) weighted by the area's
-        coefficients, plus the trust region's (NaN in an area without a bid in the MTU)."""
+        coefficients, plus the trust region's (NaN in an area without a bid in the MTU):
+        what column generation prices a step left out at. And the MTUs whose duals carry
+        the model's prices, not only offers' (``Solution.priced_by_model``)."""
         T, K, b = len(self.grid.mtus), self.grid.k, self.bids
         price_p, price_q = np.zeros((T, K)), np.zeros((T, K))
+        reduced = np.asarray(solution.col_dual)
         areas = self.lp.areas
         if areas is not None:  # the balance rows' duals (p_at - sum sigma x = 0)
             price_p[b.pair_t, b.pair_area] = -duals[areas.p_row]
             if areas.q_row is not None:
                 price_q[b.pair_t, b.pair_area] = -duals[areas.q_row]
+            trust = reduced[areas.p_col]  # the trust region: the bounds of p_at
         else:
             y = duals[rows.row]
             for tt in np.unique(rows.rows[:, 0]):
                 i = rows.rows[:, 0] == tt
                 price_p[tt], price_q[tt] = y[i] @ rows.cp[i], y[i] @ rows.cq[i]
-            trust = self.lp.trust_rows
-            bounded = trust >= 0
-            price_p[b.pair_t[bounded], b.pair_area[bounded]] += duals[trust[bounded]]
+            bounded = self.lp.trust_rows >= 0
+            trust = np.zeros(len(b.pair_t))
+            trust[bounded] = duals[self.lp.trust_rows[bounded]]
+            price_p[b.pair_t[bounded], b.pair_area[bounded]] += trust[bounded]
+        by_model = np.zeros(T, bool)
+        by_model[b.pair_t[np.abs(trust) > DUAL_TOLERANCE]] = True
+        # A row priced at its slack's penalty: its slack taken (or free to be: reduced cost 0).
+        t, r = rows.rows[:, 0], rows.rows[:, 1]
+        penalty = slack_prices(self.scales, t, r, self.penalty) * self.grid.dt_h
+        at_penalty = (np.abs(duals[rows.row]) > DUAL_TOLERANCE) & (
+            reduced[rows.slack_col] <= DUAL_TOLERANCE * penalty
+        )
+        by_model[t[at_penalty]] = True
+        # A battery's stored energy carries them to its other MTUs where one of its steps
+        # is marginal (taken in part: its offer sets prices there).
+        values, carried = np.asarray(solution.col_value), np.zeros(T, bool)
+        for idx, linked, *_ in b.storage:
+            if by_model[linked].any():
+                col = self.lp.x_col[idx]
+                x = np.where(col >= 0, values[np.maximum(col, 0)], 0.0)
+                part = (
+                    (col >= 0)
+                    & (x > PRIMAL_TOLERANCE_MW)
+                    & (x < b.quantity[idx] - PRIMAL_TOLERANCE_MW)
+                )
+                carried[linked[part]] = True
+        by_model |= carried
         nan = np.full((T, K), np.nan)
         nan[b.pair_t, b.pair_area] = 0.0
-        return (price_p + nan) / self.grid.dt_h, (price_q + nan) / self.grid.dt_h
+        return (price_p + nan) / self.grid.dt_h, (price_q + nan) / self.grid.dt_h, by_model
 
     def _solution(self, x, p, q) -> Solution:
         T = len(self.grid.mtus)
@@ -342,12 +376,12 @@ class ClearingModel:
         # with them. (Every row held: as many generation rounds fewer, but building the rows
         # the optimum did not need cost more than the rounds; nodal, SimBench MV+LV.)
         duals = np.asarray(lp_solution.row_dual)
-        binding = held.rows[np.abs(duals[held.row]) > 1e-9]
+        binding = held.rows[np.abs(duals[held.row]) > DUAL_TOLERANCE]
         slack_mw = np.zeros(T)
         if len(self.rows):  # the worst row of each MTU: MW the best area would need
             t = np.array([row[0] for row in self.rows], np.int64)
             np.maximum.at(slack_mw, t, slack)
-        price_p, price_q = self._area_prices(held, duals)
+        price_p, price_q, by_model = self._area_prices(held, duals, lp_solution)
         info = self.highs.getInfo()
         self.stats = replace(
             self.stats,
@@ -370,6 +404,7 @@ class ClearingModel:
             self.stats,
             self._basis(lp_solution),
             binding,
+            by_model,
         )
 
     def _failed(self, status: SolveStatus) -> Solution:
@@ -389,6 +424,7 @@ def _failed(T: int, K: int, n_bids: int, status: SolveStatus, stats: SolveStats)
         np.full((T, K), np.nan),
         float("nan"),
         stats,
+        priced_by_model=np.ones(T, bool),
     )
 
 
@@ -503,6 +539,7 @@ def solve_clearing(
     T, K = len(grid.mtus), grid.k
     accepted, slack_mw = np.zeros(n_bids), np.zeros(T)
     p, q, price_p, price_q = (np.zeros((T, K)) for _ in range(4))
+    by_model = np.zeros(T, bool)
     bid_status = np.full(n_bids, int(highspy.HighsBasisStatus.kLower), np.int8)
     row_status, objective = np.zeros(0, np.int8), 0.0
     held_rows = []  # each block's rows with a dual price, at the whole LP's MTU positions
@@ -534,11 +571,12 @@ def solve_clearing(
             sol.slack_mw,
             objective + sol.objective_eur,
         )
-        p[keep], q[keep], price_p[keep], price_q[keep] = (
+        p[keep], q[keep], price_p[keep], price_q[keep], by_model[keep] = (
             sol.p_mw,
             sol.q_mvar,
             sol.marginal_price,
             sol.marginal_price_q,
+            sol.priced_by_model,
         )
         bid_status[bid] = sol.basis.bid_status
         if sub.storage:
@@ -556,6 +594,7 @@ def solve_clearing(
         stats,
         MarketBasis(bid_status, row_status),
         np.concatenate([np.zeros((0, 2), np.int64), *held_rows]).astype(np.int64),
+        by_model,
     )
     return solution if only is None else _prices_held(solution, only, previous)
 
@@ -566,11 +605,15 @@ def _prices_held(solution: Solution, only: np.ndarray, previous: Solution) -> So
     bounds take any dual, so the LP's prices there price nothing (CIGRE MV with its
     battery, zonal K = 1, margin rounds: 454 of 463 accepted steps paid 0)."""
     price_p, price_q = solution.marginal_price.copy(), solution.marginal_price_q.copy()
-    price_p[~only], price_q[~only] = (
+    by_model = solution.priced_by_model.copy()
+    price_p[~only], price_q[~only], by_model[~only] = (
         previous.marginal_price[~only],
         previous.marginal_price_q[~only],
+        previous.priced_by_model[~only],
     )
-    return replace(solution, marginal_price=price_p, marginal_price_q=price_q)
+    return replace(
+        solution, marginal_price=price_p, marginal_price_q=price_q, priced_by_model=by_model
+    )
 
 
 def _kept_block(previous: Solution, keep: np.ndarray, bid: np.ndarray, sub: MarketBids):
@@ -588,6 +631,7 @@ def _kept_block(previous: Solution, keep: np.ndarray, bid: np.ndarray, sub: Mark
         SolveStats(),
         _basis_of_block(previous.basis, bid, sub),
         select_rows(previous.rows, keep),
+        previous.priced_by_model[keep],
     )
 
 

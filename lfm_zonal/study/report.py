@@ -84,6 +84,8 @@ def report_markdown(
         "",
         _markdown_table(table),
         "",
+        _pricing(kpis),
+        "",
         "Residuals are measured by an AC power flow of the real dispatch; the nodal market is "
         "the benchmark. A row is violated beyond "
         f"{VIOLATION_TOLERANCE_LOADING_PERCENT:g} pp of loading or {VIOLATION_TOLERANCE_VM_PU:g} "
@@ -136,6 +138,28 @@ def report_markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _pricing(kpis: pd.DataFrame) -> str:
+    """What ``cost_eur`` is: the pricing rule, and the other rule's cost of each market."""
+    clear = set(kpis.pricing) == {"pay_as_clear"}
+    other = kpis.cost_pay_as_bid_eur if clear else kpis.cost_pay_as_clear_eur
+    labels = [
+        "nodal" if r.method == "nodal" else f"{r.method} K = {r.k}"
+        for r in kpis.itertuples(index=False)
+    ]
+    listed = ", ".join(f"{label} {cost:.2f}" for label, cost in zip(labels, other, strict=True))
+    if clear:
+        return (
+            "Costs are pay-as-clear: each accepted step is paid the marginal price of its "
+            "area, MTU and direction from the LP's duals, at least its offer, capped at the "
+            "dearest accepted offer where the duals carry the penalty of unmet need or the "
+            f"sequential LP's trust region (README). Pay-as-bid, in EUR: {listed}."
+        )
+    return (
+        "Costs are pay-as-bid: each accepted step is paid its offer. Pay-as-clear (the "
+        f"marginal prices from the duals, at least each offer), in EUR: {listed}."
+    )
 
 
 def _penalty(kpis: pd.DataFrame) -> str:
