@@ -212,6 +212,21 @@ def test_bad_resources_are_refused(row, expected, cigre_pf, tmp_path):
     assert expected in str(err.value) and str(path) in str(err.value)
 
 
+def test_a_row_longer_than_its_header_is_refused(cigre_pf, tmp_path):
+    """A decimal comma (p_max_mw 1,5) makes a row one value longer than the header: it was
+    read with its last value dropped and the others shifted one column on (p_max 1, cost
+    up 5 ...), without a word."""
+    from lfm_zonal.market.resources import read_resources
+
+    path = tmp_path / "r.csv"
+    path.write_text(HEADER + "R,a,4,load,up,1,50,50,0\nS,a,4,load,up,1,5,120,40,0\n")
+    with pytest.raises(InputError) as err:
+        read_resources(path, cigre_pf)
+    assert str(err.value) == (
+        f"{path}, row 3: 10 values, the header has 9 columns (a decimal comma? write 1.5, not 1,5)"
+    )
+
+
 def test_resources_csv_with_trailing_comma(cigre_pf, tmp_path):
     from lfm_zonal.market.resources import read_resources
 

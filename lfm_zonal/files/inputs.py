@@ -13,6 +13,7 @@ importing it costs nothing.
 from __future__ import annotations
 
 import codecs
+import csv
 import os
 import re
 import tomllib
@@ -99,16 +100,18 @@ def read_csv_cells(path: Path, what: str):
     """A CSV table of the user as text cells (a DataFrame of str, empty cells ""), or one
     InputError line naming the file, and the row and column where there is one (row 1
     is the header): missing (``what`` names the file: "profile file"), not CSV, a value
-    without a header, a column twice. The empty column a trailing comma on the header
-    line makes is dropped."""
+    without a header (also beyond the header's columns), a column twice. The empty
+    column a trailing comma on the header line makes is dropped."""
     import pandas as pd
 
     require_file(path, what)
+    _require_row_widths(path)
     try:
         # index_col=False: a trailing comma on the data rows is not an index column.
         table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     except Exception as exc:
-        raise InputError(f"{path}: not a readable CSV file ({exc})") from None
+        reason = " ".join(str(exc).split())  # one line
+        raise InputError(f"{path}: not a readable CSV file ({reason})") from None
     for pos, name in enumerate(list(table.columns)):
         text = str(name)
         if text.startswith("Unnamed:"):
@@ -120,6 +123,21 @@ def read_csv_cells(path: Path, what: str):
         elif re.fullmatch(r"(.+)\.\d+", text) and text.rsplit(".", 1)[0] in table.columns:
             raise InputError(f"{path}: column '{text.rsplit('.', 1)[0]}' appears twice")
     return table
+
+
+def _require_row_widths(path: Path) -> None:
+    """No row of the CSV file ``path`` has a value beyond its header's columns: pandas
+    (index_col=False) drops them, so that a decimal comma (1,5) shifted the row's later
+    values one column on. Empty cells there (trailing commas) are allowed."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as file:
+        rows = csv.reader(file)
+        width = len(next(rows, []))
+        for number, fields in enumerate(rows, start=2):
+            if len(fields) > width and any(cell.strip() for cell in fields[width:]):
+                raise InputError(
+                    f"{path}, row {number}: {len(fields)} values, the header has {width} "
+                    "columns (a decimal comma? write 1.5, not 1,5)"
+                )
 
 
 def decode_input(data: bytes, origin: str | os.PathLike, what: str) -> str:
