@@ -684,8 +684,28 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the command line's one-line errors (exit code 2, no usage block)."""
 
     def error(self, message: str):
-        sys.stderr.write(f"lfm-zonal: error: {self.prog}: {message} (see {self.prog} --help)\n")
+        command = self.prog.removeprefix("lfm-zonal").strip()  # "" for the top level
+        where = f"{command}: " if command else ""
+        sys.stderr.write(f"lfm-zonal: error: {where}{message} (see {self.prog} --help)\n")
         raise SystemExit(2)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line's arguments; an argument its command does not know is refused by
+    that command's parser (naming its help), not the top level's."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def _name_their_parser(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)command's arguments carry its parser (``command_parser``)."""
+    parser.set_defaults(command_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _name_their_parser(command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -888,6 +908,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 averaged (default 5)")
     _add_out_folder(p, "tender")
     p.set_defaults(func=cmd_tender)
+    _name_their_parser(parser)
     return parser
 
 
@@ -1066,7 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
     with _signals_as_exceptions():
         args = None
         try:
-            args = build_parser().parse_args(argv)
+            args = _parse(argv)
             handler = logging.StreamHandler()
             handler.setFormatter(_LowerLevelFormatter("lfm-zonal: %(levelname)s: %(message)s"))
             logging.basicConfig(

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from lfm_zonal.cli import main
+from lfm_zonal.files.outputs import MARKER
 from lfm_zonal.study.scenario import load_scenario
 
 
@@ -77,6 +78,67 @@ def test_user_mistakes_give_one_line(capsys, argv, expected, tmp_path, monkeypat
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["run", "ieee33_undervoltage", "--pricing", "pay_as_clear"],
+            "lfm-zonal: error: run: unrecognized arguments: --pricing pay_as_clear "
+            "(see lfm-zonal run --help)",
+        ),
+        (
+            ["clear", "--market", "bogus"],
+            "lfm-zonal: error: clear: argument --market: invalid choice: 'bogus' (choose from "
+            "'nodal', 'zonal', 'needs_based') (see lfm-zonal clear --help)",
+        ),
+        (
+            [],
+            "lfm-zonal: error: the following arguments are required: COMMAND (see lfm-zonal --help)",
+        ),
+    ],
+)
+def test_an_argument_error_names_its_command_once(capsys, argv, expected):
+    """An argument its command does not know is refused by that command (it was the top
+    level's: "lfm-zonal: error: lfm-zonal: unrecognized arguments ... (see lfm-zonal
+    --help)", for an argument of run)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == expected + "\n"
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        (
+            '[grid]\nsource = "cigre_mv"\n[flexibility]\ncsv = "nope.csv"',
+            "s.toml: 'flexibility.csv': resource file not found: data/nope.csv",
+        ),
+        (
+            '[grid]\nsource = "cigre_mv"\n[profiles]\ncsv = "."',
+            "s.toml: 'profiles.csv': profile file data is a folder, not a file",
+        ),
+        (
+            '[grid]\nsource = "nope.json"',
+            "s.toml: 'grid.source': grid file not found: data/nope.json",
+        ),
+        ('[grid]\nsource = "nosuchgrid"', "s.toml: 'grid.source': unknown grid 'nosuchgrid'"),
+    ],
+)
+def test_a_file_a_scenario_names_is_refused_with_its_key(
+    capsys, tmp_path, monkeypatch, section, expected
+):
+    """A file the scenario names that is not there is refused naming the scenario file and
+    its key, at the path it was looked for (relative to the scenario's folder)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "s.toml").write_text(f'name = "s"\n{section}\n')
+    code, _, err = run_cli(capsys, "run", "data/s.toml", "--out", "out")
+    assert code == 2
+    assert err.startswith(f"lfm-zonal: error: data/{expected}")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_zone_counts_read_the_same_way_on_every_command():
     """--k: a comma list, a range or repeated flags, the same counts on every command."""
     from lfm_zonal.cli import build_parser
@@ -127,7 +189,7 @@ def test_entry_point_prints_no_traceback(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 2
-    assert proc.stderr.startswith("lfm-zonal: error: unknown grid 'nowhere'")
+    assert proc.stderr.startswith("lfm-zonal: error: --grid: 'grid.source': unknown grid 'nowhere'")
     assert "Traceback" not in proc.stderr
 
 
@@ -184,8 +246,9 @@ def test_a_taken_out_is_refused_before_the_markets(capsys, tmp_path, monkeypatch
     (out / "notes.txt").write_text("mine\n")
     code, _, err = run_cli(capsys, "run", "--out", str(out))  # with progress lines
     assert code == 2
-    assert (
-        err == f"lfm-zonal: error: output folder {out} exists and is not empty (use --overwrite)\n"
+    assert err == (  # not "use --overwrite": that would not replace it either
+        f"lfm-zonal: error: output folder {out} exists and is not empty (lfm-zonal did not "
+        f"write it, no {MARKER} file in it: choose another --out)\n"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
     assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -87,7 +87,7 @@ def check_output_path(
     inputs: Iterable[str | Path] = (),
     markers: tuple[str, ...] = (MARKER,),
     exists_ok: bool = False,
-    not_empty: str = "use --overwrite",
+    not_empty: str | None = None,
 ) -> Path:
     """The resolved output path, or an InputError of one line saying why it cannot be used.
 
@@ -96,7 +96,8 @@ def check_output_path(
     the refusal of an existing output without ``overwrite`` to the time of writing
     (the command line claims --out before the inputs are validated, and an input
     mistake is the more useful message). ``not_empty``: what the refusal of an existing,
-    non-empty folder advises.
+    non-empty folder advises (None: --overwrite where lfm-zonal wrote it, else another
+    --out).
     """
     text = str(out)
     noun = "folder" if kind == "folder" else "file"
@@ -143,7 +144,7 @@ def _check_folder(
     protected: set[Path],
     markers: tuple[str, ...],
     exists_ok: bool,
-    not_empty: str,
+    not_empty: str | None,
 ) -> None:
     held = sorted(p for p in protected if target == p or target in p.parents)
     if held:
@@ -160,11 +161,18 @@ def _check_folder(
         raise InputError(f"--out {out}: cannot read the folder ({exc.strerror})") from None
     if empty:
         return
+    ours = any((target / m).is_file() for m in markers)
     if not overwrite:
         if exists_ok:
             return
+        if not_empty is None:  # --overwrite replaces only what lfm-zonal wrote
+            not_empty = (
+                "use --overwrite"
+                if ours
+                else f"lfm-zonal did not write it, no {MARKER} file in it: choose another --out"
+            )
         raise InputError(f"output folder {out} exists and is not empty ({not_empty})")
-    if not any((target / m).is_file() for m in markers):
+    if not ours:
         raise InputError(
             f"--overwrite: {out} was not written by lfm-zonal (no {MARKER} file in it), "
             "so it is not replaced; remove it yourself or choose another --out"

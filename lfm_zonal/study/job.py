@@ -13,6 +13,7 @@ import logging.handlers
 import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
@@ -23,6 +24,7 @@ from lfm_zonal.check.ac import ACCheck, residual_violations
 from lfm_zonal.check.kpis import KPI_NAMES
 from lfm_zonal.config import REFERENCE_MTU_RULES
 from lfm_zonal.errors import InputError, PowerFlowNotConverged
+from lfm_zonal.files.inputs import require_file
 from lfm_zonal.grid.powerflow import HorizonPowerFlow, run_horizon
 from lfm_zonal.grid.profiles import Horizon, Profiles, load_profiles
 from lfm_zonal.grid.sensitivity import LinearisationCache
@@ -136,15 +138,33 @@ def load_scenario_grid(scenario: Scenario) -> Grid:
     g = scenario["grid"]
     source = g["source"]
     if source.lower().endswith(".json"):
-        source = scenario.resolve_path(source)
-    grid = load_grid(
-        source,
-        vm_min_pu=g["vm_min_pu"],
-        vm_max_pu=g["vm_max_pu"],
-        loading_max_percent=g["loading_max_percent"],
-    )
+        source = scenario_file(scenario, "grid.source", "grid file")
+    try:
+        grid = load_grid(
+            source,
+            vm_min_pu=g["vm_min_pu"],
+            vm_max_pu=g["vm_max_pu"],
+            loading_max_percent=g["loading_max_percent"],
+        )
+    except InputError as error:
+        if str(error).startswith("unknown grid"):  # a name: where it was given
+            raise InputError(f"{scenario.where('grid.source')}: 'grid.source': {error}") from None
+        raise
     _require_memory_for_horizon(scenario, grid)
     return grid
+
+
+def scenario_file(scenario: Scenario, key: str, what: str) -> str:
+    """The file the scenario's ``key`` ("section.key") names, resolved against the scenario
+    file's folder; refused in one line naming where it was set (the scenario file or
+    flag) and the ``what`` (e.g. "resource file") if it is missing or not a file."""
+    section, name = key.split(".")
+    path = scenario.resolve_path(scenario[section][name])
+    try:
+        require_file(Path(path), what)
+    except InputError as error:
+        raise InputError(f"{scenario.where(key)}: '{key}': {error}") from None
+    return path
 
 
 def scenario_horizon(scenario: Scenario) -> Horizon:
@@ -155,8 +175,11 @@ def scenario_horizon(scenario: Scenario) -> Horizon:
 
 def profiles_csv(scenario: Scenario) -> str | None:
     """The scenario's profiles CSV (resolved), or None: the grid's own profiles."""
-    csv = scenario["profiles"]["csv"]
-    return scenario.resolve_path(csv) if csv else None
+    return (
+        scenario_file(scenario, "profiles.csv", "profile file")
+        if scenario["profiles"]["csv"]
+        else None
+    )
 
 
 def prepare_base_case(scenario: Scenario, progress: bool = False) -> BaseCase:
@@ -226,9 +249,9 @@ def flexibility_spec(scenario: Scenario) -> FlexibilitySpec:
 
 def prepare_resources(base: BaseCase) -> Resources:
     """The scenario's resources: its CSV file, or generated from the grid with its seed."""
-    csv = base.scenario["flexibility"]["csv"]
-    if csv:
-        return read_resources(base.scenario.resolve_path(csv), base.powerflow)
+    if base.scenario["flexibility"]["csv"]:
+        path = scenario_file(base.scenario, "flexibility.csv", "resource file")
+        return read_resources(path, base.powerflow)
     return generate_resources(base.powerflow, flexibility_spec(base.scenario), base.scenario.seed)
 
 
