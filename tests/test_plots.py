@@ -134,8 +134,9 @@ def test_bus_numbers_overlap_none_and_sit_nearest_their_own_bus():
     fig = plots.draw_zones(graph, net, zone, medoids, "ieee33")
     ax = fig.axes[0]
     renderer = fig.canvas.get_renderer()
-    numbers = {t.get_text(): t for t in ax.texts if t.get_text().isdigit()}
-    assert sorted(numbers, key=int) == [str(b) for b in zone.index]
+    written = [t for t in ax.texts if t.get_text().isdigit()]
+    assert sorted((t.get_text() for t in written), key=int) == [str(b) for b in zone.index]
+    numbers = {t.get_text(): t for t in written}
     boxes = {name: t.get_window_extent(renderer) for name, t in numbers.items()}
     names = list(boxes)
     for i, a in enumerate(names):
