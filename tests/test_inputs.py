@@ -235,6 +235,24 @@ def test_resources_csv_with_trailing_comma(cigre_pf, tmp_path):
     assert list(read_resources(path, cigre_pf).table.index) == ["R"]
 
 
+def test_the_cost_of_a_direction_not_offered_may_be_empty(cigre_pf, tmp_path):
+    """An up-only resource needs no down cost (it was refused: 'cost_down_eur_per_mwh must
+    be a finite number'); a direction offered still needs its cost. An offer above the
+    penalty is counted by ``priced_above`` (the study warns: no market buys it)."""
+    from lfm_zonal.market.resources import read_resources
+
+    path = tmp_path / "r.csv"
+    path.write_text(HEADER + "U,a,4,load,up,0.1,50,,0\nD,a,4,load,down,0.1,,20000,0\n")
+    res = read_resources(path, cigre_pf)
+    assert res.table.cost_down_eur_per_mwh["U"] == 0.0
+    assert res.table.cost_up_eur_per_mwh["D"] == 0.0
+    assert res.priced_above(10_000.0) == (1, 20_000.0)
+    assert res.priced_above(20_000.0)[0] == 0
+    path.write_text(HEADER + "B,a,4,load,both,0.1,50,,0\n")
+    with pytest.raises(InputError, match="row 2 \\('B'\\): cost_down_eur_per_mwh must be"):
+        read_resources(path, cigre_pf)
+
+
 # --------------------------------------------------------------------------- degenerate runs
 
 

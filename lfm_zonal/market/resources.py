@@ -10,7 +10,7 @@ of charge and a one-way efficiency.
 CSV columns (one row per resource)::
 
     resource_id, aggregator, bus, kind (load|sgen|storage), direction (up|down|both),
-    p_max_mw, cost_up_eur_per_mwh, cost_down_eur_per_mwh,
+    p_max_mw, cost_up_eur_per_mwh, cost_down_eur_per_mwh (empty: a direction not offered),
     [tan_phi], [energy_mwh, soc_init_mwh, efficiency]   (storage)
 
 or, for offers that change hour by hour, the long form (one row per resource,
@@ -95,6 +95,18 @@ class Resources:
             return frame[self.table.index].to_numpy(float)
         column = self.table[f"cost_{direction}_eur_per_mwh"].to_numpy(float)
         return np.broadcast_to(column, (len(self.up_mw), len(self.table)))
+
+    def priced_above(self, cap_eur_per_mwh: float) -> tuple[int, float]:
+        """Resources offering some MW at a price above ``cap_eur_per_mwh`` in some MTU, and
+        the dearest such price (0, nan: none)."""
+        dear, dearest = np.zeros(len(self.table), bool), np.nan
+        for direction, mw in (("up", self.up_mw), ("down", self.down_mw)):
+            price = self.price_eur_per_mwh(direction)
+            above = (mw[self.table.index].to_numpy(float) > 0) & (price > cap_eur_per_mwh)
+            if above.any():
+                dear |= above.any(axis=0)
+                dearest = np.fmax(dearest, price[above].max())
+        return int(dear.sum()), float(dearest)
 
     @property
     def is_storage(self) -> pd.Series:
@@ -532,8 +544,17 @@ def read_resources(path: str | Path, pf: HorizonPowerFlow) -> Resources:
             )
         bus = _bus_of(path, row_no, rid, rec["bus"], pf)
         p_max = number(row_no, rec, "p_max_mw", bound=MAX_ELEMENT_MW)
-        cost_up = number(row_no, rec, "cost_up_eur_per_mwh", bound=MAX_PRICE_EUR_PER_MWH)
-        cost_down = number(row_no, rec, "cost_down_eur_per_mwh", bound=MAX_PRICE_EUR_PER_MWH)
+        # The cost of a direction the resource does not offer may be left empty (0).
+        cost_up, cost_down = (
+            number(
+                row_no,
+                rec,
+                f"cost_{side}_eur_per_mwh",
+                0.0 if direction not in (side, "both") else None,
+                bound=MAX_PRICE_EUR_PER_MWH,
+            )
+            for side in ("up", "down")
+        )
         tan_phi = number(row_no, rec, "tan_phi", 0.0, allow_negative=True, bound=MAX_TAN_PHI)
         storage = {"energy_mwh": np.nan, "soc_init_mwh": np.nan, "efficiency": np.nan}
         if kind == "storage":

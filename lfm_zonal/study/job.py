@@ -251,8 +251,22 @@ def prepare_resources(base: BaseCase) -> Resources:
     """The scenario's resources: its CSV file, or generated from the grid with its seed."""
     if base.scenario["flexibility"]["csv"]:
         path = scenario_file(base.scenario, "flexibility.csv", "resource file")
-        return read_resources(path, base.powerflow)
-    return generate_resources(base.powerflow, flexibility_spec(base.scenario), base.scenario.seed)
+        resources = read_resources(path, base.powerflow)
+    else:
+        spec = flexibility_spec(base.scenario)
+        resources = generate_resources(base.powerflow, spec, base.scenario.seed)
+    penalty = base.scenario["market"]["penalty_eur_per_mwh"]
+    n, dearest = resources.priced_above(penalty)
+    if n:
+        log.warning(
+            "%d resource(s) offer at prices above the penalty of unmet need "
+            "('market.penalty_eur_per_mwh' = %g EUR/MWh, up to %g EUR/MWh): no market buys "
+            "those offers",
+            n,
+            penalty,
+            dearest,
+        )
+    return resources
 
 
 @dataclass(frozen=True)
