@@ -126,8 +126,8 @@ def test_small_map_names_every_bus_zone_and_open_switch():
 def test_bus_numbers_overlap_none_and_sit_nearest_their_own_bus():
     """IEEE 33 has no geodata: its layout puts buses 1 and 5, 25 and 26 a few pixels
     apart, where every number below left of its bus stacked two numbers, or beside the
-    other bus. Each number is written once, overlaps no other, and its own bus is the
-    one nearest to it."""
+    other bus. Each number is written once, overlaps no other and no zone label, and its
+    own bus is the one nearest to it."""
     net = load_grid("ieee33").net
     graph = energised_graph(net)
     zone, medoids = dfs_blocks(graph, 4)
@@ -141,6 +141,8 @@ def test_bus_numbers_overlap_none_and_sit_nearest_their_own_bus():
     names = list(boxes)
     for i, a in enumerate(names):
         assert not any(boxes[a].overlaps(boxes[b]) for b in names[i + 1 :]), a
+    zone_labels = [t.get_window_extent(renderer) for t in ax.texts if t.get_text()[:1] == "Z"]
+    assert zone_labels and not any(b.overlaps(z) for b in boxes.values() for z in zone_labels)
     pos = plots.bus_positions(net, graph)
     points = ax.transData.transform(np.array([pos[b] for b in zone.index], float))
     for name, box in boxes.items():

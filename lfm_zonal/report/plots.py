@@ -17,6 +17,7 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 from matplotlib.collections import LineCollection
+from matplotlib.transforms import Bbox
 
 PNG_METADATA = {"Software": None}  # no library version in the file: stable bytes
 
@@ -358,9 +359,11 @@ def draw_zones(
     ax.set_yticks([])
     ax.set_aspect("equal", adjustable="box")
     _set_limits(ax, np.vstack([xy, *[np.asarray(seg) for seg in off_segments]]))
+    zone_labels = _zone_labels(fig, ax, placed, pos, colours, zone_of_bus, k)
+    shown = len(zone_labels)
     if n <= BUS_LABEL_MAX_BUSES:  # small grids: bus numbers for the engineer
-        _bus_labels(fig, ax, buses, xy)
-    shown = _zone_labels(fig, ax, placed, pos, colours, zone_of_bus, k)
+        markers = [(pos[b], 260 if k <= 20 else 150) for b in placed] + [(p, 160) for p in slack]
+        _bus_labels(fig, ax, buses, xy, [*zone_labels, *_marker_boxes(fig, ax, markers)])
     if k <= ZONE_LEGEND_MAX_ZONES:
         sizes = np.bincount(zone, minlength=k)
         handles += [
@@ -393,13 +396,24 @@ def _set_limits(ax, xy: np.ndarray) -> None:
     ax.apply_aspect()
 
 
-def _bus_labels(fig, ax, buses: pd.Index, xy: np.ndarray) -> None:
+def _marker_boxes(fig, ax, markers: list) -> list:
+    """The pixel boxes of markers given as (point, size in points squared, as ``scatter``)."""
+    boxes = []
+    for point, size in markers:
+        x, y = ax.transData.transform(point)
+        half = 0.5 * np.sqrt(size) * fig.dpi / 72.0
+        boxes.append(Bbox.from_extents(x - half, y - half, x + half, y + half))
+    return boxes
+
+
+def _bus_labels(fig, ax, buses: pd.Index, xy: np.ndarray, taken: list) -> None:
     """Each bus number beside its bus, on white above the lines, where it overlaps no number
-    placed before and its own bus is the one nearest to it: below left, else above right,
-    above left or below right (below left where none is: buses a layout puts on one spot)."""
+    placed before nor a box of ``taken`` (zone labels, stars, slack squares) and its own bus
+    is the one nearest to it: below left, else above right, above left or below right
+    (below left where none is: buses a layout puts on one spot)."""
     renderer = fig.canvas.get_renderer()
     points = ax.transData.transform(xy)  # pixels (the limits and aspect are final)
-    boxes: list = []
+    boxes: list = list(taken)
 
     def number(b, x, y, dx, dy):
         return ax.annotate(
@@ -427,10 +441,10 @@ def _bus_labels(fig, ax, buses: pd.Index, xy: np.ndarray) -> None:
         boxes.append(box)
 
 
-def _zone_labels(fig, ax, medoids: pd.Series, pos: dict, colours, zone_of_bus, k: int) -> int:
+def _zone_labels(fig, ax, medoids: pd.Series, pos: dict, colours, zone_of_bus, k: int) -> list:
     """``Zn`` beside each zone's medoid where it overlaps no label placed before (largest
     zones first, then by number, the ZONE_LABEL_TRIED_ZONES largest only; four positions
-    tried around the star). Returns how many."""
+    tried around the star). Returns their pixel boxes."""
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     sizes = zone_of_bus.value_counts()
@@ -463,7 +477,7 @@ def _zone_labels(fig, ax, medoids: pd.Series, pos: dict, colours, zone_of_bus, k
                 boxes.append(box)
                 break
             text.remove()
-    return len(boxes)
+    return boxes
 
 
 def plot_zones(
