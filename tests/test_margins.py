@@ -299,3 +299,40 @@ def test_pay_as_clear_pays_a_step_taken_in_part_its_offer_after_margin_rounds():
     assert len(part) >= 5
     np.testing.assert_allclose(part.clearing_price_eur_per_mwh, part.price_eur_per_mwh, rtol=1e-6)
     assert (paid.clearing_price_eur_per_mwh > paid.price_eur_per_mwh + 1.0).any()
+
+
+def test_pay_as_clear_caps_only_the_mtus_the_model_prices(monkeypatch):
+    """CIGRE MV's evening peak, nodal, the whole day: the sequential LP ends with its trust
+    region binding (duals up to about 2,400 EUR/MWh in MTU 71), and the batteries link
+    the MTUs around it. Those MTUs (``Solution.priced_by_model``) are paid at most the
+    dearest offer accepted there; in the others a nodal price above every accepted offer
+    stands (a bus that relieves more, or gives Q too, is worth more)."""
+    seen = []
+    price = clearing_module.clearing_prices
+    monkeypatch.setattr(
+        clearing_module,
+        "clearing_prices",
+        lambda active, accepted, *args: (
+            seen.append((active, accepted, *args)) or price(active, accepted, *args)
+        ),
+    )
+    text = (SCENARIOS / "cigre_mv_evening_peak.toml").read_text()
+    text = text.replace('"nodal", "zonal", "needs_based"', '"nodal"')
+    text = text.replace('pricing = "pay_as_bid"', 'pricing = "pay_as_clear"')
+    market = run_study(parse_scenario(text, "evening peak")).markets[0]
+    active, accepted, marginal, by_model = seen[-1]
+    paid = price(active, accepted, marginal, by_model)
+    taken = accepted > 1e-9
+    dearest = (
+        pd.Series(np.where(taken, active.price_eur_per_mwh, np.nan))
+        .groupby([active.mtu.to_numpy(), active.direction.to_numpy()])
+        .transform("max")
+        .to_numpy()
+    )
+    assert by_model[taken].any() and not by_model[taken].all()
+    assert (paid[taken & by_model] <= dearest[taken & by_model] + 1e-9).all()
+    assert (marginal[taken & by_model] > dearest[taken & by_model] + 100.0).any()  # capped
+    assert (paid[taken & ~by_model] > dearest[taken & ~by_model] + 1.0).any()  # stands
+    np.testing.assert_allclose(
+        np.sort(market.bids.clearing_price_eur_per_mwh), np.sort(paid[taken]), rtol=1e-12
+    )

@@ -98,6 +98,9 @@ MARGIN_ROUNDING = 1e-6
 DUAL_TOLERANCE = 1e-9
 #: A step taken within this of a bound is at it (HiGHS's primal feasibility tolerance).
 PRIMAL_TOLERANCE_MW = 1e-7
+#: A trust-region dual below this share of its MTU's largest area price leaves the MTU's
+#: prices to the offers (CIGRE MV nodal: duals of 0.02-0.5 EUR/MWh beside prices of 190).
+TRUST_PRICE_SHARE = 0.01
 
 
 #: HiGHS's basis statuses by code (made once: constructing them one by one was half the
@@ -340,8 +343,12 @@ class ClearingModel:
             trust = np.zeros(len(b.pair_t))
             trust[bounded] = duals[self.lp.trust_rows[bounded]]
             price_p[b.pair_t[bounded], b.pair_area[bounded]] += trust[bounded]
+        # A trust-region bound whose dual moves the MTU's prices by TRUST_PRICE_SHARE or more.
         by_model = np.zeros(T, bool)
-        by_model[b.pair_t[np.abs(trust) > DUAL_TOLERANCE]] = True
+        scale = np.nanmax(np.abs(price_p), axis=1, initial=0.0)[b.pair_t]
+        by_model[
+            b.pair_t[np.abs(trust) > np.maximum(TRUST_PRICE_SHARE * scale, DUAL_TOLERANCE)]
+        ] = True
         # A row priced at its slack's penalty: its slack taken (or free to be: reduced cost 0).
         t, r = rows.rows[:, 0], rows.rows[:, 1]
         penalty = slack_prices(self.scales, t, r, self.penalty) * self.grid.dt_h
@@ -350,19 +357,23 @@ class ClearingModel:
         )
         by_model[t[at_penalty]] = True
         # A battery's stored energy carries them to its other MTUs where one of its steps
-        # is marginal (taken in part: its offer sets prices there).
-        values, carried = np.asarray(solution.col_value), np.zeros(T, bool)
+        # is marginal (taken in part: its offer sets prices there), and on to other batteries.
+        values = np.asarray(solution.col_value)
+        parts = []
         for idx, linked, *_ in b.storage:
-            if by_model[linked].any():
-                col = self.lp.x_col[idx]
-                x = np.where(col >= 0, values[np.maximum(col, 0)], 0.0)
-                part = (
-                    (col >= 0)
-                    & (x > PRIMAL_TOLERANCE_MW)
-                    & (x < b.quantity[idx] - PRIMAL_TOLERANCE_MW)
-                )
-                carried[linked[part]] = True
-        by_model |= carried
+            col = self.lp.x_col[idx]
+            x = np.where(col >= 0, values[np.maximum(col, 0)], 0.0)
+            part = (
+                (col >= 0) & (x > PRIMAL_TOLERANCE_MW) & (x < b.quantity[idx] - PRIMAL_TOLERANCE_MW)
+            )
+            parts.append((linked, linked[part]))
+        carried = True
+        while carried:
+            before = by_model.copy()
+            for linked, marginal in parts:
+                if by_model[linked].any():
+                    by_model[marginal] = True
+            carried = not np.array_equal(before, by_model)
         nan = np.full((T, K), np.nan)
         nan[b.pair_t, b.pair_area] = 0.0
         return (price_p + nan) / self.grid.dt_h, (price_q + nan) / self.grid.dt_h, by_model

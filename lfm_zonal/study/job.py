@@ -255,18 +255,23 @@ def prepare_resources(base: BaseCase) -> Resources:
     else:
         spec = flexibility_spec(base.scenario)
         resources = generate_resources(base.powerflow, spec, base.scenario.seed)
-    penalty = base.scenario["market"]["penalty_eur_per_mwh"]
+    return resources
+
+
+def _warn_priced_above_penalty(scenario: Scenario, resources: Resources) -> None:
+    """A warning when resources offer above the penalty of unmet need, the one price cap."""
+    penalty = scenario["market"]["penalty_eur_per_mwh"]
     n, dearest = resources.priced_above(penalty)
     if n:
         log.warning(
             "%d resource(s) offer at prices above the penalty of unmet need "
-            "('market.penalty_eur_per_mwh' = %g EUR/MWh, up to %g EUR/MWh): no market buys "
-            "those offers",
+            "('market.penalty_eur_per_mwh' = %g EUR/MWh, up to %g EUR/MWh): a bid step "
+            "priced above it is never bought (an aggregator's step averages the prices of "
+            "its resources, and can be)",
             n,
             penalty,
             dearest,
         )
-    return resources
 
 
 @dataclass(frozen=True)
@@ -371,6 +376,7 @@ def run_study(
     """
     base = prepare_base_case(scenario, progress=progress)
     resources = prepare_resources(base)
+    _warn_priced_above_penalty(scenario, resources)
     stage(f"resources: {len(resources)}")
     # Every market linearises the same base points: each once, for the whole study.
     cache = LinearisationCache(base.powerflow.model)

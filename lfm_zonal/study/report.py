@@ -149,16 +149,18 @@ def _pricing(kpis: pd.DataFrame) -> str:
         for r in kpis.itertuples(index=False)
     ]
     listed = ", ".join(f"{label} {cost:.2f}" for label, cost in zip(labels, other, strict=True))
+    rule = (
+        "each accepted step of the nodal and zonal markets paid the marginal price of its "
+        "area, MTU and direction from the LP's duals, at least its offer, at most the dearest "
+        "accepted offer where the duals carry the penalty of unmet need or the sequential "
+        "LP's trust region; each zone and direction of a needs-based market paid its "
+        "dearest accepted step (README: pay-as-clear prices)"
+    )
     if clear:
-        return (
-            "Costs are pay-as-clear: each accepted step is paid the marginal price of its "
-            "area, MTU and direction from the LP's duals, at least its offer, capped at the "
-            "dearest accepted offer where the duals carry the penalty of unmet need or the "
-            f"sequential LP's trust region (README). Pay-as-bid, in EUR: {listed}."
-        )
+        return f"Costs are pay-as-clear: {rule}. Pay-as-bid, in EUR: {listed}."
     return (
-        "Costs are pay-as-bid: each accepted step is paid its offer. Pay-as-clear (the "
-        f"marginal prices from the duals, at least each offer), in EUR: {listed}."
+        "Costs are pay-as-bid: each accepted step is paid its offer. Pay-as-clear "
+        f"({rule}), in EUR: {listed}."
     )
 
 
