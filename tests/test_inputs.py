@@ -225,6 +225,10 @@ def test_a_row_longer_than_its_header_is_refused(cigre_pf, tmp_path):
     assert str(err.value) == (
         f"{path}, row 3: 10 values, the header has 9 columns (a decimal comma? write 1.5, not 1,5)"
     )
+    # Rows counted as pandas counts them (blank lines skipped), a long quoted cell read.
+    path.write_text('a,b\n"' + "x" * 200_000 + '",2\n\n3,4\n5,6,7\n')
+    with pytest.raises(InputError, match=r"r.csv, row 4: 3 values, the header has 2 columns"):
+        read_resources(path, cigre_pf)
 
 
 def test_resources_csv_with_trailing_comma(cigre_pf, tmp_path):

@@ -16,6 +16,7 @@ import codecs
 import csv
 import os
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -128,16 +129,22 @@ def read_csv_cells(path: Path, what: str):
 def _require_row_widths(path: Path) -> None:
     """No row of the CSV file ``path`` has a value beyond its header's columns: pandas
     (index_col=False) drops them, so that a decimal comma (1,5) shifted the row's later
-    values one column on. Empty cells there (trailing commas) are allowed."""
+    values one column on. Empty cells there (trailing commas) are allowed. Rows are
+    counted as pandas counts them (the header row 1, blank lines skipped)."""
+    csv.field_size_limit(min(sys.maxsize, MAX_INPUT_BYTES))  # a cell may be long
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as file:
-        rows = csv.reader(file)
-        width = len(next(rows, []))
-        for number, fields in enumerate(rows, start=2):
-            if len(fields) > width and any(cell.strip() for cell in fields[width:]):
-                raise InputError(
-                    f"{path}, row {number}: {len(fields)} values, the header has {width} "
-                    "columns (a decimal comma? write 1.5, not 1,5)"
-                )
+        rows = (fields for fields in csv.reader(file) if fields)
+        try:
+            width = len(next(rows, []))
+            for number, fields in enumerate(rows, start=2):
+                if len(fields) > width and any(cell.strip() for cell in fields[width:]):
+                    columns = f"{width} column{'s' if width != 1 else ''}"
+                    raise InputError(
+                        f"{path}, row {number}: {len(fields)} values, the header has "
+                        f"{columns} (a decimal comma? write 1.5, not 1,5)"
+                    )
+        except csv.Error as exc:
+            raise InputError(f"{path}: not a readable CSV file ({exc})") from None
 
 
 def decode_input(data: bytes, origin: str | os.PathLike, what: str) -> str:
