@@ -692,20 +692,34 @@ class _Parser(argparse.ArgumentParser):
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line's arguments; an argument its command does not know is refused by
-    that command's parser (naming its help), not the top level's."""
-    args, unknown = build_parser().parse_known_args(argv)
+    that command's parser (naming its help), one before the command by the top level's."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
     if unknown:
-        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        command_at = argv.index(args.command) if args.command in argv else len(argv)
+        before = unknown[0] in argv[:command_at]
+        (parser if before else args.command_parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}"
+        )
     return args
 
 
-def _name_their_parser(parser: argparse.ArgumentParser) -> None:
-    """Every (sub)command's arguments carry its parser (``command_parser``)."""
+def _name_their_parser(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """Every (sub)command's arguments carry its parser (``command_parser``), and every
+    command takes -v too (before the command or after it)."""
     parser.set_defaults(command_parser=parser)
+    if not top:
+        parser.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for command in action.choices.values():
-                _name_their_parser(command)
+                _name_their_parser(command, top=False)
+
+
+VERBOSE_HELP = "log progress details"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -714,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zonal and nodal local flexibility markets on distribution grids.",
     )
     parser.add_argument("--version", action="version", version=f"lfm-zonal {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="the main job: run a scenario into a results folder")

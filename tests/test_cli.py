@@ -95,6 +95,10 @@ def test_user_mistakes_give_one_line(capsys, argv, expected, tmp_path, monkeypat
             [],
             "lfm-zonal: error: the following arguments are required: COMMAND (see lfm-zonal --help)",
         ),
+        (  # before the command: the top level's
+            ["--bogus", "grids"],
+            "lfm-zonal: error: unrecognized arguments: --bogus (see lfm-zonal --help)",
+        ),
     ],
 )
 def test_an_argument_error_names_its_command_once(capsys, argv, expected):
@@ -137,6 +141,11 @@ def test_a_file_a_scenario_names_is_refused_with_its_key(
     assert code == 2
     assert err.startswith(f"lfm-zonal: error: data/{expected}")
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_verbose_goes_before_or_after_the_command(capsys):
+    assert main(["grids", "-v"]) == 0 and main(["-v", "grids"]) == 0
+    assert "cigre_mv" in capsys.readouterr().out
 
 
 def test_zone_counts_read_the_same_way_on_every_command():
