@@ -123,14 +123,15 @@ def test_small_map_names_every_bus_zone_and_open_switch():
     plt.close(fig)
 
 
-def test_bus_numbers_overlap_none_and_sit_nearest_their_own_bus():
+@pytest.mark.parametrize("k", [4, 8, 16])
+def test_bus_numbers_overlap_none_and_sit_nearest_their_own_bus(k):
     """IEEE 33 has no geodata: its layout puts buses 1 and 5, 25 and 26 a few pixels
     apart, where every number below left of its bus stacked two numbers, or beside the
     other bus. Each number is written once, overlaps no other and no zone label, and its
     own bus is the one nearest to it."""
     net = load_grid("ieee33").net
     graph = energised_graph(net)
-    zone, medoids = dfs_blocks(graph, 4)
+    zone, medoids = dfs_blocks(graph, k)
     fig = plots.draw_zones(graph, net, zone, medoids, "ieee33")
     ax = fig.axes[0]
     renderer = fig.canvas.get_renderer()

@@ -33,7 +33,7 @@ def save(fig: plt.Figure, path: Path, laid_out: bool = False) -> None:
 # Zone maps: a few artists (LineCollection, scatter) whatever the size of the grid.
 BUS_LABEL_MAX_BUSES = 60  # bus numbers on the map up to this many buses, none above
 #: Where a bus number is tried, in points from its bus (lower left corner of the text).
-BUS_LABEL_OFFSETS = ((-4, -11), (3, 3), (-11, 3), (3, -11))
+BUS_LABEL_OFFSETS = ((-4, -11), (3, 3), (-11, 3), (3, -11), (5, -4), (-15, -4), (-4, 6), (-4, -19))
 BIG_MAP_BUSES = 500  # above: a larger figure, thin lines, small bus dots without outline
 ZONE_LABEL_TRIED_ZONES = 200  # zone labels tried for the largest zones only (time)
 ZONE_LEGEND_MAX_ZONES = 9  # up to this many zones: a colour each, every zone in the legend
@@ -362,8 +362,10 @@ def draw_zones(
     zone_labels = _zone_labels(fig, ax, placed, pos, colours, zone_of_bus, k)
     shown = len(zone_labels)
     if n <= BUS_LABEL_MAX_BUSES:  # small grids: bus numbers for the engineer
-        markers = [(pos[b], 260 if k <= 20 else 150) for b in placed] + [(p, 160) for p in slack]
-        _bus_labels(fig, ax, buses, xy, [*zone_labels, *_marker_boxes(fig, ax, markers)])
+        slack_buses = [b for b in net.ext_grid.bus[in_service] if b in pos]
+        markers = [(b, 260 if k <= 20 else 150) for b in placed] + [(b, 160) for b in slack_buses]
+        taken = [(box, None) for box in zone_labels] + _marker_boxes(fig, ax, pos, markers)
+        _bus_labels(fig, ax, buses, xy, taken)
     if k <= ZONE_LEGEND_MAX_ZONES:
         sizes = np.bincount(zone, minlength=k)
         handles += [
@@ -396,21 +398,22 @@ def _set_limits(ax, xy: np.ndarray) -> None:
     ax.apply_aspect()
 
 
-def _marker_boxes(fig, ax, markers: list) -> list:
-    """The pixel boxes of markers given as (point, size in points squared, as ``scatter``)."""
+def _marker_boxes(fig, ax, pos: dict, markers: list) -> list:
+    """(pixel box, bus) of markers given as (bus, size in points squared, as ``scatter``)."""
     boxes = []
-    for point, size in markers:
-        x, y = ax.transData.transform(point)
+    for bus, size in markers:
+        x, y = ax.transData.transform(pos[bus])
         half = 0.5 * np.sqrt(size) * fig.dpi / 72.0
-        boxes.append(Bbox.from_extents(x - half, y - half, x + half, y + half))
+        boxes.append((Bbox.from_extents(x - half, y - half, x + half, y + half), int(bus)))
     return boxes
 
 
 def _bus_labels(fig, ax, buses: pd.Index, xy: np.ndarray, taken: list) -> None:
     """Each bus number beside its bus, on white above the lines, where it overlaps no number
-    placed before nor a box of ``taken`` (zone labels, stars, slack squares) and its own bus
-    is the one nearest to it: below left, else above right, above left or below right
-    (below left where none is: buses a layout puts on one spot)."""
+    placed before nor a box of ``taken`` ((box, bus): zone labels, and the stars and slack
+    squares of other buses) and its own bus is the one nearest to it, tried in the order
+    of BUS_LABEL_OFFSETS (below left first); where none is, the place that overlaps least
+    (buses a layout puts on one spot)."""
     renderer = fig.canvas.get_renderer()
     points = ax.transData.transform(xy)  # pixels (the limits and aspect are final)
     boxes: list = list(taken)
@@ -423,22 +426,25 @@ def _bus_labels(fig, ax, buses: pd.Index, xy: np.ndarray, taken: list) -> None:
             textcoords="offset points",
             fontsize=7,
             color="0.3",
-            zorder=8.5,  # above the lines and bus markers, below the zone labels
+            zorder=8.5,  # above the lines and markers, below the zone labels
             bbox=BUS_LABEL_BOX,
         )
 
     for i, (b, (x, y)) in enumerate(zip(buses, xy, strict=True)):
-        for dx, dy in BUS_LABEL_OFFSETS:
+        tried = []  # (overlaps, not nearest its own bus, order, offset)
+        for order, (dx, dy) in enumerate(BUS_LABEL_OFFSETS):
             text = number(b, x, y, dx, dy)
             box = text.get_window_extent(renderer)
             centre = np.array([(box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2])
-            nearest = int(np.argmin(np.hypot(*(points - centre).T)))
-            if nearest == i and not any(box.overlaps(other) for other in boxes):
+            astray = int(np.argmin(np.hypot(*(points - centre).T))) != i
+            overlaps = sum(box.overlaps(other) for other, owner in boxes if owner != b)
+            if not astray and not overlaps:
                 break
             text.remove()
+            tried.append((overlaps, astray, order, (dx, dy)))
         else:
-            box = number(b, x, y, *BUS_LABEL_OFFSETS[0]).get_window_extent(renderer)
-        boxes.append(box)
+            box = number(b, x, y, *min(tried)[3]).get_window_extent(renderer)
+        boxes.append((box, None))
 
 
 def _zone_labels(fig, ax, medoids: pd.Series, pos: dict, colours, zone_of_bus, k: int) -> list:
