@@ -9,6 +9,11 @@ class InputError(LfmError, ValueError):
     """Bad user input: a file, a scenario key, a grid name, a bid row, a horizon."""
 
 
+class UnknownGridError(InputError):
+    """A grid name that is no built-in grid, SimBench code or file (a scenario names where
+    it was given)."""
+
+
 class GridError(LfmError, ValueError):
     """A grid that cannot be modelled as asked (names the offending element)."""
 

@@ -27,7 +27,7 @@ import pandapower.networks as pn
 import pandas as pd
 
 from lfm_zonal.config import DEFAULTS
-from lfm_zonal.errors import GridError, InputError
+from lfm_zonal.errors import GridError, InputError, UnknownGridError
 from lfm_zonal.files.inputs import require_file
 
 log = logging.getLogger(__name__)
@@ -408,7 +408,7 @@ def load_grid(
             net = _read_json(Path(text))
             name, origin, profiles = Path(text).stem, f"pandapower JSON file {text}", "synthetic"
         else:
-            raise InputError(
+            raise UnknownGridError(
                 f"unknown grid '{text}': give a built-in name ({', '.join(BUILTIN_GRIDS)}), "
                 "synthetic_radial_<N>, a SimBench code or a path to a pandapower JSON file "
                 "(`lfm-zonal grids` lists them)"

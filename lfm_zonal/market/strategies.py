@@ -345,7 +345,7 @@ class ClearingModel:
             price_p[b.pair_t[bounded], b.pair_area[bounded]] += trust[bounded]
         # A trust-region bound whose dual moves the MTU's prices by TRUST_PRICE_SHARE or more.
         by_model = np.zeros(T, bool)
-        scale = np.nanmax(np.abs(price_p), axis=1, initial=0.0)[b.pair_t]
+        scale = np.abs(price_p).max(axis=1, initial=0.0)[b.pair_t]
         by_model[
             b.pair_t[np.abs(trust) > np.maximum(TRUST_PRICE_SHARE * scale, DUAL_TOLERANCE)]
         ] = True

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from lfm_zonal.check.ac import ACCheck, residual_violations
 from lfm_zonal.check.kpis import KPI_NAMES
 from lfm_zonal.config import REFERENCE_MTU_RULES
-from lfm_zonal.errors import InputError, PowerFlowNotConverged
+from lfm_zonal.errors import InputError, PowerFlowNotConverged, UnknownGridError
 from lfm_zonal.files.inputs import require_file
 from lfm_zonal.grid.powerflow import HorizonPowerFlow, run_horizon
 from lfm_zonal.grid.profiles import Horizon, Profiles, load_profiles
@@ -146,10 +146,8 @@ def load_scenario_grid(scenario: Scenario) -> Grid:
             vm_max_pu=g["vm_max_pu"],
             loading_max_percent=g["loading_max_percent"],
         )
-    except InputError as error:
-        if str(error).startswith("unknown grid"):  # a name: where it was given
-            raise InputError(f"{scenario.where('grid.source')}: 'grid.source': {error}") from None
-        raise
+    except UnknownGridError as error:  # a name: where it was given
+        raise InputError(f"{scenario.where('grid.source')}: 'grid.source': {error}") from None
     _require_memory_for_horizon(scenario, grid)
     return grid
 
@@ -251,11 +249,8 @@ def prepare_resources(base: BaseCase) -> Resources:
     """The scenario's resources: its CSV file, or generated from the grid with its seed."""
     if base.scenario["flexibility"]["csv"]:
         path = scenario_file(base.scenario, "flexibility.csv", "resource file")
-        resources = read_resources(path, base.powerflow)
-    else:
-        spec = flexibility_spec(base.scenario)
-        resources = generate_resources(base.powerflow, spec, base.scenario.seed)
-    return resources
+        return read_resources(path, base.powerflow)
+    return generate_resources(base.powerflow, flexibility_spec(base.scenario), base.scenario.seed)
 
 
 def _warn_priced_above_penalty(scenario: Scenario, resources: Resources) -> None:
