@@ -3,6 +3,7 @@ valid inputs that must run clean (issue 11, items 2 and 5)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import warnings
@@ -227,8 +228,11 @@ def test_a_row_longer_than_its_header_is_refused(cigre_pf, tmp_path):
     )
     # Rows counted as pandas counts them (blank lines skipped), a long quoted cell read.
     path.write_text('a,b\n"' + "x" * 200_000 + '",2\n\n3,4\n5,6,7\n')
+    limit = 131_072  # the csv module's default
+    csv.field_size_limit(limit)
     with pytest.raises(InputError, match=r"r.csv, row 4: 3 values, the header has 2 columns"):
         read_resources(path, cigre_pf)
+    assert csv.field_size_limit() == limit  # the csv module's limit (the process's) given back
 
 
 def test_resources_csv_with_trailing_comma(cigre_pf, tmp_path):

@@ -131,10 +131,11 @@ def _require_row_widths(path: Path) -> None:
     (index_col=False) drops them, so that a decimal comma (1,5) shifted the row's later
     values one column on. Empty cells there (trailing commas) are allowed. Rows are
     counted as pandas counts them (the header row 1, blank lines skipped)."""
-    csv.field_size_limit(min(sys.maxsize, MAX_INPUT_BYTES))  # a cell may be long
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as file:
-        rows = (fields for fields in csv.reader(file) if fields)
-        try:
+    # A cell may be long; the module's limit is the process's: given back afterwards.
+    before = csv.field_size_limit(min(sys.maxsize, MAX_INPUT_BYTES))
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as file:
+            rows = (fields for fields in csv.reader(file) if fields)
             width = len(next(rows, []))
             for number, fields in enumerate(rows, start=2):
                 if len(fields) > width and any(cell.strip() for cell in fields[width:]):
@@ -143,8 +144,10 @@ def _require_row_widths(path: Path) -> None:
                         f"{path}, row {number}: {len(fields)} values, the header has "
                         f"{columns} (a decimal comma? write 1.5, not 1,5)"
                     )
-        except csv.Error as exc:
-            raise InputError(f"{path}: not a readable CSV file ({exc})") from None
+    except csv.Error as exc:
+        raise InputError(f"{path}: not a readable CSV file ({exc})") from None
+    finally:
+        csv.field_size_limit(before)
 
 
 def decode_input(data: bytes, origin: str | os.PathLike, what: str) -> str:
