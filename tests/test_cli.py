@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -234,10 +235,19 @@ def test_a_solver_failure_gives_one_line_and_exit_code_1(capsys, tmp_path, monke
     from lfm_zonal.market.strategies import ClearingModel
 
     monkeypatch.setattr(ClearingModel, "_run", lambda self: SolveStatus.INFEASIBLE)
-    code, _, err = run_cli(capsys, "run", "--out", str(tmp_path / "results"), "--quiet")
+    out = str(tmp_path / "results")
+    code, _, err = run_cli(capsys, "run", "--out", out, "--quiet", "--workers", "1")
     assert code == 1
-    assert err == "lfm-zonal: error: DSO-needs LP: solver status Infeasible\n"
+    assert err == "lfm-zonal: error: nodal market: DSO-needs LP: solver status Infeasible\n"
     assert not any(tmp_path.iterdir())  # no results folder
+    # In worker processes, whichever market failed first is named.
+    code, _, err = run_cli(capsys, "run", "--out", out, "--quiet", "--workers", "2")
+    assert code == 1 and not any(tmp_path.iterdir())
+    assert re.fullmatch(
+        r"lfm-zonal: error: (nodal market|zonal and needs_based markets K = \d+): "
+        r"DSO-needs LP: solver status Infeasible\n",
+        err,
+    )
 
 
 def test_a_taken_out_is_refused_before_the_markets(capsys, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import highspy
@@ -578,3 +579,55 @@ def test_an_lp_without_matrix_entries_hands_on_its_basis():
     assert sol.status is SolveStatus.OPTIMAL
     np.testing.assert_array_equal(sol.accepted_mw, [0.0, 0.0])
     assert sol.basis.bid_status.tolist() == [int(highspy.HighsBasisStatus.kLower)] * 2
+
+
+def test_an_lp_highs_leaves_unknown_is_solved_again_from_scratch(monkeypatch):
+    """SimBench MV rural on 10 April 2016 from 12:00: HiGHS's dual simplex left the nodal
+    DSO-needs LP of the first MTUs with one dual infeasibility (model status "Unknown"),
+    which stopped the whole run. Solved again from scratch with the primal simplex
+    (UNKNOWN_RETRIES), the market clears and its AC check leaves nothing violated."""
+    from lfm_zonal.study.job import prepare_base_case, prepare_resources
+    from lfm_zonal.study.scenario import parse_scenario
+
+    shipped = Path(__file__).parents[1] / "scenarios" / "simbench_mv_windy_day.toml"
+    text = shipped.read_text().replace("2016-04-16 00:00", "2016-04-10 12:00")
+    scenario = parse_scenario(text.replace("n_mtu = 96", "n_mtu = 48"), str(shipped))
+    base = prepare_base_case(scenario)
+    resources = prepare_resources(base)
+    seen = []
+    real = SolveStatus.of
+
+    def of(highs):
+        status = real(highs)
+        seen.append(status)
+        return status
+
+    monkeypatch.setattr(SolveStatus, "of", staticmethod(of))
+    result = clear_market(base.powerflow, resources, "nodal")
+    assert SolveStatus.UNKNOWN in seen  # HiGHS 1.13: the LP this test is about
+    assert result.kpis["solver_status"] == "optimal"
+    assert result.kpis["new_violations"] == 0
+    assert result.residual.empty and result.kpis["unmet_mwh"] == 0.0
+
+
+def test_unknown_is_retried_with_each_setting_until_it_is_not(hand_case, monkeypatch):  # noqa: F811
+    """The retries in order, each on a cleared solver; the first status not "Unknown"
+    (optimal here) ends them, and the clearing is the one without them."""
+    pf, res, seg = hand_case
+    plain = clear_market(pf, res, "nodal")
+    calls = []
+    real_run, real_clear = highspy.Highs.run, highspy.Highs.clearSolver
+    real_of = SolveStatus.of
+
+    def of(highs):
+        calls.append("of")
+        return SolveStatus.UNKNOWN if calls.count("of") == 1 else real_of(highs)
+
+    monkeypatch.setattr(SolveStatus, "of", staticmethod(of))
+    monkeypatch.setattr(
+        highspy.Highs, "clearSolver", lambda h: calls.append("clear") or real_clear(h)
+    )
+    monkeypatch.setattr(highspy.Highs, "run", lambda h: calls.append("run") or real_run(h))
+    retried = clear_market(pf, res, "nodal")
+    assert calls[:5] == ["run", "of", "clear", "run", "of"]
+    assert retried.kpis["cost_eur"] == pytest.approx(plain.kpis["cost_eur"], rel=1e-9)

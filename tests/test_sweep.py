@@ -156,3 +156,19 @@ def test_a_case_gets_its_share_of_the_memory_budget(short_scenario, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         sweep.run_case(short_scenario, DAYS[0], 0, [1], ["zonal"], str(tmp_path), sharing)
     assert seen == [6 * limits.GIB / sharing]
+
+
+def test_a_solver_failure_names_its_case_and_market(short_scenario, tmp_path, monkeypatch):
+    """An LP HiGHS does not solve stops the sweep with one line naming the case (day and
+    seed) and the market; a sweep that finished no case leaves no folder."""
+    from lfm_zonal import SolverError
+    from lfm_zonal.market.lp import SolveStatus
+    from lfm_zonal.market.strategies import ClearingModel
+
+    monkeypatch.setattr(ClearingModel, "_run", lambda self: SolveStatus.INFEASIBLE)
+    with pytest.raises(SolverError) as err:
+        run_sweep(short_scenario, DAYS[:1], [2], [0], tmp_path / "a", workers=0)
+    assert str(err.value) == (
+        "case 2016-01-13_seed0: nodal market: DSO-needs LP: solver status Infeasible"
+    )
+    assert not (tmp_path / "a").exists()

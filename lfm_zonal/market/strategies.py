@@ -103,6 +103,17 @@ PRIMAL_TOLERANCE_MW = 1e-7
 TRUST_PRICE_SHARE = 0.01
 
 
+#: HiGHS options set, one after the other, on an LP whose simplex ended in the model status
+#: "Unknown" (``ClearingModel._run``), each solving it again from scratch: the primal
+#: simplex, then presolve as well. The dual simplex can stop with a dual infeasibility its
+#: clean-up does not remove when the costs span 0.25 EUR (a bid step's MWh) to 250,000 EUR
+#: (a new violation's slack): SimBench MV rural on 10 April 2016 from 12:00 (48 MTUs),
+#: the nodal DSO-needs LP of its first 26 MTUs (5,356 columns, 520 rows), one dual
+#: infeasibility of 2.6e-5 after 120 iterations (run again from there, any simplex stops
+#: there again); the primal simplex from scratch: optimal, the same objective to 1e-9
+#: relative. It took the whole run down before.
+UNKNOWN_RETRIES = (("simplex_strategy", 4), ("presolve", "on"))
+
 #: HiGHS's basis statuses by code (made once: constructing them one by one was half the
 #: time of handing a basis over).
 _STATUS = {int(v): v for v in highspy.HighsBasisStatus.__members__.values()}
@@ -200,15 +211,26 @@ class ClearingModel:
         self.stats += SolveStats(**effort)
 
     def _run(self) -> SolveStatus:
+        """Run HiGHS; where it ends in the model status "Unknown", again from scratch with
+        each of UNKNOWN_RETRIES in turn (kept for the instance's later runs) until it does
+        not."""
         started = time.perf_counter()
         self.highs.run()
+        status = SolveStatus.of(self.highs)
+        for option, value in UNKNOWN_RETRIES:
+            if status is not SolveStatus.UNKNOWN:
+                break
+            self.highs.setOptionValue(option, value)
+            self.highs.clearSolver()  # from scratch: from where it stopped, it stops again
+            self.highs.run()
+            status = SolveStatus.of(self.highs)
         self._spent(
             rounds=1,
             solve_s=time.perf_counter() - started,
             highs_s=self.highs.getRunTime(),
             simplex_iterations=int(self.highs.getInfo().simplex_iteration_count),
         )
-        return SolveStatus.of(self.highs)
+        return status
 
     def solve(self) -> Solution:
         started = time.perf_counter()

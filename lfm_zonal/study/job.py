@@ -23,7 +23,7 @@ from tqdm import tqdm
 from lfm_zonal.check.ac import ACCheck, residual_violations
 from lfm_zonal.check.kpis import KPI_NAMES
 from lfm_zonal.config import REFERENCE_MTU_RULES
-from lfm_zonal.errors import InputError, PowerFlowNotConverged, UnknownGridError
+from lfm_zonal.errors import InputError, PowerFlowNotConverged, SolverError, UnknownGridError
 from lfm_zonal.files.inputs import require_file
 from lfm_zonal.grid.powerflow import HorizonPowerFlow, run_horizon
 from lfm_zonal.grid.profiles import Horizon, Profiles, load_profiles
@@ -487,7 +487,7 @@ def _clear_group(
     method = study.cases[group[0]][0]
     release_free_memory()
     results = []
-    with _held_log_records() as records:
+    with _held_log_records() as records, _named_solver_errors(study.cases, group):
         inputs = prepare_market(
             base.powerflow,
             study.resources,
@@ -515,6 +515,19 @@ def _clear_group(
             release_free_memory()
             results.append((i, result))
     return results, records
+
+
+@contextlib.contextmanager
+def _named_solver_errors(cases: list[tuple[str, int | None]], group: list[int]) -> Iterator[None]:
+    """A SolverError raised within the block names the group's markets (its LP alone
+    said which LP failed, not whose)."""
+    try:
+        yield
+    except SolverError as exc:
+        names = " and ".join(method for method, _ in (cases[i] for i in group))
+        k = cases[group[0]][1]
+        markets = f"{names} market{'s' if len(group) > 1 else ''}"
+        raise SolverError(f"{markets}{'' if k is None else f' K = {k}'}: {exc}") from None
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lfm_zonal.errors import InputError, LfmError
+from lfm_zonal.errors import InputError, LfmError, SolverError
 from lfm_zonal.files.outputs import (
     MARKER,
     MARKER_TEXT,
@@ -88,7 +88,10 @@ def run_case(
 
     share_memory(sharing)
     warnings.filterwarnings("ignore")
-    study = run_study(case_scenario(scenario, day, seed, ks, methods))
+    try:
+        study = run_study(case_scenario(scenario, day, seed, ks, methods))
+    except SolverError as exc:  # which case: the day and seed (the market is named)
+        raise SolverError(f"case {case_name(day, seed)}: {exc}") from None
     kpis = study.kpis()
     rows = kpis.assign(day=f"{pd.Timestamp(day):%Y-%m-%d}", seed=seed)
     rows = rows[["day", "seed", *kpis.columns]]
