@@ -9,6 +9,7 @@ import pytest
 
 from lfm_zonal import Horizon, load_grid, load_profiles, run_horizon
 from lfm_zonal.grid.sources import simbench_net
+from lfm_zonal.grid.violations import VIOLATION_TOLERANCE_VM_PU
 
 
 def runpp_results(pf, mtu):
@@ -67,6 +68,13 @@ def test_unconverged_mtu_is_reported_and_skipped(tmp_path):
     assert pf.converged.tolist() == [True, False, True]
     assert pf.vm_pu.iloc[1].isna().all()
     assert len(pf.failures) == 1 and "MTU 1 (2016-01-14 00:15:00)" in pf.failures[0]
+    # Its violation counts are missing, as its maxima: no state, not 0 violations.
+    v = pf.violations()
+    counts = ["overloaded_branches", "undervoltage_buses", "overvoltage_buses"]
+    assert v.loc[v.index[1], counts].isna().all() and v.vm_min_pu.isna().iloc[1]
+    assert v.loc[v.index[[0, 2]], counts].notna().all().all()
+    below = pf.vm_pu.iloc[0] < grid.vm_min_pu - VIOLATION_TOLERANCE_VM_PU
+    assert v.undervoltage_buses.iloc[0] == below.sum()
     # The others are solved normally.
     vm, _ = runpp_results(pf, 2)
     np.testing.assert_allclose(pf.vm_pu.iloc[2].to_numpy(), vm.to_numpy(), atol=1e-7)

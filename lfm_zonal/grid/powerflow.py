@@ -745,20 +745,26 @@ class HorizonPowerFlow:
 
     def violations(self) -> pd.DataFrame:
         """Base-case violations per MTU: overloads and voltages outside the band
-        (``overloaded_branches`` counts monitored rows: each overloaded trafo3w winding)."""
+        (``overloaded_branches`` counts monitored rows: each overloaded trafo3w winding).
+        An MTU that did not converge has no state: its counts are missing (pandas' NA, an
+        empty cell in a CSV), like its maxima, not 0."""
         over, under, overv = excess(self.grid, self.loading_percent, self.vm_pu)
         loading_max = self.loading_percent.max(axis=1)
         if not self.loading_percent.shape[1]:  # nothing monitored: a converged MTU loads 0 %
             loading_max = loading_max.where(~self.converged, 0.0)
+
+        def count(beyond: pd.DataFrame, tolerance: float) -> pd.Series:
+            return (beyond > tolerance).sum(axis=1).astype("Int64").where(self.converged)
+
         return pd.DataFrame(
             {
                 "converged": self.converged,
                 "loading_max_percent": loading_max,
-                "overloaded_branches": (over > VIOLATION_TOLERANCE_LOADING_PERCENT).sum(axis=1),
+                "overloaded_branches": count(over, VIOLATION_TOLERANCE_LOADING_PERCENT),
                 "vm_min_pu": self.vm_pu.min(axis=1),
                 "vm_max_pu": self.vm_pu.max(axis=1),
-                "undervoltage_buses": (under > VIOLATION_TOLERANCE_VM_PU).sum(axis=1),
-                "overvoltage_buses": (overv > VIOLATION_TOLERANCE_VM_PU).sum(axis=1),
+                "undervoltage_buses": count(under, VIOLATION_TOLERANCE_VM_PU),
+                "overvoltage_buses": count(overv, VIOLATION_TOLERANCE_VM_PU),
             }
         )
 

@@ -124,8 +124,8 @@ class MarketInputs:
 def mtus_to_clear(pf: HorizonPowerFlow) -> np.ndarray:
     """Converged MTUs with a base-case overload or voltage outside the band."""
     v = pf.violations()
-    bad = (v.overloaded_branches + v.undervoltage_buses + v.overvoltage_buses) > 0
-    return np.flatnonzero((bad & v.converged).to_numpy())
+    bad = ((v.overloaded_branches + v.undervoltage_buses + v.overvoltage_buses) > 0).fillna(False)
+    return np.flatnonzero((bad & v.converged).to_numpy(bool))
 
 
 def clear_market(
