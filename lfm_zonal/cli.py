@@ -450,6 +450,10 @@ def _numbers(text: str, kind: type, flag: str) -> tuple:
                 raise InputError(f"{flag} '{text}': the range bounds must be finite numbers")
             first, last = parts[0], parts[1]
             step = parts[2] if len(parts) == 3 else 1
+            if first > last:
+                raise InputError(
+                    f"{flag} '{text}': a range runs up, first to last (not {first} > {last})"
+                )
             # Whole numbers exactly; decimals with room for rounding (0:0.3:0.1 has 4 values).
             span = (
                 (last - first) // step if kind is int else math.floor((last - first) / step + 1e-9)
@@ -463,7 +467,10 @@ def _numbers(text: str, kind: type, flag: str) -> tuple:
             if kind is float:
                 values = [round(v, 10) for v in values]
         else:
-            values = [parse(v) for v in text.split(",") if v.strip()]
+            items = text.split(",")
+            if any(not v.strip() for v in items):
+                raise InputError(f"{flag} '{text}': an empty value in the list")
+            values = [parse(v) for v in items]
         if not values:
             raise ValueError(text)
     except InputError:
@@ -604,6 +611,8 @@ def _days(text: str) -> list[str]:
     """Days as a comma list or an inclusive range first:last (daily)."""
     import pandas as pd
 
+    if not text.strip(" ,"):
+        raise InputError(f"--days '{text}' is empty")
     try:
         if ":" in text:
             first, last = text.split(":")

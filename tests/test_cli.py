@@ -50,6 +50,11 @@ def run_cli(capsys, *argv):
         (["sensitivities", "--n-mtu", "4", "--mtu", "-1"], "MTU -1 is outside the horizon"),
         (["sweep", "--days", "2016-01-14", "--k", "2", "--k", "1:3"], "--k 2 is given twice"),
         (["zones", "--k", ""], "--k '' is empty"),
+        # an empty value within a list is a typo, not skipped; a range runs up
+        (["zones", "--k", "1,,2"], "--k '1,,2': an empty value in the list"),
+        (["sweep", "--days", "2016-01-14", "--seeds", "0,1,"], "--seeds '0,1,': an empty value"),
+        (["zones", "--k", "4:1"], "--k '4:1': a range runs up, first to last (not 4 > 1)"),
+        (["sweep", "--days", ""], "--days '' is empty"),
         (["clear", "--market", "nodal", "--k", "3"], "nodal market clears one area per bus"),
         (["clear", "--market", "zonal"], "needs --k (or a --scenario with zones.k)"),
         # A key a flag set is reported against the flag, not the scenario file
