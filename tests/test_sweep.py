@@ -22,7 +22,7 @@ def short_scenario() -> Scenario:
     return Scenario(base.path, validate_values(values, base.path))
 
 
-def test_an_interrupted_sweep_resumes_without_recomputing(short_scenario, tmp_path):
+def test_an_interrupted_sweep_resumes_without_recomputing(short_scenario, tmp_path, monkeypatch):
     done: list[str] = []
 
     def interrupt_after_first(path: str) -> None:
@@ -50,13 +50,46 @@ def test_an_interrupted_sweep_resumes_without_recomputing(short_scenario, tmp_pa
     cost = table.set_index(["day", "method", "k"]).cost_eur
     for day in DAYS:
         assert cost[(day, "zonal", 1)] >= cost[(day, "nodal", 15)] - 1e-6
-    # A larger sweep in the same folder only runs what is new.
+    # A larger sweep in the same folder only runs what is new: K = 5 of both days, no other
+    # market (each case file keeps its rows and gains the new ones).
     recomputed.clear()
-    run_sweep(
+    before = first.read_text().splitlines()
+    ran = []
+    from lfm_zonal.study import job
+
+    study = job.run_study
+
+    def spy(scenario, *args, **kwargs):
+        ran.append((scenario["market"]["methods"], scenario["zones"]["k"]))
+        return study(scenario, *args, **kwargs)
+
+    monkeypatch.setattr(job, "run_study", spy)
+    larger = run_sweep(
         short_scenario, DAYS, [1, 3, 5], [0], tmp_path, workers=0,
         methods=["nodal", "zonal"], on_case=recomputed.append,
     )  # fmt: skip
-    assert len(recomputed) == 2  # K = 5 is new for both days
+    assert len(recomputed) == 2 and ran == [(["zonal"], [5])] * 2
+    assert first.read_text().splitlines()[: len(before)] == before
+    # The same table as a sweep of K = 1, 3, 5 from scratch.
+    monkeypatch.undo()
+    fresh = run_sweep(
+        short_scenario, DAYS, [1, 3, 5], [0], tmp_path / "fresh", workers=0,
+        methods=["nodal", "zonal"],
+    )  # fmt: skip
+    pd.testing.assert_frame_equal(larger, fresh)
+
+
+def test_a_case_run_before_runs_the_markets_it_misses_only():
+    """The nodal market where its row is missing; every method at each zone count that one
+    of them misses (both share the zones and the bids of that K)."""
+    from lfm_zonal.study.sweep import _still_to_run
+
+    held = pd.DataFrame({"method": ["nodal", "zonal", "needs_based"], "k": [15, 2, 2]})
+    methods = ["nodal", "zonal", "needs_based"]
+    assert _still_to_run(None, [2, 4], methods) == ([2, 4], methods)
+    assert _still_to_run(held, [2, 4], methods) == ([4], ["zonal", "needs_based"])
+    assert _still_to_run(held[1:], [2], methods) == ([2], ["nodal"])
+    assert _still_to_run(held[:2], [2, 4], methods) == ([2, 4], ["zonal", "needs_based"])
 
 
 @pytest.mark.slow

@@ -88,6 +88,9 @@ def run_case(
 
     share_memory(sharing)
     warnings.filterwarnings("ignore")
+    path = Path(folder) / CASES / f"{case_name(day, seed)}.csv"
+    held = pd.read_csv(path) if path.is_file() else None
+    ks, methods = _still_to_run(held, ks, methods)
     try:
         study = run_study(case_scenario(scenario, day, seed, ks, methods))
     except SolverError as exc:  # which case: the day and seed (the market is named)
@@ -95,10 +98,30 @@ def run_case(
     kpis = study.kpis()
     rows = kpis.assign(day=f"{pd.Timestamp(day):%Y-%m-%d}", seed=seed)
     rows = rows[["day", "seed", *kpis.columns]]
-    path = Path(folder) / CASES / f"{case_name(day, seed)}.csv"
+    if held is not None:  # the markets run before, then the new ones (collect sorts them)
+        ran = {(m, int(k)) for m, k in zip(rows.method, rows.k, strict=True)}
+        before = [(m, int(k)) not in ran for m, k in zip(held.method, held.k, strict=True)]
+        rows = pd.concat([held[before], rows], ignore_index=True)
     with atomic_file(path) as partial:
         write_csv(rows, partial, index=False)
     return str(path)
+
+
+def _still_to_run(held: pd.DataFrame | None, ks, methods) -> tuple[list[int], list[str]]:
+    """The zone counts and methods a case still needs, its file holding ``held`` (the rows
+    of an earlier sweep in this folder with fewer zone counts or methods; None: none): the
+    nodal market if it is not there, and the markets of every zone count one of them
+    misses. Each market depends on its own inputs only, so its row is the one a run of
+    them all gives (the timing columns aside)."""
+    if held is None:
+        return list(ks), list(methods)
+    have = {(m, int(k)) for m, k in zip(held.method, held.k, strict=True)}
+    zonal = [m for m in methods if m != "nodal"]
+    missing = [k for k in ks if any((m, int(k)) not in have for m in zonal)]
+    run = [m for m in zonal if missing]
+    if "nodal" in methods and not held.method.eq("nodal").any():
+        run.insert(0, "nodal")
+    return (missing or list(ks)), run
 
 
 def finished(path: Path, ks, methods) -> bool:
