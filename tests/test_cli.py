@@ -32,6 +32,11 @@ def run_cli(capsys, *argv):
             "outside the SimBench profile range",
         ),
         (["powerflow", "--grid", "1-MV-rural--0-sw", "--mtu-minutes", "20"], "multiple of 15"),
+        (  # inside the year, off its quarter hours: said so, not "outside the range"
+            ["powerflow", "--grid", "1-MV-rural--0-sw", "--start", "2016-04-16 00:07"],
+            "horizon start 2016-04-16 00:07:00: SimBench profiles are quarter-hourly, start on "
+            "a quarter hour (:00, :15, :30 or :45)",
+        ),
         (["powerflow", "--n-mtu", "0"], "'horizon.n_mtu' must be > 0"),
         (["powerflow", "--profiles", "nope.csv"], "profile file not found: nope.csv"),
         # a folder where a file is asked for is named as such, not as missing

@@ -167,7 +167,7 @@ def _check_folder(
             return
         if not_empty is None:  # --overwrite replaces only what lfm-zonal wrote
             not_empty = (
-                "use --overwrite"
+                "use --overwrite; overwrite=True in Python"
                 if ours
                 else f"lfm-zonal did not write it, no {MARKER} file in it: choose another --out"
             )
@@ -190,7 +190,9 @@ def _check_file(out, target: Path, overwrite: bool, protected: set[Path], exists
         if not target.is_file():
             raise InputError(f"--out {out} exists and is not a regular file")
         if not overwrite and not exists_ok:
-            raise InputError(f"file {out} exists (use --overwrite to replace it)")
+            raise InputError(
+                f"file {out} exists (use --overwrite to replace it; overwrite=True in Python)"
+            )
 
 
 # --------------------------------------------------------------------------- one writer

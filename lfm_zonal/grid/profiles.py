@@ -219,11 +219,16 @@ def _simbench_rows(horizon: Horizon) -> np.ndarray:
     per_mtu = horizon.mtu_minutes // SIMBENCH_STEP_MINUTES
     n_rows = 366 * 96
     first, last = offset, offset + horizon.n_mtu * per_mtu - 1
-    if offset != int(offset) or first < 0 or last >= n_rows:
+    if offset != int(offset):
+        raise InputError(
+            f"horizon start {horizon.start}: SimBench profiles are quarter-hourly, start on a "
+            "quarter hour (:00, :15, :30 or :45)"
+        )
+    if first < 0 or last >= n_rows:
         end = SIMBENCH_YEAR_START + pd.Timedelta(minutes=15 * n_rows)
         raise InputError(
             f"horizon {horizon.times[0]} .. {horizon.times[-1]} is outside the SimBench profile "
-            f"range {SIMBENCH_YEAR_START} .. {end} on the 15-minute grid"
+            f"range {SIMBENCH_YEAR_START} .. {end}"
         )
     return (int(offset) + np.arange(horizon.n_mtu * per_mtu)).reshape(horizon.n_mtu, per_mtu)
 
