@@ -409,3 +409,19 @@ def test_file_flags_are_relative_to_the_working_directory(tmp_path, monkeypatch,
     capsys.readouterr()
     a, b = (pd.read_csv(tmp_path / f"{n}.csv") for n in "ab")
     assert b.loading_max_percent.iloc[0] > a.loading_max_percent.iloc[0] + 1
+
+
+def test_a_nodal_market_alone_draws_no_comparison_against_k(capsys, tmp_path):
+    """k_comparison.png compares zone counts: with the nodal market alone it was one dotted
+    line in four panels, titled 'against the number of zones'. It is drawn, and the report
+    shows it, where some market has zones."""
+    from conftest import small_scenario
+
+    for methods, drawn in (('"nodal"', False), ('"nodal", "zonal"', True)):
+        scenario = small_scenario(tmp_path, k="2", methods=methods, name=f"{drawn}.toml")
+        out = tmp_path / f"results_{drawn}"
+        code, _, _ = run_cli(capsys, "run", str(scenario), "--out", str(out), "--quiet")
+        assert code == 0
+        assert (out / "k_comparison.png").is_file() is drawn
+        assert ("k_comparison.png" in (out / "report.md").read_text()) is drawn
+        assert (out / "before_after.png").is_file()

@@ -12,6 +12,12 @@ from lfm_zonal.report.html_map import plotly_available
 from lfm_zonal.study.job import StudyResult, base_case_summary
 
 
+def has_k_comparison(kpis: pd.DataFrame) -> bool:
+    """Whether the results compare zone counts (k_comparison.png): some market has zones;
+    a nodal market alone has no K to compare."""
+    return bool((kpis.method != "nodal").any())
+
+
 def residual_warnings(kpis: pd.DataFrame, residual: pd.DataFrame, limit: int = 4) -> list[str]:
     """One line per market that leaves a violation after the AC check (or an MTU whose AC
     check did not converge): how many, where (elements named, worst first), for how many
@@ -94,8 +100,11 @@ def report_markdown(
         "The security-adjusted cost adds that AC residual priced at the penalty of unmet need "
         f"({_penalty(kpis)}).",
         "",
-        "![cost and residuals against K](k_comparison.png)",
-        "",
+        *(
+            ["![cost and residuals against K](k_comparison.png)", ""]
+            if has_k_comparison(kpis)
+            else []
+        ),
         "## Violations left after the AC check",
         "",
     ]

@@ -32,7 +32,7 @@ from lfm_zonal.report.plots import (
     plot_zones,
 )
 from lfm_zonal.study.job import StudyResult, base_case_summary, run_study
-from lfm_zonal.study.report import report_markdown
+from lfm_zonal.study.report import has_k_comparison, report_markdown
 from lfm_zonal.study.scenario import Scenario
 from lfm_zonal.study.workers import forked
 from lfm_zonal.zones.segmentation import Segmentation, Zones
@@ -310,9 +310,11 @@ def write_results(
     pf = base.powerflow
     kpis = study.kpis()
     worst = worst_mtu(pf)
-    plots = [
-        functools.partial(plot_k_comparison, kpis, folder / "k_comparison.png", base.grid.name)
-    ]
+    plots = []
+    if has_k_comparison(kpis):
+        plots.append(
+            functools.partial(plot_k_comparison, kpis, folder / "k_comparison.png", base.grid.name)
+        )
     if worst is not None:
         plots.append(
             functools.partial(
