@@ -143,7 +143,11 @@ def test_student_t_at_the_normal_limit_is_finite():
 
 
 BAD_REQUESTS = [
-    ("points_per_offer", dict(study="temporal", n_mtu=(10**7,)), "MTUs x 25 offers per node"),
+    (
+        "points_per_offer",
+        dict(study="temporal", n_mtu=(35_136,), params={"points_per_offer": 1000}),
+        "MTUs x 25 offers per node",
+    ),
     (
         "small bids, many points",
         dict(
@@ -176,6 +180,10 @@ BAD_REQUESTS = [
     ("no seed", dict(seeds=()), "at least one seed"),
     ("a billion seeds", dict(seeds=range(10**9)), "1000000000 seeds"),
     ("a billion MTU counts", dict(study="temporal", n_mtu=range(1, 10**9)), "at most 100000"),
+    # beyond a leap year of quarter hours (as a scenario's horizon), or a million seeds:
+    # hours of drawing without a word, now refused at once
+    ("a year and a day", dict(study="temporal", n_mtu=(35_137,)), "in [1, 35137), got 35137"),
+    ("a million seeds", dict(seeds=range(10**6)), "1000000 seeds asked; at most 10000"),
     ("unknown study", dict(study="both"), "unknown tender study"),
 ]
 
@@ -202,7 +210,7 @@ def test_the_studies_refuse_on_their_own(monkeypatch):
         with pytest.raises(InputError, match=r"gini \(--gini\) must be finite"):
             T.spatial_study(TABLE_I, (math.nan,), (2,), (0,))
         with pytest.raises(InputError, match="GiB"):
-            T.temporal_study(TABLE_I.replace(points_per_offer=1000), (0,), (10**5,), (0,))
+            T.temporal_study(TABLE_I.replace(points_per_offer=1000), (0,), (35_136,), (0,))
 
 
 def test_grid_forecast_error_must_be_finite():
