@@ -508,10 +508,38 @@ class _WholeNumbers(argparse.Action):
         setattr(namespace, self.dest, before + added)
 
 
+#: The tender flags that belong to some studies only: their default and those studies
+#: ("all" runs optimum, temporal and spatial). Given to another study, a flag is refused:
+#: it would change nothing (tender grid --n-nodes 5 ran the grid study as without it).
+TENDER_STUDY_FLAGS = {
+    "scenario": (DEFAULT_SCENARIO, ("grid",)),
+    "forecast_error": (0.1, ("grid",)),
+    "k": (None, ("grid",)),
+    "sigma_mu": ("0:10", ("temporal", "all")),
+    "n_mtu": ("2:20", ("temporal", "all")),
+    "gini": ("0:0.7:0.05", ("spatial", "all")),
+    "n_nodes": ("2:20", ("spatial", "all")),
+}
+
+
+def _tender_flags(args: argparse.Namespace) -> None:
+    """Refuse a flag given to a study it does not belong to; set the defaults of the others."""
+    for dest, (default, studies) in TENDER_STUDY_FLAGS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+        elif args.study not in studies:
+            flag = "--" + dest.replace("_", "-")
+            raise InputError(
+                f"{flag} is for tender {' or '.join(studies)}, not tender {args.study}: "
+                "it would change nothing"
+            )
+
+
 def cmd_tender(args: argparse.Namespace) -> None:
     from lfm_zonal.files.outputs import result_folder
     from lfm_zonal.tender.sizing import load_parameters, parameter_sets, run_tender_studies
 
+    _tender_flags(args)
     if args.list:
         for name, description in parameter_sets().items():
             print(f"{name:<16} {description}")
@@ -905,14 +933,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scenario",
-        default=DEFAULT_SCENARIO,
         help=f"grid study: the scenario whose feeder and resources are used (default {DEFAULT_SCENARIO})",
     )
     p.add_argument(
         "--forecast-error",
         type=float,
-        default=0.1,
-        help="grid study: load forecast error, standard deviation / MW (default 0.1)",
+        help="grid study: load forecast error, its standard deviation as a share of each "
+        "load's MW (default 0.1: 10%%)",
     )
     p.add_argument(
         "--k", action=_WholeNumbers, help="grid study: zone counts (default every K from 1 to N)"
@@ -924,10 +951,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)"
     )
     p.add_argument("--list", action="store_true", help="list the shipped parameter sets")
-    p.add_argument("--sigma-mu", default="0:10", help="sigma_mu values in MW (default 0:10)")
-    p.add_argument("--n-mtu", default="2:20", help="MTUs per product (default 2:20)")
-    p.add_argument("--gini", default="0:0.7:0.05", help="Gini indices (default 0:0.7:0.05)")
-    p.add_argument("--n-nodes", default="2:20", help="nodes per product (default 2:20)")
+    p.add_argument("--sigma-mu", help="temporal study: sigma_mu values in MW (default 0:10)")
+    p.add_argument("--n-mtu", help="temporal study: MTUs per product (default 2:20)")
+    p.add_argument("--gini", help="spatial study: Gini indices (default 0:0.7:0.05)")
+    p.add_argument("--n-nodes", help="spatial study: nodes per product (default 2:20)")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 averaged (default 5)")
     _add_out_folder(p, "tender")
     p.set_defaults(func=cmd_tender)

@@ -75,8 +75,8 @@ def congestion_needs(
     """The congested element of the horizon and its need attributed to the flexible buses."""
     if not (0 <= forecast_error <= MAX_FORECAST_ERROR):
         raise InputError(
-            f"the forecast error must be within [0, {MAX_FORECAST_ERROR:g}] (standard deviation "
-            f"/ MW), got {forecast_error}"
+            f"the forecast error must be within [0, {MAX_FORECAST_ERROR:g}] (a share of each "
+            f"load's MW: 0.1 is a standard deviation of 10%), got {forecast_error}"
         )
     pf = seg.pf
     limit = pf.grid.loading_max_percent
