@@ -205,3 +205,21 @@ def test_a_solver_failure_names_its_case_and_market(short_scenario, tmp_path, mo
         "case 2016-01-13_seed0: nodal market: DSO-needs LP: solver status Infeasible"
     )
     assert not (tmp_path / "a").exists()
+
+
+def test_days_of_synthetic_profiles_are_said_to_be_alike(short_scenario, tmp_path, caplog):
+    """A built-in feeder's synthetic profiles are one daily shape whatever the date: a sweep
+    over its days gives the same rows every day, and says so before it runs."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="lfm_zonal"):
+        table = run_sweep(short_scenario, DAYS, [2], [0], tmp_path / "a", workers=0)
+    said = [r.getMessage() for r in caplog.records if "synthetic profiles" in r.getMessage()]
+    assert len(said) == 1 and "the 2 days give the same results" in said[0]
+    kpis = table.drop(columns=["day"]).groupby(table.day)
+    first, second = (part.reset_index(drop=True) for _, part in kpis)
+    pd.testing.assert_frame_equal(first, second)  # what the warning says
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lfm_zonal"):
+        run_sweep(short_scenario, DAYS[:1], [2], [0], tmp_path / "b", workers=0)
+    assert not [r for r in caplog.records if "synthetic profiles" in r.getMessage()]

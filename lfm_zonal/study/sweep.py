@@ -38,6 +38,8 @@ from lfm_zonal.files.outputs import (
 from lfm_zonal.limits import available_cores, share_memory
 from lfm_zonal.study.scenario import Scenario, validate_values
 
+log = logging.getLogger(__name__)
+
 CASES = "cases"
 MANIFEST = "sweep.json"
 WORKERS_PER_CORE = 4  # more local worker processes than this is refused
@@ -208,7 +210,15 @@ def check_cases(scenario: Scenario, days: list[str], ks, seeds, methods) -> None
 
     cases = {day: case_scenario(scenario, day, seeds[0], ks, methods) for day in days}
     grid = load_scenario_grid(cases[days[0]])
-    covered = horizon_check(grid, profiles_csv(scenario))
+    csv = profiles_csv(scenario)
+    if len(days) > 1 and csv is None and grid.profile_source != "simbench":
+        log.warning(
+            "grid %s has synthetic profiles, one daily shape for every date: the %d days "
+            "give the same results (the seeds differ; give profiles.csv for days that do)",
+            grid.name,
+            len(days),
+        )
+    covered = horizon_check(grid, csv)
     for day, case in cases.items():
         try:
             covered(scenario_horizon(case))
