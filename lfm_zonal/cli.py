@@ -700,8 +700,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     summary = table.groupby(["method", "k"], sort=True)[
         ["cost_eur", "unmet_mwh", "residual_overload_max_percent", "residual_voltage_max_pu"]
     ].mean()
+    cases = f"{table.day.nunique()} days x {len(seeds)} seeds"
+    print(f"mean over the {cases} of each market (every case: {args.out}/sweep.csv)")
     print(summary.round(4).to_string())
-    print(f"sweep of {table.day.nunique()} days x {len(seeds)} seeds: {args.out}/sweep.csv")
 
 
 class _LowerLevelFormatter(logging.Formatter):
