@@ -643,15 +643,15 @@ def plot_tender_cost_curve(curve: pd.DataFrame, rules: pd.DataFrame, path: Path,
     for column, label in terms:
         ax.plot(curve.q_mw, curve[column], lw=1.2, label=label)
     ax.plot(curve.q_mw, curve.cost_eur_per_h, "k-", lw=2, label="expected cost (Eq. 1)")
+    # The rules' quantities as dashed lines named in the legend (notes beside the lines
+    # overlapped each other and the curves where the quantities are close).
     for i, rec in enumerate(rules.itertuples()):
-        ax.axvline(rec.q_mw, color=plt.get_cmap("tab10")(i + 3), ls="--", lw=1)
-        ax.annotate(
-            f"{rec.rule}\nQ = {rec.q_mw:.2f} MW, {rec.cost_eur_per_h:.0f} EUR/h",
-            (rec.q_mw, 0.97 - 0.12 * i),
-            xycoords=("data", "axes fraction"),
-            fontsize=7,
-            va="top",
-            ha="left",
+        ax.axvline(
+            rec.q_mw,
+            color=plt.get_cmap("tab10")(i + 3),
+            ls="--",
+            lw=1,
+            label=f"{rec.rule}: Q = {rec.q_mw:.2f} MW, {rec.cost_eur_per_h:.0f} EUR/h",
         )
     ax.set_yscale("symlog", linthresh=10)
     finite = curve.cost_eur_per_h[np.isfinite(curve.cost_eur_per_h)]
@@ -660,7 +660,7 @@ def plot_tender_cost_curve(curve: pd.DataFrame, rules: pd.DataFrame, path: Path,
     ax.set_xlabel("procured availability Q (MW)")
     ax.set_ylabel("EUR per hour of the window (symlog)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title(title)
     save(fig, path)
 
@@ -678,9 +678,15 @@ def plot_tender_temporal(summary: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_ylabel("extra cost of aggregation c_aggr (%)")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
-    ax.legend(title="sigma_mu", fontsize=7, title_fontsize=8, ncol=2, loc="upper left")
+    ax.legend(  # beside the axes: inside, it hid the peaks at few MTUs
+        title="sigma_mu", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0)
+    )
     ax.set_title(title)
     save(fig, path)
+
+
+#: The levels of P(miss) drawn on the spatial figure, each with its line style.
+MISS_LEVELS = ((0.2, "dotted"), (0.5, "solid"), (0.8, "dashed"))
 
 
 def plot_tender_spatial(summary: pd.DataFrame, path: Path, title: str) -> None:
@@ -704,15 +710,31 @@ def plot_tender_spatial(summary: pd.DataFrame, path: Path, title: str) -> None:
     filled = ax.contourf(x, y, values, levels=levels, norm=LogNorm(), cmap="magma_r", extend="min")
     fig.colorbar(filled, ax=ax, label="extra cost of aggregation c_aggr (%)", format="%g")
     miss_values = np.ma.masked_invalid(miss.to_numpy())
+    handles = []
     if miss_values.count() and np.ptp(miss_values.compressed()) > 0:
-        lines = ax.contour(x, y, miss_values, levels=[0.2, 0.5, 0.8], colors="black", linewidths=1)
-        ax.clabel(lines, fmt=lambda v: f"P(miss) {v:.1f}", fontsize=7)
+        # One style per level, named in the legend (labels on the lines overlapped where the
+        # levels lie close together).
+        for level, style in MISS_LEVELS:
+            ax.contour(x, y, miss_values, levels=[level], colors="black", linewidths=1.2,
+                       linestyles=[style])  # fmt: skip
+            handles.append(
+                plt.Line2D([], [], color="black", lw=1.2, ls=style, label=f"P(miss) = {level:g}")
+            )
     n = np.linspace(x.min(), x.max(), 200)
-    ax.plot(n, (n - 1) / n, "r-", lw=1.5, label="largest Gini: every offer at one node")
+    (edge,) = ax.plot(n, (n - 1) / n, "r-", lw=1.5, label="largest Gini: every offer at one node")
     ax.set_ylim(y.min(), y.max())
     ax.set_xlabel("grid nodes aggregated in one product")
     ax.set_ylabel("Gini index of the number of offers per node")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(
+        handles=[edge, *handles],
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(0.0, -0.13),
+        ncol=4,
+        frameon=False,
+        title="P(miss): probability that a node's cleared offer misses the median of its need",
+        title_fontsize=7,
+    )
     ax.set_title(title)
     save(fig, path)
 
@@ -744,7 +766,9 @@ def _plot_tender_spatial_lines(summary: pd.DataFrame, path: Path, title: str) ->
         else "grid nodes aggregated in one product"
     )
     ax.set_ylabel("extra cost of aggregation c_aggr (%)")
-    twin.set_ylabel("P(a node's cleared offer misses its median need) (dotted)")
+    if x_col == "n_nodes":  # whole nodes (one count alone got ticks 0.96 ... 1.04)
+        ax.set_xticks(sorted(summary.n_nodes.unique()))
+    twin.set_ylabel("P(a node's cleared offer misses its median need), x markers")
     twin.set_ylim(-0.05, 1.05)
     finite = summary.c_aggr_percent[np.isfinite(summary.c_aggr_percent)]
     ax.set_ylim(0, max(float(finite.max()) * 1.1, 1e-3) if len(finite) else 1.0)
