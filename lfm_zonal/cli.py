@@ -522,6 +522,12 @@ TENDER_STUDY_FLAGS = {
 }
 
 
+def _tender_help(dest: str, what: str) -> str:
+    """A tender flag's help: its study, what it gives, its default (TENDER_STUDY_FLAGS)."""
+    default, studies = TENDER_STUDY_FLAGS[dest]
+    return f"{studies[0]} study: {what} (default {default})"
+
+
 def _tender_flags(args: argparse.Namespace) -> None:
     """Refuse a flag given to a study it does not belong to; set the defaults of the others."""
     for dest, (default, studies) in TENDER_STUDY_FLAGS.items():
@@ -537,13 +543,18 @@ def _tender_flags(args: argparse.Namespace) -> None:
 
 def cmd_tender(args: argparse.Namespace) -> None:
     from lfm_zonal.files.outputs import result_folder
-    from lfm_zonal.tender.sizing import load_parameters, parameter_sets, run_tender_studies
+    from lfm_zonal.tender.sizing import (
+        check_seeds,
+        load_parameters,
+        parameter_sets,
+        run_tender_studies,
+    )
 
-    _tender_flags(args)
     if args.list:
         for name, description in parameter_sets().items():
             print(f"{name:<16} {description}")
         return
+    _tender_flags(args)
     overrides = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
@@ -553,7 +564,8 @@ def cmd_tender(args: argparse.Namespace) -> None:
     params = load_parameters(args.params, overrides)
     if args.seeds < 1:
         raise InputError(f"--seeds must be >= 1, got {args.seeds}")
-    seeds = range(args.seeds)  # a range: the studies check its size before drawing
+    seeds = range(args.seeds)  # a range: checked before the grid study's base case too
+    check_seeds(seeds)
     ranges = {
         "sigma_mu_mw": _numbers(args.sigma_mu, float, "--sigma-mu"),
         "n_mtu": _numbers(args.n_mtu, int, "--n-mtu"),
@@ -646,13 +658,18 @@ def _days(text: str) -> list[str]:
             first, last = text.split(":")
             days = pd.date_range(first, last, freq="D")
         else:
-            days = pd.DatetimeIndex([d.strip() for d in text.split(",") if d.strip()])
+            items = [d.strip() for d in text.split(",")]
+            if not all(items):
+                raise InputError(f"--days '{text}': an empty value in the list")
+            days = pd.DatetimeIndex(items)
+    except InputError:
+        raise
     except (ValueError, TypeError):
         raise InputError(
             f"--days '{text}': give dates as a comma list or a range, e.g. 2016-04-10:2016-04-16"
         ) from None
     if len(days) == 0:
-        raise InputError(f"--days '{text}': no day in that range")
+        raise InputError(f"--days '{text}': a range runs up, first to last")
     if days.has_duplicates:
         raise InputError(f"--days '{text}': {days[days.duplicated()][0]:%Y-%m-%d} is given twice")
     if len(days) > MAX_SWEEP_DAYS:
@@ -934,13 +951,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scenario",
-        help=f"grid study: the scenario whose feeder and resources are used (default {DEFAULT_SCENARIO})",
+        help="grid study: the scenario whose feeder and resources are used (default "
+        f"{TENDER_STUDY_FLAGS['scenario'][0]})",
     )
     p.add_argument(
         "--forecast-error",
         type=float,
         help="grid study: load forecast error, its standard deviation as a share of each "
-        "load's MW (default 0.1: 10%%)",
+        f"load's MW (default {TENDER_STUDY_FLAGS['forecast_error'][0]:g})",
     )
     p.add_argument(
         "--k", action=_WholeNumbers, help="grid study: zone counts (default every K from 1 to N)"
@@ -952,10 +970,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)"
     )
     p.add_argument("--list", action="store_true", help="list the shipped parameter sets")
-    p.add_argument("--sigma-mu", help="temporal study: sigma_mu values in MW (default 0:10)")
-    p.add_argument("--n-mtu", help="temporal study: MTUs per product (default 2:20)")
-    p.add_argument("--gini", help="spatial study: Gini indices (default 0:0.7:0.05)")
-    p.add_argument("--n-nodes", help="spatial study: nodes per product (default 2:20)")
+    p.add_argument("--sigma-mu", help=_tender_help("sigma_mu", "sigma_mu values in MW"))
+    p.add_argument("--n-mtu", help=_tender_help("n_mtu", "MTUs per product"))
+    p.add_argument("--gini", help=_tender_help("gini", "Gini indices"))
+    p.add_argument("--n-nodes", help=_tender_help("n_nodes", "nodes per product"))
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 averaged (default 5)")
     _add_out_folder(p, "tender")
     p.set_defaults(func=cmd_tender)

@@ -60,10 +60,13 @@ def run_cli(capsys, *argv):
         (["sweep", "--days", "2016-01-14", "--seeds", "0,1,"], "--seeds '0,1,': an empty value"),
         (["zones", "--k", "4:1"], "--k '4:1': a range runs up, first to last (not 4 > 1)"),
         (["sweep", "--days", ""], "--days '' is empty"),
+        (["sweep", "--days", "2016-01-13,,2016-01-14"], "an empty value in the list"),
+        (["sweep", "--days", "2016-01-14:2016-01-13"], "a range runs up, first to last"),
         # a tender flag of another study would change nothing
         (["tender", "grid", "--n-nodes", "5"], "--n-nodes is for tender spatial or all, not"),
         (["tender", "optimum", "--k", "3"], "--k is for tender grid, not tender optimum"),
         (["tender", "--forecast-error", "0.2"], "--forecast-error is for tender grid, not"),
+        (["tender", "grid", "--seeds", "1000000"], "seeds (--seeds): 1000000 asked; at most"),
         (["clear", "--market", "nodal", "--k", "3"], "nodal market clears one area per bus"),
         (["clear", "--market", "zonal"], "needs --k (or a --scenario with zones.k)"),
         # A key a flag set is reported against the flag, not the scenario file

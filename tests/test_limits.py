@@ -178,12 +178,12 @@ BAD_REQUESTS = [
     ("gini 1.5", dict(study="spatial", gini=(0.1, 1.5)), "in [0, 1), got 1.5"),
     ("half a node", dict(study="spatial", n_nodes=(2.5,)), "whole and >= 1, got 2.5"),
     ("no seed", dict(seeds=()), "at least one seed"),
-    ("a billion seeds", dict(seeds=range(10**9)), "1000000000 seeds"),
+    ("a billion seeds", dict(seeds=range(10**9)), "1000000000 asked"),
     ("a billion MTU counts", dict(study="temporal", n_mtu=range(1, 10**9)), "at most 100000"),
     # beyond a leap year of quarter hours (as a scenario's horizon), or a million seeds:
     # hours of drawing without a word, now refused at once
     ("a year and a day", dict(study="temporal", n_mtu=(35_137,)), "in [1, 35137), got 35137"),
-    ("a million seeds", dict(seeds=range(10**6)), "1000000 seeds asked; at most 10000"),
+    ("a million seeds", dict(seeds=range(10**6)), "seeds (--seeds): 1000000 asked; at most"),
     ("unknown study", dict(study="both"), "unknown tender study"),
 ]
 

@@ -399,7 +399,7 @@ def _clear_in_model(
                 previous=last.solution,
                 rows=last.solution.rows,
             )
-            require_optimal(solution, f"clearing with K = {k} and margins")
+            require_optimal(solution, "clearing LP with margins")
             solved = solution.stats
         status, accepted = solution.status, solution.accepted_mw
         price = _bid_prices(active, accepted, solution, grid)

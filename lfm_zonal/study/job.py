@@ -487,30 +487,32 @@ def _clear_group(
     method = study.cases[group[0]][0]
     release_free_memory()
     results = []
-    with _held_log_records() as records, _named_solver_errors(study.cases, group):
-        inputs = prepare_market(
-            base.powerflow,
-            study.resources,
-            method,
-            zones,
-            weights=weights,
-            sensitivity_method=scenario["sensitivity"]["method"],
-            max_steps=scenario["flexibility"]["max_steps"],
-            needs_rule=m["needs"],
-            cache=study.cache,
-        )
-        for i in group:
-            result = clear_market(
+    with _held_log_records() as records:
+        with _named_solver_errors(study.cases, group):
+            inputs = prepare_market(
                 base.powerflow,
                 study.resources,
-                study.cases[i][0],
-                segmentation_error=None if zones is None else segmentation_error,
-                pricing=m["pricing"],
-                penalty_eur_per_mwh=m["penalty_eur_per_mwh"],
+                method,
+                zones,
+                weights=weights,
+                sensitivity_method=scenario["sensitivity"]["method"],
+                max_steps=scenario["flexibility"]["max_steps"],
                 needs_rule=m["needs"],
                 cache=study.cache,
-                inputs=inputs,
             )
+        for i in group:
+            with _named_solver_errors(study.cases, [i]):
+                result = clear_market(
+                    base.powerflow,
+                    study.resources,
+                    study.cases[i][0],
+                    segmentation_error=None if zones is None else segmentation_error,
+                    pricing=m["pricing"],
+                    penalty_eur_per_mwh=m["penalty_eur_per_mwh"],
+                    needs_rule=m["needs"],
+                    cache=study.cache,
+                    inputs=inputs,
+                )
             result = replace(result, bids=result.bids[result.bids.accepted_mw > 0])
             release_free_memory()
             results.append((i, result))
@@ -518,16 +520,17 @@ def _clear_group(
 
 
 @contextlib.contextmanager
-def _named_solver_errors(cases: list[tuple[str, int | None]], group: list[int]) -> Iterator[None]:
-    """A SolverError raised within the block names the group's markets (its LP alone
-    said which LP failed, not whose)."""
+def _named_solver_errors(cases: list[tuple[str, int | None]], markets: list[int]) -> Iterator[None]:
+    """A SolverError raised within the block names the ``markets`` (case indices) it is
+    about (the LP alone said which LP failed, not whose): the group whose inputs were
+    being prepared, or the one market being cleared."""
     try:
         yield
     except SolverError as exc:
-        names = " and ".join(method for method, _ in (cases[i] for i in group))
-        k = cases[group[0]][1]
-        markets = f"{names} market{'s' if len(group) > 1 else ''}"
-        raise SolverError(f"{markets}{'' if k is None else f' K = {k}'}: {exc}") from None
+        k = cases[markets[0]][1]
+        names = " and ".join(cases[i][0] for i in markets)
+        label = f"{names} market{'s' if len(markets) > 1 else ''}"
+        raise SolverError(f"{label}{'' if k is None else f' K = {k}'}: {exc}") from None
 
 
 @contextlib.contextmanager

@@ -111,7 +111,7 @@ def run_case(
 
 def _still_to_run(held: pd.DataFrame | None, ks, methods) -> tuple[list[int], list[str]]:
     """The zone counts and methods a case still needs, its file holding ``held`` (the rows
-    of an earlier sweep in this folder with fewer zone counts or methods; None: none): the
+    of an earlier sweep in this folder with fewer zone counts; None: none): the
     nodal market if it is not there, and the markets of every zone count one of them
     misses. Each market depends on its own inputs only, so its row is the one a run of
     them all gives (the timing columns aside)."""
@@ -127,13 +127,8 @@ def _still_to_run(held: pd.DataFrame | None, ks, methods) -> tuple[list[int], li
 
 
 def finished(path: Path, ks, methods) -> bool:
-    """A case file that holds every requested row."""
-    if not path.is_file():
-        return False
-    rows = pd.read_csv(path)
-    have = {(m, int(k)) for m, k in zip(rows.method, rows.k, strict=True)}
-    nodal_ok = "nodal" not in methods or (rows.method == "nodal").any()
-    return nodal_ok and expected_rows(ks, methods) <= have
+    """A case file that holds every requested row (no market still to run)."""
+    return path.is_file() and not _still_to_run(pd.read_csv(path), ks, methods)[1]
 
 
 def run_sweep(

@@ -38,7 +38,14 @@ from lfm_zonal.grid.sensitivity import sensitivities
 from lfm_zonal.grid.violations import beyond_limits
 from lfm_zonal.limits import require_memory
 from lfm_zonal.market.resources import Resources
-from lfm_zonal.tender.sizing import Need, Offers, TenderParameters, pooled_tender, price_draws
+from lfm_zonal.tender.sizing import (
+    Need,
+    Offers,
+    TenderParameters,
+    check_seeds,
+    pooled_tender,
+    price_draws,
+)
 from lfm_zonal.zones.segmentation import Segmentation
 
 DEFAULT_FORECAST_ERROR = 0.1
@@ -169,10 +176,11 @@ def zonal_tender_study(
     segmentation_method: str = "agglomerative",
 ) -> tuple[pd.DataFrame, CongestionNeeds]:
     """c_aggr of one tender per zone against one tender per bus, for every K in ``ks``."""
+    check_seeds(seeds)
+    if len(ks) == 0:
+        raise InputError("give at least one zone count K")
     congestion = congestion_needs(seg, resources, forecast_error)
     nodes = congestion.nodes.index
-    if len(seeds) == 0 or len(ks) == 0:
-        raise InputError("give at least one seed and one zone count K")
     n_offers = int(resources.table.bus.isin(nodes).sum())  # at most one offer per resource
     require_memory(
         "tender grid",

@@ -125,6 +125,14 @@ def _values(values, name: str, kind: type, low: float, high: float | None = None
     return v
 
 
+def check_seeds(seeds) -> None:
+    """At least one seed, at most MAX_SEEDS (every tender study, the grid's too)."""
+    if len(seeds) == 0:
+        raise InputError("give at least one seed")
+    if len(seeds) > MAX_SEEDS:
+        raise InputError(f"seeds (--seeds): {len(seeds)} asked; at most {MAX_SEEDS}")
+
+
 def check_tender_request(
     params: TenderParameters,
     study: str = "all",
@@ -146,10 +154,7 @@ def check_tender_request(
     in bytes.
     """
     studies = ("optimum", "temporal", "spatial") if study == "all" else (study,)
-    if len(seeds) == 0:
-        raise InputError("give at least one seed")
-    if len(seeds) > MAX_SEEDS:
-        raise InputError(f"{len(seeds)} seeds asked; at most {MAX_SEEDS}")
+    check_seeds(seeds)
     b = max(1.0, params.offered_volume_ratio / params.bid_size_ratio)
     m = float(params.points_per_offer)
     offers, points = (b, "offers per node"), (m, "points per offer")
