@@ -951,14 +951,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scenario",
-        help="grid study: the scenario whose feeder and resources are used (default "
-        f"{TENDER_STUDY_FLAGS['scenario'][0]})",
+        help=_tender_help("scenario", "the scenario whose feeder and resources are used"),
     )
     p.add_argument(
         "--forecast-error",
         type=float,
-        help="grid study: load forecast error, its standard deviation as a share of each "
-        f"load's MW (default {TENDER_STUDY_FLAGS['forecast_error'][0]:g})",
+        help=_tender_help(
+            "forecast_error",
+            "load forecast error, its standard deviation as a share of each load's MW",
+        ),
     )
     p.add_argument(
         "--k", action=_WholeNumbers, help="grid study: zone counts (default every K from 1 to N)"

@@ -34,6 +34,7 @@ def save(fig: plt.Figure, path: Path, laid_out: bool = False) -> None:
 BUS_LABEL_MAX_BUSES = 60  # bus numbers on the map up to this many buses, none above
 #: Where a bus number is tried, in points from its bus (lower left corner of the text).
 BUS_LABEL_OFFSETS = ((-4, -11), (3, 3), (-11, 3), (3, -11), (5, -4), (-15, -4), (-4, 6), (-4, -19))
+SLACK_MARKER_SIZE = 160  # a slack's square on a zone map, points squared (as scatter's s)
 BIG_MAP_BUSES = 500  # above: a larger figure, thin lines, small bus dots without outline
 ZONE_LABEL_TRIED_ZONES = 200  # zone labels tried for the largest zones only (time)
 ZONE_LEGEND_MAX_ZONES = 9  # up to this many zones: a colour each, every zone in the legend
@@ -329,12 +330,13 @@ def draw_zones(
             linewidths=0.8,
         )
     in_service = net.ext_grid.in_service.astype(bool)
-    slack = [pos[b] for b in net.ext_grid.bus[in_service] if b in pos]
-    if slack:  # every substation of a grid with several
+    slack_buses = [b for b in net.ext_grid.bus[in_service] if b in pos]
+    star_size = 260 if k <= 20 else 150  # a medoid's star, points squared (as scatter's s)
+    if slack_buses:  # every substation of a grid with several
         marks(
-            slack,
+            [pos[b] for b in slack_buses],
             "slack (ext_grid)",
-            160,
+            SLACK_MARKER_SIZE,
             8.5,
             face="none",
             marker="s",
@@ -347,7 +349,7 @@ def draw_zones(
         marks(
             [pos[b] for b in placed],
             "zone medoid (virtual bus location), label Zn",
-            260 if k <= 20 else 150,
+            star_size,
             8,
             marker="*",
             c=colours[placed.index.to_numpy()],
@@ -362,8 +364,7 @@ def draw_zones(
     zone_labels = _zone_labels(fig, ax, placed, pos, colours, zone_of_bus, k)
     shown = len(zone_labels)
     if n <= BUS_LABEL_MAX_BUSES:  # small grids: bus numbers for the engineer
-        slack_buses = [b for b in net.ext_grid.bus[in_service] if b in pos]
-        markers = [(b, 260 if k <= 20 else 150) for b in placed] + [(b, 160) for b in slack_buses]
+        markers = [(b, star_size) for b in placed] + [(b, SLACK_MARKER_SIZE) for b in slack_buses]
         taken = [(box, None) for box in zone_labels] + _marker_boxes(fig, ax, pos, markers)
         _bus_labels(fig, ax, buses, xy, taken)
     if k <= ZONE_LEGEND_MAX_ZONES:
@@ -714,12 +715,13 @@ def plot_tender_spatial(summary: pd.DataFrame, path: Path, title: str) -> None:
     if miss_values.count() and np.ptp(miss_values.compressed()) > 0:
         # One style per level, named in the legend (labels on the lines overlapped where the
         # levels lie close together).
-        for level, style in MISS_LEVELS:
-            ax.contour(x, y, miss_values, levels=[level], colors="black", linewidths=1.2,
-                       linestyles=[style])  # fmt: skip
-            handles.append(
-                plt.Line2D([], [], color="black", lw=1.2, ls=style, label=f"P(miss) = {level:g}")
-            )
+        levels, styles = zip(*MISS_LEVELS, strict=True)
+        ax.contour(x, y, miss_values, levels=levels, colors="black", linewidths=1.2,
+                   linestyles=styles)  # fmt: skip
+        handles = [
+            plt.Line2D([], [], color="black", lw=1.2, ls=style, label=f"P(miss) = {level:g}")
+            for level, style in MISS_LEVELS
+        ]
     n = np.linspace(x.min(), x.max(), 200)
     (edge,) = ax.plot(n, (n - 1) / n, "r-", lw=1.5, label="largest Gini: every offer at one node")
     ax.set_ylim(y.min(), y.max())

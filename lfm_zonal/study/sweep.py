@@ -120,7 +120,7 @@ def _still_to_run(held: pd.DataFrame | None, ks, methods) -> tuple[list[int], li
     have = {(m, int(k)) for m, k in zip(held.method, held.k, strict=True)}
     zonal = [m for m in methods if m != "nodal"]
     missing = [k for k in ks if any((m, int(k)) not in have for m in zonal)]
-    run = [m for m in zonal if missing]
+    run = zonal if missing else []
     if "nodal" in methods and not held.method.eq("nodal").any():
         run.insert(0, "nodal")
     return (missing or list(ks)), run
