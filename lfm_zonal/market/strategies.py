@@ -357,7 +357,8 @@ class ClearingModel:
         rows (``rows``, the LP's; ``duals`` of every row) weighted by the area's
         coefficients, plus the trust region's (NaN in an area without a bid in the MTU):
         what column generation prices a step left out at. And the MTUs whose duals carry
-        the model's prices, not only offers' (``Solution.priced_by_model``)."""
+        the model's prices, not only offers' (``Solution.priced_by_model``); and whether a
+        bound of the trust region has a dual (``Solution.trust_bound``)."""
         T, K, b = len(self.grid.mtus), self.grid.k, self.bids
         price_p, price_q = np.zeros((T, K)), np.zeros((T, K))
         reduced = np.asarray(solution.col_dual)
@@ -409,7 +410,8 @@ class ClearingModel:
             carried = not np.array_equal(before, by_model)
         nan = np.full((T, K), np.nan)
         nan[b.pair_t, b.pair_area] = 0.0
-        return (price_p + nan) / self.grid.dt_h, (price_q + nan) / self.grid.dt_h, by_model
+        price_p, price_q = (price_p + nan) / self.grid.dt_h, (price_q + nan) / self.grid.dt_h
+        return price_p, price_q, by_model, bool((np.abs(trust) > DUAL_TOLERANCE).any())
 
     def _solution(self, x, p, q) -> Solution:
         T = len(self.grid.mtus)
@@ -420,12 +422,13 @@ class ClearingModel:
         # with them. (Every row held: as many generation rounds fewer, but building the rows
         # the optimum did not need cost more than the rounds; nodal, SimBench MV+LV.)
         duals = np.asarray(lp_solution.row_dual)
-        binding = held.rows[np.abs(duals[held.row]) > DUAL_TOLERANCE]
+        priced = np.abs(duals[held.row]) > DUAL_TOLERANCE
+        binding = held.rows[priced]
         slack_mw = np.zeros(T)
         if len(self.rows):  # the worst row of each MTU: MW the best area would need
             t = np.array([row[0] for row in self.rows], np.int64)
             np.maximum.at(slack_mw, t, slack)
-        price_p, price_q, by_model = self._area_prices(held, duals, lp_solution)
+        price_p, price_q, by_model, trust_bound = self._area_prices(held, duals, lp_solution)
         info = self.highs.getInfo()
         self.stats = replace(
             self.stats,
@@ -449,6 +452,8 @@ class ClearingModel:
             self._basis(lp_solution),
             binding,
             by_model,
+            row_duals=np.where(slack > PRIMAL_TOLERANCE_MW, 0.0, np.abs(duals[held.row]))[priced],
+            trust_bound=trust_bound,
         )
 
     def _failed(self, status: SolveStatus) -> Solution:
@@ -587,6 +592,7 @@ def solve_clearing(
     bid_status = np.full(n_bids, int(highspy.HighsBasisStatus.kLower), np.int8)
     row_status, objective = np.zeros(0, np.int8), 0.0
     held_rows = []  # each block's rows with a dual price, at the whole LP's MTU positions
+    row_duals, trust_bound = [], False
     last_rows = np.zeros((0, 2), np.int64)  # the rows the block solved last rested on
     for block in blocks:
         keep = np.zeros(T, bool)
@@ -626,6 +632,8 @@ def solve_clearing(
         if sub.storage:
             row_status = sol.basis.row_status
         held_rows.append(place_rows(sol.rows, keep))
+        row_duals.append(sol.row_duals)
+        trust_bound |= sol.trust_bound
     solution = Solution(
         SolveStatus.OPTIMAL,
         accepted,
@@ -639,6 +647,8 @@ def solve_clearing(
         MarketBasis(bid_status, row_status),
         np.concatenate([np.zeros((0, 2), np.int64), *held_rows]).astype(np.int64),
         by_model,
+        row_duals=np.concatenate([np.zeros(0), *row_duals]),
+        trust_bound=trust_bound,
     )
     return solution if only is None else _prices_held(solution, only, previous)
 
@@ -676,6 +686,8 @@ def _kept_block(previous: Solution, keep: np.ndarray, bid: np.ndarray, sub: Mark
         _basis_of_block(previous.basis, bid, sub),
         select_rows(previous.rows, keep),
         previous.priced_by_model[keep],
+        row_duals=previous.row_duals[keep[previous.rows[:, 0]]],
+        trust_bound=previous.trust_bound,
     )
 
 
@@ -778,6 +790,9 @@ class _Round:
     merit_eur: np.ndarray  # per MTU: bid cost plus the AC residual priced as the LP's slacks
     as_modelled: np.ndarray  # per MTU: AC no worse than the round's linear model, to tolerance
     grid: LinearGrid  # the linearisation the round's LP was solved on
+    #: The AC point's distance from the model on the rows the LP's optimum rests on, priced
+    #: by their duals: to first order, the most the LP re-linearised there would change.
+    model_error_eur: float
 
     @property
     def merit(self) -> float:
@@ -822,11 +837,16 @@ def sequential_clearing(
     first step from the base case, then half the last step in an MTU whose AC point came
     out worse than its linear model said (a step too long for the linearisation, or an
     LP oscillating between near-equal dispatches) or whose merit got worse, and twice the
-    last step where the model predicted it. The loop has converged when an accepted round
-    moves the merit by less than SLP_COST_RTOL and every MTU's AC point is as its model
-    said to the tolerances (within limits, or short by exactly the unmet need the model
-    reports), or when a rejected round is that close to a best round that is as
-    modelled. It also stops when the trust region has shrunk below SLP_MIN_STEP_MW, and
+    last step where the model predicted it. The loop has converged when every MTU's AC
+    point of an accepted round is as its model said to the tolerances (within limits, or
+    short by exactly the unmet need the model reports) and either the round moved the
+    merit by less than SLP_COST_RTOL, or the model's error on the rows its LP's optimum
+    rests on, priced by their duals, is below that (``_Round.model_error_eur``: to first
+    order what the next round would change; the optimum resting on no bound of the trust
+    region). On SimBench MV's windy day every LP market stops a round earlier so, with
+    the same results: the round it skipped moved the merit by about 1e-4 of it and was
+    not kept. It has converged too when a rejected round is that close to a best round
+    that is as modelled. It also stops when the trust region has shrunk below SLP_MIN_STEP_MW, and
     at SLP_MAX_ROUNDS (both with a warning when not converged). The best round is
     returned, never a worse later one.
 
@@ -870,7 +890,13 @@ def sequential_clearing(
         this = _judge(pf, lp_grid, lp_V, market, sol, W, scales, penalty_eur_per_mwh, number, cache)
         step = np.abs(sol.p_mw - p0).max(axis=1, initial=0.0)
         if best is None or _better(this, best):
-            settled = best is not None and _close(best.merit, this.merit)
+            # Settled: the merit moved less than the tolerance; or the LP's optimum rests on
+            # no bound of the trust region and the model's error priced by its duals is
+            # below it: re-linearised at this AC point, the LP would move the merit by about
+            # that much.
+            settled = (best is not None and _close(best.merit, this.merit)) or (
+                not sol.trust_bound and _negligible(this.model_error_eur, this.merit)
+            )
             best = this
             converged = settled and bool(this.as_modelled.all())
             if number > 1:  # the base point's first step is taken whole, then at most doubled
@@ -954,7 +980,12 @@ def _judge(
     predicted = lp_grid.violations(*lp_grid.after(sol.p_mw, sol.q_mvar))
     as_modelled = (excess <= np.maximum(predicted, 0.0) + tol).all(axis=1)
     merit = cost + residual_eur
-    return _Round(number, sol, V, ok, merit, as_modelled, lp_grid)
+    # The model's error on the rows the optimum rests on, priced by their duals: to first
+    # order, what the LP re-linearised at this AC point could save or would pay.
+    t, r = sol.rows[:, 0], sol.rows[:, 1]
+    error = np.abs(predicted[t, r] - excess[t, r]) / scales.of(t, r)
+    model_error_eur = float(np.where(np.isfinite(error), sol.row_duals * error, 0.0).sum())
+    return _Round(number, sol, V, ok, merit, as_modelled, lp_grid, model_error_eur)
 
 
 def _better(this: _Round, best: _Round) -> bool:
@@ -967,7 +998,12 @@ def _better(this: _Round, best: _Round) -> bool:
 
 def _close(a: float, b: float) -> bool:
     """Merits equal to the sequential LP's relative tolerance."""
-    return abs(a - b) <= SLP_COST_RTOL * max(abs(a), abs(b), 1e-9)
+    return _negligible(abs(a - b), max(abs(a), abs(b)))
+
+
+def _negligible(change_eur: float, merit_eur: float) -> bool:
+    """A change of a merit within the sequential LP's relative tolerance."""
+    return change_eur <= SLP_COST_RTOL * max(abs(merit_eur), 1e-9)
 
 
 # ---------------------------------------------------------------------- margins
