@@ -231,6 +231,7 @@ def cmd_powerflow(args: argparse.Namespace) -> None:
     if args.rows < 1:
         raise InputError(f"--rows must be >= 1, got {args.rows}")
     base = prepare_base_case(scenario_from_args(args), progress=not args.quiet)
+    base.require_converged()  # a table of nothing but failures is no result
     table = base.powerflow.violations()
     if args.out is not None:
         with result_file(args.out, overwrite=args.overwrite) as partial:

@@ -194,6 +194,18 @@ def test_zones_weigh_buses_by_the_resources_as_the_main_job(capsys, tmp_path):
     assert capacity.sum() > 0
 
 
+def test_powerflow_where_no_mtu_converges_writes_nothing(capsys, tmp_path):
+    """CIGRE MV with 30 times its loads: no MTU converges. The table would hold nothing
+    but failures: refused (exit 2), its --out not written."""
+    out = tmp_path / "pf.csv"
+    argv = ["powerflow", "--grid", "cigre_mv", "--load-scale", "30", "--n-mtu", "2"]
+    code, stdout, err = run_cli(capsys, *argv, "--out", str(out))
+    assert code == 2
+    assert "the AC power flow converges in none of the 2 MTU(s)" in err
+    assert "Traceback" not in err and stdout == ""
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_malformed_json_grid(capsys, tmp_path):
     bad = tmp_path / "grid.json"
     bad.write_text("{ this is not json")

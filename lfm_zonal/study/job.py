@@ -70,6 +70,12 @@ class BaseCase:
         """The converged MTU of highest total load ("peak"; the default MTU of the
         ``sensitivities`` command). The zones' reference MTU follows ``zones.reference_mtu``:
         see :meth:`zones_reference`."""
+        converged = self.require_converged()
+        total = self.profiles.total_load_mw().to_numpy()
+        return int(np.where(converged, total, -np.inf).argmax())
+
+    def require_converged(self) -> np.ndarray:
+        """Which MTUs converged; PowerFlowNotConverged where none did (nothing to study)."""
         converged = self.powerflow.converged.to_numpy()
         if not converged.any():
             peak = float(self.profiles.total_load_mw().max())
@@ -78,8 +84,7 @@ class BaseCase:
                 f"{len(converged)} MTU(s) of the horizon (highest total load {peak:.4g} MW): "
                 "more load or generation than the grid can carry"
             )
-        total = self.profiles.total_load_mw().to_numpy()
-        return int(np.where(converged, total, -np.inf).argmax())
+        return converged
 
     def worst_violation(self, cache: LinearisationCache | None = None) -> pd.Series | None:
         """The base-case violation of largest MW-equivalent over every MTU and monitored
