@@ -70,3 +70,27 @@ def test_a_missing_golden_file_is_not_to_be_made_up(tmp_path):
         read_golden(tmp_path / "tests" / "golden", "cigre_mv_evening_peak")
     with pytest.raises(InputError, match="from results you have checked: lfm-zonal golden"):
         read_golden(tmp_path, "cigre_mv_evening_peak")
+
+
+def test_refresh_writes_into_an_existing_writable_folder_only(tmp_path, monkeypatch):
+    """``golden --refresh`` outside the repository made ./tests/golden, and found a
+    read-only --dir only after clearing every scenario: both refused before the first run
+    (nodal_kpis would fail the test), nothing created."""
+    from lfm_zonal import InputError
+    from lfm_zonal.study import regression
+
+    def no_run(scenario):
+        raise AssertionError("a refused refresh cleared a market")
+
+    monkeypatch.setattr(regression, "nodal_kpis", no_run)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="no such folder of golden files"):
+        regression.refresh(Path("tests/golden"), ["cigre_mv_evening_peak"])
+    assert list(tmp_path.iterdir()) == []
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    # As another user than root (who writes into it anyway), the folder is not writable.
+    monkeypatch.setattr(regression.os, "access", lambda path, mode: Path(path) != locked)
+    with pytest.raises(InputError, match="locked: the folder of golden files is not writable"):
+        regression.refresh(locked, ["cigre_mv_evening_peak"])
+    assert list(locked.iterdir()) == []

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from lfm_zonal.check.kpis import GOLDEN_TOLERANCES
 from lfm_zonal.errors import InputError
+from lfm_zonal.files.outputs import atomic_file
 from lfm_zonal.study.scenario import Scenario, builtin_scenarios, load_scenario
 
 #: KPI -> (relative tolerance, absolute tolerance): the base case's, then the market KPIs'
@@ -66,18 +68,19 @@ def golden_file(folder: Path, name: str) -> Path:
 
 
 def _require_folder(folder: Path) -> None:
+    """An existing folder of golden files: they are the repository's, never made here."""
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file, not a folder of golden files (give --dir a folder)")
+    if not folder.is_dir():
+        raise InputError(
+            f"{folder}: no such folder of golden files (they are the repository's "
+            "tests/golden: run from its root, or give --dir)"
+        )
 
 
 def read_golden(folder: Path, name: str) -> dict[str, float]:
     path = golden_file(folder, name)
     _require_folder(folder)
-    if not folder.is_dir():  # a golden file is the repository's, not one made here
-        raise InputError(
-            f"{folder}: no such folder of golden files (they are the repository's "
-            "tests/golden: run from its root, or give --dir)"
-        )
     if not path.is_file():
         raise InputError(
             f"{path}: no golden file of {name} (record one on purpose, from results you "
@@ -88,8 +91,8 @@ def read_golden(folder: Path, name: str) -> dict[str, float]:
 
 def write_golden(folder: Path, name: str, kpis: dict[str, float]) -> Path:
     path = golden_file(folder, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(kpis, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with atomic_file(path) as partial:
+        partial.write_text(json.dumps(kpis, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
 
 
@@ -111,8 +114,12 @@ def check(folder: Path, names: list[str] | None = None) -> dict[str, list[str]]:
 
 
 def refresh(folder: Path, names: list[str] | None = None) -> list[Path]:
-    """Rewrite the golden files from the current code (on purpose: review the diff)."""
-    _require_folder(Path(folder))
+    """Rewrite the golden files from the current code (on purpose: review the diff); the
+    folder must exist and be writable, checked before the first run."""
+    folder = Path(folder)
+    _require_folder(folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{folder}: the folder of golden files is not writable")
     return [
         write_golden(folder, name, nodal_kpis(load_scenario(name)))
         for name in scenario_names(names)
