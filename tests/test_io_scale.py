@@ -3,6 +3,7 @@ compact result files, sensitivities in a binary format, progress lines of a run.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from conftest import small_scenario
 
 from lfm_zonal import Horizon, load_grid, load_profiles, progress
 from lfm_zonal.cli import main
+from lfm_zonal.study.workers import in_order
 
 
 def _year_profiles(grid, horizon: Horizon) -> dict[str, pd.DataFrame]:
@@ -414,6 +416,23 @@ def test_tables_are_written_as_pandas_writes_them(tmp_path, monkeypatch):
     )
     assert packed.name == "table.csv.gz"
     assert packed.read_bytes() == (tmp_path / "pandas" / "table.csv.gz").read_bytes()
+
+    # Its text made in parts of 3 chunks (666 rows) by two forked processes: the same bytes.
+    monkeypatch.setattr(outputs, "CSV_PART_CHUNKS", 3)
+    made = []
+
+    def counted(task, items, processes):
+        made.append(len(items))
+        return in_order(task, items, processes)
+
+    in_parts = functools.partial(counted, processes=2)
+    (tmp_path / "parts").mkdir()
+    packed = outputs.write_table(frame, tmp_path / "parts" / "table.csv", map_parts=in_parts)
+    assert packed.read_bytes() == (tmp_path / "pandas" / "table.csv.gz").read_bytes()
+    outputs.write_csv(frame, ours, index=False, map_parts=in_parts)
+    frame.to_csv(theirs, index=False, chunksize=2000 // len(frame.columns), **options)
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert made == [2, 2]  # 1200 rows in parts of 666
 
 
 def test_big_result_tables_are_written_gzip_compressed(tmp_path, capsys, monkeypatch):

@@ -24,7 +24,7 @@ from lfm_zonal.errors import InputError, LfmError
 from lfm_zonal.study import job
 from lfm_zonal.study.job import market_groups
 from lfm_zonal.study.scenario import load_scenario
-from lfm_zonal.study.workers import forked
+from lfm_zonal.study.workers import forked, in_order
 
 
 def _children() -> set[str]:
@@ -53,6 +53,24 @@ def test_forked_tasks_run_in_other_processes_and_come_back_by_index():
         assert ran == []
         assert list(done) == [(0, here), (1, here), (2, here)]
     assert ran == [0, 1, 2]
+
+
+def test_in_order_gives_the_results_in_the_items_order_within_another_block():
+    """The first item takes longest: the results still come in the items' order, made in
+    other processes; inside another forked block too (the plots' process while a table's
+    text is made)."""
+    here = os.getpid()
+
+    def slow_first(i):
+        time.sleep(0.3 if i == 0 else 0.0)
+        return i * i, os.getpid()
+
+    with forked([lambda: "plot"], processes=1) as drawn:
+        results = list(in_order(slow_first, range(5), processes=2))
+        assert list(drawn) == [(0, "plot")]
+    assert [r for r, _ in results] == [0, 1, 4, 9, 16]
+    assert here not in {pid for _, pid in results}
+    assert [r for r, _ in in_order(slow_first, [3], processes=2)] == [9]  # one item: here
 
 
 def test_calls_submitted_after_the_fork_take_their_arguments_along():

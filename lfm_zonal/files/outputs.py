@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import functools
 import gzip
 import io
 import json
@@ -509,12 +510,15 @@ def result_file(
         yield partial
 
 
-def write_csv(frame: pd.DataFrame | pd.Series, path: Path, index: bool = True) -> None:
+def write_csv(
+    frame: pd.DataFrame | pd.Series, path: Path, index: bool = True, map_parts=None
+) -> None:
+    """``frame`` as CSV (``to_csv`` with CSV_OPTIONS); ``map_parts`` as ``_write_rows``'s."""
     if not isinstance(frame, pd.DataFrame) or len(frame) < FAST_WRITER_FROM_ROWS:
         frame.to_csv(path, index=index, **CSV_OPTIONS)
         return
     with open(path, "w", encoding="utf-8", newline="") as handle:
-        _write_rows(frame, handle, index)
+        _write_rows(frame, handle, index, map_parts)
 
 
 #: ``to_csv``'s options for every table written: the float text and the line ending.
@@ -523,14 +527,17 @@ CSV_OPTIONS = {"float_format": FLOAT_FORMAT, "lineterminator": "\n"}
 FAST_WRITER_FROM_ROWS = 1000
 #: Cells in one chunk of rows of a CSV file: pandas' ``_DEFAULT_CHUNKSIZE_CELLS``.
 CSV_CHUNK_CELLS = 100_000
+#: Chunks of rows whose text one call of ``_write_rows``'s ``map_parts`` makes (a part of
+#: about 2M cells: SimBench MV+LV's activations, 2.4M rows of 12 columns, are 15 parts).
+CSV_PART_CHUNKS = 20
 
 
-def _write_rows(frame: pd.DataFrame, handle, index: bool) -> None:
+def _write_rows(frame: pd.DataFrame, handle, index: bool, map_parts=None) -> None:
     """``frame`` as CSV text to ``handle``, the bytes of ``frame.to_csv(handle, index=index,
     **CSV_OPTIONS)`` in about half the time.
 
     pandas writes the header; the rows go in pandas' own chunks (pandas decides a datetime
-    column's format chunk by chunk), one at a time in memory: each column as the cells
+    column's format chunk by chunk), a part of them at a time in memory: each column as the cells
     pandas writes for it (``_cells``), the rows written by the same ``csv.writer`` as
     pandas' (its quoting). pandas formats a value through several Python calls, and builds
     its rows again from object arrays: on SimBench MV's activations (178k rows, 12 columns)
@@ -538,6 +545,10 @@ def _write_rows(frame: pd.DataFrame, handle, index: bool) -> None:
     ...) is written by pandas, its float columns as text first (``as_text``); a frame
     without columns, with column levels, or with a datetime level in its row MultiIndex
     (which pandas formats over all rows, not chunk by chunk) is written by pandas whole.
+
+    The text is made in parts of CSV_PART_CHUNKS chunks, ``map_parts(make, starts)`` giving
+    ``make(start)`` for every part's first row in order (default ``map``): processes can
+    make them at once while this one writes (``study.workers.in_order``), the same bytes.
     """
     options = CSV_OPTIONS
     levels = frame.index.levels if index and isinstance(frame.index, pd.MultiIndex) else []
@@ -552,14 +563,27 @@ def _write_rows(frame: pd.DataFrame, handle, index: bool) -> None:
     frame.iloc[:0].to_csv(handle, index=index, **options)  # pandas' header: its label text
     if index:  # the index levels as leading columns
         frame = frame.reset_index(names=[f"\0{i}" for i in range(frame.index.nlevels)])
-    writer = csv.writer(handle, lineterminator=options["lineterminator"])
-    for start in range(0, len(frame), rows):
-        part = frame.iloc[start : start + rows]
+    part_rows = rows * CSV_PART_CHUNKS
+    starts = range(0, len(frame), part_rows)
+    make = functools.partial(_rows_text, frame, rows=rows, part_rows=part_rows)
+    for text in (map if map_parts is None else map_parts)(make, starts):
+        handle.write(text)
+
+
+def _rows_text(frame: pd.DataFrame, start: int, rows: int, part_rows: int) -> str:
+    """The CSV text of ``frame``'s rows from ``start`` (``part_rows`` of them at most), chunk by
+    chunk of ``rows`` (``_write_rows``)."""
+    options = CSV_OPTIONS
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator=options["lineterminator"])
+    for first in range(start, min(start + part_rows, len(frame)), rows):
+        part = frame.iloc[first : first + rows]
         cells = [_cells(part.iloc[:, i]) for i in range(part.shape[1])]
         if any(c is None for c in cells):
-            as_text(part).to_csv(handle, header=False, index=False, chunksize=rows, **options)
+            as_text(part).to_csv(text, header=False, index=False, chunksize=rows, **options)
         else:
             writer.writerows(zip(*cells, strict=True))
+    return text.getvalue()
 
 
 def _cells(column: pd.Series) -> list | None:
@@ -618,18 +642,18 @@ GZIP_ABOVE_ROWS = 500_000
 GZIP_LEVEL = {"compresslevel": 6, "mtime": 0}  # mtime 0: the same bytes each run
 
 
-def write_table(frame: pd.DataFrame, path: Path, index: bool = False) -> Path:
+def write_table(frame: pd.DataFrame, path: Path, index: bool = False, map_parts=None) -> Path:
     """A results table as CSV, or as gzip-compressed CSV (``path`` + ``.gz``) above
-    ``GZIP_ABOVE_ROWS`` rows; returns the path written."""
+    ``GZIP_ABOVE_ROWS`` rows; returns the path written. ``map_parts``: as ``_write_rows``'s."""
     if len(frame) <= GZIP_ABOVE_ROWS:
-        write_csv(frame, path, index=index)
+        write_csv(frame, path, index=index, map_parts=map_parts)
         return path
     path = path.with_name(path.name + ".gz")
     with (  # as pandas' to_csv opens a gzip file: the same bytes
         gzip.GzipFile(filename=path, mode="wb", **GZIP_LEVEL) as packed,
         io.TextIOWrapper(packed, encoding="utf-8", newline="") as handle,
     ):
-        _write_rows(frame, handle, index)
+        _write_rows(frame, handle, index, map_parts)
     return path
 
 

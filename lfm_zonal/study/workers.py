@@ -106,6 +106,7 @@ def forked(
         yield done
         return
     global _TASKS
+    outer = _TASKS  # a block within another's (its processes are forked already)
     pool = None
     finished = False
     # Signals wait until the processes exist and have their own handlers (_worker_setup):
@@ -141,12 +142,29 @@ def forked(
         finished = True
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        _TASKS = ()
+        _TASKS = outer
         if pool is not None:
             if not finished:  # a failed task or an interrupt: the others are not waited for
                 _stop(pool)
             pool.shutdown(wait=True, cancel_futures=True)
         gc.unfreeze()
+
+
+def in_order(task: Callable[[Any], Any], items: Sequence, processes: int) -> Iterator[Any]:
+    """``task(item)`` of every item, in the items' order, made by ``processes`` forked
+    processes (here, one by one, if fewer than 2 or one item) while the caller uses the
+    results so far; those done before their turn wait here."""
+    items = list(items)
+    if processes < 2 or len(items) < 2:
+        yield from map(task, items)
+        return
+    with forked([task], min(processes, len(items)), [(0, (item,)) for item in items]) as done:
+        waiting, turn = {}, 0
+        for number, result in done:
+            waiting[number] = result
+            while turn in waiting:
+                yield waiting.pop(turn)
+                turn += 1
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
