@@ -176,6 +176,43 @@ def test_a_round_is_judged_as_the_lp_prices_its_slacks(monkeypatch):
     assert not judged.as_modelled[0]  # the LP said 105% and 100%
 
 
+@pytest.mark.parametrize(("ac_line0", "beyond_slack_mw"), [(106.0, 0.0), (99.0, 0.2), (108.0, 0.0)])
+def test_the_model_error_of_a_row_short_of_offers_counts_beyond_its_slack(
+    monkeypatch, ac_line0, beyond_slack_mw
+):
+    """``_two_lines``, one 0.5 MW offer where line 0 needs 2 MW: the LP buys it and takes
+    7.5 pp of slack (1.5 MW-equivalent at g = 5 pp/MW), priced at the penalty. AC with 1.5 pp
+    more room than the model (106%) only lowers the slack the merit already prices: no
+    model error. At 99% the row needs 0.2 MW-equivalent less than the offer bought, beyond
+    its slack: that counts, at the row's dual (the penalty). At 108%, less room: the
+    slack grows, no bid is freed."""
+    dt, penalty = 0.25, DEFAULT_PENALTY_EUR_PER_MWH
+    grid = _two_lines(np.array([[110.0, 99.0]]), dt)
+    bids = _bids([0], ["up"], [0.5], [10.0])
+    market = MarketBids(grid.mtus, grid.k, dt, bids, None)
+    sol = solve_clearing(grid, bids, market=market)
+    assert sol.accepted_mw[0] == pytest.approx(0.5)
+    assert sol.rows.tolist() == [[0, 0]] and sol.row_slack_mw == pytest.approx([1.5])
+    assert sol.row_duals == pytest.approx([penalty * dt])
+    solved = np.ones((1, 2), complex), np.array([True])
+    monkeypatch.setattr(market_module, "solve_with_injections", lambda *a, **k: solved)
+    model = SimpleNamespace(
+        loading_percent=lambda V: np.array([[ac_line0, 99.5]]), vm_pu=lambda V: np.ones((1, 1))
+    )
+    judged = market_module._judge(
+        SimpleNamespace(model=model),
+        grid,
+        solved[0],
+        market,
+        sol,
+        np.eye(2),
+        RowScales(grid),
+        penalty,
+        1,
+    )
+    assert judged.model_error_eur == pytest.approx(penalty * dt * beyond_slack_mw, abs=1e-9)
+
+
 def test_rows_within_their_limit_are_those_of_the_base_case_mtu():
     """A row within its limit (not over it, even within the tolerance) is priced as a new
     violation; through a block's view, each MTU keeps its own."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import logging
+import multiprocessing
 import os
 import select
 import signal
@@ -24,7 +25,7 @@ from lfm_zonal.errors import InputError, LfmError
 from lfm_zonal.study import job
 from lfm_zonal.study.job import market_groups
 from lfm_zonal.study.scenario import load_scenario
-from lfm_zonal.study.workers import forked, in_order
+from lfm_zonal.study.workers import IN_ORDER_AHEAD, forked, in_order
 
 
 def _children() -> set[str]:
@@ -71,6 +72,26 @@ def test_in_order_gives_the_results_in_the_items_order_within_another_block():
     assert [r for r, _ in results] == [0, 1, 4, 9, 16]
     assert here not in {pid for _, pid in results}
     assert [r for r, _ in in_order(slow_first, [3], processes=2)] == [9]  # one item: here
+
+
+def test_in_order_runs_only_a_few_calls_ahead_of_its_caller():
+    """A slow caller (a table's writer): the processes start at most IN_ORDER_AHEAD calls
+    each beyond the results it has taken, not every call at once (their results would all
+    wait in memory)."""
+    started = multiprocessing.get_context("fork").Value("i", 0)
+
+    def counted(i):
+        with started.get_lock():
+            started.value += 1
+        return i
+
+    ahead = IN_ORDER_AHEAD * 2
+    taken = []
+    for i in in_order(counted, range(12), processes=2):
+        time.sleep(0.05)  # the processes would run on meanwhile
+        taken.append(i)
+        assert started.value <= ahead + len(taken), (started.value, len(taken))
+    assert taken == list(range(12)) and started.value == 12
 
 
 def test_calls_submitted_after_the_fork_take_their_arguments_along():

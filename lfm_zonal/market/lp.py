@@ -118,10 +118,10 @@ class Solution:
     #: energy links it to one of those.
     #: Pay-as-clear caps their prices (``clearing.clearing_prices``).
     priced_by_model: np.ndarray | None = None
-    #: The dual of each of ``rows`` (EUR per MW-equivalent): what the bids would cost less
-    #: were the row's limit one MW-equivalent wider. 0 where the row's slack is taken: its
-    #: penalty prices it, and a wider limit would only take less slack.
+    #: The |dual| of each of ``rows`` (EUR per MW-equivalent: what the objective would be
+    #: less were the row's limit one MW-equivalent wider) and its slack taken (MW-equivalent).
     row_duals: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    row_slack_mw: np.ndarray = field(default_factory=lambda: np.zeros(0))
     #: A bound of the sequential LP's trust region has a dual: the optimum rests on it.
     trust_bound: bool = False
 

@@ -74,7 +74,8 @@ GENERATION_TOLERANCE = 1e-6  # loading percent / p.u.: constraint generation in 
 MAX_GENERATION_ROUNDS = 30
 
 #: Sequential LP (``sequential_clearing``): its round cap, the relative change of cost (plus
-#: priced residual) under which it has converged, and the smallest trust region worth a round.
+#: priced residual), made or predicted (``_Round.model_error_eur``), under which it has
+#: converged, and the smallest trust region worth a round.
 SLP_MAX_ROUNDS = 20
 SLP_COST_RTOL = 5e-4
 SLP_MIN_STEP_MW = 1e-4
@@ -452,7 +453,8 @@ class ClearingModel:
             self._basis(lp_solution),
             binding,
             by_model,
-            row_duals=np.where(slack > PRIMAL_TOLERANCE_MW, 0.0, np.abs(duals[held.row]))[priced],
+            row_duals=np.abs(duals[held.row][priced]),
+            row_slack_mw=slack[priced],
             trust_bound=trust_bound,
         )
 
@@ -592,7 +594,7 @@ def solve_clearing(
     bid_status = np.full(n_bids, int(highspy.HighsBasisStatus.kLower), np.int8)
     row_status, objective = np.zeros(0, np.int8), 0.0
     held_rows = []  # each block's rows with a dual price, at the whole LP's MTU positions
-    row_duals, trust_bound = [], False
+    row_duals, row_slacks, trust_bound = [], [], False
     last_rows = np.zeros((0, 2), np.int64)  # the rows the block solved last rested on
     for block in blocks:
         keep = np.zeros(T, bool)
@@ -633,6 +635,7 @@ def solve_clearing(
             row_status = sol.basis.row_status
         held_rows.append(place_rows(sol.rows, keep))
         row_duals.append(sol.row_duals)
+        row_slacks.append(sol.row_slack_mw)
         trust_bound |= sol.trust_bound
     solution = Solution(
         SolveStatus.OPTIMAL,
@@ -648,6 +651,7 @@ def solve_clearing(
         np.concatenate([np.zeros((0, 2), np.int64), *held_rows]).astype(np.int64),
         by_model,
         row_duals=np.concatenate([np.zeros(0), *row_duals]),
+        row_slack_mw=np.concatenate([np.zeros(0), *row_slacks]),
         trust_bound=trust_bound,
     )
     return solution if only is None else _prices_held(solution, only, previous)
@@ -687,6 +691,7 @@ def _kept_block(previous: Solution, keep: np.ndarray, bid: np.ndarray, sub: Mark
         select_rows(previous.rows, keep),
         previous.priced_by_model[keep],
         row_duals=previous.row_duals[keep[previous.rows[:, 0]]],
+        row_slack_mw=previous.row_slack_mw[keep[previous.rows[:, 0]]],
         trust_bound=previous.trust_bound,
     )
 
@@ -791,7 +796,7 @@ class _Round:
     as_modelled: np.ndarray  # per MTU: AC no worse than the round's linear model, to tolerance
     grid: LinearGrid  # the linearisation the round's LP was solved on
     #: The AC point's distance from the model on the rows the LP's optimum rests on, priced
-    #: by their duals: to first order, the most the LP re-linearised there would change.
+    #: by their duals: to first order, what the LP re-linearised there would change.
     model_error_eur: float
 
     @property
@@ -843,9 +848,9 @@ def sequential_clearing(
     merit by less than SLP_COST_RTOL, or the model's error on the rows its LP's optimum
     rests on, priced by their duals, is below that (``_Round.model_error_eur``: to first
     order what the next round would change; the optimum resting on no bound of the trust
-    region). On SimBench MV's windy day every LP market stops a round earlier so, with
-    the same results: the round it skipped moved the merit by about 1e-4 of it and was
-    not kept. It has converged too when a rejected round is that close to a best round
+    region); the first round too, where its step from the base case was as modelled. On
+    SimBench MV's windy day 6 of its 7 LP markets stop a round earlier so, with the same
+    results: the round they skipped moved the merit by about 1e-4 of it and was not kept. It has converged too when a rejected round is that close to a best round
     that is as modelled. It also stops when the trust region has shrunk below SLP_MIN_STEP_MW, and
     at SLP_MAX_ROUNDS (both with a warning when not converged). The best round is
     returned, never a worse later one.
@@ -981,10 +986,15 @@ def _judge(
     as_modelled = (excess <= np.maximum(predicted, 0.0) + tol).all(axis=1)
     merit = cost + residual_eur
     # The model's error on the rows the optimum rests on, priced by their duals: to first
-    # order, what the LP re-linearised at this AC point could save or would pay.
+    # order, what the LP re-linearised at this AC point would change. On a row whose slack
+    # is taken (priced at its penalty), room AC has within the slack only lowers the slack
+    # (the merit prices the AC excess already); beyond it, the bids it would free count.
     t, r = sol.rows[:, 0], sol.rows[:, 1]
-    error = np.abs(predicted[t, r] - excess[t, r]) / scales.of(t, r)
-    model_error_eur = float(np.where(np.isfinite(error), sol.row_duals * error, 0.0).sum())
+    room = (predicted[t, r] - excess[t, r]) / scales.of(t, r)  # MW-eq beyond the model's
+    taken = sol.row_slack_mw > PRIMAL_TOLERANCE_MW
+    error = np.where(taken, np.clip(room - sol.row_slack_mw, 0.0, None), np.abs(room))
+    known = np.isfinite(error)  # not in an MTU whose power flow diverged (not as modelled)
+    model_error_eur = float(sol.row_duals[known] @ error[known])
     return _Round(number, sol, V, ok, merit, as_modelled, lp_grid, model_error_eur)
 
 

@@ -303,7 +303,8 @@ def write_results(
 ) -> None:
     """Every output file of the main job (listed in the README); its zones folder unless
     ``zones_written`` (``run_scenario`` writes it while the markets clear). With ``workers``
-    > 1 the plots are drawn by a forked process while this one writes the tables."""
+    > 1 the plots are drawn by a forked process while this one writes the tables, the big
+    tables' text made by ``workers`` more."""
     base = study.base
     if not zones_written:
         write_zones(study.segmentation, study.zone_sets, folder / "zones", base.grid.name)

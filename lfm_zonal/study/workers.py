@@ -153,18 +153,27 @@ def forked(
 def in_order(task: Callable[[Any], Any], items: Sequence, processes: int) -> Iterator[Any]:
     """``task(item)`` of every item, in the items' order, made by ``processes`` forked
     processes (here, one by one, if fewer than 2 or one item) while the caller uses the
-    results so far; those done before their turn wait here."""
+    results so far. At most IN_ORDER_AHEAD calls per process are made or held ahead of the
+    caller (those done before their turn wait here): a table's text is not all in memory."""
     items = list(items)
     if processes < 2 or len(items) < 2:
         yield from map(task, items)
         return
-    with forked([task], min(processes, len(items)), [(0, (item,)) for item in items]) as done:
+    processes = min(processes, len(items))
+    ahead = IN_ORDER_AHEAD * processes
+    with forked([task], processes, [(0, (item,)) for item in items[:ahead]]) as done:
         waiting, turn = {}, 0
         for number, result in done:
             waiting[number] = result
             while turn in waiting:
+                if turn + ahead < len(items):  # the next call, as one leaves
+                    done.submit(0, items[turn + ahead])
                 yield waiting.pop(turn)
                 turn += 1
+
+
+#: Calls per process ``in_order`` keeps made or running ahead of its caller.
+IN_ORDER_AHEAD = 2
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -181,16 +190,15 @@ def _finished(
     futures: dict, processes: int, pool: ProcessPoolExecutor
 ) -> Iterator[tuple[int, Any]]:
     ended = [p.sentinel for p in pool._processes.values()]  # readable once a process ends
-    yielded: set = set()
-    while pending := set(futures) - yielded:  # with the calls submitted meanwhile
-        done, _ = wait(pending, timeout=_LIVENESS_S, return_when=FIRST_COMPLETED)
+    while futures:  # with the calls submitted meanwhile
+        done, _ = wait(set(futures), timeout=_LIVENESS_S, return_when=FIRST_COMPLETED)
         for future in sorted(done, key=futures.__getitem__):  # those done together: in order
-            yielded.add(future)
+            number = futures.pop(future)  # its result is the caller's alone from here
             try:
                 result = future.result()  # re-raises the task's exception here
             except BrokenProcessPool:
                 raise _died(processes) from None
-            yield futures[future], result
+            yield number, result
         # A process that died while sending its result leaves the pool reading the rest
         # of it (the other processes hold the pipe open): it never says the pool is broken.
         if not done and mp.connection.wait(ended, timeout=0):
