@@ -140,6 +140,20 @@ def test_a_violation_the_market_would_create_costs_more_than_one_it_removes(monk
     assert grid.after(one_price.p_mw, one_price.q_mvar)[0][0] == pytest.approx([100.0, 101.0])
 
 
+def _judged_at(monkeypatch, grid, market, sol, loading, penalty):
+    """``_judge`` of a one-MTU round on ``_two_lines`` with its AC power flow stubbed to
+    the lines' ``loading`` (percent)."""
+    solved = np.ones((1, 2), complex), np.array([True])
+    monkeypatch.setattr(market_module, "solve_with_injections", lambda *a, **k: solved)
+    model = SimpleNamespace(
+        loading_percent=lambda V: np.array([loading]), vm_pu=lambda V: np.ones((1, 1))
+    )
+    pf = SimpleNamespace(model=model)
+    return market_module._judge(
+        pf, grid, solved[0], market, sol, np.eye(2), RowScales(grid), penalty, 1
+    )
+
+
 def test_a_round_is_judged_as_the_lp_prices_its_slacks(monkeypatch):
     """A sequential-LP round's merit (``_judge``) is its bid cost plus its AC excess beyond
     SLP_TOLERANCE_SHARE of the tolerance, in MW-equivalent, priced as the LP prices its
@@ -153,22 +167,7 @@ def test_a_round_is_judged_as_the_lp_prices_its_slacks(monkeypatch):
     market = MarketBids(grid.mtus, grid.k, dt, bids, None)
     sol = solve_clearing(grid, bids, market=market)
     assert sol.accepted_mw[0] == pytest.approx(1.0)
-    solved = np.ones((1, 2), complex), np.array([True])
-    monkeypatch.setattr(market_module, "solve_with_injections", lambda *a, **k: solved)
-    model = SimpleNamespace(
-        loading_percent=lambda V: np.array([[105.0, 101.0]]), vm_pu=lambda V: np.ones((1, 1))
-    )
-    judged = market_module._judge(
-        SimpleNamespace(model=model),
-        grid,
-        solved[0],
-        market,
-        sol,
-        np.eye(2),
-        RowScales(grid),
-        penalty,
-        1,
-    )
+    judged = _judged_at(monkeypatch, grid, market, sol, [105.0, 101.0], penalty)
     tol = market_module.SLP_TOLERANCE_SHARE * VIOLATION_TOLERANCE_LOADING_PERCENT
     factor = formulation.NEW_VIOLATION_PENALTY_FACTOR
     residual = penalty * dt * ((5.0 - tol) / 5.0 + factor * (1.0 - tol) / 10.0)
@@ -194,22 +193,7 @@ def test_the_model_error_of_a_row_short_of_offers_counts_beyond_its_slack(
     assert sol.accepted_mw[0] == pytest.approx(0.5)
     assert sol.rows.tolist() == [[0, 0]] and sol.row_slack_mw == pytest.approx([1.5])
     assert sol.row_duals == pytest.approx([penalty * dt])
-    solved = np.ones((1, 2), complex), np.array([True])
-    monkeypatch.setattr(market_module, "solve_with_injections", lambda *a, **k: solved)
-    model = SimpleNamespace(
-        loading_percent=lambda V: np.array([[ac_line0, 99.5]]), vm_pu=lambda V: np.ones((1, 1))
-    )
-    judged = market_module._judge(
-        SimpleNamespace(model=model),
-        grid,
-        solved[0],
-        market,
-        sol,
-        np.eye(2),
-        RowScales(grid),
-        penalty,
-        1,
-    )
+    judged = _judged_at(monkeypatch, grid, market, sol, [ac_line0, 99.5], penalty)
     assert judged.model_error_eur == pytest.approx(penalty * dt * beyond_slack_mw, abs=1e-9)
 
 
