@@ -537,8 +537,8 @@ def _write_rows(frame: pd.DataFrame, handle, index: bool, map_parts=None) -> Non
     **CSV_OPTIONS)`` in about half the time.
 
     pandas writes the header; the rows go in pandas' own chunks (pandas decides a datetime
-    column's format chunk by chunk), a part of them at a time in memory: each column as the cells
-    pandas writes for it (``_cells``), the rows written by the same ``csv.writer`` as
+    column's format chunk by chunk), a part of them at a time in memory: each column as the
+    cells pandas writes for it (``_cells``), the rows written by the same ``csv.writer`` as
     pandas' (its quoting). pandas formats a value through several Python calls, and builds
     its rows again from object arrays: on SimBench MV's activations (178k rows, 12 columns)
     1.39 s -> 0.6-0.8 s. A chunk with a column of another kind (categorical, time zone,

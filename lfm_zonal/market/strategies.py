@@ -850,10 +850,11 @@ def sequential_clearing(
     order what the next round would change; the optimum resting on no bound of the trust
     region); the first round too, where its step from the base case was as modelled. On
     SimBench MV's windy day 6 of its 7 LP markets stop a round earlier so, with the same
-    results: the round they skipped moved the merit by about 1e-4 of it and was not kept. It has converged too when a rejected round is that close to a best round
-    that is as modelled. It also stops when the trust region has shrunk below SLP_MIN_STEP_MW, and
-    at SLP_MAX_ROUNDS (both with a warning when not converged). The best round is
-    returned, never a worse later one.
+    results: the round they skipped moved the merit by about 1e-4 of it and was not kept.
+    It has converged too when a rejected round is that close to a best round that is as
+    modelled. It also stops when the trust region has shrunk below SLP_MIN_STEP_MW, and at
+    SLP_MAX_ROUNDS (both with a warning when not converged). The best round is returned,
+    never a worse later one.
 
     Every round's grid has the base case's representation of its rows. The first round's
     LP starts with ``rows`` (grid rows an LP needed on the base case's linearisation: the
