@@ -148,6 +148,32 @@ def test_overwrite_replaces_only_what_lfm_zonal_wrote(workdir):
         pass
 
 
+def test_what_overwrite_cannot_remove_is_named_not_passed_off_as_removed(
+    workdir, monkeypatch, caplog
+):
+    """The results replaced by --overwrite in a folder this user may not empty (a
+    read-only copy; root removes it anyway, so removal fails here by stub): the new results
+    are written and a warning names what is left, hidden beside them; a later run does not
+    log it as removed while it is still there."""
+    import lfm_zonal.files.outputs as outputs
+
+    out = workdir / "res"
+    with result_folder(out) as folder:
+        (folder / "a.csv").write_text("1\n")
+    monkeypatch.setattr(outputs.shutil, "rmtree", lambda path, ignore_errors=False: None)
+    with caplog.at_level("INFO", logger="lfm_zonal"):
+        with result_folder(out, overwrite=True) as folder:
+            (folder / "b.csv").write_text("2\n")
+        (left,) = [p for p in workdir.iterdir() if p.name.startswith(".res.old-")]
+        assert f"what could not be removed of the one it replaced is in {left}" in caplog.text
+        assert sorted(p.name for p in out.iterdir()) == [MARKER, "b.csv"]
+        caplog.clear()
+        left.rename(workdir / ".res.old-999999")  # as if left by another run
+        with result_folder(out, overwrite=True) as folder:
+            (folder / "c.csv").write_text("3\n")
+    assert "could not remove" in caplog.text and "left by an interrupted run" not in caplog.text
+
+
 # --------------------------------------------------------------------------- inputs
 
 

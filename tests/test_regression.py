@@ -3,6 +3,7 @@ golden file (tests/golden/, refreshed on purpose with `lfm-zonal golden --refres
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,25 @@ def test_a_missing_golden_file_is_not_to_be_made_up(tmp_path):
         read_golden(tmp_path, "cigre_mv_evening_peak")
 
 
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'{"cost_eur": ', "not a readable golden file"),
+        (b"", "not a readable golden file"),
+        (b"\xff\xfe", "not a readable golden file"),
+        (b'{"cost_eur": "abc"}', "'cost_eur' is 'abc', not a number"),
+        (b"[1, 2]", "not a golden file (a JSON object of KPIs)"),
+    ],
+)
+def test_a_broken_golden_file_is_named_in_one_line(tmp_path, data, expected):
+    from lfm_zonal import InputError
+
+    (tmp_path / "cigre_mv_evening_peak.json").write_bytes(data)
+    with pytest.raises(InputError, match=re.escape(expected)) as refused:
+        read_golden(tmp_path, "cigre_mv_evening_peak")
+    assert "cigre_mv_evening_peak.json" in str(refused.value)
+
+
 def test_refresh_writes_into_an_existing_writable_folder_only(tmp_path, monkeypatch):
     """``golden --refresh`` outside the repository made ./tests/golden, and found a
     read-only --dir only after clearing every scenario: both refused before the first run
@@ -87,6 +107,8 @@ def test_refresh_writes_into_an_existing_writable_folder_only(tmp_path, monkeypa
     with pytest.raises(InputError, match="no such folder of golden files"):
         regression.refresh(Path("tests/golden"), ["cigre_mv_evening_peak"])
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InputError, match="--dir /etc is under /etc, a system folder"):
+        regression.refresh(Path("/etc"), ["cigre_mv_evening_peak"])
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
     # As another user than root (who writes into it anyway), the folder is not writable.

@@ -115,9 +115,7 @@ def check_output_path(
         where = "the working directory" if target == cwd else "a folder above the working directory"
         example = "results" if kind == "folder" else "powerflow.csv"
         raise InputError(f"--out {out} is {where}; give a new {noun} name (e.g. --out {example})")
-    for system in SYSTEM_FOLDERS:
-        if target == Path(system) or Path(system) in target.parents:
-            raise InputError(f"--out {out} is under {system}, a system folder; choose your own")
+    require_outside_system_folders(target, f"--out {out}")
     # The nearest existing folder above must be a folder (not a file) we may write in.
     above = target.parent
     while not above.exists():
@@ -359,6 +357,24 @@ def _busy(out, holder: int | None) -> InputError:
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)$")
 
 
+def require_outside_system_folders(target: Path, what: str) -> None:
+    """Refuse a ``target`` (resolved) in a system folder (SYSTEM_FOLDERS); ``what`` names it."""
+    for system in SYSTEM_FOLDERS:
+        if target == Path(system) or Path(system) in target.parents:
+            raise InputError(f"{what} is under {system}, a system folder; choose your own")
+
+
+def _removed(entry: Path) -> bool:
+    """Remove a file or folder ``entry``; whether it is gone (a read-only folder's files
+    stay)."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            entry.unlink()
+    return not (entry.exists() or entry.is_symlink())
+
+
 def remove_leftovers(target: Path) -> list[Path]:
     """Remove ``.NAME.partial-<pid>`` and ``.NAME.old-<pid>`` beside ``target`` left by a run
     that was killed. Call it only while holding ``target``'s lock: then no live run writes
@@ -372,11 +388,9 @@ def remove_leftovers(target: Path) -> list[Path]:
         m = _LEFTOVER.match(entry.name)
         if not m or m["name"] != target.name or int(m["pid"]) == os.getpid():
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                entry.unlink()
+        if not _removed(entry):
+            log.warning("could not remove %s (left by an earlier run): remove it by hand", entry)
+            continue
         log.info(
             "removed %s, left by an interrupted run (pid %s%s)",
             entry,
@@ -457,11 +471,13 @@ def _swap_in(partial: Path, target: Path) -> None:
             os.rename(old, target)
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
+    if old is not None and not _removed(old):
+        log.warning(
+            "%s is written; what could not be removed of the one it replaced is in %s: "
+            "remove it by hand",
+            target,
+            old,
+        )
 
 
 def partial_path(target: Path) -> Path:
@@ -636,7 +652,7 @@ def as_text(frame: pd.DataFrame) -> pd.DataFrame:
 
 #: A results table of more rows than this is written gzip-compressed, ``NAME.csv.gz`` (the
 #: same columns; ``pandas.read_csv`` reads it as it is). The shipped scenarios' tables stay
-#: far below (SimBench MV: 181k rows of activations, 16 MB); SimBench MV+LV's activations
+#: far below (SimBench MV: 178k rows of activations, 16 MB); SimBench MV+LV's activations
 #: (about 2M rows, 198 MB) shrink about 10x (9.7x measured on one zonal market's 287k rows).
 GZIP_ABOVE_ROWS = 500_000
 GZIP_LEVEL = {"compresslevel": 6, "mtime": 0}  # mtime 0: the same bytes each run

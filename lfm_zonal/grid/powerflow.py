@@ -802,7 +802,9 @@ def run_horizon(
                 continue
         ok[t] = True
         V_prev = V[t]
-    if failures:  # one line for the horizon; every MTU is in the table (converged False)
+    # One line for the horizon; every MTU is in the table (converged False). Where none
+    # converged, the commands refuse the horizon in a line of their own (require_converged).
+    if failures and ok.any():
         first = int(np.flatnonzero(~ok)[0])
         log.warning(
             "grid %s: the AC power flow did not converge in %d of %d MTUs, skipped (first: MTU %d "

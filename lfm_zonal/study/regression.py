@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lfm_zonal.check.kpis import GOLDEN_TOLERANCES
 from lfm_zonal.errors import InputError
-from lfm_zonal.files.outputs import atomic_file
+from lfm_zonal.files.outputs import atomic_file, require_outside_system_folders
 from lfm_zonal.study.scenario import Scenario, builtin_scenarios, load_scenario
 
 #: KPI -> (relative tolerance, absolute tolerance): the base case's, then the market KPIs'
@@ -86,7 +86,20 @@ def read_golden(folder: Path, name: str) -> dict[str, float]:
             f"{path}: no golden file of {name} (record one on purpose, from results you "
             f"have checked: lfm-zonal golden --refresh {name} --dir {folder})"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        golden = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable golden file ({exc})") from None
+    if not isinstance(golden, dict):
+        raise InputError(f"{path}: not a golden file (a JSON object of KPIs)")
+    for key, value in golden.items():
+        if not _is_number(value):
+            raise InputError(f"{path}: not a golden file: '{key}' is {value!r}, not a number")
+    return golden
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def write_golden(folder: Path, name: str, kpis: dict[str, float]) -> Path:
@@ -118,6 +131,7 @@ def refresh(folder: Path, names: list[str] | None = None) -> list[Path]:
     folder must exist and be writable, checked before the first run."""
     folder = Path(folder)
     _require_folder(folder)
+    require_outside_system_folders(folder.resolve(), f"--dir {folder}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"{folder}: the folder of golden files is not writable")
     return [
