@@ -140,6 +140,16 @@ def test_a_violation_the_market_would_create_costs_more_than_one_it_removes(monk
     assert grid.after(one_price.p_mw, one_price.q_mvar)[0][0] == pytest.approx([100.0, 101.0])
 
 
+def _one_offer_cleared(quantity_mw: float, dt: float):
+    """``_two_lines`` with line 0 at 110% and line 1 at 99%, cleared against one up offer
+    of ``quantity_mw`` at 10 EUR/MWh in area 0: the grid, its market side and the LP's
+    solution."""
+    grid = _two_lines(np.array([[110.0, 99.0]]), dt)
+    bids = _bids([0], ["up"], [quantity_mw], [10.0])
+    market = MarketBids(grid.mtus, grid.k, dt, bids, None)
+    return grid, market, solve_clearing(grid, bids, market=market)
+
+
 def _judged_at(monkeypatch, grid, market, sol, loading, penalty):
     """``_judge`` of a one-MTU round on ``_two_lines`` with its AC power flow stubbed to
     the lines' ``loading`` (percent)."""
@@ -162,10 +172,7 @@ def test_a_round_is_judged_as_the_lp_prices_its_slacks(monkeypatch):
     g = 5 pp/MW at the penalty; line 1, within it, 1 pp at g = 10 pp/MW at
     NEW_VIOLATION_PENALTY_FACTOR times the penalty."""
     dt, penalty = 0.25, DEFAULT_PENALTY_EUR_PER_MWH
-    grid = _two_lines(np.array([[110.0, 99.0]]), dt)
-    bids = _bids([0], ["up"], [5.0], [10.0])
-    market = MarketBids(grid.mtus, grid.k, dt, bids, None)
-    sol = solve_clearing(grid, bids, market=market)
+    grid, market, sol = _one_offer_cleared(5.0, dt)
     assert sol.accepted_mw[0] == pytest.approx(1.0)
     judged = _judged_at(monkeypatch, grid, market, sol, [105.0, 101.0], penalty)
     tol = market_module.SLP_TOLERANCE_SHARE * VIOLATION_TOLERANCE_LOADING_PERCENT
@@ -186,10 +193,7 @@ def test_the_model_error_of_a_row_short_of_offers_counts_beyond_its_slack(
     its slack: that counts, at the row's dual (the penalty). At 108%, less room: the
     slack grows, no bid is freed."""
     dt, penalty = 0.25, DEFAULT_PENALTY_EUR_PER_MWH
-    grid = _two_lines(np.array([[110.0, 99.0]]), dt)
-    bids = _bids([0], ["up"], [0.5], [10.0])
-    market = MarketBids(grid.mtus, grid.k, dt, bids, None)
-    sol = solve_clearing(grid, bids, market=market)
+    grid, market, sol = _one_offer_cleared(0.5, dt)
     assert sol.accepted_mw[0] == pytest.approx(0.5)
     assert sol.rows.tolist() == [[0, 0]] and sol.row_slack_mw == pytest.approx([1.5])
     assert sol.row_duals == pytest.approx([penalty * dt])
