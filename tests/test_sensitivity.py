@@ -252,3 +252,24 @@ def test_transposed_factor_solves_with_j_and_with_its_transpose(cigre_pf):
         assert np.abs(dense @ factor.solve(b) - b).max() < 1e-9
         assert np.abs(dense.T @ factor.solve(b, trans="T") - b).max() < 1e-9
     assert factor.shape == J.shape and factor.nnz >= J.nnz
+
+
+def test_kept_points_outlive_the_budget_up_to_their_own(cigre_pf, linearised):
+    """``keep`` linearises points once and keeps them whatever the least-recently-used
+    budget drops, as many as its own byte budget holds, in order; ``clear`` forgets them."""
+    from lfm_zonal.grid import sensitivity as sens
+
+    model = cigre_pf.model
+    points = cigre_pf.V[[0, 3, 6]]
+    sizes = [sens.LinearisationCache.entry_bytes(sens.linearisation(model, V)) for V in points]
+    linearised.clear()
+    cache = sens.LinearisationCache(model, budget_bytes=0)  # keeps the newest only
+    assert cache.keep(points, budget_bytes=sum(sizes) - 1) == 2  # the third is over
+    assert cache.kept_bytes == sizes[0] + sizes[1] and len(linearised) == 3
+    kept = [cache.held(V) for V in points[:2]]
+    for t in range(1, 20):  # the LRU entries come and go
+        cache.at(cigre_pf.V[1] * (1 + 1e-9 * t))
+    assert [cache.at(V) for V in points[:2]] == kept and len(linearised) == 3 + 19
+    assert cache.keep(points[:2], budget_bytes=0) == 2  # kept already: nothing new
+    cache.clear()
+    assert cache.kept_bytes == 0 and cache.held(points[0]) is None

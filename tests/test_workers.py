@@ -4,6 +4,8 @@ raised in the parent as one line, a dead worker named."""
 from __future__ import annotations
 
 import filecmp
+import functools
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -15,6 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import small_scenario
@@ -333,3 +336,36 @@ def test_run_study_and_write_results_from_python_write_the_zones_folder_too(tmp_
     for name in ("zones/zones.csv", "zones/zone_errors.csv", "zones/error_curve.csv"):
         assert filecmp.cmp(api / name, cli / name, shallow=False), name
     assert [z.k for z in study.zone_sets] == [1, 2, 4]
+
+
+def test_the_study_linearises_each_base_point_once_for_every_worker(tmp_path, monkeypatch):
+    """A study keeps the base points of the MTUs it clears (``LinearisationCache.keep``)
+    before forking its market workers: each is linearised once, in this process, however
+    few the cache's least-recently-used budget holds (none here), and no worker linearises
+    one again."""
+    from lfm_zonal.grid import sensitivity as sens
+    from lfm_zonal.market.clearing import mtus_to_clear
+
+    made = tmp_path / "linearised.txt"
+    original = sens._linearise
+
+    def point(V) -> str:
+        return hashlib.sha256(np.ascontiguousarray(V).tobytes()).hexdigest()
+
+    def counting(model, V):
+        with made.open("a") as f:  # one short line per write: whole lines from every process
+            f.write(f"{os.getpid()} {point(V)}\n")
+        return original(model, V)
+
+    monkeypatch.setattr(sens, "_linearise", counting)
+    monkeypatch.setattr(
+        job, "LinearisationCache", functools.partial(sens.LinearisationCache, budget_bytes=0)
+    )
+    study = job.run_study(load_scenario(_scenario(tmp_path)), workers=2)
+    pf = study.base.powerflow
+    base = sorted(point(pf.V[t]) for t in mtus_to_clear(pf))
+    lines = [line.split() for line in made.read_text().splitlines()]
+    at_base = [(pid, h) for pid, h in lines if h in base]
+    assert base and sorted(h for _, h in at_base) == base  # each once
+    assert {pid for pid, _ in at_base} == {str(os.getpid())}
+    assert len({pid for pid, _ in lines}) > 1  # the workers linearised their own points

@@ -27,10 +27,10 @@ from lfm_zonal.errors import InputError, PowerFlowNotConverged, SolverError, Unk
 from lfm_zonal.files.inputs import require_file
 from lfm_zonal.grid.powerflow import HorizonPowerFlow, run_horizon
 from lfm_zonal.grid.profiles import Horizon, Profiles, load_profiles
-from lfm_zonal.grid.sensitivity import LinearisationCache
+from lfm_zonal.grid.sensitivity import STUDY_POINTS_BYTES, LinearisationCache
 from lfm_zonal.grid.sources import Grid, load_grid
-from lfm_zonal.limits import release_free_memory, require_memory
-from lfm_zonal.market.clearing import MarketResult, clear_market, prepare_market
+from lfm_zonal.limits import memory_budget_bytes, release_free_memory, require_memory
+from lfm_zonal.market.clearing import MarketResult, clear_market, mtus_to_clear, prepare_market
 from lfm_zonal.market.resources import (
     FlexibilitySpec,
     Resources,
@@ -378,8 +378,11 @@ def run_study(
     resources = prepare_resources(base)
     _warn_priced_above_penalty(scenario, resources)
     stage(f"resources: {len(resources)}")
-    # Every market linearises the same base points: each once, for the whole study.
-    cache = LinearisationCache(base.powerflow.model)
+    # Every market linearises the same base points and starts its AC checks from them: each
+    # once, for the whole study, and kept before the workers are forked (they share them).
+    pf = base.powerflow
+    cache = LinearisationCache(pf.model)
+    cache.keep(pf.V[mtus_to_clear(pf)], min(STUDY_POINTS_BYTES, memory_budget_bytes()[0] / 8))
     plan = plan_zones(base, cache)
     cases = market_cases(scenario)
     parallel = workers > 1
