@@ -384,19 +384,22 @@ def residual_violations(
             continue
         offered, done = offer[0], offer[1]
         done = np.minimum(done, offered)
-        moves = np.unpackbits(np.stack([f[1] for f in facts]), axis=1, count=len(offered))
-        relieves = np.zeros(moves.shape, bool)
-        for j, (f, m) in enumerate(zip(facts, moves.astype(bool), strict=True)):
-            moving, per_mw = np.flatnonzero(m), f[2]
-            relieves[j, moving[per_mw > 0]] = True
+        for start in range(0, len(at_mtu), _ROWS_PER_SOLVE):  # rows x offers at a time
+            part = slice(start, start + _ROWS_PER_SOLVE)
+            rows, kept = at_mtu[part], facts[part]
+            moves = np.unpackbits(np.stack([f[1] for f in kept]), axis=1, count=len(offered))
+            # Each row's effect per MW of every offer, 0 where it does not move the row (the
+            # mask's True entries in row-major order are those of each row's per-MW list).
+            effect = np.zeros(moves.shape)
+            effect[moves.astype(bool)] = np.concatenate([f[2] for f in kept])
+            relieves = effect > 0
             # Relieving MW not dispatched, and the dispatch that worsens the row withdrawn.
-            relief_left[at_mtu[j]] = (
-                per_mw.clip(0, None) @ (offered - done)[moving]
-                - per_mw.clip(None, 0) @ done[moving]
+            relief_left[rows] = (
+                effect.clip(0, None) @ (offered - done) - effect.clip(None, 0) @ done
             )
-        offered_mw[at_mtu] = relieves @ offered
-        done_mw[at_mtu] = relieves @ done
-        exhausted[at_mtu] = (~relieves | (done >= offered - 1e-6)).all(axis=1).tolist()
+            offered_mw[rows] = relieves @ offered
+            done_mw[rows] = relieves @ done
+            exhausted[rows] = (~relieves | (done >= offered - 1e-6)).all(axis=1).tolist()
     line, bus = np.flatnonzero(is_line), np.flatnonzero(~is_line)
     value = np.empty(len(t))
     value[line] = loading.to_numpy()[t[line], r[line]]
@@ -435,7 +438,8 @@ def residual_violations(
     return out[list(RESIDUAL_COLUMNS)]
 
 
-#: Rows whose sensitivities one batch of transposed solves computes (memory: rows x buses).
+#: Rows whose sensitivities one batch of transposed solves computes (memory: rows x buses),
+#: and whose effects on the offers are summed at once (rows x offers).
 _ROWS_PER_SOLVE = 256
 #: Bytes of violated rows' facts (largest sensitivity, which offers move it and by how
 #: much) a study keeps (``_row_facts``): on SimBench MV+LV about 1.3 KB of bits and up to
