@@ -21,8 +21,8 @@ segmentation, zones of each K, each market's linearised grid, DSO needs, bids, c
 check, residual table); the timers only measure. ``--workers`` (default: one per core, as
 ``lfm-zonal run``) processes clear the markets at once; a market's row is its own wall time,
 in its worker. Peak memory is the case's processes together: the larger of their summed
-proportional set sizes (sampled every 0.2 s; pages the forked workers share with the parent
-count once) and the largest single process's peak RSS (``wait4``). ``--quick`` clears 8
+proportional set sizes (sampled every PSS_SAMPLE_S; pages the forked workers share with the
+parent count once) and the largest single process's peak RSS (``wait4``). ``--quick`` clears 8
 MTUs (from 10:00, where the PV overloads are) for a smoke run. Progress lines carry the elapsed time, the RSS so far and the load average: the machine
 is shared, absolute times drift with the load.
 """
@@ -295,6 +295,14 @@ def run_child(case: str, quick: bool, workers: int) -> dict:
 # --- parent: one fresh process per case, its peak RSS from wait4 -------------------------
 
 
+#: Seconds between two samples of the case's proportional set size. Reading smaps_rollup walks
+#: each process's page tables: every 0.2 s it took 2 CPU-seconds of every 10 s of case A (a
+#: fifth of a core, taken from the two the markets clear on); every second, a fifth of that.
+#: A peak shorter than that may be missed by the sum, not by the largest single process's
+#: (``wait4``), which is reported too.
+PSS_SAMPLE_S = 1.0
+
+
 def tree_pss_gb(pid: int) -> float | None:
     """Proportional set size of a process and its descendants together (GB; None once it
     has ended): pages shared by forked workers are counted once."""
@@ -322,7 +330,7 @@ def run_case(case: str, args) -> dict | None:
         done, killed, peak_sum = threading.Event(), [], [0.0]
 
         def watchdog() -> None:  # stop a case beyond the time or memory cap
-            while not done.wait(0.2):
+            while not done.wait(PSS_SAMPLE_S):
                 rss = tree_pss_gb(child.pid)
                 if rss is None:
                     return
