@@ -21,8 +21,8 @@ segmentation, zones of each K, each market's linearised grid, DSO needs, bids, c
 check, residual table); the timers only measure. ``--workers`` (default: one per core, as
 ``lfm-zonal run``) processes clear the markets at once; a market's row is its own wall time,
 in its worker. Peak memory is the case's processes together: the larger of their summed
-proportional set sizes (sampled every PSS_SAMPLE_S; pages the forked workers share with the
-parent count once) and the largest single process's peak RSS (``wait4``). ``--quick`` clears 8
+proportional set sizes (sampled every PSS_SAMPLE_S seconds; pages the forked workers share with
+the parent count once) and the largest single process's peak RSS (``wait4``). ``--quick`` clears 8
 MTUs (from 10:00, where the PV overloads are) for a smoke run. Progress lines carry the elapsed time, the RSS so far and the load average: the machine
 is shared, absolute times drift with the load.
 """

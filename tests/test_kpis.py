@@ -398,3 +398,36 @@ def test_model_excess_is_read_at_each_rows_mtu_and_row():
     assert left.model_excess[~read].isna().all() and left.missed_by_model[~read].isna().all()
     with pytest.raises(LfmError, match="not on this grid's MTUs and rows"):
         residual_violations(pf, ac, predicted=(cleared, beyond[:-1]))
+
+
+def test_the_relief_of_many_rows_at_once_is_that_of_each_row_alone(monkeypatch):
+    """``residual_violations`` sums the offers' relief of up to ``_ROWS_PER_SOLVE`` rows of an
+    MTU at once (rows x offers): the same columns as one row at a time, on ieee33's
+    undervoltages (each row relieved by its own amounts) with part of the offers dispatched."""
+    from lfm_zonal.check import ac
+
+    pf, res, _ = market_case("ieee33", 1.3, 0.8, n_mtu=3, start="2016-01-14 17:00")
+    as_is = ACCheck(pf.loading_percent, pf.vm_pu, pf.converged, ())
+    table = res.table
+    rng = np.random.default_rng(5)
+    picked = rng.choice(len(table), size=len(table) // 2, replace=False)
+    dispatch = pd.DataFrame(
+        {
+            "mtu": np.repeat(np.arange(3), len(picked)),
+            "resource_id": np.tile(table.index.to_numpy()[picked], 3),
+            "direction": np.tile(np.where(rng.random(len(picked)) < 0.5, "up", "down"), 3),
+            "p_mw": np.tile(0.01 * rng.random(len(picked)), 3),
+        }
+    )
+    columns = ["relief_left", "relieving_offered_mw", "relieving_dispatched_mw"]
+    tables = {}
+    for rows in (1, 2, 256):
+        monkeypatch.setattr(ac, "_ROWS_PER_SOLVE", rows)
+        tables[rows] = residual_violations(pf, as_is, res, dispatch)
+    one = tables[1]
+    assert one.groupby("mtu").relief_left.nunique().min() >= 3  # rows of their own per MTU
+    assert (one.relieving_dispatched_mw > 0).any()
+    for rows in (2, 256):
+        np.testing.assert_allclose(tables[rows][columns], one[columns], rtol=1e-12, atol=1e-15)
+        for flag in ("offers_exhausted", "offers_short"):
+            assert tables[rows][flag].tolist() == one[flag].tolist()

@@ -271,5 +271,13 @@ def test_kept_points_outlive_the_budget_up_to_their_own(cigre_pf, linearised):
         cache.at(cigre_pf.V[1] * (1 + 1e-9 * t))
     assert [cache.at(V) for V in points[:2]] == kept and len(linearised) == 3 + 19
     assert cache.keep(points[:2], budget_bytes=0) == 2  # kept already: nothing new
+    # Beside the LRU: a point it holds moves over, its bytes with it; the LRU stays whole.
+    lru = sens.LinearisationCache(model, size=2)
+    held = [lru.at(cigre_pf.V[t]) for t in (1, 2)]
+    assert lru.keep(cigre_pf.V[[1]]) == 1 and lru.held(cigre_pf.V[1]) is held[0]
+    assert len(lru) == 1 and lru.nbytes == lru.entry_bytes(held[1])
+    assert lru.kept_bytes == lru.entry_bytes(held[0])
+    lru.keep(cigre_pf.V[[3, 4]])  # not through the LRU: the point it holds stays
+    assert len(lru) == 1 and lru.held(cigre_pf.V[2]) is held[1]
     cache.clear()
     assert cache.kept_bytes == 0 and cache.held(points[0]) is None

@@ -369,3 +369,19 @@ def test_the_study_linearises_each_base_point_once_for_every_worker(tmp_path, mo
     assert base and sorted(h for _, h in at_base) == base  # each once
     assert {pid for pid, _ in at_base} == {str(os.getpid())}
     assert len({pid for pid, _ in lines}) > 1  # the workers linearised their own points
+
+
+def test_a_refused_zone_count_is_refused_before_the_study_linearises_anything(
+    tmp_path, monkeypatch
+):
+    """The zone counts are checked before the study keeps its base points (``plan_zones``):
+    a K beyond the grid's buses is refused in one line with nothing linearised."""
+    from lfm_zonal.grid import sensitivity as sens
+
+    made = []
+    original = sens._linearise
+    monkeypatch.setattr(sens, "_linearise", lambda model, V: made.append(1) or original(model, V))
+    scenario = load_scenario(small_scenario(tmp_path, "1, 999", '"nodal", "zonal"'))
+    with pytest.raises(InputError, match="999"):
+        job.run_study(scenario, workers=2)
+    assert made == []

@@ -178,8 +178,10 @@ LINEARISATION_CACHE_SIZE = 256
 #: (8 MTUs, nodal and 2 x 4 zonal markets) a 512 MiB budget let resident memory grow from
 #: 0.9 to 1.7 GB over the markets, 128 MiB from 0.7 to 1.2 GB, none stay at 0.6-0.7 GB
 #: and ran 5% faster (re-linearising a base point there takes 8 ms): at this size the
-#: factorisations cost more memory than they save time. A grid of a few hundred buses
-#: (under 0.1 MB a linearisation) stays bound by the count.
+#: factorisations cost more memory than they save time, each market process keeping its
+#: own. A grid of a few hundred buses (under 0.1 MB a linearisation) stays bound by the
+#: count. What every market of a study asks for, it keeps once for all of them
+#: (STUDY_POINTS_BYTES).
 LINEARISATION_CACHE_BYTES = 64 * 2**20
 #: Bytes of linearisations a study keeps for its whole run (``LinearisationCache.keep``): the
 #: base points of the MTUs it clears, which every market linearises and checks its dispatch
@@ -321,6 +323,9 @@ class LinearisationCache:
     the base points with their factorisations whatever the budget keeps): the cache refers
     to every linearisation it made weakly too, which keeps none of them. One that nothing
     holds any more is linearised again when asked for.
+
+    Points a study asks for in every market can be kept for the cache's life instead,
+    beside the LRU and its budget, up to a budget of their own (:meth:`keep`).
     """
 
     def __init__(
@@ -340,14 +345,14 @@ class LinearisationCache:
         self.budget_bytes = budget_bytes
         # point -> (linearisation, its estimated bytes), least recently used first
         self._by_point: OrderedDict[bytes, tuple[JacobianLinearisation, int]] = OrderedDict()
-        self._bytes = 0  # sum of the kept entries' estimated bytes
+        self._bytes = 0  # sum of the LRU entries' estimated bytes
         # point -> linearisation, every one made, for as long as anything holds it
         self._alive: weakref.WeakValueDictionary[bytes, JacobianLinearisation] = (
             weakref.WeakValueDictionary()
         )
         # point -> linearisation, kept for the cache's life whatever the budget (``keep``)
         self._kept: dict[bytes, JacobianLinearisation] = {}
-        self.kept_bytes = 0  # their estimated bytes
+        self._kept_bytes = 0  # their estimated bytes
         self._pattern_rhs = PatternRhs()
         #: What callers derive from the linearisations of these points and key themselves
         #: (``check.ac.residual_violations``: a row's facts at an MTU's base point, asked for
@@ -355,18 +360,24 @@ class LinearisationCache:
         self.derived: dict = {}
 
     def __len__(self) -> int:
+        """Entries of the LRU (not the points ``keep`` holds)."""
         return len(self._by_point)
 
     @property
     def nbytes(self) -> int:
-        """Estimated bytes of the kept linearisations (see :meth:`entry_bytes`)."""
+        """Estimated bytes of the LRU's entries (see :meth:`entry_bytes`)."""
         return self._bytes
+
+    @property
+    def kept_bytes(self) -> int:
+        """Estimated bytes of the points ``keep`` holds."""
+        return self._kept_bytes
 
     def clear(self) -> None:
         self._by_point.clear()
         self._alive.clear()
         self._kept.clear()
-        self._bytes = self.kept_bytes = 0
+        self._bytes = self._kept_bytes = 0
         self._pattern_rhs = PatternRhs()
         self.derived = {}
 
@@ -392,8 +403,10 @@ class LinearisationCache:
 
     def keep(self, points: np.ndarray, budget_bytes: int = STUDY_POINTS_BYTES) -> int:
         """Linearise the internal voltages ``points`` (one point a row) and keep them for the
-        cache's life, besides its least-recently-used entries and outside their budget: in
-        order, as many as ``budget_bytes`` holds (``entry_bytes`` each). Returns how many are
+        cache's life, besides its least-recently-used entries and outside their size and
+        budget (an entry already there moves over): in order, as long as all the kept
+        points, of this call and earlier ones, hold within ``budget_bytes`` (``entry_bytes``
+        each; the first point over it goes to the LRU). Returns how many of ``points`` are
         kept.
 
         A study keeps the base points of the MTUs it clears: every market linearises them,
@@ -403,14 +416,21 @@ class LinearisationCache:
         count = 0
         for V in points:
             key = np.ascontiguousarray(V).tobytes()
-            lin = self._kept.get(key)
-            if lin is None:
-                lin = self._held(key) or self._made(key, V)
+            if key not in self._kept:
+                entry = self._by_point.pop(key, None)  # kept from now on: out of the LRU
+                if entry is not None:
+                    self._bytes -= entry[1]
+                    lin = entry[0]
+                else:
+                    lin = self._alive.get(key)
+                    if lin is None:
+                        lin = self._alive[key] = self._linearised(V)
                 nbytes = self.entry_bytes(lin)
-                if self.kept_bytes + nbytes > budget_bytes:
+                if self.kept_bytes + nbytes > budget_bytes:  # over: left to the LRU
+                    self._add_recent(key, lin, nbytes)
                     break
                 self._kept[key] = lin
-                self.kept_bytes += nbytes
+                self._kept_bytes += nbytes
             count += 1
         return count
 
@@ -427,21 +447,25 @@ class LinearisationCache:
     def at(self, V: np.ndarray) -> JacobianLinearisation:
         """The linearisation at internal voltages ``V``, linearised on first use."""
         key = np.ascontiguousarray(V).tobytes()
-        return self._held(key) or self._made(key, V)
+        held = self._held(key)
+        if held is not None:
+            return held
+        lin = self._alive[key] = self._linearised(V)
+        self._add_recent(key, lin, self.entry_bytes(lin))
+        return lin
 
-    def _made(self, key: bytes, V: np.ndarray) -> JacobianLinearisation:
-        """Linearise at ``V`` (``key``: its bytes), the newest entry (least recent dropped
-        beyond the size or the budget)."""
+    def _linearised(self, V: np.ndarray) -> JacobianLinearisation:
+        return replace(_linearise(self.model, V), pattern_rhs=self._pattern_rhs)
+
+    def _add_recent(self, key: bytes, lin: JacobianLinearisation, nbytes: int) -> None:
+        """``lin`` the newest entry of the LRU (the least recent dropped beyond the size or
+        the budget)."""
         cached = self._by_point
-        lin = replace(_linearise(self.model, V), pattern_rhs=self._pattern_rhs)
-        nbytes = self.entry_bytes(lin)
         cached[key] = (lin, nbytes)
-        self._alive[key] = lin
         self._bytes += nbytes
         while len(cached) > 1 and (len(cached) > self.size or self._bytes > self.budget_bytes):
             _, (_, dropped_bytes) = cached.popitem(last=False)
             self._bytes -= dropped_bytes
-        return lin
 
 
 def linearisation(

@@ -958,7 +958,8 @@ def _judge(
     # 1-MVLV-rural-all-0-sw (72 MTUs, 3 rounds) factorisations per MTU and round: nodal 2.9
     # -> 1.1, K = 64 (adjoint) 2.9 -> 1.07, K = 4 (dense) 2.9 -> 1.9. Dense rows hold none:
     # the first step takes the factorisation of that point's linearisation where the
-    # study's cache keeps it (all of SimBench MV's, a few of the MV+LV grid's).
+    # study's cache keeps it (every base point of the MTUs a study clears, its kept points,
+    # and the latest others).
     held = getattr(lp_grid.rows, "linearisations", None)
     V, ok = solve_with_injections(
         pf,

@@ -283,16 +283,29 @@ class ZonePlan:
     graph: nx.Graph
 
 
-def plan_zones(base: BaseCase, cache: LinearisationCache | None = None) -> ZonePlan:
+def plan_zones(
+    base: BaseCase, cache: LinearisationCache | None = None, keep: np.ndarray | None = None
+) -> ZonePlan:
     """The zones' reference MTU and the zone counts, checked before any segmentation work
-    (each refusal its one line; ``cache``: the study's linearisations)."""
+    (each refusal its one line; ``cache``: the study's linearisations).
+
+    ``keep`` (internal voltages, one point a row): points ``cache`` keeps for the study
+    (``LinearisationCache.keep``, within STUDY_POINTS_BYTES and an eighth of the memory
+    budget), linearised once the zone counts and a given reference MTU are accepted, and
+    before the worst MTU is looked for (which linearises the violated MTUs' base points).
+    """
     z = base.scenario["zones"]
     pf = base.powerflow
-    ref = base.zones_reference(z["reference_mtu"], cache)
-    require_converged_reference(pf, ref.position)
     graph = bus_graph(pf.grid.net, pf.model.buses)
     check_zone_counts(z["k"], base.scenario.where("zones.k"), base.grid.name, pf.model.buses, graph)
-    return ZonePlan(ref, graph)
+    rule = z["reference_mtu"]
+    ref = None
+    if rule not in REFERENCE_MTU_RULES:  # a given MTU: the worst and the peak converged
+        ref = base.zones_reference(rule)
+        require_converged_reference(pf, ref.position)
+    if keep is not None and cache is not None:
+        cache.keep(keep, int(min(STUDY_POINTS_BYTES, memory_budget_bytes()[0] / 8)))
+    return ZonePlan(ref or base.zones_reference(rule, cache), graph)
 
 
 def check_zone_counts(ks, where: str, grid_name: str, buses: pd.Index, graph) -> None:
@@ -382,8 +395,7 @@ def run_study(
     # once, for the whole study, and kept before the workers are forked (they share them).
     pf = base.powerflow
     cache = LinearisationCache(pf.model)
-    cache.keep(pf.V[mtus_to_clear(pf)], min(STUDY_POINTS_BYTES, memory_budget_bytes()[0] / 8))
-    plan = plan_zones(base, cache)
+    plan = plan_zones(base, cache, keep=pf.V[mtus_to_clear(pf)])
     cases = market_cases(scenario)
     parallel = workers > 1
     # In one process: ``alongside`` (the zone maps, seen early), the nodal market, then
