@@ -444,3 +444,14 @@ def test_a_nodal_market_alone_draws_no_comparison_against_k(capsys, tmp_path):
         assert (out / "k_comparison.png").is_file() is drawn
         assert ("k_comparison.png" in (out / "report.md").read_text()) is drawn
         assert (out / "before_after.png").is_file()
+
+
+def test_a_report_writes_big_numbers_whole_and_tiny_ones_with_an_exponent():
+    """report.md's tables: 4 significant digits, whole euros from 10,000 on (a user read
+    1.14e+04 for 11,395.07 EUR), an exponent for a residual of 2e-05 p.u."""
+    from lfm_zonal.study.report import report_number
+
+    assert report_number(11395.07) == "11395" and report_number(-24445.4) == "-24445"
+    assert report_number(8426.07) == "8426" and report_number(1.0018277) == "1.002"
+    assert report_number(1.954e-05) == "1.954e-05" and report_number(float("nan")) == ""
+    assert report_number(0.0) == "0" and report_number(3) == "3"

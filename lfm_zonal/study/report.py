@@ -178,11 +178,22 @@ def _penalty(kpis: pd.DataFrame) -> str:
     return ", ".join(f"{v:g} EUR/MWh" for v in values) or "none"
 
 
+#: From this size on, a report's number is written whole, without an exponent (EUR, MWh).
+WHOLE_FROM = 1e4
+
+
+def report_number(v) -> str:
+    """A number of a report's table: 4 significant digits, whole from WHOLE_FROM on (11395
+    EUR, not 1.14e+04), tiny values with an exponent (1.954e-05 p.u.); "" for NaN."""
+    if isinstance(v, float):
+        if np.isnan(v):
+            return ""
+        return f"{v:.0f}" if abs(v) >= WHOLE_FROM else f"{v:.4g}"
+    return str(v)
+
+
 def _markdown_table(table: pd.DataFrame) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return "" if np.isnan(v) else f"{v:.4g}"
-        return str(v)
+    fmt = report_number
 
     head = "| " + " | ".join(table.columns) + " |"
     rule = "|" + "---|" * len(table.columns)
