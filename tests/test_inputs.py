@@ -167,6 +167,27 @@ def test_trailing_comma_and_p_only_profile(trailing, cigre, tmp_path, caplog):
     assert prof.source == f"csv:{path}"
 
 
+def test_rows_finer_than_the_mtus_are_averaged_and_a_gap_is_named(cigre, tmp_path):
+    """A profiles CSV every 5 min on 15-min MTUs: each MTU takes the mean of its three rows
+    (as SimBench's profiles), not the row at its start; rows 30 min apart on 15-min MTUs
+    are refused naming the first start without a row and both steps."""
+    path = tmp_path / "p.csv"
+    times = pd.date_range("2016-01-14 17:00", periods=6, freq="5min")
+    values = [1.0, 2.0, 6.0, 4.0, 4.0, 7.0]
+    lines = [f"{t:%Y-%m-%d %H:%M},{v},0.5" for t, v in zip(times, values, strict=True)]
+    path.write_text("time,load_1_p_mw,load_1_q_mvar\n" + "\n".join(lines[::-1]) + "\n")
+    prof = load_profiles(cigre, PEAK2, csv=path)  # the rows in any order
+    assert prof.load_p_mw[1].tolist() == [3.0, 5.0]
+    assert prof.load_q_mvar[1].tolist() == [0.5, 0.5]
+    path.write_text(
+        "time,load_1_p_mw\n2016-01-14 16:30,1\n2016-01-14 17:00,1\n2016-01-14 17:30,1\n"
+    )
+    with pytest.raises(InputError) as err:
+        load_profiles(cigre, PEAK2, csv=path)
+    assert "no row at 2016-01-14 17:15:00" in str(err.value)
+    assert "30 min apart, the MTUs 15 min" in str(err.value)
+
+
 def test_sgen_scale_on_sgens_at_scaling_zero(tmp_path, caplog):
     net = pn.create_cigre_network_mv(with_der="pv_wind")
     net.sgen["scaling"] = 0.0

@@ -326,21 +326,37 @@ def _csv_table(path: Path) -> pd.DataFrame:
     return table
 
 
-def _csv_rows(path: Path, table: pd.DataFrame, horizon: Horizon) -> np.ndarray:
-    """The rows of a profiles CSV (``_csv_table``) for each MTU of ``horizon``: by time, or
-    the first rows of a table without a time column."""
+def _csv_rows(path: Path, table: pd.DataFrame, horizon: Horizon) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a profiles CSV (``_csv_table``) of each MTU of ``horizon``, as (rows,
+    the MTU of each, ascending): by time, every row from the MTU's start to the next one
+    (a file finer than the MTUs: the MTU takes their mean, as SimBench's profiles), a row
+    at each start required; or the first rows of a table without a time column, one each."""
     times = horizon.times
-    if isinstance(table.index, pd.DatetimeIndex):
-        missing = times.difference(table.index)
-        if len(missing):
+    if not isinstance(table.index, pd.DatetimeIndex):
+        if len(table) < horizon.n_mtu:
+            raise InputError(f"{path}: {len(table)} rows, but the horizon has {horizon.n_mtu} MTUs")
+        return np.arange(horizon.n_mtu), np.arange(horizon.n_mtu)
+    missing = times.difference(table.index)
+    if len(missing):
+        first, last = table.index.min(), table.index.max()
+        if first <= missing[0] <= last:
+            step = pd.Series(table.index.sort_values()).diff().median()
             raise InputError(
-                f"{path}: horizon {times[0]} .. {times[-1]} is outside the profile range "
-                f"{table.index.min()} .. {table.index.max()} (first missing MTU {missing[0]})"
+                f"{path}: no row at {missing[0]}, the start of an MTU: the rows are "
+                f"{step.total_seconds() / 60:g} min apart, the MTUs "
+                f"{horizon.mtu_minutes:g} min (give a row at the start of every MTU)"
             )
-        return table.index.get_indexer(times)
-    if len(table) < horizon.n_mtu:
-        raise InputError(f"{path}: {len(table)} rows, but the horizon has {horizon.n_mtu} MTUs")
-    return np.arange(horizon.n_mtu)
+        raise InputError(
+            f"{path}: horizon {times[0]} .. {times[-1]} is outside the profile range "
+            f"{first} .. {last} (first missing MTU {missing[0]})"
+        )
+    order = np.argsort(table.index.to_numpy(), kind="stable")
+    at = table.index.to_numpy()[order]
+    lo = np.searchsorted(at, times.to_numpy(), "left")
+    hi = np.searchsorted(at, (times + pd.Timedelta(minutes=horizon.mtu_minutes)).to_numpy())
+    count = hi - lo
+    mtu = np.repeat(np.arange(len(times)), count)
+    return order[np.arange(count.sum()) + np.repeat(lo - count.cumsum() + count, count)], mtu
 
 
 def _from_csv(grid: Grid, horizon: Horizon, path: Path) -> Profiles:
@@ -349,7 +365,10 @@ def _from_csv(grid: Grid, horizon: Horizon, path: Path) -> Profiles:
     with a P column but no Q column gets Q at its stored power factor (q = p x q/p as
     stored; Q as stored where the stored P is 0), said in a warning."""
     table = _csv_table(path)
-    rows = _csv_rows(path, table, horizon)
+    rows, mtu = _csv_rows(path, table, horizon)
+    per_mtu = np.bincount(mtu, minlength=len(horizon.times))
+    if (per_mtu > 1).any():
+        log.info("%s: rows finer than the MTUs: each MTU takes the mean of its rows", path)
     times = horizon.times
     net = grid.net
     given: dict[tuple[str, str], dict[int, np.ndarray]] = {
@@ -376,6 +395,8 @@ def _from_csv(grid: Grid, horizon: Horizon, path: Path) -> Profiles:
                 else f"beyond {MAX_ELEMENT_MW:g} (the unit is MW or Mvar)"
             )
             raise InputError(f"{path}, row {rows[i] + 2}, column '{name}': {text[i]!r} is {why}")
+        if len(values) > len(per_mtu):  # the mean of each MTU's rows
+            values = np.bincount(mtu, weights=values, minlength=len(per_mtu)) / per_mtu
         given[(element, column)][index] = values
     frames = {}
     for (element, column), columns in given.items():
