@@ -14,6 +14,11 @@ class UnknownGridError(InputError):
     it was given)."""
 
 
+class HorizonError(InputError):
+    """A horizon the grid's own profiles cannot give (a scenario names where its start was
+    given)."""
+
+
 class GridError(LfmError, ValueError):
     """A grid that cannot be modelled as asked (names the offending element)."""
 

@@ -27,14 +27,16 @@ def run_cli(capsys, *argv):
         (["powerflow", "--grid", "no_such_grid"], "unknown grid 'no_such_grid'"),
         (["powerflow", "--grid", "1-MV-nowhere--0-sw"], "unknown grid '1-MV-nowhere--0-sw'"),
         (["powerflow", "--grid", "missing.json"], "grid file not found: missing.json"),
-        (
+        (  # where the start was given, as every scenario key
             ["powerflow", "--grid", "1-MV-rural--0-sw", "--start", "2017-03-01 00:00"],
-            "outside the SimBench profile range",
+            "error: --start: 'horizon.start': horizon 2017-03-01 00:00:00 .. 2017-03-01 23:45:00"
+            " is outside the SimBench profile range",
         ),
         (["powerflow", "--grid", "1-MV-rural--0-sw", "--mtu-minutes", "20"], "multiple of 15"),
         (  # inside the year, off its quarter hours: said so, not "outside the range"
             ["powerflow", "--grid", "1-MV-rural--0-sw", "--start", "2016-04-16 00:07"],
-            "horizon start 2016-04-16 00:07:00: SimBench profiles are quarter-hourly, start on "
+            "--start: 'horizon.start': horizon start 2016-04-16 00:07:00: SimBench profiles are "
+            "quarter-hourly, start on "
             "a quarter hour (:00, :15, :30 or :45)",
         ),
         (["powerflow", "--n-mtu", "0"], "'horizon.n_mtu' must be > 0"),

@@ -224,7 +224,7 @@ def test_zones_powerflow_and_sensitivities_print_their_stages(tmp_path, capsys):
         (["powerflow", "--out", "pf.csv"], "pf.csv exists (use --overwrite"),
         # refused before any stage
         (["zones", "--reference-mtu", "9"], "'zones.reference_mtu' must be below"),
-        (["powerflow", "--profiles", "short.csv"], "is outside the profile range"),
+        (["powerflow", "--profiles", "short.csv"], "outside the profile range"),
     ],
 )
 def test_an_input_refused_by_zones_sensitivities_or_powerflow_is_one_line(

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from lfm_zonal.config import DEFAULTS
-from lfm_zonal.errors import InputError
+from lfm_zonal.errors import HorizonError, InputError
 from lfm_zonal.files.inputs import read_csv_cells
 from lfm_zonal.grid.sources import MAX_ELEMENT_MW, Grid
 
@@ -220,13 +220,13 @@ def _simbench_rows(horizon: Horizon) -> np.ndarray:
     n_rows = 366 * 96
     first, last = offset, offset + horizon.n_mtu * per_mtu - 1
     if offset != int(offset):
-        raise InputError(
+        raise HorizonError(
             f"horizon start {horizon.start}: SimBench profiles are quarter-hourly, start on a "
             "quarter hour (:00, :15, :30 or :45)"
         )
     if first < 0 or last >= n_rows:
         end = SIMBENCH_YEAR_START + pd.Timedelta(minutes=15 * n_rows)
-        raise InputError(
+        raise HorizonError(
             f"horizon {horizon.times[0]} .. {horizon.times[-1]} is outside the SimBench profile "
             f"range {SIMBENCH_YEAR_START} .. {end}"
         )
@@ -339,16 +339,17 @@ def _csv_rows(path: Path, table: pd.DataFrame, horizon: Horizon) -> tuple[np.nda
     missing = times.difference(table.index)
     if len(missing):
         first, last = table.index.min(), table.index.max()
-        if first <= missing[0] <= last:
-            step = pd.Series(table.index.sort_values()).diff().median()
+        step = pd.Series(table.index.sort_values()).diff().median()
+        if first <= missing[0] <= last and step > pd.Timedelta(minutes=horizon.mtu_minutes):
             raise InputError(
                 f"{path}: no row at {missing[0]}, the start of an MTU: the rows are "
                 f"{step.total_seconds() / 60:g} min apart, the MTUs "
                 f"{horizon.mtu_minutes:g} min (give a row at the start of every MTU)"
             )
+        where = "inside" if first <= missing[0] <= last else "outside"
         raise InputError(
-            f"{path}: horizon {times[0]} .. {times[-1]} is outside the profile range "
-            f"{first} .. {last} (first missing MTU {missing[0]})"
+            f"{path}: horizon {times[0]} .. {times[-1]}: no row at {missing[0]}, {where} the "
+            f"profile range {first} .. {last}"
         )
     order = np.argsort(table.index.to_numpy(), kind="stable")
     at = table.index.to_numpy()[order]

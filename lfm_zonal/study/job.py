@@ -23,7 +23,13 @@ from tqdm import tqdm
 from lfm_zonal.check.ac import ACCheck, residual_violations
 from lfm_zonal.check.kpis import KPI_NAMES
 from lfm_zonal.config import REFERENCE_MTU_RULES
-from lfm_zonal.errors import InputError, PowerFlowNotConverged, SolverError, UnknownGridError
+from lfm_zonal.errors import (
+    HorizonError,
+    InputError,
+    PowerFlowNotConverged,
+    SolverError,
+    UnknownGridError,
+)
 from lfm_zonal.files.inputs import require_file
 from lfm_zonal.grid.powerflow import HorizonPowerFlow, run_horizon
 from lfm_zonal.grid.profiles import Horizon, Profiles, load_profiles
@@ -190,13 +196,16 @@ def prepare_base_case(scenario: Scenario, progress: bool = False) -> BaseCase:
     progress bar on a terminal); says so in a stage line."""
     grid = load_scenario_grid(scenario)
     p = scenario["profiles"]
-    profiles = load_profiles(
-        grid,
-        scenario_horizon(scenario),
-        csv=profiles_csv(scenario),
-        load_scale=p["load_scale"],
-        sgen_scale=p["sgen_scale"],
-    )
+    try:
+        profiles = load_profiles(
+            grid,
+            scenario_horizon(scenario),
+            csv=profiles_csv(scenario),
+            load_scale=p["load_scale"],
+            sgen_scale=p["sgen_scale"],
+        )
+    except HorizonError as error:  # where the start was given
+        raise InputError(f"{scenario.where('horizon.start')}: 'horizon.start': {error}") from None
     pf = run_horizon(grid, profiles, progress=progress)
     stage(
         f"base case: {len(pf.times)} MTUs on grid {grid.name} ({len(pf.model.buses)} buses), "
