@@ -254,6 +254,14 @@ def test_a_row_longer_than_its_header_is_refused(cigre_pf, tmp_path):
     with pytest.raises(InputError, match=r"r.csv, row 4: 3 values, the header has 2 columns"):
         read_resources(path, cigre_pf)
     assert csv.field_size_limit() == limit  # the csv module's limit (the process's) given back
+    # The same row with an empty last value (1,5 in a row of trailing commas, its neighbours
+    # without): named the same way, not in pandas' tokenizer's words.
+    path.write_text("a,b,c\n1,2,\n3,4,5,\n6,7,8\n")
+    with pytest.raises(InputError) as err:
+        read_resources(path, cigre_pf)
+    assert str(err.value) == (
+        f"{path}, row 3: 4 values, the header has 3 columns (a decimal comma? write 1.5, not 1,5)"
+    )
 
 
 def test_resources_csv_with_trailing_comma(cigre_pf, tmp_path):

@@ -112,6 +112,12 @@ def read_csv_cells(path: Path, what: str):
         table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     except Exception as exc:
         reason = " ".join(str(exc).split())  # one line
+        # A row one value wider than the others, the extra one empty (1,5, in a row whose
+        # neighbours have no trailing comma): pandas' tokenizer says so in its own words.
+        wide = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", reason)
+        if wide is not None:
+            width, row, values = (int(g) for g in wide.groups())
+            raise _too_wide(path, row, values, width) from None
         raise InputError(f"{path}: not a readable CSV file ({reason})") from None
     for pos, name in enumerate(list(table.columns)):
         text = str(name)
@@ -139,15 +145,19 @@ def _require_row_widths(path: Path) -> None:
             width = len(next(rows, []))
             for number, fields in enumerate(rows, start=2):
                 if len(fields) > width and any(cell.strip() for cell in fields[width:]):
-                    columns = f"{width} column{'s' if width != 1 else ''}"
-                    raise InputError(
-                        f"{path}, row {number}: {len(fields)} values, the header has "
-                        f"{columns} (a decimal comma? write 1.5, not 1,5)"
-                    )
+                    raise _too_wide(path, number, len(fields), width)
     except csv.Error as exc:
         raise InputError(f"{path}: not a readable CSV file ({exc})") from None
     finally:
         csv.field_size_limit(before)
+
+
+def _too_wide(path: Path, row: int, values: int, width: int) -> InputError:
+    columns = f"{width} column{'s' if width != 1 else ''}"
+    return InputError(
+        f"{path}, row {row}: {values} values, the header has {columns} (a decimal comma? "
+        "write 1.5, not 1,5)"
+    )
 
 
 def decode_input(data: bytes, origin: str | os.PathLike, what: str) -> str:
