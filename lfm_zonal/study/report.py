@@ -131,7 +131,9 @@ def report_markdown(
         lines += ["None: every market leaves every element within its limits.", ""]
     if worst is not None:
         lines += [
-            f"Worst MTU: {worst} ({pf.times[worst]}).",
+            f"Worst MTU: {worst} ({pf.times[worst]}), plotted before and after: the largest "
+            "base-case overload in pp plus 100 x voltage deviation in p.u. (`worst_mtu` of "
+            "summary.json; the zones' worst MTU below weighs violations in MW-equivalent).",
             "",
             "![before and after](before_after.png)",
             "",
