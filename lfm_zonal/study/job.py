@@ -314,7 +314,7 @@ def plan_zones(
         require_converged_reference(pf, ref.position)
     if keep is not None and cache is not None:
         cache.keep(keep, int(min(STUDY_POINTS_BYTES, memory_budget_bytes()[0] / 8)))
-    return ZonePlan(ref or base.zones_reference(rule, cache), graph)
+    return ZonePlan(base.zones_reference(rule, cache) if ref is None else ref, graph)
 
 
 def check_zone_counts(ks, where: str, grid_name: str, buses: pd.Index, graph) -> None:
