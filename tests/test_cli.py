@@ -457,3 +457,22 @@ def test_a_report_writes_big_numbers_whole_and_tiny_ones_with_an_exponent():
     assert report_number(8426.07) == "8426" and report_number(1.0018277) == "1.002"
     assert report_number(1.954e-05) == "1.954e-05" and report_number(float("nan")) == ""
     assert report_number(0.0) == "0" and report_number(3) == "3"
+
+
+def test_clear_prints_the_voltage_left_beside_the_overload_left(capsys, tmp_path):
+    """The table ``clear`` prints shows the residual voltage deviation too: on ieee33 the
+    needs-based market at K = 2 leaves undervoltage (no overload, no new violation), which
+    the table hid (a user read 0, 0 and thought it clean)."""
+    code, out, _ = run_cli(
+        capsys, "clear", "--grid", "ieee33", "--market", "needs_based", "--k", "2",
+        "--n-mtu", "4", "--start", "2016-01-14 18:00", "--out", str(tmp_path / "c"),
+    )  # fmt: skip
+    assert code == 0
+    header, row = out.splitlines()[:2]
+    value = dict(zip(header.split(), row.split(), strict=True))
+    assert float(value["residual_overload_max_percent"]) == 0.0
+    assert float(value["residual_voltage_max_pu"]) > 0.0
+    kpis = pd.read_csv(tmp_path / "c" / "kpis.csv")
+    assert float(value["residual_voltage_max_pu"]) == pytest.approx(
+        kpis.residual_voltage_max_pu.iloc[0], rel=1e-4
+    )

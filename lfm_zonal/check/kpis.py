@@ -44,7 +44,7 @@ KPIS: tuple[KPI, ...] = (
         report=True, terminal=True, golden=(0.0, 0.05)),
     KPI("residual_voltage_max_pu", "p.u.",
         "largest voltage deviation from the band left after the AC check",
-        report=True, golden=(0.0, 2e-4)),
+        report=True, terminal=True, golden=(0.0, 2e-4)),
     KPI("residual_overload_mtu_count", "MTUs", "MTUs with an overload left after the AC check"),
     KPI("vm_min_after_pu", "p.u.", "lowest bus voltage after the AC check",
         terminal=True, golden=(0.0, 2e-4)),
