@@ -195,9 +195,10 @@ def report_number(v) -> str:
 
 
 def _markdown_table(table: pd.DataFrame) -> str:
-    fmt = report_number
-
     head = "| " + " | ".join(table.columns) + " |"
     rule = "|" + "---|" * len(table.columns)
-    rows = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    rows = [
+        "| " + " | ".join(report_number(v) for v in row) + " |"
+        for row in table.itertuples(index=False)
+    ]
     return "\n".join([head, rule, *rows])
