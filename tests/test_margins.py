@@ -306,7 +306,11 @@ def test_pay_as_clear_caps_only_the_mtus_the_model_prices(monkeypatch):
     region binding (duals up to about 2,400 EUR/MWh in MTU 71), and the batteries link
     the MTUs around it. Those MTUs (``Solution.priced_by_model``) are paid at most the
     dearest offer accepted there; in the others a nodal price above every accepted offer
-    stands (a bus that relieves more, or gives Q too, is worth more)."""
+    stands (a bus that relieves more, or gives Q too, is worth more). Slacks priced per
+    MW-equivalent (``RowScales.price_factor`` off): the case where the trust region binds."""
+    from lfm_zonal.grid import linear
+
+    monkeypatch.setattr(linear, "SLACK_PRICE_FACTOR_MAX", 1.0)
     seen = []
     price = clearing_module.clearing_prices
     monkeypatch.setattr(

@@ -266,6 +266,61 @@ def test_clearing_prices_by_hand():
     )
 
 
+@pytest.mark.parametrize("factor_max", [100.0, 1.0])
+def test_a_violation_only_remote_offers_can_remove_is_priced_per_mw_of_them(
+    tmp_path, monkeypatch, factor_max
+):
+    """The three-bus feeder with line 1 strong, 3 MW at bus 1 and vm_min 0.987: bus 2 at
+    about 0.9848 p.u. A (bus 2, 0.2 MW, 50 EUR/MWh) removes a fifth of it; B (bus 1, 3 MW,
+    800 EUR/MWh) moves bus 2 half as much per MW. Priced per MW-equivalent at bus 2 (penalty 1,000
+    EUR/MWh), a MW of B is worth 500 EUR/MWh and the rest is left unmet (the price
+    factor switched off: factor_max 1). Priced per MW of the offers it takes (B is the
+    margin: factor 2), B is worth 1,000: about 1.6 MW of it is bought, as the linear
+    relief says, and the AC check finds bus 2 within its limit."""
+    from lfm_zonal.grid import linear
+
+    monkeypatch.setattr(linear, "SLACK_PRICE_FACTOR_MAX", factor_max)
+    (tmp_path / "resources.csv").write_text(
+        RESOURCES.splitlines()[0] + "\nA,agg1,2,load,up,0.2,50,0,,,\nB,agg2,1,load,up,3,800,0,,,\n"
+    )
+    profiles = {"load_0_p_mw": [6.0], "load_1_p_mw": [3.0]}
+    pd.DataFrame(profiles).to_csv(tmp_path / "profiles.csv", index=False)
+    net = three_bus_feeder(bus1_load_mw=3.0)
+    net.line.at[1, "max_i_ka"] = 1.0
+    grid = load_grid(net, vm_min_pu=0.987, vm_max_pu=1.1)
+    pf = run_horizon(
+        grid, load_profiles(grid, Horizon(n_mtu=1, mtu_minutes=60), csv=tmp_path / "profiles.csv")
+    )
+    assert 0.984 < pf.vm_pu.iat[0, 2] < 0.986  # the violation: about 0.002 p.u.
+    res = read_resources(tmp_path / "resources.csv", pf)
+    result = clear_market(pf, res, "nodal", penalty_eur_per_mwh=1000.0)
+    taken = result.dispatch.groupby("resource_id").p_mw.sum()
+    assert taken["A"] == pytest.approx(0.2, abs=1e-9)
+    if factor_max == 1.0:
+        assert "B" not in taken and result.kpis["unmet_mwh"] > 0.5
+        assert result.ac.vm_pu.iat[0, 2] < 0.987 - 1e-3
+        return
+    # Linear relief at the base point: (excess - A's relief) / B's per MW.
+    d2, d1 = (ac_voltage_change(net, bus) for bus in (2, 1))
+    needed_b = (0.987 - pf.vm_pu.iat[0, 2] - 0.2 * d2) / d1
+    assert 1.0 < needed_b < 2.5 and d2 / d1 == pytest.approx(2.0, rel=0.05)
+    assert taken["B"] == pytest.approx(needed_b, rel=0.05)
+    assert result.kpis["unmet_mwh"] == 0.0
+    assert result.ac.vm_pu.iat[0, 2] >= 0.987 - 1e-4
+
+
+def ac_voltage_change(net: pp.pandapowerNet, bus: int, dp_mw: float = 0.01) -> float:
+    """Bus 2's voltage rise per MW of load taken off ``bus``, by finite differences of AC
+    power flows."""
+    out = []
+    for dp in (0.0, dp_mw):
+        n = copy.deepcopy(net)
+        pp.create_load(n, bus, p_mw=-dp)
+        pp.runpp(n, numba=False, tolerance_mva=1e-10)
+        out.append(n.res_bus.at[2, "vm_pu"])
+    return (out[1] - out[0]) / dp_mw
+
+
 def test_a_market_short_of_offers_pays_its_dearest_accepted_offer_not_the_penalty(tmp_path):
     """The three-bus feeder with 0.2 MW at bus 2 (A, 50 EUR/MWh) where about 1 MW is
     needed: A is taken whole and the rest is unmet need. The duals price line 1 at the

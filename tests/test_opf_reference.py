@@ -268,20 +268,31 @@ def test_simbench_mv_windy_night_within_one_percent():
     assert abs(ratio - 1.0) <= 0.01, detail
 
 
+@pytest.mark.parametrize("factor_max", [100.0, 1.0])
 @pytest.mark.parametrize(("name", "start", "power_factor"), CASES[:4])
-def test_default_penalty_leaves_only_what_costs_more_to_fix(name, start, power_factor):
-    """At the default penalty (10,000 EUR per MWh of the most effective flexibility) the
-    market may leave a violation whose remaining offers are too weak to be worth it (CIGRE
-    17:30, tan_phi 0: bus 11 at 1.4e-4 p.u. below the band, fixable only by loads near the
-    substation with 1/55 of the effect). It then says so, and its cost with the residual
-    priced at the penalty is never above the OPF's hard-limit cost."""
+def test_default_penalty_removes_what_the_offers_can(
+    name, start, power_factor, factor_max, monkeypatch
+):
+    """At the default penalty (10,000 EUR per MWh of the offered flexibility a violation
+    would take, ``RowScales.price_factor``) the market matches the OPF's hard-limit cost
+    and leaves nothing. Priced per MW-equivalent instead (the factor off: factor_max 1),
+    it may leave a violation whose remaining offers are weak (CIGRE 17:30, tan_phi 0: bus
+    11 at 1.4e-4 p.u. below the band for 483 EUR, fixable only by loads near the
+    substation with 1/55 of the effect); it then says so, and its cost with the residual
+    priced at the penalty is never above the OPF's."""
+    from lfm_zonal.grid import linear
+
+    monkeypatch.setattr(linear, "SLACK_PRICE_FACTOR_MAX", factor_max)
     pf, res, seg = single_mtu_case(name, start, power_factor)
     g = pf.grid
     opf = opf_reference(pf, res, 0)
     result = clear_market(pf, res, "nodal")
     k = result.kpis
     over, dev = violation(g, result.ac.loading_percent.to_numpy(), result.ac.vm_pu.to_numpy())
-    if over > LOADING_TOL_PERCENT or dev > VM_TOL_PU:
+    violated = over > LOADING_TOL_PERCENT or dev > VM_TOL_PU
+    if factor_max > 1.0:
+        assert not violated and abs(k["cost_eur"] / opf.cost_eur - 1.0) <= COST_RTOL
+    elif violated:
         assert k["unmet_mwh"] > 0 and k["residual_violations"] > 0
         assert len(result.residual) > 0
     else:

@@ -457,22 +457,34 @@ class RowScales:
     is the MW of the most effective flexibility that would remove it (the unit of the LP's
     slacks and of unmet need).
 
+    With ``capacity_mw`` (MTU x area x (up, down): the MW offered), also each row's
+    ``price_factor``: how much more than a MW-equivalent its slack is priced, so that the
+    penalty of unmet need is per MW of the flexibility on offer it would take.
+
     Computed on first use of a row (every row at once for dense rows) and kept: a
     sequential LP fixes the scales of its base case for every round, so that every round
     prices a violation alike. For the same reason it keeps which rows the base case has
     within their limits (``within_at_base``): a violation there would be the market's.
     """
 
-    def __init__(self, grid: LinearGrid) -> None:
+    def __init__(self, grid: LinearGrid, capacity_mw: np.ndarray | None = None) -> None:
         self._rows = grid.rows
         self._tolerances = grid.row_tolerances()
         # Within the limit itself: a row over it, even by less than the tolerance, already
         # has a slack at no activation, which is not the market's doing.
-        self._within = grid.violations(grid.loading0, grid.vm0) <= 0.0
+        excess = grid.violations(grid.loading0, grid.vm0)
+        self._within = excess <= 0.0
         if grid.rows.dense:
             self._value = grid.rows.all_scales()
         else:
             self._value = np.full((len(grid.mtus), grid.n_rows), np.nan)
+        self._factor = None
+        if capacity_mw is not None:  # what a row's slack stands for: at least its tolerance
+            self._capacity = np.asarray(capacity_mw, float)
+            self._excess = np.maximum(excess, self._tolerances)
+            rows = np.arange(grid.n_rows)
+            self._upper = split_layout(rows, len(grid.branches), len(grid.buses))[1]
+            self._factor = np.full(self._value.shape, np.nan)
         self._t = np.arange(len(grid.mtus))  # this object's MTUs in the store
 
     def of(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -480,10 +492,43 @@ class RowScales:
         t, r = self._t[np.asarray(t, np.int64)], np.asarray(r, np.int64)
         missing = np.isnan(self._value[t, r])
         if missing.any():
-            todo = np.unique(np.c_[t[missing], r[missing]], axis=0)
-            cp, cq = self._rows.coefficients(todo[:, 0], todo[:, 1])
-            self._value[todo[:, 0], todo[:, 1]] = row_scale(cp, cq)
+            self._compute(t[missing], r[missing])
         return self._value[t, r]
+
+    def price_factor(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:
+        """Per row (t, r), its scale over the coefficient of the offered flexibility at the
+        margin of removing its violation (``offered_scale``; 1 without ``capacity_mw``): a
+        slack priced at the penalty times this costs the penalty per MW of offered
+        flexibility it stands for. Without it, a violation that only remote offers could
+        remove (an LV bus whose own offers are taken: a hundredth of its own sensitivity
+        left) was left for a fraction of the penalty, below the price of those offers."""
+        if self._factor is None:
+            return np.ones(len(np.asarray(t)))
+        t, r = self._t[np.asarray(t, np.int64)], np.asarray(r, np.int64)
+        missing = np.isnan(self._factor[t, r])
+        if missing.any():
+            self._compute(t[missing], r[missing])
+        return self._factor[t, r]
+
+    def _compute(self, t: np.ndarray, r: np.ndarray) -> None:
+        """Scales (and price factors) of store rows (t, r), from their coefficients."""
+        todo = np.unique(np.c_[t, r], axis=0)
+        cp, cq = self._rows.coefficients(todo[:, 0], todo[:, 1])
+        self._keep(todo[:, 0], todo[:, 1], cp, cq)
+
+    def _keep(self, t: np.ndarray, r: np.ndarray, cp: np.ndarray, cq: np.ndarray) -> None:
+        scale = row_scale(cp, cq)
+        self._value[t, r] = scale
+        if self._factor is None:
+            return
+        sense = np.where(self._upper[r], 1.0, -1.0)
+        for i in range(0, len(t), _FACTOR_ROWS):  # rows x areas temporaries, a chunk at a time
+            at = slice(i, i + _FACTOR_ROWS)
+            tt, rr = t[at], r[at]
+            margin = offered_scale(
+                cp[at], cq[at], sense[at], self._capacity[tt], self._excess[tt, rr], scale[at]
+            )
+            self._factor[tt, rr] = scale[at] / margin
 
     def learn(
         self, rows: GridRows, t: np.ndarray, r: np.ndarray, cp: np.ndarray, cq: np.ndarray
@@ -497,8 +542,7 @@ class RowScales:
             return  # dense rows: every scale is at hand
         t, r = np.asarray(t, np.int64), np.asarray(r, np.int64)
         same = np.array([theirs[i] is own[j] for i, j in zip(t, self._t[t], strict=True)])
-        tt, rr = self._t[t[same]], r[same]
-        self._value[tt, rr] = row_scale(cp[same], cq[same])
+        self._keep(self._t[t[same]], r[same], cp[same], cq[same])
 
     def within_at_base(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:
         """Whether rows (t, r) are within their limits in the grid these scales were made
@@ -613,6 +657,46 @@ def _dense_rows(pf, W, sensitivity_method, mtus, V, cache) -> DenseRows:
             s = sensitivity_arrays(model, V[i], sensitivity_method, W, cache)
             sl_p[i], sl_q[i], sv_p[i], sv_q[i] = s.loading_p, s.loading_q, s.vm_p, s.vm_q
     return DenseRows(sl_p, sl_q, sv_p, sv_q)
+
+
+#: Rows whose price factors are computed at once (about ten rows x areas arrays: on the
+#: nodal market of a 5,000-bus grid, 11 MB each).
+_FACTOR_ROWS = 256
+#: Most times a row's MW-equivalent its slack is priced at (``offered_scale``): keeps the
+#: LP's cost coefficients within NEW_VIOLATION_PENALTY_FACTOR times the penalty (the two
+#: are not multiplied: the larger one prices a row).
+SLACK_PRICE_FACTOR_MAX = 100.0
+
+
+def offered_scale(
+    cp: np.ndarray,
+    cq: np.ndarray,
+    sense: np.ndarray,
+    capacity_mw: np.ndarray,
+    excess: np.ndarray,
+    scale: np.ndarray,
+) -> np.ndarray:
+    """Per row, the |coefficient| (on the injection ``row_scale`` measures: P, else Q) of
+    the area at the margin of removing ``excess`` with the offers ``capacity_mw`` (rows x
+    areas x (up, down)), most effective first: the least effective one needed; at least
+    ``scale`` / SLACK_PRICE_FACTOR_MAX. ``scale`` where the offers cannot remove it, in
+    the linearisation, whatever their price (its slack is unmet need: priced per
+    MW-equivalent, so that no offer is bought for a relief worth less than its price).
+    ``sense``: +1 for a row with an upper limit, -1 a lower."""
+    on_p = np.abs(cp).max(axis=-1, initial=0.0) > 0
+    c = np.where(on_p[:, None], cp, cq)
+    # An up offer raises its area's injection: it relieves a row where c * sense < 0.
+    relieving = np.where(c * sense[:, None] < 0, capacity_mw[..., 0], capacity_mw[..., 1])
+    effect = np.where(relieving > 0, np.abs(c), 0.0)
+    order = np.argsort(-effect, axis=-1, kind="stable")
+    effect = np.take_along_axis(effect, order, axis=-1)
+    offered = np.take_along_axis(relieving, order, axis=-1)
+    relief = np.cumsum(np.where(effect > 0, effect * offered, 0.0), axis=-1)  # inf: unlimited
+    at = (relief < excess[:, None]).sum(axis=-1)  # areas before the margin
+    suffice = at < c.shape[-1]
+    margin = np.zeros(len(c))
+    margin[suffice] = effect[suffice, at[suffice]]
+    return np.where(margin > 0, np.maximum(margin, scale / SLACK_PRICE_FACTOR_MAX), scale)
 
 
 def row_scale(cp: np.ndarray, cq: np.ndarray) -> np.ndarray:

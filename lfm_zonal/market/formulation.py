@@ -25,10 +25,12 @@ linear grid (``grid.linear``: dense arrays or adjoint rows, the same coefficient
 the row's largest |coefficient| on active power (``grid.linear.RowScales``), turns a
 slack into the MW of the most effective flexibility that would remove it, so the
 penalty is a price per MWh of unmet need. A slack above zero is unmet need and is
-reported, never hidden. penalty_row is that penalty on a row the base case has beyond
-its limit, and NEW_VIOLATION_PENALTY_FACTOR times it on a row the base case has within it
-(``slack_prices``): the market buys flexibility to fix violations, not to trade them for
-new ones. A step priced above the penalty is never bought (the one price cap). Areas
+reported, never hidden. penalty_row is that penalty times the row's price factor on a row
+the base case has beyond its limit (``RowScales.price_factor``: per MW of the offers at
+the margin of removing it, not of its most effective area, which may offer nothing),
+and NEW_VIOLATION_PENALTY_FACTOR times it on a row the base case has within it, the
+larger of the two (``slack_prices``): the market buys flexibility to fix violations, not
+to trade them for new ones. A step priced above the penalty is never bought (the one price cap). Areas
 are only those with a bid in the MTU: an area without one cannot inject.
 
 ``build_clearing_lp`` lists the blocks; each ``define_*`` adds its columns, rows and
@@ -89,10 +91,11 @@ def slack_prices(
     scales: RowScales, t: np.ndarray, r: np.ndarray, penalty_eur_per_mwh: float
 ) -> np.ndarray:
     """EUR per MW-equivalent and hour of the slacks of grid rows (t, r): the penalty of
-    unmet need, NEW_VIOLATION_PENALTY_FACTOR times it on rows within their limits in the
-    base case (``RowScales.within_at_base``)."""
+    unmet need per MW of the most effective flexibility offered (``RowScales.price_factor``),
+    NEW_VIOLATION_PENALTY_FACTOR times it on rows within their limits in the base case
+    (``RowScales.within_at_base``), whichever is more."""
     factor = np.where(scales.within_at_base(t, r), NEW_VIOLATION_PENALTY_FACTOR, 1.0)
-    return penalty_eur_per_mwh * factor
+    return penalty_eur_per_mwh * np.maximum(factor, scales.price_factor(t, r))
 
 
 class LpBuilder:
@@ -294,6 +297,14 @@ class MarketBids:
         out = copy.copy(self)
         out.quantity = np.where(bids, accepted_mw, self.quantity)
         out.floor = np.where(bids, accepted_mw, self.floor)
+        return out
+
+    def capacity_mw(self) -> np.ndarray:
+        """MTU x area x (up, down): the MW offered (``RowScales``)."""
+        out = np.zeros((len(self.mtus), self.k, 2))
+        np.add.at(
+            out, (self.t_of_bid, self.area_of_bid, (self.sign < 0).astype(np.int64)), self.quantity
+        )
         return out
 
     def __len__(self) -> int:

@@ -100,7 +100,7 @@ def dso_needs(
         solve_clearing(
             sub.tolerated(),
             bids,
-            scales=RowScales(sub),
+            scales=RowScales(sub, capacity),
             rows=None if rows is None else select_rows(rows, violated),
         ),
         "DSO-needs LP",
