@@ -266,7 +266,7 @@ def test_clearing_prices_by_hand():
     )
 
 
-@pytest.mark.parametrize("factor_max", [100.0, 1.0])
+@pytest.mark.parametrize("factor_max", [None, 1.0])
 def test_a_violation_only_remote_offers_can_remove_is_priced_per_mw_of_them(
     tmp_path, monkeypatch, factor_max
 ):
@@ -278,8 +278,12 @@ def test_a_violation_only_remote_offers_can_remove_is_priced_per_mw_of_them(
     margin: factor 2), B is worth 1,000: about 1.6 MW of it is bought, as the linear
     relief says, and the AC check finds bus 2 within its limit."""
     from lfm_zonal.grid import linear
+    from lfm_zonal.market.formulation import NEW_VIOLATION_PENALTY_FACTOR
 
-    monkeypatch.setattr(linear, "SLACK_PRICE_FACTOR_MAX", factor_max)
+    # A violation the market would create still costs more than any it leaves.
+    assert linear.SLACK_PRICE_FACTOR_MAX < NEW_VIOLATION_PENALTY_FACTOR
+    if factor_max is not None:  # None: the default
+        monkeypatch.setattr(linear, "SLACK_PRICE_FACTOR_MAX", factor_max)
     (tmp_path / "resources.csv").write_text(
         RESOURCES.splitlines()[0] + "\nA,agg1,2,load,up,0.2,50,0,,,\nB,agg2,1,load,up,3,800,0,,,\n"
     )

@@ -39,7 +39,7 @@ def test_the_dso_scale_nodal_result_matches():
     """SimBench MV+LV's nodal market (15-25 s): the one shipped grid whose nodal rows are
     long enough to go through the feeders' equivalents (``grid.feeders``), an exact
     rewriting of the LP: its golden file is the result of the rows written step by step
-    (cost 1012.806721 EUR; 1023.376306 since slacks are priced per MW of the offers they
+    (cost 1012.806721 EUR; 1022.929399 since slacks are priced per MW of the offers they
     stand for, ``RowScales.price_factor``: the rows written step by step, LONG_ROW_STEPS
     out of reach, give the same KPIs to the last digit)."""
     name = "simbench_mvlv_rural_pv_noon"

@@ -662,10 +662,12 @@ def _dense_rows(pf, W, sensitivity_method, mtus, V, cache) -> DenseRows:
 #: Rows whose price factors are computed at once (about ten rows x areas arrays: on the
 #: nodal market of a 5,000-bus grid, 11 MB each).
 _FACTOR_ROWS = 256
-#: Most times a row's MW-equivalent its slack is priced at (``offered_scale``): keeps the
-#: LP's cost coefficients within NEW_VIOLATION_PENALTY_FACTOR times the penalty (the two
-#: are not multiplied: the larger one prices a row).
-SLACK_PRICE_FACTOR_MAX = 100.0
+#: Most times a row's MW-equivalent its slack is priced at (``offered_scale``): a tenth
+#: of market.formulation.NEW_VIOLATION_PENALTY_FACTOR, so that a violation the market
+#: would create still costs more than any it leaves (at 100, SimBench MV+LV's needs-based
+#: markets at K = 16 and 64 traded one new violation each for old ones). Enough for an
+#: offer a hundredth as effective as the row's own area at a hundredth of the penalty.
+SLACK_PRICE_FACTOR_MAX = 10.0
 
 
 def offered_scale(
