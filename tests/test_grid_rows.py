@@ -240,3 +240,28 @@ def test_rows_asked_again_come_from_the_known_rows(monkeypatch):
     small.add(lin1, np.array([4]), one, one)  # over budget: lin0's rows dropped
     assert small.find(lin0, np.array([4]))[0].tolist() == [-1]
     assert small.find(lin1, np.array([4]))[0].tolist() == [0]
+
+
+def test_a_rows_price_factor_is_the_offer_at_the_margin_of_removing_it():
+    """``offered_scale`` by hand, one overload row (upper limit) over three areas moving it
+    by 0.3, 0.02 and 0.004 per MW (down offers relieve it: 1 and 5 MW at the last two;
+    an up offer at the first does not): an excess of 0.01 takes half of the second
+    area's MW (margin 0.02, factor 15, capped at SLACK_PRICE_FACTOR_MAX); 0.025 takes all
+    of it and 1.25 MW of the third (0.004: capped); 0.05 is beyond the 0.04 the offers
+    can remove (factor 1, as a row P does not move). Unlimited capacity at the most
+    effective area gives factor 1."""
+    from lfm_zonal.grid.linear import SLACK_PRICE_FACTOR_MAX, offered_scale
+
+    cp = np.array([[0.3, 0.02, 0.004]] * 3 + [[0.0, 0.0, 0.0]])
+    capacity = np.zeros((4, 3, 2))
+    capacity[:, 0, 0] = 10.0  # up at the first area: worsens an upper row moved by +0.3
+    capacity[:, 1, 1], capacity[:, 2, 1] = 1.0, 5.0
+    scale = np.array([0.3, 0.3, 0.3, 1.0])
+    margin = offered_scale(cp, np.ones(4), capacity, np.array([0.01, 0.025, 0.05, 0.01]), scale)
+    floor = 0.3 / SLACK_PRICE_FACTOR_MAX
+    assert margin == pytest.approx([max(0.02, floor), max(0.004, floor), 0.3, 1.0])
+    unlimited = capacity[:1].copy()
+    unlimited[0, 0, 1] = np.inf
+    assert offered_scale(cp[:1], np.ones(1), unlimited, np.array([5.0]), scale[:1]) == [0.3]
+    # A lower limit (undervoltage): up offers relieve where the coefficient is positive.
+    assert offered_scale(cp[:1], -np.ones(1), capacity[:1], np.array([1.0]), scale[:1]) == [0.3]

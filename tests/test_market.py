@@ -284,19 +284,9 @@ def test_a_violation_only_remote_offers_can_remove_is_priced_per_mw_of_them(
     assert linear.SLACK_PRICE_FACTOR_MAX < NEW_VIOLATION_PENALTY_FACTOR
     if factor_max is not None:  # None: the default
         monkeypatch.setattr(linear, "SLACK_PRICE_FACTOR_MAX", factor_max)
-    (tmp_path / "resources.csv").write_text(
-        RESOURCES.splitlines()[0] + "\nA,agg1,2,load,up,0.2,50,0,,,\nB,agg2,1,load,up,3,800,0,,,\n"
+    pf, res, net = remote_offer_case(
+        tmp_path, "A,agg1,2,load,up,0.2,50,0,,,\nB,agg2,1,load,up,3,800,0,,,"
     )
-    profiles = {"load_0_p_mw": [6.0], "load_1_p_mw": [3.0]}
-    pd.DataFrame(profiles).to_csv(tmp_path / "profiles.csv", index=False)
-    net = three_bus_feeder(bus1_load_mw=3.0)
-    net.line.at[1, "max_i_ka"] = 1.0
-    grid = load_grid(net, vm_min_pu=0.987, vm_max_pu=1.1)
-    pf = run_horizon(
-        grid, load_profiles(grid, Horizon(n_mtu=1, mtu_minutes=60), csv=tmp_path / "profiles.csv")
-    )
-    assert 0.984 < pf.vm_pu.iat[0, 2] < 0.986  # the violation: about 0.002 p.u.
-    res = read_resources(tmp_path / "resources.csv", pf)
     result = clear_market(pf, res, "nodal", penalty_eur_per_mwh=1000.0)
     taken = result.dispatch.groupby("resource_id").p_mw.sum()
     assert taken["A"] == pytest.approx(0.2, abs=1e-9)
@@ -311,6 +301,38 @@ def test_a_violation_only_remote_offers_can_remove_is_priced_per_mw_of_them(
     assert taken["B"] == pytest.approx(needed_b, rel=0.05)
     assert result.kpis["unmet_mwh"] == 0.0
     assert result.ac.vm_pu.iat[0, 2] >= 0.987 - 1e-4
+
+
+def remote_offer_case(folder, offers: str):
+    """The three-bus feeder with line 1 strong, 3 MW at bus 1 and vm_min 0.987 (bus 2 at
+    about 0.9848 p.u.), for one hour, with the resources ``offers`` (CSV rows)."""
+    (folder / "resources.csv").write_text(f"{RESOURCES.splitlines()[0]}\n{offers}\n")
+    profiles = {"load_0_p_mw": [6.0], "load_1_p_mw": [3.0]}
+    pd.DataFrame(profiles).to_csv(folder / "profiles.csv", index=False)
+    net = three_bus_feeder(bus1_load_mw=3.0)
+    net.line.at[1, "max_i_ka"] = 1.0
+    grid = load_grid(net, vm_min_pu=0.987, vm_max_pu=1.1)
+    pf = run_horizon(
+        grid, load_profiles(grid, Horizon(n_mtu=1, mtu_minutes=60), csv=folder / "profiles.csv")
+    )
+    assert 0.984 < pf.vm_pu.iat[0, 2] < 0.986  # the violation: about 0.002 p.u.
+    return pf, read_resources(folder / "resources.csv", pf), net
+
+
+def test_a_violation_the_offers_cannot_remove_is_priced_per_mw_equivalent(tmp_path):
+    """As above with B (800 EUR/MWh) offering 1 MW: A and B together remove about two thirds
+    of the violation. What it would take is not defined: its slack keeps the penalty per
+    MW-equivalent, at which B's MW is worth 500 EUR/MWh: not bought. C (2 MW at bus 1,
+    5,000 EUR/MWh, above the penalty, so never in the LP) would make the offers suffice if
+    it counted: it does not."""
+    for offers in ("", "\nC,agg1,1,load,up,2,5000,0,,,"):
+        pf, res, _ = remote_offer_case(
+            tmp_path, f"A,agg1,2,load,up,0.2,50,0,,,\nB,agg2,1,load,up,1,800,0,,,{offers}"
+        )
+        result = clear_market(pf, res, "nodal", penalty_eur_per_mwh=1000.0)
+        taken = result.dispatch.groupby("resource_id").p_mw.sum()
+        assert taken.to_dict() == pytest.approx({"A": 0.2}), offers
+        assert result.kpis["unmet_mwh"] > 0.5
 
 
 def ac_voltage_change(net: pp.pandapowerNet, bus: int, dp_mw: float = 0.01) -> float:

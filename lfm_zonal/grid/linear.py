@@ -496,10 +496,10 @@ class RowScales:
         return self._value[t, r]
 
     def price_factor(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:
-        """Per row (t, r), its scale over the coefficient of the offered flexibility at the
-        margin of removing its violation (``offered_scale``; 1 without ``capacity_mw``): a
-        slack priced at the penalty times this costs the penalty per MW of offered
-        flexibility it stands for. Without it, a violation that only remote offers could
+        """Per row (t, r), its scale over the coefficient of the offer at the margin of
+        removing its violation (``offered_scale``; 1 without ``capacity_mw``), from 1 to
+        SLACK_PRICE_FACTOR_MAX: a slack priced at the penalty times this costs the
+        penalty per MW of the offers it stands for. Without it, a violation that only remote offers could
         remove (an LV bus whose own offers are taken: a hundredth of its own sensitivity
         left) was left for a fraction of the penalty, below the price of those offers."""
         if self._factor is None:
@@ -526,7 +526,7 @@ class RowScales:
             at = slice(i, i + _FACTOR_ROWS)
             tt, rr = t[at], r[at]
             margin = offered_scale(
-                cp[at], cq[at], sense[at], self._capacity[tt], self._excess[tt, rr], scale[at]
+                cp[at], sense[at], self._capacity[tt], self._excess[tt, rr], scale[at]
             )
             self._factor[tt, rr] = scale[at] / margin
 
@@ -663,42 +663,45 @@ def _dense_rows(pf, W, sensitivity_method, mtus, V, cache) -> DenseRows:
 #: nodal market of a 5,000-bus grid, 11 MB each).
 _FACTOR_ROWS = 256
 #: Most times a row's MW-equivalent its slack is priced at (``offered_scale``): a tenth
-#: of market.formulation.NEW_VIOLATION_PENALTY_FACTOR, so that a violation the market
-#: would create still costs more than any it leaves (at 100, SimBench MV+LV's needs-based
+#: of market.formulation.NEW_VIOLATION_PENALTY_FACTOR, so that a MW-equivalent of new
+#: violation still costs ten times one left (at 100, as much: SimBench MV+LV's needs-based
 #: markets at K = 16 and 64 traded one new violation each for old ones). Enough for an
-#: offer a hundredth as effective as the row's own area at a hundredth of the penalty.
+#: offer a hundredth as effective as the row's own area at a tenth of the penalty.
 SLACK_PRICE_FACTOR_MAX = 10.0
 
 
 def offered_scale(
     cp: np.ndarray,
-    cq: np.ndarray,
     sense: np.ndarray,
     capacity_mw: np.ndarray,
     excess: np.ndarray,
     scale: np.ndarray,
 ) -> np.ndarray:
-    """Per row, the |coefficient| (on the injection ``row_scale`` measures: P, else Q) of
-    the area at the margin of removing ``excess`` with the offers ``capacity_mw`` (rows x
-    areas x (up, down)), most effective first: the least effective one needed; at least
-    ``scale`` / SLACK_PRICE_FACTOR_MAX. ``scale`` where the offers cannot remove it, in
-    the linearisation, whatever their price (its slack is unmet need: priced per
-    MW-equivalent, so that no offer is bought for a relief worth less than its price).
-    ``sense``: +1 for a row with an upper limit, -1 a lower."""
-    on_p = np.abs(cp).max(axis=-1, initial=0.0) > 0
-    c = np.where(on_p[:, None], cp, cq)
-    # An up offer raises its area's injection: it relieves a row where c * sense < 0.
-    relieving = np.where(c * sense[:, None] < 0, capacity_mw[..., 0], capacity_mw[..., 1])
-    effect = np.where(relieving > 0, np.abs(c), 0.0)
+    """Per row, the |P coefficient| of the area at the margin of removing ``excess`` with
+    the offers ``capacity_mw`` (rows x areas x (up, down)), most effective first: the least
+    effective one needed; at least ``scale`` / SLACK_PRICE_FACTOR_MAX. ``scale`` where the
+    offers together fall short of the excess (what they would take is not defined: its
+    slack is priced per MW-equivalent, so that no weak offer is bought at up to ten times
+    the penalty for a violation it cannot remove; SimBench MV+LV, case A: the nodal cost
+    +8% and three new violations of a needs-based market when those rows took the least
+    effective offer's factor), where no offer relieves the row, or where P does not move
+    it (``row_scale``'s fallback to Q: offers are MW of P). ``sense``: +1 for a row with an
+    upper limit, -1 a lower."""
+    # An up offer raises its area's injection: it relieves a row where cp * sense < 0.
+    relieving = np.where(cp * sense[:, None] < 0, capacity_mw[..., 0], capacity_mw[..., 1])
+    moved = (relieving > 0) & (cp != 0)
+    effect = np.where(moved, np.abs(cp), 0.0)
     order = np.argsort(-effect, axis=-1, kind="stable")
     effect = np.take_along_axis(effect, order, axis=-1)
-    offered = np.take_along_axis(relieving, order, axis=-1)
-    relief = np.cumsum(np.where(effect > 0, effect * offered, 0.0), axis=-1)  # inf: unlimited
-    at = (relief < excess[:, None]).sum(axis=-1)  # areas before the margin
-    suffice = at < c.shape[-1]
-    margin = np.zeros(len(c))
+    offered = np.take_along_axis(np.where(moved, relieving, 0.0), order, axis=-1)
+    relief = np.cumsum(effect * offered, axis=-1)  # capacity inf: unlimited
+    at = (relief < excess[:, None]).sum(axis=-1)  # the areas before the margin
+    suffice = at < cp.shape[-1]
+    suffice[suffice] = effect[suffice, at[suffice]] > 0
+    margin = np.zeros(len(cp))
     margin[suffice] = effect[suffice, at[suffice]]
-    return np.where(margin > 0, np.maximum(margin, scale / SLACK_PRICE_FACTOR_MAX), scale)
+    with_p = np.abs(cp).max(axis=-1, initial=0.0) > 0
+    return np.where(suffice & with_p, np.maximum(margin, scale / SLACK_PRICE_FACTOR_MAX), scale)
 
 
 def row_scale(cp: np.ndarray, cq: np.ndarray) -> np.ndarray:

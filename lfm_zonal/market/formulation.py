@@ -91,9 +91,10 @@ def slack_prices(
     scales: RowScales, t: np.ndarray, r: np.ndarray, penalty_eur_per_mwh: float
 ) -> np.ndarray:
     """EUR per MW-equivalent and hour of the slacks of grid rows (t, r): the penalty of
-    unmet need per MW of the most effective flexibility offered (``RowScales.price_factor``),
-    NEW_VIOLATION_PENALTY_FACTOR times it on rows within their limits in the base case
-    (``RowScales.within_at_base``), whichever is more."""
+    unmet need per MW of the offer at the margin of removing the row's violation
+    (``RowScales.price_factor``), NEW_VIOLATION_PENALTY_FACTOR times the penalty on rows
+    within their limits in the base case (``RowScales.within_at_base``), whichever is
+    more."""
     factor = np.where(scales.within_at_base(t, r), NEW_VIOLATION_PENALTY_FACTOR, 1.0)
     return penalty_eur_per_mwh * np.maximum(factor, scales.price_factor(t, r))
 
@@ -299,12 +300,13 @@ class MarketBids:
         out.floor = np.where(bids, accepted_mw, self.floor)
         return out
 
-    def capacity_mw(self) -> np.ndarray:
-        """MTU x area x (up, down): the MW offered (``RowScales``)."""
+    def capacity_mw(self, price_cap_eur_per_mwh: float) -> np.ndarray:
+        """MTU x area x (up, down): the MW offered at or below the price cap (the steps
+        an LP can take: ``RowScales``)."""
         out = np.zeros((len(self.mtus), self.k, 2))
-        np.add.at(
-            out, (self.t_of_bid, self.area_of_bid, (self.sign < 0).astype(np.int64)), self.quantity
-        )
+        taken = self.price <= price_cap_eur_per_mwh
+        at = (self.t_of_bid[taken], self.area_of_bid[taken], (self.sign[taken] < 0).astype(int))
+        np.add.at(out, at, self.quantity[taken])
         return out
 
     def __len__(self) -> int:

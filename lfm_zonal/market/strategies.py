@@ -151,7 +151,9 @@ class ClearingModel:
         self.p_bounds = p_bounds
         self.start_basis = basis
         self.penalty = penalty_eur_per_mwh
-        self.scales = RowScales(grid, bids.capacity_mw()) if scales is None else scales
+        self.scales = (
+            RowScales(grid, bids.capacity_mw(penalty_eur_per_mwh)) if scales is None else scales
+        )
         self.rows: list[tuple[int, int]] = []  # (t, row number in the violation layout)
         self.stats = SolveStats(column_rounds=1)  # one clearing LP
 
@@ -566,7 +568,7 @@ def solve_clearing(
         stats += SolveStats(build_s=time.perf_counter() - started)
     elif len(market) != len(bids):
         raise LfmError("the market side was built for other bids")
-    scales = RowScales(grid, market.capacity_mw()) if scales is None else scales
+    scales = RowScales(grid, market.capacity_mw(penalty_eur_per_mwh)) if scales is None else scales
     n_bids = len(market)
     if quota_mw is None:
         selected = np.ones(n_bids, bool)
@@ -868,7 +870,7 @@ def sequential_clearing(
     )
     solved = SolveStats(build_s=time.perf_counter() - started)
     # MW-equivalent of an excess, fixed at the base case for every round's LP and merit.
-    scales = RowScales(grid, market.capacity_mw())
+    scales = RowScales(grid, market.capacity_mw(penalty_eur_per_mwh))
     T = len(grid.mtus)
     best: _Round | None = None
     lp_grid = grid  # the linearisation at the best point (the base case before round 1)
