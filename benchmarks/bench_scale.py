@@ -12,7 +12,9 @@
   of ``synthetic_radial_1000``: under 10 s.
 * Every market: whole clearing (clear_s) against HiGHS alone (solve_s), target <= 2x.
 * The nodal market of A and B: its residual where the offers it left could remove it (the
-  residual rows not ``offers_short``), and its residual beyond what its own model expected
+  residual rows not ``offers_short``; of them, where the offers not dispatched could alone,
+  without withdrawing a dispatch that worsens the row), and its residual beyond what its
+  own model expected
   (``excess - model_excess``: what it did not leave as priced unmet need), target 0.01 pp
   and 1e-4 p.u.
 
@@ -212,17 +214,21 @@ class StageTimers:
 
 
 def residual_where_offers_suffice(result) -> dict:
-    """The issue's "nodal residual where flexibility suffices", two ways, each as a number
-    of rows and the largest excess (pp, p.u.): ``suffice``, the residual rows the offers
-    left could remove whatever their price (not ``offers_short``: relief left, linear, at
-    least the excess), and ``missed``, the residual beyond what the market's own model
+    """The issue's "nodal residual where flexibility suffices", three ways, each as a
+    number of rows and the largest excess (pp, p.u.): ``suffice``, the residual rows the
+    offers left could remove whatever their price (not ``offers_short``: relief left,
+    linear, at least the excess, counting the dispatch that worsens the row as withdrawn),
+    ``alone``, those the offers not dispatched could remove without that withdrawal
+    (``relief_left - relief_withdrawn``), and ``missed``, the residual beyond what the market's own model
     expected (``excess - model_excess``): the rest the market left as unmet need, priced
     at the penalty, where nothing it could still buy removes it for less."""
     res = result.residual
     is_bus = res.element_type == "bus"
     out = {}
+    left_alone = res.relief_left - res.relief_withdrawn >= res.excess
     for name, rows, amount in (
         ("suffice", res.offers_short.eq(False), res.excess),
+        ("alone", res.offers_short.eq(False) & left_alone, res.excess),
         ("missed", res.missed_by_model.eq(True), res.excess - res.model_excess),
     ):
         out[f"{name}_rows"] = int(rows.sum())
@@ -417,6 +423,7 @@ def report_study(case: str, r: dict) -> None:
     for m in r["markets"]:
         for name, what in (
             ("suffice", "where the offers left could remove it at any price (linear)"),
+            ("alone", "where the offers not dispatched could remove it alone (linear)"),
             ("missed", "beyond what its model expected (the part not priced as unmet need)"),
         ):
             if f"{name}_rows" in m:

@@ -183,6 +183,7 @@ def test_a_dispatch_that_worsens_a_row_counts_as_relief_left(tmp_path):
     assert row.relieving_offered_mw == pytest.approx(0.2)  # A only: B worsens line 1
     assert 0.2 * row.sensitivity_per_mw < row.excess
     assert row.relief_left == pytest.approx(3.2 * row.sensitivity_per_mw, rel=1e-6)
+    assert row.relief_withdrawn == pytest.approx(3.0 * row.sensitivity_per_mw, rel=1e-6)
     assert not row.offers_short and not row.offers_exhausted
 
 
@@ -419,7 +420,7 @@ def test_the_relief_of_many_rows_at_once_is_that_of_each_row_alone(monkeypatch):
             "p_mw": np.tile(0.01 * rng.random(len(picked)), 3),
         }
     )
-    columns = ["relief_left", "relieving_offered_mw", "relieving_dispatched_mw"]
+    columns = ["relief_left", "relief_withdrawn", "relieving_offered_mw", "relieving_dispatched_mw"]
     tables = {}
     for rows in (1, 2, 256):
         monkeypatch.setattr(ac, "_ROWS_PER_SOLVE", rows)

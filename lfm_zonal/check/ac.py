@@ -58,6 +58,7 @@ RESIDUAL_COLUMNS = [
     "relieving_offered_mw",
     "relieving_dispatched_mw",
     "relief_left",
+    "relief_withdrawn",
     "offers_exhausted",
     "offers_short",
     "missed_by_model",
@@ -290,7 +291,9 @@ def residual_violations(
     dispatched to its full offer (also when none relieves the row). ``relief_left`` (pp or
     p.u., as ``excess``) is how much of the excess the offers could still remove, linear at
     the MTU's base point: the relieving ones' MW not dispatched, and the dispatch that
-    worsens the row withdrawn. ``offers_short`` is True when that is less than the excess:
+    worsens the row withdrawn (``relief_withdrawn``: that part of it; the rest is what the
+    offers not dispatched could remove alone). ``offers_short`` is True when that is less
+    than the excess:
     the offers could not remove the violation, whatever their price (False: the market
     chose not to, at its prices, or its zones did not see it). On SimBench MV+LV every
     residual row of the nodal market has relieving offers left, a few kW far from the bus
@@ -342,7 +345,7 @@ def residual_violations(
         offers = _offers_by_mtu(resources, dispatch, pd.Series(np.arange(n_b), index=model.buses))
     gain = np.zeros(len(t))
     offered_mw, done_mw = np.full(len(t), np.nan), np.full(len(t), np.nan)
-    relief_left = np.full(len(t), np.nan)
+    relief_left, withdrawn = np.full(len(t), np.nan), np.full(len(t), np.nan)
     exhausted = np.full(len(t), None, dtype=object)
     relieving_sign = np.where(kind == 1, 1.0, -1.0)
     known = _row_facts(cache, resources)
@@ -394,9 +397,8 @@ def residual_violations(
             effect[moves.astype(bool)] = np.concatenate([f[2] for f in kept])
             relieves = effect > 0
             # Relieving MW not dispatched, and the dispatch that worsens the row withdrawn.
-            relief_left[rows] = (
-                effect.clip(0, None) @ (offered - done) - effect.clip(None, 0) @ done
-            )
+            withdrawn[rows] = -(effect.clip(None, 0) @ done)
+            relief_left[rows] = effect.clip(0, None) @ (offered - done) + withdrawn[rows]
             offered_mw[rows] = relieves @ offered
             done_mw[rows] = relieves @ done
             exhausted[rows] = (~relieves | (done >= offered - 1e-6)).all(axis=1).tolist()
@@ -430,6 +432,7 @@ def residual_violations(
             "relieving_offered_mw": offered_mw,
             "relieving_dispatched_mw": done_mw,
             "relief_left": relief_left,
+            "relief_withdrawn": withdrawn,
             "offers_exhausted": exhausted,
             "offers_short": np.where(np.isnan(relief_left), None, relief_left < amount),
             "missed_by_model": np.where(np.isnan(model_excess), None, amount - model_excess > tol),
