@@ -12,11 +12,10 @@
   of ``synthetic_radial_1000``: under 10 s.
 * Every market: whole clearing (clear_s) against HiGHS alone (solve_s), target <= 2x.
 * The nodal market of A and B: its residual where the offers it left could remove it (the
-  residual rows not ``offers_short``; of them, where the offers not dispatched could alone,
-  without withdrawing a dispatch that worsens the row), and its residual beyond what its
-  own model expected
-  (``excess - model_excess``: what it did not leave as priced unmet need), target 0.01 pp
-  and 1e-4 p.u.
+  residual rows not ``offers_short``; of them, where the offers not dispatched could
+  remove it alone, without withdrawing a dispatch that worsens the row), and its residual
+  beyond what its own model expected (``excess - model_excess``: what it did not leave as
+  priced unmet need), target 0.01 pp and 1e-4 p.u.
 
 A and B run ``run_study`` with timers wrapped around its stages (base case, resources,
 segmentation, zones of each K, each market's linearised grid, DSO needs, bids, clearing, AC
@@ -219,9 +218,10 @@ def residual_where_offers_suffice(result) -> dict:
     offers left could remove whatever their price (not ``offers_short``: relief left,
     linear, at least the excess, counting the dispatch that worsens the row as withdrawn),
     ``alone``, those the offers not dispatched could remove without that withdrawal
-    (``relief_left - relief_withdrawn``), and ``missed``, the residual beyond what the market's own model
-    expected (``excess - model_excess``): the rest the market left as unmet need, priced
-    at the penalty, where nothing it could still buy removes it for less."""
+    (``relief_left - relief_withdrawn``), and ``missed``, the residual beyond what the
+    market's own model expected (``excess - model_excess``): the rest the market left as
+    unmet need, priced at the penalty times the row's price factor, where nothing it
+    could still buy removes it for less."""
     res = result.residual
     is_bus = res.element_type == "bus"
     out = {}

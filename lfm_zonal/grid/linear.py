@@ -457,7 +457,8 @@ class RowScales:
     is the MW of the most effective flexibility that would remove it (the unit of the LP's
     slacks and of unmet need).
 
-    With ``capacity_mw`` (MTU x area x (up, down): the MW offered), also each row's
+    With ``capacity_mw`` (MTU x area x (up, down): the MW offered at up to the penalty,
+    ``MarketBids.capacity_mw``), also each row's
     ``price_factor``: how much more than a MW-equivalent its slack is priced, so that the
     penalty of unmet need is per MW of the flexibility on offer it would take.
 
@@ -497,11 +498,13 @@ class RowScales:
 
     def price_factor(self, t: np.ndarray, r: np.ndarray) -> np.ndarray:
         """Per row (t, r), its scale over the coefficient of the offer at the margin of
-        removing its violation (``offered_scale``; 1 without ``capacity_mw``), from 1 to
-        SLACK_PRICE_FACTOR_MAX: a slack priced at the penalty times this costs the
-        penalty per MW of the offers it stands for. Without it, a violation that only remote offers could
-        remove (an LV bus whose own offers are taken: a hundredth of its own sensitivity
-        left) was left for a fraction of the penalty, below the price of those offers."""
+        removing its violation (``offered_scale``), from 1 to SLACK_PRICE_FACTOR_MAX; 1
+        where the offers together fall short, none relieves the row, P does not move it,
+        or without ``capacity_mw``. A slack priced at the penalty times this costs the
+        penalty per MW of the offers it stands for. Without it, a violation that only
+        remote offers could remove (an LV bus whose own offers are taken: a hundredth of
+        its own sensitivity left) was left for a fraction of the penalty, below the price
+        of those offers."""
         if self._factor is None:
             return np.ones(len(np.asarray(t)))
         t, r = self._t[np.asarray(t, np.int64)], np.asarray(r, np.int64)
@@ -664,7 +667,7 @@ def _dense_rows(pf, W, sensitivity_method, mtus, V, cache) -> DenseRows:
 _FACTOR_ROWS = 256
 #: Most times a row's MW-equivalent its slack is priced at (``offered_scale``): a tenth
 #: of market.formulation.NEW_VIOLATION_PENALTY_FACTOR, so that a MW-equivalent of new
-#: violation still costs ten times one left (at 100, as much: SimBench MV+LV's needs-based
+#: violation still costs at least ten times one left (at 100, as much: SimBench MV+LV's needs-based
 #: markets at K = 16 and 64 traded one new violation each for old ones). Enough for an
 #: offer a hundredth as effective as the row's own area at a tenth of the penalty.
 SLACK_PRICE_FACTOR_MAX = 10.0

@@ -27,11 +27,12 @@ slack into the MW of the most effective flexibility that would remove it, so the
 penalty is a price per MWh of unmet need. A slack above zero is unmet need and is
 reported, never hidden. penalty_row is that penalty times the row's price factor on a row
 the base case has beyond its limit (``RowScales.price_factor``: per MW of the offers at
-the margin of removing it, not of its most effective area, which may offer nothing),
-and NEW_VIOLATION_PENALTY_FACTOR times it on a row the base case has within it, the
-larger of the two (``slack_prices``): the market buys flexibility to fix violations, not
-to trade them for new ones. A step priced above the penalty is never bought (the one price cap). Areas
-are only those with a bid in the MTU: an area without one cannot inject.
+the margin of removing it, not of its most effective area, which may offer nothing; at
+most SLACK_PRICE_FACTOR_MAX, 1 where the offers fall short), and
+NEW_VIOLATION_PENALTY_FACTOR times it on a row the base case has within it, the larger
+of the two (``slack_prices``): the market buys flexibility to fix violations, not to
+trade them for new ones. A step priced above the penalty is never bought (the one price
+cap). Areas are only those with a bid in the MTU: an area without one cannot inject.
 
 ``build_clearing_lp`` lists the blocks; each ``define_*`` adds its columns, rows and
 coefficients to an ``LpBuilder`` as numpy arrays, and HiGHS receives the whole matrix
