@@ -458,9 +458,9 @@ class RowScales:
     slacks and of unmet need).
 
     With ``capacity_mw`` (MTU x area x (up, down): the MW offered at up to the penalty,
-    ``MarketBids.capacity_mw``), also each row's
-    ``price_factor``: how much more than a MW-equivalent its slack is priced, so that the
-    penalty of unmet need is per MW of the flexibility on offer it would take.
+    ``MarketBids.capacity_mw``), also each row's ``price_factor``: how much more than a
+    MW-equivalent its slack is priced, so that the penalty of unmet need is per MW of the
+    flexibility on offer it would take.
 
     Computed on first use of a row (every row at once for dense rows) and kept: a
     sequential LP fixes the scales of its base case for every round, so that every round
@@ -667,9 +667,10 @@ def _dense_rows(pf, W, sensitivity_method, mtus, V, cache) -> DenseRows:
 _FACTOR_ROWS = 256
 #: Most times a row's MW-equivalent its slack is priced at (``offered_scale``): a tenth
 #: of market.formulation.NEW_VIOLATION_PENALTY_FACTOR, so that a MW-equivalent of new
-#: violation still costs at least ten times one left (at 100, as much: SimBench MV+LV's needs-based
-#: markets at K = 16 and 64 traded one new violation each for old ones). Enough for an
-#: offer a hundredth as effective as the row's own area at a tenth of the penalty.
+#: violation still costs at least ten times one left (at 100, as much: SimBench MV+LV's
+#: needs-based markets at K = 16 and 64 traded one new violation each for old ones).
+#: Enough for an offer a hundredth as effective as the row's own area at a tenth of the
+#: penalty.
 SLACK_PRICE_FACTOR_MAX = 10.0
 
 
