@@ -228,7 +228,7 @@ def residual_where_offers_suffice(result) -> dict:
     left_alone = res.relief_left - res.relief_withdrawn >= res.excess
     for name, rows, amount in (
         ("suffice", res.offers_short.eq(False), res.excess),
-        ("alone", res.offers_short.eq(False) & left_alone, res.excess),
+        ("alone", left_alone, res.excess),  # implies not offers_short
         ("missed", res.missed_by_model.eq(True), res.excess - res.model_excess),
     ):
         out[f"{name}_rows"] = int(rows.sum())

@@ -500,7 +500,7 @@ class RowScales:
         """Per row (t, r), its scale over the coefficient of the offer at the margin of
         removing its violation (``offered_scale``), from 1 to SLACK_PRICE_FACTOR_MAX; 1
         where the offers together fall short, none relieves the row, P does not move it,
-        or without ``capacity_mw``. A slack priced at the penalty times this costs the
+        the row is within its limits at the base case, or without ``capacity_mw``. A slack priced at the penalty times this costs the
         penalty per MW of the offers it stands for. Without it, a violation that only
         remote offers could remove (an LV bus whose own offers are taken: a hundredth of
         its own sensitivity left) was left for a fraction of the penalty, below the price
@@ -524,9 +524,13 @@ class RowScales:
         self._value[t, r] = scale
         if self._factor is None:
             return
+        # A row within its limits at the base case: 1, unused (the new-violation factor of
+        # ``slack_prices``, above any price factor, prices its slack).
+        self._factor[t, r] = 1.0
+        todo = np.flatnonzero(~self._within[t, r])
         sense = np.where(self._upper[r], 1.0, -1.0)
-        for i in range(0, len(t), _FACTOR_ROWS):  # rows x areas temporaries, a chunk at a time
-            at = slice(i, i + _FACTOR_ROWS)
+        for i in range(0, len(todo), _FACTOR_ROWS):  # rows x areas temporaries, a chunk at a time
+            at = todo[i : i + _FACTOR_ROWS]
             tt, rr = t[at], r[at]
             margin = offered_scale(
                 cp[at], sense[at], self._capacity[tt], self._excess[tt, rr], scale[at]
